@@ -1,0 +1,30 @@
+#include "common/metrics.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(MetricsTest, RendersPrometheusText) {
+  Metrics m;
+  m.GetCounter("x_total", "things")->Add(3);
+  m.GetGauge("y_bytes", "bytes")->Set(7);
+  Histogram* h = m.GetHistogram("z_seconds", "latency", {0.1, 1.0});
+  h->Observe(0.05);
+  h->Observe(0.5);
+  h->Observe(5);
+  const std::string text = m.RenderPrometheus();
+  EXPECT_THAT(text, HasSubstr("# TYPE x_total counter\nx_total 3\n"));
+  EXPECT_THAT(text, HasSubstr("y_bytes 7\n"));
+  EXPECT_THAT(text, HasSubstr("z_seconds_bucket{le=\"0.1\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("z_seconds_bucket{le=\"1\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("z_seconds_bucket{le=\"+Inf\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("z_seconds_count 3\n"));
+  EXPECT_EQ(m.GetCounter("x_total", "things")->value(), 3);
+}
+
+}  // namespace
+}  // namespace kvrecall

@@ -1,0 +1,55 @@
+// A Llama-family model's configuration, read from a Hugging Face config.json.
+//
+// Supported: LlamaForCausalLM (Llama-2/3.x, Yi), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias).
+#ifndef KVRECALL_GPU_WORKER_MODEL_CONFIG_H_
+#define KVRECALL_GPU_WORKER_MODEL_CONFIG_H_
+
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+
+namespace kvrecall::worker {
+
+struct RopeScaling {
+  enum class Type { kNone, kLlama3 };
+  Type type = Type::kNone;
+  // Llama-3 ("rope_type": "llama3") frequency scaling parameters.
+  double factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int original_max_position_embeddings = 8192;
+};
+
+struct LlamaConfig {
+  std::string architecture = "LlamaForCausalLM";
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;        // num_hidden_layers
+  int num_heads = 0;         // num_attention_heads
+  int num_kv_heads = 0;      // num_key_value_heads (defaults to num_heads)
+  int head_dim = 0;          // head_dim, or hidden_size / num_heads
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  int max_position_embeddings = 8192;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;  // Qwen2: q/k/v projections carry a bias
+  DType dtype = DType::kBF16;   // torch_dtype of the checkpoint
+
+  int group_size() const { return num_heads / num_kv_heads; }
+};
+
+// Parses config.json text. INVALID_ARGUMENT for malformed JSON, missing or inconsistent fields
+// (e.g. num_heads not a multiple of num_kv_heads), or an unsupported architecture.
+absl::StatusOr<LlamaConfig> ParseConfigJson(absl::string_view json);
+// Reads `dir`/config.json. NOT_FOUND when it does not exist.
+absl::StatusOr<LlamaConfig> LoadConfig(const std::string& dir);
+// Serialises to a Hugging Face-compatible config.json.
+std::string ToConfigJson(const LlamaConfig& config);
+
+}  // namespace kvrecall::worker
+
+#endif  // KVRECALL_GPU_WORKER_MODEL_CONFIG_H_
