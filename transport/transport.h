@@ -13,10 +13,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 
 namespace kvrecall::transport {
@@ -47,13 +48,19 @@ struct PutOp {
   uint64_t remote_offset = 0;
 };
 
-// A connection to one remote region.
+// A connection to one remote region. Writers to the same peer share one underlying connection.
 class RemoteWriter {
  public:
   virtual ~RemoteWriter() = default;
   // Issues every put and returns only after all completed at the target (the bytes are visible
   // to the region's owner once this returns OK). An op outside the region fails the whole call
-  // with OUT_OF_RANGE before anything is sent. A broken peer answers UNAVAILABLE.
+  // with OUT_OF_RANGE before anything is sent (a null `src` with nonzero length: INVALID_ARGUMENT).
+  // A broken peer answers UNAVAILABLE, also when it does not complete within the transport's put
+  // timeout (UcxOptions::put_timeout); the connection is then dropped, and later calls on this
+  // writer answer UNAVAILABLE too (Connect again for a fresh connection).
+  // On any return every op has finished reading its `src`: the caller may reuse the buffers.
+  // Zero-length ops are skipped. Ops may overlap; the order in which overlapping bytes land is
+  // unspecified.
   virtual absl::Status PutAll(absl::Span<const PutOp> ops) = 0;
   virtual const RemoteRegion& region() const = 0;
 };
@@ -66,16 +73,33 @@ class Transport {
   // Allocates `bytes` (page-aligned, zeroed) and registers it for remote writes.
   virtual absl::StatusOr<std::unique_ptr<RegisteredRegion>> AllocateRegion(size_t bytes) = 0;
   // Registers caller-owned memory. REQUIRES: [data, data + bytes) outlives the returned region.
-  virtual absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* data, size_t bytes) = 0;
+  virtual absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* data,
+                                                                           size_t bytes) = 0;
 
   // Connects to a peer's region. INVALID_ARGUMENT for a malformed descriptor (bad address or
-  // rkey bytes), UNAVAILABLE when the peer cannot be reached.
+  // rkey bytes, zero length, or a descriptor produced by another kind of transport), UNAVAILABLE
+  // when the peer cannot be reached. UCX connects lazily: an unreachable peer usually shows up
+  // as UNAVAILABLE from the first PutAll rather than from Connect.
+  //
+  // Lifetimes: regions and writers keep the transport's resources alive, so they may outlive the
+  // Transport object itself.
   virtual absl::StatusOr<std::unique_ptr<RemoteWriter>> Connect(const RemoteRegion& region) = 0;
 };
 
 struct UcxOptions {
   // UCX_TLS-style transport list ("tcp", "shm,self", "rc,ud"...); empty = UCX's own choice.
+  // Applied to this context only (not through the environment); UCX_* environment variables
+  // still apply to everything not set here. UCX 1.13 cannot detect peer failure on its
+  // shared-memory transports, so with a list of only those (posix, sysv, cma, self, shm...)
+  // endpoints are created without error handling and a dead peer is not reported (puts into its
+  // still-mapped memory succeed); any other list requires peer-failure detection, which makes UCX
+  // pick a network transport even between processes of one host.
   std::string transports;
+  // UCX_NET_DEVICES-style device list ("lo", "mlx5_0:1"...); empty = UCX's own choice.
+  std::string net_devices;
+  // Bound on one PutAll (issue + flush). A peer that has not completed by then is treated as
+  // dead: PutAll answers UNAVAILABLE and the connection is dropped.
+  absl::Duration put_timeout = absl::Seconds(30);
 };
 
 // UCX over whatever the host has. Starts a progress thread so that peers' puts land even when

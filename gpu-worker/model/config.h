@@ -5,9 +5,9 @@
 #define KVRECALL_GPU_WORKER_MODEL_CONFIG_H_
 
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/dtype.h"
 
 namespace kvrecall::worker {
@@ -27,10 +27,10 @@ struct LlamaConfig {
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
-  int num_layers = 0;        // num_hidden_layers
-  int num_heads = 0;         // num_attention_heads
-  int num_kv_heads = 0;      // num_key_value_heads (defaults to num_heads)
-  int head_dim = 0;          // head_dim, or hidden_size / num_heads
+  int num_layers = 0;    // num_hidden_layers
+  int num_heads = 0;     // num_attention_heads
+  int num_kv_heads = 0;  // num_key_value_heads (defaults to num_heads)
+  int head_dim = 0;      // head_dim, or hidden_size / num_heads
   double rms_norm_eps = 1e-5;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;

@@ -1,0 +1,107 @@
+// LocalTier: the tier node in this process. Rows reach the engine through the in-process
+// transport, i.e. through exactly the Node::Retrieve delivery path a remote worker gets.
+#include "absl/strings/str_cat.h"
+#include "client/tier.h"
+#include "common/status_macros.h"
+#include "transport/transport.h"
+
+namespace kvrecall::client {
+namespace {
+
+class LocalTier final : public Tier {
+ public:
+  LocalTier(const kvstore::NodeOptions& node_options, const TierOptions& options)
+      : options_(options),
+        transport_(transport::CreateInProcessTransport()),
+        node_(node_options, transport_.get(), Clock::Real()) {}
+
+  absl::Status Init() {
+    if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
+    ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
+    return node_.AttachWorker(options_.tenant, options_.worker_id, region_->Describe());
+  }
+
+  absl::Status RegisterModel(const ModelSpec& spec) override { return node_.RegisterModel(spec).status(); }
+
+  absl::StatusOr<OpenResult> OpenSequence(const std::string& sequence_id, const std::string& model_id,
+                                          absl::Span<const int32_t> token_ids) override {
+    ASSIGN_OR_RETURN(auto r, node_.OpenSequence({options_.tenant, model_id, sequence_id, token_ids}));
+    return OpenResult{r.matched_tokens, r.stored_tokens};
+  }
+
+  absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
+    ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, node_.FindSequence(options_.tenant, sequence_id));
+    const int layers = seq->spec().num_layers;
+    if (static_cast<int>(batch.keys.size()) != layers || static_cast<int>(batch.values.size()) != layers) {
+      return absl::InvalidArgumentError(absl::StrCat("batch has KV for ", batch.keys.size(), " layers; model has ", layers));
+    }
+    RETURN_IF_ERROR(seq->BeginAppend());
+    absl::Status s = [&]() -> absl::Status {
+      if (!batch.token_ids.empty()) RETURN_IF_ERROR(seq->AddTokenIds(batch.token_start, batch.token_ids));
+      for (int l = 0; l < layers; ++l) {
+        RETURN_IF_ERROR(seq->AppendChunk(l, batch.token_start, batch.num_tokens, AsBytes(batch.keys[l]),
+                                         AsBytes(batch.values[l])));
+      }
+      return seq->CommitAppend().status();
+    }();
+    if (!s.ok()) {
+      seq->AbortAppend();
+      return s;
+    }
+    for (int l = 0; l < layers; ++l) counters_.bytes_appended += static_cast<int64_t>(batch.keys[l].size() * 2);
+    return absl::OkStatus();
+  }
+
+  absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) override {
+    if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
+    ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> first,
+                     node_.FindSequence(options_.tenant, batch.entries[0].sequence_id));
+    const size_t pair = 2 * first->spec().row_bytes();
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_.recall_buffer_bytes));
+    kvstore::RetrieveArgs args{options_.tenant, batch.layer, batch.budget, batch.method, options_.worker_id, {}};
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      const RetrieveEntry& e = batch.entries[i];
+      args.entries.push_back({e.sequence_id, e.kv_head, e.queries, e.token_begin, e.token_end,
+                              static_cast<uint64_t>(i) * batch.budget});
+    }
+    ASSIGN_OR_RETURN(kvstore::RetrieveOutcome r, node_.Retrieve(args));
+    out->resize(batch.entries.size());
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      (*out)[i].token_ids = std::move(r.token_ids[i]);
+      (*out)[i].rows = region_->data() + i * batch.budget * pair;
+      counters_.rows_received += static_cast<int64_t>((*out)[i].token_ids.size());
+    }
+    counters_.retrieve_calls++;
+    counters_.bytes_received += static_cast<int64_t>(r.bytes_streamed);
+    return absl::OkStatus();
+  }
+
+  absl::Status CloseSequence(const std::string& sequence_id, bool drop) override {
+    return node_.CloseSequence(options_.tenant, sequence_id, drop);
+  }
+  absl::StatusOr<kvstore::NodeStats> Stats(bool include_sequences) override { return node_.Stats(include_sequences); }
+  TierCounters counters() const override { return counters_; }
+  std::string Describe() const override { return "local (in-process node)"; }
+
+ private:
+  static absl::Span<const uint8_t> AsBytes(const std::string& s) {
+    return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+  }
+
+  TierOptions options_;
+  std::unique_ptr<transport::Transport> transport_;
+  kvstore::Node node_;
+  std::unique_ptr<transport::RegisteredRegion> region_;
+  TierCounters counters_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Tier>> CreateLocalTier(const kvstore::NodeOptions& node_options,
+                                                      const TierOptions& options) {
+  auto tier = std::make_unique<LocalTier>(node_options, options);
+  RETURN_IF_ERROR(tier->Init());
+  return tier;
+}
+
+}  // namespace kvrecall::client

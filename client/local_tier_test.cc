@@ -1,0 +1,76 @@
+#include <cstring>
+
+#include "client/tier.h"
+#include "common/testing/status_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall::client {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+using ::testing::ElementsAre;
+
+ModelSpec Spec() {
+  ModelSpec s;
+  s.model_id = "m";
+  s.num_layers = 2;
+  s.num_q_heads = 2;
+  s.num_kv_heads = 1;
+  s.head_dim = 2;
+  s.kv_dtype = DType::kF32;
+  s.vocab_size = 10;
+  return s;
+}
+
+std::string Floats(std::vector<float> v) { return std::string(reinterpret_cast<char*>(v.data()), v.size() * 4); }
+
+TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
+  TierOptions options;
+  options.recall_buffer_bytes = 1024;
+  ASSERT_OK_AND_ASSIGN(auto tier, CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options));
+  ASSERT_OK(tier->RegisterModel(Spec()));
+  ASSERT_OK(tier->OpenSequence("s", "m", {1, 2, 3}).status());
+  AppendBatch b;
+  b.token_start = 0;
+  b.num_tokens = 3;
+  for (int l = 0; l < 2; ++l) {
+    b.keys.push_back(Floats({1, 0, 5, 0, 2, 0}));
+    b.values.push_back(Floats({10, 11, 50, 51, 20, 21}));
+  }
+  ASSERT_OK(tier->AppendKV("s", b));
+  // A decode token: its id travels with its KV.
+  AppendBatch d;
+  d.token_start = 3;
+  d.num_tokens = 1;
+  d.token_ids = {4};
+  for (int l = 0; l < 2; ++l) {
+    d.keys.push_back(Floats({3, 0}));
+    d.values.push_back(Floats({30, 31}));
+  }
+  ASSERT_OK(tier->AppendKV("s", d));
+
+  std::vector<float> q = {1, 0, 1, 0};
+  RetrieveBatch rb{1, 2, Method::kExact, {{"s", 0, q, 0, 4}}};
+  std::vector<Recalled> out;
+  ASSERT_OK(tier->Retrieve(rb, &out));
+  ASSERT_THAT(out[0].token_ids, ElementsAre(1, 3));
+  const float* rows = reinterpret_cast<const float*>(out[0].rows);
+  EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(5, 0, 50, 51, 3, 0, 30, 31));
+  EXPECT_EQ(tier->counters().bytes_received, 32);
+
+  // Too many rows for the recall buffer: 64 rows of 16 B fit in 1024 B, 65 do not.
+  rb.budget = 65;
+  EXPECT_THAT(tier->Retrieve(rb, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+  // Layers of unequal length are rejected, and nothing is kept.
+  AppendBatch bad = d;
+  bad.token_start = 4;
+  bad.token_ids = {5};
+  bad.keys.pop_back();
+  EXPECT_THAT(tier->AppendKV("s", bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK_AND_ASSIGN(auto stats, tier->Stats(true));
+  EXPECT_EQ(stats.sequences[0].stored_tokens, 4);
+}
+
+}  // namespace
+}  // namespace kvrecall::client

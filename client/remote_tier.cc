@@ -1,0 +1,302 @@
+// RemoteTier: one kvrecall-server over gRPC; recalled rows arrive by UCX put into a region this
+// worker registered (AttachWorker), or, with transport "grpc", by FetchKV streams.
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "client/tier.h"
+#include "common/status_macros.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/convert.h"
+#include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
+#include "transport/transport.h"
+
+namespace kvrecall::client {
+namespace {
+
+namespace v1 = ::kvrecall::v1;
+using proto::FromGrpc;
+
+constexpr size_t kAppendChunkBytes = 4 << 20;
+
+class RemoteTier final : public Tier {
+ public:
+  RemoteTier(const RemoteTierOptions& remote, const TierOptions& options) : remote_(remote), options_(options) {}
+
+  absl::Status Init() {
+    if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
+    args.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
+    channel_ = grpc::CreateCustomChannel(remote_.target, grpc::InsecureChannelCredentials(), args);
+    if (!channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + options_.deadline))) {
+      return absl::UnavailableError(absl::StrCat("cannot reach kvrecall-server at ", remote_.target));
+    }
+    stub_ = v1::KvRecall::NewStub(channel_);
+    if (remote_.transport == "grpc") {
+      fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
+      return absl::OkStatus();
+    }
+    if (remote_.transport != "ucx") {
+      return absl::InvalidArgumentError(absl::StrCat("transport must be ucx or grpc, not '", remote_.transport, "'"));
+    }
+    ASSIGN_OR_RETURN(transport_, transport::CreateUcxTransport({remote_.ucx_tls}));
+    ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
+    const transport::RemoteRegion d = region_->Describe();
+    v1::AttachWorkerRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_worker_id(options_.worker_id);
+    req.set_transport("ucx");
+    req.set_peer_address(d.peer_address);
+    req.set_remote_base(d.base);
+    req.set_length(d.length);
+    req.set_rkey(d.rkey);
+    v1::AttachWorkerResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    return FromGrpc(stub_->AttachWorker(&ctx, req, &resp));
+  }
+
+  absl::Status RegisterModel(const ModelSpec& spec) override {
+    v1::RegisterModelRequest req;
+    proto::ToProto(spec, req.mutable_spec());
+    v1::RegisterModelResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    RETURN_IF_ERROR(FromGrpc(stub_->RegisterModel(&ctx, req, &resp)));
+    specs_[spec.model_id] = spec;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<OpenResult> OpenSequence(const std::string& sequence_id, const std::string& model_id,
+                                          absl::Span<const int32_t> token_ids) override {
+    auto spec = specs_.find(model_id);
+    if (spec == specs_.end()) {
+      return absl::FailedPreconditionError(absl::StrCat("RegisterModel('", model_id, "') first on this client"));
+    }
+    v1::OpenSequenceRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_model_id(model_id);
+    req.set_sequence_id(sequence_id);
+    req.mutable_token_ids()->Add(token_ids.begin(), token_ids.end());
+    v1::OpenSequenceResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    RETURN_IF_ERROR(FromGrpc(stub_->OpenSequence(&ctx, req, &resp)));
+    seq_model_[sequence_id] = &spec->second;
+    return OpenResult{resp.matched_tokens(), resp.stored_tokens()};
+  }
+
+  absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
+    ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(sequence_id));
+    if (static_cast<int>(batch.keys.size()) != spec->num_layers ||
+        static_cast<int>(batch.values.size()) != spec->num_layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch has KV for ", batch.keys.size(), " layers; model has ", spec->num_layers));
+    }
+    const size_t row = spec->row_bytes();
+    const int64_t heads = spec->num_kv_heads;
+    const int64_t tokens_per_chunk =
+        std::max<int64_t>(1, static_cast<int64_t>(kAppendChunkBytes / (2 * row * heads)));
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::AppendKVResponse resp;
+    std::unique_ptr<grpc::ClientWriter<v1::AppendKVRequest>> writer = stub_->AppendKV(&ctx, &resp);
+    v1::AppendKVRequest chunk;
+    bool first = true;
+    for (int64_t t0 = 0; t0 < batch.num_tokens; t0 += tokens_per_chunk) {
+      const int64_t n = std::min(tokens_per_chunk, batch.num_tokens - t0);
+      for (int l = 0; l < spec->num_layers; ++l) {
+        const size_t want = static_cast<size_t>(heads * batch.num_tokens) * row;
+        if (batch.keys[l].size() != want || batch.values[l].size() != want) {
+          writer->WritesDone();
+          ctx.TryCancel();
+          return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": keys/values must be ", want, " bytes"));
+        }
+        chunk.Clear();
+        chunk.set_tenant(options_.tenant);
+        chunk.set_sequence_id(sequence_id);
+        chunk.set_layer(l);
+        chunk.set_token_start(batch.token_start + t0);
+        chunk.set_num_tokens(static_cast<int32_t>(n));
+        if (first && !batch.token_ids.empty()) {
+          chunk.set_token_ids_start(batch.token_start);
+          chunk.mutable_token_ids()->Add(batch.token_ids.begin(), batch.token_ids.end());
+        }
+        first = false;
+        // Slice [heads][t0 : t0 + n][head_dim] out of [heads][num_tokens][head_dim].
+        std::string* k = chunk.mutable_keys();
+        std::string* v = chunk.mutable_values();
+        k->reserve(static_cast<size_t>(heads * n) * row);
+        v->reserve(static_cast<size_t>(heads * n) * row);
+        for (int64_t h = 0; h < heads; ++h) {
+          const size_t off = static_cast<size_t>(h * batch.num_tokens + t0) * row;
+          k->append(batch.keys[l], off, static_cast<size_t>(n) * row);
+          v->append(batch.values[l], off, static_cast<size_t>(n) * row);
+        }
+        if (!writer->Write(chunk)) break;  // the server ended the stream; Finish says why
+      }
+    }
+    writer->WritesDone();
+    RETURN_IF_ERROR(FromGrpc(writer->Finish()));
+    counters_.bytes_appended += resp.bytes_written();
+    return absl::OkStatus();
+  }
+
+  absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) override {
+    if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
+    ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(batch.entries[0].sequence_id));
+    const size_t pair = 2 * spec->row_bytes();
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_.recall_buffer_bytes));
+    v1::RetrieveRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_layer(batch.layer);
+    req.set_budget(static_cast<uint32_t>(batch.budget));
+    req.set_method(static_cast<v1::Method>(static_cast<int>(batch.method)));
+    if (region_ != nullptr) req.set_worker_id(options_.worker_id);
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      const RetrieveEntry& e = batch.entries[i];
+      v1::RetrieveEntry* pe = req.add_entries();
+      pe->set_sequence_id(e.sequence_id);
+      pe->set_kv_head(e.kv_head);
+      pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
+      pe->set_token_begin(e.token_begin);
+      pe->set_token_end(e.token_end);
+      pe->set_dest_row(static_cast<uint64_t>(i) * batch.budget);
+    }
+    v1::RetrieveResponse resp;
+    {
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      RETURN_IF_ERROR(FromGrpc(stub_->Retrieve(&ctx, req, &resp)));
+    }
+    if (resp.results_size() != req.entries_size()) {
+      return absl::InternalError("server answered a different number of results than entries");
+    }
+    uint8_t* base = region_ != nullptr ? region_->data() : reinterpret_cast<uint8_t*>(fallback_buffer_.data());
+    out->resize(batch.entries.size());
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      const auto& ids = resp.results(static_cast<int>(i)).token_ids();
+      if (ids.size() > batch.budget) return absl::InternalError("server returned more tokens than the budget");
+      Recalled& r = (*out)[i];
+      r.token_ids.assign(ids.begin(), ids.end());
+      r.rows = base + i * batch.budget * pair;
+      if (region_ == nullptr) {
+        RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head, r.token_ids,
+                              spec->row_bytes(), base + i * batch.budget * pair));
+        counters_.bytes_received += static_cast<int64_t>(r.token_ids.size() * pair);
+      }
+      counters_.rows_received += static_cast<int64_t>(r.token_ids.size());
+    }
+    counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
+    counters_.retrieve_calls++;
+    return absl::OkStatus();
+  }
+
+  absl::Status CloseSequence(const std::string& sequence_id, bool drop) override {
+    v1::CloseSequenceRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_sequence_id(sequence_id);
+    req.set_drop(drop);
+    v1::CloseSequenceResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    return FromGrpc(stub_->CloseSequence(&ctx, req, &resp));
+  }
+
+  absl::StatusOr<kvstore::NodeStats> Stats(bool include_sequences) override {
+    v1::StatsRequest req;
+    req.set_include_sequences(include_sequences);
+    v1::StatsResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    RETURN_IF_ERROR(FromGrpc(stub_->Stats(&ctx, req, &resp)));
+    kvstore::NodeStats s;
+    s.uptime_seconds = resp.uptime_seconds();
+    s.memory_limit_bytes = resp.memory_limit_bytes();
+    s.stored_bytes = resp.stored_bytes();
+    s.num_sequences = resp.num_sequences();
+    s.num_models = resp.num_models();
+    s.num_workers = resp.num_workers();
+    s.retrieve_calls = resp.retrieve_calls();
+    s.retrieve_entries = resp.retrieve_entries();
+    s.bytes_streamed = resp.bytes_streamed();
+    for (const auto& q : resp.sequences()) {
+      s.sequences.push_back({q.tenant(), q.sequence_id(), q.model_id(), q.stored_tokens(), q.bytes(),
+                             q.state() == "closed"});
+    }
+    return s;
+  }
+
+  TierCounters counters() const override { return counters_; }
+  std::string Describe() const override {
+    return absl::StrCat("remote ", remote_.target, " via ", region_ != nullptr ? "ucx" : "grpc");
+  }
+
+ private:
+  void SetDeadline(grpc::ClientContext* ctx) const {
+    ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.deadline));
+  }
+
+  absl::StatusOr<const ModelSpec*> SpecOf(const std::string& sequence_id) const {
+    auto it = seq_model_.find(sequence_id);
+    if (it == seq_model_.end()) {
+      return absl::FailedPreconditionError(absl::StrCat("OpenSequence('", sequence_id, "') first on this client"));
+    }
+    return it->second;
+  }
+
+  // The gRPC fallback: reads rows of `ids` into dst as [K row | V row] pairs.
+  absl::Status Fetch(const std::string& sequence_id, int layer, int kv_head, const std::vector<int32_t>& ids,
+                     size_t row, uint8_t* dst) {
+    if (ids.empty()) return absl::OkStatus();
+    v1::FetchKVRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_sequence_id(sequence_id);
+    req.set_layer(layer);
+    req.set_kv_head(kv_head);
+    req.mutable_token_ids()->Add(ids.begin(), ids.end());
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    auto reader = stub_->FetchKV(&ctx, req);
+    v1::FetchKVResponse chunk;
+    size_t got = 0;
+    while (reader->Read(&chunk)) {
+      const size_t n = static_cast<size_t>(chunk.token_ids_size());
+      if (got + n > ids.size() || chunk.keys().size() != n * row || chunk.values().size() != n * row) {
+        ctx.TryCancel();
+        reader->Finish();
+        return absl::DataLossError("malformed FetchKV chunk");
+      }
+      for (size_t j = 0; j < n; ++j) {
+        std::memcpy(dst + (got + j) * 2 * row, chunk.keys().data() + j * row, row);
+        std::memcpy(dst + ((got + j) * 2 + 1) * row, chunk.values().data() + j * row, row);
+      }
+      got += n;
+    }
+    RETURN_IF_ERROR(FromGrpc(reader->Finish()));
+    if (got != ids.size()) return absl::DataLossError("FetchKV returned fewer rows than asked for");
+    return absl::OkStatus();
+  }
+
+  const RemoteTierOptions remote_;
+  TierOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::KvRecall::Stub> stub_;
+  std::unique_ptr<transport::Transport> transport_;
+  std::unique_ptr<transport::RegisteredRegion> region_;
+  std::string fallback_buffer_;
+  std::map<std::string, ModelSpec> specs_;
+  std::map<std::string, const ModelSpec*> seq_model_;
+  TierCounters counters_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Tier>> CreateRemoteTier(const RemoteTierOptions& remote, const TierOptions& options) {
+  auto tier = std::make_unique<RemoteTier>(remote, options);
+  RETURN_IF_ERROR(tier->Init());
+  return tier;
+}
+
+}  // namespace kvrecall::client

@@ -1,0 +1,117 @@
+// The worker's view of the KV memory tier.
+//
+// Two implementations share this interface: RemoteTier (gRPC control + UCX rows, one node) and
+// LocalTier (the same kvstore::Node in-process, rows delivered through the in-process transport),
+// so the decode engine cannot tell where its tier lives.
+//
+// A Tier acts for one tenant and one worker. Thread safety: calls may come from one thread at a
+// time (the engine's); the rows returned by Retrieve stay valid until the next Retrieve.
+#ifndef KVRECALL_CLIENT_TIER_H_
+#define KVRECALL_CLIENT_TIER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "common/model_spec.h"
+#include "kvstore/node.h"
+
+namespace kvrecall::client {
+
+using kvstore::Method;
+
+struct TierOptions {
+  std::string tenant = "default";
+  std::string worker_id;                      // empty: "<hostname>-<pid>"
+  int64_t recall_buffer_bytes = int64_t{64} << 20;  // receive region for recalled rows
+  absl::Duration deadline = absl::Seconds(60);      // per call
+};
+
+struct OpenResult {
+  int64_t matched_tokens = 0;  // leading tokens whose KV the tier already holds
+  int64_t stored_tokens = 0;
+};
+
+// KV of tokens [token_start, token_start + num_tokens) for every layer.
+struct AppendBatch {
+  int64_t token_start = 0;
+  int64_t num_tokens = 0;
+  // Ids of those tokens if the tier does not know them yet (decode tokens); else empty.
+  std::vector<int32_t> token_ids;
+  // keys[layer], values[layer]: [num_kv_heads][num_tokens][head_dim], kv_dtype bytes.
+  std::vector<std::string> keys;
+  std::vector<std::string> values;
+};
+
+struct RetrieveEntry {
+  std::string sequence_id;
+  int kv_head = 0;
+  absl::Span<const float> queries;  // [group][head_dim], fp32, post-RoPE
+  int64_t token_begin = 0;          // candidates [token_begin, token_end)
+  int64_t token_end = 0;
+};
+struct RetrieveBatch {
+  int layer = 0;
+  int budget = 0;
+  Method method = Method::kExact;
+  std::vector<RetrieveEntry> entries;
+};
+// Rows recalled for one entry: token_ids.size() rows at `rows`, row j = K[head_dim] then
+// V[head_dim] in kv_dtype (2 * row_bytes bytes), in ascending token order.
+struct Recalled {
+  std::vector<int32_t> token_ids;
+  const uint8_t* rows = nullptr;
+};
+
+struct TierCounters {
+  int64_t retrieve_calls = 0;
+  int64_t rows_received = 0;
+  int64_t bytes_received = 0;  // K/V bytes that arrived for recalled rows
+  int64_t bytes_appended = 0;
+};
+
+class Tier {
+ public:
+  virtual ~Tier() = default;
+  virtual absl::Status RegisterModel(const ModelSpec& spec) = 0;
+  virtual absl::StatusOr<OpenResult> OpenSequence(const std::string& sequence_id, const std::string& model_id,
+                                                  absl::Span<const int32_t> token_ids) = 0;
+  // All-or-nothing: when it returns OK the tokens are stored and acknowledged.
+  virtual absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) = 0;
+  // out->size() == batch.entries.size() on OK. INVALID_ARGUMENT when entries * budget rows do
+  // not fit the recall buffer.
+  virtual absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) = 0;
+  virtual absl::Status CloseSequence(const std::string& sequence_id, bool drop) = 0;
+  virtual absl::StatusOr<kvstore::NodeStats> Stats(bool include_sequences) = 0;
+  virtual TierCounters counters() const = 0;
+  virtual std::string Describe() const = 0;  // "local" / "remote 127.0.0.1:7070 via ucx"
+};
+
+// An in-process tier: owns a kvstore::Node and an in-process transport.
+absl::StatusOr<std::unique_ptr<Tier>> CreateLocalTier(const kvstore::NodeOptions& node_options,
+                                                      const TierOptions& options);
+
+struct RemoteTierOptions {
+  std::string target;             // host:port of a kvrecall-server
+  std::string transport = "ucx";  // "ucx": rows are put into our registered buffer; "grpc": FetchKV
+  std::string ucx_tls;            // UCX_TLS-style list; empty = UCX default
+};
+// Connects (waits for the channel up to options.deadline) and, with transport "ucx", attaches
+// this worker's receive region. UNAVAILABLE when the server cannot be reached.
+absl::StatusOr<std::unique_ptr<Tier>> CreateRemoteTier(const RemoteTierOptions& remote, const TierOptions& options);
+
+namespace internal {
+// Row `dest_row` of the recall buffer for entry i of a batch, and the size check shared by both
+// implementations.
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, int64_t buffer_bytes);
+std::string DefaultWorkerId();
+}  // namespace internal
+
+}  // namespace kvrecall::client
+
+#endif  // KVRECALL_CLIENT_TIER_H_

@@ -1,0 +1,315 @@
+#include "gpu-worker/engine/engine.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "gpu-worker/backends/attention.h"
+
+namespace kvrecall::worker {
+
+// Local KV of one sequence.
+//   Dense layers: k[l], v[l] hold every token: [len][kv_heads][head_dim].
+//   Sparse layers: k[l], v[l] hold the sinks (first min(len, S) tokens); ring_k[l], ring_v[l] hold
+//   the window: position p >= S lives in slot (p - S) % W, [W][kv_heads][head_dim].
+struct Engine::Seq {
+  int64_t len = 0;
+  std::vector<std::vector<float>> k, v, ring_k, ring_v;
+};
+
+namespace {
+constexpr int64_t kPushTokens = 2048;  // prompt tokens per AppendKV transaction
+}
+
+Engine::Engine(ModelBackend* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options)
+    : model_(model),
+      tier_(tier),
+      spec_(std::move(spec)),
+      options_(options),
+      config_(model->config()),
+      pool_(options.num_threads) {}
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(ModelBackend* model, client::Tier* tier, ModelSpec spec,
+                                                       const EngineOptions& options) {
+  const LlamaConfig& c = model->config();
+  if (spec.num_layers != c.num_layers || spec.num_q_heads != c.num_heads || spec.num_kv_heads != c.num_kv_heads ||
+      spec.head_dim != c.head_dim) {
+    return absl::InvalidArgumentError("model spec does not match the model's config");
+  }
+  if (options.sparse) {
+    if (tier == nullptr) return absl::InvalidArgumentError("sparse mode needs a tier");
+    if (options.window_tokens < 2 || options.sink_tokens < 0 || options.budget < 1 || options.dense_layers < 0) {
+      return absl::InvalidArgumentError("need window_tokens >= 2, sink_tokens >= 0, budget >= 1, dense_layers >= 0");
+    }
+  }
+  if (options.prefill_chunk < 1) return absl::InvalidArgumentError("prefill_chunk must be >= 1");
+  return std::unique_ptr<Engine>(new Engine(model, tier, std::move(spec), options));
+}
+
+void Engine::RoundKv(float* x, size_t n) const {
+  for (size_t i = 0; i < n; ++i) x[i] = RoundTrip(spec_.kv_dtype, x[i]);
+}
+
+absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::vector<float>* logits) {
+  if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  const int L = config_.num_layers, Hq = config_.num_heads, Hkv = config_.num_kv_heads, d = config_.head_dim;
+  const int G = Hq / Hkv;
+  const size_t rowf = static_cast<size_t>(Hkv) * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  PromptKV p;
+  p.tokens.assign(tokens.begin(), tokens.end());
+  p.k.assign(L, {});
+  p.v.assign(L, {});
+  for (int l = 0; l < L; ++l) {
+    p.k[l].resize(static_cast<size_t>(T) * rowf);
+    p.v[l].resize(static_cast<size_t>(T) * rowf);
+  }
+  std::vector<float> x, q, attn;
+  for (int64_t c0 = 0; c0 < T; c0 += options_.prefill_chunk) {
+    const int64_t C = std::min<int64_t>(options_.prefill_chunk, T - c0);
+    std::vector<int32_t> pos(static_cast<size_t>(C));
+    for (int64_t i = 0; i < C; ++i) pos[i] = static_cast<int32_t>(c0 + i);
+    x.resize(static_cast<size_t>(C) * config_.hidden_size);
+    q.resize(static_cast<size_t>(C) * Hq * d);
+    attn.resize(q.size());
+    RETURN_IF_ERROR(model_->Embed(tokens.subspan(c0, C), x.data()));
+    for (int l = 0; l < L; ++l) {
+      float* k = p.k[l].data() + c0 * rowf;
+      float* v = p.v[l].data() + c0 * rowf;
+      RETURN_IF_ERROR(model_->Qkv(l, x.data(), pos, q.data(), k, v));
+      RoundKv(k, C * rowf);
+      RoundKv(v, C * rowf);
+      const float* K = p.k[l].data();
+      const float* V = p.v[l].data();
+      pool_.ParallelFor(C * Hkv, [&](int64_t i) {
+        const int64_t t = i / Hkv;
+        const int h = static_cast<int>(i % Hkv);
+        const size_t qoff = (static_cast<size_t>(t) * Hq + static_cast<size_t>(h) * G) * d;
+        AttendRows(q.data() + qoff, G, d, K + h * d, static_cast<long>(rowf), V + h * d, static_cast<long>(rowf),
+                   static_cast<int>(c0 + t + 1), scale, attn.data() + qoff);
+      });
+      RETURN_IF_ERROR(model_->FinishLayer(l, attn.data(), static_cast<int>(C), x.data()));
+    }
+    if (c0 + C == T) {
+      logits->resize(config_.vocab_size);
+      RETURN_IF_ERROR(model_->Logits(x.data() + (C - 1) * config_.hidden_size, 1, logits->data()));
+    }
+  }
+  return p;
+}
+
+absl::Status Engine::PushToTier(const std::string& id, const PromptKV& prompt) {
+  const int L = config_.num_layers, Hkv = config_.num_kv_heads, d = config_.head_dim;
+  const int64_t T = static_cast<int64_t>(prompt.tokens.size());
+  const size_t row = spec_.row_bytes();
+  ASSIGN_OR_RETURN(client::OpenResult open, tier_->OpenSequence(id, spec_.model_id, prompt.tokens));
+  for (int64_t t0 = open.stored_tokens; t0 < T; t0 += kPushTokens) {
+    const int64_t n = std::min(kPushTokens, T - t0);
+    client::AppendBatch b;
+    b.token_start = t0;
+    b.num_tokens = n;
+    b.keys.resize(L);
+    b.values.resize(L);
+    for (int l = 0; l < L; ++l) {
+      for (auto [src, dst] : {std::pair{&prompt.k[l], &b.keys[l]}, std::pair{&prompt.v[l], &b.values[l]}}) {
+        dst->resize(static_cast<size_t>(Hkv * n) * row);
+        for (int h = 0; h < Hkv; ++h) {  // [t][h][d] -> [h][t][d]
+          for (int64_t i = 0; i < n; ++i) {
+            FromF32(spec_.kv_dtype, src->data() + (static_cast<size_t>(t0 + i) * Hkv + h) * d, d,
+                    dst->data() + (static_cast<size_t>(h) * n + i) * row);
+          }
+        }
+      }
+    }
+    RETURN_IF_ERROR(tier_->AppendKV(id, b));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) {
+  if (seqs_.count(id)) return absl::AlreadyExistsError(absl::StrCat("sequence '", id, "' is already running"));
+  const int L = config_.num_layers;
+  const size_t rowf = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim;
+  const int64_t T = static_cast<int64_t>(prompt.tokens.size());
+  if (static_cast<int>(prompt.k.size()) != L || static_cast<int>(prompt.v.size()) != L) {
+    return absl::InvalidArgumentError("prompt KV has the wrong number of layers");
+  }
+  if (options_.sparse) RETURN_IF_ERROR(PushToTier(id, prompt));
+  auto s = std::make_unique<Seq>();
+  s->len = T;
+  s->k.resize(L);
+  s->v.resize(L);
+  s->ring_k.resize(L);
+  s->ring_v.resize(L);
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  for (int l = 0; l < L; ++l) {
+    if (!IsSparse(l)) {
+      s->k[l] = prompt.k[l];
+      s->v[l] = prompt.v[l];
+      continue;
+    }
+    const int64_t sinks = std::min(T, S);
+    s->k[l].assign(prompt.k[l].begin(), prompt.k[l].begin() + sinks * rowf);
+    s->v[l].assign(prompt.v[l].begin(), prompt.v[l].begin() + sinks * rowf);
+    s->ring_k[l].assign(static_cast<size_t>(W) * rowf, 0.0f);
+    s->ring_v[l].assign(static_cast<size_t>(W) * rowf, 0.0f);
+    for (int64_t p = std::max(S, T - W); p < T; ++p) {
+      const size_t slot = static_cast<size_t>((p - S) % W);
+      std::copy_n(prompt.k[l].begin() + p * rowf, rowf, s->ring_k[l].begin() + slot * rowf);
+      std::copy_n(prompt.v[l].begin() + p * rowf, rowf, s->ring_v[l].begin() + slot * rowf);
+    }
+  }
+  seqs_[id] = std::move(s);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::RemoveSequence(const std::string& id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("no sequence '", id, "'"));
+  seqs_.erase(it);
+  if (options_.sparse) return tier_->CloseSequence(id, /*drop=*/true);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
+                          std::vector<float>* logits) {
+  if (ids.size() != tokens.size() || ids.empty()) return absl::InvalidArgumentError("need one token per sequence");
+  const int B = static_cast<int>(ids.size());
+  const int L = config_.num_layers, Hq = config_.num_heads, Hkv = config_.num_kv_heads, d = config_.head_dim;
+  const int G = Hq / Hkv;
+  const size_t rowf = static_cast<size_t>(Hkv) * d;
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+
+  std::vector<Seq*> seqs(B);
+  std::vector<int32_t> pos(B);
+  for (int i = 0; i < B; ++i) {
+    auto it = seqs_.find(ids[i]);
+    if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("no sequence '", ids[i], "'"));
+    seqs[i] = it->second.get();
+    pos[i] = static_cast<int32_t>(seqs[i]->len);
+  }
+  std::vector<float> x(static_cast<size_t>(B) * config_.hidden_size), q(static_cast<size_t>(B) * Hq * d),
+      attn(q.size());
+  // New rows of every layer, kept for the tier append: [layer][B][kv_heads][head_dim].
+  std::vector<std::vector<float>> new_k(L, std::vector<float>(B * rowf)), new_v = new_k;
+  RETURN_IF_ERROR(model_->Embed(tokens, x.data()));
+
+  std::vector<client::Recalled> recalled;
+  for (int l = 0; l < L; ++l) {
+    float* k = new_k[l].data();
+    float* v = new_v[l].data();
+    RETURN_IF_ERROR(model_->Qkv(l, x.data(), pos, q.data(), k, v));
+    RoundKv(k, B * rowf);
+    RoundKv(v, B * rowf);
+    const bool sparse = IsSparse(l);
+    // Store the new rows locally.
+    for (int i = 0; i < B; ++i) {
+      Seq& s = *seqs[i];
+      const int64_t p = pos[i];
+      if (!sparse || p < S) {
+        s.k[l].insert(s.k[l].end(), k + i * rowf, k + (i + 1) * rowf);
+        s.v[l].insert(s.v[l].end(), v + i * rowf, v + (i + 1) * rowf);
+      } else {
+        const size_t slot = static_cast<size_t>((p - S) % W);
+        std::copy_n(k + i * rowf, rowf, s.ring_k[l].begin() + slot * rowf);
+        std::copy_n(v + i * rowf, rowf, s.ring_v[l].begin() + slot * rowf);
+      }
+    }
+    if (!sparse) {
+      pool_.ParallelFor(static_cast<int64_t>(B) * Hkv, [&](int64_t j) {
+        const int i = static_cast<int>(j / Hkv), h = static_cast<int>(j % Hkv);
+        const size_t qoff = (static_cast<size_t>(i) * Hq + static_cast<size_t>(h) * G) * d;
+        AttendRows(q.data() + qoff, G, d, seqs[i]->k[l].data() + h * d, static_cast<long>(rowf),
+                   seqs[i]->v[l].data() + h * d, static_cast<long>(rowf), pos[i] + 1, scale, attn.data() + qoff);
+      });
+    } else {
+      // Retrieve the middle [S, window_start) of every (sequence, kv-head) in one batch.
+      client::RetrieveBatch batch{l, options_.budget, options_.method, {}};
+      std::vector<int> entry_of(static_cast<size_t>(B) * Hkv, -1);
+      for (int i = 0; i < B; ++i) {
+        const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
+        if (ws <= S) continue;
+        for (int h = 0; h < Hkv; ++h) {
+          entry_of[static_cast<size_t>(i) * Hkv + h] = static_cast<int>(batch.entries.size());
+          const size_t qoff = (static_cast<size_t>(i) * Hq + static_cast<size_t>(h) * G) * d;
+          batch.entries.push_back({ids[i], h, absl::MakeConstSpan(q.data() + qoff, static_cast<size_t>(G) * d), S, ws});
+        }
+      }
+      if (!batch.entries.empty()) {
+        const absl::Time t0 = absl::Now();
+        RETURN_IF_ERROR(tier_->Retrieve(batch, &recalled));
+        counters_.retrieve_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
+        counters_.retrieve_calls++;
+        for (const auto& r : recalled) counters_.recalled_rows += static_cast<int64_t>(r.token_ids.size());
+      }
+      const size_t row_bytes = spec_.row_bytes();
+      pool_.ParallelFor(static_cast<int64_t>(B) * Hkv, [&](int64_t j) {
+        const int i = static_cast<int>(j / Hkv), h = static_cast<int>(j % Hkv);
+        const Seq& s = *seqs[i];
+        const int64_t p = pos[i];
+        const int64_t ws = std::max<int64_t>(S, p + 1 - W);
+        const int e = entry_of[j];
+        const size_t nrec = e >= 0 ? recalled[e].token_ids.size() : 0;
+        const int64_t nsink = std::min<int64_t>(S, p + 1);
+        const int64_t nwin = p >= S ? p - ws + 1 : 0;
+        const size_t m = static_cast<size_t>(nsink) + nrec + static_cast<size_t>(nwin);
+        std::vector<float> keys(m * d), vals(m * d);
+        size_t r = 0;
+        for (int64_t t = 0; t < nsink; ++t, ++r) {  // sinks, then recalled, then window: positional order
+          std::copy_n(s.k[l].begin() + t * rowf + h * d, d, keys.begin() + r * d);
+          std::copy_n(s.v[l].begin() + t * rowf + h * d, d, vals.begin() + r * d);
+        }
+        for (size_t t = 0; t < nrec; ++t, ++r) {
+          const uint8_t* pair = recalled[e].rows + t * 2 * row_bytes;
+          ToF32(spec_.kv_dtype, pair, d, keys.data() + r * d);
+          ToF32(spec_.kv_dtype, pair + row_bytes, d, vals.data() + r * d);
+        }
+        for (int64_t t = ws; t <= p && nwin > 0; ++t, ++r) {
+          const size_t slot = static_cast<size_t>((t - S) % W);
+          std::copy_n(s.ring_k[l].begin() + slot * rowf + h * d, d, keys.begin() + r * d);
+          std::copy_n(s.ring_v[l].begin() + slot * rowf + h * d, d, vals.begin() + r * d);
+        }
+        const size_t qoff = (static_cast<size_t>(i) * Hq + static_cast<size_t>(h) * G) * d;
+        AttendRows(q.data() + qoff, G, d, keys.data(), d, vals.data(), d, static_cast<int>(m), scale,
+                   attn.data() + qoff);
+      });
+    }
+    RETURN_IF_ERROR(model_->FinishLayer(l, attn.data(), B, x.data()));
+  }
+  logits->resize(static_cast<size_t>(B) * config_.vocab_size);
+  RETURN_IF_ERROR(model_->Logits(x.data(), B, logits->data()));
+
+  if (options_.sparse) {
+    // The new tokens join the tier's copy of each sequence (their ids travel with their KV).
+    const absl::Time t0 = absl::Now();
+    const size_t row = spec_.row_bytes();
+    for (int i = 0; i < B; ++i) {
+      client::AppendBatch b;
+      b.token_start = pos[i];
+      b.num_tokens = 1;
+      b.token_ids = {tokens[i]};
+      b.keys.resize(L);
+      b.values.resize(L);
+      for (int l = 0; l < L; ++l) {
+        b.keys[l].resize(Hkv * row);
+        b.values[l].resize(Hkv * row);
+        FromF32(spec_.kv_dtype, new_k[l].data() + i * rowf, rowf, b.keys[l].data());
+        FromF32(spec_.kv_dtype, new_v[l].data() + i * rowf, rowf, b.values[l].data());
+      }
+      RETURN_IF_ERROR(tier_->AppendKV(ids[i], b));
+    }
+    counters_.append_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
+  }
+  for (int i = 0; i < B; ++i) seqs[i]->len++;
+  counters_.steps++;
+  counters_.tokens_decoded += B;
+  return absl::OkStatus();
+}
+
+}  // namespace kvrecall::worker

@@ -1,0 +1,102 @@
+// The decode engine: runs a Llama-family model over a batch of sequences, with layers 0..D-1
+// dense (full KV held locally) and the rest sparse: attention over the sink tokens, a recent
+// window, and the top-`budget` tokens the tier recalls for each (sequence, kv-head) every step.
+//
+// In dense mode (EngineOptions.sparse = false) every layer keeps its full KV locally and no tier
+// is used: that is the reference the sparse mode is measured against. With the same rows in the
+// same (positional) order both modes compute bit-identical attention, so with exact retrieval and
+// a budget covering every candidate, sparse decoding equals dense decoding exactly.
+//
+// Thread safety: one thread drives an engine; it uses its own pool for attention.
+#ifndef KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_
+#define KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "client/tier.h"
+#include "common/model_spec.h"
+#include "common/thread_pool.h"
+#include "gpu-worker/backends/backend.h"
+
+namespace kvrecall::worker {
+
+struct EngineOptions {
+  bool sparse = true;        // false: all layers dense, no tier
+  int dense_layers = 2;      // layers [0, dense_layers) always dense
+  int sink_tokens = 16;      // always attended, never retrieved
+  int window_tokens = 256;   // most recent tokens, always attended (>= 2)
+  int budget = 1024;         // recalled tokens per (sequence, sparse layer, kv-head)
+  client::Method method = client::Method::kExact;
+  int prefill_chunk = 512;   // prompt tokens per forward pass during prefill
+  int num_threads = 0;       // attention threads (0 = every core)
+};
+
+// K/V of a prompt for every layer, as the engine stores them (fp32 values rounded to kv_dtype).
+struct PromptKV {
+  std::vector<int32_t> tokens;
+  // k[layer], v[layer]: [num_tokens][num_kv_heads][head_dim], fp32.
+  std::vector<std::vector<float>> k, v;
+};
+
+struct EngineCounters {
+  int64_t steps = 0;
+  int64_t tokens_decoded = 0;
+  int64_t retrieve_calls = 0;
+  int64_t recalled_rows = 0;
+  double retrieve_seconds = 0;  // wall time inside Tier::Retrieve
+  double append_seconds = 0;    // wall time inside Tier::AppendKV during decode
+};
+
+class Engine {
+ public:
+  // `model` must outlive the engine; `tier` too, and may be null only when !options.sparse.
+  // `spec` is the model's KV spec as registered with the tier.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(ModelBackend* model, client::Tier* tier, ModelSpec spec,
+                                                        const EngineOptions& options);
+
+  // Runs the prompt through the model (chunked, causal) and returns its KV; `logits` receives the
+  // last prompt token's logits [vocab]. INVALID_ARGUMENT for an empty prompt or bad token ids.
+  absl::StatusOr<PromptKV> Prefill(absl::Span<const int32_t> tokens, std::vector<float>* logits);
+
+  // Starts sequence `id` from a prefilled prompt. Sparse mode opens it on the tier and pushes
+  // all of its KV (the tier then holds the full cache); locally it keeps the dense layers, the
+  // sinks and the window. ALREADY_EXISTS for an id in use.
+  absl::Status AddSequence(const std::string& id, const PromptKV& prompt);
+
+  // One decode step: appends tokens[i] to sequence ids[i] and writes logits [batch][vocab].
+  absl::Status Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens, std::vector<float>* logits);
+
+  // Forgets a sequence here (and drops it on the tier in sparse mode).
+  absl::Status RemoveSequence(const std::string& id);
+
+  ~Engine();
+  const EngineOptions& options() const { return options_; }
+  const EngineCounters& counters() const { return counters_; }
+
+ private:
+  struct Seq;
+  Engine(ModelBackend* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options);
+  bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
+  void RoundKv(float* x, size_t n) const;
+  absl::Status PushToTier(const std::string& id, const PromptKV& prompt);
+
+  ModelBackend* const model_;
+  client::Tier* const tier_;
+  const ModelSpec spec_;
+  const EngineOptions options_;
+  const LlamaConfig config_;
+  ThreadPool pool_;
+  std::map<std::string, std::unique_ptr<Seq>> seqs_;
+  EngineCounters counters_;
+};
+
+}  // namespace kvrecall::worker
+
+#endif  // KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_

@@ -1,0 +1,285 @@
+// kvrecall-worker: the decode worker.
+//
+//   kvrecall-worker make-model --preset=tiny --out=DIR
+//       writes a random-weight Llama-architecture model (config.json + model.safetensors).
+//   kvrecall-worker generate --model=DIR --tier=HOST:PORT|local --prompt-file=F --prompt-tokens=8192
+//       --max-new-tokens=32 --budget=256 [--compare-dense] [--json=OUT]
+//       prefills the prompt, pushes its KV to the tier, decodes greedily with sparse retrieval
+//       attention and prints a summary (tokens/s, bytes streamed per token, agreement with dense).
+//
+// Until tokenizer.json support lands, prompts are tokenized as raw bytes (token id = byte value),
+// which every model with vocab_size >= 256 accepts.
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "absl/flags/flag.h"
+#include "common/flags.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "client/tier.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "common/units.h"
+#include "gpu-worker/backends/backend.h"
+#include "gpu-worker/engine/engine.h"
+#include "gpu-worker/model/make_model.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, preset, "tiny", "make-model: preset name (tiny, tiny-qwen2, small)");
+ABSL_FLAG(std::string, out, "", "make-model: output directory");
+ABSL_FLAG(uint64_t, seed, 1, "make-model: weight seed");
+ABSL_FLAG(std::string, model, "", "model directory (config.json + *.safetensors)");
+ABSL_FLAG(std::string, model_id, "", "model id registered with the tier (default: directory name)");
+ABSL_FLAG(std::string, backend, "cpu", "model backend");
+ABSL_FLAG(std::string, tier, "local", "tier: 'local' (in-process node) or host:port of a kvrecall-server");
+ABSL_FLAG(std::string, transport, "ucx", "row transport to a remote tier: ucx or grpc (FetchKV fallback)");
+ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax); empty = UCX default");
+ABSL_FLAG(std::string, tenant, "default", "tenant name");
+ABSL_FLAG(std::string, prompt, "", "prompt text");
+ABSL_FLAG(std::string, prompt_file, "", "file whose bytes are the prompt");
+ABSL_FLAG(int, prompt_tokens, 0, "repeat / cut the prompt to exactly this many tokens (0 = as is)");
+ABSL_FLAG(int, max_new_tokens, 32, "tokens to decode");
+ABSL_FLAG(std::string, mode, "sparse", "sparse (retrieval attention through the tier) or dense");
+ABSL_FLAG(int, budget, 1024, "recalled tokens per (sequence, sparse layer, kv-head)");
+ABSL_FLAG(int, sink_tokens, 16, "attention sinks always attended");
+ABSL_FLAG(int, window_tokens, 256, "recent tokens always attended");
+ABSL_FLAG(int, dense_layers, 2, "leading layers that stay dense");
+ABSL_FLAG(bool, compare_dense, false, "also decode densely (teacher-forced on the same tokens) and compare logits");
+ABSL_FLAG(int, threads, 0, "CPU threads (0 = every core)");
+ABSL_FLAG(std::string, json, "", "write a JSON report here");
+ABSL_FLAG(std::string, sequence_id, "", "sequence id on the tier (default: generated)");
+
+namespace kvrecall::worker {
+namespace {
+
+absl::Status MakeModel() {
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty()) return absl::InvalidArgumentError("--out is required");
+  ASSIGN_OR_RETURN(LlamaConfig config, PresetConfig(absl::GetFlag(FLAGS_preset)));
+  RETURN_IF_ERROR(WriteRandomModel(out, config, absl::GetFlag(FLAGS_seed)));
+  std::cout << "wrote " << absl::GetFlag(FLAGS_preset) << " model to " << out << " (" << config.num_layers
+            << " layers, hidden " << config.hidden_size << ", " << config.num_heads << "/" << config.num_kv_heads
+            << " heads, head_dim " << config.head_dim << ", vocab " << config.vocab_size << ")\n";
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int32_t>> PromptTokens(int vocab) {
+  std::string text = absl::GetFlag(FLAGS_prompt);
+  if (const std::string f = absl::GetFlag(FLAGS_prompt_file); !f.empty()) {
+    std::ifstream in(f, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read --prompt_file ", f));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    text = ss.str();
+  }
+  if (text.empty()) return absl::InvalidArgumentError("give --prompt or --prompt_file");
+  if (vocab < 256) return absl::FailedPreconditionError("byte-level prompts need vocab_size >= 256");
+  std::vector<int32_t> tokens;
+  const int want = absl::GetFlag(FLAGS_prompt_tokens);
+  const size_t n = want > 0 ? static_cast<size_t>(want) : text.size();
+  for (size_t i = 0; i < n; ++i) tokens.push_back(static_cast<unsigned char>(text[i % text.size()]));
+  return tokens;
+}
+
+int Argmax(const float* x, int n) { return static_cast<int>(std::max_element(x, x + n) - x); }
+
+std::string Printable(const std::vector<int32_t>& tokens) {
+  std::string s;
+  for (int32_t t : tokens) s += (t >= 32 && t < 127) ? static_cast<char>(t) : (t == '\n' ? ' ' : '?');
+  return s;
+}
+
+absl::Status Generate() {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  if (dir.empty()) return absl::InvalidArgumentError("--model is required");
+  const int threads = absl::GetFlag(FLAGS_threads);
+  const absl::Time t_load = absl::Now();
+  ASSIGN_OR_RETURN(std::unique_ptr<ModelBackend> model, CreateBackend(absl::GetFlag(FLAGS_backend), dir, threads));
+  const LlamaConfig& cfg = model->config();
+  KV_LOG(INFO) << "loaded " << dir << " in " << absl::ToDoubleSeconds(absl::Now() - t_load) << " s";
+
+  ModelSpec spec;
+  spec.model_id = absl::GetFlag(FLAGS_model_id);
+  if (spec.model_id.empty()) {
+    std::string d = dir;
+    while (!d.empty() && d.back() == '/') d.pop_back();
+    spec.model_id = d.substr(d.find_last_of('/') + 1);
+  }
+  spec.num_layers = cfg.num_layers;
+  spec.num_q_heads = cfg.num_heads;
+  spec.num_kv_heads = cfg.num_kv_heads;
+  spec.head_dim = cfg.head_dim;
+  spec.kv_dtype = cfg.dtype;
+  spec.vocab_size = cfg.vocab_size;
+  spec.rope_theta = cfg.rope_theta;
+
+  const bool sparse = absl::GetFlag(FLAGS_mode) == "sparse";
+  if (!sparse && absl::GetFlag(FLAGS_mode) != "dense") return absl::InvalidArgumentError("--mode is sparse or dense");
+  EngineOptions eo;
+  eo.sparse = sparse;
+  eo.budget = absl::GetFlag(FLAGS_budget);
+  eo.sink_tokens = absl::GetFlag(FLAGS_sink_tokens);
+  eo.window_tokens = absl::GetFlag(FLAGS_window_tokens);
+  eo.dense_layers = absl::GetFlag(FLAGS_dense_layers);
+  eo.num_threads = threads;
+
+  std::unique_ptr<client::Tier> tier;
+  if (sparse) {
+    client::TierOptions to;
+    to.tenant = absl::GetFlag(FLAGS_tenant);
+    const int64_t pair = 2 * static_cast<int64_t>(spec.row_bytes());
+    to.recall_buffer_bytes = std::max<int64_t>(int64_t{1} << 20, pair * eo.budget * cfg.num_kv_heads);
+    if (absl::GetFlag(FLAGS_tier) == "local") {
+      ASSIGN_OR_RETURN(tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{8} << 30, 64, threads}, to));
+    } else {
+      client::RemoteTierOptions ro{absl::GetFlag(FLAGS_tier), absl::GetFlag(FLAGS_transport),
+                                   absl::GetFlag(FLAGS_ucx_tls)};
+      ASSIGN_OR_RETURN(tier, client::CreateRemoteTier(ro, to));
+    }
+    RETURN_IF_ERROR(tier->RegisterModel(spec));
+    KV_LOG(INFO) << "tier: " << tier->Describe();
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model.get(), tier.get(), spec, eo));
+  std::unique_ptr<Engine> dense;
+  const bool compare = absl::GetFlag(FLAGS_compare_dense) && sparse;
+  if (compare) {
+    EngineOptions d = eo;
+    d.sparse = false;
+    ASSIGN_OR_RETURN(dense, Engine::Create(model.get(), nullptr, spec, d));
+  }
+
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(cfg.vocab_size));
+  std::vector<float> logits, dense_logits;
+  KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens ...";
+  const absl::Time t_prefill = absl::Now();
+  ASSIGN_OR_RETURN(PromptKV kv, engine->Prefill(prompt, &logits));
+  const double prefill_s = absl::ToDoubleSeconds(absl::Now() - t_prefill);
+  std::string id = absl::GetFlag(FLAGS_sequence_id);
+  if (id.empty()) id = absl::StrCat("gen-", absl::ToUnixMicros(absl::Now()));
+  const absl::Time t_push = absl::Now();
+  RETURN_IF_ERROR(engine->AddSequence(id, kv));
+  const double push_s = absl::ToDoubleSeconds(absl::Now() - t_push);
+  const int64_t appended_after_push = tier ? tier->counters().bytes_appended : 0;
+  if (compare) {
+    RETURN_IF_ERROR(dense->AddSequence(id, kv));
+    dense_logits = logits;
+  }
+  KV_LOG(INFO) << "prefill " << prefill_s << " s, pushed to tier in " << push_s << " s; decoding ...";
+
+  const int steps = absl::GetFlag(FLAGS_max_new_tokens);
+  const int V = cfg.vocab_size;
+  std::vector<int32_t> generated;
+  int top1_match = 0, compared = 0;
+  double max_dlogit = 0;
+  std::vector<double> step_dlogit;
+  double decode_s = 0;
+  int32_t next = Argmax(logits.data(), V);
+  for (int s = 0; s < steps; ++s) {
+    if (compare) {
+      // Compare the distributions that chose this token (prompt logits first, then each step's).
+      ++compared;
+      top1_match += Argmax(dense_logits.data(), V) == next;
+      double dmax = 0;
+      for (int j = 0; j < V; ++j) dmax = std::max(dmax, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
+      step_dlogit.push_back(dmax);
+      max_dlogit = std::max(max_dlogit, dmax);
+    }
+    generated.push_back(next);
+    const absl::Time t0 = absl::Now();
+    RETURN_IF_ERROR(engine->Step({&id, 1}, {&next, 1}, &logits));
+    decode_s += absl::ToDoubleSeconds(absl::Now() - t0);
+    if (compare) RETURN_IF_ERROR(dense->Step({&id, 1}, {&next, 1}, &dense_logits));
+    next = Argmax(logits.data(), V);
+  }
+  const EngineCounters& c = engine->counters();
+  const client::TierCounters tc = tier ? tier->counters() : client::TierCounters{};
+  const double tok_s = decode_s > 0 ? steps / decode_s : 0;
+  const double streamed_per_token = steps ? static_cast<double>(tc.bytes_received) / steps : 0;
+  const double appended_per_token = steps ? static_cast<double>(tc.bytes_appended - appended_after_push) / steps : 0;
+
+  std::cout << "\n=== kvrecall generate ===\n"
+            << absl::StrFormat("model          %s (%d layers, %d/%d heads, head_dim %d, kv %s)\n", spec.model_id,
+                               spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim,
+                               DTypeName(spec.kv_dtype))
+            << absl::StrFormat("tier           %s\n", tier ? tier->Describe() : "none (dense)")
+            << absl::StrFormat("prompt         %d tokens, prefill %.2f s (%.0f tok/s), KV push %.2f s\n",
+                               prompt.size(), prefill_s, prompt.size() / prefill_s, push_s)
+            << absl::StrFormat("attention      %s: %d dense layers, sinks %d, window %d, budget %d\n",
+                               sparse ? "sparse" : "dense", eo.dense_layers, eo.sink_tokens, eo.window_tokens,
+                               eo.budget)
+            << absl::StrFormat("decode         %d tokens in %.3f s = %.1f tokens/s\n", steps, decode_s, tok_s)
+            << absl::StrFormat("retrieval      %d calls, %.3f s total; %s streamed per token (%d rows/token); "
+                               "%s appended per token\n",
+                               c.retrieve_calls, c.retrieve_seconds, FormatBytes(static_cast<int64_t>(streamed_per_token)),
+                               steps ? c.recalled_rows / steps : 0, FormatBytes(static_cast<int64_t>(appended_per_token)));
+  if (compare) {
+    std::cout << absl::StrFormat("vs dense       top-1 match %d/%d = %.1f%%, max |dlogit| %.3g\n", top1_match,
+                                 compared, 100.0 * top1_match / std::max(1, compared), max_dlogit);
+  }
+  std::cout << "generated      \"" << Printable(generated) << "\"\n";
+
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    nlohmann::json j;
+    j["model_id"] = spec.model_id;
+    j["tier"] = tier ? tier->Describe() : "none";
+    j["mode"] = sparse ? "sparse" : "dense";
+    j["prompt_tokens"] = prompt.size();
+    j["prefill_seconds"] = prefill_s;
+    j["push_seconds"] = push_s;
+    j["decode_tokens"] = steps;
+    j["decode_seconds"] = decode_s;
+    j["tokens_per_second"] = tok_s;
+    j["retrieve_calls"] = c.retrieve_calls;
+    j["retrieve_seconds"] = c.retrieve_seconds;
+    j["recalled_rows"] = c.recalled_rows;
+    j["bytes_streamed_per_token"] = streamed_per_token;
+    j["bytes_appended_per_token"] = appended_per_token;
+    j["options"] = {{"budget", eo.budget}, {"sink_tokens", eo.sink_tokens}, {"window_tokens", eo.window_tokens},
+                    {"dense_layers", eo.dense_layers}, {"method", "exact"}};
+    j["generated"] = generated;
+    if (compare) {
+      j["compare_dense"] = {{"top1_match", top1_match}, {"compared", compared},
+                            {"top1_match_rate", static_cast<double>(top1_match) / std::max(1, compared)},
+                            {"max_abs_dlogit", max_dlogit}, {"step_max_abs_dlogit", step_dlogit}};
+    }
+    std::ofstream(path) << j.dump(2) << "\n";
+  }
+  if (tier) RETURN_IF_ERROR(engine->RemoveSequence(id));
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace kvrecall::worker
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kvrecall-worker <command> [flags]\n"
+      "  make-model  --preset=tiny --out=DIR        write a random-weight Llama model\n"
+      "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F [--prompt_tokens=N]\n"
+      "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]");
+  std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
+  if (args.size() != 2) {
+    std::cerr << absl::ProgramUsageMessage() << "\n";
+    return 2;
+  }
+  const std::string cmd = args[1];
+  absl::Status s;
+  if (cmd == "make-model") {
+    s = kvrecall::worker::MakeModel();
+  } else if (cmd == "generate") {
+    s = kvrecall::worker::Generate();
+  } else {
+    std::cerr << "unknown command '" << cmd << "'\n" << absl::ProgramUsageMessage() << "\n";
+    return 2;
+  }
+  if (!s.ok()) {
+    std::cerr << "kvrecall-worker " << cmd << ": " << s << "\n";
+    return 1;
+  }
+  return 0;
+}

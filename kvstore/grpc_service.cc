@@ -1,0 +1,322 @@
+#include "kvstore/grpc_service.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "proto/convert.h"
+
+namespace kvrecall::kvstore {
+namespace {
+
+using proto::ToGrpc;
+
+constexpr char kVersion[] = "kvrecall 0.1.0";
+constexpr size_t kFetchChunkBytes = 1 << 20;
+
+// Runs `fn` (returning absl::Status) on the pool and finishes the unary call with its status.
+template <typename Fn>
+grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext* ctx, Fn fn) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  pool->Schedule([reactor, fn = std::move(fn)]() mutable { reactor->Finish(ToGrpc(fn())); });
+  return reactor;
+}
+
+absl::StatusOr<Method> MethodFromProto(v1::Method m) {
+  switch (m) {
+    case v1::METHOD_UNSPECIFIED:
+    case v1::METHOD_EXACT:
+      return Method::kExact;
+    case v1::METHOD_CTKVR:
+      return Method::kCtkvr;
+    case v1::METHOD_CLUSTER:
+      return Method::kCluster;
+    case v1::METHOD_MERGED:
+      return Method::kMerged;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown method ", static_cast<int>(m)));
+  }
+}
+
+// Client stream of AppendKV chunks: one write transaction on one sequence.
+class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> {
+ public:
+  AppendReactor(grpc::CallbackServerContext* ctx, Node* node, v1::AppendKVResponse* resp)
+      : ctx_(ctx), node_(node), resp_(resp) {
+    StartRead(&chunk_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // Half-close by the client commits; a cancelled or broken stream keeps nothing.
+      if (ctx_->IsCancelled()) {
+        Fail(absl::CancelledError("AppendKV stream was cancelled; nothing was committed"));
+      } else {
+        Complete();
+      }
+      return;
+    }
+    if (absl::Status s = Apply(); !s.ok()) {
+      Fail(s);
+      return;
+    }
+    chunk_.Clear();
+    StartRead(&chunk_);
+  }
+  void OnDone() override {
+    if (seq_ != nullptr) seq_->AbortAppend();  // no-op after a commit
+    delete this;
+  }
+
+ private:
+  absl::Status Apply() {
+    if (seq_ == nullptr) {
+      ASSIGN_OR_RETURN(seq_, node_->FindSequence(chunk_.tenant(), chunk_.sequence_id()));
+      if (absl::Status s = seq_->BeginAppend(); !s.ok()) {
+        seq_ = nullptr;
+        return s;
+      }
+      tenant_ = chunk_.tenant();
+      id_ = chunk_.sequence_id();
+    } else if (chunk_.tenant() != tenant_ || chunk_.sequence_id() != id_) {
+      return absl::InvalidArgumentError("every chunk of one AppendKV stream must name the same sequence");
+    }
+    if (chunk_.token_ids_size() > 0) {
+      RETURN_IF_ERROR(seq_->AddTokenIds(chunk_.token_ids_start(), chunk_.token_ids()));
+    }
+    if (chunk_.num_tokens() == 0 && chunk_.keys().empty() && chunk_.values().empty()) return absl::OkStatus();
+    auto span = [](const std::string& s) {
+      return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+    };
+    RETURN_IF_ERROR(seq_->AppendChunk(chunk_.layer(), chunk_.token_start(), chunk_.num_tokens(), span(chunk_.keys()),
+                                      span(chunk_.values())));
+    bytes_ += static_cast<int64_t>(chunk_.keys().size() + chunk_.values().size());
+    return absl::OkStatus();
+  }
+
+  void Complete() {
+    if (seq_ == nullptr) {
+      Fail(absl::InvalidArgumentError("empty AppendKV stream"));
+      return;
+    }
+    absl::StatusOr<int64_t> stored = seq_->CommitAppend();
+    if (!stored.ok()) {
+      Finish(ToGrpc(stored.status()));
+      return;
+    }
+    resp_->set_stored_tokens(*stored);
+    resp_->set_bytes_written(bytes_);
+    Finish(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& s) {
+    if (seq_ != nullptr) seq_->AbortAppend();
+    Finish(ToGrpc(s));
+  }
+
+  grpc::CallbackServerContext* const ctx_;
+  Node* const node_;
+  v1::AppendKVResponse* const resp_;
+  v1::AppendKVRequest chunk_;
+  std::shared_ptr<Sequence> seq_;
+  std::string tenant_, id_;
+  int64_t bytes_ = 0;
+};
+
+// Server stream of FetchKV chunks.
+class FetchReactor final : public grpc::ServerWriteReactor<v1::FetchKVResponse> {
+ public:
+  FetchReactor(Node* node, ThreadPool* pool, const v1::FetchKVRequest* req) : node_(node), req_(req) {
+    pool->Schedule([this] { Start(); });
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      return;
+    }
+    Next();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Start() {
+    absl::Status s = Prepare();
+    if (!s.ok()) {
+      Finish(ToGrpc(s));
+      return;
+    }
+    Next();
+  }
+
+  absl::Status Prepare() {
+    ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(req_->tenant(), req_->sequence_id()));
+    const ModelSpec& spec = seq->spec();
+    if (req_->layer() < 0 || req_->layer() >= spec.num_layers || req_->kv_head() < 0 ||
+        req_->kv_head() >= spec.num_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", req_->layer(), " / kv_head ", req_->kv_head(),
+                                                     " outside the model's ", spec.num_layers, " layers / ",
+                                                     spec.num_kv_heads, " kv-heads"));
+    }
+    const int64_t stored = seq->committed_tokens();
+    if (req_->token_ids_size() > 0) {
+      ids_.assign(req_->token_ids().begin(), req_->token_ids().end());
+    } else {
+      if (req_->token_begin() < 0 || req_->token_begin() > req_->token_end() || req_->token_end() > stored) {
+        return absl::InvalidArgumentError(absl::StrCat("token range [", req_->token_begin(), ", ", req_->token_end(),
+                                                       ") outside the ", stored, " stored tokens"));
+      }
+      for (int64_t t = req_->token_begin(); t < req_->token_end(); ++t) ids_.push_back(static_cast<int32_t>(t));
+    }
+    // Validate every id up front so that a bad one fails before any row is sent.
+    for (int32_t t : ids_) {
+      if (t < 0 || t >= stored) {
+        return absl::InvalidArgumentError(absl::StrCat("token ", t, " outside the ", stored, " stored tokens"));
+      }
+    }
+    rows_per_chunk_ = std::max<size_t>(1, kFetchChunkBytes / (2 * spec.row_bytes()));
+    return absl::OkStatus();
+  }
+
+  void Next() {
+    if (pos_ >= ids_.size() && sent_any_) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const size_t end = std::min(ids_.size(), pos_ + rows_per_chunk_);
+    absl::Span<const int32_t> part(ids_.data() + pos_, end - pos_);
+    out_.Clear();
+    absl::Status s = node_->ReadRows(req_->tenant(), req_->sequence_id(), req_->layer(), req_->kv_head(), part,
+                                     out_.mutable_keys(), out_.mutable_values());
+    if (!s.ok()) {  // e.g. dropped meanwhile
+      Finish(ToGrpc(s));
+      return;
+    }
+    out_.mutable_token_ids()->Add(part.begin(), part.end());
+    pos_ = end;
+    sent_any_ = true;
+    StartWrite(&out_);
+  }
+
+  Node* const node_;
+  const v1::FetchKVRequest* const req_;
+  std::vector<int32_t> ids_;
+  size_t rows_per_chunk_ = 1;
+  size_t pos_ = 0;
+  bool sent_any_ = false;
+  v1::FetchKVResponse out_;
+};
+
+}  // namespace
+
+GrpcService::GrpcService(Node* node, int threads) : node_(node), pool_(threads) {}
+GrpcService::~GrpcService() = default;
+
+grpc::ServerUnaryReactor* GrpcService::RegisterModel(grpc::CallbackServerContext* ctx,
+                                                     const v1::RegisterModelRequest* req,
+                                                     v1::RegisterModelResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(ModelSpec spec, proto::FromProto(req->spec()));
+    ASSIGN_OR_RETURN(bool created, node_->RegisterModel(spec));
+    resp->set_created(created);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext* ctx,
+                                                    const v1::OpenSequenceRequest* req,
+                                                    v1::OpenSequenceResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    OpenSequenceArgs args{req->tenant(), req->model_id(), req->sequence_id(),
+                          absl::MakeConstSpan(req->token_ids().data(), req->token_ids_size())};
+    ASSIGN_OR_RETURN(OpenSequenceResult r, node_->OpenSequence(args));
+    resp->set_matched_tokens(r.matched_tokens);
+    resp->set_stored_tokens(r.stored_tokens);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerReadReactor<v1::AppendKVRequest>* GrpcService::AppendKV(grpc::CallbackServerContext* ctx,
+                                                                    v1::AppendKVResponse* resp) {
+  return new AppendReactor(ctx, node_, resp);
+}
+
+grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
+                                                v1::RetrieveResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    RetrieveArgs args;
+    args.tenant = req->tenant();
+    args.layer = req->layer();
+    args.budget = static_cast<int>(std::min<uint32_t>(req->budget(), kMaxBudget + 1));
+    ASSIGN_OR_RETURN(args.method, MethodFromProto(req->method()));
+    args.worker_id = req->worker_id();
+    if (req->entries_size() > kMaxRetrieveEntries) {
+      return absl::InvalidArgumentError(absl::StrCat("entries ", req->entries_size(), " exceed ", kMaxRetrieveEntries));
+    }
+    args.entries.reserve(req->entries_size());
+    for (const v1::RetrieveEntry& e : req->entries()) {
+      args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(),
+                                               absl::MakeConstSpan(e.queries().data(), e.queries_size()),
+                                               e.token_begin(), e.token_end(), e.dest_row()});
+    }
+    ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
+    for (auto& ids : out.token_ids) resp->add_results()->mutable_token_ids()->Add(ids.begin(), ids.end());
+    resp->set_bytes_streamed(out.bytes_streamed);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerWriteReactor<v1::FetchKVResponse>* GrpcService::FetchKV(grpc::CallbackServerContext* ctx,
+                                                                    const v1::FetchKVRequest* req) {
+  return new FetchReactor(node_, &pool_, req);
+}
+
+grpc::ServerUnaryReactor* GrpcService::AttachWorker(grpc::CallbackServerContext* ctx,
+                                                    const v1::AttachWorkerRequest* req,
+                                                    v1::AttachWorkerResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    if (req->transport() != "ucx") {
+      return absl::InvalidArgumentError(absl::StrCat("unsupported transport '", req->transport(), "' (want \"ucx\")"));
+    }
+    transport::RemoteRegion region{req->peer_address(), req->remote_base(), req->length(), req->rkey()};
+    RETURN_IF_ERROR(node_->AttachWorker(req->tenant(), req->worker_id(), region));
+    resp->set_transport("ucx");
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GrpcService::CloseSequence(grpc::CallbackServerContext* ctx,
+                                                     const v1::CloseSequenceRequest* req,
+                                                     v1::CloseSequenceResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req]() -> absl::Status {
+    return node_->CloseSequence(req->tenant(), req->sequence_id(), req->drop());
+  });
+}
+
+grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
+                                             v1::StatsResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    const NodeStats s = node_->Stats(req->include_sequences());
+    resp->set_version(kVersion);
+    resp->set_uptime_seconds(s.uptime_seconds);
+    resp->set_memory_limit_bytes(s.memory_limit_bytes);
+    resp->set_stored_bytes(s.stored_bytes);
+    resp->set_num_sequences(s.num_sequences);
+    resp->set_num_models(s.num_models);
+    resp->set_num_workers(s.num_workers);
+    resp->set_retrieve_calls(s.retrieve_calls);
+    resp->set_retrieve_entries(s.retrieve_entries);
+    resp->set_bytes_streamed(s.bytes_streamed);
+    for (const SequenceStats& q : s.sequences) {
+      v1::SequenceInfo* info = resp->add_sequences();
+      info->set_tenant(q.tenant);
+      info->set_sequence_id(q.sequence_id);
+      info->set_model_id(q.model_id);
+      info->set_stored_tokens(q.stored_tokens);
+      info->set_bytes(q.bytes);
+      info->set_state(q.closed ? "closed" : "open");
+    }
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace kvrecall::kvstore

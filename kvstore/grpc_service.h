@@ -1,0 +1,44 @@
+// The kvrecall.v1.KvRecall gRPC service: converts wire types to domain types and back, and hands
+// every call to a thread pool (callback API; no handler thread blocks on work).
+#ifndef KVRECALL_KVSTORE_GRPC_SERVICE_H_
+#define KVRECALL_KVSTORE_GRPC_SERVICE_H_
+
+#include <memory>
+
+#include "common/thread_pool.h"
+#include "kvstore/node.h"
+#include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
+
+namespace kvrecall::kvstore {
+
+class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
+ public:
+  // `node` must outlive the service. `threads` <= 0: every core.
+  GrpcService(Node* node, int threads);
+  ~GrpcService() override;
+
+  grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
+                                          v1::RegisterModelResponse* resp) override;
+  grpc::ServerUnaryReactor* OpenSequence(grpc::CallbackServerContext* ctx, const v1::OpenSequenceRequest* req,
+                                         v1::OpenSequenceResponse* resp) override;
+  grpc::ServerReadReactor<v1::AppendKVRequest>* AppendKV(grpc::CallbackServerContext* ctx,
+                                                         v1::AppendKVResponse* resp) override;
+  grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
+                                     v1::RetrieveResponse* resp) override;
+  grpc::ServerWriteReactor<v1::FetchKVResponse>* FetchKV(grpc::CallbackServerContext* ctx,
+                                                         const v1::FetchKVRequest* req) override;
+  grpc::ServerUnaryReactor* AttachWorker(grpc::CallbackServerContext* ctx, const v1::AttachWorkerRequest* req,
+                                         v1::AttachWorkerResponse* resp) override;
+  grpc::ServerUnaryReactor* CloseSequence(grpc::CallbackServerContext* ctx, const v1::CloseSequenceRequest* req,
+                                          v1::CloseSequenceResponse* resp) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
+                                  v1::StatsResponse* resp) override;
+
+ private:
+  Node* const node_;
+  ThreadPool pool_;
+};
+
+}  // namespace kvrecall::kvstore
+
+#endif  // KVRECALL_KVSTORE_GRPC_SERVICE_H_

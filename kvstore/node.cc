@@ -1,0 +1,306 @@
+#include "kvstore/node.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "common/metrics.h"
+#include "common/status_macros.h"
+#include "indexer/exact.h"
+
+namespace kvrecall::kvstore {
+namespace {
+
+absl::Status ValidateId(const char* what, const std::string& id) {
+  if (id.empty() || id.size() > kMaxIdLength) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " must be 1..", kMaxIdLength, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NotFound(const std::string& tenant, const std::string& id) {
+  return absl::NotFoundError(absl::StrCat("no sequence '", id, "' for tenant '", tenant, "'"));
+}
+
+struct NodeMetrics {
+  Counter* retrieve_calls = Metrics::Global().GetCounter("kvrecall_retrieve_calls_total", "Retrieve calls served");
+  Counter* retrieve_entries =
+      Metrics::Global().GetCounter("kvrecall_retrieve_entries_total", "Retrieve entries (sequence, kv-head) served");
+  Counter* bytes_streamed =
+      Metrics::Global().GetCounter("kvrecall_bytes_streamed_total", "K/V bytes put to workers over the transport");
+  Counter* bytes_appended = Metrics::Global().GetCounter("kvrecall_bytes_appended_total", "K/V bytes appended");
+  Histogram* retrieve_seconds =
+      Metrics::Global().GetHistogram("kvrecall_retrieve_seconds", "Retrieve latency (search + transfer)");
+  Gauge* stored_bytes = Metrics::Global().GetGauge("kvrecall_stored_bytes", "K/V bytes held in memory");
+  Gauge* sequences = Metrics::Global().GetGauge("kvrecall_sequences", "Sequences held");
+};
+NodeMetrics& M() {
+  static NodeMetrics* m = new NodeMetrics();
+  return *m;
+}
+
+}  // namespace
+
+Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* clock)
+    : options_(options),
+      transport_(transport),
+      clock_(clock),
+      started_(clock->Now()),
+      budget_(options.memory_bytes),
+      pool_(options.search_threads) {
+  M().stored_bytes->Set(0);
+}
+
+Node::~Node() = default;
+
+absl::StatusOr<bool> Node::RegisterModel(const ModelSpec& spec) {
+  RETURN_IF_ERROR(spec.Validate());
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(spec.model_id);
+  if (it != models_.end()) {
+    if (*it->second == spec) return false;
+    return absl::AlreadyExistsError(
+        absl::StrCat("model '", spec.model_id, "' is registered with a different spec"));
+  }
+  models_[spec.model_id] = std::make_shared<const ModelSpec>(spec);
+  return true;
+}
+
+absl::StatusOr<std::shared_ptr<const ModelSpec>> Node::GetModel(const std::string& model_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(model_id);
+  if (it == models_.end()) return absl::NotFoundError(absl::StrCat("model '", model_id, "' is not registered"));
+  return it->second;
+}
+
+absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& args) {
+  RETURN_IF_ERROR(ValidateId("tenant", args.tenant));
+  RETURN_IF_ERROR(ValidateId("sequence_id", args.sequence_id));
+  if (static_cast<int64_t>(args.token_ids.size()) > kMaxPromptTokens) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", args.token_ids.size(), " tokens exceeds ", kMaxPromptTokens));
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<const ModelSpec> spec, GetModel(args.model_id));
+  std::shared_ptr<Sequence> seq;
+  bool created = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto& slot = sequences_[{args.tenant, args.sequence_id}];
+    if (slot == nullptr) {
+      slot = std::make_shared<Sequence>(args.tenant, args.sequence_id, spec, options_.block_tokens, &budget_);
+      created = true;
+      M().sequences->Set(static_cast<double>(sequences_.size()));
+    }
+    seq = slot;
+  }
+  if (!created && seq->spec().model_id != args.model_id) {
+    return absl::FailedPreconditionError(absl::StrCat("sequence '", args.sequence_id, "' belongs to model '",
+                                                      seq->spec().model_id, "'"));
+  }
+  if (absl::Status s = seq->AddTokenIds(0, args.token_ids); !s.ok()) {
+    if (created) {
+      absl::MutexLock lock(&mu_);
+      sequences_.erase({args.tenant, args.sequence_id});
+    }
+    return s;
+  }
+  seq->set_closed(false);
+  OpenSequenceResult r;
+  r.stored_tokens = seq->committed_tokens();
+  r.matched_tokens = std::min<int64_t>(r.stored_tokens, static_cast<int64_t>(args.token_ids.size()));
+  return r;
+}
+
+absl::StatusOr<std::shared_ptr<Sequence>> Node::FindSequence(const std::string& tenant,
+                                                             const std::string& sequence_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sequences_.find({tenant, sequence_id});
+  if (it == sequences_.end()) return NotFound(tenant, sequence_id);
+  return it->second;
+}
+
+absl::StatusOr<std::shared_ptr<Node::Worker>> Node::FindWorker(const std::string& tenant,
+                                                               const std::string& worker_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = workers_.find({tenant, worker_id});
+  if (it == workers_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("worker '", worker_id, "' is not attached (AttachWorker first)"));
+  }
+  return it->second;
+}
+
+absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
+  const int64_t start_ns = clock_->MonotonicNanos();
+  if (args.method != Method::kExact) {
+    return absl::UnimplementedError("only the exact method is served by this version");
+  }
+  if (args.budget <= 0 || args.budget > kMaxBudget) {
+    return absl::InvalidArgumentError(absl::StrCat("budget ", args.budget, " not in [1, ", kMaxBudget, "]"));
+  }
+  if (args.entries.empty() || args.entries.size() > static_cast<size_t>(kMaxRetrieveEntries)) {
+    return absl::InvalidArgumentError(absl::StrCat("entries ", args.entries.size(), " not in [1, ", kMaxRetrieveEntries, "]"));
+  }
+  std::shared_ptr<Worker> worker;
+  if (!args.worker_id.empty()) {
+    ASSIGN_OR_RETURN(worker, FindWorker(args.tenant, args.worker_id));
+  }
+
+  // Validate every entry and take snapshots before doing any work.
+  const size_t n = args.entries.size();
+  std::vector<std::shared_ptr<Sequence>> seqs(n);
+  std::vector<Sequence::Snapshot> snaps(n);
+  std::vector<indexer::SearchQuery> queries(n);
+  for (size_t i = 0; i < n; ++i) {
+    const RetrieveEntryArgs& e = args.entries[i];
+    ASSIGN_OR_RETURN(seqs[i], FindSequence(args.tenant, e.sequence_id));
+    const ModelSpec& spec = seqs[i]->spec();
+    auto bad = [&](const std::string& msg) {
+      return absl::InvalidArgumentError(absl::StrCat("entry ", i, " (sequence '", e.sequence_id, "'): ", msg));
+    };
+    if (args.layer < 0 || args.layer >= spec.num_layers) {
+      return bad(absl::StrCat("layer ", args.layer, " outside [0, ", spec.num_layers, ")"));
+    }
+    if (e.kv_head < 0 || e.kv_head >= spec.num_kv_heads) {
+      return bad(absl::StrCat("kv_head ", e.kv_head, " outside [0, ", spec.num_kv_heads, ")"));
+    }
+    const size_t want = static_cast<size_t>(spec.group_size()) * spec.head_dim;
+    if (e.queries.size() != want) {
+      return bad(absl::StrCat("queries must be [", spec.group_size(), "][", spec.head_dim, "] = ", want,
+                              " floats, got ", e.queries.size()));
+    }
+    for (float q : e.queries) {
+      if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
+    }
+    snaps[i] = seqs[i]->Read(args.layer, e.kv_head);
+    const int64_t stored = snaps[i].keys.num_tokens;
+    if (e.token_begin < 0 || e.token_begin > e.token_end || e.token_end > stored) {
+      return bad(absl::StrCat("token range [", e.token_begin, ", ", e.token_end, ") outside the ", stored,
+                              " stored tokens"));
+    }
+    if (worker != nullptr) {
+      const uint64_t row_pair = 2 * spec.row_bytes();
+      const uint64_t len = worker->writer->region().length;
+      if (e.dest_row > len / row_pair || len / row_pair - e.dest_row < static_cast<uint64_t>(args.budget)) {
+        return absl::OutOfRangeError(absl::StrCat("entry ", i, ": rows [", e.dest_row, ", ", e.dest_row + args.budget,
+                                                  ") do not fit the worker's region of ", len / row_pair, " rows"));
+      }
+    }
+    queries[i] = indexer::SearchQuery{e.queries.data(), spec.group_size(), &snaps[i].keys, e.token_begin,
+                                      e.token_end, args.budget,
+                                      static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)))};
+  }
+
+  RetrieveOutcome out;
+  RETURN_IF_ERROR(indexer::ExactSearch(queries, &pool_, &out.token_ids));
+
+  if (worker != nullptr) {
+    // Gather each entry's rows as [k][K row | V row] and put them with one op per entry.
+    std::vector<std::string> staging(n);
+    std::vector<transport::PutOp> ops(n);
+    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      const size_t row = seqs[i]->spec().row_bytes();
+      const auto& ids = out.token_ids[i];
+      staging[i].resize(ids.size() * 2 * row);
+      uint8_t* dst = reinterpret_cast<uint8_t*>(staging[i].data());
+      for (size_t j = 0; j < ids.size(); ++j) {
+        std::memcpy(dst + 2 * j * row, snaps[i].keys.row(ids[j]), row);
+        std::memcpy(dst + (2 * j + 1) * row, snaps[i].values.row(ids[j]), row);
+      }
+      ops[i] = transport::PutOp{staging[i].data(), staging[i].size(), args.entries[i].dest_row * 2 * row};
+    });
+    std::vector<transport::PutOp> nonempty;
+    for (const auto& op : ops) {
+      if (op.length > 0) {
+        nonempty.push_back(op);
+        out.bytes_streamed += op.length;
+      }
+    }
+    RETURN_IF_ERROR(worker->writer->PutAll(nonempty));
+  }
+  retrieve_calls_.fetch_add(1);
+  retrieve_entries_.fetch_add(static_cast<int64_t>(n));
+  bytes_streamed_.fetch_add(static_cast<int64_t>(out.bytes_streamed));
+  M().retrieve_calls->Add();
+  M().retrieve_entries->Add(static_cast<double>(n));
+  M().bytes_streamed->Add(static_cast<double>(out.bytes_streamed));
+  M().retrieve_seconds->Observe(static_cast<double>(clock_->MonotonicNanos() - start_ns) * 1e-9);
+  return out;
+}
+
+absl::Status Node::ReadRows(const std::string& tenant, const std::string& sequence_id, int layer, int kv_head,
+                            absl::Span<const int32_t> token_ids, std::string* keys, std::string* values) const {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, FindSequence(tenant, sequence_id));
+  const ModelSpec& spec = seq->spec();
+  if (layer < 0 || layer >= spec.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " outside [0, ", spec.num_layers, ")"));
+  }
+  if (kv_head < 0 || kv_head >= spec.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_head ", kv_head, " outside [0, ", spec.num_kv_heads, ")"));
+  }
+  const Sequence::Snapshot snap = seq->Read(layer, kv_head);
+  for (int32_t t : token_ids) {
+    if (t < 0 || t >= snap.keys.num_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("token ", t, " outside the ", snap.keys.num_tokens, " stored tokens"));
+    }
+  }
+  const size_t row = spec.row_bytes();
+  keys->resize(token_ids.size() * row);
+  values->resize(token_ids.size() * row);
+  for (size_t j = 0; j < token_ids.size(); ++j) {
+    std::memcpy(keys->data() + j * row, snap.keys.row(token_ids[j]), row);
+    std::memcpy(values->data() + j * row, snap.values.row(token_ids[j]), row);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Node::AttachWorker(const std::string& tenant, const std::string& worker_id,
+                                const transport::RemoteRegion& region) {
+  RETURN_IF_ERROR(ValidateId("tenant", tenant));
+  RETURN_IF_ERROR(ValidateId("worker_id", worker_id));
+  if (transport_ == nullptr) return absl::FailedPreconditionError("this node has no data transport");
+  auto worker = std::make_shared<Worker>();
+  ASSIGN_OR_RETURN(worker->writer, transport_->Connect(region));
+  absl::MutexLock lock(&mu_);
+  workers_[{tenant, worker_id}] = std::move(worker);
+  return absl::OkStatus();
+}
+
+absl::Status Node::CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop) {
+  std::shared_ptr<Sequence> victim;  // freed outside the lock
+  absl::MutexLock lock(&mu_);
+  auto it = sequences_.find({tenant, sequence_id});
+  if (it == sequences_.end()) return NotFound(tenant, sequence_id);
+  if (drop) {
+    victim = std::move(it->second);
+    sequences_.erase(it);
+    M().sequences->Set(static_cast<double>(sequences_.size()));
+  } else {
+    it->second->set_closed(true);
+  }
+  return absl::OkStatus();
+}
+
+NodeStats Node::Stats(bool include_sequences) const {
+  NodeStats s;
+  s.uptime_seconds = absl::ToInt64Seconds(clock_->Now() - started_);
+  s.memory_limit_bytes = budget_.limit();
+  s.stored_bytes = budget_.used();
+  s.retrieve_calls = retrieve_calls_.load();
+  s.retrieve_entries = retrieve_entries_.load();
+  s.bytes_streamed = bytes_streamed_.load();
+  absl::MutexLock lock(&mu_);
+  s.num_models = static_cast<int64_t>(models_.size());
+  s.num_sequences = static_cast<int64_t>(sequences_.size());
+  s.num_workers = static_cast<int64_t>(workers_.size());
+  if (include_sequences) {
+    for (const auto& [key, seq] : sequences_) {
+      s.sequences.push_back({key.first, key.second, seq->spec().model_id, seq->committed_tokens(), seq->bytes(),
+                             seq->closed()});
+    }
+  }
+  M().stored_bytes->Set(static_cast<double>(s.stored_bytes));
+  return s;
+}
+
+}  // namespace kvrecall::kvstore

@@ -1,0 +1,166 @@
+// A tier node: the models, sequences and attached workers of one kvrecall-server, with every
+// operation of the protocol in domain types. The gRPC service (grpc_service.h) and LocalTier
+// (client/) are thin adapters over it, so both run exactly the same validation and logic.
+//
+// Thread safety: all methods are thread-safe and may block only on CPU work (never on the
+// network, except Retrieve's puts to an attached worker, which are bounded by the transport).
+#ifndef KVRECALL_KVSTORE_NODE_H_
+#define KVRECALL_KVSTORE_NODE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "common/clock.h"
+#include "common/model_spec.h"
+#include "common/thread_pool.h"
+#include "kvstore/memory_budget.h"
+#include "kvstore/sequence.h"
+#include "transport/transport.h"
+
+namespace kvrecall::kvstore {
+
+// Request limits: anything larger is INVALID_ARGUMENT before any allocation happens.
+inline constexpr int kMaxBudget = 1 << 16;
+inline constexpr int kMaxRetrieveEntries = 1 << 16;
+inline constexpr int64_t kMaxPromptTokens = int64_t{1} << 24;
+inline constexpr size_t kMaxIdLength = 256;
+// Largest gRPC message a server or client accepts (an AppendKV chunk, a Retrieve batch).
+inline constexpr int kMaxMessageBytes = 64 << 20;
+
+struct NodeOptions {
+  int64_t memory_bytes = int64_t{1} << 30;  // --memory
+  int block_tokens = 64;                    // tokens per KV block
+  int search_threads = 0;                   // <= 0: every core
+};
+
+enum class Method { kExact = 1, kCtkvr = 2, kCluster = 3, kMerged = 4 };
+
+struct OpenSequenceArgs {
+  std::string tenant;
+  std::string model_id;
+  std::string sequence_id;
+  absl::Span<const int32_t> token_ids;
+};
+struct OpenSequenceResult {
+  int64_t matched_tokens = 0;
+  int64_t stored_tokens = 0;
+};
+
+struct RetrieveEntryArgs {
+  std::string sequence_id;
+  int kv_head = 0;
+  absl::Span<const float> queries;  // [group][head_dim], fp32
+  int64_t token_begin = 0;
+  int64_t token_end = 0;
+  uint64_t dest_row = 0;
+};
+struct RetrieveArgs {
+  std::string tenant;
+  int layer = 0;
+  int budget = 0;
+  Method method = Method::kExact;
+  std::string worker_id;  // empty: ids only
+  std::vector<RetrieveEntryArgs> entries;
+};
+struct RetrieveOutcome {
+  std::vector<std::vector<int32_t>> token_ids;  // per entry, ascending
+  uint64_t bytes_streamed = 0;
+};
+
+struct SequenceStats {
+  std::string tenant;
+  std::string sequence_id;
+  std::string model_id;
+  int64_t stored_tokens = 0;
+  int64_t bytes = 0;
+  bool closed = false;
+};
+struct NodeStats {
+  int64_t uptime_seconds = 0;
+  int64_t memory_limit_bytes = 0;
+  int64_t stored_bytes = 0;
+  int64_t num_sequences = 0;
+  int64_t num_models = 0;
+  int64_t num_workers = 0;
+  int64_t retrieve_calls = 0;
+  int64_t retrieve_entries = 0;
+  int64_t bytes_streamed = 0;
+  std::vector<SequenceStats> sequences;  // filled when asked for
+};
+
+class Node {
+ public:
+  // `transport` (may be null: no worker can attach) and `clock` must outlive the node.
+  Node(const NodeOptions& options, transport::Transport* transport, Clock* clock);
+  ~Node();
+
+  const NodeOptions& options() const { return options_; }
+
+  // OK with created=true for a new model, created=false for an identical re-registration;
+  // ALREADY_EXISTS when the id is taken by a different spec; INVALID_ARGUMENT for a bad spec.
+  absl::StatusOr<bool> RegisterModel(const ModelSpec& spec);
+  absl::StatusOr<std::shared_ptr<const ModelSpec>> GetModel(const std::string& model_id) const;
+
+  // Creates the sequence, or reopens an existing one of the same model whose known token ids
+  // agree with `token_ids` (FAILED_PRECONDITION otherwise).
+  absl::StatusOr<OpenSequenceResult> OpenSequence(const OpenSequenceArgs& args);
+
+  // NOT_FOUND when the tenant has no such sequence.
+  absl::StatusOr<std::shared_ptr<Sequence>> FindSequence(const std::string& tenant,
+                                                         const std::string& sequence_id) const;
+
+  // One layer's retrieval for a batch of entries; see proto RetrieveRequest for the contract.
+  absl::StatusOr<RetrieveOutcome> Retrieve(const RetrieveArgs& args);
+
+  // Copies committed rows of (layer, kv_head) for `token_ids` into keys/values, each
+  // [token_ids.size()][head_dim] kv_dtype. INVALID_ARGUMENT for ids outside the committed range.
+  absl::Status ReadRows(const std::string& tenant, const std::string& sequence_id, int layer, int kv_head,
+                        absl::Span<const int32_t> token_ids, std::string* keys, std::string* values) const;
+
+  // Connects to the worker's region and remembers it under (tenant, worker_id), replacing an
+  // earlier attachment. FAILED_PRECONDITION when this node has no transport.
+  absl::Status AttachWorker(const std::string& tenant, const std::string& worker_id,
+                            const transport::RemoteRegion& region);
+
+  absl::Status CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop);
+
+  NodeStats Stats(bool include_sequences) const;
+
+ private:
+  struct Worker {
+    std::unique_ptr<transport::RemoteWriter> writer;
+  };
+  using SeqKey = std::pair<std::string, std::string>;  // (tenant, sequence id)
+
+  absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
+
+  const NodeOptions options_;
+  transport::Transport* const transport_;
+  Clock* const clock_;
+  const absl::Time started_;
+  MemoryBudget budget_;
+  ThreadPool pool_;
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<const ModelSpec>> models_ ABSL_GUARDED_BY(mu_);
+  std::map<SeqKey, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
+  std::map<SeqKey, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
+
+  std::atomic<int64_t> retrieve_calls_{0};
+  std::atomic<int64_t> retrieve_entries_{0};
+  std::atomic<int64_t> bytes_streamed_{0};
+};
+
+}  // namespace kvrecall::kvstore
+
+#endif  // KVRECALL_KVSTORE_NODE_H_

@@ -1,0 +1,165 @@
+#include "kvstore/node.h"
+
+#include <cstring>
+
+#include "common/testing/status_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall::kvstore {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+using ::testing::ElementsAre;
+
+ModelSpec Spec() {
+  ModelSpec s;
+  s.model_id = "m";
+  s.num_layers = 2;
+  s.num_q_heads = 2;
+  s.num_kv_heads = 1;
+  s.head_dim = 2;
+  s.kv_dtype = DType::kF32;
+  s.vocab_size = 50;
+  return s;
+}
+
+class NodeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_OK(node_.RegisterModel(Spec()).status());
+    std::vector<int32_t> ids(6, 3);
+    ASSERT_OK(node_.OpenSequence({"t", "m", "s", ids}).status());
+    // Token i has key (i, 0) except token 2 has key (0, 5); value = (10 * i, -i).
+    ASSERT_OK_AND_ASSIGN(auto seq, node_.FindSequence("t", "s"));
+    ASSERT_OK(seq->BeginAppend());
+    for (int layer = 0; layer < 2; ++layer) {
+      std::vector<float> k, v;
+      for (int i = 0; i < 6; ++i) {
+        k.insert(k.end(), {i == 2 ? 0.0f : static_cast<float>(i), i == 2 ? 5.0f : 0.0f});
+        v.insert(v.end(), {10.0f * i, -static_cast<float>(i)});
+      }
+      ASSERT_OK(seq->AppendChunk(layer, 0, 6, {reinterpret_cast<uint8_t*>(k.data()), k.size() * 4},
+                                 {reinterpret_cast<uint8_t*>(v.data()), v.size() * 4}));
+    }
+    ASSERT_OK(seq->CommitAppend().status());
+  }
+
+  RetrieveArgs Args(std::vector<float>* q) {
+    RetrieveArgs a;
+    a.tenant = "t";
+    a.layer = 1;
+    a.budget = 2;
+    a.entries.push_back({"s", 0, *q, 0, 6, 0});
+    return a;
+  }
+
+  FakeClock clock_;
+  Node node_{NodeOptions{1 << 20, 4, 1}, nullptr, &clock_};
+};
+
+TEST_F(NodeTest, RegisterModelIsIdempotentAndRejectsConflicts) {
+  EXPECT_FALSE(*node_.RegisterModel(Spec()));
+  ModelSpec other = Spec();
+  other.head_dim = 4;
+  EXPECT_THAT(node_.RegisterModel(other), StatusIs(absl::StatusCode::kAlreadyExists));
+  other.num_kv_heads = 3;
+  other.model_id = "n";
+  EXPECT_THAT(node_.RegisterModel(other), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_F(NodeTest, RetrieveSelectsPerGroupAndValidates) {
+  std::vector<float> q = {1, 0, 0, 1};  // head 0 wants large x (token 5), head 1 wants token 2
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node_.Retrieve(Args(&q)));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(2, 5));
+
+  RetrieveArgs a = Args(&q);
+  a.entries[0].token_end = 7;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  a = Args(&q);
+  a.layer = 2;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  a = Args(&q);
+  a.entries[0].kv_head = 1;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  std::vector<float> short_q = {1, 0};
+  EXPECT_THAT(node_.Retrieve(Args(&short_q)), StatusIs(absl::StatusCode::kInvalidArgument));
+  std::vector<float> nan_q = {NAN, 0, 0, 1};
+  EXPECT_THAT(node_.Retrieve(Args(&nan_q)), StatusIs(absl::StatusCode::kInvalidArgument));
+  a = Args(&q);
+  a.entries[0].sequence_id = "nope";
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kNotFound));
+  a = Args(&q);
+  a.tenant = "other";
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kNotFound));
+  a = Args(&q);
+  a.budget = kMaxBudget + 1;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  a = Args(&q);
+  a.worker_id = "w";
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition));
+  a = Args(&q);
+  a.method = Method::kCtkvr;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kUnimplemented));
+}
+
+TEST_F(NodeTest, ReadRowsReturnsStoredBytes) {
+  std::string k, v;
+  ASSERT_OK(node_.ReadRows("t", "s", 0, 0, {5, 2}, &k, &v));
+  const float* kf = reinterpret_cast<const float*>(k.data());
+  const float* vf = reinterpret_cast<const float*>(v.data());
+  EXPECT_EQ(kf[0], 5);
+  EXPECT_EQ(kf[3], 5);
+  EXPECT_EQ(vf[0], 50);
+  EXPECT_EQ(vf[2], 20);
+  EXPECT_THAT(node_.ReadRows("t", "s", 0, 0, {6}, &k, &v), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(node_.ReadRows("t", "s", 0, 0, {-1}, &k, &v), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_F(NodeTest, RetrievePutsRowsIntoAttachedWorkerRegion) {
+  std::unique_ptr<transport::Transport> t = transport::CreateInProcessTransport();
+  Node node(NodeOptions{1 << 20, 4, 1}, t.get(), &clock_);
+  ASSERT_OK(node.RegisterModel(Spec()).status());
+  ASSERT_OK(node.OpenSequence({"t", "m", "s", std::vector<int32_t>(3, 1)}).status());
+  ASSERT_OK_AND_ASSIGN(auto seq, node.FindSequence("t", "s"));
+  ASSERT_OK(seq->BeginAppend());
+  std::vector<float> k = {1, 0, 2, 0, 3, 0}, v = {7, 7, 8, 8, 9, 9};
+  for (int layer = 0; layer < 2; ++layer) {
+    ASSERT_OK(seq->AppendChunk(layer, 0, 3, {reinterpret_cast<uint8_t*>(k.data()), 24},
+                               {reinterpret_cast<uint8_t*>(v.data()), 24}));
+  }
+  ASSERT_OK(seq->CommitAppend().status());
+  ASSERT_OK_AND_ASSIGN(auto region, t->AllocateRegion(4 * 16));  // 4 rows of K+V (2 x 8 B)
+  ASSERT_OK(node.AttachWorker("t", "w", region->Describe()));
+  std::vector<float> q = {1, 0, 1, 0};
+  RetrieveArgs a{"t", 1, 2, Method::kExact, "w", {{"s", 0, q, 0, 3, 1}}};
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node.Retrieve(a));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(1, 2));
+  EXPECT_EQ(out.bytes_streamed, 2u * 16);
+  const float* rows = reinterpret_cast<const float*>(region->data());
+  // Row 1 = token 1: K (2, 0), V (8, 8); row 2 = token 2: K (3, 0), V (9, 9).
+  EXPECT_THAT(std::vector<float>(rows + 4, rows + 12), ElementsAre(2, 0, 8, 8, 3, 0, 9, 9));
+  a.entries[0].dest_row = 3;  // rows [3, 5) do not fit 4 rows
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
+}
+
+TEST_F(NodeTest, CloseAndDropFreeMemory) {
+  EXPECT_GT(node_.Stats(false).stored_bytes, 0);
+  ASSERT_OK(node_.CloseSequence("t", "s", false));
+  EXPECT_TRUE(node_.Stats(true).sequences[0].closed);
+  ASSERT_OK(node_.CloseSequence("t", "s", true));
+  EXPECT_EQ(node_.Stats(false).stored_bytes, 0);
+  EXPECT_THAT(node_.CloseSequence("t", "s", true), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_F(NodeTest, ReopenChecksModelAndTokens) {
+  ASSERT_OK_AND_ASSIGN(auto r, node_.OpenSequence({"t", "m", "s", std::vector<int32_t>(4, 3)}));
+  EXPECT_EQ(r.stored_tokens, 6);
+  EXPECT_EQ(r.matched_tokens, 4);
+  EXPECT_THAT(node_.OpenSequence({"t", "m", "s", {4}}), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(node_.OpenSequence({"t", "zz", "s2", {4}}), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(node_.OpenSequence({"", "m", "s2", {4}}), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace kvrecall::kvstore

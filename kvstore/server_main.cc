@@ -1,0 +1,128 @@
+// kvrecall-server: one node of the KV memory tier.
+//
+//   kvrecall-server --listen=0.0.0.0:7070 --memory=64GiB --metrics-port=9090
+//
+// Serves kvrecall.v1.KvRecall and grpc.health.v1.Health on --listen, Prometheus text metrics on
+// http://<metrics-host>:<metrics-port>/metrics. SIGTERM / SIGINT shut it down gracefully.
+#include <csignal>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "common/flags.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "common/http_server.h"
+#include "common/logging.h"
+#include "common/metrics.h"
+#include "common/units.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "kvstore/grpc_service.h"
+#include "kvstore/node.h"
+#include "transport/transport.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:7070", "gRPC address to serve on (port 0 picks a free port)");
+ABSL_FLAG(std::string, memory, "1GiB", "KV bytes this node may hold, e.g. 512MiB, 64GiB");
+ABSL_FLAG(int, metrics_port, 9090, "HTTP port for /metrics and /healthz (0 picks a free port, -1 disables)");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "IPv4 address for the metrics endpoint");
+ABSL_FLAG(int, block_tokens, 64, "tokens per KV block");
+ABSL_FLAG(int, search_threads, 0, "threads for retrieval search (0 = every core)");
+ABSL_FLAG(int, rpc_threads, 0, "threads for RPC handling (0 = every core)");
+ABSL_FLAG(std::string, transport, "ucx", "data transport for streaming rows to workers: ucx or none");
+ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax, e.g. tcp or rc,ud); empty = UCX default");
+ABSL_FLAG(std::string, port_file, "", "if set, write the bound gRPC port and metrics port here once serving");
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop = true; }
+
+int Run() {
+  using namespace kvrecall;
+  auto memory = ParseBytes(absl::GetFlag(FLAGS_memory));
+  if (!memory.ok()) {
+    KV_LOG(ERROR) << "--memory: " << memory.status().message();
+    return 2;
+  }
+  const int block_tokens = absl::GetFlag(FLAGS_block_tokens);
+  if (block_tokens < 1 || block_tokens > 4096) {
+    KV_LOG(ERROR) << "--block_tokens must be in [1, 4096]";
+    return 2;
+  }
+
+  std::unique_ptr<transport::Transport> transport;
+  if (absl::GetFlag(FLAGS_transport) == "ucx") {
+    auto t = transport::CreateUcxTransport({absl::GetFlag(FLAGS_ucx_tls)});
+    if (!t.ok()) {
+      KV_LOG(ERROR) << "UCX transport: " << t.status();
+      return 1;
+    }
+    transport = std::move(*t);
+  } else if (absl::GetFlag(FLAGS_transport) != "none") {
+    KV_LOG(ERROR) << "--transport must be ucx or none";
+    return 2;
+  }
+
+  kvstore::NodeOptions options;
+  options.memory_bytes = *memory;
+  options.block_tokens = block_tokens;
+  options.search_threads = absl::GetFlag(FLAGS_search_threads);
+  kvstore::Node node(options, transport.get(), Clock::Real());
+  kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    KV_LOG(ERROR) << "cannot serve on " << absl::GetFlag(FLAGS_listen);
+    return 1;
+  }
+
+  HttpServer http;
+  int metrics_port = -1;
+  if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
+    http.Handle("/metrics", [&node] {
+      node.Stats(false);  // refreshes the stored-bytes gauge
+      return Metrics::Global().RenderPrometheus();
+    });
+    http.Handle("/healthz", [] { return std::string("ok\n"); });
+    auto p = http.Start(absl::GetFlag(FLAGS_metrics_host), absl::GetFlag(FLAGS_metrics_port));
+    if (!p.ok()) {
+      KV_LOG(ERROR) << p.status();
+      return 1;
+    }
+    metrics_port = *p;
+  }
+
+  KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen)
+               << "), memory " << FormatBytes(*memory) << ", transport "
+               << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port;
+  if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
+    const std::string tmp = pf + ".tmp";
+    std::ofstream(tmp) << port << " " << metrics_port << "\n";
+    std::rename(tmp.c_str(), pf.c_str());
+  }
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  KV_LOG(INFO) << "shutting down";
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  http.Stop();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kvrecall-server: a node of the kvrecall KV-cache memory tier");
+  kvrecall::ParseFlags(argc, argv);
+  return Run();
+}

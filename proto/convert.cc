@@ -1,0 +1,69 @@
+#include "proto/convert.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrecall::proto {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+kvrecall::v1::DType ToProto(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return kvrecall::v1::DTYPE_F32;
+    case DType::kBF16:
+      return kvrecall::v1::DTYPE_BF16;
+    case DType::kF16:
+      return kvrecall::v1::DTYPE_F16;
+  }
+  return kvrecall::v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<DType> FromProto(kvrecall::v1::DType t) {
+  switch (t) {
+    case kvrecall::v1::DTYPE_F32:
+      return DType::kF32;
+    case kvrecall::v1::DTYPE_BF16:
+      return DType::kBF16;
+    case kvrecall::v1::DTYPE_F16:
+      return DType::kF16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unsupported kv dtype ", static_cast<int>(t)));
+  }
+}
+
+void ToProto(const ModelSpec& spec, kvrecall::v1::ModelSpec* out) {
+  out->set_model_id(spec.model_id);
+  out->set_num_layers(spec.num_layers);
+  out->set_num_q_heads(spec.num_q_heads);
+  out->set_num_kv_heads(spec.num_kv_heads);
+  out->set_head_dim(spec.head_dim);
+  out->set_kv_dtype(ToProto(spec.kv_dtype));
+  out->set_vocab_size(spec.vocab_size);
+  out->set_rope_theta(spec.rope_theta);
+}
+
+absl::StatusOr<ModelSpec> FromProto(const kvrecall::v1::ModelSpec& p) {
+  ModelSpec spec;
+  spec.model_id = p.model_id();
+  spec.num_layers = p.num_layers();
+  spec.num_q_heads = p.num_q_heads();
+  spec.num_kv_heads = p.num_kv_heads();
+  spec.head_dim = p.head_dim();
+  auto dtype = FromProto(p.kv_dtype());
+  if (!dtype.ok()) return dtype.status();
+  spec.kv_dtype = *dtype;
+  spec.vocab_size = p.vocab_size();
+  spec.rope_theta = p.rope_theta();
+  if (absl::Status s = spec.Validate(); !s.ok()) return s;
+  return spec;
+}
+
+}  // namespace kvrecall::proto

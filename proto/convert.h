@@ -1,0 +1,28 @@
+// Conversions between the wire types of kvrecall/v1 and domain types. The only place that maps
+// grpc::Status <-> absl::Status (both directions keep the canonical code and the message).
+#ifndef KVRECALL_PROTO_CONVERT_H_
+#define KVRECALL_PROTO_CONVERT_H_
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "common/model_spec.h"
+#include "grpcpp/support/status.h"
+#include "proto/kvrecall/v1/kvrecall.pb.h"
+
+namespace kvrecall::proto {
+
+grpc::Status ToGrpc(const absl::Status& s);
+absl::Status FromGrpc(const grpc::Status& s);
+
+kvrecall::v1::DType ToProto(DType t);
+// INVALID_ARGUMENT for DTYPE_UNSPECIFIED or an unknown value.
+absl::StatusOr<DType> FromProto(kvrecall::v1::DType t);
+
+void ToProto(const ModelSpec& spec, kvrecall::v1::ModelSpec* out);
+// Converts and validates (ModelSpec::Validate).
+absl::StatusOr<ModelSpec> FromProto(const kvrecall::v1::ModelSpec& spec);
+
+}  // namespace kvrecall::proto
+
+#endif  // KVRECALL_PROTO_CONVERT_H_
