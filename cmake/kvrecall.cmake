@@ -48,7 +48,13 @@ function(kvrecall_cc_test)
   add_executable(${A_NAME} ${A_SRCS})
   _kvrecall_common(${A_NAME})
   target_link_libraries(${A_NAME} PRIVATE ${A_DEPS} kvrecall_testing GTest::gtest GTest::gmock GTest::gtest_main)
-  set(labels unit ${A_LABELS})
+  if(A_LABELS)
+    set(labels ${A_LABELS})
+  else()
+    set(labels unit)
+  endif()
+  # A list value must keep its semicolons escaped, or it breaks the PROPERTIES key/value pairs.
+  string(REPLACE ";" "\\;" labels "${labels}")
   gtest_discover_tests(${A_NAME}
     PROPERTIES LABELS "${labels}" ENVIRONMENT "KVRECALL_BIN_DIR=${PROJECT_BINARY_DIR}/bin"
     DISCOVERY_TIMEOUT 60)

@@ -1,5 +1,7 @@
 #include "gpu-worker/engine/engine.h"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 
@@ -12,13 +14,13 @@ namespace {
 
 class EngineTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    dir_ = new std::string(::testing::TempDir() + "/engine_test_model");
-    ASSERT_OK_AND_ASSIGN(LlamaConfig cfg, PresetConfig("tiny"));
-    ASSERT_OK(WriteRandomModel(*dir_, cfg, 7));
-  }
-
   void SetUp() override {
+    // Once per process, here rather than in SetUpTestSuite (whose failures read as "skipped").
+    if (dir_ == nullptr) {
+      dir_ = new std::string(::testing::TempDir() + "/engine_test_model." + std::to_string(getpid()));
+      ASSERT_OK_AND_ASSIGN(LlamaConfig cfg, PresetConfig("tiny"));
+      ASSERT_OK(WriteRandomModel(*dir_, cfg, 7));
+    }
     ASSERT_OK_AND_ASSIGN(model_, CreateBackend("cpu", *dir_, 2));
     const LlamaConfig& c = model_->config();
     spec_ = ModelSpec{"tiny", c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.dtype, c.vocab_size,

@@ -1,0 +1,50 @@
+// kvrecall-bench: the project's benchmark programs, one subcommand each, JSON on stdout.
+//
+//   kvrecall-bench transport --transports=tcp --json     UCX put path (see transport_bench.h)
+//
+// Every performance claim in docs/benchmarks.md names the command that reproduces it.
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "bench/transport_bench.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "kvrecall-bench <benchmark> [--flag=value ...] [--json]\n"
+    "  transport   RemoteWriter::PutAll rows/s, GB/s and latency over a UCX transport\n"
+    "              flags: --transports=tcp|posix,sysv,cma,self|inproc --row_bytes=512\n"
+    "                     --rows_per_put_batch=1024 --large_put_bytes=4194304 --seconds=3 --threads=1\n"
+    "Output is one JSON document (pretty-printed; --json prints it compact).\n";
+
+int Transport(const std::vector<std::string>& args, bool compact) {
+  auto options = kvrecall::bench::ParseTransportBenchFlags(args);
+  if (!options.ok()) {
+    std::cerr << "kvrecall-bench transport: " << options.status() << "\n" << kUsage;
+    return 2;
+  }
+  auto result = kvrecall::bench::RunTransportBench(*options);
+  if (!result.ok()) {
+    std::cerr << "kvrecall-bench transport: " << result.status() << "\n";
+    return 1;
+  }
+  std::cout << result->dump(compact ? -1 : 2) << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::cerr << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  bool compact = false;
+  for (const auto& a : args) compact |= a == "--json";
+  if (cmd == "transport") return Transport(args, compact);
+  std::cerr << "kvrecall-bench: unknown benchmark '" << cmd << "'\n" << kUsage;
+  return 2;
+}

@@ -1,0 +1,337 @@
+// Hostile and broken input to every RPC of a real kvrecall-server process: each gets the canonical
+// error code, nothing half-written is kept, and the server keeps serving everyone else.
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
+#include "tests/testing/process.h"
+
+namespace kvrecall::testing {
+namespace {
+
+using grpc::StatusCode;
+
+constexpr int kLayers = 2, kKvHeads = 2, kHeadDim = 8, kGroup = 2, kTokens = 40;
+constexpr size_t kRow = kHeadDim * 2;  // bf16
+
+class BadInputTest : public ::testing::Test {
+ protected:
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+
+  // The server is started once per process, lazily here rather than in SetUpTestSuite: a
+  // failure there would be reported as "skipped", which CTest counts as passing.
+  void SetUp() override {
+    if (server_ == nullptr) {
+      dir_ = new std::string(absl::StrCat(::testing::TempDir(), "/bad_input.", getpid()));
+      std::filesystem::create_directories(*dir_);
+      auto s = StartServer(*dir_, {"--memory=4MiB"});
+      ASSERT_TRUE(s.ok()) << s.status();
+      server_ = new ServerProcess(std::move(*s));
+    }
+    grpc::ChannelArguments args;
+    args.SetMaxSendMessageSize(256 << 20);
+    channel_ = grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(), args);
+    stub_ = v1::KvRecall::NewStub(channel_);
+    v1::RegisterModelRequest req;
+    *req.mutable_spec() = Spec();
+    v1::RegisterModelResponse resp;
+    ASSERT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::OK);
+  }
+
+  static v1::ModelSpec Spec() {
+    v1::ModelSpec s;
+    s.set_model_id("bad-input-model");
+    s.set_num_layers(kLayers);
+    s.set_num_q_heads(kKvHeads * kGroup);
+    s.set_num_kv_heads(kKvHeads);
+    s.set_head_dim(kHeadDim);
+    s.set_kv_dtype(v1::DTYPE_BF16);
+    s.set_vocab_size(100);
+    return s;
+  }
+
+  template <typename Req, typename Resp>
+  grpc::Status Call(grpc::Status (v1::KvRecall::Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                    const Req& req, Resp* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return (stub_.get()->*method)(&ctx, req, resp);
+  }
+
+  grpc::Status Open(const std::string& id, int tokens, int32_t token_value = 1) {
+    v1::OpenSequenceRequest req;
+    req.set_tenant("t");
+    req.set_model_id("bad-input-model");
+    req.set_sequence_id(id);
+    for (int i = 0; i < tokens; ++i) req.add_token_ids(token_value);
+    v1::OpenSequenceResponse resp;
+    return Call(&v1::KvRecall::Stub::OpenSequence, req, &resp);
+  }
+
+  v1::AppendKVRequest Chunk(const std::string& id, int layer, int64_t start, int n) {
+    v1::AppendKVRequest c;
+    c.set_tenant("t");
+    c.set_sequence_id(id);
+    c.set_layer(layer);
+    c.set_token_start(start);
+    c.set_num_tokens(n);
+    c.set_keys(std::string(kKvHeads * n * kRow, '\x01'));
+    c.set_values(std::string(kKvHeads * n * kRow, '\x02'));
+    return c;
+  }
+
+  // Sends chunks; if `cancel_after` >= 0, cancels the stream after that many chunks.
+  grpc::Status Append(const std::vector<v1::AppendKVRequest>& chunks, v1::AppendKVResponse* resp,
+                      int cancel_after = -1) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto w = stub_->AppendKV(&ctx, resp);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (static_cast<int>(i) == cancel_after) {
+        ctx.TryCancel();
+        break;
+      }
+      if (!w->Write(chunks[i])) break;
+    }
+    if (cancel_after < 0) w->WritesDone();
+    return w->Finish();
+  }
+
+  int64_t StoredTokens(const std::string& id) {
+    v1::StatsRequest req;
+    req.set_include_sequences(true);
+    v1::StatsResponse resp;
+    EXPECT_TRUE(Call(&v1::KvRecall::Stub::Stats, req, &resp).ok());
+    for (const auto& s : resp.sequences()) {
+      if (s.sequence_id() == id) return s.stored_tokens();
+    }
+    return -1;
+  }
+
+  // A committed sequence with kTokens tokens.
+  void MakeSequence(const std::string& id) {
+    ASSERT_EQ(Open(id, kTokens).error_code(), StatusCode::OK);
+    v1::AppendKVResponse resp;
+    ASSERT_EQ(Append({Chunk(id, 0, 0, kTokens), Chunk(id, 1, 0, kTokens)}, &resp).error_code(), StatusCode::OK);
+    ASSERT_EQ(resp.stored_tokens(), kTokens);
+  }
+
+  v1::RetrieveRequest GoodRetrieve(const std::string& id) {
+    v1::RetrieveRequest r;
+    r.set_tenant("t");
+    r.set_layer(1);
+    r.set_budget(4);
+    v1::RetrieveEntry* e = r.add_entries();
+    e->set_sequence_id(id);
+    e->set_kv_head(1);
+    for (int i = 0; i < kGroup * kHeadDim; ++i) e->add_queries(0.1f * i);
+    e->set_token_begin(0);
+    e->set_token_end(kTokens);
+    return r;
+  }
+
+  StatusCode Retrieve(const v1::RetrieveRequest& r) {
+    v1::RetrieveResponse resp;
+    return Call(&v1::KvRecall::Stub::Retrieve, r, &resp).error_code();
+  }
+
+  static std::string* dir_;
+  static ServerProcess* server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::KvRecall::Stub> stub_;
+};
+std::string* BadInputTest::dir_ = nullptr;
+ServerProcess* BadInputTest::server_ = nullptr;
+
+TEST_F(BadInputTest, RegisterModel) {
+  v1::RegisterModelRequest req;
+  v1::RegisterModelResponse resp;
+  *req.mutable_spec() = Spec();
+  req.mutable_spec()->set_head_dim(0);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  *req.mutable_spec() = Spec();
+  req.mutable_spec()->set_num_kv_heads(3);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  *req.mutable_spec() = Spec();
+  req.mutable_spec()->set_kv_dtype(v1::DTYPE_UNSPECIFIED);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  *req.mutable_spec() = Spec();
+  req.mutable_spec()->set_num_layers(1 << 30);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  *req.mutable_spec() = Spec();
+  req.mutable_spec()->set_head_dim(16);  // same id, different shape
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::RegisterModel, req, &resp).error_code(), StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(BadInputTest, OpenSequence) {
+  EXPECT_EQ(Open("", 3).error_code(), StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Open("o1", 3, 100).error_code(), StatusCode::INVALID_ARGUMENT) << "token id == vocab_size";
+  EXPECT_EQ(Open("o2", 3, -5).error_code(), StatusCode::INVALID_ARGUMENT);
+  v1::OpenSequenceRequest req;
+  req.set_tenant("t");
+  req.set_model_id("no-such-model");
+  req.set_sequence_id("o3");
+  v1::OpenSequenceResponse resp;
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::OpenSequence, req, &resp).error_code(), StatusCode::NOT_FOUND);
+  ASSERT_EQ(Open("o4", 3, 1).error_code(), StatusCode::OK);
+  EXPECT_EQ(Open("o4", 3, 2).error_code(), StatusCode::FAILED_PRECONDITION) << "reopen with other tokens";
+}
+
+TEST_F(BadInputTest, AppendKV) {
+  ASSERT_EQ(Open("a", 10).error_code(), StatusCode::OK);
+  v1::AppendKVResponse resp;
+  // Wrong head_dim: bytes do not match the spec.
+  v1::AppendKVRequest c = Chunk("a", 0, 0, 4);
+  c.set_keys(std::string(kKvHeads * 4 * 12 * 2, 'x'));
+  EXPECT_EQ(Append({c}, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  // Counts far too large for the bytes sent.
+  c = Chunk("a", 0, 0, 4);
+  c.set_num_tokens(1 << 30);
+  EXPECT_EQ(Append({c}, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Append({Chunk("a", 5, 0, 4)}, &resp).error_code(), StatusCode::INVALID_ARGUMENT) << "layer";
+  EXPECT_EQ(Append({Chunk("nope", 0, 0, 4)}, &resp).error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Append({Chunk("a", 0, 0, 11)}, &resp).error_code(), StatusCode::FAILED_PRECONDITION)
+      << "KV for tokens whose ids are unknown";
+  EXPECT_EQ(Append({Chunk("a", 0, 3, 4)}, &resp).error_code(), StatusCode::FAILED_PRECONDITION) << "gap";
+  // Stream ending with layers of unequal length: nothing is committed.
+  EXPECT_EQ(Append({Chunk("a", 0, 0, 4)}, &resp).error_code(), StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(StoredTokens("a"), 0);
+  // Truncated stream (client cancels half-way): nothing is committed.
+  EXPECT_EQ(Append({Chunk("a", 0, 0, 4), Chunk("a", 1, 0, 4), Chunk("a", 0, 4, 4)}, &resp, 2).error_code(),
+            StatusCode::CANCELLED);
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(StoredTokens("a"), 0);
+  // Oversized message (over the server's 64 MiB limit).
+  c = Chunk("a", 0, 0, 4);
+  c.set_keys(std::string(70 << 20, 'x'));
+  EXPECT_EQ(Append({c}, &resp).error_code(), StatusCode::RESOURCE_EXHAUSTED);
+  // More KV than the node's --memory: RESOURCE_EXHAUSTED, and the memory comes back.
+  ASSERT_EQ(Open("big", 70000).error_code(), StatusCode::OK);
+  EXPECT_EQ(Append({Chunk("big", 0, 0, 70000), Chunk("big", 1, 0, 70000)}, &resp).error_code(),
+            StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(StoredTokens("big"), 0);
+  // After all that, a well-formed append still works.
+  EXPECT_EQ(Append({Chunk("a", 0, 0, 10), Chunk("a", 1, 0, 10)}, &resp).error_code(), StatusCode::OK);
+  EXPECT_EQ(StoredTokens("a"), 10);
+}
+
+TEST_F(BadInputTest, Retrieve) {
+  MakeSequence("r");
+  EXPECT_EQ(Retrieve(GoodRetrieve("r")), StatusCode::OK);
+  v1::RetrieveRequest r = GoodRetrieve("r");
+  r.mutable_entries(0)->add_queries(1.0f);  // wrong query shape
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_sequence_id("nope");
+  EXPECT_EQ(Retrieve(r), StatusCode::NOT_FOUND);
+  r = GoodRetrieve("r");
+  r.set_tenant("someone-else");
+  EXPECT_EQ(Retrieve(r), StatusCode::NOT_FOUND);
+  r = GoodRetrieve("r");
+  r.set_budget(0xFFFFFFFFu);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_token_end(kTokens + 1);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_token_begin(-3);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_kv_head(kKvHeads);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.set_layer(-1);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.set_worker_id("never-attached");
+  EXPECT_EQ(Retrieve(r), StatusCode::FAILED_PRECONDITION);
+  r = GoodRetrieve("r");
+  r.set_method(static_cast<v1::Method>(77));
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.clear_entries();
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  for (int i = 0; i < 70000; ++i) r.add_entries()->set_sequence_id("r");
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "too many entries";
+}
+
+TEST_F(BadInputTest, FetchAttachCloseStats) {
+  MakeSequence("f");
+  auto fetch = [&](v1::FetchKVRequest req) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto r = stub_->FetchKV(&ctx, req);
+    v1::FetchKVResponse chunk;
+    int rows = 0;
+    while (r->Read(&chunk)) rows += chunk.token_ids_size();
+    grpc::Status s = r->Finish();
+    return std::make_pair(s.error_code(), rows);
+  };
+  v1::FetchKVRequest req;
+  req.set_tenant("t");
+  req.set_sequence_id("f");
+  req.set_layer(1);
+  req.set_kv_head(0);
+  req.set_token_begin(0);
+  req.set_token_end(kTokens);
+  EXPECT_EQ(fetch(req), std::make_pair(StatusCode::OK, kTokens));
+  req.add_token_ids(3);
+  req.add_token_ids(kTokens);
+  EXPECT_EQ(fetch(req).first, StatusCode::INVALID_ARGUMENT);
+  req.clear_token_ids();
+  req.set_token_end(kTokens + 5);
+  EXPECT_EQ(fetch(req).first, StatusCode::INVALID_ARGUMENT);
+  req.set_token_end(kTokens);
+  req.set_kv_head(9);
+  EXPECT_EQ(fetch(req).first, StatusCode::INVALID_ARGUMENT);
+  req.set_sequence_id("nope");
+  EXPECT_EQ(fetch(req).first, StatusCode::NOT_FOUND);
+
+  v1::AttachWorkerRequest a;
+  v1::AttachWorkerResponse ar;
+  a.set_tenant("t");
+  a.set_worker_id("w");
+  a.set_transport("ucx");
+  a.set_peer_address("this is not a UCX worker address");
+  a.set_remote_base(4096);
+  a.set_length(1 << 20);
+  a.set_rkey("garbage");
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::AttachWorker, a, &ar).error_code(), StatusCode::INVALID_ARGUMENT);
+  a.set_transport("carrier-pigeon");
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::AttachWorker, a, &ar).error_code(), StatusCode::INVALID_ARGUMENT);
+
+  v1::CloseSequenceRequest c;
+  v1::CloseSequenceResponse cr;
+  c.set_tenant("t");
+  c.set_sequence_id("nope");
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::CloseSequence, c, &cr).error_code(), StatusCode::NOT_FOUND);
+  c.set_sequence_id("f");
+  c.set_drop(true);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::CloseSequence, c, &cr).error_code(), StatusCode::OK);
+  EXPECT_EQ(Retrieve(GoodRetrieve("f")), StatusCode::NOT_FOUND);
+}
+
+TEST_F(BadInputTest, ServerKeepsServingAndReportsHealthy) {
+  MakeSequence("alive");
+  EXPECT_EQ(Retrieve(GoodRetrieve("alive")), StatusCode::OK);
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  grpc::health::v1::HealthCheckRequest hreq;
+  grpc::health::v1::HealthCheckResponse hresp;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(health->Check(&ctx, hreq, &hresp).ok());
+  EXPECT_EQ(hresp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_TRUE(server_->process.running());
+}
+
+}  // namespace
+}  // namespace kvrecall::testing
