@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Packs built binaries and the non-system shared libraries they need into .bundle/ (git-ignored),
+# so they run on a machine that has none of our Debian packages (the GPU machine):
+#   .bundle/bin/<binaries>   .bundle/lib/*.so*   .bundle/lib/ucx/*.so* (UCX transport modules)
+#   .bundle/env.sh           source it there: sets LD_LIBRARY_PATH and UCX_MODULE_DIR
+# Usage: scripts/device-bundle.sh [BINARY ...]   (default: every binary in build/bin)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN_DIR=${BUILD_DIR:-build}/bin
+OUT=.bundle
+rm -rf "$OUT"
+mkdir -p "$OUT/bin" "$OUT/lib/ucx"
+if [ $# -eq 0 ]; then set -- "$BIN_DIR"/*; fi
+# glibc and the compiler runtime come from the target system (newer there, backward compatible).
+SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia)[.-]'
+for b in "$@"; do
+  cp "$b" "$OUT/bin/"
+  strip --strip-unneeded "$OUT/bin/$(basename "$b")" 2>/dev/null || true
+  ldd "$b" | awk '/=> \//{print $3}' | while read -r lib; do
+    name=$(basename "$lib")
+    [[ "$name" =~ $SKIP ]] && continue
+    [ -e "$OUT/lib/$name" ] || cp -L "$lib" "$OUT/lib/$name"
+  done
+done
+# UCX loads its transports (tcp, shm, ib, cuda) as modules at run time.
+for m in /usr/lib/x86_64-linux-gnu/ucx/*.so.0; do
+  cp -L "$m" "$OUT/lib/ucx/"
+  ldd "$m" | awk '/=> \//{print $3}' | while read -r lib; do
+    name=$(basename "$lib")
+    [[ "$name" =~ $SKIP ]] && continue
+    [ -e "$OUT/lib/$name" ] || cp -L "$lib" "$OUT/lib/$name"
+  done
+done
+strip --strip-unneeded "$OUT"/lib/*.so* "$OUT"/lib/ucx/*.so* 2>/dev/null || true
+cat >"$OUT/env.sh" <<'ENV'
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export UCX_MODULE_DIR="$here/lib/ucx"
+export PATH="$here/bin:$PATH"
+ENV
+du -sh "$OUT"
