@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/store_bench.h"
 #include "bench/transport_bench.h"
 
 namespace {
@@ -16,7 +17,20 @@ constexpr char kUsage[] =
     "  transport   RemoteWriter::PutAll rows/s, GB/s and latency over a UCX transport\n"
     "              flags: --transports=tcp|posix,sysv,cma,self|inproc --row_bytes=512\n"
     "                     --rows_per_put_batch=1024 --large_put_bytes=4194304 --seconds=3 --threads=1\n"
+    "  store       arena ingest vs memcpy, prefix sharing of 16 sessions (flags: see bench/store_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
+
+// Runs a benchmark whose entry point takes the subcommand's arguments and returns its JSON.
+template <typename Fn>
+int RunJson(const char* name, Fn fn, const std::vector<std::string>& args, bool compact) {
+  auto result = fn(args);
+  if (!result.ok()) {
+    std::cerr << "kvrecall-bench " << name << ": " << result.status() << "\n";
+    return result.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  std::cout << result->dump(compact ? -1 : 2) << "\n";
+  return 0;
+}
 
 int Transport(const std::vector<std::string>& args, bool compact) {
   auto options = kvrecall::bench::ParseTransportBenchFlags(args);
@@ -45,6 +59,10 @@ int main(int argc, char** argv) {
   bool compact = false;
   for (const auto& a : args) compact |= a == "--json";
   if (cmd == "transport") return Transport(args, compact);
+  if (cmd == "store") {
+    return RunJson("store", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStoreBench(a); },
+                   args, compact);
+  }
   std::cerr << "kvrecall-bench: unknown benchmark '" << cmd << "'\n" << kUsage;
   return 2;
 }

@@ -2,14 +2,17 @@
 //
 //   kvrecallctl --server=127.0.0.1:7070 status       node summary
 //   kvrecallctl --server=127.0.0.1:7070 sequences    one line per stored sequence
+//   kvrecallctl --server=127.0.0.1:7070 stats        storage: arena, sharing, per-tenant usage
+//   kvrecallctl --server=127.0.0.1:7070 drop --tenant=T --sequence=S
+//                                                    remove a sequence and release its blocks
 //   add --json for machine-readable output.
 #include <cstdio>
 #include <iostream>
 
 #include "absl/flags/flag.h"
-#include "common/flags.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "common/flags.h"
 #include "common/units.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/convert.h"
@@ -18,6 +21,8 @@
 ABSL_FLAG(std::string, server, "127.0.0.1:7070", "kvrecall-server address (host:port)");
 ABSL_FLAG(bool, json, false, "print JSON instead of a table");
 ABSL_FLAG(int, timeout_seconds, 10, "deadline of each call");
+ABSL_FLAG(std::string, tenant, "", "drop: the sequence's tenant");
+ABSL_FLAG(std::string, sequence, "", "drop: the sequence id");
 
 namespace {
 
@@ -34,21 +39,114 @@ std::string JsonEscape(const std::string& s) {
   return out;
 }
 
+double Ratio(int64_t num, int64_t den) {
+  return den > 0 ? static_cast<double>(num) / static_cast<double>(den) : 0;
+}
+
+void SetDeadline(grpc::ClientContext* ctx) {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::seconds(absl::GetFlag(FLAGS_timeout_seconds)));
+}
+
+int Drop(kvrecall::v1::KvRecall::Stub* stub) {
+  using namespace kvrecall;
+  const std::string tenant = absl::GetFlag(FLAGS_tenant), sequence = absl::GetFlag(FLAGS_sequence);
+  if (tenant.empty() || sequence.empty()) {
+    std::cerr << "kvrecallctl drop: --tenant and --sequence are required\n";
+    return 2;
+  }
+  v1::CloseSequenceRequest req;
+  req.set_tenant(tenant);
+  req.set_sequence_id(sequence);
+  req.set_drop(true);
+  v1::CloseSequenceResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  const absl::Status s = proto::FromGrpc(stub->CloseSequence(&ctx, req, &resp));
+  if (!s.ok()) {
+    std::cerr << "kvrecallctl: " << absl::GetFlag(FLAGS_server) << ": " << s << "\n";
+    return 1;
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << absl::StrFormat("{\"dropped\":{\"tenant\":\"%s\",\"sequence_id\":\"%s\"}}\n",
+                                 JsonEscape(tenant), JsonEscape(sequence));
+  } else {
+    std::cout << "dropped " << tenant << "/" << sequence << "\n";
+  }
+  return 0;
+}
+
+void PrintStats(const kvrecall::v1::StatsResponse& resp, bool json) {
+  using kvrecall::FormatBytes;
+  if (json) {
+    std::cout << absl::StrFormat(
+        "{\"server\":\"%s\",\"memory_limit_bytes\":%d,\"stored_bytes\":%d,\"logical_bytes\":%d,"
+        "\"arena_block_bytes\":%d,\"arena_hugepages\":\"%s\",\"arena_registered\":%s,\"blocks\":%d,"
+        "\"shared_blocks\":%d,\"prompt_tokens\":%d,\"matched_tokens\":%d,\"prefix_hit_rate\":%.6f,"
+        "\"evictions\":%d,\"spilled_bytes\":%d,\"tenants\":[",
+        JsonEscape(absl::GetFlag(FLAGS_server)), resp.memory_limit_bytes(), resp.stored_bytes(),
+        resp.logical_bytes(), resp.arena_block_bytes(), JsonEscape(resp.arena_hugepages()),
+        resp.arena_registered() ? "true" : "false", resp.blocks(), resp.shared_blocks(),
+        resp.prompt_tokens(), resp.matched_tokens(),
+        Ratio(resp.matched_tokens(), resp.prompt_tokens()), resp.evictions(), resp.spilled_bytes());
+    for (int i = 0; i < resp.tenants_size(); ++i) {
+      const auto& t = resp.tenants(i);
+      std::cout << (i ? "," : "")
+                << absl::StrFormat(
+                       "{\"tenant\":\"%s\",\"sequences\":%d,\"tokens\":%d,\"bytes\":%d,"
+                       "\"logical_bytes\":%d,\"unique_blocks\":%d,\"shared_blocks\":%d,"
+                       "\"prompt_tokens\":%d,\"matched_tokens\":%d,\"prefix_hit_rate\":%.6f}",
+                       JsonEscape(t.tenant()), t.sequences(), t.tokens(), t.bytes(),
+                       t.logical_bytes(), t.unique_blocks(), t.shared_blocks(), t.prompt_tokens(),
+                       t.matched_tokens(), Ratio(t.matched_tokens(), t.prompt_tokens()));
+    }
+    std::cout << "]}\n";
+    return;
+  }
+  std::cout << absl::StrFormat(
+      "memory          %s used of %s (%.1f%%), %s referenced by sequences\n"
+      "arena           %s slots, hugepages %s, %s\n"
+      "blocks          %d (%d shared)\n"
+      "prefix hits     %d of %d prompt tokens (%.1f%%)\n"
+      "evictions       %d\nspilled         %s\n\n",
+      FormatBytes(resp.stored_bytes()), FormatBytes(resp.memory_limit_bytes()),
+      100.0 * Ratio(resp.stored_bytes(), resp.memory_limit_bytes()),
+      FormatBytes(resp.logical_bytes()), FormatBytes(resp.arena_block_bytes()),
+      resp.arena_hugepages(),
+      resp.arena_registered() ? "registered with the transport" : "not registered", resp.blocks(),
+      resp.shared_blocks(), resp.matched_tokens(), resp.prompt_tokens(),
+      100.0 * Ratio(resp.matched_tokens(), resp.prompt_tokens()), resp.evictions(),
+      FormatBytes(resp.spilled_bytes()));
+  std::cout << absl::StrFormat("%-16s %5s %10s %12s %12s %8s %8s %8s\n", "TENANT", "SEQS", "TOKENS",
+                               "BYTES", "LOGICAL", "UNIQUE", "SHARED", "HIT%");
+  for (const auto& t : resp.tenants()) {
+    std::cout << absl::StrFormat(
+        "%-16s %5d %10d %12s %12s %8d %8d %7.1f%%\n", t.tenant(), t.sequences(), t.tokens(),
+        FormatBytes(t.bytes()), FormatBytes(t.logical_bytes()), t.unique_blocks(),
+        t.shared_blocks(), 100.0 * Ratio(t.matched_tokens(), t.prompt_tokens()));
+  }
+}
+
 int Main(const std::string& command) {
   using namespace kvrecall;
   auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = v1::KvRecall::NewStub(channel);
+  if (command == "drop") return Drop(stub.get());
   v1::StatsRequest req;
   req.set_include_sequences(command == "sequences");
   v1::StatsResponse resp;
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_seconds)));
+  SetDeadline(&ctx);
   const absl::Status s = proto::FromGrpc(stub->Stats(&ctx, req, &resp));
   if (!s.ok()) {
     std::cerr << "kvrecallctl: " << absl::GetFlag(FLAGS_server) << ": " << s << "\n";
     return 1;
   }
   const bool json = absl::GetFlag(FLAGS_json);
+  if (command == "stats") {
+    PrintStats(resp, json);
+    return 0;
+  }
   if (command == "status") {
     if (json) {
       std::cout << absl::StrFormat(
@@ -60,14 +158,16 @@ int Main(const std::string& command) {
           resp.num_workers(), resp.retrieve_calls(), resp.retrieve_entries(), resp.bytes_streamed());
     } else {
       std::cout << absl::StrFormat(
-          "server          %s\nversion         %s\nuptime          %ds\nmemory          %s used of %s (%.1f%%)\n"
-          "sequences       %d\nmodels          %d\nworkers         %d\nretrieve calls  %d (%d entries)\n"
+          "server          %s\nversion         %s\nuptime          %ds\nmemory          %s used of "
+          "%s (%.1f%%)\n"
+          "sequences       %d\nmodels          %d\nworkers         %d\nretrieve calls  %d (%d "
+          "entries)\n"
           "bytes streamed  %s\n",
-          absl::GetFlag(FLAGS_server), resp.version(), resp.uptime_seconds(), FormatBytes(resp.stored_bytes()),
-          FormatBytes(resp.memory_limit_bytes()),
-          100.0 * static_cast<double>(resp.stored_bytes()) / static_cast<double>(std::max<int64_t>(1, resp.memory_limit_bytes())),
-          resp.num_sequences(), resp.num_models(), resp.num_workers(), resp.retrieve_calls(), resp.retrieve_entries(),
-          FormatBytes(resp.bytes_streamed()));
+          absl::GetFlag(FLAGS_server), resp.version(), resp.uptime_seconds(),
+          FormatBytes(resp.stored_bytes()), FormatBytes(resp.memory_limit_bytes()),
+          100.0 * Ratio(resp.stored_bytes(), std::max<int64_t>(1, resp.memory_limit_bytes())),
+          resp.num_sequences(), resp.num_models(), resp.num_workers(), resp.retrieve_calls(),
+          resp.retrieve_entries(), FormatBytes(resp.bytes_streamed()));
     }
     return 0;
   }
@@ -75,19 +175,24 @@ int Main(const std::string& command) {
     std::cout << "[";
     for (int i = 0; i < resp.sequences_size(); ++i) {
       const auto& q = resp.sequences(i);
-      std::cout << (i ? "," : "")
-                << absl::StrFormat("{\"tenant\":\"%s\",\"sequence_id\":\"%s\",\"model_id\":\"%s\",\"tokens\":%d,"
-                                   "\"bytes\":%d,\"state\":\"%s\"}",
-                                   JsonEscape(q.tenant()), JsonEscape(q.sequence_id()), JsonEscape(q.model_id()),
-                                   q.stored_tokens(), q.bytes(), q.state());
+      std::cout
+          << (i ? "," : "")
+          << absl::StrFormat(
+                 "{\"tenant\":\"%s\",\"sequence_id\":\"%s\",\"model_id\":\"%s\",\"tokens\":%d,"
+                 "\"bytes\":%d,\"state\":\"%s\",\"blocks\":%d,\"shared_blocks\":%d,"
+                 "\"matched_tokens\":%d}",
+                 JsonEscape(q.tenant()), JsonEscape(q.sequence_id()), JsonEscape(q.model_id()),
+                 q.stored_tokens(), q.bytes(), q.state(), q.blocks(), q.shared_blocks(),
+                 q.matched_tokens());
     }
     std::cout << "]\n";
   } else {
-    std::cout << absl::StrFormat("%-16s %-24s %-16s %10s %12s %s\n", "TENANT", "SEQUENCE", "MODEL", "TOKENS", "BYTES",
-                                 "STATE");
+    std::cout << absl::StrFormat("%-16s %-24s %-16s %10s %12s %8s %8s %s\n", "TENANT", "SEQUENCE",
+                                 "MODEL", "TOKENS", "BYTES", "BLOCKS", "SHARED", "STATE");
     for (const auto& q : resp.sequences()) {
-      std::cout << absl::StrFormat("%-16s %-24s %-16s %10d %12s %s\n", q.tenant(), q.sequence_id(), q.model_id(),
-                                   q.stored_tokens(), FormatBytes(q.bytes()), q.state());
+      std::cout << absl::StrFormat(
+          "%-16s %-24s %-16s %10d %12s %8d %8d %s\n", q.tenant(), q.sequence_id(), q.model_id(),
+          q.stored_tokens(), FormatBytes(q.bytes()), q.blocks(), q.shared_blocks(), q.state());
     }
   }
   return 0;
@@ -97,11 +202,15 @@ int Main(const std::string& command) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvrecallctl [--server=host:port] [--json] status|sequences\n"
+      "kvrecallctl [--server=host:port] [--json] status|sequences|stats|drop\n"
       "  status     node summary: memory, sequences, workers, retrieval counters\n"
-      "  sequences  one line per stored sequence");
+      "  sequences  one line per stored sequence (blocks, shared blocks)\n"
+      "  stats      storage: arena, blocks, prefix hit rate, evictions, spilled bytes, per-tenant "
+      "usage\n"
+      "  drop       --tenant=T --sequence=S: remove a sequence and release its blocks");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
-  if (args.size() != 2 || (args[1] != "status" && args[1] != "sequences")) {
+  if (args.size() != 2 ||
+      (args[1] != "status" && args[1] != "sequences" && args[1] != "stats" && args[1] != "drop")) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
     return 2;
   }

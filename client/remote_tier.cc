@@ -222,8 +222,24 @@ class RemoteTier final : public Tier {
     s.retrieve_entries = resp.retrieve_entries();
     s.bytes_streamed = resp.bytes_streamed();
     for (const auto& q : resp.sequences()) {
-      s.sequences.push_back({q.tenant(), q.sequence_id(), q.model_id(), q.stored_tokens(), q.bytes(),
-                             q.state() == "closed"});
+      s.sequences.push_back({q.tenant(), q.sequence_id(), q.model_id(), q.stored_tokens(),
+                             q.bytes(), q.state() == "closed", q.blocks(), q.shared_blocks(),
+                             q.matched_tokens()});
+    }
+    s.arena_block_bytes = resp.arena_block_bytes();
+    s.arena_hugepages = resp.arena_hugepages();
+    s.arena_registered = resp.arena_registered();
+    s.blocks = resp.blocks();
+    s.shared_blocks = resp.shared_blocks();
+    s.logical_bytes = resp.logical_bytes();
+    s.prompt_tokens = resp.prompt_tokens();
+    s.matched_tokens = resp.matched_tokens();
+    s.evictions = resp.evictions();
+    s.spilled_bytes = resp.spilled_bytes();
+    for (const auto& u : resp.tenants()) {
+      s.tenants.push_back({u.tenant(), u.sequences(), u.tokens(), u.bytes(), u.logical_bytes(),
+                           u.unique_blocks(), u.shared_blocks(), u.prompt_tokens(),
+                           u.matched_tokens()});
     }
     return s;
   }

@@ -314,6 +314,31 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
       info->set_stored_tokens(q.stored_tokens);
       info->set_bytes(q.bytes);
       info->set_state(q.closed ? "closed" : "open");
+      info->set_blocks(q.blocks);
+      info->set_shared_blocks(q.shared_blocks);
+      info->set_matched_tokens(q.matched_tokens);
+    }
+    resp->set_arena_block_bytes(s.arena_block_bytes);
+    resp->set_arena_hugepages(s.arena_hugepages);
+    resp->set_arena_registered(s.arena_registered);
+    resp->set_blocks(s.blocks);
+    resp->set_shared_blocks(s.shared_blocks);
+    resp->set_logical_bytes(s.logical_bytes);
+    resp->set_prompt_tokens(s.prompt_tokens);
+    resp->set_matched_tokens(s.matched_tokens);
+    resp->set_evictions(s.evictions);
+    resp->set_spilled_bytes(s.spilled_bytes);
+    for (const TenantStats& t : s.tenants) {
+      v1::TenantUsage* u = resp->add_tenants();
+      u->set_tenant(t.tenant);
+      u->set_sequences(t.sequences);
+      u->set_tokens(t.tokens);
+      u->set_bytes(t.bytes);
+      u->set_logical_bytes(t.logical_bytes);
+      u->set_unique_blocks(t.unique_blocks);
+      u->set_shared_blocks(t.shared_blocks);
+      u->set_prompt_tokens(t.prompt_tokens);
+      u->set_matched_tokens(t.matched_tokens);
     }
     return absl::OkStatus();
   });

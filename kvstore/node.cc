@@ -6,6 +6,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "indexer/exact.h"
@@ -35,6 +36,25 @@ struct NodeMetrics {
       Metrics::Global().GetHistogram("kvrecall_retrieve_seconds", "Retrieve latency (search + transfer)");
   Gauge* stored_bytes = Metrics::Global().GetGauge("kvrecall_stored_bytes", "K/V bytes held in memory");
   Gauge* sequences = Metrics::Global().GetGauge("kvrecall_sequences", "Sequences held");
+  Gauge* arena_bytes =
+      Metrics::Global().GetGauge("kvrecall_arena_capacity_bytes", "KV arena size (--memory)");
+  Gauge* logical_bytes = Metrics::Global().GetGauge(
+      "kvrecall_logical_bytes",
+      "K/V bytes the sequences reference (what they would occupy without sharing)");
+  Gauge* blocks = Metrics::Global().GetGauge("kvrecall_blocks", "KV blocks held");
+  Gauge* shared_blocks = Metrics::Global().GetGauge(
+      "kvrecall_shared_blocks", "KV blocks referenced by more than one sequence");
+  Counter* prompt_tokens = Metrics::Global().GetCounter("kvrecall_prompt_tokens_total",
+                                                        "Prompt tokens of newly opened sequences");
+  Counter* matched_tokens = Metrics::Global().GetCounter(
+      "kvrecall_matched_tokens_total",
+      "Prompt tokens whose KV was already stored (shared prefix hits)");
+  Counter* evictions =
+      Metrics::Global().GetCounter("kvrecall_evictions_total", "Blocks evicted (not built yet: 0)");
+  Gauge* spilled_bytes = Metrics::Global().GetGauge("kvrecall_spilled_bytes",
+                                                    "K/V bytes spilled to disk (not built yet: 0)");
+  Counter* drops =
+      Metrics::Global().GetCounter("kvrecall_sequences_dropped_total", "Sequences dropped");
 };
 NodeMetrics& M() {
   static NodeMetrics* m = new NodeMetrics();
@@ -48,9 +68,23 @@ Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* c
       transport_(transport),
       clock_(clock),
       started_(clock->Now()),
-      budget_(options.memory_bytes),
       pool_(options.search_threads) {
+  absl::StatusOr<std::unique_ptr<Arena>> arena =
+      Arena::Create(ArenaOptions{options.memory_bytes, options.try_hugepages}, transport);
+  if (!arena.ok()) {
+    arena_status_ = arena.status();
+    KV_LOG(ERROR) << arena_status_;
+    arena = Arena::Create(ArenaOptions{0, false}, nullptr);
+  }
+  arena_ = std::move(*arena);
+  if (options.arena_block_bytes > 0) {
+    arena_status_.Update(arena_->EnsureSlotBytes(static_cast<size_t>(options.arena_block_bytes)));
+  }
+  blocks_ = std::make_unique<BlockTable>(arena_.get());
   M().stored_bytes->Set(0);
+  M().arena_bytes->Set(static_cast<double>(arena_->capacity_bytes()));
+  M().evictions->Add(0);
+  M().spilled_bytes->Set(0);
 }
 
 Node::~Node() = default;
@@ -64,6 +98,15 @@ absl::StatusOr<bool> Node::RegisterModel(const ModelSpec& spec) {
     return absl::AlreadyExistsError(
         absl::StrCat("model '", spec.model_id, "' is registered with a different spec"));
   }
+  // One layer of one block is one arena slot (arena.h).
+  const int64_t layer_block = 2 * int64_t{spec.num_kv_heads} * options_.block_tokens *
+                              static_cast<int64_t>(spec.row_bytes());
+  if (layer_block * spec.num_layers > arena_->capacity_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "one block of model '", spec.model_id, "' (", spec.num_layers, " layers x ", layer_block,
+        " bytes) exceeds this node's ", arena_->capacity_bytes(), "-byte arena"));
+  }
+  RETURN_IF_ERROR(arena_->EnsureSlotBytes(static_cast<size_t>(layer_block)));
   models_[spec.model_id] = std::make_shared<const ModelSpec>(spec);
   return true;
 }
@@ -88,7 +131,8 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
     absl::MutexLock lock(&mu_);
     auto& slot = sequences_[{args.tenant, args.sequence_id}];
     if (slot == nullptr) {
-      slot = std::make_shared<Sequence>(args.tenant, args.sequence_id, spec, options_.block_tokens, &budget_);
+      slot = std::make_shared<Sequence>(args.tenant, args.sequence_id, spec, options_.block_tokens,
+                                        blocks_.get(), NamespaceOf(args.tenant));
       created = true;
       M().sequences->Set(static_cast<double>(sequences_.size()));
     }
@@ -106,9 +150,22 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
     return s;
   }
   seq->set_closed(false);
+  // A sequence with nothing stored yet starts from the blocks its namespace already holds.
+  const int64_t adopted = seq->AdoptSharedPrefix();
   OpenSequenceResult r;
   r.stored_tokens = seq->committed_tokens();
   r.matched_tokens = std::min<int64_t>(r.stored_tokens, static_cast<int64_t>(args.token_ids.size()));
+  if (created) {
+    const auto prompt = static_cast<int64_t>(args.token_ids.size());
+    absl::MutexLock lock(&mu_);
+    TenantCounters& c = tenant_counters_[args.tenant];
+    c.prompt_tokens += prompt;
+    c.matched_tokens += adopted;
+    prompt_tokens_ += prompt;
+    matched_tokens_ += adopted;
+    M().prompt_tokens->Add(static_cast<double>(prompt));
+    M().matched_tokens->Add(static_cast<double>(adopted));
+  }
   return r;
 }
 
@@ -275,32 +332,122 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
     victim = std::move(it->second);
     sequences_.erase(it);
     M().sequences->Set(static_cast<double>(sequences_.size()));
+    M().drops->Add();
   } else {
     it->second->set_closed(true);
   }
   return absl::OkStatus();
 }
 
+std::string Node::NamespaceOf(const std::string& tenant) const {
+  for (const std::string& t : options_.shared_tenants) {
+    if (t == tenant) return "s:shared";
+  }
+  return absl::StrCat("t:", tenant);
+}
+
 NodeStats Node::Stats(bool include_sequences) const {
   NodeStats s;
   s.uptime_seconds = absl::ToInt64Seconds(clock_->Now() - started_);
-  s.memory_limit_bytes = budget_.limit();
-  s.stored_bytes = budget_.used();
+  s.memory_limit_bytes = arena_->capacity_bytes();
+  s.stored_bytes = arena_->used_bytes();
+  s.arena_block_bytes = static_cast<int64_t>(arena_->slot_bytes());
+  s.arena_hugepages = arena_->hugepages();
+  s.arena_registered = arena_->registered();
+  const BlockTableStats bt = blocks_->stats();
+  s.blocks = bt.blocks;
+  s.shared_blocks = bt.shared;
   s.retrieve_calls = retrieve_calls_.load();
   s.retrieve_entries = retrieve_entries_.load();
   s.bytes_streamed = bytes_streamed_.load();
-  absl::MutexLock lock(&mu_);
-  s.num_models = static_cast<int64_t>(models_.size());
-  s.num_sequences = static_cast<int64_t>(sequences_.size());
-  s.num_workers = static_cast<int64_t>(workers_.size());
-  if (include_sequences) {
-    for (const auto& [key, seq] : sequences_) {
-      s.sequences.push_back({key.first, key.second, seq->spec().model_id, seq->committed_tokens(), seq->bytes(),
-                             seq->closed()});
+  std::vector<std::pair<SeqKey, std::shared_ptr<Sequence>>> seqs;
+  std::map<std::string, TenantStats> tenants;
+  {
+    absl::MutexLock lock(&mu_);
+    s.num_models = static_cast<int64_t>(models_.size());
+    s.num_sequences = static_cast<int64_t>(sequences_.size());
+    s.num_workers = static_cast<int64_t>(workers_.size());
+    s.prompt_tokens = prompt_tokens_;
+    s.matched_tokens = matched_tokens_;
+    seqs.assign(sequences_.begin(), sequences_.end());
+    for (const auto& [tenant, c] : tenant_counters_) {
+      TenantStats& t = tenants[tenant];
+      t.prompt_tokens = c.prompt_tokens;
+      t.matched_tokens = c.matched_tokens;
     }
   }
+  // Per-sequence figures are read outside the node lock (each takes its sequence's lock).
+  std::map<std::string, double> attributed;
+  for (const auto& [key, seq] : seqs) {
+    const Sequence::Usage u = seq->usage();
+    TenantStats& t = tenants[key.first];
+    t.sequences++;
+    t.tokens += u.tokens;
+    t.logical_bytes += u.bytes;
+    t.shared_blocks += u.shared_blocks;
+    t.unique_blocks += u.blocks - u.shared_blocks;
+    attributed[key.first] += u.attributed_bytes;
+    s.logical_bytes += u.bytes;
+    if (include_sequences) {
+      s.sequences.push_back({key.first, key.second, seq->spec().model_id, u.tokens, u.bytes,
+                             seq->closed(), u.blocks, u.shared_blocks, u.adopted_tokens});
+    }
+  }
+  for (auto& [name, t] : tenants) {
+    t.tenant = name;
+    t.bytes = static_cast<int64_t>(attributed[name] + 0.5);
+    s.tenants.push_back(t);
+  }
   M().stored_bytes->Set(static_cast<double>(s.stored_bytes));
+  M().logical_bytes->Set(static_cast<double>(s.logical_bytes));
+  M().blocks->Set(static_cast<double>(s.blocks));
+  M().shared_blocks->Set(static_cast<double>(s.shared_blocks));
   return s;
+}
+
+std::string Node::RenderTenantMetrics() const {
+  const NodeStats s = Stats(false);
+  auto label = [](const std::string& v) {
+    std::string out;
+    for (char c : v) {
+      if (c == '\\' || c == '"') out += '\\';
+      if (c == '\n') {
+        out += "\\n";
+        continue;
+      }
+      out += c;
+    }
+    return out;
+  };
+  struct Family {
+    const char* name;
+    const char* help;
+    int64_t TenantStats::*field;
+  };
+  const Family families[] = {
+      {"kvrecall_tenant_sequences", "Sequences held per tenant", &TenantStats::sequences},
+      {"kvrecall_tenant_tokens", "Committed tokens per tenant", &TenantStats::tokens},
+      {"kvrecall_tenant_bytes", "Arena bytes per tenant (shared blocks split between their users)",
+       &TenantStats::bytes},
+      {"kvrecall_tenant_logical_bytes", "Bytes the tenant's sequences reference",
+       &TenantStats::logical_bytes},
+      {"kvrecall_tenant_unique_blocks", "Block references held by one sequence only",
+       &TenantStats::unique_blocks},
+      {"kvrecall_tenant_shared_blocks", "Block references to shared blocks",
+       &TenantStats::shared_blocks},
+      {"kvrecall_tenant_prompt_tokens", "Prompt tokens of newly opened sequences",
+       &TenantStats::prompt_tokens},
+      {"kvrecall_tenant_matched_tokens", "Prompt tokens served from shared blocks",
+       &TenantStats::matched_tokens},
+  };
+  std::string out;
+  for (const Family& f : families) {
+    absl::StrAppend(&out, "# HELP ", f.name, " ", f.help, "\n# TYPE ", f.name, " gauge\n");
+    for (const TenantStats& t : s.tenants) {
+      absl::StrAppend(&out, f.name, "{tenant=\"", label(t.tenant), "\"} ", t.*(f.field), "\n");
+    }
+  }
+  return out;
 }
 
 }  // namespace kvrecall::kvstore

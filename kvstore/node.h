@@ -2,6 +2,11 @@
 // operation of the protocol in domain types. The gRPC service (grpc_service.h) and LocalTier
 // (client/) are thin adapters over it, so both run exactly the same validation and logic.
 //
+// Storage: one arena of options.memory_bytes (arena.h) carved into per-layer block slots, a
+// block table (block_table.h) that shares full blocks of equal prefixes between sequences of one
+// namespace (a tenant, or the operator's shared namespace), and the sequences' block lists
+// (sequence.h). kvstore/README.md has the picture.
+//
 // Thread safety: all methods are thread-safe and may block only on CPU work (never on the
 // network, except Retrieve's puts to an attached worker, which are bounded by the transport).
 #ifndef KVRECALL_KVSTORE_NODE_H_
@@ -23,7 +28,8 @@
 #include "common/clock.h"
 #include "common/model_spec.h"
 #include "common/thread_pool.h"
-#include "kvstore/memory_budget.h"
+#include "kvstore/arena.h"
+#include "kvstore/block_table.h"
 #include "kvstore/sequence.h"
 #include "transport/transport.h"
 
@@ -38,9 +44,16 @@ inline constexpr size_t kMaxIdLength = 256;
 inline constexpr int kMaxMessageBytes = 64 << 20;
 
 struct NodeOptions {
-  int64_t memory_bytes = int64_t{1} << 30;  // --memory
+  int64_t memory_bytes = int64_t{1} << 30;  // --memory: the KV arena's size
   int block_tokens = 64;                    // tokens per KV block
   int search_threads = 0;                   // <= 0: every core
+  // Bytes of one arena slot (one layer of one block); 0: the first registered model's layer
+  // block, 2 * num_kv_heads * block_tokens * row_bytes. Set it to the largest model's when a
+  // node serves several (arena.h).
+  int64_t arena_block_bytes = 0;
+  // Tenants whose prefixes share one namespace ("s:shared"); every other tenant is isolated.
+  std::vector<std::string> shared_tenants;
+  bool try_hugepages = true;
 };
 
 enum class Method { kExact = 1, kCtkvr = 2, kCluster = 3, kMerged = 4 };
@@ -82,8 +95,24 @@ struct SequenceStats {
   std::string sequence_id;
   std::string model_id;
   int64_t stored_tokens = 0;
-  int64_t bytes = 0;
+  int64_t bytes = 0;  // arena bytes its blocks occupy (shared blocks counted in full)
   bool closed = false;
+  int64_t blocks = 0;
+  int64_t shared_blocks = 0;   // blocks also referenced by other sequences
+  int64_t matched_tokens = 0;  // tokens it got from shared blocks when opened
+};
+// Usage of one tenant. Shared blocks are attributed to their sequences in equal parts, so the
+// tenants' `bytes` add up to the node's stored_bytes.
+struct TenantStats {
+  std::string tenant;
+  int64_t sequences = 0;
+  int64_t tokens = 0;
+  int64_t bytes = 0;
+  int64_t logical_bytes = 0;   // bytes its sequences reference (what it would store unshared)
+  int64_t unique_blocks = 0;   // block references held by this tenant alone (refcount 1)
+  int64_t shared_blocks = 0;   // block references to blocks with refcount > 1
+  int64_t prompt_tokens = 0;   // tokens of prompts that opened new sequences
+  int64_t matched_tokens = 0;  // of which already stored (prefix hits)
 };
 struct NodeStats {
   int64_t uptime_seconds = 0;
@@ -96,6 +125,18 @@ struct NodeStats {
   int64_t retrieve_entries = 0;
   int64_t bytes_streamed = 0;
   std::vector<SequenceStats> sequences;  // filled when asked for
+  // Storage (arena + block table).
+  int64_t arena_block_bytes = 0;     // slot size; 0 until the first model registered
+  std::string arena_hugepages;       // "hugetlb" | "thp" | "none"
+  bool arena_registered = false;     // registered with the transport
+  int64_t blocks = 0;                // live blocks (each num_layers slots)
+  int64_t shared_blocks = 0;         // referenced by more than one sequence
+  int64_t logical_bytes = 0;         // sum over sequences of the bytes they reference
+  int64_t prompt_tokens = 0;         // over OpenSequence calls that created a sequence
+  int64_t matched_tokens = 0;        // of which served from shared blocks
+  int64_t evictions = 0;             // always 0: eviction is not built yet
+  int64_t spilled_bytes = 0;         // always 0: spill is not built yet
+  std::vector<TenantStats> tenants;  // always filled, sorted by tenant
 };
 
 class Node {
@@ -132,9 +173,20 @@ class Node {
   absl::Status AttachWorker(const std::string& tenant, const std::string& worker_id,
                             const transport::RemoteRegion& region);
 
+  // drop=false marks it closed (kept); drop=true removes it and releases its block references
+  // (a block's memory returns to the arena when its last reference goes, i.e. once no other
+  // sequence shares it and no reader still holds the sequence).
   absl::Status CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop);
 
   NodeStats Stats(bool include_sequences) const;
+  // Per-tenant gauges in the Prometheus text format (kvrecall_tenant_*{tenant="..."}), to be
+  // appended to Metrics::Global().RenderPrometheus(); also refreshes the node-level gauges.
+  std::string RenderTenantMetrics() const;
+
+  // OK, or why the arena could not be mapped (the node then holds nothing: every append is
+  // RESOURCE_EXHAUSTED). A server should refuse to start on an error.
+  const absl::Status& arena_status() const { return arena_status_; }
+  const Arena& arena() const { return *arena_; }
 
  private:
   struct Worker {
@@ -143,18 +195,29 @@ class Node {
   using SeqKey = std::pair<std::string, std::string>;  // (tenant, sequence id)
 
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
+  std::string NamespaceOf(const std::string& tenant) const;
+  struct TenantCounters {
+    int64_t prompt_tokens = 0;
+    int64_t matched_tokens = 0;
+  };
 
   const NodeOptions options_;
   transport::Transport* const transport_;
   Clock* const clock_;
   const absl::Time started_;
-  MemoryBudget budget_;
+  absl::Status arena_status_;
+  // Declared before the sequences so that they are destroyed after them.
+  std::unique_ptr<Arena> arena_;
+  std::unique_ptr<BlockTable> blocks_;
   ThreadPool pool_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const ModelSpec>> models_ ABSL_GUARDED_BY(mu_);
   std::map<SeqKey, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
   std::map<SeqKey, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, TenantCounters> tenant_counters_ ABSL_GUARDED_BY(mu_);
+  int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t matched_tokens_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::atomic<int64_t> retrieve_calls_{0};
   std::atomic<int64_t> retrieve_entries_{0};

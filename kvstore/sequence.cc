@@ -1,5 +1,6 @@
 #include "kvstore/sequence.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -7,22 +8,24 @@
 namespace kvrecall::kvstore {
 
 Sequence::Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
-                   int block_tokens, MemoryBudget* budget)
+                   int block_tokens, BlockTable* table, std::string share_namespace)
     : tenant_(std::move(tenant)),
       id_(std::move(id)),
       spec_(std::move(spec)),
       block_tokens_(block_tokens),
-      budget_(budget),
-      blocks_(spec_->num_layers),
+      table_(table),
+      namespace_(std::move(share_namespace)),
       layer_tokens_(spec_->num_layers, 0) {}
 
-Sequence::~Sequence() { budget_->Release(bytes_); }
+Sequence::~Sequence() {
+  for (Block* b : blocks_) table_->Unref(b);
+}
 
 Sequence::Snapshot Sequence::Read(int layer, int kv_head) const {
   absl::ReaderMutexLock lock(&mu_);
   Snapshot s;
-  const size_t head_bytes = static_cast<size_t>(block_tokens_) * spec_->row_bytes();
-  const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * head_bytes;
+  const size_t hb = head_bytes();
+  const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
   for (auto* rows : {&s.keys, &s.values}) {
     rows->page_tokens = block_tokens_;
     rows->row_stride = spec_->row_bytes();
@@ -31,10 +34,12 @@ Sequence::Snapshot Sequence::Read(int layer, int kv_head) const {
     rows->num_tokens = committed_;
   }
   const int64_t nblocks = (committed_ + block_tokens_ - 1) / block_tokens_;
+  s.keys.pages.reserve(static_cast<size_t>(nblocks));
+  s.values.pages.reserve(static_cast<size_t>(nblocks));
   for (int64_t b = 0; b < nblocks; ++b) {
-    const uint8_t* block = blocks_[layer][b].get();
-    s.keys.pages.push_back(block + kv_head * head_bytes);
-    s.values.pages.push_back(block + v_offset + kv_head * head_bytes);
+    const uint8_t* slot = blocks_[static_cast<size_t>(b)]->layer(layer);
+    s.keys.pages.push_back(slot + kv_head * hb);
+    s.values.pages.push_back(slot + v_offset + kv_head * hb);
   }
   return s;
 }
@@ -53,7 +58,8 @@ std::vector<int32_t> Sequence::token_ids() const {
 }
 int64_t Sequence::bytes() const {
   absl::ReaderMutexLock lock(&mu_);
-  return bytes_;
+  return static_cast<int64_t>(blocks_.size()) * spec_->num_layers *
+         static_cast<int64_t>(table_->arena()->slot_bytes());
 }
 bool Sequence::closed() const {
   absl::ReaderMutexLock lock(&mu_);
@@ -62,6 +68,22 @@ bool Sequence::closed() const {
 void Sequence::set_closed(bool closed) {
   absl::MutexLock lock(&mu_);
   closed_ = closed;
+}
+
+Sequence::Usage Sequence::usage() const {
+  absl::ReaderMutexLock lock(&mu_);
+  Usage u;
+  u.tokens = committed_;
+  u.blocks = static_cast<int64_t>(blocks_.size());
+  u.adopted_tokens = adopted_;
+  const int64_t block_bytes =
+      spec_->num_layers * static_cast<int64_t>(table_->arena()->slot_bytes());
+  u.bytes = u.blocks * block_bytes;
+  for (int refs : table_->RefCounts(blocks_)) {
+    if (refs > 1) ++u.shared_blocks;
+    u.attributed_bytes += static_cast<double>(block_bytes) / std::max(refs, 1);
+  }
+  return u;
 }
 
 absl::Status Sequence::AddTokenIds(int64_t start, absl::Span<const int32_t> ids) {
@@ -89,6 +111,33 @@ absl::Status Sequence::AddTokenIds(int64_t start, absl::Span<const int32_t> ids)
   return absl::OkStatus();
 }
 
+ContentKey Sequence::KeyOfBlockLocked(size_t b, const ContentKey& parent) const {
+  const absl::Span<const int32_t> tokens(token_ids_.data() + b * static_cast<size_t>(block_tokens_),
+                                         static_cast<size_t>(block_tokens_));
+  return BlockContentKey(parent, namespace_, spec_->model_id, tokens);
+}
+
+int64_t Sequence::AdoptSharedPrefix() {
+  absl::MutexLock lock(&mu_);
+  if (committed_ != 0 || appending_ || !blocks_.empty()) return committed_;
+  const size_t full = token_ids_.size() / static_cast<size_t>(block_tokens_);
+  std::vector<ContentKey> keys;
+  keys.reserve(full);
+  ContentKey parent;
+  for (size_t b = 0; b < full; ++b) {
+    parent = KeyOfBlockLocked(b, parent);
+    keys.push_back(parent);
+  }
+  const int n =
+      table_->AcquirePrefix(keys, namespace_, spec_->model_id, token_ids_, block_tokens_, &blocks_);
+  keys.resize(static_cast<size_t>(n));
+  keys_ = std::move(keys);
+  committed_ = static_cast<int64_t>(n) * block_tokens_;
+  adopted_ = committed_;
+  std::fill(layer_tokens_.begin(), layer_tokens_.end(), committed_);
+  return committed_;
+}
+
 absl::Status Sequence::BeginAppend() {
   absl::MutexLock lock(&mu_);
   if (appending_) return absl::AbortedError(absl::StrCat("sequence '", id_, "' has another append in progress"));
@@ -108,9 +157,10 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
   const size_t row = spec_->row_bytes();
   const size_t expect = static_cast<size_t>(spec_->num_kv_heads) * static_cast<size_t>(n) * row;
   if (n > (int64_t{1} << 24) || keys.size() != expect || values.size() != expect) {
-    return absl::InvalidArgumentError(absl::StrCat("keys/values must each be [", spec_->num_kv_heads, "][", n,
-                                                   "][", spec_->head_dim, "] ", DTypeName(spec_->kv_dtype), " = ",
-                                                   expect, " bytes; got ", keys.size(), " and ", values.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("keys/values must each be [", spec_->num_kv_heads, "][", n, "][",
+                     spec_->head_dim, "] ", DTypeName(spec_->kv_dtype), " = ", expect,
+                     " bytes; got ", keys.size(), " and ", values.size()));
   }
   if (token_start != layer_tokens_[layer]) {
     return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " holds ", layer_tokens_[layer],
@@ -120,24 +170,34 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
     return absl::FailedPreconditionError(absl::StrCat("KV for tokens up to ", token_start + n, " but only ",
                                                       token_ids_.size(), " token ids are known"));
   }
-  const size_t head_bytes = static_cast<size_t>(block_tokens_) * row;
-  const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * head_bytes;
-  auto& blocks = blocks_[layer];
+  const size_t hb = head_bytes();
+  const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
   const int64_t need_blocks = (token_start + n + block_tokens_ - 1) / block_tokens_;
-  while (static_cast<int64_t>(blocks.size()) < need_blocks) {
-    if (absl::Status s = budget_->Reserve(static_cast<int64_t>(block_bytes())); !s.ok()) return s;
-    bytes_ += static_cast<int64_t>(block_bytes());
-    blocks.emplace_back(new uint8_t[block_bytes()]);
+  while (static_cast<int64_t>(blocks_.size()) < need_blocks) {
+    absl::StatusOr<Block*> b = table_->Allocate(spec_->num_layers);
+    if (!b.ok()) return b.status();
+    blocks_.push_back(*b);
   }
-  for (int64_t i = 0; i < n; ++i) {
+  // Copy runs of consecutive tokens that stay inside one block: for a fixed kv-head they are
+  // contiguous both in the chunk ([h][n][d]) and in the slot ([h][block_tokens][d]).
+  for (int64_t i = 0; i < n;) {
     const int64_t t = token_start + i;
-    uint8_t* block = blocks[t / block_tokens_].get();
+    Block* block = blocks_[static_cast<size_t>(t / block_tokens_)];
+    if (block->immutable()) {
+      return absl::InternalError(
+          absl::StrCat("append to token ", t, " would write a shared block"));
+    }
+    const int64_t run = std::min<int64_t>(n - i, block_tokens_ - t % block_tokens_);
+    uint8_t* slot = block->layer(layer);
     const size_t in_block = static_cast<size_t>(t % block_tokens_) * row;
     for (int h = 0; h < spec_->num_kv_heads; ++h) {
-      const size_t src = (static_cast<size_t>(h) * n + i) * row;
-      std::memcpy(block + h * head_bytes + in_block, keys.data() + src, row);
-      std::memcpy(block + v_offset + h * head_bytes + in_block, values.data() + src, row);
+      const size_t src =
+          (static_cast<size_t>(h) * static_cast<size_t>(n) + static_cast<size_t>(i)) * row;
+      std::memcpy(slot + h * hb + in_block, keys.data() + src, static_cast<size_t>(run) * row);
+      std::memcpy(slot + v_offset + h * hb + in_block, values.data() + src,
+                  static_cast<size_t>(run) * row);
     }
+    i += run;
   }
   layer_tokens_[layer] = token_start + n;
   return absl::OkStatus();
@@ -153,12 +213,28 @@ absl::StatusOr<int64_t> Sequence::CommitAppend() {
       const int64_t other = layer_tokens_[l];
       TruncateLocked(committed_);
       token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
-      return absl::FailedPreconditionError(absl::StrCat("append ended with layer 0 at ", len, " tokens but layer ",
-                                                        l, " at ", other, "; nothing was committed"));
+      return absl::FailedPreconditionError(absl::StrCat("append ended with layer 0 at ", len,
+                                                        " tokens but layer ", l, " at ", other,
+                                                        "; nothing was committed"));
     }
   }
   committed_ = len;
+  PublishFullBlocksLocked();
   return committed_;
+}
+
+void Sequence::PublishFullBlocksLocked() {
+  const size_t full = static_cast<size_t>(committed_ / block_tokens_);
+  while (keys_.size() < full) {
+    const size_t b = keys_.size();
+    const ContentKey parent = b == 0 ? ContentKey{} : keys_[b - 1];
+    const ContentKey key = KeyOfBlockLocked(b, parent);
+    table_->Publish(
+        blocks_[b], parent, key, namespace_, spec_->model_id,
+        absl::Span<const int32_t>(token_ids_.data() + b * static_cast<size_t>(block_tokens_),
+                                  static_cast<size_t>(block_tokens_)));
+    keys_.push_back(key);
+  }
 }
 
 void Sequence::AbortAppend() {
@@ -170,16 +246,12 @@ void Sequence::AbortAppend() {
 }
 
 void Sequence::TruncateLocked(int64_t tokens) {
-  const int64_t keep_blocks = (tokens + block_tokens_ - 1) / block_tokens_;
-  for (int l = 0; l < spec_->num_layers; ++l) {
-    auto& blocks = blocks_[l];
-    while (static_cast<int64_t>(blocks.size()) > keep_blocks) {
-      blocks.pop_back();
-      budget_->Release(static_cast<int64_t>(block_bytes()));
-      bytes_ -= static_cast<int64_t>(block_bytes());
-    }
-    layer_tokens_[l] = std::min(layer_tokens_[l], tokens);
+  const size_t keep_blocks = static_cast<size_t>((tokens + block_tokens_ - 1) / block_tokens_);
+  while (blocks_.size() > keep_blocks) {
+    table_->Unref(blocks_.back());
+    blocks_.pop_back();
   }
+  for (int l = 0; l < spec_->num_layers; ++l) layer_tokens_[l] = std::min(layer_tokens_[l], tokens);
 }
 
 }  // namespace kvrecall::kvstore

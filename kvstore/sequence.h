@@ -1,13 +1,20 @@
 // One session's token stream and its full KV cache on the tier node.
 //
-// Storage: per layer, a list of blocks of `block_tokens` tokens; a block holds
-//   K[num_kv_heads][block_tokens][head_dim] followed by V of the same shape, in kv_dtype.
+// Storage: a list of KV blocks (block_table.h) of `block_tokens` tokens each; block b holds
+// tokens [b * block_tokens, (b + 1) * block_tokens) of every layer, one arena slot per layer,
+//   slot = K[num_kv_heads][block_tokens][head_dim] followed by V of the same shape, in kv_dtype.
 // Tokens [0, committed_tokens()) of every layer are immutable once committed; appends write
 // beyond them inside an AppendTxn, which either commits (all layers equal length) or rolls back.
 //
+// Prefix sharing: a new sequence may start with blocks other sequences of the same namespace
+// and model committed (AdoptSharedPrefix); every full block this sequence commits is published
+// for others. Shared blocks are always full and below committed_tokens(), so appends never
+// write into them.
+//
 // Thread safety: all public methods are thread-safe. Readers take a Snapshot (block pointers and
 // the committed length) and then read without locks: committed rows never change, and blocks are
-// freed only by rollback (never committed ones) or by the destructor (after the last shared_ptr).
+// released only by rollback (never committed ones) or by the destructor (after the last
+// shared_ptr to the Sequence is gone).
 #ifndef KVRECALL_KVSTORE_SEQUENCE_H_
 #define KVRECALL_KVSTORE_SEQUENCE_H_
 
@@ -23,19 +30,24 @@
 #include "absl/types/span.h"
 #include "common/model_spec.h"
 #include "indexer/paged_rows.h"
-#include "kvstore/memory_budget.h"
+#include "kvstore/block_table.h"
+#include "kvstore/content_hash.h"
 
 namespace kvrecall::kvstore {
 
 class Sequence {
  public:
-  Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec, int block_tokens,
-           MemoryBudget* budget);
-  ~Sequence();  // releases its blocks' bytes from the budget
+  // `table` must outlive the sequence and its arena's slot size must be >= the model's layer
+  // block (2 * num_kv_heads * block_tokens * row_bytes). `share_namespace` salts the content
+  // keys of its blocks (content_hash.h): sequences share blocks only within one namespace.
+  Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
+           int block_tokens, BlockTable* table, std::string share_namespace);
+  ~Sequence();  // releases its block references
 
   const std::string& tenant() const { return tenant_; }
   const std::string& id() const { return id_; }
   const ModelSpec& spec() const { return *spec_; }
+  const std::string& share_namespace() const { return namespace_; }
 
   // Committed KV rows of one (layer, kv-head), valid while the caller holds the shared_ptr to
   // this Sequence. REQUIRES: layer and kv_head in range.
@@ -48,45 +60,67 @@ class Sequence {
   int64_t committed_tokens() const;
   int64_t known_token_ids() const;
   std::vector<int32_t> token_ids() const;
+  // Arena bytes referenced by this sequence (shared blocks counted in full).
   int64_t bytes() const;
   bool closed() const;
   void set_closed(bool closed);
 
+  struct Usage {
+    int64_t tokens = 0;           // committed
+    int64_t blocks = 0;           // referenced blocks
+    int64_t shared_blocks = 0;    // of which referenced by other sequences too
+    int64_t bytes = 0;            // arena bytes referenced (shared in full)
+    double attributed_bytes = 0;  // each block's bytes / its refcount: sums to the arena's use
+    int64_t adopted_tokens = 0;   // tokens that came from shared blocks when it was opened
+  };
+  Usage usage() const;
+
   // Appends token ids (prompt or decode tokens) starting at index `start`; ids already known
   // must match (FAILED_PRECONDITION otherwise), new ones must be contiguous.
   absl::Status AddTokenIds(int64_t start, absl::Span<const int32_t> ids);
+
+  // When nothing is committed and no append is open: takes references on the longest run of
+  // published blocks matching the known token ids' full blocks, and commits them. Returns the
+  // committed token count afterwards (a multiple of block_tokens; 0 when nothing matched).
+  int64_t AdoptSharedPrefix();
 
   // Opens the (single) write transaction. ABORTED if another is open.
   absl::Status BeginAppend();
   // Writes one chunk: rows [token_start, token_start + n) of `layer`.
   //   keys, values: [num_kv_heads][n][head_dim] in kv_dtype (exactly that many bytes).
   // FAILED_PRECONDITION if token_start is not the layer's current length or ids of those tokens
-  // are unknown; RESOURCE_EXHAUSTED when the budget is full. REQUIRES: BeginAppend succeeded.
+  // are unknown; RESOURCE_EXHAUSTED when the arena is full. REQUIRES: BeginAppend succeeded.
   absl::Status AppendChunk(int layer, int64_t token_start, int64_t n, absl::Span<const uint8_t> keys,
                            absl::Span<const uint8_t> values);
-  // Commits when every layer has the same length (FAILED_PRECONDITION otherwise, and rolls back).
-  // Returns the committed token count.
+  // Commits when every layer has the same length (FAILED_PRECONDITION otherwise, and rolls back),
+  // then publishes the newly full blocks. Returns the committed token count.
   absl::StatusOr<int64_t> CommitAppend();
   // Drops everything written since BeginAppend.
   void AbortAppend();
 
  private:
   void TruncateLocked(int64_t tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  size_t block_bytes() const { return 2 * static_cast<size_t>(spec_->num_kv_heads) * block_tokens_ * spec_->row_bytes(); }
+  void PublishFullBlocksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  ContentKey KeyOfBlockLocked(size_t b, const ContentKey& parent) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  size_t head_bytes() const { return static_cast<size_t>(block_tokens_) * spec_->row_bytes(); }
 
   const std::string tenant_;
   const std::string id_;
   const std::shared_ptr<const ModelSpec> spec_;
   const int block_tokens_;
-  MemoryBudget* const budget_;
+  BlockTable* const table_;
+  const std::string namespace_;
 
   mutable absl::Mutex mu_;
   std::vector<int32_t> token_ids_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::vector<std::unique_ptr<uint8_t[]>>> blocks_ ABSL_GUARDED_BY(mu_);  // [layer][block]
+  std::vector<Block*> blocks_ ABSL_GUARDED_BY(mu_);  // one reference each
+  std::vector<ContentKey> keys_
+      ABSL_GUARDED_BY(mu_);  // keys of blocks_[0, keys_.size()), all published
   std::vector<int64_t> layer_tokens_ ABSL_GUARDED_BY(mu_);
   int64_t committed_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t adopted_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t token_ids_at_begin_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool appending_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };

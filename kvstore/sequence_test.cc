@@ -35,9 +35,21 @@ std::pair<std::string, std::string> Chunk(int64_t start, int64_t n) {
 
 absl::Span<const uint8_t> S(const std::string& s) { return {reinterpret_cast<const uint8_t*>(s.data()), s.size()}; }
 
+// An arena of `bytes` with slots of one layer block of Spec() at 3 tokens (2 x 2 x 3 x 16 B).
+struct Store {
+  explicit Store(int64_t bytes) {
+    arena = *Arena::Create({bytes, false}, nullptr);
+    EXPECT_TRUE(arena->EnsureSlotBytes(192).ok());
+    table = std::make_unique<BlockTable>(arena.get());
+  }
+  int64_t used() const { return arena->used_bytes(); }
+  std::unique_ptr<Arena> arena;
+  std::unique_ptr<BlockTable> table;
+};
+
 TEST(SequenceTest, AppendCommitAndReadAcrossBlocks) {
-  MemoryBudget budget(1 << 20);
-  Sequence seq("t", "s", Spec(), /*block_tokens=*/3, &budget);
+  Store budget(1 << 20);
+  Sequence seq("t", "s", Spec(), /*block_tokens=*/3, budget.table.get(), "t:t");
   std::vector<int32_t> ids(10, 7);
   ASSERT_OK(seq.AddTokenIds(0, ids));
   ASSERT_OK(seq.BeginAppend());
@@ -61,8 +73,8 @@ TEST(SequenceTest, AppendCommitAndReadAcrossBlocks) {
 }
 
 TEST(SequenceTest, UnequalLayersRollBackOnCommit) {
-  MemoryBudget budget(1 << 20);
-  Sequence seq("t", "s", Spec(), 3, &budget);
+  Store budget(1 << 20);
+  Sequence seq("t", "s", Spec(), 3, budget.table.get(), "t:t");
   ASSERT_OK(seq.AddTokenIds(0, std::vector<int32_t>(10, 1)));
   ASSERT_OK(seq.BeginAppend());
   auto [k, v] = Chunk(0, 4);
@@ -78,8 +90,8 @@ TEST(SequenceTest, UnequalLayersRollBackOnCommit) {
 }
 
 TEST(SequenceTest, RejectsBadChunks) {
-  MemoryBudget budget(1 << 20);
-  Sequence seq("t", "s", Spec(), 3, &budget);
+  Store budget(1 << 20);
+  Sequence seq("t", "s", Spec(), 3, budget.table.get(), "t:t");
   ASSERT_OK(seq.AddTokenIds(0, std::vector<int32_t>(4, 1)));
   auto [k, v] = Chunk(0, 4);
   EXPECT_THAT(seq.AppendChunk(0, 0, 4, S(k), S(v)), StatusIs(absl::StatusCode::kFailedPrecondition));
@@ -95,8 +107,8 @@ TEST(SequenceTest, RejectsBadChunks) {
 }
 
 TEST(SequenceTest, TokenIdsAreValidatedAndMustAgree) {
-  MemoryBudget budget(1 << 20);
-  Sequence seq("t", "s", Spec(), 3, &budget);
+  Store budget(1 << 20);
+  Sequence seq("t", "s", Spec(), 3, budget.table.get(), "t:t");
   EXPECT_THAT(seq.AddTokenIds(0, {1, 100}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(seq.AddTokenIds(0, {1, -1}), StatusIs(absl::StatusCode::kInvalidArgument));
   ASSERT_OK(seq.AddTokenIds(0, {1, 2, 3}));
@@ -107,8 +119,9 @@ TEST(SequenceTest, TokenIdsAreValidatedAndMustAgree) {
 }
 
 TEST(SequenceTest, BudgetExhaustionIsResourceExhaustedAndLeavesNothing) {
-  MemoryBudget budget(200);  // one block of 2 heads x 3 tokens x 16 B x 2 (K,V) = 192 B
-  Sequence seq("t", "s", Spec(), 3, &budget);
+  Store budget(
+      200);  // one slot: one layer of a block of 2 heads x 3 tokens x 16 B x 2 (K,V) = 192 B
+  Sequence seq("t", "s", Spec(), 3, budget.table.get(), "t:t");
   ASSERT_OK(seq.AddTokenIds(0, std::vector<int32_t>(4, 1)));
   ASSERT_OK(seq.BeginAppend());
   auto [k, v] = Chunk(0, 4);

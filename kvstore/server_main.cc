@@ -10,9 +10,10 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "common/flags.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/flags.h"
 #include "common/http_server.h"
 #include "common/logging.h"
 #include "common/metrics.h"
@@ -28,6 +29,15 @@ ABSL_FLAG(std::string, memory, "1GiB", "KV bytes this node may hold, e.g. 512MiB
 ABSL_FLAG(int, metrics_port, 9090, "HTTP port for /metrics and /healthz (0 picks a free port, -1 disables)");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "IPv4 address for the metrics endpoint");
 ABSL_FLAG(int, block_tokens, 64, "tokens per KV block");
+ABSL_FLAG(std::string, arena_block_bytes, "0",
+          "bytes of one arena slot = one layer of one block (e.g. 256KiB for Llama-3-8B at 64 "
+          "tokens, bf16); "
+          "0 = the first registered model's; set it to the largest model's when serving several");
+ABSL_FLAG(std::string, shared_tenants, "",
+          "comma-separated tenants that share one prefix namespace (their equal prompt prefixes "
+          "are stored "
+          "once); every other tenant is isolated");
+ABSL_FLAG(bool, hugepages, true, "back the KV arena with hugepages when the host has them");
 ABSL_FLAG(int, search_threads, 0, "threads for retrieval search (0 = every core)");
 ABSL_FLAG(int, rpc_threads, 0, "threads for RPC handling (0 = every core)");
 ABSL_FLAG(std::string, transport, "ucx", "data transport for streaming rows to workers: ucx or none");
@@ -65,11 +75,29 @@ int Run() {
     return 2;
   }
 
+  const std::string block_bytes_flag = absl::GetFlag(FLAGS_arena_block_bytes);
+  absl::StatusOr<int64_t> arena_block_bytes =
+      block_bytes_flag == "0" ? int64_t{0} : ParseBytes(block_bytes_flag);
+  if (!arena_block_bytes.ok()) {
+    KV_LOG(ERROR) << "--arena_block_bytes: " << arena_block_bytes.status().message();
+    return 2;
+  }
+
   kvstore::NodeOptions options;
   options.memory_bytes = *memory;
   options.block_tokens = block_tokens;
   options.search_threads = absl::GetFlag(FLAGS_search_threads);
+  options.arena_block_bytes = *arena_block_bytes;
+  options.try_hugepages = absl::GetFlag(FLAGS_hugepages);
+  for (absl::string_view t :
+       absl::StrSplit(absl::GetFlag(FLAGS_shared_tenants), ',', absl::SkipEmpty())) {
+    options.shared_tenants.emplace_back(t);
+  }
   kvstore::Node node(options, transport.get(), Clock::Real());
+  if (!node.arena_status().ok()) {
+    KV_LOG(ERROR) << "KV arena: " << node.arena_status();
+    return 1;
+  }
   kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -89,8 +117,9 @@ int Run() {
   int metrics_port = -1;
   if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
     http.Handle("/metrics", [&node] {
-      node.Stats(false);  // refreshes the stored-bytes gauge
-      return Metrics::Global().RenderPrometheus();
+      // Per-tenant families first: rendering them also refreshes the node-level gauges.
+      std::string tenants = node.RenderTenantMetrics();
+      return Metrics::Global().RenderPrometheus() + tenants;
     });
     http.Handle("/healthz", [] { return std::string("ok\n"); });
     auto p = http.Start(absl::GetFlag(FLAGS_metrics_host), absl::GetFlag(FLAGS_metrics_port));

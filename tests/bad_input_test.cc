@@ -321,6 +321,58 @@ TEST_F(BadInputTest, FetchAttachCloseStats) {
   EXPECT_EQ(Retrieve(GoodRetrieve("f")), StatusCode::NOT_FOUND);
 }
 
+// Prefix sharing must not open a side channel: another tenant asking for the same prompt learns
+// nothing (matched_tokens 0), and kvrecallctl drop releases exactly what was stored.
+TEST_F(BadInputTest, SharedPrefixesStayInsideTheTenant) {
+  constexpr int kPrompt = 130;  // two full 64-token blocks + a partial one
+  auto open = [&](const std::string& tenant, const std::string& id,
+                  v1::OpenSequenceResponse* resp) {
+    v1::OpenSequenceRequest req;
+    req.set_tenant(tenant);
+    req.set_model_id("bad-input-model");
+    req.set_sequence_id(id);
+    for (int i = 0; i < kPrompt; ++i) req.add_token_ids(7 + i % 50);
+    return Call(&v1::KvRecall::Stub::OpenSequence, req, resp).error_code();
+  };
+  v1::StatsResponse before;
+  ASSERT_TRUE(Call(&v1::KvRecall::Stub::Stats, v1::StatsRequest(), &before).ok());
+  v1::OpenSequenceResponse r;
+  ASSERT_EQ(open("t", "share-1", &r), StatusCode::OK);
+  EXPECT_EQ(r.matched_tokens(), 0);
+  v1::AppendKVResponse ar;
+  ASSERT_EQ(
+      Append({Chunk("share-1", 0, 0, kPrompt), Chunk("share-1", 1, 0, kPrompt)}, &ar).error_code(),
+      StatusCode::OK);
+  ASSERT_EQ(open("t", "share-2", &r), StatusCode::OK);
+  EXPECT_EQ(r.matched_tokens(), 128) << "whole blocks only";
+  EXPECT_EQ(r.stored_tokens(), 128);
+  ASSERT_EQ(open("u", "share-1", &r), StatusCode::OK);
+  EXPECT_EQ(r.matched_tokens(), 0) << "another tenant sees nothing";
+  v1::StatsRequest sreq;
+  v1::StatsResponse stats;
+  ASSERT_TRUE(Call(&v1::KvRecall::Stub::Stats, sreq, &stats).ok());
+  EXPECT_EQ(stats.shared_blocks() - before.shared_blocks(), 2);
+  EXPECT_EQ(stats.evictions(), 0);
+  EXPECT_EQ(stats.spilled_bytes(), 0);
+
+  for (const char* id : {"share-1", "share-2"}) {
+    auto ctl = Process::Start({BinDir() + "/kvrecallctl", "--server=" + server_->address(), "drop",
+                               "--tenant=t", std::string("--sequence=") + id},
+                              *dir_ + "/ctl-drop.log");
+    ASSERT_TRUE(ctl.ok());
+    EXPECT_EQ(*ctl->Wait(absl::Seconds(30)), 0) << ReadFile(*dir_ + "/ctl-drop.log");
+  }
+  v1::CloseSequenceRequest c;
+  v1::CloseSequenceResponse cr;
+  c.set_tenant("u");
+  c.set_sequence_id("share-1");
+  c.set_drop(true);
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::CloseSequence, c, &cr).error_code(), StatusCode::OK);
+  ASSERT_TRUE(Call(&v1::KvRecall::Stub::Stats, sreq, &stats).ok());
+  EXPECT_EQ(stats.stored_bytes(), before.stored_bytes());
+  EXPECT_EQ(stats.blocks(), before.blocks());
+}
+
 TEST_F(BadInputTest, ServerKeepsServingAndReportsHealthy) {
   MakeSequence("alive");
   EXPECT_EQ(Retrieve(GoodRetrieve("alive")), StatusCode::OK);
