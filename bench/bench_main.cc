@@ -1,12 +1,15 @@
 // kvrecall-bench: the project's benchmark programs, one subcommand each, JSON on stdout.
 //
 //   kvrecall-bench transport --transports=tcp --json     UCX put path (see transport_bench.h)
+//   kvrecall-bench index --method=ctkvr --json            indices vs exact (see index_bench.h)
+//   kvrecall-bench store --json                           arena and prefix sharing (store_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "bench/index_bench.h"
 #include "bench/store_bench.h"
 #include "bench/transport_bench.h"
 
@@ -17,6 +20,9 @@ constexpr char kUsage[] =
     "  transport   RemoteWriter::PutAll rows/s, GB/s and latency over a UCX transport\n"
     "              flags: --transports=tcp|posix,sysv,cma,self|inproc --row_bytes=512\n"
     "                     --rows_per_put_batch=1024 --large_put_bytes=4194304 --seconds=3 --threads=1\n"
+    "  index       retrieval indices vs exact on the same data: quality, build, search latency\n"
+    "              flags: --method=ctkvr,cluster,merged --tokens=98304 --budget=1024 --head_dim=128\n"
+    "                     --group=4 (see bench/index_bench.h)\n"
     "  store       arena ingest vs memcpy, prefix sharing of 16 sessions (flags: see bench/store_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
@@ -59,6 +65,10 @@ int main(int argc, char** argv) {
   bool compact = false;
   for (const auto& a : args) compact |= a == "--json";
   if (cmd == "transport") return Transport(args, compact);
+  if (cmd == "index") {
+    return RunJson("index", [](const std::vector<std::string>& a) { return kvrecall::bench::RunIndexBench(a); },
+                   args, compact);
+  }
   if (cmd == "store") {
     return RunJson("store", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStoreBench(a); },
                    args, compact);

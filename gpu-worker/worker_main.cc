@@ -27,6 +27,7 @@
 #include "common/units.h"
 #include "gpu-worker/backends/backend.h"
 #include "gpu-worker/engine/engine.h"
+#include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
 #include "nlohmann/json.hpp"
 
@@ -53,6 +54,8 @@ ABSL_FLAG(bool, compare_dense, false, "also decode densely (teacher-forced on th
 ABSL_FLAG(int, threads, 0, "CPU threads (0 = every core)");
 ABSL_FLAG(std::string, json, "", "write a JSON report here");
 ABSL_FLAG(std::string, sequence_id, "", "sequence id on the tier (default: generated)");
+ABSL_FLAG(std::string, dump_qk, "", "write the run's post-RoPE Q/K/V (prompt and decode) to this directory, in the "
+          "format kvrecall-bench index reads (indexer/qk_dump.h)");
 
 namespace kvrecall::worker {
 namespace {
@@ -127,6 +130,13 @@ absl::Status Generate() {
   eo.window_tokens = absl::GetFlag(FLAGS_window_tokens);
   eo.dense_layers = absl::GetFlag(FLAGS_dense_layers);
   eo.num_threads = threads;
+  std::string id = absl::GetFlag(FLAGS_sequence_id);
+  if (id.empty()) id = absl::StrCat("gen-", absl::ToUnixMicros(absl::Now()));
+  std::unique_ptr<QkDumper> dumper;
+  if (!absl::GetFlag(FLAGS_dump_qk).empty()) {
+    dumper = std::make_unique<QkDumper>(cfg, id);
+    eo.observer = dumper.get();
+  }
 
   std::unique_ptr<client::Tier> tier;
   if (sparse) {
@@ -150,6 +160,7 @@ absl::Status Generate() {
   if (compare) {
     EngineOptions d = eo;
     d.sparse = false;
+    d.observer = nullptr;
     ASSIGN_OR_RETURN(dense, Engine::Create(model.get(), nullptr, spec, d));
   }
 
@@ -159,8 +170,6 @@ absl::Status Generate() {
   const absl::Time t_prefill = absl::Now();
   ASSIGN_OR_RETURN(PromptKV kv, engine->Prefill(prompt, &logits));
   const double prefill_s = absl::ToDoubleSeconds(absl::Now() - t_prefill);
-  std::string id = absl::GetFlag(FLAGS_sequence_id);
-  if (id.empty()) id = absl::StrCat("gen-", absl::ToUnixMicros(absl::Now()));
   const absl::Time t_push = absl::Now();
   RETURN_IF_ERROR(engine->AddSequence(id, kv));
   const double push_s = absl::ToDoubleSeconds(absl::Now() - t_push);
@@ -255,6 +264,12 @@ absl::Status Generate() {
                             {"dense_tokens_per_second", dense_s > 0 ? steps / dense_s : 0.0}};
     }
     std::ofstream(path) << j.dump(2) << "\n";
+  }
+  if (dumper != nullptr) {
+    RETURN_IF_ERROR(dumper->Write(absl::GetFlag(FLAGS_dump_qk), spec.model_id, static_cast<int64_t>(prompt.size()),
+                                  spec.kv_dtype));
+    std::cout << "Q/K dump       " << dumper->tokens() << " tokens x " << cfg.num_layers << " layers -> "
+              << absl::GetFlag(FLAGS_dump_qk) << "\n";
   }
   if (tier) RETURN_IF_ERROR(engine->RemoveSequence(id));
   return absl::OkStatus();

@@ -84,6 +84,7 @@ absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::
       RETURN_IF_ERROR(model_->Qkv(l, x.data(), pos, q.data(), k, v));
       RoundKv(k, C * rowf);
       RoundKv(v, C * rowf);
+      if (options_.observer != nullptr) options_.observer->OnQkv(l, {}, pos, q.data(), k, v);
       const float* K = p.k[l].data();
       const float* V = p.v[l].data();
       pool_.ParallelFor(C * Hkv, [&](int64_t i) {
@@ -207,6 +208,7 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
     RETURN_IF_ERROR(model_->Qkv(l, x.data(), pos, q.data(), k, v));
     RoundKv(k, B * rowf);
     RoundKv(v, B * rowf);
+    if (options_.observer != nullptr) options_.observer->OnQkv(l, ids, pos, q.data(), k, v);
     const bool sparse = IsSparse(l);
     // Store the new rows locally.
     for (int i = 0; i < B; ++i) {

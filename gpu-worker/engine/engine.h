@@ -27,6 +27,18 @@
 
 namespace kvrecall::worker {
 
+// Sees the post-RoPE q, k and v of every token the engine runs (prefill chunks and decode steps),
+// e.g. to dump real Q/K traces. Called on the engine's thread.
+//   positions: n token positions; q: [n][num_heads][head_dim]; k, v: [n][num_kv_heads][head_dim]
+//   (k and v already rounded to the KV dtype). In a decode step row i belongs to ids[i]; during
+//   prefill ids is empty.
+class QkvObserver {
+ public:
+  virtual ~QkvObserver() = default;
+  virtual void OnQkv(int layer, absl::Span<const std::string> ids, absl::Span<const int32_t> positions,
+                     const float* q, const float* k, const float* v) = 0;
+};
+
 struct EngineOptions {
   bool sparse = true;        // false: all layers dense, no tier
   int dense_layers = 2;      // layers [0, dense_layers) always dense
@@ -36,6 +48,7 @@ struct EngineOptions {
   client::Method method = client::Method::kExact;
   int prefill_chunk = 512;   // prompt tokens per forward pass during prefill
   int num_threads = 0;       // attention threads (0 = every core)
+  QkvObserver* observer = nullptr;  // not owned; may be null
 };
 
 // K/V of a prompt for every layer, as the engine stores them (fp32 values rounded to kv_dtype).

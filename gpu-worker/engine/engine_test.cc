@@ -7,7 +7,9 @@
 
 #include "common/testing/status_matchers.h"
 #include "gtest/gtest.h"
+#include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
+#include "indexer/qk_dump.h"
 
 namespace kvrecall::worker {
 namespace {
@@ -93,6 +95,34 @@ TEST_F(EngineTest, SmallBudgetRecallsOnlyTheBudget) {
   EXPECT_EQ(sparse->counters().recalled_rows, 4 * 2 * 2 * 8);
   EXPECT_GT(max_diff, 0.0f) << "8 of ~280 middle tokens cannot reproduce dense attention exactly";
   EXPECT_TRUE(std::isfinite(max_diff));
+}
+
+TEST_F(EngineTest, DumpsTheQkvItRanInTheIndexerFormat) {
+  QkDumper dumper(model_->config(), "s");
+  EngineOptions o = Options(8);
+  o.observer = &dumper;
+  ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier_.get(), spec_, o));
+  std::vector<float> logits;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, sparse->Prefill(prompt_, &logits));
+  ASSERT_OK(sparse->AddSequence("s", kv));
+  const std::string id = "s";
+  const int32_t next = 5;
+  ASSERT_OK(sparse->Step({&id, 1}, {&next, 1}, &logits));
+  const std::string dir = ::testing::TempDir() + "/qk_dump." + std::to_string(getpid());
+  ASSERT_OK(dumper.Write(dir, "tiny", 300, DType::kF32));
+  ASSERT_OK_AND_ASSIGN(indexer::QkDumpHeader h, indexer::ReadQkDumpHeader(dir));
+  EXPECT_EQ(h.tokens, 301);
+  EXPECT_EQ(h.prompt_tokens, 300);
+  ASSERT_OK_AND_ASSIGN(indexer::QkDumpLayer layer, indexer::ReadQkDumpLayer(dir, h, 3));
+  // The dumped keys are the keys the engine stored: compare the prompt's layer-3 KV.
+  const int kvh = spec_.num_kv_heads, d = spec_.head_dim;
+  for (int t : {0, 150, 299}) {
+    for (int hh = 0; hh < kvh; ++hh) {
+      for (int j = 0; j < d; ++j) {
+        ASSERT_EQ(layer.k[(static_cast<size_t>(hh) * 301 + t) * d + j], kv.k[3][(static_cast<size_t>(t) * kvh + hh) * d + j]);
+      }
+    }
+  }
 }
 
 TEST_F(EngineTest, RejectsBadInput) {

@@ -1,0 +1,384 @@
+#include "indexer/index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "indexer/internal/search.h"
+#include "indexer/kernels.h"
+
+namespace kvrecall::indexer {
+
+absl::string_view MethodName(Method m) {
+  switch (m) {
+    case Method::kExact:
+      return "exact";
+    case Method::kCtkvr:
+      return "ctkvr";
+    case Method::kCluster:
+      return "cluster";
+    case Method::kMerged:
+      return "merged";
+  }
+  return "?";
+}
+
+absl::StatusOr<Method> ParseMethod(absl::string_view name) {
+  for (Method m : {Method::kExact, Method::kCtkvr, Method::kCluster, Method::kMerged}) {
+    if (name == MethodName(m)) return m;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown index method '", name, "' (exact, ctkvr, cluster, merged)"));
+}
+
+namespace internal {
+
+void ForChunks(ThreadPool* pool, int64_t n, int64_t chunk,
+               const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  auto one = [&](int64_t c) { fn(c * chunk, std::min(n, (c + 1) * chunk)); };
+  if (pool != nullptr && chunks > 1) {
+    pool->ParallelFor(chunks, one);
+  } else {
+    for (int64_t c = 0; c < chunks; ++c) one(c);
+  }
+}
+
+void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
+                 std::vector<const uint8_t*>* out) {
+  out->resize(static_cast<size_t>(end - begin));
+  for (int64_t t = begin; t < end; ++t) (*out)[t - begin] = keys.row(t);
+}
+
+double LogSumExp(const float* x, int64_t n, kernels::Isa isa) {
+  if (n <= 0) return -std::numeric_limits<double>::infinity();
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  return static_cast<double>(mx) + std::log(kernels::SumExp(x, n, mx, isa));
+}
+
+namespace {
+
+void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows, Hits* out) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const int d = s.keys->head_dim;
+  out->units = n;
+  out->unit_end.clear();
+  out->logits.resize(static_cast<size_t>(n) * s.group);
+  kernels::QueryKeyDots(s.keys->dtype, rows.data(), n, d, s.scaled_queries, s.group,
+                        out->logits.data(), n, s.isa);
+  out->lse.resize(static_cast<size_t>(s.group));
+  for (int h = 0; h < s.group; ++h) out->lse[h] = LogSumExp(out->logits.data() + h * n, n, s.isa);
+}
+
+}  // namespace
+
+void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out) {
+  out->tokens.resize(static_cast<size_t>(end - begin));
+  for (int64_t t = begin; t < end; ++t) out->tokens[t - begin] = static_cast<int32_t>(t);
+  thread_local std::vector<const uint8_t*> rows;
+  RowPointers(*s.keys, begin, end, &rows);
+  FinishHits(s, rows, out);
+}
+
+void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out) {
+  thread_local std::vector<const uint8_t*> rows;
+  rows.resize(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) rows[i] = s.keys->row(tokens[i]);
+  out->tokens.assign(tokens.begin(), tokens.end());
+  FinishHits(s, rows, out);
+}
+
+void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
+                    std::vector<int32_t>* out) {
+  out->clear();
+  std::vector<const Hits*> hits;
+  for (const Hits& h : hits_in)
+    if (h.units > 0) hits.push_back(&h);
+  std::sort(hits.begin(), hits.end(),
+            [](const Hits* a, const Hits* b) { return a->token_data()[0] < b->token_data()[0]; });
+  std::vector<double> lse(static_cast<size_t>(group), -std::numeric_limits<double>::infinity());
+  for (int h = 0; h < group; ++h) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (const Hits* x : hits) mx = std::max(mx, x->lse[h]);
+    if (!std::isfinite(mx)) continue;
+    double z = 0;
+    for (const Hits* x : hits) z += std::exp(x->lse[h] - mx);
+    lse[h] = mx + std::log(z);
+  }
+  bool single = true;
+  int64_t total_units = 0, total_tokens = 0;
+  for (const Hits* x : hits) {
+    single = single && x->unit_end.empty();
+    total_units += x->units;
+    total_tokens += x->token_count();
+  }
+  if (k <= 0 || total_tokens == 0) return;
+  std::vector<float> shift(static_cast<size_t>(group));
+  for (int h = 0; h < group; ++h) shift[h] = static_cast<float>(lse[h]);
+  auto rank = [&](const Hits& x, std::vector<float>* v, size_t at) {
+    const int64_t u = x.units;
+    float* dst = v->data() + at;
+    for (int64_t i = 0; i < u; ++i) dst[i] = x.logits[i] - shift[0];
+    for (int h = 1; h < group; ++h) {
+      const float* l = x.logits.data() + h * u;
+      const float sh = shift[h];
+      for (int64_t i = 0; i < u; ++i) dst[i] = std::max(dst[i], l[i] - sh);
+    }
+  };
+  thread_local std::vector<float> v;
+  v.resize(static_cast<size_t>(total_units));
+  size_t at = 0;
+  for (const Hits* x : hits) {
+    rank(*x, &v, at);
+    at += static_cast<size_t>(x->units);
+  }
+  if (single) {
+    thread_local std::vector<int32_t> idx;
+    kernels::TopK(v.data(), total_units, k, &idx);
+    // idx is ascending and hits are ordered by token, so mapping keeps ascending order.
+    out->reserve(idx.size());
+    size_t hi = 0;
+    int64_t base = 0;
+    for (int32_t i : idx) {
+      while (i >= base + hits[hi]->units) base += hits[hi++]->units;
+      out->push_back(hits[hi]->token_data()[i - base]);
+    }
+    return;
+  }
+  struct Unit {
+    float v;
+    int32_t first;
+    const int32_t* begin;
+    const int32_t* end;
+  };
+  thread_local std::vector<Unit> units;
+  units.clear();
+  units.reserve(static_cast<size_t>(total_units));
+  at = 0;
+  for (const Hits* x : hits) {
+    const int32_t* tok = x->token_data();
+    for (int64_t u = 0; u < x->units; ++u) {
+      const int32_t b =
+          x->unit_end.empty() ? static_cast<int32_t>(u) : (u == 0 ? 0 : x->unit_end[u - 1]);
+      const int32_t e = x->unit_end.empty() ? static_cast<int32_t>(u + 1) : x->unit_end[u];
+      if (e > b) units.push_back(Unit{v[at + u], tok[b], tok + b, tok + e});
+    }
+    at += static_cast<size_t>(x->units);
+  }
+  // Best units first (ties: lower first token), popped from a heap only until the budget is full.
+  auto worse = [](const Unit& a, const Unit& b) {
+    return a.v < b.v || (a.v == b.v && a.first > b.first);
+  };
+  std::make_heap(units.begin(), units.end(), worse);
+  auto end = units.end();
+  while (end != units.begin() && static_cast<int64_t>(out->size()) < k) {
+    std::pop_heap(units.begin(), end, worse);
+    --end;
+    for (const int32_t* t = end->begin; t != end->end && static_cast<int64_t>(out->size()) < k; ++t)
+      out->push_back(*t);
+  }
+  std::sort(out->begin(), out->end());
+}
+
+namespace {
+
+class ExactSegment final : public Segment {
+ public:
+  explicit ExactSegment(const BuildInput& in)
+      : Segment(in.token_begin, in.token_end, in.keys->head_dim, in.keys->dtype) {}
+  Method method() const override { return Method::kExact; }
+  absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) override {
+    if (keys.head_dim != head_dim_ || keys.dtype != dtype_ || new_end < end_ ||
+        new_end > keys.num_tokens) {
+      return absl::InvalidArgumentError("append: shape mismatch or end outside the keys");
+    }
+    end_ = new_end;
+    return absl::OkStatus();
+  }
+  size_t MemoryBytes() const override { return 0; }
+  absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
+    const int64_t b = std::max(begin_, s.range_begin), e = std::min(end_, s.range_end);
+    if (b >= e) return absl::OkStatus();
+    ExactHits(s, b, e, out->Add());
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Segment> NewExactSegment(const BuildInput& input) {
+  return std::make_unique<ExactSegment>(input);
+}
+
+}  // namespace internal
+
+namespace {
+
+absl::Status ValidateKeys(const PagedRows* keys) {
+  if (keys == nullptr) return absl::InvalidArgumentError("null keys");
+  if (keys->head_dim <= 0) return absl::InvalidArgumentError("head_dim must be > 0");
+  if (keys->num_tokens < 0) return absl::InvalidArgumentError("negative num_tokens");
+  if (keys->num_tokens > 0) {
+    if (keys->page_tokens <= 0) return absl::InvalidArgumentError("page_tokens must be > 0");
+    if (keys->row_stride < static_cast<size_t>(keys->head_dim) * DTypeSize(keys->dtype)) {
+      return absl::InvalidArgumentError("row_stride smaller than a row");
+    }
+    const int64_t pages = (keys->num_tokens + keys->page_tokens - 1) / keys->page_tokens;
+    if (static_cast<int64_t>(keys->pages.size()) < pages) {
+      return absl::InvalidArgumentError(absl::StrCat(keys->num_tokens, " tokens need ", pages,
+                                                     " pages, got ", keys->pages.size()));
+    }
+  }
+  if (keys->num_tokens > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("more than 2^31-1 tokens");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateEntry(const SearchEntry& e, std::vector<const Segment*>* sorted) {
+  RETURN_IF_ERROR(ValidateKeys(e.keys));
+  if (e.queries == nullptr) return absl::InvalidArgumentError("null queries");
+  if (e.group <= 0) return absl::InvalidArgumentError("group must be > 0");
+  if (e.k < 0) return absl::InvalidArgumentError("k must be >= 0");
+  if (!(e.scale >= 0) || !std::isfinite(e.scale))
+    return absl::InvalidArgumentError("scale must be finite and >= 0");
+  if (e.token_begin < 0 || e.token_begin > e.token_end || e.token_end > e.keys->num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("token range [", e.token_begin, ", ",
+                                                   e.token_end, ") outside [0, ",
+                                                   e.keys->num_tokens, ")"));
+  }
+  const int64_t nq = static_cast<int64_t>(e.group) * e.keys->head_dim;
+  for (int64_t i = 0; i < nq; ++i) {
+    if (!std::isfinite(e.queries[i]))
+      return absl::InvalidArgumentError("queries contain NaN or Inf");
+  }
+  *sorted = e.segments;
+  for (const Segment* s : *sorted) {
+    if (s == nullptr) return absl::InvalidArgumentError("null segment");
+    if (s->head_dim() != e.keys->head_dim || s->dtype() != e.keys->dtype) {
+      return absl::InvalidArgumentError("segment head_dim/dtype differ from the keys");
+    }
+    if (s->token_end() > e.keys->num_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("segment [", s->token_begin(), ", ",
+                                                     s->token_end(), ") outside the ",
+                                                     e.keys->num_tokens, " keys"));
+    }
+  }
+  std::sort(sorted->begin(), sorted->end(),
+            [](const Segment* a, const Segment* b) { return a->token_begin() < b->token_begin(); });
+  for (size_t i = 1; i < sorted->size(); ++i) {
+    if ((*sorted)[i]->token_begin() < (*sorted)[i - 1]->token_end()) {
+      return absl::InvalidArgumentError("segments overlap");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& options,
+                    ThreadPool* pool, std::vector<std::vector<int32_t>>* out) {
+  std::vector<std::vector<const Segment*>> sorted(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (absl::Status st = ValidateEntry(entries[i], &sorted[i]); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("entry ", i, ": ", st.message()));
+    }
+  }
+  if (options.ctkvr_probe < 0) return absl::InvalidArgumentError("ctkvr_probe must be >= 0");
+  std::vector<std::vector<int32_t>> result(entries.size());
+  std::vector<absl::Status> status(entries.size());
+  const kernels::Isa isa = kernels::BestIsa();
+  auto one = [&](int64_t i) {
+    const SearchEntry& e = entries[i];
+    const int d = e.keys->head_dim;
+    const float scale =
+        e.scale > 0 ? e.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+    std::vector<float> scaled(static_cast<size_t>(e.group) * d), unit(scaled.size());
+    for (int h = 0; h < e.group; ++h) {
+      const float* q = e.queries + static_cast<size_t>(h) * d;
+      double norm = 0;
+      for (int j = 0; j < d; ++j) norm += static_cast<double>(q[j]) * q[j];
+      const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
+      for (int j = 0; j < d; ++j) {
+        scaled[static_cast<size_t>(h) * d + j] = q[j] * scale;
+        unit[static_cast<size_t>(h) * d + j] = q[j] * inv;
+      }
+    }
+    internal::SegmentSearch s;
+    s.scaled_queries = scaled.data();
+    s.unit_queries = unit.data();
+    s.group = e.group;
+    s.keys = e.keys;
+    s.range_begin = e.token_begin;
+    s.range_end = e.token_end;
+    s.k = e.k;
+    s.ctkvr_probe = options.ctkvr_probe;
+    s.isa = isa;
+    thread_local internal::HitsList hits;
+    hits.Reset();
+    int64_t cursor = e.token_begin;
+    for (const Segment* seg : sorted[i]) {
+      const int64_t b = std::max(seg->token_begin(), e.token_begin),
+                    en = std::min(seg->token_end(), e.token_end);
+      if (b >= en) continue;
+      if (cursor < b) internal::ExactHits(s, cursor, b, hits.Add());
+      if (absl::Status st = seg->SearchInternal(s, &hits); !st.ok()) {
+        status[i] = st;
+        return;
+      }
+      cursor = std::max(cursor, en);
+    }
+    if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, hits.Add());
+    internal::SelectFromHits(hits.view(), e.group, e.k, &result[i]);
+  };
+  if (pool != nullptr && entries.size() > 1) {
+    pool->ParallelFor(static_cast<int64_t>(entries.size()), one);
+  } else {
+    for (size_t i = 0; i < entries.size(); ++i) one(static_cast<int64_t>(i));
+  }
+  for (const absl::Status& st : status) RETURN_IF_ERROR(st);
+  *out = std::move(result);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(Method method, const BuildInput& input,
+                                                      const IndexOptions& options,
+                                                      ThreadPool* pool) {
+  RETURN_IF_ERROR(ValidateKeys(input.keys));
+  if (input.token_begin < 0 || input.token_begin >= input.token_end ||
+      input.token_end > input.keys->num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("segment range [", input.token_begin, ", ",
+                                                   input.token_end, ") empty or outside [0, ",
+                                                   input.keys->num_tokens, ")"));
+  }
+  if (!(input.scale >= 0) || !std::isfinite(input.scale)) {
+    return absl::InvalidArgumentError("scale must be finite and >= 0");
+  }
+  switch (method) {
+    case Method::kExact:
+      return internal::NewExactSegment(input);
+    case Method::kCtkvr:
+      return internal::BuildCtkvrSegment(input, options.ctkvr, pool);
+    case Method::kCluster:
+      return internal::BuildClusterSegment(input, options.cluster, pool);
+    case Method::kMerged:
+      return absl::InvalidArgumentError(
+          "merged is a compressed representation, not a search index: use indexer/merged.h");
+  }
+  return absl::InvalidArgumentError("unknown method");
+}
+
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,
+                                                      const BuildInput& input,
+                                                      const IndexOptions& options,
+                                                      ThreadPool* pool) {
+  ASSIGN_OR_RETURN(Method m, ParseMethod(method));
+  return BuildSegment(m, input, options, pool);
+}
+
+}  // namespace kvrecall::indexer

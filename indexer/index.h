@@ -1,0 +1,189 @@
+// Retrieval indices over one (layer, kv-head)'s post-RoPE keys: one interface, four methods.
+//
+//   exact   — every key scored; the oracle (indexer/exact.h has the original one-call form).
+//   ctkvr   — CTKVR (arXiv 2512.15550): C query centroids = real prompt queries picked by position,
+//             each with an inverted list of its top-ρ keys; a search scores the new query group
+//             against the centroids, unions the lists of the best m, scores those candidates
+//             exactly and keeps the top-k. The default method.
+//   cluster — ClusterKV (arXiv 2412.03213): spherical k-means over keys (cosine assignment,
+//             centroid = mean of the raw keys, ~1 cluster per 80 tokens, 20 iterations, seeded
+//             random init); a search ranks clusters by q·centroid and takes whole clusters until
+//             the budget is full (the last one truncated, lowest token ids first). No token-level
+//             re-scoring.
+//   merged  — CentroidKV (arXiv 2506.11418) is not a search index: merged centroids replace
+//             tokens. It lives in indexer/merged.h; BuildSegment rejects it.
+//
+// GQA (ARCHITECTURE.md §1): one selection per kv-head for its whole query group. Token score
+//   score(t) = max_h p_h(t),  p_h(t) = softmax over the retrieval range of (q_h · k_t · scale),
+// exactly as exact.h. Coarse levels use the analogue:
+//   ctkvr   — a centroid is one prompt position's whole query group [group][head_dim]; its list is
+//             that group's top-ρ tokens by score(t) over the segment; the similarity of the new
+//             group to a centroid is the mean over heads of cos(q_h, c_h). Candidates are scored
+//             with the exact group score. Each head's softmax normaliser over the segment is
+//             estimated as log Σ exp over the candidates minus log(share of the best centroid's
+//             own mass that its list holds), so that candidates are not over-rated next to other
+//             segments' tokens.
+//   cluster — a cluster's score is max_h of the per-head softmax (over clusters, each weighted by
+//             its size) of q_h · centroid · scale, i.e. the probability of its average token.
+//
+// Segments (ARCHITECTURE.md §3): a Segment indexes a contiguous token range [token_begin,
+// token_end) of one (layer, kv-head) — e.g. a shared prefix segment plus the sequence's growing
+// suffix segment. Search takes every segment of a sequence, restricts them to the entry's
+// retrieval range, scans tokens of the range that no segment covers exactly (recent decode tokens
+// not yet appended), and merges with one softmax normaliser per head over the whole range. For
+// exact, searching any split into segments equals searching one segment.
+//
+// Append (decode-time keys): exact just extends its range; ctkvr scores the new keys against
+// every centroid and keeps each list the top-ρ of (old list ∪ new keys) under the updated
+// normalisers (a key dropped from a list earlier does not come back); cluster holds appended
+// keys as pending — scored exactly at search — until W have accumulated, then clusters those W
+// into `append_clusters` new clusters.
+//
+// Keys are never copied into an index: every call gets a PagedRows view of the sequence's keys of
+// that (layer, kv-head) (ids are positions in that view), which must cover the segments' ranges.
+#ifndef KVRECALL_INDEXER_INDEX_H_
+#define KVRECALL_INDEXER_INDEX_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "common/thread_pool.h"
+#include "indexer/paged_rows.h"
+
+namespace kvrecall::indexer {
+
+enum class Method : uint8_t { kExact = 0, kCtkvr = 1, kCluster = 2, kMerged = 3 };
+
+absl::string_view MethodName(Method m);  // "exact" | "ctkvr" | "cluster" | "merged"
+absl::StatusOr<Method> ParseMethod(absl::string_view name);  // INVALID_ARGUMENT if unknown
+
+struct CtkvrOptions {
+  // C: query centroids, picked evenly by position from the given prompt queries (the last one
+  // always included). Build cost is C × group × tokens × head_dim multiply-adds; the build keeps
+  // a per-thread scratch of C × group × tokens floats for later builds (12 MiB at 8 × 4 × 96K).
+  int centroids = 8;
+  // ρ: inverted-list length per centroid (its top-ρ tokens by group score).
+  int list_size = 2048;
+  // m: centroids probed per search (union of their lists = candidates).
+  int probe = 1;
+};
+
+struct ClusterOptions {
+  int tokens_per_cluster = 80;  // clusters = max(1, tokens / this) at build
+  int iterations = 20;          // spherical k-means iterations
+  int append_every = 320;       // W: appended tokens are clustered once W have accumulated;
+                                // until then they are scored exactly as single tokens
+  int append_clusters = 4;      // clusters made from each W appended tokens
+  uint64_t seed = 1;            // random initial centroids (distinct tokens); deterministic
+};
+
+struct IndexOptions {
+  CtkvrOptions ctkvr;
+  ClusterOptions cluster;
+};
+
+// What a segment is built from.
+struct BuildInput {
+  const PagedRows* keys = nullptr;  // [num_tokens][head_dim] of keys.dtype, post-RoPE
+  int64_t token_begin = 0;          // indexed range [token_begin, token_end) of `keys`
+  int64_t token_end = 0;
+  // ctkvr only: the prompt's last queries for this kv-head's group, in position order,
+  // [num_prompt_queries][group][head_dim] fp32 post-RoPE (query position-major, then q-head of the
+  // group in order). Other methods ignore them.
+  const float* prompt_queries = nullptr;
+  int num_prompt_queries = 0;
+  int group = 0;
+  float scale = 0;  // softmax scale; 0 means 1/sqrt(head_dim)
+};
+
+namespace internal {
+struct Hits;
+class HitsList;
+struct SegmentSearch;
+}  // namespace internal
+
+// One index segment. Thread safety: const methods may run concurrently; Append must not overlap
+// any other call on the same segment (the owner serialises writers, e.g. with a reader/writer
+// lock). The keys a segment was built on must not change (committed rows never do).
+class Segment {
+ public:
+  virtual ~Segment() = default;
+  virtual Method method() const = 0;
+  int64_t token_begin() const { return begin_; }
+  int64_t token_end() const { return end_; }  // exclusive; grows with Append
+
+  // Extends the segment to [token_begin(), new_end). `keys` is the (grown) view of the same rows.
+  // INVALID_ARGUMENT if new_end < token_end() or new_end > keys.num_tokens or the shape differs.
+  // On error the segment is unchanged. `pool` may be null.
+  virtual absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) = 0;
+
+  // Approximate heap bytes held by the index (not the keys).
+  virtual size_t MemoryBytes() const = 0;
+
+  // Implementation hook of Search(); not for callers. Appends scored units to *out.
+  virtual absl::Status SearchInternal(const internal::SegmentSearch& s,
+                                      internal::HitsList* out) const = 0;
+
+ protected:
+  Segment(int64_t begin, int64_t end, int head_dim, DType dtype)
+      : begin_(begin), end_(end), head_dim_(head_dim), dtype_(dtype) {}
+
+ public:
+  int head_dim() const { return head_dim_; }
+  DType dtype() const { return dtype_; }
+
+ protected:
+  int64_t begin_;
+  int64_t end_;
+  int head_dim_;
+  DType dtype_;
+};
+
+// Builds a segment of `method` over input.keys rows [token_begin, token_end). Spreads work over
+// `pool` (may be null). INVALID_ARGUMENT for: merged (not a search index), empty or out-of-range
+// token ranges, null keys, head_dim <= 0, non-positive options, and for ctkvr missing prompt
+// queries (num_prompt_queries <= 0, group <= 0) or non-finite ones.
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(Method method, const BuildInput& input,
+                                                      const IndexOptions& options,
+                                                      ThreadPool* pool);
+// The same, by method name ("exact", "ctkvr", "cluster").
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,
+                                                      const BuildInput& input,
+                                                      const IndexOptions& options,
+                                                      ThreadPool* pool);
+
+// One search: a kv-head's query group against all segments of its sequence.
+struct SearchEntry {
+  const float* queries = nullptr;  // [group][head_dim] fp32, post-RoPE
+  int group = 0;
+  const PagedRows* keys = nullptr;  // the sequence's keys of this (layer, kv-head)
+  // Segments of the sequence (any order, disjoint ranges); may be empty (then all exact).
+  std::vector<const Segment*> segments;
+  int64_t token_begin = 0;  // retrieval range [token_begin, token_end) (sinks and window excluded)
+  int64_t token_end = 0;
+  int k = 0;        // budget: tokens to select; more than the range holds selects the whole range
+  float scale = 0;  // 0 means 1/sqrt(head_dim)
+};
+
+// Per-call search knobs; 0 keeps the segment's build-time value.
+struct SearchOptions {
+  int ctkvr_probe = 0;  // m
+};
+
+// Runs every entry (spread over `pool`, may be null). On OK, (*out)[i] holds the min(k, range
+// size) selected token ids of entry i in ascending order. INVALID_ARGUMENT (and *out untouched)
+// if any entry has null pointers, group <= 0, k < 0, a range outside its keys, NaN/Inf queries,
+// a segment whose range lies outside the keys, overlapping segments, or a segment whose head_dim
+// or dtype differs from the keys.
+absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& options,
+                    ThreadPool* pool, std::vector<std::vector<int32_t>>* out);
+
+}  // namespace kvrecall::indexer
+
+#endif  // KVRECALL_INDEXER_INDEX_H_

@@ -1,0 +1,300 @@
+#include "indexer/index.h"
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "common/testing/status_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "indexer/exact.h"
+#include "indexer/synthetic.h"
+
+namespace kvrecall::indexer {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+using ::testing::ElementsAre;
+
+// fp32 keys in pages of 4 tokens.
+struct Keys {
+  std::vector<std::vector<float>> pages;
+  PagedRows rows;
+  Keys(const std::vector<std::vector<float>>& keys, int d) {
+    rows.page_tokens = 4;
+    rows.head_dim = d;
+    rows.dtype = DType::kF32;
+    rows.row_stride = static_cast<size_t>(d) * sizeof(float);
+    rows.num_tokens = static_cast<int64_t>(keys.size());
+    for (size_t t = 0; t < keys.size(); ++t) {
+      if (t % 4 == 0) pages.emplace_back(static_cast<size_t>(4 * d), 0.0f);
+      std::copy(keys[t].begin(), keys[t].end(),
+                pages.back().begin() + static_cast<int64_t>(t % 4) * d);
+    }
+    for (auto& p : pages) rows.pages.push_back(reinterpret_cast<const uint8_t*>(p.data()));
+  }
+};
+
+SearchEntry Entry(const float* q, int group, const PagedRows* keys, int64_t b, int64_t e, int k,
+                  std::vector<const Segment*> segs = {}) {
+  SearchEntry s;
+  s.queries = q;
+  s.group = group;
+  s.keys = keys;
+  s.segments = std::move(segs);
+  s.token_begin = b;
+  s.token_end = e;
+  s.k = k;
+  s.scale = 1.0f;
+  return s;
+}
+
+std::vector<int32_t> SearchOne(const SearchEntry& e) {
+  std::vector<std::vector<int32_t>> out;
+  EXPECT_OK(Search({&e, 1}, {}, nullptr, &out));
+  return out.empty() ? std::vector<int32_t>{} : out[0];
+}
+
+std::unique_ptr<SyntheticData> Data(int64_t tokens, uint64_t seed = 1) {
+  SyntheticOptions o;
+  o.tokens = tokens;
+  o.head_dim = 32;
+  o.group = 4;
+  o.prompt_queries = 256;
+  o.decode_queries = 4;
+  o.sinks = 4;
+  o.window = 32;
+  o.needles = 4;
+  o.seed = seed;
+  auto d = GenerateSynthetic(o);
+  EXPECT_OK(d.status());
+  return std::move(d).value();
+}
+
+BuildInput Input(const SyntheticData& d, int64_t b, int64_t e) {
+  BuildInput in;
+  in.keys = &d.keys;
+  in.token_begin = b;
+  in.token_end = e;
+  in.prompt_queries = d.prompt_queries.data();
+  in.num_prompt_queries = d.num_prompt_queries;
+  in.group = d.options.group;
+  return in;
+}
+
+TEST(MethodTest, ParsesNamesAndRejectsUnknown) {
+  ASSERT_OK_AND_ASSIGN(Method m, ParseMethod("ctkvr"));
+  EXPECT_EQ(m, Method::kCtkvr);
+  EXPECT_EQ(MethodName(Method::kCluster), "cluster");
+  EXPECT_THAT(ParseMethod("faiss").status(), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// Hand-checkable: q = (1, 0) prefers tokens by their first coordinate.
+TEST(IndexTest, EveryMethodFindsTheObviousTokensOnATinyCase) {
+  Keys k({{0, 0}, {5, 0}, {1, 0}, {0, 9}, {4, 0}, {-3, 0}, {0, 0}, {4.5f, 0}}, 2);
+  const float q[2] = {1, 0};
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = 8;
+  in.prompt_queries = q;
+  in.num_prompt_queries = 1;
+  in.group = 1;
+  in.scale = 1.0f;
+  IndexOptions opt;
+  opt.ctkvr.list_size = 3;
+  for (const char* method : {"exact", "ctkvr"}) {
+    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(method, in, opt, nullptr));
+    EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 8, 3, {seg.get()})), ElementsAre(1, 4, 7))
+        << method;
+  }
+}
+
+TEST(IndexTest, ClusterTakesWholeClustersThenTruncatesByLowestId) {
+  // Two tight directions: tokens {0, 2, 4} along x, {1, 3, 5} along y.
+  Keys k({{10, 0.1f}, {0.1f, 10}, {9, 0}, {0, 9}, {11, -0.1f}, {-0.1f, 11}}, 2);
+  IndexOptions opt;
+  opt.cluster.tokens_per_cluster = 3;  // 2 clusters
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = 6;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCluster, in, opt, nullptr));
+  const float q[2] = {1, 0};
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 3, {seg.get()})), ElementsAre(0, 2, 4));
+  // Budget 4: the x cluster, then the lowest id of the y cluster.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 4, {seg.get()})), ElementsAre(0, 1, 2, 4));
+}
+
+TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
+  auto d = Data(3000);
+  const float scale = 1.0f / std::sqrt(32.0f);
+  for (int i = 0; i < 4; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    SearchEntry e = Entry(q, 4, &d->keys, 4, 2968, 100);
+    e.scale = scale;
+    SearchQuery sq{q, 4, &d->keys, 4, 2968, 100, scale};
+    std::vector<std::vector<int32_t>> want;
+    ASSERT_OK(ExactSearch({&sq, 1}, nullptr, &want));
+    EXPECT_EQ(SearchOne(e), want[0]);
+  }
+}
+
+TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
+  auto d = Data(3000);
+  IndexOptions opt;
+  ASSERT_OK_AND_ASSIGN(auto whole, BuildSegment(Method::kExact, Input(*d, 0, 3000), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto prefix, BuildSegment(Method::kExact, Input(*d, 0, 1024), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto suffix,
+                       BuildSegment(Method::kExact, Input(*d, 1024, 2500), opt, nullptr));
+  const float* q = d->decode_queries.data();
+  for (int k : {1, 50, 700}) {
+    SearchEntry one = Entry(q, 4, &d->keys, 4, 2968, k, {whole.get()});
+    // Two segments (given out of order) and an uncovered tail [2500, 2968) scanned exactly.
+    SearchEntry split = Entry(q, 4, &d->keys, 4, 2968, k, {suffix.get(), prefix.get()});
+    EXPECT_EQ(SearchOne(split), SearchOne(one)) << k;
+  }
+}
+
+TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
+  auto d = Data(2000);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 5000;
+  opt.ctkvr.probe = 1;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, Input(*d, 4, 1968), opt, nullptr));
+  for (int i = 0; i < 4; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 1968, 64, {seg.get()})),
+              SearchOne(Entry(q, 4, &d->keys, 4, 1968, 64)));
+  }
+}
+
+TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {
+  auto d = Data(8192);
+  const int64_t b = d->retrieval_begin, e = d->retrieval_end;
+  IndexOptions opt;
+  opt.ctkvr.list_size = 512;
+  ASSERT_OK_AND_ASSIGN(auto ctkvr, BuildSegment(Method::kCtkvr, Input(*d, b, e), opt, nullptr));
+  for (int i = 0; i < 4; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, b, e, 256, {ctkvr.get()}));
+    const std::vector<int32_t> want = SearchOne(Entry(q, 4, &d->keys, b, e, 256));
+    for (int32_t n : d->needle_tokens) {
+      EXPECT_TRUE(std::binary_search(want.begin(), want.end(), n)) << "exact misses needle " << n;
+      EXPECT_TRUE(std::binary_search(got.begin(), got.end(), n)) << "ctkvr misses needle " << n;
+    }
+    int common = 0;
+    for (int32_t t : got) common += std::binary_search(want.begin(), want.end(), t);
+    EXPECT_GE(common, 200);
+  }
+}
+
+TEST(IndexTest, BuildsAreDeterministicPerSeedAndIndependentOfThePool) {
+  auto d = Data(4000);
+  IndexOptions opt;
+  opt.cluster.iterations = 5;
+  ThreadPool pool(2);
+  const float* q = d->decode_queries.data();
+  for (Method m : {Method::kCtkvr, Method::kCluster}) {
+    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(m, Input(*d, 4, 3968), opt, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(m, Input(*d, 4, 3968), opt, &pool));
+    const auto ra = SearchOne(Entry(q, 4, &d->keys, 4, 3968, 300, {a.get()}));
+    EXPECT_EQ(ra, SearchOne(Entry(q, 4, &d->keys, 4, 3968, 300, {b.get()}))) << MethodName(m);
+    EXPECT_EQ(ra.size(), 300u);
+  }
+  auto d2 = Data(4000);
+  EXPECT_EQ(d->key_bytes, d2->key_bytes);
+  EXPECT_EQ(d->decode_queries, d2->decode_queries);
+  auto d3 = Data(4000, 2);
+  EXPECT_NE(d->key_bytes, d3->key_bytes);
+}
+
+TEST(IndexTest, AppendKeepsResultsCorrectAsTheSequenceGrows) {
+  auto d = Data(3000);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 4000;  // complete lists: must equal exact at every length
+  opt.cluster.append_every = 320;
+  opt.cluster.iterations = 5;
+  const float* q = d->decode_queries.data();
+  PagedRows view = d->keys;
+  view.num_tokens = 1000;
+  BuildInput in = Input(*d, 0, 1000);
+  in.keys = &view;
+  ASSERT_OK_AND_ASSIGN(auto exact, BuildSegment(Method::kExact, in, opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto ctkvr, BuildSegment(Method::kCtkvr, in, opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto cluster, BuildSegment(Method::kCluster, in, opt, nullptr));
+  for (int64_t len : {1000, 1100, 1500, 2300, 3000}) {
+    view.num_tokens = len;
+    for (Segment* s : {exact.get(), ctkvr.get(), cluster.get()})
+      ASSERT_OK(s->Append(view, len, nullptr));
+    const auto want = SearchOne(Entry(q, 4, &view, 0, len, 200));
+    EXPECT_EQ(SearchOne(Entry(q, 4, &view, 0, len, 200, {exact.get()})), want) << len;
+    EXPECT_EQ(SearchOne(Entry(q, 4, &view, 0, len, 200, {ctkvr.get()})), want) << len;
+    // Cluster: every token stays reachable (a budget of the whole range returns all of it).
+    const auto all = SearchOne(Entry(q, 4, &view, 0, len, static_cast<int>(len), {cluster.get()}));
+    ASSERT_EQ(static_cast<int64_t>(all.size()), len);
+    EXPECT_EQ(all.back(), len - 1);
+  }
+  EXPECT_THAT(exact->Append(view, 10, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ctkvr->Append(view, 4000, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(IndexTest, BadInputIsInvalidArgumentNeverACrash) {
+  auto d = Data(1000);
+  IndexOptions opt;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, Input(*d, 4, 968), opt, nullptr));
+  std::vector<float> q(d->decode_queries.begin(), d->decode_queries.begin() + 4 * 32);
+  std::vector<std::vector<int32_t>> out;
+  auto search = [&](const SearchEntry& e) { return Search({&e, 1}, {}, nullptr, &out); };
+  const auto bad = StatusIs(absl::StatusCode::kInvalidArgument);
+
+  for (float v :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    std::vector<float> qq = q;
+    qq[17] = v;
+    EXPECT_THAT(search(Entry(qq.data(), 4, &d->keys, 4, 968, 10, {seg.get()})), bad);
+    SearchQuery sq{qq.data(), 4, &d->keys, 4, 968, 10, 1.0f};
+    EXPECT_THAT(ExactSearch({&sq, 1}, nullptr, &out), bad);
+  }
+  EXPECT_THAT(search(Entry(q.data(), 0, &d->keys, 4, 968, 10)), bad);   // empty group
+  EXPECT_THAT(search(Entry(q.data(), 4, &d->keys, 4, 968, -1)), bad);   // negative budget
+  EXPECT_THAT(search(Entry(q.data(), 4, &d->keys, 4, 1001, 10)), bad);  // range outside keys
+  EXPECT_THAT(search(Entry(q.data(), 4, nullptr, 0, 0, 10)), bad);
+  EXPECT_THAT(search(Entry(nullptr, 4, &d->keys, 4, 968, 10)), bad);
+  // ctkvr segment built for group 4, searched with group 2.
+  EXPECT_THAT(search(Entry(q.data(), 2, &d->keys, 4, 968, 10, {seg.get()})), bad);
+  // Segment of another head_dim.
+  PagedRows other = d->keys;
+  other.head_dim = 16;
+  EXPECT_THAT(search(Entry(q.data(), 4, &other, 4, 968, 10, {seg.get()})), bad);
+  // Overlapping segments.
+  ASSERT_OK_AND_ASSIGN(auto seg2, BuildSegment(Method::kExact, Input(*d, 500, 900), opt, nullptr));
+  EXPECT_THAT(search(Entry(q.data(), 4, &d->keys, 4, 968, 10, {seg.get(), seg2.get()})), bad);
+  // Budget larger than the range selects the whole range; an empty range selects nothing.
+  ASSERT_OK(search(Entry(q.data(), 4, &d->keys, 100, 110, 1000, {seg.get()})));
+  EXPECT_EQ(out[0].size(), 10u);
+  ASSERT_OK(search(Entry(q.data(), 4, &d->keys, 100, 100, 1000, {seg.get()})));
+  EXPECT_TRUE(out[0].empty());
+
+  // Builds: zero tokens, out of range, missing queries, bad options, merged.
+  EXPECT_THAT(BuildSegment(Method::kExact, Input(*d, 10, 10), opt, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 0, 1001), opt, nullptr).status(), bad);
+  BuildInput noq = Input(*d, 4, 968);
+  noq.num_prompt_queries = 0;
+  EXPECT_THAT(BuildSegment(Method::kCtkvr, noq, opt, nullptr).status(), bad);
+  BuildInput nanq = Input(*d, 4, 968);
+  std::vector<float> pq = d->prompt_queries;
+  pq[5] = std::numeric_limits<float>::quiet_NaN();
+  nanq.prompt_queries = pq.data();
+  EXPECT_THAT(BuildSegment(Method::kCtkvr, nanq, opt, nullptr).status(), bad);
+  IndexOptions zero;
+  zero.cluster.tokens_per_cluster = 0;
+  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 968), zero, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment(Method::kMerged, Input(*d, 4, 968), opt, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment("nope", Input(*d, 4, 968), opt, nullptr).status(), bad);
+}
+
+}  // namespace
+}  // namespace kvrecall::indexer

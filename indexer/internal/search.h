@@ -1,0 +1,114 @@
+// Internals shared by the index implementations: the per-entry search context, scored units
+// ("hits") that segments produce, and the merge that turns hits of all segments into one
+// selection. Not part of the public API.
+#ifndef KVRECALL_INDEXER_INTERNAL_SEARCH_H_
+#define KVRECALL_INDEXER_INTERNAL_SEARCH_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/thread_pool.h"
+#include "indexer/index.h"
+#include "indexer/kernels.h"
+#include "indexer/paged_rows.h"
+
+namespace kvrecall::indexer::internal {
+
+struct SegmentSearch {
+  const float* scaled_queries = nullptr;  // [group][head_dim], already multiplied by the scale
+  const float* unit_queries = nullptr;    // [group][head_dim], each head L2-normalised (0 if zero)
+  int group = 0;
+  const PagedRows* keys = nullptr;
+  int64_t range_begin = 0;  // retrieval range; hits must lie inside it
+  int64_t range_end = 0;
+  int64_t k = 0;
+  int ctkvr_probe = 0;  // 0 = build default
+  kernels::Isa isa = kernels::Isa::kScalar;
+};
+
+// Scored units of one segment (or gap). A unit is one token or a group of tokens (a cluster)
+// taken or dropped as a whole, ranked by max_h (logit_h - lse_total_h).
+struct Hits {
+  // All tokens of all units, unit by unit: `tokens`, or, when `external` is set, the
+  // `external_size` ids it points to (a segment's own storage, alive during the search).
+  std::vector<int32_t> tokens;
+  const int32_t* external = nullptr;
+  int64_t external_size = 0;
+  const int32_t* token_data() const { return external != nullptr ? external : tokens.data(); }
+  int64_t token_count() const {
+    return external != nullptr ? external_size : static_cast<int64_t>(tokens.size());
+  }
+  std::vector<int32_t> unit_end;  // empty: one token per unit; else unit u = [end[u-1], end[u])
+  std::vector<float> logits;      // [group][units] scaled logits (a cluster: of its centroid)
+  int64_t units = 0;
+  std::vector<double> lse;  // [group] log Σ exp(logit) over the tokens these hits stand for
+};
+
+// Hits of one entry's search. Elements are reused across calls (Reset keeps their buffers), so
+// a thread-local HitsList makes the hot path allocation-free. Add may move earlier elements:
+// finish with a Hits before adding the next.
+class HitsList {
+ public:
+  Hits* Add() {
+    if (n_ == items_.size()) items_.emplace_back();
+    Hits* h = &items_[n_++];
+    h->tokens.clear();
+    h->external = nullptr;
+    h->external_size = 0;
+    h->unit_end.clear();
+    h->logits.clear();
+    h->units = 0;
+    h->lse.clear();
+    return h;
+  }
+  void PopBack() { --n_; }
+  void Reset() { n_ = 0; }
+  absl::Span<const Hits> view() const { return {items_.data(), n_}; }
+
+ private:
+  std::vector<Hits> items_;
+  size_t n_ = 0;
+};
+
+// Scores tokens [begin, end) of s.keys exactly (one unit per token).
+void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out);
+// Scores the given tokens (ascending, inside the range) exactly; lse over them only.
+void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out);
+// log Σ_i exp(x[i]) (vectorised); -inf for n == 0.
+double LogSumExp(const float* x, int64_t n, kernels::Isa isa);
+
+// Merges hits of all segments of an entry: one normaliser per head over all of them, units
+// ranked by max_h (logit - lse_h) (ties: lower first token), taken whole until k tokens (the last
+// one truncated, lowest ids first). *out: ascending ids.
+void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vector<int32_t>* out);
+
+// Row pointers for tokens [begin, end) / for the listed tokens.
+void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
+                 std::vector<const uint8_t*>* out);
+
+std::unique_ptr<Segment> NewExactSegment(const BuildInput& input);
+absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& input,
+                                                           const CtkvrOptions& options,
+                                                           ThreadPool* pool);
+absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& input,
+                                                             const ClusterOptions& options,
+                                                             ThreadPool* pool);
+
+// Spherical k-means (cosine assignment, centroid = mean of raw vectors, empty clusters keep
+// their previous centroid). x: [n][d] fp32. Initial centroids: k distinct random rows (seeded).
+// Outputs centroids [k][d] and assign[n]. k is clamped to [1, n]. Deterministic per seed for a
+// seed, independent of the pool (assignments are per row, sums are in row order).
+void SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, uint64_t seed,
+                     ThreadPool* pool, std::vector<float>* centroids, std::vector<int32_t>* assign);
+
+// Runs fn(begin, end) over [0, n) in chunks of `chunk`, on `pool` if not null.
+void ForChunks(ThreadPool* pool, int64_t n, int64_t chunk,
+               const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace kvrecall::indexer::internal
+
+#endif  // KVRECALL_INDEXER_INTERNAL_SEARCH_H_

@@ -1,0 +1,574 @@
+#include "indexer/kernels.h"
+
+// GCC 12's AVX-512 headers build "undefined" vectors as `__m512 __Y = __Y;`, which trips
+// -Wuninitialized once inlined into target-attributed functions (GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <utility>
+
+#include "absl/strings/string_view.h"
+
+#define KV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KV_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+namespace kvrecall::indexer::kernels {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference.
+
+inline float LoadOne(DType type, const uint8_t* p, int64_t j) {
+  switch (type) {
+    case DType::kF32: {
+      float f;
+      std::memcpy(&f, p + 4 * j, 4);
+      return f;
+    }
+    case DType::kBF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * j, 2);
+      return Bf16ToF32(h);
+    }
+    case DType::kF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * j, 2);
+      return F16ToF32(h);
+    }
+  }
+  return 0;
+}
+
+void ToF32Scalar(DType type, const void* src, int64_t n, float* dst) {
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = LoadOne(type, p, i);
+}
+
+float DotScalar(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[j + u] * b[j + u];
+  for (; j < n; ++j) acc[0] += a[j] * b[j];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+void QueryKeyDotsScalar(DType type, const uint8_t* const* rows, int64_t n, int d, const float* q,
+                        int nq, float* out, int64_t ld) {
+  std::vector<float> key(static_cast<size_t>(d));
+  for (int64_t i = 0; i < n; ++i) {
+    ToF32Scalar(type, rows[i], d, key.data());
+    for (int h = 0; h < nq; ++h)
+      out[h * ld + i] = DotScalar(q + static_cast<int64_t>(h) * d, key.data(), d);
+  }
+}
+
+double SumExpScalar(const float* x, int64_t n, float shift) {
+  double z = 0;
+  for (int64_t i = 0; i < n; ++i) z += std::exp(static_cast<double>(x[i]) - shift);
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C.
+
+KV_TARGET_AVX2 inline __m256 Load8(DType type, const uint8_t* p) {
+  switch (type) {
+    case DType::kF32:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    case DType::kBF16: {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+    case DType::kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  return _mm256_setzero_ps();
+}
+
+KV_TARGET_AVX2 inline float Hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+KV_TARGET_AVX2 void ToF32Avx2(DType type, const void* src, int64_t n, float* dst) {
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  const size_t es = DTypeSize(type);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Load8(type, p + i * es));
+  for (; i < n; ++i) dst[i] = LoadOne(type, p, i);
+}
+
+KV_TARGET_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  for (; j + 8 <= n; j += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+  float s = Hsum8(_mm256_add_ps(acc0, acc1));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+template <DType type, int NH>
+KV_TARGET_AVX2 void QkChunkAvx2(const uint8_t* const* rows, int64_t n, int d, const float* q,
+                                float* out, int64_t ld) {
+  const size_t es = DTypeSize(type);
+  const int d8 = d & ~7;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = rows[i];
+    __m256 acc[NH];
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) acc[h] = _mm256_setzero_ps();
+    for (int j = 0; j < d8; j += 8) {
+      const __m256 k = Load8(type, row + j * es);
+#pragma GCC unroll 16
+      for (int h = 0; h < NH; ++h)
+        acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + j), k, acc[h]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) {
+      float s = Hsum8(acc[h]);
+      for (int j = d8; j < d; ++j) s += q[h * d + j] * LoadOne(type, row, j);
+      out[h * ld + i] = s;
+    }
+  }
+}
+
+KV_TARGET_AVX2 inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+KV_TARGET_AVX2 double SumExpAvx2(const float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  double z = 0;
+  int64_t i = 0;
+  while (i + 8 <= n) {
+    __m256 acc = _mm256_setzero_ps();
+    const int64_t end = std::min<int64_t>(n & ~int64_t{7}, i + 1024);
+    for (; i < end; i += 8)
+      acc = _mm256_add_ps(acc, Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s)));
+    z += Hsum8(acc);
+  }
+  for (; i < n; ++i) z += std::exp(static_cast<double>(x[i]) - shift);
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 F/BW/VL.
+
+KV_TARGET_AVX512 inline __m512 Load16(DType type, const uint8_t* p, __mmask16 m) {
+  switch (type) {
+    case DType::kF32:
+      return _mm512_maskz_loadu_ps(m, p);
+    case DType::kBF16: {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+    case DType::kF16:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+  return _mm512_setzero_ps();
+}
+
+KV_TARGET_AVX512 inline __mmask16 TailMask(int64_t rest) {
+  return rest >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rest) - 1);
+}
+
+KV_TARGET_AVX512 void ToF32Avx512(DType type, const void* src, int64_t n, float* dst) {
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  const size_t es = DTypeSize(type);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, Load16(type, p + i * es, m));
+  }
+}
+
+KV_TARGET_AVX512 float DotAvx512(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), acc1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 m = TailMask(n - j);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+template <DType type, int NH>
+KV_TARGET_AVX512 void QkChunkAvx512(const uint8_t* const* rows, int64_t n, int d, const float* q,
+                                    float* out, int64_t ld) {
+  const size_t es = DTypeSize(type);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = rows[i];
+    if (i + 4 < n) {
+      const char* next = reinterpret_cast<const char*>(rows[i + 4]);
+      for (int off = 0; off < d * static_cast<int>(es); off += 64)
+        _mm_prefetch(next + off, _MM_HINT_T0);
+    }
+    __m512 acc[NH];
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) acc[h] = _mm512_setzero_ps();
+    const int d16 = d & ~15;
+    for (int j = 0; j < d16; j += 16) {
+      const __m512 k = Load16(type, row + j * es, 0xffff);
+#pragma GCC unroll 16
+      for (int h = 0; h < NH; ++h)
+        acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + j), k, acc[h]);
+    }
+    for (int j = d16; j < d; j += 16) {
+      const __mmask16 m = TailMask(d - j);
+      const __m512 k = Load16(type, row + j * es, m);
+#pragma GCC unroll 16
+      for (int h = 0; h < NH; ++h)
+        acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h * d + j), k, acc[h]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; ++h) out[h * ld + i] = _mm512_reduce_add_ps(acc[h]);
+  }
+}
+
+KV_TARGET_AVX512 inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+KV_TARGET_AVX512 double SumExpAvx512(const float* x, int64_t n, float shift) {
+  const __m512 s = _mm512_set1_ps(shift);
+  double z = 0;
+  int64_t i = 0;
+  while (i < n) {
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t end = std::min<int64_t>(n, i + 2048);
+    for (; i < end; i += 16) {
+      const __mmask16 m = TailMask(end - i);
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
+    }
+    z += _mm512_reduce_add_ps(acc);
+  }
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// C[i][j] = A_i . B_j with B packed as [tiles of 16 columns][d][16] (zero-padded).
+template <int R>
+KV_TARGET_AVX512 void GemmRowsAvx512(const float* a, int64_t lda, const float* bp, int64_t tiles,
+                                     int d, int64_t n, float* c, int64_t ldc) {
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* b = bp + t * d * 16;
+    __m512 acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int k = 0; k < d; ++k) {
+      const __m512 bv = _mm512_loadu_ps(b + k * 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), bv, acc[r]);
+    }
+    const __mmask16 m = TailMask(n - t * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + t * 16, m, acc[r]);
+  }
+}
+
+template <int R>
+KV_TARGET_AVX2 void GemmRowsAvx2(const float* a, int64_t lda, const float* bp, int64_t tiles, int d,
+                                 int64_t n, float* c, int64_t ldc) {
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* b = bp + t * d * 8;
+    __m256 acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int k = 0; k < d; ++k) {
+      const __m256 bv = _mm256_loadu_ps(b + k * 8);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a[r * lda + k]), bv, acc[r]);
+    }
+    alignas(32) float tmp[8];
+    const int64_t cols = std::min<int64_t>(8, n - t * 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(tmp, acc[r]);
+      std::memcpy(c + r * ldc + t * 8, tmp, static_cast<size_t>(cols) * 4);
+    }
+  }
+}
+
+Isa DetectBest() {
+  Isa best = Isa::kScalar;
+  __builtin_cpu_init();
+  // F16C by cpuid (leaf 1, ecx bit 29): clang's __builtin_cpu_supports does not know it.
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c) {
+    best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+  }
+  return best;
+}
+
+Isa HardwareBest() {
+  static const Isa best = DetectBest();
+  return best;
+}
+
+}  // namespace
+
+absl::string_view IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+  }
+  return "?";
+}
+
+bool IsaSupported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(HardwareBest()); }
+
+Isa BestIsa() {
+  static const Isa best = [] {
+    Isa b = HardwareBest();
+    if (const char* env = std::getenv("KVRECALL_ISA"); env != nullptr) {
+      const absl::string_view e(env);
+      Isa want = b;
+      if (e == "scalar") want = Isa::kScalar;
+      if (e == "avx2") want = Isa::kAvx2;
+      if (e == "avx512") want = Isa::kAvx512;
+      if (IsaSupported(want)) b = want;
+    }
+    return b;
+  }();
+  return best;
+}
+
+std::vector<Isa> SupportedIsas() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+    if (IsaSupported(i)) out.push_back(i);
+  return out;
+}
+
+void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
+  if (type == DType::kF32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+    return;
+  }
+  switch (isa) {
+    case Isa::kAvx512:
+      return ToF32Avx512(type, src, n, dst);
+    case Isa::kAvx2:
+      return ToF32Avx2(type, src, n, dst);
+    case Isa::kScalar:
+      return ToF32Scalar(type, src, n, dst);
+  }
+}
+
+float Dot(const float* a, const float* b, int64_t n, Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return DotAvx512(a, b, n);
+    case Isa::kAvx2:
+      return DotAvx2(a, b, n);
+    case Isa::kScalar:
+      break;
+  }
+  return DotScalar(a, b, n);
+}
+
+namespace {
+
+template <DType T>
+void QkTyped(const uint8_t* const* rows, int64_t n, int d, const float* qh, int nh, float* oh,
+             int64_t ld, Isa isa) {
+#define KV_CASE(N)                                 \
+  case N:                                          \
+    if (isa == Isa::kAvx512)                       \
+      QkChunkAvx512<T, N>(rows, n, d, qh, oh, ld); \
+    else                                           \
+      QkChunkAvx2<T, N>(rows, n, d, qh, oh, ld);   \
+    break;
+  switch (nh) {
+    KV_CASE(1)
+    KV_CASE(2)
+    KV_CASE(3)
+    KV_CASE(4)
+    KV_CASE(5)
+    KV_CASE(6)
+    KV_CASE(7)
+    KV_CASE(8)
+  }
+#undef KV_CASE
+}
+
+}  // namespace
+
+void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int d, const float* q, int nq,
+                  float* out, int64_t ld, Isa isa) {
+  if (isa == Isa::kScalar) return QueryKeyDotsScalar(type, rows, n, d, q, nq, out, ld);
+  for (int h0 = 0; h0 < nq; h0 += 8) {
+    const int nh = std::min(8, nq - h0);
+    const float* qh = q + static_cast<int64_t>(h0) * d;
+    float* oh = out + h0 * ld;
+    switch (type) {
+      case DType::kF32:
+        QkTyped<DType::kF32>(rows, n, d, qh, nh, oh, ld, isa);
+        break;
+      case DType::kBF16:
+        QkTyped<DType::kBF16>(rows, n, d, qh, nh, oh, ld, isa);
+        break;
+      case DType::kF16:
+        QkTyped<DType::kF16>(rows, n, d, qh, nh, oh, ld, isa);
+        break;
+    }
+  }
+}
+
+double SumExp(const float* x, int64_t n, float shift, Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return SumExpAvx512(x, n, shift);
+    case Isa::kAvx2:
+      return SumExpAvx2(x, n, shift);
+    case Isa::kScalar:
+      break;
+  }
+  return SumExpScalar(x, n, shift);
+}
+
+void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float* c, int64_t ldc,
+             Isa isa) {
+  if (m <= 0 || n <= 0) return;
+  if (isa == Isa::kScalar) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = DotScalar(a + i * d, b + j * d, d);
+    return;
+  }
+  const int w = isa == Isa::kAvx512 ? 16 : 8;
+  const int64_t tiles = (n + w - 1) / w;
+  std::vector<float> bp(static_cast<size_t>(tiles * d * w), 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int k = 0; k < d; ++k)
+      bp[static_cast<size_t>((j / w) * d * w + k * w + j % w)] = b[j * d + k];
+  for (int64_t i = 0; i < m; i += 8) {
+    const int r = static_cast<int>(std::min<int64_t>(8, m - i));
+#define KV_CASE(N)                                                               \
+  case N:                                                                        \
+    if (isa == Isa::kAvx512)                                                     \
+      GemmRowsAvx512<N>(a + i * d, d, bp.data(), tiles, d, n, c + i * ldc, ldc); \
+    else                                                                         \
+      GemmRowsAvx2<N>(a + i * d, d, bp.data(), tiles, d, n, c + i * ldc, ldc);   \
+    break;
+    switch (r) {
+      KV_CASE(1)
+      KV_CASE(2)
+      KV_CASE(3)
+      KV_CASE(4)
+      KV_CASE(5)
+      KV_CASE(6)
+      KV_CASE(7)
+      KV_CASE(8)
+    }
+#undef KV_CASE
+  }
+}
+
+namespace {
+
+// Exact selection among candidate indices (ascending) by (value desc, index asc).
+void SelectAmong(const float* v, std::vector<int32_t>* cand, int64_t k, std::vector<int32_t>* out) {
+  auto better = [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+  if (static_cast<int64_t>(cand->size()) > k) {
+    std::nth_element(cand->begin(), cand->begin() + k, cand->end(), better);
+    cand->resize(static_cast<size_t>(k));
+  }
+  out->assign(cand->begin(), cand->end());
+  std::sort(out->begin(), out->end());
+}
+
+}  // namespace
+
+void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out) {
+  out->clear();
+  k = std::clamp<int64_t>(k, 0, n);
+  if (k == 0) return;
+  thread_local std::vector<int32_t> cand;
+  cand.clear();
+  if (k == n) {
+    out->resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) (*out)[i] = static_cast<int32_t>(i);
+    return;
+  }
+  if (n > 4 * k && n > 4096) {
+    // Threshold from a strided sample, chosen a little below the sample's estimate of the k-th
+    // value; every element >= it is a candidate. If at least k pass, the true top-k are among
+    // them (their values are >= the k-th value >= the threshold); otherwise fall back.
+    constexpr int64_t kSample = 4096;
+    thread_local std::vector<float> sample;
+    sample.resize(kSample);
+    for (int64_t i = 0; i < kSample; ++i) sample[i] = v[(i * n) / kSample];
+    const int64_t r = std::min<int64_t>(kSample - 1, (k * kSample) / n * 3 / 2 + 16);
+    std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<float>());
+    const float threshold = sample[r];
+    cand.reserve(static_cast<size_t>(3 * k));
+    for (int64_t i = 0; i < n; ++i)
+      if (v[i] >= threshold) cand.push_back(static_cast<int32_t>(i));
+    if (static_cast<int64_t>(cand.size()) >= k) return SelectAmong(v, &cand, k, out);
+    cand.clear();
+  }
+  cand.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) cand[i] = static_cast<int32_t>(i);
+  SelectAmong(v, &cand, k, out);
+}
+
+}  // namespace kvrecall::indexer::kernels

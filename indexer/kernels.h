@@ -1,0 +1,59 @@
+// CPU kernels of the indices: element conversion to fp32, dot products, batched query-key dots,
+// a vectorised sum of exponentials and a fast top-k.
+//
+// Every vector kernel exists for three instruction sets, chosen at run time (the binary is built
+// for baseline x86-64; the AVX2 and AVX-512 bodies are compiled with target attributes):
+//   kScalar  — portable C++, the reference the others are tested against;
+//   kAvx2    — AVX2 + FMA + F16C;
+//   kAvx512  — AVX-512 F/BW/VL (+ F16C).
+// Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is the
+// widest one this CPU supports (the environment variable KVRECALL_ISA=scalar|avx2|avx512 can lower
+// it, e.g. to compare paths). All functions are pure: thread-safe, no allocation unless stated.
+#ifndef KVRECALL_INDEXER_KERNELS_H_
+#define KVRECALL_INDEXER_KERNELS_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "common/dtype.h"
+
+namespace kvrecall::indexer::kernels {
+
+enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+absl::string_view IsaName(Isa isa);  // "scalar" | "avx2" | "avx512"
+bool IsaSupported(Isa isa);
+Isa BestIsa();
+// The supported ones, narrowest first (for tests and benchmarks).
+std::vector<Isa> SupportedIsas();
+
+// dst[i] = float(src[i]) for i < n. src: n elements of `type` (bf16/fp16 as raw bits, or fp32).
+void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa = BestIsa());
+
+// Σ a[i] * b[i] over i < n, fp32 (accumulation order depends on the ISA).
+float Dot(const float* a, const float* b, int64_t n, Isa isa = BestIsa());
+
+// Query-key dots for a batch of key rows:
+//   out[h * ld + i] = Σ_j q[h * head_dim + j] * float(rows[i][j])    for h < nq, i < n
+// rows: n pointers, each to head_dim elements of `type` (post-RoPE keys);
+// q:    [nq][head_dim] fp32; out: nq rows of stride ld (>= n) floats, unscaled.
+void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int head_dim, const float* q,
+                  int nq, float* out, int64_t ld, Isa isa = BestIsa());
+
+// Dense fp32 dot matrix: c[i * ldc + j] = a_i . b_j for i < m, j < n; a: [m][d], b: [n][d] fp32,
+// ldc >= n. Packs b (allocates n * d floats); meant for many-by-many products (k-means).
+void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float* c, int64_t ldc,
+             Isa isa = BestIsa());
+
+// Σ exp(x[i] - shift) over i < n, with x[i] - shift <= 0 expected (shift = max x); accumulated in
+// double per block. Relative error <= 1e-6 against std::exp.
+double SumExp(const float* x, int64_t n, float shift, Isa isa = BestIsa());
+
+// Indices of the k largest values of v[0, n) (ties: the lower index wins), returned in ascending
+// index order in *out. k is clamped to [0, n]. REQUIRES: no NaN in v. Allocates O(k).
+void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out);
+
+}  // namespace kvrecall::indexer::kernels
+
+#endif  // KVRECALL_INDEXER_KERNELS_H_

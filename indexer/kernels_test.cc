@@ -1,0 +1,160 @@
+#include "indexer/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall::indexer::kernels {
+namespace {
+
+std::vector<uint8_t> RandomRows(DType t, int n, int d, std::mt19937* rng, std::vector<float>* ref) {
+  std::normal_distribution<float> nd;
+  std::vector<float> f(static_cast<size_t>(n) * d);
+  for (float& x : f) x = nd(*rng) * 3;
+  std::vector<uint8_t> bytes(f.size() * DTypeSize(t));
+  FromF32(t, f.data(), f.size(), bytes.data());
+  ref->resize(f.size());
+  ToF32(t, bytes.data(), f.size(), ref->data());  // common/ scalar reference conversion
+  return bytes;
+}
+
+TEST(KernelsTest, ReportsScalarAlwaysAndBestIsSupported) {
+  EXPECT_TRUE(IsaSupported(Isa::kScalar));
+  EXPECT_TRUE(IsaSupported(BestIsa()));
+  EXPECT_EQ(SupportedIsas().front(), Isa::kScalar);
+}
+
+TEST(KernelsTest, ToF32MatchesScalarOnEveryIsaAndDtype) {
+  std::mt19937 rng(1);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int n : {1, 7, 16, 33, 300}) {
+      std::vector<float> ref;
+      std::vector<uint8_t> bytes = RandomRows(t, 1, n, &rng, &ref);
+      for (Isa isa : SupportedIsas()) {
+        std::vector<float> got(static_cast<size_t>(n), -1.0f);
+        ToF32(t, bytes.data(), n, got.data(), isa);
+        EXPECT_EQ(got, ref) << IsaName(isa) << " " << DTypeName(t) << " n=" << n;
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, DotAndQueryKeyDotsMatchDoubleReference) {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd;
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int d : {1, 5, 16, 31, 64, 128, 130}) {
+      const int n = 37;
+      std::vector<float> ref;
+      std::vector<uint8_t> bytes = RandomRows(t, n, d, &rng, &ref);
+      std::vector<const uint8_t*> rows(n);
+      for (int i = 0; i < n; ++i)
+        rows[i] = bytes.data() + static_cast<size_t>(i) * d * DTypeSize(t);
+      for (int nq : {1, 3, 4, 9}) {
+        std::vector<float> q(static_cast<size_t>(nq) * d);
+        for (float& x : q) x = nd(rng);
+        for (Isa isa : SupportedIsas()) {
+          std::vector<float> out(static_cast<size_t>(nq) * (n + 3), 0.0f);
+          QueryKeyDots(t, rows.data(), n, d, q.data(), nq, out.data(), n + 3, isa);
+          for (int h = 0; h < nq; ++h) {
+            for (int i = 0; i < n; ++i) {
+              double want = 0, mag = 0;
+              for (int j = 0; j < d; ++j) {
+                want += static_cast<double>(q[h * d + j]) * ref[static_cast<size_t>(i) * d + j];
+                mag += std::abs(static_cast<double>(q[h * d + j]) *
+                                ref[static_cast<size_t>(i) * d + j]);
+              }
+              ASSERT_NEAR(out[h * (n + 3) + i], want, 1e-5 * mag + 1e-6)
+                  << IsaName(isa) << " " << DTypeName(t) << " d=" << d << " nq=" << nq;
+            }
+          }
+          const float dot = Dot(q.data(), ref.data(), d, isa);
+          double want = 0, mag = 0;
+          for (int j = 0; j < d; ++j) {
+            want += static_cast<double>(q[j]) * ref[j];
+            mag += std::abs(static_cast<double>(q[j]) * ref[j]);
+          }
+          EXPECT_NEAR(dot, want, 1e-5 * mag + 1e-6);
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, DotsF32MatchesReference) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  for (int d : {3, 16, 128}) {
+    const int m = 13, n = 21;
+    std::vector<float> a(static_cast<size_t>(m) * d), b(static_cast<size_t>(n) * d);
+    for (float& x : a) x = nd(rng);
+    for (float& x : b) x = nd(rng);
+    for (Isa isa : SupportedIsas()) {
+      std::vector<float> c(static_cast<size_t>(m) * (n + 1), 7.0f);
+      DotsF32(a.data(), m, b.data(), n, d, c.data(), n + 1, isa);
+      for (int i = 0; i < m; ++i) {
+        for (int j = 0; j < n; ++j) {
+          double want = 0;
+          for (int k = 0; k < d; ++k) want += static_cast<double>(a[i * d + k]) * b[j * d + k];
+          ASSERT_NEAR(c[i * (n + 1) + j], want, 1e-4 * (1 + std::abs(want))) << IsaName(isa);
+        }
+        EXPECT_EQ(c[i * (n + 1) + n], 7.0f) << "wrote past n";
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, SumExpMatchesStdExp) {
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> u(-100, 0);
+  for (int n : {0, 1, 15, 17, 1000, 5000}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& v : x) v = u(rng);
+    if (n > 0) x[0] = 0;
+    double want = 0;
+    for (float v : x) want += std::exp(static_cast<double>(v));
+    for (Isa isa : SupportedIsas()) {
+      EXPECT_NEAR(SumExp(x.data(), n, 0.0f, isa), want, 2e-6 * want + 1e-30)
+          << IsaName(isa) << " n=" << n;
+    }
+  }
+}
+
+std::vector<int32_t> BruteTopK(const std::vector<float>& v, int64_t k) {
+  std::vector<int32_t> idx(v.size());
+  for (size_t i = 0; i < v.size(); ++i) idx[i] = static_cast<int32_t>(i);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+  idx.resize(static_cast<size_t>(std::clamp<int64_t>(k, 0, static_cast<int64_t>(v.size()))));
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
+TEST(KernelsTest, TopKMatchesBruteForceWithTiesAndClamping) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> small(0, 20);
+  std::normal_distribution<float> nd;
+  for (int64_t n : {0, 1, 10, 100, 5000, 50000}) {
+    for (int64_t k : {0, 1, 7, 64, 1024, 100000}) {
+      for (bool ties : {false, true}) {
+        std::vector<float> v(static_cast<size_t>(n));
+        for (float& x : v) x = ties ? static_cast<float>(small(rng)) : nd(rng);
+        std::vector<int32_t> got;
+        TopK(v.data(), n, k, &got);
+        ASSERT_EQ(got, BruteTopK(v, k)) << "n=" << n << " k=" << k << " ties=" << ties;
+      }
+    }
+  }
+  // Increasing values (worst case for a heap / a sampled threshold).
+  std::vector<float> inc(20000);
+  for (size_t i = 0; i < inc.size(); ++i) inc[i] = static_cast<float>(i);
+  std::vector<int32_t> got;
+  TopK(inc.data(), 20000, 1000, &got);
+  EXPECT_EQ(got, BruteTopK(inc, 1000));
+}
+
+}  // namespace
+}  // namespace kvrecall::indexer::kernels
