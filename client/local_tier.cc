@@ -76,6 +76,13 @@ class LocalTier final : public Tier {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& sequence_id,
+                                                        kvstore::BuildIndexArgs args) override {
+    args.tenant = options_.tenant;
+    args.sequence_id = sequence_id;
+    return node_.BuildIndex(args);
+  }
+
   absl::Status CloseSequence(const std::string& sequence_id, bool drop) override {
     return node_.CloseSequence(options_.tenant, sequence_id, drop);
   }

@@ -193,6 +193,33 @@ class RemoteTier final : public Tier {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& sequence_id,
+                                                        kvstore::BuildIndexArgs args) override {
+    v1::BuildIndexRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_sequence_id(sequence_id);
+    req.set_method(static_cast<v1::Method>(static_cast<int>(args.method)));
+    req.set_first_layer(args.first_layer);
+    req.set_token_begin(args.token_begin);
+    req.set_num_queries(args.num_queries);
+    for (size_t i = 0; i < args.layer_queries.size(); ++i) {
+      v1::LayerQueries* l = req.add_layers();
+      l->set_layer(args.first_layer + static_cast<int>(i));
+      l->mutable_queries()->Add(args.layer_queries[i].begin(), args.layer_queries[i].end());
+    }
+    v1::BuildIndexResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    RETURN_IF_ERROR(FromGrpc(stub_->BuildIndex(&ctx, req, &resp)));
+    kvstore::BuildIndexOutcome out;
+    out.indexed_tokens = resp.indexed_tokens();
+    out.segments = resp.segments();
+    out.build_seconds = resp.build_seconds();
+    out.index_bytes = resp.index_bytes();
+    out.rebuilt = resp.rebuilt();
+    return out;
+  }
+
   absl::Status CloseSequence(const std::string& sequence_id, bool drop) override {
     v1::CloseSequenceRequest req;
     req.set_tenant(options_.tenant);

@@ -86,6 +86,10 @@ class Tier {
   // out->size() == batch.entries.size() on OK. INVALID_ARGUMENT when entries * budget rows do
   // not fit the recall buffer.
   virtual absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) = 0;
+  // Builds the sequence's retrieval index (args.tenant and args.sequence_id are filled in by the
+  // tier). See kvstore::Node::BuildIndex.
+  virtual absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& sequence_id,
+                                                                kvstore::BuildIndexArgs args) = 0;
   virtual absl::Status CloseSequence(const std::string& sequence_id, bool drop) = 0;
   virtual absl::StatusOr<kvstore::NodeStats> Stats(bool include_sequences) = 0;
   virtual TierCounters counters() const = 0;

@@ -46,6 +46,8 @@ ABSL_FLAG(std::string, prompt_file, "", "file whose bytes are the prompt");
 ABSL_FLAG(int, prompt_tokens, 0, "repeat / cut the prompt to exactly this many tokens (0 = as is)");
 ABSL_FLAG(int, max_new_tokens, 32, "tokens to decode");
 ABSL_FLAG(std::string, mode, "sparse", "sparse (retrieval attention through the tier) or dense");
+ABSL_FLAG(std::string, method, "exact", "retrieval method: exact, ctkvr or cluster");
+ABSL_FLAG(int, index_queries, 64, "ctkvr: prompt queries sent for the query centroids");
 ABSL_FLAG(int, budget, 1024, "recalled tokens per (sequence, sparse layer, kv-head)");
 ABSL_FLAG(int, sink_tokens, 16, "attention sinks always attended");
 ABSL_FLAG(int, window_tokens, 256, "recent tokens always attended");
@@ -130,6 +132,16 @@ absl::Status Generate() {
   eo.window_tokens = absl::GetFlag(FLAGS_window_tokens);
   eo.dense_layers = absl::GetFlag(FLAGS_dense_layers);
   eo.num_threads = threads;
+  eo.index_queries = absl::GetFlag(FLAGS_index_queries);
+  if (const std::string m = absl::GetFlag(FLAGS_method); m == "exact") {
+    eo.method = client::Method::kExact;
+  } else if (m == "ctkvr") {
+    eo.method = client::Method::kCtkvr;
+  } else if (m == "cluster") {
+    eo.method = client::Method::kCluster;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--method must be exact, ctkvr or cluster, not '", m, "'"));
+  }
   std::string id = absl::GetFlag(FLAGS_sequence_id);
   if (id.empty()) id = absl::StrCat("gen-", absl::ToUnixMicros(absl::Now()));
   std::unique_ptr<QkDumper> dumper;
@@ -222,9 +234,10 @@ absl::Status Generate() {
             << absl::StrFormat("tier           %s\n", tier ? tier->Describe() : "none (dense)")
             << absl::StrFormat("prompt         %d tokens, prefill %.2f s (%.0f tok/s), KV push %.2f s\n",
                                prompt.size(), prefill_s, prompt.size() / prefill_s, push_s)
-            << absl::StrFormat("attention      %s: %d dense layers, sinks %d, window %d, budget %d\n",
+            << absl::StrFormat("attention      %s: %d dense layers, sinks %d, window %d, budget %d, method %s "
+                               "(index built in %.3f s)\n",
                                sparse ? "sparse" : "dense", eo.dense_layers, eo.sink_tokens, eo.window_tokens,
-                               eo.budget)
+                               eo.budget, absl::GetFlag(FLAGS_method), engine->counters().index_build_seconds)
             << absl::StrFormat("decode         %d tokens in %.3f s = %.1f tokens/s\n", steps, decode_s, tok_s)
             << absl::StrFormat("retrieval      %d calls, %.3f s total; %s streamed per token (%d rows/token); "
                                "%s appended per token\n",
@@ -255,7 +268,9 @@ absl::Status Generate() {
     j["bytes_streamed_per_token"] = streamed_per_token;
     j["bytes_appended_per_token"] = appended_per_token;
     j["options"] = {{"budget", eo.budget}, {"sink_tokens", eo.sink_tokens}, {"window_tokens", eo.window_tokens},
-                    {"dense_layers", eo.dense_layers}, {"method", "exact"}};
+                    {"dense_layers", eo.dense_layers}, {"method", absl::GetFlag(FLAGS_method)},
+                    {"index_queries", eo.index_queries}};
+    j["index_build_seconds"] = c.index_build_seconds;
     j["generated"] = generated;
     if (compare) {
       j["compare_dense"] = {{"top1_match", top1_match}, {"compared", compared},

@@ -265,6 +265,34 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
   });
 }
 
+grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* ctx,
+                                                  const v1::BuildIndexRequest* req, v1::BuildIndexResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    BuildIndexArgs args;
+    args.tenant = req->tenant();
+    args.sequence_id = req->sequence_id();
+    ASSIGN_OR_RETURN(args.method, MethodFromProto(req->method()));
+    args.first_layer = req->first_layer();
+    args.token_begin = req->token_begin();
+    args.num_queries = req->num_queries();
+    for (int i = 0; i < req->layers_size(); ++i) {
+      const v1::LayerQueries& l = req->layers(i);
+      if (l.layer() != req->first_layer() + i) {
+        return absl::InvalidArgumentError(absl::StrCat("layers[", i, "] is layer ", l.layer(), "; want ",
+                                                       req->first_layer() + i, " (in order from first_layer)"));
+      }
+      args.layer_queries.push_back(absl::MakeConstSpan(l.queries().data(), l.queries_size()));
+    }
+    ASSIGN_OR_RETURN(BuildIndexOutcome out, node_->BuildIndex(args));
+    resp->set_indexed_tokens(out.indexed_tokens);
+    resp->set_segments(out.segments);
+    resp->set_build_seconds(out.build_seconds);
+    resp->set_index_bytes(out.index_bytes);
+    resp->set_rebuilt(out.rebuilt);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerWriteReactor<v1::FetchKVResponse>* GrpcService::FetchKV(grpc::CallbackServerContext* ctx,
                                                                     const v1::FetchKVRequest* req) {
   return new FetchReactor(node_, &pool_, req);

@@ -25,6 +25,8 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
                                                          v1::AppendKVResponse* resp) override;
   grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) override;
+  grpc::ServerUnaryReactor* BuildIndex(grpc::CallbackServerContext* ctx, const v1::BuildIndexRequest* req,
+                                       v1::BuildIndexResponse* resp) override;
   grpc::ServerWriteReactor<v1::FetchKVResponse>* FetchKV(grpc::CallbackServerContext* ctx,
                                                          const v1::FetchKVRequest* req) override;
   grpc::ServerUnaryReactor* AttachWorker(grpc::CallbackServerContext* ctx, const v1::AttachWorkerRequest* req,

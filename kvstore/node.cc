@@ -10,6 +10,7 @@
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "indexer/exact.h"
+#include "indexer/index.h"
 
 namespace kvrecall::kvstore {
 namespace {
@@ -32,6 +33,9 @@ struct NodeMetrics {
   Counter* bytes_streamed =
       Metrics::Global().GetCounter("kvrecall_bytes_streamed_total", "K/V bytes put to workers over the transport");
   Counter* bytes_appended = Metrics::Global().GetCounter("kvrecall_bytes_appended_total", "K/V bytes appended");
+  Counter* index_builds = Metrics::Global().GetCounter("kvrecall_index_builds_total", "Retrieval indices built");
+  Histogram* index_build_seconds =
+      Metrics::Global().GetHistogram("kvrecall_index_build_seconds", "BuildIndex time per sequence (all segments)");
   Histogram* retrieve_seconds =
       Metrics::Global().GetHistogram("kvrecall_retrieve_seconds", "Retrieve latency (search + transfer)");
   Gauge* stored_bytes = Metrics::Global().GetGauge("kvrecall_stored_bytes", "K/V bytes held in memory");
@@ -189,8 +193,8 @@ absl::StatusOr<std::shared_ptr<Node::Worker>> Node::FindWorker(const std::string
 
 absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   const int64_t start_ns = clock_->MonotonicNanos();
-  if (args.method != Method::kExact) {
-    return absl::UnimplementedError("only the exact method is served by this version");
+  if (args.method == Method::kMerged) {
+    return absl::UnimplementedError("merged replaces tokens instead of selecting them; it is not a Retrieve method");
   }
   if (args.budget <= 0 || args.budget > kMaxBudget) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", args.budget, " not in [1, ", kMaxBudget, "]"));
@@ -207,7 +211,8 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   const size_t n = args.entries.size();
   std::vector<std::shared_ptr<Sequence>> seqs(n);
   std::vector<Sequence::Snapshot> snaps(n);
-  std::vector<indexer::SearchQuery> queries(n);
+  std::vector<std::shared_ptr<const SequenceIndex>> indexes(n);  // keep segments alive
+  std::vector<indexer::SearchEntry> queries(n);
   for (size_t i = 0; i < n; ++i) {
     const RetrieveEntryArgs& e = args.entries[i];
     ASSIGN_OR_RETURN(seqs[i], FindSequence(args.tenant, e.sequence_id));
@@ -243,13 +248,29 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
                                                   ") do not fit the worker's region of ", len / row_pair, " rows"));
       }
     }
-    queries[i] = indexer::SearchQuery{e.queries.data(), spec.group_size(), &snaps[i].keys, e.token_begin,
-                                      e.token_end, args.budget,
-                                      static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.head_dim)))};
+    indexer::SearchEntry& q = queries[i];
+    q.queries = e.queries.data();
+    q.group = spec.group_size();
+    q.keys = &snaps[i].keys;
+    q.token_begin = e.token_begin;
+    q.token_end = e.token_end;
+    q.k = args.budget;
+    if (args.method != Method::kExact) {
+      indexes[i] = seqs[i]->index();
+      const indexer::Method want_method = args.method == Method::kCtkvr ? indexer::Method::kCtkvr : indexer::Method::kCluster;
+      const indexer::Segment* seg =
+          indexes[i] != nullptr && indexes[i]->method == want_method ? indexes[i]->segment(args.layer, e.kv_head) : nullptr;
+      if (seg == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat("entry ", i, ": sequence '", e.sequence_id, "' has no ",
+                                                          indexer::MethodName(want_method), " index for layer ",
+                                                          args.layer, " (BuildIndex first)"));
+      }
+      q.segments.push_back(seg);
+    }
   }
 
   RetrieveOutcome out;
-  RETURN_IF_ERROR(indexer::ExactSearch(queries, &pool_, &out.token_ids));
+  RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
 
   if (worker != nullptr) {
     // Gather each entry's rows as [k][K row | V row] and put them with one op per entry.
@@ -283,6 +304,102 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   M().bytes_streamed->Add(static_cast<double>(out.bytes_streamed));
   M().retrieve_seconds->Observe(static_cast<double>(clock_->MonotonicNanos() - start_ns) * 1e-9);
   return out;
+}
+
+absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
+  if (args.method == Method::kMerged) {
+    return absl::InvalidArgumentError("merged is a compressed representation, not a search index");
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, FindSequence(args.tenant, args.sequence_id));
+  const ModelSpec& spec = seq->spec();
+  if (args.first_layer < 0 || args.first_layer >= spec.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("first_layer ", args.first_layer, " outside [0, ", spec.num_layers, ")"));
+  }
+  const int64_t committed = seq->committed_tokens();
+  if (args.token_begin < 0 || args.token_begin >= committed) {
+    return absl::FailedPreconditionError(absl::StrCat("nothing to index: token_begin ", args.token_begin, " but ",
+                                                      committed, " tokens committed"));
+  }
+  BuildIndexOutcome outcome;
+  outcome.indexed_tokens = committed - args.token_begin;
+  if (args.method == Method::kExact) return outcome;  // exact scans; nothing to build
+  const indexer::Method method = args.method == Method::kCtkvr ? indexer::Method::kCtkvr : indexer::Method::kCluster;
+  const int sparse_layers = spec.num_layers - args.first_layer;
+  const int G = spec.group_size(), d = spec.head_dim, Hq = spec.num_q_heads, Hkv = spec.num_kv_heads;
+  if (method == indexer::Method::kCtkvr) {
+    if (args.num_queries <= 0 || args.num_queries > kMaxIndexQueries) {
+      return absl::InvalidArgumentError(absl::StrCat("ctkvr needs 1..", kMaxIndexQueries, " prompt queries, got ",
+                                                     args.num_queries));
+    }
+    if (static_cast<int>(args.layer_queries.size()) != sparse_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("ctkvr needs queries for ", sparse_layers, " layers, got ",
+                                                     args.layer_queries.size()));
+    }
+    const size_t want = static_cast<size_t>(args.num_queries) * Hq * d;
+    for (const auto& q : args.layer_queries) {
+      if (q.size() != want) {
+        return absl::InvalidArgumentError(absl::StrCat("queries of a layer must be [", args.num_queries, "][", Hq, "][",
+                                                       d, "] = ", want, " floats, got ", q.size()));
+      }
+      for (float x : q) {
+        if (!std::isfinite(x)) return absl::InvalidArgumentError("queries contain NaN or Inf");
+      }
+    }
+  }
+  if (std::shared_ptr<const SequenceIndex> cur = seq->index();
+      cur != nullptr && cur->method == method && cur->first_layer == args.first_layer &&
+      cur->token_begin == args.token_begin && cur->token_end == committed) {
+    outcome.segments = static_cast<int>(cur->segments.size());
+    outcome.build_seconds = cur->build_seconds;
+    outcome.index_bytes = static_cast<int64_t>(cur->MemoryBytes());
+    return outcome;
+  }
+
+  const int64_t t0 = clock_->MonotonicNanos();
+  auto index = std::make_shared<SequenceIndex>();
+  index->method = method;
+  index->first_layer = args.first_layer;
+  index->num_kv_heads = Hkv;
+  index->token_begin = args.token_begin;
+  index->token_end = committed;
+  index->segments.resize(static_cast<size_t>(sparse_layers) * Hkv);
+  std::vector<absl::Status> status(index->segments.size());
+  pool_.ParallelFor(static_cast<int64_t>(index->segments.size()), [&](int64_t j) {
+    const int layer = args.first_layer + static_cast<int>(j / Hkv), h = static_cast<int>(j % Hkv);
+    const Sequence::Snapshot snap = seq->Read(layer, h);
+    indexer::BuildInput in;
+    in.keys = &snap.keys;
+    in.token_begin = args.token_begin;
+    in.token_end = committed;
+    in.group = G;
+    std::vector<float> grouped;  // [C][group][d] of this kv-head, from [C][Hq][d]
+    if (method == indexer::Method::kCtkvr) {
+      const float* src = args.layer_queries[layer - args.first_layer].data();
+      grouped.resize(static_cast<size_t>(args.num_queries) * G * d);
+      for (int c = 0; c < args.num_queries; ++c) {
+        std::copy_n(src + (static_cast<size_t>(c) * Hq + static_cast<size_t>(h) * G) * d, static_cast<size_t>(G) * d,
+                    grouped.begin() + static_cast<size_t>(c) * G * d);
+      }
+      in.prompt_queries = grouped.data();
+      in.num_prompt_queries = args.num_queries;
+    }
+    auto seg = indexer::BuildSegment(method, in, indexer::IndexOptions{}, nullptr);
+    if (seg.ok()) {
+      index->segments[j] = std::move(*seg);
+    } else {
+      status[j] = seg.status();
+    }
+  });
+  for (const absl::Status& st : status) RETURN_IF_ERROR(st);
+  index->build_seconds = static_cast<double>(clock_->MonotonicNanos() - t0) * 1e-9;
+  outcome.segments = static_cast<int>(index->segments.size());
+  outcome.build_seconds = index->build_seconds;
+  outcome.index_bytes = static_cast<int64_t>(index->MemoryBytes());
+  outcome.rebuilt = true;
+  seq->set_index(std::move(index));
+  M().index_builds->Add();
+  M().index_build_seconds->Observe(outcome.build_seconds);
+  return outcome;
 }
 
 absl::Status Node::ReadRows(const std::string& tenant, const std::string& sequence_id, int layer, int kv_head,

@@ -85,6 +85,28 @@ struct RetrieveArgs {
   std::string worker_id;  // empty: ids only
   std::vector<RetrieveEntryArgs> entries;
 };
+// BuildIndex: segments of `method` (ctkvr or cluster; exact needs none) for every kv-head of the
+// layers [first_layer, num_layers), over the committed tokens [token_begin, committed).
+struct BuildIndexArgs {
+  std::string tenant;
+  std::string sequence_id;
+  Method method = Method::kCtkvr;
+  int first_layer = 2;        // the worker's dense layers are never retrieved
+  int64_t token_begin = 16;   // usually the sink count: sinks are always attended anyway
+  // ctkvr: the prompt's queries, per layer in [first_layer, num_layers) (index layer -
+  // first_layer): [num_queries][num_q_heads][head_dim] fp32 post-RoPE, in position order.
+  int num_queries = 0;
+  std::vector<absl::Span<const float>> layer_queries;
+};
+struct BuildIndexOutcome {
+  int64_t indexed_tokens = 0;
+  int segments = 0;
+  double build_seconds = 0;
+  int64_t index_bytes = 0;
+  bool rebuilt = false;  // false: an index of this method over the same tokens existed
+};
+inline constexpr int kMaxIndexQueries = 4096;
+
 struct RetrieveOutcome {
   std::vector<std::vector<int32_t>> token_ids;  // per entry, ascending
   uint64_t bytes_streamed = 0;
@@ -162,6 +184,12 @@ class Node {
 
   // One layer's retrieval for a batch of entries; see proto RetrieveRequest for the contract.
   absl::StatusOr<RetrieveOutcome> Retrieve(const RetrieveArgs& args);
+
+  // Builds (or, when one of the same method over the same tokens exists, keeps) the sequence's
+  // retrieval index. Idempotent. INVALID_ARGUMENT for bad shapes, a non-search method (merged)
+  // or non-finite queries; NOT_FOUND for an unknown sequence; FAILED_PRECONDITION when nothing
+  // beyond token_begin is committed.
+  absl::StatusOr<BuildIndexOutcome> BuildIndex(const BuildIndexArgs& args);
 
   // Copies committed rows of (layer, kv_head) for `token_ids` into keys/values, each
   // [token_ids.size()][head_dim] kv_dtype. INVALID_ARGUMENT for ids outside the committed range.

@@ -100,7 +100,55 @@ TEST_F(NodeTest, RetrieveSelectsPerGroupAndValidates) {
   EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition));
   a = Args(&q);
   a.method = Method::kCtkvr;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition)) << "no index built";
+  a.method = Method::kMerged;
   EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kUnimplemented));
+}
+
+TEST_F(NodeTest, BuildIndexThenRetrieveWithCtkvrAndCluster) {
+  // Two prompt queries per layer, [2][num_q_heads = 2][head_dim = 2].
+  std::vector<float> pq = {1, 0, 0, 1, 1, 0, 0, 1};
+  BuildIndexArgs b{"t", "s", Method::kCtkvr, 1, 0, 2, {pq}};
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome built, node_.BuildIndex(b));
+  EXPECT_EQ(built.segments, 1);
+  EXPECT_EQ(built.indexed_tokens, 6);
+  EXPECT_TRUE(built.rebuilt);
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome again, node_.BuildIndex(b));
+  EXPECT_FALSE(again.rebuilt) << "same method over the same tokens is kept";
+
+  std::vector<float> q = {1, 0, 0, 1};
+  RetrieveArgs a = Args(&q);
+  a.method = Method::kCtkvr;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node_.Retrieve(a));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(2, 5)) << "every token is a candidate here, so ctkvr = exact";
+  a.layer = 0;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition)) << "layer 0 is not indexed";
+  a.layer = 1;
+  a.method = Method::kCluster;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition)) << "index is ctkvr";
+
+  ASSERT_OK(node_.BuildIndex({"t", "s", Method::kCluster, 1, 0, 0, {}}).status());
+  a.budget = 6;
+  ASSERT_OK_AND_ASSIGN(out, node_.Retrieve(a));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(0, 1, 2, 3, 4, 5)) << "a budget covering the range takes it all";
+}
+
+TEST_F(NodeTest, BuildIndexRejectsBadInput) {
+  std::vector<float> pq = {1, 0, 0, 1, 1, 0, 0, 1};
+  auto code = [&](BuildIndexArgs b) { return node_.BuildIndex(b).status(); };
+  EXPECT_THAT(code({"t", "s", Method::kMerged, 1, 0, 2, {pq}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(code({"t", "nope", Method::kCtkvr, 1, 0, 2, {pq}}), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 2, 0, 2, {pq}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 6, 2, {pq}}), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, 3, {pq}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, 0, {}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 0, 0, 2, {pq}}), StatusIs(absl::StatusCode::kInvalidArgument))
+      << "queries for one layer, two sparse layers";
+  std::vector<float> nan = pq;
+  nan[3] = NAN;
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, 2, {nan}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, kMaxIndexQueries + 1, {pq}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(NodeTest, ReadRowsReturnsStoredBytes) {

@@ -254,4 +254,14 @@ void Sequence::TruncateLocked(int64_t tokens) {
   for (int l = 0; l < spec_->num_layers; ++l) layer_tokens_[l] = std::min(layer_tokens_[l], tokens);
 }
 
+std::shared_ptr<const SequenceIndex> Sequence::index() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return index_;
+}
+
+void Sequence::set_index(std::shared_ptr<const SequenceIndex> index) {
+  absl::MutexLock lock(&mu_);
+  index_ = std::move(index);
+}
+
 }  // namespace kvrecall::kvstore

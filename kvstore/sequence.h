@@ -32,6 +32,7 @@
 #include "indexer/paged_rows.h"
 #include "kvstore/block_table.h"
 #include "kvstore/content_hash.h"
+#include "kvstore/sequence_index.h"
 
 namespace kvrecall::kvstore {
 
@@ -64,6 +65,11 @@ class Sequence {
   int64_t bytes() const;
   bool closed() const;
   void set_closed(bool closed);
+
+  // The retrieval index (null until BuildIndex). Readers hold the returned pointer for the
+  // duration of a search; set_index replaces it atomically.
+  std::shared_ptr<const SequenceIndex> index() const;
+  void set_index(std::shared_ptr<const SequenceIndex> index);
 
   struct Usage {
     int64_t tokens = 0;           // committed
@@ -113,6 +119,7 @@ class Sequence {
   const std::string namespace_;
 
   mutable absl::Mutex mu_;
+  std::shared_ptr<const SequenceIndex> index_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> token_ids_ ABSL_GUARDED_BY(mu_);
   std::vector<Block*> blocks_ ABSL_GUARDED_BY(mu_);  // one reference each
   std::vector<ContentKey> keys_

@@ -373,6 +373,39 @@ TEST_F(BadInputTest, SharedPrefixesStayInsideTheTenant) {
   EXPECT_EQ(stats.blocks(), before.blocks());
 }
 
+TEST_F(BadInputTest, BuildIndex) {
+  MakeSequence("bi");
+  v1::BuildIndexRequest req;
+  req.set_tenant("t");
+  req.set_sequence_id("bi");
+  req.set_method(v1::METHOD_CTKVR);
+  req.set_first_layer(1);
+  req.set_token_begin(0);
+  req.set_num_queries(2);
+  v1::LayerQueries* l = req.add_layers();
+  l->set_layer(1);
+  for (int i = 0; i < 2 * kKvHeads * kGroup * kHeadDim; ++i) l->add_queries(0.01f * i);
+  v1::BuildIndexResponse resp;
+  v1::BuildIndexRequest bad = req;
+  bad.mutable_layers(0)->set_layer(0);  // out of order
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  bad = req;
+  bad.mutable_layers(0)->add_queries(1.0f);  // wrong shape
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  bad = req;
+  bad.set_method(v1::METHOD_MERGED);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+  bad = req;
+  bad.set_sequence_id("nope");
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(), StatusCode::NOT_FOUND);
+  v1::RetrieveRequest r = GoodRetrieve("bi");
+  r.set_method(v1::METHOD_CTKVR);
+  EXPECT_EQ(Retrieve(r), StatusCode::FAILED_PRECONDITION) << "no index yet";
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, req, &resp).error_code(), StatusCode::OK);
+  EXPECT_EQ(resp.segments(), kKvHeads);
+  EXPECT_EQ(Retrieve(r), StatusCode::OK);
+}
+
 TEST_F(BadInputTest, ServerKeepsServingAndReportsHealthy) {
   MakeSequence("alive");
   EXPECT_EQ(Retrieve(GoodRetrieve("alive")), StatusCode::OK);

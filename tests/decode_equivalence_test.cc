@@ -88,6 +88,14 @@ TEST_F(DecodeEquivalenceTest, SparseEqualsDenseOverUcxAndOverGrpcFallback) {
     EXPECT_GE(j["recalled_rows"].get<int64_t>(), 8 * 2 * 2 * (1200 - 16 - 64));
     EXPECT_GT(j["bytes_streamed_per_token"].get<double>(), 0);
   }
+  // The approximate indices, with a budget covering every candidate, select everything too.
+  for (const std::string method : {"ctkvr", "cluster"}) {
+    SCOPED_TRACE(method);
+    nlohmann::json j = Generate(*server, {"--budget=2048", "--method=" + method});
+    ASSERT_FALSE(j.is_discarded());
+    EXPECT_EQ(j["compare_dense"]["max_abs_dlogit"].get<double>(), 0.0);
+    EXPECT_EQ(j["options"]["method"].get<std::string>(), method);
+  }
   // A small budget streams exactly budget rows per (sparse layer, kv-head) per token:
   // 2 layers x 2 kv-heads x 32 rows x (K + V: 2 x 64 x 2 bytes).
   nlohmann::json j = Generate(*server, {"--budget=32"});
@@ -98,11 +106,12 @@ TEST_F(DecodeEquivalenceTest, SparseEqualsDenseOverUcxAndOverGrpcFallback) {
                             *dir_ + "/ctl.log");
   ASSERT_TRUE(ctl.ok());
   EXPECT_EQ(*ctl->Wait(absl::Seconds(30)), 0);
-  EXPECT_THAT(ReadFile(*dir_ + "/ctl.log"), HasSubstr("retrieve calls  48"));
+  EXPECT_THAT(ReadFile(*dir_ + "/ctl.log"), HasSubstr("retrieve calls  80"));
   const std::string metrics = HttpGet(server->metrics_port, "/metrics");
   EXPECT_THAT(metrics, HasSubstr("HTTP/1.0 200 OK"));
-  EXPECT_THAT(metrics, HasSubstr("kvrecall_retrieve_calls_total 48"));
+  EXPECT_THAT(metrics, HasSubstr("kvrecall_retrieve_calls_total 80"));
   EXPECT_THAT(metrics, HasSubstr("# TYPE kvrecall_retrieve_seconds histogram"));
+  EXPECT_THAT(metrics, HasSubstr("kvrecall_index_builds_total 2"));
 }
 
 TEST_F(DecodeEquivalenceTest, WorkerRejectsACheckpointWithALyingHeader) {

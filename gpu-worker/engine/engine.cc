@@ -65,6 +65,14 @@ absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::
   p.tokens.assign(tokens.begin(), tokens.end());
   p.k.assign(L, {});
   p.v.assign(L, {});
+  p.q.assign(L, {});
+  {
+    const int64_t window = std::min<int64_t>(T, std::max(1, options_.index_query_window));
+    const int64_t n = std::min<int64_t>(window, std::max(1, options_.index_queries));
+    for (int64_t j = n - 1; j >= 0; --j) {
+      p.query_positions.push_back(static_cast<int32_t>(T - 1 - j * (window / n)));
+    }
+  }
   for (int l = 0; l < L; ++l) {
     p.k[l].resize(static_cast<size_t>(T) * rowf);
     p.v[l].resize(static_cast<size_t>(T) * rowf);
@@ -85,6 +93,14 @@ absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::
       RoundKv(k, C * rowf);
       RoundKv(v, C * rowf);
       if (options_.observer != nullptr) options_.observer->OnQkv(l, {}, pos, q.data(), k, v);
+      if (IsSparse(l)) {  // keep the sampled prompt queries of this chunk (positions ascending)
+        for (int32_t qp : p.query_positions) {
+          if (qp >= c0 && qp < c0 + C) {
+            const float* row = q.data() + static_cast<size_t>(qp - c0) * Hq * d;
+            p.q[l].insert(p.q[l].end(), row, row + static_cast<size_t>(Hq) * d);
+          }
+        }
+      }
       const float* K = p.k[l].data();
       const float* V = p.v[l].data();
       pool_.ParallelFor(C * Hkv, [&](int64_t i) {
@@ -129,6 +145,17 @@ absl::Status Engine::PushToTier(const std::string& id, const PromptKV& prompt) {
     }
     RETURN_IF_ERROR(tier_->AppendKV(id, b));
   }
+  if (options_.method == client::Method::kExact) return absl::OkStatus();
+  kvstore::BuildIndexArgs args;
+  args.method = options_.method;
+  args.first_layer = options_.dense_layers;
+  args.token_begin = std::min<int64_t>(options_.sink_tokens, T - 1);
+  if (options_.method == client::Method::kCtkvr) {
+    args.num_queries = static_cast<int>(prompt.query_positions.size());
+    for (int l = options_.dense_layers; l < L; ++l) args.layer_queries.push_back(prompt.q[l]);
+  }
+  ASSIGN_OR_RETURN(kvstore::BuildIndexOutcome built, tier_->BuildIndex(id, std::move(args)));
+  counters_.index_build_seconds += built.build_seconds;
   return absl::OkStatus();
 }
 

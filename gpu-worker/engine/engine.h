@@ -47,6 +47,10 @@ struct EngineOptions {
   int budget = 1024;         // recalled tokens per (sequence, sparse layer, kv-head)
   client::Method method = client::Method::kExact;
   int prefill_chunk = 512;   // prompt tokens per forward pass during prefill
+  // ctkvr: prompt queries sent to the tier for its query centroids: this many, evenly spaced over
+  // the last index_query_window prompt positions (the last position always included).
+  int index_queries = 64;
+  int index_query_window = 1024;
   int num_threads = 0;       // attention threads (0 = every core)
   QkvObserver* observer = nullptr;  // not owned; may be null
 };
@@ -56,6 +60,10 @@ struct PromptKV {
   std::vector<int32_t> tokens;
   // k[layer], v[layer]: [num_tokens][num_kv_heads][head_dim], fp32.
   std::vector<std::vector<float>> k, v;
+  // Sampled prompt queries for ctkvr (EngineOptions.index_queries positions, ascending):
+  // query_positions[j], and q[layer]: [num_positions][num_heads][head_dim] fp32 post-RoPE.
+  std::vector<int32_t> query_positions;
+  std::vector<std::vector<float>> q;
 };
 
 struct EngineCounters {
@@ -65,6 +73,7 @@ struct EngineCounters {
   int64_t recalled_rows = 0;
   double retrieve_seconds = 0;  // wall time inside Tier::Retrieve
   double append_seconds = 0;    // wall time inside Tier::AppendKV during decode
+  double index_build_seconds = 0;  // tier-side BuildIndex time (as the tier reports it)
 };
 
 class Engine {
@@ -79,8 +88,9 @@ class Engine {
   absl::StatusOr<PromptKV> Prefill(absl::Span<const int32_t> tokens, std::vector<float>* logits);
 
   // Starts sequence `id` from a prefilled prompt. Sparse mode opens it on the tier and pushes
-  // all of its KV (the tier then holds the full cache); locally it keeps the dense layers, the
-  // sinks and the window. ALREADY_EXISTS for an id in use.
+  // all of its KV (the tier then holds the full cache) and, for ctkvr / cluster, has the tier
+  // build the sequence's index; locally it keeps the dense layers, the sinks and the window.
+  // ALREADY_EXISTS for an id in use.
   absl::Status AddSequence(const std::string& id, const PromptKV& prompt);
 
   // One decode step: appends tokens[i] to sequence ids[i] and writes logits [batch][vocab].
