@@ -2,6 +2,7 @@
 //
 //   kvrecall-bench transport --transports=tcp --json     UCX put path (see transport_bench.h)
 //   kvrecall-bench index --method=ctkvr --json            indices vs exact (see index_bench.h)
+//   kvrecall-bench rpc --json                             Retrieve RPC vs in-process (rpc_bench.h)
 //   kvrecall-bench store --json                           arena and prefix sharing (store_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "bench/index_bench.h"
+#include "bench/rpc_bench.h"
 #include "bench/store_bench.h"
 #include "bench/transport_bench.h"
 
@@ -23,6 +25,7 @@ constexpr char kUsage[] =
     "  index       retrieval indices vs exact on the same data: quality, build, search latency\n"
     "              flags: --method=ctkvr,cluster,merged --tokens=98304 --budget=1024 --head_dim=128\n"
     "                     --group=4 (see bench/index_bench.h)\n"
+    "  rpc         Retrieve over gRPC + UCX vs the same calls in-process (flags: bench/rpc_bench.h)\n"
     "  store       arena ingest vs memcpy, prefix sharing of 16 sessions (flags: see bench/store_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
@@ -68,6 +71,10 @@ int main(int argc, char** argv) {
   if (cmd == "index") {
     return RunJson("index", [](const std::vector<std::string>& a) { return kvrecall::bench::RunIndexBench(a); },
                    args, compact);
+  }
+  if (cmd == "rpc") {
+    return RunJson("rpc", [](const std::vector<std::string>& a) { return kvrecall::bench::RunRpcBench(a); }, args,
+                   compact);
   }
   if (cmd == "store") {
     return RunJson("store", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStoreBench(a); },

@@ -9,7 +9,12 @@
 //          `suffix_tokens` of its own; session 0 stores everything, the others open with the full
 //          prompt, get the shared prefix as matched_tokens and append only their suffix.
 //          sharing_ratio = bytes stored / (one prefix + sessions suffixes).
-// Spill / reload / RocksDB figures are reported as null: spill is not built yet (issue 3).
+// spill:   `spill_tokens` tokens of blocks filled in an arena that holds exactly them, leases
+//          expired, then as many new blocks allocated: each allocation evicts (spills) one old
+//          block to a RocksDB BlockStore under `spill_dir` (spill_gbps); the new blocks are freed
+//          and the old ones pinned back one by one (reload_gbps: store read + CRC check + copy
+//          into the arena). Baseline: plain RocksDB Put / Get of the same number of values of one
+//          block's bytes in the same column family with the same options (rocksdb_*_gbps).
 #ifndef KVRECALL_BENCH_STORE_BENCH_H_
 #define KVRECALL_BENCH_STORE_BENCH_H_
 
@@ -37,6 +42,8 @@ struct StoreBenchOptions {
   int64_t prefix_tokens = 32768;
   int64_t suffix_tokens = 1024;
   bool hugepages = true;  // let the arena try hugepages
+  int64_t spill_tokens = 4096;  // 0: skip the spill part (its figures are null)
+  std::string spill_dir;        // empty: $TMPDIR (or /tmp) + "/kvrecall-bench-spill.<pid>"
 };
 
 // Parses "--name=value" flags named after the fields above. Arguments that are not "--" flags,
@@ -48,8 +55,8 @@ absl::StatusOr<StoreBenchOptions> ParseStoreBenchFlags(const std::vector<std::st
 //    "ingest_gbps", "ingest_cold_gbps", "memcpy_gbps", "memcpy_cold_gbps", "ingest_vs_memcpy",
 //    "ingest": {"bytes", "seconds_per_pass": [...]}, "memcpy": {"seconds_per_pass": [...]},
 //    "shared_bytes", "ideal_bytes", "independent_bytes", "sharing_ratio", "prefix_hit_rate",
-//    "sharing_seconds", "spill_gbps": null, "reload_gbps": null, "rocksdb_put_gbps": null,
-//    "rocksdb_get_gbps": null, "notes": [...]}
+//    "sharing_seconds", "spill_gbps", "reload_gbps", "rocksdb_put_gbps", "rocksdb_get_gbps",
+//    "spill": {"bytes", "blocks", "dir", ...}, "notes": [...]}
 // (gbps = 1e9 bytes per second). RESOURCE_EXHAUSTED when the shapes do not fit this host's
 // memory as requested (scale them down with the flags).
 absl::StatusOr<nlohmann::json> RunStoreBenchWithOptions(const StoreBenchOptions& options);

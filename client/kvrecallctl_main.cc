@@ -83,12 +83,14 @@ void PrintStats(const kvrecall::v1::StatsResponse& resp, bool json) {
         "{\"server\":\"%s\",\"memory_limit_bytes\":%d,\"stored_bytes\":%d,\"logical_bytes\":%d,"
         "\"arena_block_bytes\":%d,\"arena_hugepages\":\"%s\",\"arena_registered\":%s,\"blocks\":%d,"
         "\"shared_blocks\":%d,\"prompt_tokens\":%d,\"matched_tokens\":%d,\"prefix_hit_rate\":%.6f,"
-        "\"evictions\":%d,\"spilled_bytes\":%d,\"tenants\":[",
+        "\"evictions\":%d,\"spilled_bytes\":%d,\"spilled_blocks\":%d,\"reloads\":%d,"
+        "\"tenants\":[",
         JsonEscape(absl::GetFlag(FLAGS_server)), resp.memory_limit_bytes(), resp.stored_bytes(),
         resp.logical_bytes(), resp.arena_block_bytes(), JsonEscape(resp.arena_hugepages()),
         resp.arena_registered() ? "true" : "false", resp.blocks(), resp.shared_blocks(),
         resp.prompt_tokens(), resp.matched_tokens(),
-        Ratio(resp.matched_tokens(), resp.prompt_tokens()), resp.evictions(), resp.spilled_bytes());
+        Ratio(resp.matched_tokens(), resp.prompt_tokens()), resp.evictions(), resp.spilled_bytes(),
+        resp.spilled_blocks(), resp.reloads());
     for (int i = 0; i < resp.tenants_size(); ++i) {
       const auto& t = resp.tenants(i);
       std::cout << (i ? "," : "")
@@ -108,7 +110,7 @@ void PrintStats(const kvrecall::v1::StatsResponse& resp, bool json) {
       "arena           %s slots, hugepages %s, %s\n"
       "blocks          %d (%d shared)\n"
       "prefix hits     %d of %d prompt tokens (%.1f%%)\n"
-      "evictions       %d\nspilled         %s\n\n",
+      "evictions       %d\nspilled         %s in %d blocks, %d reloads\n\n",
       FormatBytes(resp.stored_bytes()), FormatBytes(resp.memory_limit_bytes()),
       100.0 * Ratio(resp.stored_bytes(), resp.memory_limit_bytes()),
       FormatBytes(resp.logical_bytes()), FormatBytes(resp.arena_block_bytes()),
@@ -116,7 +118,7 @@ void PrintStats(const kvrecall::v1::StatsResponse& resp, bool json) {
       resp.arena_registered() ? "registered with the transport" : "not registered", resp.blocks(),
       resp.shared_blocks(), resp.matched_tokens(), resp.prompt_tokens(),
       100.0 * Ratio(resp.matched_tokens(), resp.prompt_tokens()), resp.evictions(),
-      FormatBytes(resp.spilled_bytes()));
+      FormatBytes(resp.spilled_bytes()), resp.spilled_blocks(), resp.reloads());
   std::cout << absl::StrFormat("%-16s %5s %10s %12s %12s %8s %8s %8s\n", "TENANT", "SEQS", "TOKENS",
                                "BYTES", "LOGICAL", "UNIQUE", "SHARED", "HIT%");
   for (const auto& t : resp.tenants()) {

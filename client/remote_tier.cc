@@ -263,6 +263,8 @@ class RemoteTier final : public Tier {
     s.matched_tokens = resp.matched_tokens();
     s.evictions = resp.evictions();
     s.spilled_bytes = resp.spilled_bytes();
+    s.spilled_blocks = resp.spilled_blocks();
+    s.reloads = resp.reloads();
     for (const auto& u : resp.tenants()) {
       s.tenants.push_back({u.tenant(), u.sequences(), u.tokens(), u.bytes(), u.logical_bytes(),
                            u.unique_blocks(), u.shared_blocks(), u.prompt_tokens(),

@@ -32,11 +32,38 @@ std::vector<float> KeysToF32(const PagedRows& keys, int64_t begin, int64_t end, 
   return x;
 }
 
+// Per-cluster, per-dimension variance of the raw rows around their cluster's centroid (the
+// mean of its rows): [k][d].
+std::vector<float> ClusterVariance(const float* x, int64_t n, int d, const std::vector<float>& cent,
+                                   const std::vector<int32_t>& assign) {
+  const int k = static_cast<int>(cent.size() / d);
+  std::vector<double> sum(static_cast<size_t>(k) * d, 0.0);
+  std::vector<int64_t> count(static_cast<size_t>(k), 0);
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t c = assign[t];
+    ++count[c];
+    const float* m = cent.data() + static_cast<int64_t>(c) * d;
+    double* s = sum.data() + static_cast<int64_t>(c) * d;
+    for (int j = 0; j < d; ++j) {
+      const double e = static_cast<double>(x[t * d + j]) - m[j];
+      s[j] += e * e;
+    }
+  }
+  std::vector<float> var(sum.size(), 0.0f);
+  for (int c = 0; c < k; ++c) {
+    if (count[c] == 0) continue;
+    for (int j = 0; j < d; ++j)
+      var[static_cast<size_t>(c) * d + j] =
+          static_cast<float>(sum[static_cast<size_t>(c) * d + j] / count[c]);
+  }
+  return var;
+}
+
 }  // namespace
 
-void SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, uint64_t seed,
-                     ThreadPool* pool, std::vector<float>* centroids,
-                     std::vector<int32_t>* assign) {
+int SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, double tolerance,
+                    uint64_t seed, ThreadPool* pool, std::vector<float>* centroids,
+                    std::vector<int32_t>* assign) {
   k = static_cast<int>(std::clamp<int64_t>(k, 1, n));
   std::vector<float> xn(static_cast<size_t>(n) * d);
   ForChunks(pool, n, 4096, [&](int64_t b, int64_t e) {
@@ -53,19 +80,30 @@ void SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, ui
     std::copy(x + static_cast<int64_t>(perm[i]) * d, x + static_cast<int64_t>(perm[i] + 1) * d,
               centroids->begin() + static_cast<int64_t>(i) * d);
   }
-  assign->assign(static_cast<size_t>(n), 0);
+  assign->assign(static_cast<size_t>(n), -1);
   std::vector<float> cn(static_cast<size_t>(k) * d);
-  for (int it = 0; it < std::max(1, iterations); ++it) {
+  // Rows that changed cluster, per chunk of 512 rows (summed in chunk order: deterministic).
+  std::vector<int64_t> changed(static_cast<size_t>((n + 511) / 512));
+  const int64_t stop_at = static_cast<int64_t>(std::floor(tolerance * static_cast<double>(n)));
+  int it = 0;
+  while (it < std::max(1, iterations)) {
+    ++it;
     for (int c = 0; c < k; ++c)
       Normalize(centroids->data() + static_cast<int64_t>(c) * d, d, cn.data() + c * d);
     ForChunks(pool, n, 512, [&](int64_t b, int64_t e) {
       std::vector<float> sims(static_cast<size_t>(e - b) * k);
       kernels::DotsF32(xn.data() + b * d, e - b, cn.data(), k, d, sims.data(), k);
+      int64_t moved = 0;
       for (int64_t t = b; t < e; ++t) {
         const float* s = sims.data() + (t - b) * k;
-        (*assign)[t] = static_cast<int32_t>(std::max_element(s, s + k) - s);
+        const int32_t a = static_cast<int32_t>(std::max_element(s, s + k) - s);
+        moved += a != (*assign)[t];
+        (*assign)[t] = a;
       }
+      changed[static_cast<size_t>(b / 512)] = moved;
     });
+    int64_t moved = 0;
+    for (int64_t m : changed) moved += m;
     std::vector<double> sum(static_cast<size_t>(k) * d, 0.0);
     std::vector<int64_t> count(static_cast<size_t>(k), 0);
     for (int64_t t = 0; t < n; ++t) {
@@ -81,7 +119,10 @@ void SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, ui
         (*centroids)[static_cast<size_t>(c) * d + j] =
             static_cast<float>(sum[static_cast<size_t>(c) * d + j] / count[c]);
     }
+    // Converged: centroids are the means of an assignment that (almost) no longer changes.
+    if (moved <= stop_at) break;
   }
+  return it;
 }
 
 namespace {
@@ -103,7 +144,66 @@ class ClusterSegment final : public Segment {
     std::vector<float> x = KeysToF32(keys, b, e, pool);
     std::vector<float> cent;
     std::vector<int32_t> assign;
-    SphericalKMeans(x.data(), e - b, d, k, opt_.iterations, seed, pool, &cent, &assign);
+    iterations_run_ += SphericalKMeans(x.data(), e - b, d, k, opt_.iterations, opt_.tolerance, seed,
+                                       pool, &cent, &assign);
+    ++kmeans_runs_;
+    std::vector<float> var;
+    if (opt_.variance_ranking) var = ClusterVariance(x.data(), e - b, d, cent, assign);
+    AddMembers(b, e, cent, var, assign);
+    indexed_end_ = e;
+  }
+
+  // The build: k-means separately on consecutive chunks of segment_tokens (the last chunk
+  // absorbs a remainder shorter than half a chunk), each with chunk / tokens_per_cluster
+  // clusters; chunks run in parallel on `pool`. Equivalent to AddClusters over the whole range
+  // when segment_tokens is 0 or covers it.
+  void BuildChunked(const PagedRows& keys, int64_t b, int64_t e, ThreadPool* pool) {
+    const int64_t n = e - b, st = opt_.segment_tokens;
+    std::vector<std::pair<int64_t, int64_t>> chunks;
+    if (st <= 0 || n < st + st / 2) {
+      chunks.emplace_back(b, e);
+    } else {
+      for (int64_t c = b; c < e;) {
+        const int64_t ce = e - (c + st) < st / 2 ? e : c + st;
+        chunks.emplace_back(c, ce);
+        c = ce;
+      }
+    }
+    auto clusters_of = [&](int64_t len) {
+      return static_cast<int>(std::max<int64_t>(1, len / opt_.tokens_per_cluster));
+    };
+    if (chunks.size() == 1) {
+      AddClusters(keys, b, e, clusters_of(n), opt_.seed, pool);
+      return;
+    }
+    const int64_t nc = static_cast<int64_t>(chunks.size());
+    std::vector<std::vector<float>> cents(static_cast<size_t>(nc));
+    std::vector<std::vector<int32_t>> assigns(static_cast<size_t>(nc));
+    std::vector<std::vector<float>> vars(static_cast<size_t>(nc));
+    std::vector<int> iters(static_cast<size_t>(nc));
+    ForChunks(pool, nc, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const auto [xb, xe] = chunks[c];
+        std::vector<float> x = KeysToF32(keys, xb, xe, nullptr);
+        iters[c] = SphericalKMeans(
+            x.data(), xe - xb, head_dim_, clusters_of(xe - xb), opt_.iterations, opt_.tolerance,
+            opt_.seed + static_cast<uint64_t>(xb - b), nullptr, &cents[c], &assigns[c]);
+        if (opt_.variance_ranking)
+          vars[c] = ClusterVariance(x.data(), xe - xb, head_dim_, cents[c], assigns[c]);
+      }
+    });
+    for (int64_t c = 0; c < nc; ++c) {
+      AddMembers(chunks[c].first, chunks[c].second, cents[c], vars[c], assigns[c]);
+      iterations_run_ += iters[c];
+      ++kmeans_runs_;
+    }
+    indexed_end_ = e;
+  }
+
+  // Appends the non-empty clusters of one k-means run over tokens [b, e).
+  void AddMembers(int64_t b, int64_t e, const std::vector<float>& cent,
+                  const std::vector<float>& var, const std::vector<int32_t>& assign) {
+    const int d = head_dim_;
     const int kk = static_cast<int>(cent.size() / d);
     std::vector<std::vector<int32_t>> members(static_cast<size_t>(kk));
     for (int64_t t = 0; t < e - b; ++t) members[assign[t]].push_back(static_cast<int32_t>(b + t));
@@ -111,10 +211,20 @@ class ClusterSegment final : public Segment {
       if (members[c].empty()) continue;
       centroids_.insert(centroids_.end(), cent.begin() + static_cast<int64_t>(c) * d,
                         cent.begin() + static_cast<int64_t>(c + 1) * d);
+      if (!var.empty()) {
+        variances_.insert(variances_.end(), var.begin() + static_cast<int64_t>(c) * d,
+                          var.begin() + static_cast<int64_t>(c + 1) * d);
+      }
       tokens_.insert(tokens_.end(), members[c].begin(), members[c].end());
       offsets_.push_back(static_cast<int32_t>(tokens_.size()));
     }
-    indexed_end_ = e;
+  }
+
+  void Info(ClusterInfo* info) const {
+    info->offsets = offsets_;
+    info->tokens = tokens_;
+    info->kmeans_runs = kmeans_runs_;
+    info->kmeans_iterations = iterations_run_;
   }
 
   absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) override {
@@ -131,7 +241,7 @@ class ClusterSegment final : public Segment {
   }
 
   size_t MemoryBytes() const override {
-    return centroids_.size() * 4 + tokens_.size() * 4 + offsets_.size() * 4;
+    return centroids_.size() * 4 + variances_.size() * 4 + tokens_.size() * 4 + offsets_.size() * 4;
   }
 
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
@@ -145,6 +255,19 @@ class ClusterSegment final : public Segment {
       std::vector<float> logits(static_cast<size_t>(g) * k);
       kernels::QueryKeyDots(DType::kF32, rows.data(), k, d, s.scaled_queries, g, logits.data(), k,
                             s.isa);
+      if (!variances_.empty()) {
+        // log E_c[exp(q·k)] ≈ q·μ_c + ½ Σ_j q_j² σ²_cj (Gaussian, diagonal): the centroid logit
+        // alone is the log of the *geometric* mean of exp(q·k) over the cluster and under-rates
+        // clusters whose mass sits in a few of their tokens.
+        std::vector<float> half_q2(static_cast<size_t>(g) * d), bonus(static_cast<size_t>(g) * k);
+        for (size_t i = 0; i < half_q2.size(); ++i)
+          half_q2[i] = 0.5f * s.scaled_queries[i] * s.scaled_queries[i];
+        for (int64_t c = 0; c < k; ++c)
+          rows[c] = reinterpret_cast<const uint8_t*>(variances_.data() + c * d);
+        kernels::QueryKeyDots(DType::kF32, rows.data(), k, d, half_q2.data(), g, bonus.data(), k,
+                              s.isa);
+        for (size_t i = 0; i < logits.size(); ++i) logits[i] += bonus[i];
+      }
       Hits& hits = *out->Add();
       const bool whole = rb <= begin_ && re >= indexed_end_;
       std::vector<float> log_count;
@@ -194,11 +317,21 @@ class ClusterSegment final : public Segment {
   ClusterOptions opt_;
   int64_t indexed_end_;           // [begin_, indexed_end_) is clustered; the rest is pending
   std::vector<float> centroids_;  // [clusters][d] mean of raw keys
+  std::vector<float> variances_;  // [clusters][d] per-dimension variance (variance_ranking only)
   std::vector<int32_t> tokens_;   // members, cluster by cluster, ascending within a cluster
   std::vector<int32_t> offsets_;  // cluster c = tokens_[offsets_[c], offsets_[c + 1])
+  int kmeans_runs_ = 0;
+  int64_t iterations_run_ = 0;
 };
 
 }  // namespace
+
+bool GetClusterInfo(const Segment& segment, ClusterInfo* info) {
+  const auto* c = dynamic_cast<const ClusterSegment*>(&segment);
+  if (c == nullptr) return false;
+  c->Info(info);
+  return true;
+}
 
 absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& input,
                                                              const ClusterOptions& options,
@@ -208,10 +341,11 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& i
     return absl::InvalidArgumentError(
         "cluster: tokens_per_cluster, iterations, append_every and append_clusters must be > 0");
   }
+  if (options.segment_tokens < 0 || !(options.tolerance >= 0) || !(options.tolerance < 1)) {
+    return absl::InvalidArgumentError("cluster: segment_tokens must be >= 0, tolerance in [0, 1)");
+  }
   auto seg = std::make_unique<ClusterSegment>(input, options);
-  const int64_t n = input.token_end - input.token_begin;
-  const int k = static_cast<int>(std::max<int64_t>(1, n / options.tokens_per_cluster));
-  seg->AddClusters(*input.keys, input.token_begin, input.token_end, k, options.seed, pool);
+  seg->BuildChunked(*input.keys, input.token_begin, input.token_end, pool);
   return std::unique_ptr<Segment>(std::move(seg));
 }
 

@@ -6,10 +6,12 @@
 //             against the centroids, unions the lists of the best m, scores those candidates
 //             exactly and keeps the top-k. The default method.
 //   cluster — ClusterKV (arXiv 2412.03213): spherical k-means over keys (cosine assignment,
-//             centroid = mean of the raw keys, ~1 cluster per 80 tokens, 20 iterations, seeded
-//             random init); a search ranks clusters by q·centroid and takes whole clusters until
-//             the budget is full (the last one truncated, lowest token ids first). No token-level
-//             re-scoring.
+//             centroid = mean of the raw keys, ~1 cluster per 80 tokens, at most 20 iterations
+//             with an early stop once assignments settle, seeded random init), run on chunks of
+//             8K positions (segmented clustering, as RetroInfer; ClusterKV's own decode-time
+//             clusters are position-local too); a search ranks clusters by q·centroid and takes
+//             whole clusters until the budget is full (the last one truncated, lowest token ids
+//             first). No token-level re-scoring.
 //   merged  — CentroidKV (arXiv 2506.11418) is not a search index: merged centroids replace
 //             tokens. It lives in indexer/merged.h; BuildSegment rejects it.
 //
@@ -24,7 +26,9 @@
 //             own mass that its list holds), so that candidates are not over-rated next to other
 //             segments' tokens.
 //   cluster — a cluster's score is max_h of the per-head softmax (over clusters, each weighted by
-//             its size) of q_h · centroid · scale, i.e. the probability of its average token.
+//             its size) of q_h · centroid · scale, i.e. the probability of its average token
+//             (with ClusterOptions::variance_ranking, of an estimate of its mean token
+//             probability: + ½ Σ_j (q_hj · scale)² σ²_j, σ² the cluster's key variance).
 //
 // Segments (ARCHITECTURE.md §3): a Segment indexes a contiguous token range [token_begin,
 // token_end) of one (layer, kv-head) — e.g. a shared prefix segment plus the sequence's growing
@@ -81,6 +85,19 @@ struct ClusterOptions {
                                 // until then they are scored exactly as single tokens
   int append_clusters = 4;      // clusters made from each W appended tokens
   uint64_t seed = 1;            // random initial centroids (distinct tokens); deterministic
+  // The build runs k-means separately on consecutive chunks of this many tokens (the last chunk
+  // absorbs a remainder shorter than half a chunk), each into chunk / tokens_per_cluster
+  // clusters, so the build is linear in the segment's length (one k-means over 96K tokens costs
+  // 12× a chunked one) and chunks build in parallel. 0 = one k-means over the whole segment
+  // (ClusterKV's code). Decode-time appends are chunks of append_every tokens in either case.
+  int segment_tokens = 8192;
+  // k-means stops early after an iteration in which at most this fraction of the tokens changed
+  // cluster (0 = only when none did); `iterations` stays the cap.
+  double tolerance = 0.01;
+  // Rank clusters by q·centroid + ½ Σ_j q_j² σ²_j (σ²: the cluster's per-dimension key variance,
+  // stored next to the centroid: twice the centroid memory) — an estimate of log mean exp(q·k)
+  // over the cluster — instead of q·centroid alone.
+  bool variance_ranking = false;
 };
 
 struct IndexOptions {

@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "indexer/exact.h"
+#include "indexer/internal/search.h"
 #include "indexer/synthetic.h"
 
 namespace kvrecall::indexer {
@@ -128,6 +129,25 @@ TEST(IndexTest, ClusterTakesWholeClustersThenTruncatesByLowestId) {
   EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 4, {seg.get()})), ElementsAre(0, 1, 2, 4));
 }
 
+TEST(IndexTest, ClusterVarianceRankingPrefersClustersWithStrongTokens) {
+  // x cluster {0, 2, 4}: logits 1, 1, 1 for q = x. y cluster {1, 3, 5}: logits 0, 0, 2.7 — a lower
+  // centroid logit (0.9) but more mass (e^2.7 + 2 > 3e), which only the variance term sees.
+  Keys k({{1, 0}, {0, 5}, {1, 0.01f}, {0, 5}, {1, -0.01f}, {2.7f, 5}}, 2);
+  IndexOptions opt;
+  opt.cluster.tokens_per_cluster = 3;
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = 6;
+  const float q[2] = {1, 0};
+  ASSERT_OK_AND_ASSIGN(auto plain, BuildSegment(Method::kCluster, in, opt, nullptr));
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 3, {plain.get()})), ElementsAre(0, 2, 4));
+  opt.cluster.variance_ranking = true;
+  ASSERT_OK_AND_ASSIGN(auto var, BuildSegment(Method::kCluster, in, opt, nullptr));
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 3, {var.get()})), ElementsAre(1, 3, 5));
+  EXPECT_GT(var->MemoryBytes(), plain->MemoryBytes());
+}
+
 TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
   auto d = Data(3000);
   const float scale = 1.0f / std::sqrt(32.0f);
@@ -209,6 +229,48 @@ TEST(IndexTest, BuildsAreDeterministicPerSeedAndIndependentOfThePool) {
   EXPECT_EQ(d->decode_queries, d2->decode_queries);
   auto d3 = Data(4000, 2);
   EXPECT_NE(d->key_bytes, d3->key_bytes);
+}
+
+TEST(IndexTest, ClusterChunkedBuildCoversEveryTokenAndIsDeterministic) {
+  auto d = Data(5000);
+  IndexOptions opt;
+  opt.cluster.segment_tokens = 1000;  // chunks [4, 1004), ..., [3004, 4004), [4004, 4968)
+  opt.cluster.tokens_per_cluster = 40;
+  ThreadPool pool(2);
+  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, &pool));
+  const float* q = d->decode_queries.data();
+  const auto all = SearchOne(Entry(q, 4, &d->keys, 4, 4968, 4964, {a.get()}));
+  ASSERT_EQ(all.size(), 4964u);
+  EXPECT_EQ(all.front(), 4);
+  EXPECT_EQ(all.back(), 4967);
+  EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 4968, 300, {a.get()})),
+            SearchOne(Entry(q, 4, &d->keys, 4, 4968, 300, {b.get()})));
+  opt.cluster.segment_tokens = -1;
+  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  opt.cluster.segment_tokens = 0;
+  opt.cluster.tolerance = 1;
+  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(IndexTest, KMeansStopsOnceAssignmentsSettle) {
+  // Two well-separated directions: assignments settle after the second round.
+  std::vector<float> x;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 0.01f);
+  for (int i = 0; i < 200; ++i) {
+    x.push_back((i % 2 == 0 ? 1.0f : 0.0f) + nd(rng));
+    x.push_back((i % 2 == 0 ? 0.0f : 1.0f) + nd(rng));
+  }
+  std::vector<float> c;
+  std::vector<int32_t> a;
+  const int rounds = internal::SphericalKMeans(x.data(), 200, 2, 2, 20, 0.0, 7, nullptr, &c, &a);
+  EXPECT_LE(rounds, 3);
+  for (int i = 2; i < 200; ++i) EXPECT_EQ(a[i], a[i % 2]);
+  EXPECT_NE(a[0], a[1]);
+  EXPECT_EQ(internal::SphericalKMeans(x.data(), 200, 2, 2, 1, 0.0, 7, nullptr, &c, &a), 1);
 }
 
 TEST(IndexTest, AppendKeepsResultsCorrectAsTheSequenceGrows) {

@@ -1,4 +1,4 @@
-// Tests of merged.h, quality.h, synthetic.h, qk_dump.h and the index benchmark.
+// Tests of merged.h, quality.h, synthetic.h, qk_dump.h, trace_stats.h and the index benchmark.
 #include "indexer/quality.h"
 
 #include <cmath>
@@ -16,6 +16,7 @@
 #include "indexer/merged.h"
 #include "indexer/qk_dump.h"
 #include "indexer/synthetic.h"
+#include "indexer/trace_stats.h"
 
 namespace kvrecall::indexer {
 namespace {
@@ -218,6 +219,96 @@ TEST(IndexBenchTest, SmallRunReportsEveryFieldNextToExact) {
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(bench::RunIndexBench({"--tokens=x"}).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(TraceStatsTest, HandCheckableCase) {
+  // Keys: token 2 aligned with the query, the rest orthogonal; queries equal at even positions,
+  // opposite at odd ones.
+  Rows k({0, 1, 0, 1, 50, 0, 0, 1, 0, 1}, 2);
+  const float even[2] = {1, 0}, odd[2] = {-1, 0};
+  TraceStatsInput in;
+  in.keys = &k.rows;
+  in.group = 1;
+  in.query = [&](int64_t p) -> const float* {
+    if (p < 0 || p > 5) return nullptr;
+    return p % 2 == 0 ? even : odd;
+  };
+  in.positions = {4, 5};
+  in.range_begin = 0;
+  in.range_end = 5;
+  in.k = 1;
+  in.scale = 1;
+  in.lags = {1, 2, 16};
+  const TraceStats s = ComputeTraceStats(in);
+  ASSERT_EQ(s.query_cosine.size(), 3u);
+  EXPECT_DOUBLE_EQ(s.query_cosine[0], -1.0);   // lag 1: opposite
+  EXPECT_DOUBLE_EQ(s.query_cosine[1], 1.0);    // lag 2: equal
+  EXPECT_TRUE(std::isnan(s.query_cosine[2]));  // lag 16: no query that far back
+  EXPECT_EQ(s.query_cosine_pairs[1], 2);
+  // Position 4 selects token 2, position 5 (query -x) one of the orthogonal tokens.
+  EXPECT_EQ(s.topk_overlap_pairs, 1);
+  EXPECT_DOUBLE_EQ(s.topk_overlap_adjacent, 0.0);
+  // 1% and 10% of 5 tokens is one token: at position 4 it holds ~all the mass, at 5 a quarter.
+  EXPECT_NEAR(s.mass_top1pct, (1.0 + 0.25) / 2, 1e-6);
+  EXPECT_DOUBLE_EQ(s.mass_top1pct, s.mass_top10pct);
+}
+
+TEST(IndexBenchTest, RunsOnARealDumpLayout) {
+  const std::string dir = ::testing::TempDir() + "/qk_dump_bench_test";
+  std::filesystem::remove_all(dir);
+  QkDumpHeader h;
+  h.dtype = DType::kF32;
+  h.head_dim = 16;
+  h.num_q_heads = 4;
+  h.num_kv_heads = 2;
+  h.tokens = 1200;
+  h.prompt_tokens = 1190;  // 10 decode steps: entries reach into the prompt
+  h.layers = {0, 2};
+  h.has_values = true;
+  h.rope_theta = 10000;
+  h.model = "test";
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  auto fill = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = nd(rng);
+    return v;
+  };
+  const auto q = fill(4 * 1200 * 16), kk = fill(2 * 1200 * 16), v = fill(2 * 1200 * 16);
+  ASSERT_OK(WriteQkDumpHeader(dir, h));
+  ASSERT_OK(WriteQkDumpLayer(dir, h, 0, q, kk, v));
+  ASSERT_OK(WriteQkDumpLayer(dir, h, 2, q, kk, v));
+  ASSERT_OK_AND_ASSIGN(
+      nlohmann::json j,
+      bench::RunIndexBench({"--qk_dump=" + dir, "--method=ctkvr,cluster,merged", "--budget=64",
+                            "--entries=16", "--repeats=1", "--iterations=3", "--window=64",
+                            "--prompt_queries=128", "--segment_tokens=512"}));
+  EXPECT_EQ(j["data"]["generator"], "qk_dump");
+  EXPECT_EQ(j["data"]["layer"], 2);  // the first layer >= 2 by default
+  EXPECT_EQ(j["data"]["entries_are_decode_steps"], false);
+  EXPECT_EQ(j["data"]["search_entries"], 32);  // 16 positions × 2 kv-heads
+  EXPECT_EQ(j["options"]["group"], 2);
+  ASSERT_EQ(j["methods"].size(), 4u);
+  EXPECT_EQ(j["methods"][0]["attention_mass_recall"], 1.0);
+  EXPECT_EQ(j["methods"][1]["needles_total"], 0);
+  for (int m = 1; m < 3; ++m) {
+    EXPECT_GT(j["methods"][m]["attention_mass_recall"].get<double>(), 0.0);
+    EXPECT_LE(j["methods"][m]["attention_mass_recall"].get<double>(), 1.0 + 1e-9);
+  }
+  EXPECT_GT(j["methods"][2]["clusters"].get<double>(), 10.0);
+  // Range [16, 1136) in 512-token chunks: [16, 528) and [528, 1136) (the remainder is absorbed).
+  EXPECT_EQ(j["methods"][2]["kmeans_runs"].get<double>(), 2.0);
+  const double oracle = j["methods"][2]["oracle_ranking_mass_recall"].get<double>();
+  EXPECT_GT(oracle, 0.0);
+  EXPECT_LE(oracle, 1.0 + 1e-9);
+  ASSERT_TRUE(j.contains("trace_stats"));
+  EXPECT_TRUE(j["trace_stats"]["query_cosine_by_lag"].contains("1024"));
+  EXPECT_GT(j["trace_stats"]["mass_top10pct"].get<double>(),
+            j["trace_stats"]["mass_top1pct"].get<double>());
+  EXPECT_THAT(bench::RunIndexBench({"--qk_dump=" + dir, "--layer=1"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(bench::RunIndexBench({"--qk_dump=" + dir + "/none"}).status(),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 }  // namespace

@@ -2,17 +2,184 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+
 namespace kvrecall::kvstore {
+namespace {
+
+void AppendBigEndian(std::string* s, uint64_t v) {
+  for (int i = 7; i >= 0; --i) s->push_back(static_cast<char>(v >> (8 * i)));
+}
+void AppendLittleEndian(std::string* s, uint64_t v) {
+  for (int i = 0; i < 8; ++i) s->push_back(static_cast<char>(v >> (8 * i)));
+}
+
+}  // namespace
+
+BlockTable::BlockTable(Arena* arena, const BlockTableOptions& options)
+    : arena_(arena), options_(options) {
+  if (options_.clock == nullptr) options_.clock = Clock::Real();
+}
 
 BlockTable::~BlockTable() = default;
 
-absl::StatusOr<Block*> BlockTable::Allocate(int num_layers) {
+std::string BlockTable::StoreKey(const Block* b) const {
+  absl::MutexLock lock(&mu_);
+  return StoreKeyLocked(b);
+}
+
+std::string BlockTable::StoreKeyLocked(const Block* b) const {
+  std::string k;
+  if (b->published_ && !options_.durable) {
+    k = "c";
+    AppendLittleEndian(&k, b->key_.lo);
+    AppendLittleEndian(&k, b->key_.hi);
+  } else {
+    k = "p";
+    AppendBigEndian(&k, b->id_);
+  }
+  return k;
+}
+
+void BlockTable::TouchLocked(Block* b, int64_t now) {
+  b->last_access_ns_ = std::max(b->last_access_ns_, now);
+  b->lease_until_ns_ = std::max(b->lease_until_ns_, now + absl::ToInt64Nanoseconds(options_.lease));
+}
+
+absl::Status BlockTable::AllocateSlotsLocked(int n, std::vector<uint8_t*>* out) {
+  absl::Status s = arena_->Allocate(n, out);
+  if (!absl::IsResourceExhausted(s) || options_.store == nullptr) return s;
+  const int64_t free_slots = arena_->total_slots() - arena_->used_slots();
+  if (absl::Status e = EvictLocked(n - free_slots); !e.ok()) {
+    if (absl::IsResourceExhausted(e)) {
+      return absl::ResourceExhaustedError(absl::StrCat(s.message(), "; eviction: ", e.message()));
+    }
+    return e;
+  }
+  return arena_->Allocate(n, out);
+}
+
+absl::Status BlockTable::EvictLocked(int64_t slots) {
+  const int64_t now = NowNs();
+  std::vector<Block*> candidates;
+  for (Block* b : live_) {
+    if (b->state_ == Block::State::kResident && b->pins_ == 0 && b->lease_until_ns_ <= now) {
+      candidates.push_back(b);
+    }
+  }
+  std::sort(candidates.begin(), candidates.end(), [](const Block* a, const Block* b) {
+    return a->last_access_ns_ != b->last_access_ns_ ? a->last_access_ns_ < b->last_access_ns_
+                                                    : a->id_ < b->id_;
+  });
+  std::vector<Block*> victims;
+  int64_t freed = 0;
+  for (Block* b : candidates) {
+    if (freed >= slots) break;
+    victims.push_back(b);
+    freed += b->num_layers_;
+  }
+  if (freed < slots) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("needs ", slots, " more slots but only ", freed,
+                     " belong to blocks without a pin or a live lease"));
+  }
+  std::unique_ptr<BlockStore::Batch> batch = options_.store->NewBatch();
+  for (Block* b : victims) {
+    if (!b->on_disk_) batch->PutBlock(StoreKeyLocked(b), b->layers_, b->layer_bytes_);
+  }
+  // A failed write (full disk) leaves every victim resident and untouched.
+  if (absl::Status s = options_.store->Commit(batch.get()); !s.ok()) {
+    KV_LOG(WARNING) << "spilling " << victims.size() << " blocks failed: " << s;
+    return s;
+  }
+  for (Block* b : victims) {
+    if (!b->on_disk_) spilled_bytes_ += static_cast<int64_t>(RecordBytes(b));
+    b->on_disk_ = true;
+    arena_->Free(b->layers_);
+    b->layers_.clear();
+    b->state_ = Block::State::kSpilled;
+    ++spilled_;
+    ++evictions_;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockTable::ReloadLocked(Block* b) {
+  std::vector<uint8_t*> slots;
+  slots.reserve(static_cast<size_t>(b->num_layers_));
+  if (absl::Status s = AllocateSlotsLocked(b->num_layers_, &slots); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("reloading a spilled block: ", s.message()));
+  }
+  const std::string key = StoreKeyLocked(b);
+  absl::Status s = options_.store->GetBlock(key, slots, b->layer_bytes_);
+  if (!s.ok()) {
+    arena_->Free(slots);
+    if (absl::IsNotFound(s)) s = absl::DataLossError(s.message());
+    return absl::Status(s.code(), absl::StrCat("block ", b->id_, ": ", s.message()));
+  }
+  b->layers_ = std::move(slots);
+  b->state_ = Block::State::kResident;
+  --spilled_;
+  ++reloads_;
+  if (!b->immutable() && !options_.durable) {
+    // Its owner may append to it: the record goes stale, so drop it now. (Durable records are
+    // rewritten by every commit that changes the block instead.)
+    std::unique_ptr<BlockStore::Batch> batch = options_.store->NewBatch();
+    batch->DeleteBlock(key);
+    if (absl::Status d = options_.store->Commit(batch.get()); !d.ok()) {
+      KV_LOG(WARNING) << "dropping the record of reloaded block " << b->id_ << ": " << d;
+    }
+    b->on_disk_ = false;
+    spilled_bytes_ -= static_cast<int64_t>(RecordBytes(b));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockTable::PersistCommit(absl::Span<Block* const> blocks, absl::string_view meta_key,
+                                       absl::string_view meta_value) {
+  if (options_.store == nullptr) return absl::FailedPreconditionError("no store to persist to");
+  std::unique_ptr<BlockStore::Batch> batch = options_.store->NewBatch();
+  std::string key;
+  for (const Block* b : blocks) {
+    key = "p";
+    AppendBigEndian(&key, b->id_);
+    batch->PutBlock(key, b->layers_, b->layer_bytes_);  // pinned: layers_ is stable
+  }
+  batch->PutMeta(meta_key, meta_value);
+  RETURN_IF_ERROR(options_.store->Commit(batch.get()));
+  absl::MutexLock lock(&mu_);
+  for (Block* b : blocks) {
+    if (!b->on_disk_) spilled_bytes_ += static_cast<int64_t>(RecordBytes(b));
+    b->on_disk_ = true;
+  }
+  return absl::OkStatus();
+}
+
+Block* BlockTable::AddRecovered(uint64_t id, int num_layers, size_t layer_bytes) {
+  absl::MutexLock lock(&mu_);
+  Block* b = new Block(id, {}, layer_bytes, num_layers);
+  b->pins_ = 0;
+  b->state_ = Block::State::kSpilled;
+  b->on_disk_ = true;
+  next_id_ = std::max(next_id_, id + 1);
+  live_.insert(b);
+  ++references_;
+  ++spilled_;
+  spilled_bytes_ += static_cast<int64_t>(RecordBytes(b));
+  return b;
+}
+
+absl::StatusOr<Block*> BlockTable::Allocate(int num_layers, size_t layer_bytes) {
+  if (layer_bytes == 0) layer_bytes = arena_->slot_bytes();
   std::vector<uint8_t*> slots;
   slots.reserve(static_cast<size_t>(num_layers));
-  if (absl::Status s = arena_->Allocate(num_layers, &slots); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  Block* b = new Block(next_id_++, std::move(slots));
-  ++live_;
+  if (absl::Status s = AllocateSlotsLocked(num_layers, &slots); !s.ok()) return s;
+  Block* b = new Block(next_id_++, std::move(slots), layer_bytes, num_layers);
+  TouchLocked(b, NowNs());
+  live_.insert(b);
   ++references_;
   return b;
 }
@@ -24,18 +191,61 @@ void BlockTable::Ref(Block* b) {
 }
 
 void BlockTable::Unref(Block* b) {
-  {
-    absl::MutexLock lock(&mu_);
-    --references_;
-    if (--b->refs_ > 0) {
-      if (b->refs_ == 1) --shared_;
-      return;
-    }
-    if (b->published_) published_.erase(b->key_);
-    --live_;
+  absl::MutexLock lock(&mu_);
+  --references_;
+  if (--b->refs_ > 0) {
+    if (b->refs_ == 1) --shared_;
+    return;
   }
-  arena_->Free(b->layers_);
+  if (b->published_) published_.erase(b->key_);
+  live_.erase(b);
+  if (b->on_disk_ && !keep_records_) {
+    std::unique_ptr<BlockStore::Batch> batch = options_.store->NewBatch();
+    batch->DeleteBlock(StoreKeyLocked(b));
+    if (absl::Status s = options_.store->Commit(batch.get()); !s.ok()) {
+      KV_LOG(WARNING) << "deleting the record of block " << b->id_ << ": " << s;
+    }
+    spilled_bytes_ -= static_cast<int64_t>(RecordBytes(b));
+  }
+  if (b->state_ == Block::State::kResident) {
+    arena_->Free(b->layers_);
+  } else {
+    --spilled_;
+  }
   delete b;
+}
+
+absl::Status BlockTable::Pin(absl::Span<Block* const> blocks) {
+  absl::MutexLock lock(&mu_);
+  const int64_t now = NowNs();
+  // Pin the resident ones first so that reloading the others cannot evict them.
+  for (Block* b : blocks) {
+    TouchLocked(b, now);
+    ++b->pins_;
+  }
+  for (Block* b : blocks) {
+    if (b->state_ == Block::State::kResident) continue;
+    if (absl::Status s = ReloadLocked(b); !s.ok()) {
+      for (Block* p : blocks) --p->pins_;
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void BlockTable::Unpin(absl::Span<Block* const> blocks) {
+  absl::MutexLock lock(&mu_);
+  const int64_t now = NowNs();
+  for (Block* b : blocks) {
+    --b->pins_;
+    TouchLocked(b, now);
+  }
+}
+
+void BlockTable::Touch(absl::Span<Block* const> blocks) {
+  absl::MutexLock lock(&mu_);
+  const int64_t now = NowNs();
+  for (Block* b : blocks) TouchLocked(b, now);
 }
 
 void BlockTable::Publish(Block* b, const ContentKey& parent, const ContentKey& key,
@@ -66,8 +276,7 @@ int BlockTable::AcquirePrefix(absl::Span<const ContentKey> keys, absl::string_vi
     Block* b = it->second;
     const absl::Span<const int32_t> tokens =
         token_ids.subspan(begin, static_cast<size_t>(block_tokens));
-    if (b->state_ != Block::State::kResident || b->parent_ != parent ||
-        b->namespace_ != share_namespace || b->model_id_ != model_id ||
+    if (b->parent_ != parent || b->namespace_ != share_namespace || b->model_id_ != model_id ||
         !std::equal(tokens.begin(), tokens.end(), b->tokens_.begin(), b->tokens_.end())) {
       break;
     }
@@ -80,6 +289,11 @@ int BlockTable::AcquirePrefix(absl::Span<const ContentKey> keys, absl::string_vi
   return n;
 }
 
+void BlockTable::KeepRecordsOnRelease() {
+  absl::MutexLock lock(&mu_);
+  keep_records_ = true;
+}
+
 std::vector<int> BlockTable::RefCounts(absl::Span<Block* const> blocks) const {
   absl::MutexLock lock(&mu_);
   std::vector<int> r;
@@ -88,9 +302,26 @@ std::vector<int> BlockTable::RefCounts(absl::Span<Block* const> blocks) const {
   return r;
 }
 
+std::vector<Block::State> BlockTable::States(absl::Span<Block* const> blocks) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<Block::State> r;
+  r.reserve(blocks.size());
+  for (const Block* b : blocks) r.push_back(b->state_);
+  return r;
+}
+
 BlockTableStats BlockTable::stats() const {
   absl::MutexLock lock(&mu_);
-  return BlockTableStats{live_, static_cast<int64_t>(published_.size()), shared_, references_};
+  BlockTableStats s;
+  s.blocks = static_cast<int64_t>(live_.size());
+  s.published = static_cast<int64_t>(published_.size());
+  s.shared = shared_;
+  s.references = references_;
+  s.spilled = spilled_;
+  s.spilled_bytes = spilled_bytes_;
+  s.evictions = evictions_;
+  s.reloads = reloads_;
+  return s;
 }
 
 }  // namespace kvrecall::kvstore

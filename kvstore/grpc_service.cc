@@ -64,7 +64,9 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
     StartRead(&chunk_);
   }
   void OnDone() override {
-    if (seq_ != nullptr) seq_->AbortAppend();  // no-op after a commit
+    // Only a transaction this stream still holds: once it committed or aborted, the sequence may
+    // already carry the next stream's transaction, which is not ours to abort.
+    if (open_) seq_->AbortAppend();
     delete this;
   }
 
@@ -76,6 +78,7 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
         seq_ = nullptr;
         return s;
       }
+      open_ = true;
       tenant_ = chunk_.tenant();
       id_ = chunk_.sequence_id();
     } else if (chunk_.tenant() != tenant_ || chunk_.sequence_id() != id_) {
@@ -99,6 +102,7 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
       Fail(absl::InvalidArgumentError("empty AppendKV stream"));
       return;
     }
+    open_ = false;  // CommitAppend ends the transaction either way
     absl::StatusOr<int64_t> stored = seq_->CommitAppend();
     if (!stored.ok()) {
       Finish(ToGrpc(stored.status()));
@@ -110,7 +114,8 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
   }
 
   void Fail(const absl::Status& s) {
-    if (seq_ != nullptr) seq_->AbortAppend();
+    if (open_) seq_->AbortAppend();
+    open_ = false;
     Finish(ToGrpc(s));
   }
 
@@ -119,6 +124,7 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
   v1::AppendKVResponse* const resp_;
   v1::AppendKVRequest chunk_;
   std::shared_ptr<Sequence> seq_;
+  bool open_ = false;  // this stream's transaction on seq_ is open
   std::string tenant_, id_;
   int64_t bytes_ = 0;
 };
@@ -356,6 +362,8 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
     resp->set_matched_tokens(s.matched_tokens);
     resp->set_evictions(s.evictions);
     resp->set_spilled_bytes(s.spilled_bytes);
+    resp->set_spilled_blocks(s.spilled_blocks);
+    resp->set_reloads(s.reloads);
     for (const TenantStats& t : s.tenants) {
       v1::TenantUsage* u = resp->add_tenants();
       u->set_tenant(t.tenant);

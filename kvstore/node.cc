@@ -11,6 +11,7 @@
 #include "common/status_macros.h"
 #include "indexer/exact.h"
 #include "indexer/index.h"
+#include "kvstore/internal/records.h"
 
 namespace kvrecall::kvstore {
 namespace {
@@ -53,13 +54,51 @@ struct NodeMetrics {
   Counter* matched_tokens = Metrics::Global().GetCounter(
       "kvrecall_matched_tokens_total",
       "Prompt tokens whose KV was already stored (shared prefix hits)");
-  Counter* evictions =
-      Metrics::Global().GetCounter("kvrecall_evictions_total", "Blocks evicted (not built yet: 0)");
-  Gauge* spilled_bytes = Metrics::Global().GetGauge("kvrecall_spilled_bytes",
-                                                    "K/V bytes spilled to disk (not built yet: 0)");
+  Counter* evictions = Metrics::Global().GetCounter(
+      "kvrecall_evictions_total", "Blocks evicted from the arena (spilled to --data-dir)");
+  Gauge* spilled_bytes = Metrics::Global().GetGauge(
+      "kvrecall_spilled_bytes", "Bytes of spilled block records of live blocks on --data-dir");
+  Gauge* spilled_blocks =
+      Metrics::Global().GetGauge("kvrecall_spilled_blocks", "Live blocks held on disk only");
+  Gauge* reloads =
+      Metrics::Global().GetGauge("kvrecall_reloads", "Spilled blocks read back into the arena");
   Counter* drops =
       Metrics::Global().GetCounter("kvrecall_sequences_dropped_total", "Sequences dropped");
 };
+std::string ModelKey(absl::string_view model_id) { return absl::StrCat("m", model_id); }
+
+std::string EncodeModel(const ModelSpec& s) {
+  internal::RecordWriter w;
+  w.U32(1);  // version
+  w.Str(s.model_id);
+  w.I32(s.num_layers);
+  w.I32(s.num_q_heads);
+  w.I32(s.num_kv_heads);
+  w.I32(s.head_dim);
+  w.I32(static_cast<int32_t>(s.kv_dtype));
+  w.I32(s.vocab_size);
+  w.F64(s.rope_theta);
+  return w.Finish();
+}
+
+absl::StatusOr<ModelSpec> DecodeModel(absl::string_view record) {
+  internal::RecordReader r(record);
+  ModelSpec s;
+  const uint32_t version = r.U32();
+  s.model_id = r.Str();
+  s.num_layers = r.I32();
+  s.num_q_heads = r.I32();
+  s.num_kv_heads = r.I32();
+  s.head_dim = r.I32();
+  s.kv_dtype = static_cast<DType>(r.I32());
+  s.vocab_size = r.I32();
+  s.rope_theta = r.F64();
+  RETURN_IF_ERROR(r.status());
+  if (version != 1) return absl::DataLossError("unknown model record version");
+  RETURN_IF_ERROR(s.Validate());
+  return s;
+}
+
 NodeMetrics& M() {
   static NodeMetrics* m = new NodeMetrics();
   return *m;
@@ -84,14 +123,38 @@ Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* c
   if (options.arena_block_bytes > 0) {
     arena_status_.Update(arena_->EnsureSlotBytes(static_cast<size_t>(options.arena_block_bytes)));
   }
-  blocks_ = std::make_unique<BlockTable>(arena_.get());
+  if (!options.data_dir.empty()) {
+    absl::StatusOr<std::unique_ptr<BlockStore>> store =
+        BlockStore::Open(BlockStoreOptions{options.data_dir, options.durable, options.store_env});
+    if (store.ok()) {
+      store_ = std::move(*store);
+    } else {
+      arena_status_.Update(store.status());
+      KV_LOG(ERROR) << "--data-dir " << options.data_dir << ": " << store.status();
+    }
+  }
+  if (options.durable && store_ == nullptr) {
+    arena_status_.Update(absl::InvalidArgumentError("--durable needs a usable --data-dir"));
+  }
+  blocks_ = std::make_unique<BlockTable>(
+      arena_.get(), BlockTableOptions{clock, options.lease, store_.get(),
+                                      options.durable && store_ != nullptr});
+  if (options.durable && store_ != nullptr && arena_status_.ok()) {
+    if (absl::Status s = Recover(); !s.ok()) {
+      KV_LOG(ERROR) << "recovering " << options.data_dir << ": " << s;
+      arena_status_.Update(s);
+    }
+  }
   M().stored_bytes->Set(0);
   M().arena_bytes->Set(static_cast<double>(arena_->capacity_bytes()));
   M().evictions->Add(0);
   M().spilled_bytes->Set(0);
 }
 
-Node::~Node() = default;
+Node::~Node() {
+  // Releasing the sequences below must not delete what --durable promised to keep.
+  blocks_->KeepRecordsOnRelease();
+}
 
 absl::StatusOr<bool> Node::RegisterModel(const ModelSpec& spec) {
   RETURN_IF_ERROR(spec.Validate());
@@ -111,8 +174,106 @@ absl::StatusOr<bool> Node::RegisterModel(const ModelSpec& spec) {
         " bytes) exceeds this node's ", arena_->capacity_bytes(), "-byte arena"));
   }
   RETURN_IF_ERROR(arena_->EnsureSlotBytes(static_cast<size_t>(layer_block)));
+  if (options_.durable && store_ != nullptr) {
+    std::unique_ptr<BlockStore::Batch> batch = store_->NewBatch();
+    batch->PutMeta(ModelKey(spec.model_id), EncodeModel(spec));
+    RETURN_IF_ERROR(store_->Commit(batch.get()));
+  }
   models_[spec.model_id] = std::make_shared<const ModelSpec>(spec);
   return true;
+}
+
+absl::Status Node::Recover() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::pair<std::string, std::string>> model_records, records;
+  RETURN_IF_ERROR(store_->ScanMeta([&](absl::string_view key, absl::string_view value) {
+    if (!key.empty() && key[0] == 'm') model_records.emplace_back(key, value);
+    if (!key.empty() && key[0] == 's') records.emplace_back(key, value);
+    return absl::OkStatus();
+  }));
+  for (const auto& [key, value] : model_records) {
+    absl::StatusOr<ModelSpec> spec = DecodeModel(value);
+    if (!spec.ok() || ModelKey(spec->model_id) != key) {
+      KV_LOG(ERROR) << "model record " << key.substr(1) << " is corrupt; its sequences are lost";
+      continue;
+    }
+    const int64_t layer_block = 2 * int64_t{spec->num_kv_heads} * options_.block_tokens *
+                                static_cast<int64_t>(spec->row_bytes());
+    if (absl::Status s = arena_->EnsureSlotBytes(static_cast<size_t>(layer_block)); !s.ok()) {
+      KV_LOG(ERROR) << "model " << spec->model_id << " no longer fits this arena: " << s;
+      continue;
+    }
+    models_[spec->model_id] = std::make_shared<const ModelSpec>(*spec);
+  }
+  absl::flat_hash_map<uint64_t, Block*> blocks;  // records shared by several sequences
+  int64_t recovered = 0;
+  for (const auto& [key, value] : records) {
+    // Key: "s" + u32 len(tenant) + tenant + id.
+    if (key.size() < 5) continue;
+    uint32_t tn = 0;
+    for (int i = 0; i < 4; ++i) tn |= uint32_t{static_cast<uint8_t>(key[1 + i])} << (8 * i);
+    if (key.size() < 5 + static_cast<size_t>(tn)) continue;
+    const SeqKey sk{key.substr(5, tn), key.substr(5 + tn)};
+    auto lost = [&](const std::string& why) {
+      KV_LOG(ERROR) << "sequence '" << sk.second << "' of tenant '" << sk.first
+                    << "' is lost: " << why;
+      return absl::DataLossError(absl::StrCat("sequence '", sk.second, "' of tenant '", sk.first,
+                                              "' could not be recovered: ", why));
+    };
+    internal::RecordReader r(value);
+    const uint32_t version = r.U32();
+    const std::string model_id = r.Str();
+    const int64_t block_tokens = r.U32();
+    const int64_t committed = r.I64();
+    const int64_t adopted = r.I64();
+    const uint64_t ntok = r.U64();
+    std::vector<int32_t> tokens;
+    if (ntok <= r.remaining() / 4) {
+      tokens.resize(ntok);
+      for (int32_t& t : tokens) t = r.I32();
+    }
+    const uint64_t nblocks = r.U64();
+    std::vector<uint64_t> ids;
+    if (nblocks <= r.remaining() / 8) {
+      ids.resize(nblocks);
+      for (uint64_t& id : ids) id = r.U64();
+    }
+    if (absl::Status s = r.status(); !s.ok() || tokens.size() != ntok || ids.size() != nblocks) {
+      lost_[sk] = lost(s.ok() ? "metadata record is corrupt" : std::string(s.message()));
+      continue;
+    }
+    auto model = models_.find(model_id);
+    if (version != 1 || model == models_.end() || block_tokens != options_.block_tokens ||
+        committed < 0 || committed > static_cast<int64_t>(ntok) || adopted > committed ||
+        static_cast<int64_t>(nblocks) != (committed + block_tokens - 1) / block_tokens) {
+      lost_[sk] = lost(absl::StrCat("metadata record (version ", version, ", model '", model_id,
+                        "', block_tokens ", block_tokens, ") does not match this node"));
+      continue;
+    }
+    const ModelSpec& spec = *model->second;
+    const size_t layer_bytes = 2 * static_cast<size_t>(spec.num_kv_heads) *
+                               static_cast<size_t>(block_tokens) * spec.row_bytes();
+    std::vector<Block*> seq_blocks;
+    for (uint64_t id : ids) {
+      auto [it, fresh] = blocks.try_emplace(id, nullptr);
+      if (fresh) {
+        it->second = blocks_->AddRecovered(id, spec.num_layers, layer_bytes);
+      } else {
+        blocks_->Ref(it->second);
+      }
+      seq_blocks.push_back(it->second);
+    }
+    auto seq = std::make_shared<Sequence>(sk.first, sk.second, model->second,
+                                          options_.block_tokens, blocks_.get(),
+                                          NamespaceOf(sk.first), /*durable=*/true);
+    seq->Restore(std::move(tokens), committed, adopted, std::move(seq_blocks));
+    sequences_[sk] = std::move(seq);
+    ++recovered;
+  }
+  M().sequences->Set(static_cast<double>(sequences_.size()));
+  KV_LOG(INFO) << "recovered " << models_.size() << " models, " << recovered << " sequences ("
+               << blocks.size() << " blocks, on disk until read), " << lost_.size() << " lost";
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::shared_ptr<const ModelSpec>> Node::GetModel(const std::string& model_id) const {
@@ -133,10 +294,14 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
   bool created = false;
   {
     absl::MutexLock lock(&mu_);
+    if (auto lost = lost_.find({args.tenant, args.sequence_id}); lost != lost_.end()) {
+      return lost->second;
+    }
     auto& slot = sequences_[{args.tenant, args.sequence_id}];
     if (slot == nullptr) {
       slot = std::make_shared<Sequence>(args.tenant, args.sequence_id, spec, options_.block_tokens,
-                                        blocks_.get(), NamespaceOf(args.tenant));
+                                        blocks_.get(), NamespaceOf(args.tenant),
+                                        options_.durable && store_ != nullptr);
       created = true;
       M().sequences->Set(static_cast<double>(sequences_.size()));
     }
@@ -154,6 +319,7 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
     return s;
   }
   seq->set_closed(false);
+  seq->Touch();
   // A sequence with nothing stored yet starts from the blocks its namespace already holds.
   const int64_t adopted = seq->AdoptSharedPrefix();
   OpenSequenceResult r;
@@ -177,7 +343,10 @@ absl::StatusOr<std::shared_ptr<Sequence>> Node::FindSequence(const std::string& 
                                                              const std::string& sequence_id) const {
   absl::MutexLock lock(&mu_);
   auto it = sequences_.find({tenant, sequence_id});
-  if (it == sequences_.end()) return NotFound(tenant, sequence_id);
+  if (it == sequences_.end()) {
+    if (auto lost = lost_.find({tenant, sequence_id}); lost != lost_.end()) return lost->second;
+    return NotFound(tenant, sequence_id);
+  }
   return it->second;
 }
 
@@ -234,7 +403,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     for (float q : e.queries) {
       if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
     }
-    snaps[i] = seqs[i]->Read(args.layer, e.kv_head);
+    ASSIGN_OR_RETURN(snaps[i], seqs[i]->Read(args.layer, e.kv_head));
     const int64_t stored = snaps[i].keys.num_tokens;
     if (e.token_begin < 0 || e.token_begin > e.token_end || e.token_end > stored) {
       return bad(absl::StrCat("token range [", e.token_begin, ", ", e.token_end, ") outside the ", stored,
@@ -366,7 +535,12 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
   std::vector<absl::Status> status(index->segments.size());
   pool_.ParallelFor(static_cast<int64_t>(index->segments.size()), [&](int64_t j) {
     const int layer = args.first_layer + static_cast<int>(j / Hkv), h = static_cast<int>(j % Hkv);
-    const Sequence::Snapshot snap = seq->Read(layer, h);
+    absl::StatusOr<Sequence::Snapshot> read = seq->Read(layer, h);
+    if (!read.ok()) {
+      status[j] = read.status();
+      return;
+    }
+    const Sequence::Snapshot& snap = *read;
     indexer::BuildInput in;
     in.keys = &snap.keys;
     in.token_begin = args.token_begin;
@@ -412,7 +586,7 @@ absl::Status Node::ReadRows(const std::string& tenant, const std::string& sequen
   if (kv_head < 0 || kv_head >= spec.num_kv_heads) {
     return absl::InvalidArgumentError(absl::StrCat("kv_head ", kv_head, " outside [0, ", spec.num_kv_heads, ")"));
   }
-  const Sequence::Snapshot snap = seq->Read(layer, kv_head);
+  ASSIGN_OR_RETURN(const Sequence::Snapshot snap, seq->Read(layer, kv_head));
   for (int32_t t : token_ids) {
     if (t < 0 || t >= snap.keys.num_tokens) {
       return absl::InvalidArgumentError(absl::StrCat("token ", t, " outside the ", snap.keys.num_tokens, " stored tokens"));
@@ -444,7 +618,18 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
   std::shared_ptr<Sequence> victim;  // freed outside the lock
   absl::MutexLock lock(&mu_);
   auto it = sequences_.find({tenant, sequence_id});
-  if (it == sequences_.end()) return NotFound(tenant, sequence_id);
+  const bool lost = lost_.count({tenant, sequence_id}) > 0;
+  if (it == sequences_.end() && !lost) return NotFound(tenant, sequence_id);
+  if (drop && options_.durable && store_ != nullptr) {
+    // Forget the record first: a crash after this point must not resurrect the sequence.
+    std::unique_ptr<BlockStore::Batch> batch = store_->NewBatch();
+    batch->DeleteMeta(Sequence::MetaKey(tenant, sequence_id));
+    RETURN_IF_ERROR(store_->Commit(batch.get()));
+  }
+  if (lost) {
+    if (drop) lost_.erase({tenant, sequence_id});
+    return absl::OkStatus();
+  }
   if (drop) {
     victim = std::move(it->second);
     sequences_.erase(it);
@@ -474,6 +659,10 @@ NodeStats Node::Stats(bool include_sequences) const {
   const BlockTableStats bt = blocks_->stats();
   s.blocks = bt.blocks;
   s.shared_blocks = bt.shared;
+  s.evictions = bt.evictions;
+  s.spilled_bytes = bt.spilled_bytes;
+  s.spilled_blocks = bt.spilled;
+  s.reloads = bt.reloads;
   s.retrieve_calls = retrieve_calls_.load();
   s.retrieve_entries = retrieve_entries_.load();
   s.bytes_streamed = bytes_streamed_.load();
@@ -519,6 +708,11 @@ NodeStats Node::Stats(bool include_sequences) const {
   M().logical_bytes->Set(static_cast<double>(s.logical_bytes));
   M().blocks->Set(static_cast<double>(s.blocks));
   M().shared_blocks->Set(static_cast<double>(s.shared_blocks));
+  M().spilled_bytes->Set(static_cast<double>(s.spilled_bytes));
+  M().spilled_blocks->Set(static_cast<double>(s.spilled_blocks));
+  M().reloads->Set(static_cast<double>(s.reloads));
+  const int64_t before = evictions_reported_.exchange(s.evictions);
+  if (s.evictions > before) M().evictions->Add(static_cast<double>(s.evictions - before));
   return s;
 }
 

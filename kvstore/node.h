@@ -5,7 +5,10 @@
 // Storage: one arena of options.memory_bytes (arena.h) carved into per-layer block slots, a
 // block table (block_table.h) that shares full blocks of equal prefixes between sequences of one
 // namespace (a tenant, or the operator's shared namespace), and the sequences' block lists
-// (sequence.h). kvstore/README.md has the picture.
+// (sequence.h). With options.data_dir, blocks without a pin or a live lease are evicted to
+// RocksDB when the arena is full and reloaded on the next read (block_table.h, block_store.h);
+// with options.durable, commits are written through before they are acknowledged and recovered
+// at construction. kvstore/README.md has the picture.
 //
 // Thread safety: all methods are thread-safe and may block only on CPU work (never on the
 // network, except Retrieve's puts to an attached worker, which are bounded by the transport).
@@ -29,6 +32,7 @@
 #include "common/model_spec.h"
 #include "common/thread_pool.h"
 #include "kvstore/arena.h"
+#include "kvstore/block_store.h"
 #include "kvstore/block_table.h"
 #include "kvstore/sequence.h"
 #include "transport/transport.h"
@@ -54,6 +58,19 @@ struct NodeOptions {
   // Tenants whose prefixes share one namespace ("s:shared"); every other tenant is isolated.
   std::vector<std::string> shared_tenants;
   bool try_hugepages = true;
+  // --data-dir: where evicted blocks spill (block_store.h). Empty: no eviction, a full arena
+  // fails writes with RESOURCE_EXHAUSTED.
+  std::string data_dir;
+  // How long an access (open, append, read) protects a sequence's blocks from eviction.
+  absl::Duration lease = absl::Seconds(30);
+  // --durable (needs data_dir): registered models and every committed append are written
+  // through RocksDB's WAL (synced) before they are acknowledged, and a restarted node recovers
+  // them from data_dir (blocks stay on disk until first read). A sequence whose metadata record
+  // is corrupt answers DATA_LOSS; one with a corrupt block answers DATA_LOSS when that block is
+  // read. Without it, data_dir only holds spill and is wiped at start.
+  bool durable = false;
+  // The RocksDB environment of data_dir; null: the real one. Fault tests pass a wrapper.
+  rocksdb::Env* store_env = nullptr;
 };
 
 enum class Method { kExact = 1, kCtkvr = 2, kCluster = 3, kMerged = 4 };
@@ -156,8 +173,10 @@ struct NodeStats {
   int64_t logical_bytes = 0;         // sum over sequences of the bytes they reference
   int64_t prompt_tokens = 0;         // over OpenSequence calls that created a sequence
   int64_t matched_tokens = 0;        // of which served from shared blocks
-  int64_t evictions = 0;             // always 0: eviction is not built yet
-  int64_t spilled_bytes = 0;         // always 0: spill is not built yet
+  int64_t evictions = 0;             // blocks evicted from the arena to --data-dir, ever
+  int64_t spilled_bytes = 0;         // bytes of spilled block records of live blocks
+  int64_t spilled_blocks = 0;        // live blocks currently on disk only
+  int64_t reloads = 0;               // spilled blocks read back, ever
   std::vector<TenantStats> tenants;  // always filled, sorted by tenant
 };
 
@@ -213,6 +232,7 @@ class Node {
 
   // OK, or why the arena could not be mapped (the node then holds nothing: every append is
   // RESOURCE_EXHAUSTED). A server should refuse to start on an error.
+  // Also covers opening --data-dir.
   const absl::Status& arena_status() const { return arena_status_; }
   const Arena& arena() const { return *arena_; }
 
@@ -222,6 +242,8 @@ class Node {
   };
   using SeqKey = std::pair<std::string, std::string>;  // (tenant, sequence id)
 
+  // Rebuilds models and sequences from the store's metadata (durable only).
+  absl::Status Recover();
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
   std::string NamespaceOf(const std::string& tenant) const;
   struct TenantCounters {
@@ -236,6 +258,7 @@ class Node {
   absl::Status arena_status_;
   // Declared before the sequences so that they are destroyed after them.
   std::unique_ptr<Arena> arena_;
+  std::unique_ptr<BlockStore> store_;  // null without --data-dir
   std::unique_ptr<BlockTable> blocks_;
   ThreadPool pool_;
 
@@ -244,12 +267,15 @@ class Node {
   std::map<SeqKey, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
   std::map<SeqKey, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, TenantCounters> tenant_counters_ ABSL_GUARDED_BY(mu_);
+  // Durable sequences whose metadata could not be recovered: DATA_LOSS until dropped.
+  std::map<SeqKey, absl::Status> lost_ ABSL_GUARDED_BY(mu_);
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t matched_tokens_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::atomic<int64_t> retrieve_calls_{0};
   std::atomic<int64_t> retrieve_entries_{0};
   std::atomic<int64_t> bytes_streamed_{0};
+  mutable std::atomic<int64_t> evictions_reported_{0};  // already added to the metric counter
 };
 
 }  // namespace kvrecall::kvstore

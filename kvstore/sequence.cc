@@ -4,26 +4,47 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "kvstore/internal/records.h"
 
 namespace kvrecall::kvstore {
 
 Sequence::Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
-                   int block_tokens, BlockTable* table, std::string share_namespace)
+                   int block_tokens, BlockTable* table, std::string share_namespace,
+                   bool durable)
     : tenant_(std::move(tenant)),
       id_(std::move(id)),
       spec_(std::move(spec)),
       block_tokens_(block_tokens),
       table_(table),
       namespace_(std::move(share_namespace)),
+      durable_(durable),
       layer_tokens_(spec_->num_layers, 0) {}
 
 Sequence::~Sequence() {
+  table_->Unpin(txn_pins_);
   for (Block* b : blocks_) table_->Unref(b);
 }
 
-Sequence::Snapshot Sequence::Read(int layer, int kv_head) const {
+void Sequence::Touch() const {
+  absl::ReaderMutexLock lock(&mu_);
+  table_->Touch(blocks_);
+}
+
+absl::StatusOr<Sequence::Snapshot> Sequence::Read(int layer, int kv_head) const {
   absl::ReaderMutexLock lock(&mu_);
   Snapshot s;
+  const int64_t nblocks = (committed_ + block_tokens_ - 1) / block_tokens_;
+  std::vector<Block*> pinned(blocks_.begin(), blocks_.begin() + nblocks);
+  if (absl::Status st = table_->Pin(pinned); !st.ok()) {
+    return absl::Status(st.code(), absl::StrCat("sequence '", id_, "': ", st.message()));
+  }
+  BlockTable* table = table_;
+  s.pin = std::shared_ptr<const void>(
+      new std::vector<Block*>(std::move(pinned)), [table](const void* p) {
+        const auto* v = static_cast<const std::vector<Block*>*>(p);
+        table->Unpin(*v);
+        delete v;
+      });
   const size_t hb = head_bytes();
   const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
   for (auto* rows : {&s.keys, &s.values}) {
@@ -33,7 +54,6 @@ Sequence::Snapshot Sequence::Read(int layer, int kv_head) const {
     rows->dtype = spec_->kv_dtype;
     rows->num_tokens = committed_;
   }
-  const int64_t nblocks = (committed_ + block_tokens_ - 1) / block_tokens_;
   s.keys.pages.reserve(static_cast<size_t>(nblocks));
   s.values.pages.reserve(static_cast<size_t>(nblocks));
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -141,6 +161,14 @@ int64_t Sequence::AdoptSharedPrefix() {
 absl::Status Sequence::BeginAppend() {
   absl::MutexLock lock(&mu_);
   if (appending_) return absl::AbortedError(absl::StrCat("sequence '", id_, "' has another append in progress"));
+  if (committed_ % block_tokens_ != 0) {
+    // Appends continue the partial last block: keep it resident while they write it.
+    Block* last = blocks_[static_cast<size_t>(committed_ / block_tokens_)];
+    if (absl::Status s = table_->Pin({&last, 1}); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("sequence '", id_, "': ", s.message()));
+    }
+    txn_pins_.push_back(last);
+  }
   appending_ = true;
   token_ids_at_begin_ = static_cast<int64_t>(token_ids_.size());
   return absl::OkStatus();
@@ -174,9 +202,10 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
   const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
   const int64_t need_blocks = (token_start + n + block_tokens_ - 1) / block_tokens_;
   while (static_cast<int64_t>(blocks_.size()) < need_blocks) {
-    absl::StatusOr<Block*> b = table_->Allocate(spec_->num_layers);
+    absl::StatusOr<Block*> b = table_->Allocate(spec_->num_layers, 2 * spec_->num_kv_heads * hb);
     if (!b.ok()) return b.status();
     blocks_.push_back(*b);
+    txn_pins_.push_back(*b);  // Allocate pinned it for us
   }
   // Copy runs of consecutive tokens that stay inside one block: for a fixed kv-head they are
   // contiguous both in the chunk ([h][n][d]) and in the slot ([h][block_tokens][d]).
@@ -211,6 +240,7 @@ absl::StatusOr<int64_t> Sequence::CommitAppend() {
   for (int l = 1; l < spec_->num_layers; ++l) {
     if (layer_tokens_[l] != len) {
       const int64_t other = layer_tokens_[l];
+      UnpinTxnLocked();
       TruncateLocked(committed_);
       token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
       return absl::FailedPreconditionError(absl::StrCat("append ended with layer 0 at ", len,
@@ -218,8 +248,22 @@ absl::StatusOr<int64_t> Sequence::CommitAppend() {
                                                         "; nothing was committed"));
     }
   }
+  if (durable_) {
+    // Acknowledged means on disk: blocks and metadata in one synced batch, or nothing.
+    const absl::Status s =
+        table_->PersistCommit(txn_pins_, MetaKey(tenant_, id_), EncodeRecordLocked(len));
+    if (!s.ok()) {
+      UnpinTxnLocked();
+      TruncateLocked(committed_);
+      token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
+      return absl::Status(s.code(), absl::StrCat("writing the append of sequence '", id_,
+                                                 "' through: ", s.message(),
+                                                 "; nothing was committed"));
+    }
+  }
   committed_ = len;
   PublishFullBlocksLocked();
+  UnpinTxnLocked();
   return committed_;
 }
 
@@ -241,8 +285,14 @@ void Sequence::AbortAppend() {
   absl::MutexLock lock(&mu_);
   if (!appending_) return;
   appending_ = false;
+  UnpinTxnLocked();
   TruncateLocked(committed_);
   token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
+}
+
+void Sequence::UnpinTxnLocked() {
+  table_->Unpin(txn_pins_);
+  txn_pins_.clear();
 }
 
 void Sequence::TruncateLocked(int64_t tokens) {
@@ -252,6 +302,41 @@ void Sequence::TruncateLocked(int64_t tokens) {
     blocks_.pop_back();
   }
   for (int l = 0; l < spec_->num_layers; ++l) layer_tokens_[l] = std::min(layer_tokens_[l], tokens);
+}
+
+std::string Sequence::MetaKey(absl::string_view tenant, absl::string_view id) {
+  std::string key = "s";
+  const auto n = static_cast<uint32_t>(tenant.size());
+  for (int i = 0; i < 4; ++i) key.push_back(static_cast<char>(n >> (8 * i)));
+  key.append(tenant.data(), tenant.size());
+  key.append(id.data(), id.size());
+  return key;
+}
+
+std::string Sequence::EncodeRecordLocked(int64_t committed) const {
+  internal::RecordWriter w;
+  w.U32(1);  // version
+  w.Str(spec_->model_id);
+  w.U32(static_cast<uint32_t>(block_tokens_));
+  w.I64(committed);
+  w.I64(adopted_);
+  w.U64(token_ids_.size());
+  for (int32_t t : token_ids_) w.I32(t);
+  const size_t nblocks = static_cast<size_t>((committed + block_tokens_ - 1) / block_tokens_);
+  w.U64(nblocks);
+  for (size_t b = 0; b < nblocks; ++b) w.U64(blocks_[b]->id());
+  return w.Finish();
+}
+
+void Sequence::Restore(std::vector<int32_t> token_ids, int64_t committed, int64_t adopted,
+                       std::vector<Block*> blocks) {
+  absl::MutexLock lock(&mu_);
+  token_ids_ = std::move(token_ids);
+  blocks_ = std::move(blocks);
+  committed_ = committed;
+  adopted_ = adopted;
+  std::fill(layer_tokens_.begin(), layer_tokens_.end(), committed_);
+  PublishFullBlocksLocked();
 }
 
 std::shared_ptr<const SequenceIndex> Sequence::index() const {

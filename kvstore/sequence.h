@@ -11,6 +11,11 @@
 // for others. Shared blocks are always full and below committed_tokens(), so appends never
 // write into them.
 //
+// Eviction (block_table.h): a Snapshot pins the blocks it points into, so they stay resident
+// (spilled ones are reloaded by Read) until the last copy of the Snapshot is gone; an append
+// transaction pins the blocks it writes until it commits or aborts. Every access renews the
+// blocks' leases.
+//
 // Thread safety: all public methods are thread-safe. Readers take a Snapshot (block pointers and
 // the committed length) and then read without locks: committed rows never change, and blocks are
 // released only by rollback (never committed ones) or by the destructor (after the last
@@ -41,8 +46,11 @@ class Sequence {
   // `table` must outlive the sequence and its arena's slot size must be >= the model's layer
   // block (2 * num_kv_heads * block_tokens * row_bytes). `share_namespace` salts the content
   // keys of its blocks (content_hash.h): sequences share blocks only within one namespace.
+  // durable: every commit is written through the table's store (BlockTable::PersistCommit)
+  // together with this sequence's metadata record before CommitAppend returns.
   Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
-           int block_tokens, BlockTable* table, std::string share_namespace);
+           int block_tokens, BlockTable* table, std::string share_namespace,
+           bool durable = false);
   ~Sequence();  // releases its block references
 
   const std::string& tenant() const { return tenant_; }
@@ -50,13 +58,18 @@ class Sequence {
   const ModelSpec& spec() const { return *spec_; }
   const std::string& share_namespace() const { return namespace_; }
 
-  // Committed KV rows of one (layer, kv-head), valid while the caller holds the shared_ptr to
-  // this Sequence. REQUIRES: layer and kv_head in range.
+  // Committed KV rows of one (layer, kv-head), valid while the caller holds both the Snapshot
+  // and the shared_ptr to this Sequence (destroy the Snapshot first). REQUIRES: layer and kv_head
+  // in range. Reloads spilled blocks: DATA_LOSS when a spilled block is corrupt or missing,
+  // RESOURCE_EXHAUSTED when the arena cannot make room for them.
   struct Snapshot {
     indexer::PagedRows keys;
     indexer::PagedRows values;
+    std::shared_ptr<const void> pin;  // holds the blocks' pins; released with the last copy
   };
-  Snapshot Read(int layer, int kv_head) const;
+  absl::StatusOr<Snapshot> Read(int layer, int kv_head) const;
+  // Renews the lease of every block (an access that reads no bytes).
+  void Touch() const;
 
   int64_t committed_tokens() const;
   int64_t known_token_ids() const;
@@ -90,7 +103,18 @@ class Sequence {
   // committed token count afterwards (a multiple of block_tokens; 0 when nothing matched).
   int64_t AdoptSharedPrefix();
 
-  // Opens the (single) write transaction. ABORTED if another is open.
+  // The meta column family key of a sequence's durable record: "s" + u32 len(tenant) + tenant +
+  // id.
+  static std::string MetaKey(absl::string_view tenant, absl::string_view id);
+  // Recovery: the state of a durable record. `blocks` carry one reference each, which the
+  // sequence takes over. REQUIRES: a new sequence; committed <= token_ids.size();
+  // blocks.size() == ceil(committed / block_tokens).
+  void Restore(std::vector<int32_t> token_ids, int64_t committed, int64_t adopted,
+               std::vector<Block*> blocks);
+
+  // Opens the (single) write transaction. ABORTED if another is open; when the last committed
+  // block is partial (appends continue it) it is pinned, reloading it if spilled (DATA_LOSS /
+  // RESOURCE_EXHAUSTED as for Read).
   absl::Status BeginAppend();
   // Writes one chunk: rows [token_start, token_start + n) of `layer`.
   //   keys, values: [num_kv_heads][n][head_dim] in kv_dtype (exactly that many bytes).
@@ -106,6 +130,10 @@ class Sequence {
 
  private:
   void TruncateLocked(int64_t tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnpinTxnLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The durable record with `committed` tokens: version, model, block_tokens, committed,
+  // adopted, token ids, block ids (internal/records.h; decoded by Node's recovery).
+  std::string EncodeRecordLocked(int64_t committed) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishFullBlocksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ContentKey KeyOfBlockLocked(size_t b, const ContentKey& parent) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -117,6 +145,7 @@ class Sequence {
   const int block_tokens_;
   BlockTable* const table_;
   const std::string namespace_;
+  const bool durable_;
 
   mutable absl::Mutex mu_;
   std::shared_ptr<const SequenceIndex> index_ ABSL_GUARDED_BY(mu_);
@@ -129,6 +158,7 @@ class Sequence {
   int64_t adopted_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t token_ids_at_begin_ ABSL_GUARDED_BY(mu_) = 0;
   bool appending_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<Block*> txn_pins_ ABSL_GUARDED_BY(mu_);  // pinned by the open append
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 

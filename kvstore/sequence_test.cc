@@ -61,7 +61,7 @@ TEST(SequenceTest, AppendCommitAndReadAcrossBlocks) {
   }
   ASSERT_OK_AND_ASSIGN(int64_t n, seq.CommitAppend());
   EXPECT_EQ(n, 7);
-  auto snap = seq.Read(1, 1);
+  ASSERT_OK_AND_ASSIGN(auto snap, seq.Read(1, 1));
   ASSERT_EQ(snap.keys.num_tokens, 7);
   for (int t = 0; t < 7; ++t) {
     const float* k = reinterpret_cast<const float*>(snap.keys.row(t));

@@ -42,6 +42,14 @@ ABSL_FLAG(int, search_threads, 0, "threads for retrieval search (0 = every core)
 ABSL_FLAG(int, rpc_threads, 0, "threads for RPC handling (0 = every core)");
 ABSL_FLAG(std::string, transport, "ucx", "data transport for streaming rows to workers: ucx or none");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax, e.g. tcp or rc,ud); empty = UCX default");
+ABSL_FLAG(std::string, data_dir, "",
+          "directory for blocks evicted from the arena (RocksDB); empty = no eviction: a full "
+          "arena fails writes with RESOURCE_EXHAUSTED. Without --durable it is wiped at start");
+ABSL_FLAG(bool, durable, false,
+          "write registered models and every committed append through RocksDB's WAL (synced) "
+          "before acknowledging it, and recover them from --data-dir at start (needs --data-dir)");
+ABSL_FLAG(absl::Duration, lease, absl::Seconds(30),
+          "how long an access (open, append, read) protects a sequence's blocks from eviction");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound gRPC port and metrics port here once serving");
 
 namespace {
@@ -89,13 +97,20 @@ int Run() {
   options.search_threads = absl::GetFlag(FLAGS_search_threads);
   options.arena_block_bytes = *arena_block_bytes;
   options.try_hugepages = absl::GetFlag(FLAGS_hugepages);
+  options.data_dir = absl::GetFlag(FLAGS_data_dir);
+  options.lease = absl::GetFlag(FLAGS_lease);
+  options.durable = absl::GetFlag(FLAGS_durable);
+  if (options.durable && options.data_dir.empty()) {
+    KV_LOG(ERROR) << "--durable needs --data-dir";
+    return 2;
+  }
   for (absl::string_view t :
        absl::StrSplit(absl::GetFlag(FLAGS_shared_tenants), ',', absl::SkipEmpty())) {
     options.shared_tenants.emplace_back(t);
   }
   kvstore::Node node(options, transport.get(), Clock::Real());
   if (!node.arena_status().ok()) {
-    KV_LOG(ERROR) << "KV arena: " << node.arena_status();
+    KV_LOG(ERROR) << "KV storage: " << node.arena_status();
     return 1;
   }
   kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
@@ -132,7 +147,8 @@ int Run() {
 
   KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen)
                << "), memory " << FormatBytes(*memory) << ", transport "
-               << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port;
+               << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port
+               << ", data dir " << (options.data_dir.empty() ? "(none: no eviction)" : options.data_dir);
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     const std::string tmp = pf + ".tmp";
     std::ofstream(tmp) << port << " " << metrics_port << "\n";

@@ -100,10 +100,26 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& i
 
 // Spherical k-means (cosine assignment, centroid = mean of raw vectors, empty clusters keep
 // their previous centroid). x: [n][d] fp32. Initial centroids: k distinct random rows (seeded).
-// Outputs centroids [k][d] and assign[n]. k is clamped to [1, n]. Deterministic per seed for a
-// seed, independent of the pool (assignments are per row, sums are in row order).
-void SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, uint64_t seed,
-                     ThreadPool* pool, std::vector<float>* centroids, std::vector<int32_t>* assign);
+// Runs at most `iterations` assignment + update rounds and stops after the first round in which
+// at most floor(tolerance × n) rows changed cluster (tolerance 0: only when none did). Outputs
+// centroids [k][d] (the means of the final assignment) and assign[n]; returns the rounds run.
+// k is clamped to [1, n]. Deterministic per seed, independent of the pool (assignments are per
+// row, sums are in row order).
+int SphericalKMeans(const float* x, int64_t n, int d, int k, int iterations, double tolerance,
+                    uint64_t seed, ThreadPool* pool, std::vector<float>* centroids,
+                    std::vector<int32_t>* assign);
+
+// A cluster segment's clusters and build statistics, for diagnostics in benchmarks.
+struct ClusterInfo {
+  // Cluster c holds tokens[offsets[c], offsets[c + 1]) (clustered tokens only; pending appended
+  // ones are in no cluster).
+  std::vector<int32_t> offsets;
+  std::vector<int32_t> tokens;
+  int kmeans_runs = 0;            // k-means runs (build chunks + append batches)
+  int64_t kmeans_iterations = 0;  // iterations over all runs
+};
+// False (*info untouched) if `segment` is not a cluster segment.
+bool GetClusterInfo(const Segment& segment, ClusterInfo* info);
 
 // Runs fn(begin, end) over [0, n) in chunks of `chunk`, on `pool` if not null.
 void ForChunks(ThreadPool* pool, int64_t n, int64_t chunk,

@@ -1,0 +1,208 @@
+#include "bench/rpc_bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "bench/flag_map.h"
+#include "client/tier.h"
+#include "common/clock.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "grpcpp/grpcpp.h"
+#include "kvstore/grpc_service.h"
+#include "kvstore/node.h"
+#include "transport/transport.h"
+
+namespace kvrecall::bench {
+namespace {
+
+absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& args) {
+  ASSIGN_OR_RETURN(FlagMap f, FlagMap::Parse(args));
+  RpcBenchOptions o;
+  RETURN_IF_ERROR(f.Get("sequences", &o.sequences));
+  RETURN_IF_ERROR(f.Get("kv_heads", &o.kv_heads));
+  RETURN_IF_ERROR(f.Get("group", &o.group));
+  RETURN_IF_ERROR(f.Get("head_dim", &o.head_dim));
+  RETURN_IF_ERROR(f.Get("tokens", &o.tokens));
+  RETURN_IF_ERROR(f.Get("budget", &o.budget));
+  RETURN_IF_ERROR(f.Get("method", &o.method));
+  RETURN_IF_ERROR(f.Get("sinks", &o.sinks));
+  RETURN_IF_ERROR(f.Get("window", &o.window));
+  RETURN_IF_ERROR(f.Get("iterations", &o.iterations));
+  RETURN_IF_ERROR(f.Get("warmup", &o.warmup));
+  RETURN_IF_ERROR(f.Get("ucx_tls", &o.ucx_tls));
+  RETURN_IF_ERROR(f.Get("seed", &o.seed));
+  RETURN_IF_ERROR(f.CheckAllUsed());
+  if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
+      o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64) {
+    return absl::InvalidArgumentError("need positive sizes and tokens > sinks + window + 64");
+  }
+  if (o.method != "exact" && o.method != "ctkvr" && o.method != "cluster") {
+    return absl::InvalidArgumentError("--method must be exact, ctkvr or cluster");
+  }
+  return o;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
+}
+
+}  // namespace
+
+absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args) {
+  ASSIGN_OR_RETURN(RpcBenchOptions o, ParseOptions(args));
+  const kvstore::Method method = o.method == "exact"   ? kvstore::Method::kExact
+                                 : o.method == "ctkvr" ? kvstore::Method::kCtkvr
+                                                       : kvstore::Method::kCluster;
+  ModelSpec spec;
+  spec.model_id = "rpc-bench";
+  spec.num_layers = 1;  // one sparse layer: every layer's Retrieve is the same call
+  spec.num_q_heads = o.kv_heads * o.group;
+  spec.num_kv_heads = o.kv_heads;
+  spec.head_dim = o.head_dim;
+  spec.kv_dtype = DType::kBF16;
+  spec.vocab_size = 1 << 20;
+  const int64_t row = static_cast<int64_t>(spec.row_bytes());
+  const int64_t seq_bytes = 2 * row * o.kv_heads * o.tokens;
+  const int64_t node_memory = seq_bytes * o.sequences + (int64_t{256} << 20);
+  const int64_t entries = static_cast<int64_t>(o.sequences) * o.kv_heads;
+  const int64_t call_bytes = entries * o.budget * 2 * row;
+
+  // The server: a Node with UCX behind a gRPC service on loopback.
+  ASSIGN_OR_RETURN(std::unique_ptr<transport::Transport> server_transport,
+                   transport::CreateUcxTransport({o.ucx_tls}));
+  kvstore::NodeOptions node_options;
+  node_options.memory_bytes = node_memory;
+  kvstore::Node server_node(node_options, server_transport.get(), Clock::Real());
+  kvstore::GrpcService service(&server_node, 0);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr) return absl::UnavailableError("cannot start the in-process gRPC server");
+
+  client::TierOptions tier_options;
+  tier_options.recall_buffer_bytes = call_bytes;
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> remote,
+                   client::CreateRemoteTier({absl::StrCat("127.0.0.1:", port), "ucx", o.ucx_tls}, tier_options));
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> local, client::CreateLocalTier(node_options, tier_options));
+  RETURN_IF_ERROR(remote->RegisterModel(spec));
+  RETURN_IF_ERROR(local->RegisterModel(spec));
+
+  // Data: the same random bf16 K/V for every sequence (distinct token ids, so nothing is shared).
+  KV_LOG(INFO) << "rpc bench: " << o.sequences << " sequences x " << o.tokens << " tokens, "
+               << o.kv_heads << " kv-heads, head_dim " << o.head_dim << " (" << (2 * seq_bytes >> 20) * o.sequences
+               << " MiB in two tiers)";
+  std::mt19937_64 rng(o.seed);
+  std::normal_distribution<float> normal;
+  client::AppendBatch batch;
+  batch.token_start = 0;
+  batch.num_tokens = o.tokens;
+  batch.keys.assign(1, std::string(static_cast<size_t>(seq_bytes / 2), '\0'));
+  batch.values.assign(1, std::string(static_cast<size_t>(seq_bytes / 2), '\0'));
+  for (auto* buf : {&batch.keys[0], &batch.values[0]}) {
+    auto* p = reinterpret_cast<uint16_t*>(buf->data());
+    for (size_t i = 0; i < buf->size() / 2; ++i) p[i] = F32ToBf16(normal(rng));
+  }
+  std::vector<float> prompt_queries(static_cast<size_t>(64) * spec.num_q_heads * o.head_dim);
+  for (float& x : prompt_queries) x = normal(rng);
+  std::vector<std::string> ids;
+  const absl::Time t_setup = absl::Now();
+  for (int s = 0; s < o.sequences; ++s) {
+    ids.push_back(absl::StrCat("rpc-", s));
+    std::vector<int32_t> tokens(static_cast<size_t>(o.tokens));
+    for (auto& t : tokens) t = static_cast<int32_t>(rng() % spec.vocab_size);
+    RETURN_IF_ERROR(remote->OpenSequence(ids.back(), spec.model_id, tokens).status());
+    RETURN_IF_ERROR(local->OpenSequence(ids.back(), spec.model_id, tokens).status());
+    RETURN_IF_ERROR(local->AppendKV(ids.back(), batch));
+    // The remote node is in this process: fill it directly rather than streaming GBs over gRPC.
+    ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, server_node.FindSequence("default", ids.back()));
+    RETURN_IF_ERROR(seq->BeginAppend());
+    auto bytes = [](const std::string& b) { return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size()); };
+    if (absl::Status st = seq->AppendChunk(0, 0, o.tokens, bytes(batch.keys[0]), bytes(batch.values[0])); !st.ok()) {
+      seq->AbortAppend();
+      return st;
+    }
+    RETURN_IF_ERROR(seq->CommitAppend().status());
+    if (method != kvstore::Method::kExact) {
+      kvstore::BuildIndexArgs b;
+      b.method = method;
+      b.first_layer = 0;
+      b.token_begin = o.sinks;
+      b.num_queries = 64;
+      if (method == kvstore::Method::kCtkvr) b.layer_queries = {prompt_queries};
+      RETURN_IF_ERROR(remote->BuildIndex(ids.back(), b).status());
+      RETURN_IF_ERROR(local->BuildIndex(ids.back(), b).status());
+    }
+  }
+  const double setup_s = absl::ToDoubleSeconds(absl::Now() - t_setup);
+
+  // One decode step's batch: every (sequence, kv-head).
+  std::vector<float> queries(static_cast<size_t>(entries) * o.group * o.head_dim);
+  client::RetrieveBatch rb{0, o.budget, method, {}};
+  for (int64_t e = 0; e < entries; ++e) {
+    float* q = queries.data() + e * o.group * o.head_dim;
+    // Queries near the prompt queries' direction, as a decode step's are near the prompt's last.
+    const float* pq = prompt_queries.data() + (63 * spec.num_q_heads + (e % o.kv_heads) * o.group) * o.head_dim;
+    for (int i = 0; i < o.group * o.head_dim; ++i) q[i] = pq[i] + 0.3f * normal(rng);
+    rb.entries.push_back({ids[e / o.kv_heads], static_cast<int>(e % o.kv_heads),
+                          absl::MakeConstSpan(q, static_cast<size_t>(o.group) * o.head_dim), o.sinks,
+                          o.tokens - o.window});
+  }
+  std::vector<client::Recalled> out_local, out_remote;
+  std::vector<double> t_local, t_remote;
+  for (int it = 0; it < o.warmup + o.iterations; ++it) {
+    auto t0 = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(local->Retrieve(rb, &out_local));
+    auto t1 = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(remote->Retrieve(rb, &out_remote));
+    auto t2 = std::chrono::steady_clock::now();
+    if (it < o.warmup) continue;
+    t_local.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    t_remote.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+  }
+  // Both tiers must have answered the same thing.
+  for (int64_t e = 0; e < entries; ++e) {
+    if (out_local[e].token_ids != out_remote[e].token_ids ||
+        std::memcmp(out_local[e].rows, out_remote[e].rows, out_local[e].token_ids.size() * 2 * row) != 0) {
+      return absl::InternalError(absl::StrCat("entry ", e, ": remote and local answers differ"));
+    }
+  }
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+
+  const double rpc50 = Percentile(t_remote, 0.5), in50 = Percentile(t_local, 0.5);
+  nlohmann::json j;
+  j["bench"] = "rpc";
+  j["method"] = o.method;
+  j["transport"] = absl::StrCat("ucx", o.ucx_tls.empty() ? "" : ":" + o.ucx_tls);
+  j["sequences"] = o.sequences;
+  j["kv_heads"] = o.kv_heads;
+  j["group"] = o.group;
+  j["head_dim"] = o.head_dim;
+  j["tokens"] = o.tokens;
+  j["budget"] = o.budget;
+  j["entries"] = entries;
+  j["iterations"] = o.iterations;
+  j["bytes_per_call"] = call_bytes;
+  j["setup_seconds"] = setup_s;
+  j["rpc_us_p50"] = rpc50;
+  j["rpc_us_p99"] = Percentile(t_remote, 0.99);
+  j["inprocess_us_p50"] = in50;
+  j["inprocess_us_p99"] = Percentile(t_local, 0.99);
+  j["overhead_ratio"] = rpc50 / in50 - 1.0;
+  j["entries_per_s"] = static_cast<double>(entries) / (rpc50 * 1e-6);
+  j["inprocess_entries_per_s"] = static_cast<double>(entries) / (in50 * 1e-6);
+  j["note"] =
+      "server and client share this process (and its cores); in-process = LocalTier (same Node code, rows by "
+      "memcpy); rpc = RemoteTier over gRPC with rows put over UCX; every call carries all rows (no delta "
+      "streaming yet)";
+  return j;
+}
+
+}  // namespace kvrecall::bench

@@ -1,0 +1,44 @@
+// Retrieve over the wire vs in-process, side by side in one run (issue 5's rpc benchmark).
+//
+// Two tiers hold the same data: a LocalTier (kvstore::Node in this process, rows delivered by
+// the in-process transport, i.e. memcpy) and a RemoteTier talking gRPC to a kvrecall server
+// started inside this process on 127.0.0.1 (its Node puts rows over UCX into the RemoteTier's
+// registered buffer). Both get identical Retrieve batches — every (sequence, kv-head) of the
+// decode batch, one layer — interleaved, so machine noise hits both alike.
+//
+// JSON: rpc_us_p50, rpc_us_p99, inprocess_us_p50, inprocess_us_p99, overhead_ratio
+// (= rpc_p50 / inprocess_p50 - 1; target <= 0.25), entries_per_s (over the wire), bytes_per_call,
+// and every option.
+#ifndef KVRECALL_BENCH_RPC_BENCH_H_
+#define KVRECALL_BENCH_RPC_BENCH_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+
+namespace kvrecall::bench {
+
+struct RpcBenchOptions {
+  int sequences = 32;
+  int kv_heads = 8;
+  int group = 4;           // q-heads per kv-head
+  int head_dim = 128;
+  int tokens = 32768;      // per sequence
+  int budget = 1024;
+  std::string method = "ctkvr";  // exact | ctkvr | cluster
+  int sinks = 16;
+  int window = 256;
+  int iterations = 20;
+  int warmup = 3;
+  std::string ucx_tls;     // UCX_TLS for both ends; empty = UCX's choice
+  uint64_t seed = 1;
+};
+
+// Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.
+absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args);
+
+}  // namespace kvrecall::bench
+
+#endif  // KVRECALL_BENCH_RPC_BENCH_H_

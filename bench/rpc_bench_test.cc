@@ -1,0 +1,35 @@
+// Keeps `kvrecall-bench rpc` working: a tiny run must succeed, agree between the two tiers (the
+// bench checks ids and row bytes itself) and report every field.
+#include "bench/rpc_bench.h"
+
+#include "common/testing/status_matchers.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall::bench {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+
+TEST(RpcBenchTest, TinyRunReportsEveryField) {
+  for (const char* method : {"exact", "ctkvr"}) {
+    ASSERT_OK_AND_ASSIGN(nlohmann::json j, RunRpcBench({"--sequences=2", "--kv_heads=2", "--head_dim=16",
+                                                        "--tokens=700", "--budget=32", "--iterations=2",
+                                                        "--warmup=1", "--ucx_tls=tcp",
+                                                        std::string("--method=") + method}));
+    for (const char* f : {"rpc_us_p50", "rpc_us_p99", "inprocess_us_p50", "overhead_ratio", "entries_per_s"}) {
+      EXPECT_TRUE(j.contains(f)) << f;
+    }
+    EXPECT_EQ(j["entries"].get<int>(), 4);
+    EXPECT_GT(j["rpc_us_p50"].get<double>(), 0);
+  }
+}
+
+TEST(RpcBenchTest, RejectsBadFlags) {
+  EXPECT_THAT(RunRpcBench({"--sequencez=2"}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(RunRpcBench({"--tokens=abc"}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(RunRpcBench({"--method=merged"}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(RunRpcBench({"--tokens=100"}), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace kvrecall::bench
