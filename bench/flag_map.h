@@ -41,6 +41,16 @@ class FlagMap {
     if (auto it = Find(name); it != values_.end()) *out = it->second;
     return absl::OkStatus();
   }
+  // "true" / "false".
+  absl::Status Get(const std::string& name, bool* out) {
+    auto it = Find(name);
+    if (it == values_.end()) return absl::OkStatus();
+    if (it->second != "true" && it->second != "false") {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be true or false"));
+    }
+    *out = it->second == "true";
+    return absl::OkStatus();
+  }
   template <typename T>
   absl::Status Get(const std::string& name, T* out) {
     auto it = Find(name);

@@ -1,5 +1,7 @@
 #include "bench/store_bench.h"
 
+#include "bench/flag_map.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -161,57 +163,28 @@ absl::Status RunSpill(const StoreBenchOptions& o, const ModelSpec& spec, nlohman
 }  // namespace
 
 absl::StatusOr<StoreBenchOptions> ParseStoreBenchFlags(const std::vector<std::string>& args) {
+  ASSIGN_OR_RETURN(FlagMap f, FlagMap::Parse(args));
   StoreBenchOptions o;
-  for (const std::string& a : args) {
-    if (a.rfind("--", 0) != 0 || a == "--json") continue;
-    const size_t eq = a.find('=');
-    if (eq == std::string::npos)
-      return absl::InvalidArgumentError(absl::StrCat("flag '", a, "' needs =value"));
-    std::string name = a.substr(2, eq - 2);
-    std::replace(name.begin(), name.end(), '-', '_');
-    const std::string value = a.substr(eq + 1);
-    auto int_flag = [&](auto* field) -> absl::Status {
-      int64_t v;
-      if (!absl::SimpleAtoi(value, &v) || v < 0) {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, ": bad value '", value, "'"));
-      }
-      *field = static_cast<std::remove_pointer_t<decltype(field)>>(v);
-      return absl::OkStatus();
-    };
-    if (name == "layers") {
-      RETURN_IF_ERROR(int_flag(&o.layers));
-    } else if (name == "kv_heads") {
-      RETURN_IF_ERROR(int_flag(&o.kv_heads));
-    } else if (name == "head_dim") {
-      RETURN_IF_ERROR(int_flag(&o.head_dim));
-    } else if (name == "dtype") {
-      o.dtype = value;
-    } else if (name == "block_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.block_tokens));
-    } else if (name == "ingest_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.ingest_tokens));
-    } else if (name == "chunk_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.chunk_tokens));
-    } else if (name == "passes") {
-      RETURN_IF_ERROR(int_flag(&o.passes));
-    } else if (name == "sessions") {
-      RETURN_IF_ERROR(int_flag(&o.sessions));
-    } else if (name == "prefix_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.prefix_tokens));
-    } else if (name == "suffix_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.suffix_tokens));
-    } else if (name == "spill_tokens") {
-      RETURN_IF_ERROR(int_flag(&o.spill_tokens));
-    } else if (name == "spill_dir") {
-      o.spill_dir = value;
-    } else if (name == "hugepages") {
-      if (value != "true" && value != "false")
-        return absl::InvalidArgumentError("--hugepages must be true|false");
-      o.hugepages = value == "true";
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
-    }
-  }
+  auto count = [&f](const char* name, auto* field) -> absl::Status {
+    RETURN_IF_ERROR(f.Get(name, field));
+    if (*field < 0) return absl::InvalidArgumentError(absl::StrCat("--", name, " must not be negative"));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(count("layers", &o.layers));
+  RETURN_IF_ERROR(count("kv_heads", &o.kv_heads));
+  RETURN_IF_ERROR(count("head_dim", &o.head_dim));
+  RETURN_IF_ERROR(count("block_tokens", &o.block_tokens));
+  RETURN_IF_ERROR(count("ingest_tokens", &o.ingest_tokens));
+  RETURN_IF_ERROR(count("chunk_tokens", &o.chunk_tokens));
+  RETURN_IF_ERROR(count("passes", &o.passes));
+  RETURN_IF_ERROR(count("sessions", &o.sessions));
+  RETURN_IF_ERROR(count("prefix_tokens", &o.prefix_tokens));
+  RETURN_IF_ERROR(count("suffix_tokens", &o.suffix_tokens));
+  RETURN_IF_ERROR(count("spill_tokens", &o.spill_tokens));
+  RETURN_IF_ERROR(f.Get("dtype", &o.dtype));
+  RETURN_IF_ERROR(f.Get("spill_dir", &o.spill_dir));
+  RETURN_IF_ERROR(f.Get("hugepages", &o.hugepages));
+  RETURN_IF_ERROR(f.CheckAllUsed());
   return o;
 }
 

@@ -1,5 +1,7 @@
 #include "bench/transport_bench.h"
 
+#include "bench/flag_map.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -98,58 +100,22 @@ void FillPattern(uint8_t* data, size_t bytes, uint32_t salt) {
   }
 }
 
-template <typename T>
-absl::Status ParseNumber(absl::string_view name, absl::string_view value, T* out) {
-  bool ok;
-  if constexpr (std::is_same_v<T, double>) {
-    ok = absl::SimpleAtod(value, out);
-  } else if constexpr (std::is_same_v<T, int>) {
-    ok = absl::SimpleAtoi(value, out);
-  } else {
-    uint64_t v;
-    ok = absl::SimpleAtoi(value, &v);
-    *out = static_cast<T>(v);
-  }
-  if (!ok) return absl::InvalidArgumentError(absl::StrCat("bad value for --", name, ": ", value));
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::StatusOr<TransportBenchOptions> ParseTransportBenchFlags(
     const std::vector<std::string>& args) {
+  ASSIGN_OR_RETURN(FlagMap f, FlagMap::Parse(args));
   TransportBenchOptions o;
-  for (const std::string& arg : args) {
-    absl::string_view a = arg;
-    if (!absl::ConsumePrefix(&a, "--") || a == "json") continue;
-    const size_t eq = a.find('=');
-    if (eq == absl::string_view::npos) {
-      return absl::InvalidArgumentError(absl::StrCat("expected --name=value, got ", arg));
-    }
-    const absl::string_view name = a.substr(0, eq);
-    const absl::string_view value = a.substr(eq + 1);
-    if (name == "transports") {
-      o.transports = std::string(value);
-    } else if (name == "net_devices") {
-      o.net_devices = std::string(value);
-    } else if (name == "row_bytes") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.row_bytes));
-    } else if (name == "rows_per_put_batch") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.rows_per_put_batch));
-    } else if (name == "large_put_bytes") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.large_put_bytes));
-    } else if (name == "region_bytes") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.region_bytes));
-    } else if (name == "seconds") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.seconds));
-    } else if (name == "threads") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.threads));
-    } else if (name == "seed") {
-      RETURN_IF_ERROR(ParseNumber(name, value, &o.seed));
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown transport bench flag --", name));
-    }
-  }
+  RETURN_IF_ERROR(f.Get("transports", &o.transports));
+  RETURN_IF_ERROR(f.Get("net_devices", &o.net_devices));
+  RETURN_IF_ERROR(f.Get("row_bytes", &o.row_bytes));
+  RETURN_IF_ERROR(f.Get("rows_per_put_batch", &o.rows_per_put_batch));
+  RETURN_IF_ERROR(f.Get("large_put_bytes", &o.large_put_bytes));
+  RETURN_IF_ERROR(f.Get("region_bytes", &o.region_bytes));
+  RETURN_IF_ERROR(f.Get("seconds", &o.seconds));
+  RETURN_IF_ERROR(f.Get("threads", &o.threads));
+  RETURN_IF_ERROR(f.Get("seed", &o.seed));
+  RETURN_IF_ERROR(f.CheckAllUsed());
   return o;
 }
 
