@@ -22,6 +22,7 @@
 #include "indexer/internal/search.h"
 #include "indexer/kernels.h"
 #include "indexer/merged.h"
+#include "bench/flag_map.h"
 #include "indexer/qk_dump.h"
 #include "indexer/quality.h"
 #include "indexer/synthetic.h"
@@ -84,46 +85,30 @@ absl::StatusOr<Options> Parse(const std::vector<std::string>& args) {
       {"layer", &o.layer},
       {"chunk_tokens", &o.merged.chunk_tokens},
   };
-  for (const std::string& raw : args) {
-    absl::string_view a(raw);
-    if (!absl::ConsumePrefix(&a, "--") || a == "json") continue;
-    std::pair<std::string, std::string> kv = absl::StrSplit(a, absl::MaxSplits('=', 1));
-    std::string name = kv.first;
-    std::replace(name.begin(), name.end(), '-', '_');
-    const std::string& value = kv.second;
-    auto bad = [&] {
-      return absl::InvalidArgumentError(
-          absl::StrCat("index bench: bad value for --", name, ": '", value, "'"));
-    };
-    if (auto it = ints.find(name); it != ints.end()) {
-      if (!absl::SimpleAtoi(value, it->second)) return bad();
-    } else if (auto it64 = i64.find(name); it64 != i64.end()) {
-      if (!absl::SimpleAtoi(value, it64->second)) return bad();
-    } else if (name == "seed") {
-      if (!absl::SimpleAtoi(value, &o.seed)) return bad();
-      o.index.cluster.seed = o.seed;
-    } else if (name == "tolerance") {
-      if (!absl::SimpleAtod(value, &o.index.cluster.tolerance)) return bad();
-    } else if (name == "qk_dump") {
-      o.qk_dump = value;
-    } else if (name == "variance_ranking") {
-      if (!absl::SimpleAtob(value, &o.index.cluster.variance_ranking)) return bad();
-    } else if (name == "stats") {
-      if (!absl::SimpleAtob(value, &o.stats)) return bad();
-    } else if (name == "keep_ratio") {
-      if (!absl::SimpleAtod(value, &o.merged.keep_ratio)) return bad();
-    } else if (name == "dtype") {
-      ASSIGN_OR_RETURN(o.dtype, ParseDType(value));
-    } else if (name == "method") {
-      o.methods.clear();
-      for (absl::string_view m : absl::StrSplit(value, ',')) {
-        ASSIGN_OR_RETURN(Method mm, indexer::ParseMethod(m));
-        if (mm != Method::kExact) o.methods.push_back(mm);
-      }
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("index bench: unknown flag --", name));
+  ASSIGN_OR_RETURN(FlagMap f, FlagMap::Parse(args));
+  for (auto& [name, field] : ints) RETURN_IF_ERROR(f.Get(name, field));
+  for (auto& [name, field] : i64) RETURN_IF_ERROR(f.Get(name, field));
+  RETURN_IF_ERROR(f.Get("seed", &o.seed));
+  o.index.cluster.seed = o.seed;
+  RETURN_IF_ERROR(f.Get("tolerance", &o.index.cluster.tolerance));
+  RETURN_IF_ERROR(f.Get("qk_dump", &o.qk_dump));
+  RETURN_IF_ERROR(f.Get("variance_ranking", &o.index.cluster.variance_ranking));
+  RETURN_IF_ERROR(f.Get("stats", &o.stats));
+  RETURN_IF_ERROR(f.Get("keep_ratio", &o.merged.keep_ratio));
+  std::string dtype, methods;
+  RETURN_IF_ERROR(f.Get("dtype", &dtype));
+  if (!dtype.empty()) {
+    ASSIGN_OR_RETURN(o.dtype, ParseDType(dtype));
+  }
+  RETURN_IF_ERROR(f.Get("method", &methods));
+  if (!methods.empty()) {
+    o.methods.clear();
+    for (absl::string_view m : absl::StrSplit(methods, ',')) {
+      ASSIGN_OR_RETURN(Method mm, indexer::ParseMethod(m));
+      if (mm != Method::kExact) o.methods.push_back(mm);
     }
   }
+  RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.tokens <= 0 || o.budget <= 0 || o.head_dim <= 0 || o.group <= 0 || o.entries <= 0 ||
       o.repeats <= 0 || o.threads < 0 || o.build_threads <= 0 || o.build_repeats <= 0 ||
       o.sinks < 0 || o.window < 0) {
