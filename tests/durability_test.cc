@@ -30,9 +30,10 @@ constexpr size_t kRow = kHeadDim * 2;          // bf16
 // The bytes of one row, a function of (sequence, layer, K/V, head, token) only.
 std::string RowBytes(int seq, int layer, bool v, int head, int token) {
   std::string r(kRow, '\0');
-  uint32_t x =
-      static_cast<uint32_t>(seq * 7919 + layer * 131 + (v ? 17 : 0) + head * 1009 + token * 65537) |
-      1u;
+  // Unsigned arithmetic: the mix wraps by design.
+  uint32_t x = (static_cast<uint32_t>(seq) * 7919u + static_cast<uint32_t>(layer) * 131u + (v ? 17u : 0u) +
+                static_cast<uint32_t>(head) * 1009u + static_cast<uint32_t>(token) * 65537u) |
+               1u;
   for (char& c : r) {
     x ^= x << 13;
     x ^= x >> 17;
