@@ -152,7 +152,7 @@ class RemoteTier final : public Tier {
     req.set_tenant(options_.tenant);
     req.set_layer(batch.layer);
     req.set_budget(static_cast<uint32_t>(batch.budget));
-    req.set_method(static_cast<v1::Method>(static_cast<int>(batch.method)));
+    req.set_method(proto::ToProto(batch.method));
     if (region_ != nullptr) req.set_worker_id(options_.worker_id);
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
@@ -198,7 +198,7 @@ class RemoteTier final : public Tier {
     v1::BuildIndexRequest req;
     req.set_tenant(options_.tenant);
     req.set_sequence_id(sequence_id);
-    req.set_method(static_cast<v1::Method>(static_cast<int>(args.method)));
+    req.set_method(proto::ToProto(args.method));
     req.set_first_layer(args.first_layer);
     req.set_token_begin(args.token_begin);
     req.set_num_queries(args.num_queries);

@@ -22,22 +22,6 @@ grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext
   return reactor;
 }
 
-absl::StatusOr<Method> MethodFromProto(v1::Method m) {
-  switch (m) {
-    case v1::METHOD_UNSPECIFIED:
-    case v1::METHOD_EXACT:
-      return Method::kExact;
-    case v1::METHOD_CTKVR:
-      return Method::kCtkvr;
-    case v1::METHOD_CLUSTER:
-      return Method::kCluster;
-    case v1::METHOD_MERGED:
-      return Method::kMerged;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("unknown method ", static_cast<int>(m)));
-  }
-}
-
 // Client stream of AppendKV chunks: one write transaction on one sequence.
 class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> {
  public:
@@ -253,7 +237,7 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     args.tenant = req->tenant();
     args.layer = req->layer();
     args.budget = static_cast<int>(std::min<uint32_t>(req->budget(), kMaxBudget + 1));
-    ASSIGN_OR_RETURN(args.method, MethodFromProto(req->method()));
+    ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
     args.worker_id = req->worker_id();
     if (req->entries_size() > kMaxRetrieveEntries) {
       return absl::InvalidArgumentError(absl::StrCat("entries ", req->entries_size(), " exceed ", kMaxRetrieveEntries));
@@ -277,7 +261,7 @@ grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* c
     BuildIndexArgs args;
     args.tenant = req->tenant();
     args.sequence_id = req->sequence_id();
-    ASSIGN_OR_RETURN(args.method, MethodFromProto(req->method()));
+    ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
     args.first_layer = req->first_layer();
     args.token_begin = req->token_begin();
     args.num_queries = req->num_queries();

@@ -426,12 +426,11 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     q.k = args.budget;
     if (args.method != Method::kExact) {
       indexes[i] = seqs[i]->index();
-      const indexer::Method want_method = args.method == Method::kCtkvr ? indexer::Method::kCtkvr : indexer::Method::kCluster;
       const indexer::Segment* seg =
-          indexes[i] != nullptr && indexes[i]->method == want_method ? indexes[i]->segment(args.layer, e.kv_head) : nullptr;
+          indexes[i] != nullptr && indexes[i]->method == args.method ? indexes[i]->segment(args.layer, e.kv_head) : nullptr;
       if (seg == nullptr) {
         return absl::FailedPreconditionError(absl::StrCat("entry ", i, ": sequence '", e.sequence_id, "' has no ",
-                                                          indexer::MethodName(want_method), " index for layer ",
+                                                          indexer::MethodName(args.method), " index for layer ",
                                                           args.layer, " (BuildIndex first)"));
       }
       q.segments.push_back(seg);
@@ -492,7 +491,7 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
   BuildIndexOutcome outcome;
   outcome.indexed_tokens = committed - args.token_begin;
   if (args.method == Method::kExact) return outcome;  // exact scans; nothing to build
-  const indexer::Method method = args.method == Method::kCtkvr ? indexer::Method::kCtkvr : indexer::Method::kCluster;
+  const indexer::Method method = args.method;
   const int sparse_layers = spec.num_layers - args.first_layer;
   const int G = spec.group_size(), d = spec.head_dim, Hq = spec.num_q_heads, Hkv = spec.num_kv_heads;
   if (method == indexer::Method::kCtkvr) {

@@ -34,6 +34,7 @@
 #include "kvstore/arena.h"
 #include "kvstore/block_store.h"
 #include "kvstore/block_table.h"
+#include "indexer/index.h"
 #include "kvstore/sequence.h"
 #include "transport/transport.h"
 
@@ -73,7 +74,9 @@ struct NodeOptions {
   rocksdb::Env* store_env = nullptr;
 };
 
-enum class Method { kExact = 1, kCtkvr = 2, kCluster = 3, kMerged = 4 };
+// The retrieval method of a request: the indexer's own enum (one vocabulary end to end; the wire
+// enum maps to it in proto/convert.h).
+using Method = indexer::Method;
 
 struct OpenSequenceArgs {
   std::string tenant;

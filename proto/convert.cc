@@ -39,6 +39,36 @@ absl::StatusOr<DType> FromProto(kvrecall::v1::DType t) {
   }
 }
 
+kvrecall::v1::Method ToProto(indexer::Method m) {
+  switch (m) {
+    case indexer::Method::kExact:
+      return kvrecall::v1::METHOD_EXACT;
+    case indexer::Method::kCtkvr:
+      return kvrecall::v1::METHOD_CTKVR;
+    case indexer::Method::kCluster:
+      return kvrecall::v1::METHOD_CLUSTER;
+    case indexer::Method::kMerged:
+      return kvrecall::v1::METHOD_MERGED;
+  }
+  return kvrecall::v1::METHOD_UNSPECIFIED;
+}
+
+absl::StatusOr<indexer::Method> FromProto(kvrecall::v1::Method m) {
+  switch (m) {
+    case kvrecall::v1::METHOD_UNSPECIFIED:
+    case kvrecall::v1::METHOD_EXACT:
+      return indexer::Method::kExact;
+    case kvrecall::v1::METHOD_CTKVR:
+      return indexer::Method::kCtkvr;
+    case kvrecall::v1::METHOD_CLUSTER:
+      return indexer::Method::kCluster;
+    case kvrecall::v1::METHOD_MERGED:
+      return indexer::Method::kMerged;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown method ", static_cast<int>(m)));
+  }
+}
+
 void ToProto(const ModelSpec& spec, kvrecall::v1::ModelSpec* out) {
   out->set_model_id(spec.model_id);
   out->set_num_layers(spec.num_layers);

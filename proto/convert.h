@@ -7,6 +7,7 @@
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
 #include "common/model_spec.h"
+#include "indexer/index.h"
 #include "grpcpp/support/status.h"
 #include "proto/kvrecall/v1/kvrecall.pb.h"
 
@@ -18,6 +19,10 @@ absl::Status FromGrpc(const grpc::Status& s);
 kvrecall::v1::DType ToProto(DType t);
 // INVALID_ARGUMENT for DTYPE_UNSPECIFIED or an unknown value.
 absl::StatusOr<DType> FromProto(kvrecall::v1::DType t);
+
+kvrecall::v1::Method ToProto(indexer::Method m);
+// METHOD_UNSPECIFIED means exact; INVALID_ARGUMENT for an unknown value.
+absl::StatusOr<indexer::Method> FromProto(kvrecall::v1::Method m);
 
 void ToProto(const ModelSpec& spec, kvrecall::v1::ModelSpec* out);
 // Converts and validates (ModelSpec::Validate).
