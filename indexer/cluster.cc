@@ -136,7 +136,71 @@ class ClusterSegment final : public Segment {
     offsets_.push_back(0);
   }
 
+  ClusterSegment(int64_t begin, int64_t end, int head_dim, DType dtype)
+      : Segment(begin, end, head_dim, dtype), indexed_end_(begin) {}
+
   Method method() const override { return Method::kCluster; }
+
+  std::unique_ptr<Segment> Clone() const override {
+    return std::make_unique<ClusterSegment>(*this);
+  }
+
+  void SerializeInternal(ByteWriter* w) const override {
+    w->I32(opt_.tokens_per_cluster);
+    w->I32(opt_.iterations);
+    w->I32(opt_.append_every);
+    w->I32(opt_.append_clusters);
+    w->U64(opt_.seed);
+    w->I32(opt_.segment_tokens);
+    w->F64(opt_.tolerance);
+    w->U8(opt_.variance_ranking ? 1 : 0);
+    w->I64(indexed_end_);
+    w->Array(centroids_);
+    w->Array(variances_);
+    w->Array(tokens_);
+    w->Array(offsets_);
+    w->I32(kmeans_runs_);
+    w->I64(iterations_run_);
+  }
+
+  // Reads the body written by SerializeInternal; false when it is inconsistent.
+  bool Parse(ByteReader* r) {
+    opt_.tokens_per_cluster = r->I32();
+    opt_.iterations = r->I32();
+    opt_.append_every = r->I32();
+    opt_.append_clusters = r->I32();
+    opt_.seed = r->U64();
+    opt_.segment_tokens = r->I32();
+    opt_.tolerance = r->F64();
+    const uint8_t vr = r->U8();
+    opt_.variance_ranking = vr == 1;
+    indexed_end_ = r->I64();
+    centroids_ = r->Array<float>();
+    variances_ = r->Array<float>();
+    tokens_ = r->Array<int32_t>();
+    offsets_ = r->Array<int32_t>();
+    kmeans_runs_ = r->I32();
+    iterations_run_ = r->I64();
+    if (!r->ok() || opt_.tokens_per_cluster <= 0 || opt_.iterations <= 0 ||
+        opt_.append_every <= 0 || opt_.append_clusters <= 0 || opt_.segment_tokens < 0 ||
+        !(opt_.tolerance >= 0) || !(opt_.tolerance < 1) || vr > 1 || indexed_end_ < begin_ ||
+        indexed_end_ > end_ || offsets_.empty() || offsets_[0] != 0 ||
+        static_cast<size_t>(offsets_.back()) != tokens_.size()) {
+      return false;
+    }
+    const size_t k = offsets_.size() - 1, d = static_cast<size_t>(head_dim_);
+    if (centroids_.size() != k * d || (!variances_.empty() && variances_.size() != k * d) ||
+        (variances_.empty() && opt_.variance_ranking && k > 0)) {
+      return false;
+    }
+    for (size_t c = 0; c < k; ++c) {
+      if (offsets_[c + 1] <= offsets_[c]) return false;  // clusters are never empty
+    }
+    for (int32_t t : tokens_) {
+      if (t < begin_ || t >= indexed_end_) return false;
+    }
+    return true;
+  }
 
   void AddClusters(const PagedRows& keys, int64_t b, int64_t e, int k, uint64_t seed,
                    ThreadPool* pool) {
@@ -325,6 +389,13 @@ class ClusterSegment final : public Segment {
 };
 
 }  // namespace
+
+std::unique_ptr<Segment> ParseClusterSegment(ByteReader* r, int64_t begin, int64_t end,
+                                             int head_dim, DType dtype) {
+  auto seg = std::make_unique<ClusterSegment>(begin, end, head_dim, dtype);
+  if (!seg->Parse(r)) return nullptr;
+  return seg;
+}
 
 bool GetClusterInfo(const Segment& segment, ClusterInfo* info) {
   const auto* c = dynamic_cast<const ClusterSegment*>(&segment);

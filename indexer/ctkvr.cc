@@ -47,6 +47,65 @@ class CtkvrSegment final : public Segment {
       : Segment(in.token_begin, in.token_end, in.keys->head_dim, in.keys->dtype),
         opt_(o),
         group_(in.group) {}
+  CtkvrSegment(int64_t begin, int64_t end, int head_dim, DType dtype)
+      : Segment(begin, end, head_dim, dtype), group_(0) {}
+
+  std::unique_ptr<Segment> Clone() const override {
+    return std::make_unique<CtkvrSegment>(*this);
+  }
+
+  void SerializeInternal(ByteWriter* w) const override {
+    w->I32(opt_.centroids);
+    w->I32(opt_.list_size);
+    w->I32(opt_.probe);
+    w->I32(group_);
+    w->I32(num_centroids_);
+    w->Array(scaled_);
+    w->Array(unit_);
+    w->Array(lse_);
+    w->U64(lists_.size());
+    for (size_t i = 0; i < lists_.size(); ++i) {
+      w->Array(lists_[i]);
+      w->Array(list_logits_[i]);
+    }
+    w->Array(list_mass_);
+  }
+
+  // Reads the body written by SerializeInternal; false when it is inconsistent.
+  bool Parse(ByteReader* r) {
+    opt_.centroids = r->I32();
+    opt_.list_size = r->I32();
+    opt_.probe = r->I32();
+    group_ = r->I32();
+    num_centroids_ = r->I32();
+    if (!r->ok() || opt_.centroids <= 0 || opt_.list_size <= 0 || opt_.probe <= 0 ||
+        group_ <= 0 || group_ > (1 << 16) || num_centroids_ <= 0 ||
+        num_centroids_ > opt_.centroids) {
+      return false;
+    }
+    const size_t c = static_cast<size_t>(num_centroids_), g = static_cast<size_t>(group_);
+    scaled_ = r->Array<float>();
+    unit_ = r->Array<float>();
+    lse_ = r->Array<double>();
+    const uint64_t nlists = r->U64();
+    if (!r->ok() || scaled_.size() != c * g * static_cast<size_t>(head_dim_) ||
+        unit_.size() != scaled_.size() || lse_.size() != c * g || nlists != c) {
+      return false;
+    }
+    lists_.resize(c);
+    list_logits_.resize(c);
+    for (size_t i = 0; i < c; ++i) {
+      lists_[i] = r->Array<int32_t>();
+      list_logits_[i] = r->Array<float>();
+      if (!r->ok() || list_logits_[i].size() != lists_[i].size() * g) return false;
+      for (size_t j = 0; j < lists_[i].size(); ++j) {
+        const int32_t t = lists_[i][j];
+        if (t < begin_ || t >= end_ || (j > 0 && t <= lists_[i][j - 1])) return false;
+      }
+    }
+    list_mass_ = r->Array<double>();
+    return r->ok() && list_mass_.size() == c * g;
+  }
 
   Method method() const override { return Method::kCtkvr; }
 
@@ -279,6 +338,14 @@ class CtkvrSegment final : public Segment {
 };
 
 }  // namespace
+
+std::unique_ptr<Segment> ParseCtkvrSegment(ByteReader* r, int64_t begin, int64_t end,
+                                           int head_dim, DType dtype) {
+  if (end <= begin) return nullptr;
+  auto seg = std::make_unique<CtkvrSegment>(begin, end, head_dim, dtype);
+  if (!seg->Parse(r)) return nullptr;
+  return seg;
+}
 
 absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& input,
                                                            const CtkvrOptions& options,

@@ -1,6 +1,7 @@
 #include "indexer/index.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -191,7 +192,11 @@ class ExactSegment final : public Segment {
  public:
   explicit ExactSegment(const BuildInput& in)
       : Segment(in.token_begin, in.token_end, in.keys->head_dim, in.keys->dtype) {}
+  ExactSegment(int64_t begin, int64_t end, int head_dim, DType dtype)
+      : Segment(begin, end, head_dim, dtype) {}
   Method method() const override { return Method::kExact; }
+  std::unique_ptr<Segment> Clone() const override { return std::make_unique<ExactSegment>(*this); }
+  void SerializeInternal(ByteWriter*) const override {}
   absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) override {
     if (keys.head_dim != head_dim_ || keys.dtype != dtype_ || new_end < end_ ||
         new_end > keys.num_tokens) {
@@ -214,6 +219,56 @@ class ExactSegment final : public Segment {
 std::unique_ptr<Segment> NewExactSegment(const BuildInput& input) {
   return std::make_unique<ExactSegment>(input);
 }
+
+std::unique_ptr<Segment> NewExactSegment(int64_t begin, int64_t end, int head_dim, DType dtype) {
+  return std::make_unique<ExactSegment>(begin, end, head_dim, dtype);
+}
+
+namespace {
+
+constexpr uint8_t kChainKind = 0x80;
+constexpr char kSegmentMagic[4] = {'K', 'S', 'G', '1'};
+
+class ChainSegment final : public Segment {
+ public:
+  explicit ChainSegment(std::vector<std::shared_ptr<const Segment>> parts)
+      : Segment(parts.front()->token_begin(), parts.back()->token_end(), parts.front()->head_dim(),
+                parts.front()->dtype()),
+        method_(parts.front()->method()),
+        parts_(std::move(parts)) {}
+  Method method() const override { return method_; }
+  absl::Status Append(const PagedRows&, int64_t, ThreadPool*) override {
+    return absl::FailedPreconditionError(
+        "a segment chain does not grow in place: make a new chain with a new last part");
+  }
+  size_t MemoryBytes() const override {
+    size_t n = 0;
+    for (const auto& p : parts_) n += p->MemoryBytes();
+    return n;
+  }
+  std::unique_ptr<Segment> Clone() const override { return std::make_unique<ChainSegment>(*this); }
+  void SerializeInternal(ByteWriter* w) const override {
+    w->U32(static_cast<uint32_t>(parts_.size()));
+    for (const auto& p : parts_) w->Bytes(SerializeSegment(*p));
+  }
+  absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
+    for (const auto& p : parts_) {
+      if (p->token_begin() >= s.range_end || p->token_end() <= s.range_begin ||
+          p->token_begin() == p->token_end()) {
+        continue;
+      }
+      RETURN_IF_ERROR(p->SearchInternal(s, out));
+    }
+    return absl::OkStatus();
+  }
+  const std::vector<std::shared_ptr<const Segment>>& parts() const { return parts_; }
+
+ private:
+  Method method_;
+  std::vector<std::shared_ptr<const Segment>> parts_;
+};
+
+}  // namespace
 
 }  // namespace internal
 
@@ -371,6 +426,108 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(Method method, const Build
           "merged is a compressed representation, not a search index: use indexer/merged.h");
   }
   return absl::InvalidArgumentError("unknown method");
+}
+
+std::unique_ptr<Segment> NewUnindexedSegment(int head_dim, DType dtype) {
+  return internal::NewExactSegment(0, 0, head_dim, dtype);
+}
+
+absl::StatusOr<std::unique_ptr<Segment>> NewSegmentChain(
+    std::vector<std::shared_ptr<const Segment>> parts) {
+  if (parts.empty()) return absl::InvalidArgumentError("a chain needs at least one part");
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i] == nullptr) return absl::InvalidArgumentError("null chain part");
+    if (parts[i]->method() != parts[0]->method() || parts[i]->head_dim() != parts[0]->head_dim() ||
+        parts[i]->dtype() != parts[0]->dtype()) {
+      return absl::InvalidArgumentError("chain parts differ in method, head_dim or dtype");
+    }
+    if (i > 0 && parts[i]->token_begin() != parts[i - 1]->token_end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chain part ", i, " starts at ", parts[i]->token_begin(), ", not at the previous end ",
+          parts[i - 1]->token_end()));
+    }
+  }
+  return std::unique_ptr<Segment>(std::make_unique<internal::ChainSegment>(std::move(parts)));
+}
+
+std::vector<std::shared_ptr<const Segment>> SegmentParts(
+    const std::shared_ptr<const Segment>& segment) {
+  if (const auto* c = dynamic_cast<const internal::ChainSegment*>(segment.get())) {
+    return c->parts();
+  }
+  return {segment};
+}
+
+std::string SerializeSegment(const Segment& segment) {
+  internal::ByteWriter w;
+  for (char c : internal::kSegmentMagic) w.U8(static_cast<uint8_t>(c));
+  const bool chain = dynamic_cast<const internal::ChainSegment*>(&segment) != nullptr;
+  w.U8(chain ? internal::kChainKind : static_cast<uint8_t>(segment.method()));
+  w.I64(segment.token_begin());
+  w.I64(segment.token_end());
+  w.I32(segment.head_dim());
+  w.U8(static_cast<uint8_t>(segment.dtype()));
+  segment.SerializeInternal(&w);
+  return std::move(w.out());
+}
+
+namespace {
+
+absl::StatusOr<std::unique_ptr<Segment>> ParseSegmentAt(absl::string_view bytes, int depth) {
+  auto bad = [](absl::string_view why) {
+    return absl::DataLossError(absl::StrCat("index segment record is malformed: ", why));
+  };
+  internal::ByteReader r(bytes);
+  char magic[4];
+  for (char& c : magic) c = static_cast<char>(r.U8());
+  const uint8_t kind = r.U8();
+  const int64_t begin = r.I64(), end = r.I64();
+  const int32_t head_dim = r.I32();
+  const uint8_t dtype = r.U8();
+  if (!r.ok()) return bad("truncated header");
+  if (std::memcmp(magic, internal::kSegmentMagic, 4) != 0) return bad("bad magic");
+  if (begin < 0 || end < begin || end > std::numeric_limits<int32_t>::max() || head_dim <= 0 ||
+      head_dim > (1 << 16) || dtype > static_cast<uint8_t>(DType::kF16)) {
+    return bad("bad range, head_dim or dtype");
+  }
+  const DType dt = static_cast<DType>(dtype);
+  std::unique_ptr<Segment> seg;
+  if (kind == internal::kChainKind) {
+    if (depth > 0) return bad("nested chain");
+    const uint32_t n = r.U32();
+    if (!r.ok() || n == 0 || n > r.remaining()) return bad("bad chain part count");
+    std::vector<std::shared_ptr<const Segment>> parts;
+    for (uint32_t i = 0; i < n; ++i) {
+      const absl::string_view part = r.Bytes();
+      if (!r.ok()) return bad("truncated chain part");
+      ASSIGN_OR_RETURN(std::unique_ptr<Segment> p, ParseSegmentAt(part, depth + 1));
+      parts.push_back(std::move(p));
+    }
+    absl::StatusOr<std::unique_ptr<Segment>> chain = NewSegmentChain(std::move(parts));
+    if (!chain.ok()) return bad(chain.status().message());
+    if ((*chain)->token_begin() != begin || (*chain)->token_end() != end ||
+        (*chain)->head_dim() != head_dim || (*chain)->dtype() != dt) {
+      return bad("chain header differs from its parts");
+    }
+    seg = std::move(*chain);
+  } else if (kind == static_cast<uint8_t>(Method::kExact)) {
+    seg = internal::NewExactSegment(begin, end, head_dim, dt);
+  } else if (kind == static_cast<uint8_t>(Method::kCtkvr)) {
+    seg = internal::ParseCtkvrSegment(&r, begin, end, head_dim, dt);
+  } else if (kind == static_cast<uint8_t>(Method::kCluster)) {
+    seg = internal::ParseClusterSegment(&r, begin, end, head_dim, dt);
+  } else {
+    return bad(absl::StrCat("unknown kind ", kind));
+  }
+  if (seg == nullptr || !r.ok()) return bad("inconsistent body");
+  if (r.remaining() != 0) return bad("trailing bytes");
+  return seg;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Segment>> ParseSegment(absl::string_view bytes) {
+  return ParseSegmentAt(bytes, 0);
 }
 
 absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,

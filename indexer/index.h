@@ -123,6 +123,7 @@ namespace internal {
 struct Hits;
 class HitsList;
 struct SegmentSearch;
+class ByteWriter;
 }  // namespace internal
 
 // One index segment. Thread safety: const methods may run concurrently; Append must not overlap
@@ -142,6 +143,13 @@ class Segment {
 
   // Approximate heap bytes held by the index (not the keys).
   virtual size_t MemoryBytes() const = 0;
+
+  // A deep copy that shares nothing mutable with this segment (a chain shares its immutable
+  // parts), e.g. to Append to while readers keep searching this one.
+  virtual std::unique_ptr<Segment> Clone() const = 0;
+
+  // Implementation hook of SerializeSegment(); not for callers. Writes the method's body.
+  virtual void SerializeInternal(internal::ByteWriter* w) const = 0;
 
   // Implementation hook of Search(); not for callers. Appends scored units to *out.
   virtual absl::Status SearchInternal(const internal::SegmentSearch& s,
@@ -174,6 +182,38 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,
                                                       const BuildInput& input,
                                                       const IndexOptions& options,
                                                       ThreadPool* pool);
+
+// An exact segment over no tokens ([0, 0)): a placeholder that makes Search scan the whole
+// range exactly (what an index that is still being built answers with).
+std::unique_ptr<Segment> NewUnindexedSegment(int head_dim, DType dtype);
+
+// A chain: contiguous parts [p0.begin, p0.end = p1.begin, ...) of one (layer, kv-head), searched
+// as one segment (each part contributes its hits; one normaliser over all of them, as Search
+// does for separate segments). Parts are immutable and may be shared by several chains — this is
+// how a sequence's index grows (a prompt segment plus suffix segments of decode tokens) without
+// copying the prompt's segment. method() is the parts' method; Append is FAILED_PRECONDITION
+// (grow a chain by making a new one with a replaced or added last part); Clone copies the part
+// pointers. INVALID_ARGUMENT for no parts, null parts, gaps/overlaps, or parts whose method,
+// head_dim or dtype differ.
+absl::StatusOr<std::unique_ptr<Segment>> NewSegmentChain(
+    std::vector<std::shared_ptr<const Segment>> parts);
+// The parts of a chain, or {segment} for any other segment.
+std::vector<std::shared_ptr<const Segment>> SegmentParts(
+    const std::shared_ptr<const Segment>& segment);
+
+// Segment format (version 1), for spilling and persisting indices. Little-endian:
+//   "KSG1", u8 kind (Method value; 0x80 = chain), i64 token_begin, i64 token_end, i32 head_dim,
+//   u8 dtype, then the kind's body: exact none; ctkvr its options, group, query centroids
+//   (scaled and unit), normalisers, inverted lists with their logits, list masses; cluster its
+//   options, clustered end, centroids, variances, members and offsets, k-means counters; chain
+//   u32 count then each part as a length-prefixed segment record.
+// Every float is stored bit-exactly, so a parsed segment searches exactly like the original.
+// The format carries no checksum (the storage layer adds one); ParseSegment validates the
+// structure instead — sizes, offsets, token ids inside the segment's range, sorted lists,
+// positive options — so that no input, however damaged, makes a later Search or Append read
+// out of bounds: DATA_LOSS for anything malformed or not fully consumed.
+std::string SerializeSegment(const Segment& segment);
+absl::StatusOr<std::unique_ptr<Segment>> ParseSegment(absl::string_view bytes);
 
 // One search: a kv-head's query group against all segments of its sequence.
 struct SearchEntry {

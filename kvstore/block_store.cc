@@ -55,8 +55,9 @@ class ManualRecovery final : public rocksdb::EventListener {
 
 class BatchImpl final : public BlockStore::Batch {
  public:
-  BatchImpl(rocksdb::ColumnFamilyHandle* blocks, rocksdb::ColumnFamilyHandle* meta)
-      : blocks_(blocks), meta_(meta) {}
+  BatchImpl(rocksdb::ColumnFamilyHandle* blocks, rocksdb::ColumnFamilyHandle* segments,
+            rocksdb::ColumnFamilyHandle* meta)
+      : blocks_(blocks), segments_(segments), meta_(meta) {}
 
   void PutBlock(absl::string_view key, absl::Span<const uint8_t* const> layers,
                 size_t layer_bytes) override {
@@ -91,12 +92,21 @@ class BatchImpl final : public BlockStore::Batch {
     batch_.Delete(meta_, S(key));
     ++ops_;
   }
+  void PutSegment(absl::string_view key, absl::string_view value) override {
+    batch_.Put(segments_, S(key), S(value));
+    ++ops_;
+  }
+  void DeleteSegmentRange(absl::string_view begin, absl::string_view end) override {
+    batch_.DeleteRange(segments_, S(begin), S(end));
+    ++ops_;
+  }
   bool empty() const override { return ops_ == 0; }
 
   rocksdb::WriteBatch* batch() { return &batch_; }
 
  private:
   rocksdb::ColumnFamilyHandle* const blocks_;
+  rocksdb::ColumnFamilyHandle* const segments_;
   rocksdb::ColumnFamilyHandle* const meta_;
   rocksdb::WriteBatch batch_;
   std::vector<std::unique_ptr<uint8_t[]>> headers_;
@@ -167,7 +177,7 @@ class RocksBlockStore final : public BlockStore {
   }
 
   std::unique_ptr<Batch> NewBatch() override {
-    return std::make_unique<BatchImpl>(blocks(), meta());
+    return std::make_unique<BatchImpl>(blocks(), segments(), meta());
   }
 
   absl::Status Commit(Batch* batch) override {
@@ -207,6 +217,10 @@ class RocksBlockStore final : public BlockStore {
     return absl::OkStatus();
   }
 
+  absl::Status GetSegment(absl::string_view key, std::string* value) const override {
+    return FromRocksDb(db_->Get(read_, segments(), S(key), value), "read index record");
+  }
+
   absl::Status ScanMeta(
       const std::function<absl::Status(absl::string_view, absl::string_view)>& fn) const override {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read_, meta()));
@@ -237,6 +251,7 @@ class RocksBlockStore final : public BlockStore {
  private:
   RocksBlockStore() = default;
   rocksdb::ColumnFamilyHandle* blocks() const { return handles_[1]; }
+  rocksdb::ColumnFamilyHandle* segments() const { return handles_[2]; }
   rocksdb::ColumnFamilyHandle* meta() const { return handles_[3]; }
 
   bool HasRoom() const {

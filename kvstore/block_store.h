@@ -4,7 +4,9 @@
 //   blocks    key: "c" + 16-byte content key (published, shareable blocks: stored once, whoever
 //             spilled them) or "p" + 8-byte big-endian block id (private blocks);
 //             value: a block record (below).
-//   segments  index segments (reserved: indices are rebuilt, not spilled, for now).
+//   segments  index records of sequences (index_manager.h): one header and one record per
+//             (sparse layer, kv-head), keyed by IndexManager; written when an index is spilled
+//             with its sequence, and (--durable) after every build.
 //   meta      durable sequence records (node.cc), one per (tenant, sequence).
 //
 // Block record, version 1 (all integers little-endian):
@@ -69,6 +71,10 @@ class BlockStore {
     virtual void DeleteBlock(absl::string_view key) = 0;
     virtual void PutMeta(absl::string_view key, absl::string_view value) = 0;
     virtual void DeleteMeta(absl::string_view key) = 0;
+    // Index records (the segments column family); values are opaque here.
+    virtual void PutSegment(absl::string_view key, absl::string_view value) = 0;
+    // Deletes every segments key k with begin <= k < end.
+    virtual void DeleteSegmentRange(absl::string_view begin, absl::string_view end) = 0;
     virtual bool empty() const = 0;
   };
   virtual std::unique_ptr<Batch> NewBatch() = 0;
@@ -79,6 +85,9 @@ class BlockStore {
   // the record is malformed, of another shape, or fails its checksum (layers then hold garbage).
   virtual absl::Status GetBlock(absl::string_view key, absl::Span<uint8_t* const> layers,
                                 size_t layer_bytes) const = 0;
+  // Index record `key` into *value: NOT_FOUND when absent.
+  virtual absl::Status GetSegment(absl::string_view key, std::string* value) const = 0;
+
   // Every meta record, in key order. Stops at and returns the first error of `fn`.
   virtual absl::Status ScanMeta(
       const std::function<absl::Status(absl::string_view key, absl::string_view value)>& fn)

@@ -1,5 +1,8 @@
 #include "kvstore/block_table.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -59,6 +62,30 @@ absl::Status BlockTable::AllocateSlotsLocked(int n, std::vector<uint8_t*>* out) 
     return e;
   }
   return arena_->Allocate(n, out);
+}
+
+absl::Status BlockTable::ReserveSlots(int n, std::vector<uint8_t*>* out) {
+  if (n <= 0) return absl::OkStatus();
+  std::vector<uint8_t*> got;
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(AllocateSlotsLocked(n, &got));
+  }
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t bytes = arena_->slot_bytes();
+  for (uint8_t* p : got) {
+    if (reinterpret_cast<uintptr_t>(p) % page == 0 && bytes % page == 0) {
+      madvise(p, bytes, MADV_DONTNEED);  // best effort (hugetlb mappings refuse partial pages)
+    }
+  }
+  out->insert(out->end(), got.begin(), got.end());
+  return absl::OkStatus();
+}
+
+void BlockTable::ReleaseSlots(absl::Span<uint8_t* const> slots) {
+  if (slots.empty()) return;
+  absl::MutexLock lock(&mu_);
+  arena_->Free(slots);
 }
 
 absl::Status BlockTable::EvictLocked(int64_t slots) {

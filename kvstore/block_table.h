@@ -170,6 +170,14 @@ class BlockTable {
   // start anyway).
   void KeepRecordsOnRelease();
 
+  // Takes n arena slots that hold no KV (index_manager.h charges index memory against the arena
+  // with them), evicting blocks as Allocate does; appends them to *out. All or nothing:
+  // RESOURCE_EXHAUSTED when they cannot be had. The slots' pages are released to the OS where
+  // the mapping allows (madvise), since nothing will write them.
+  absl::Status ReserveSlots(int n, std::vector<uint8_t*>* out);
+  // Returns slots obtained from ReserveSlots.
+  void ReleaseSlots(absl::Span<uint8_t* const> slots);
+
   // refs of each block, in order.
   std::vector<int> RefCounts(absl::Span<Block* const> blocks) const;
   // States of each block, in order.

@@ -233,6 +233,19 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
 }
 
 absl::StatusOr<int64_t> Sequence::CommitAppend() {
+  absl::StatusOr<int64_t> committed = CommitAppendInternal();
+  if (committed.ok()) {
+    std::shared_ptr<const IndexHooks> hooks;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      hooks = hooks_;
+    }
+    if (hooks != nullptr && hooks->on_commit) hooks->on_commit(this, *committed);
+  }
+  return committed;
+}
+
+absl::StatusOr<int64_t> Sequence::CommitAppendInternal() {
   absl::MutexLock lock(&mu_);
   if (!appending_) return absl::FailedPreconditionError("no append in progress");
   appending_ = false;
@@ -340,8 +353,42 @@ void Sequence::Restore(std::vector<int32_t> token_ids, int64_t committed, int64_
 }
 
 std::shared_ptr<const SequenceIndex> Sequence::index() const {
+  std::shared_ptr<const SequenceIndex> held;
+  std::shared_ptr<const IndexHooks> hooks;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (index_ == nullptr || !index_->on_disk) return index_;
+    held = index_;
+    hooks = hooks_;
+  }
+  if (hooks == nullptr || !hooks->load) return nullptr;
+  std::shared_ptr<const SequenceIndex> loaded = hooks->load(this, std::move(held));
+  return loaded != nullptr && loaded->on_disk ? nullptr : loaded;
+}
+
+std::shared_ptr<const SequenceIndex> Sequence::held_index() const {
   absl::ReaderMutexLock lock(&mu_);
   return index_;
+}
+
+bool Sequence::ReplaceIndex(const SequenceIndex* expected,
+                            std::shared_ptr<const SequenceIndex> next) {
+  absl::MutexLock lock(&mu_);
+  if (index_.get() != expected) return false;
+  index_ = std::move(next);
+  return true;
+}
+
+void Sequence::set_index_hooks(std::shared_ptr<const IndexHooks> hooks) {
+  absl::MutexLock lock(&mu_);
+  hooks_ = std::move(hooks);
+}
+
+int64_t Sequence::resident_blocks() const {
+  absl::ReaderMutexLock lock(&mu_);
+  int64_t n = 0;
+  for (Block::State st : table_->States(blocks_)) n += st == Block::State::kResident;
+  return n;
 }
 
 void Sequence::set_index(std::shared_ptr<const SequenceIndex> index) {

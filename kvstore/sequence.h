@@ -24,6 +24,7 @@
 #define KVRECALL_KVSTORE_SEQUENCE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,10 +80,32 @@ class Sequence {
   bool closed() const;
   void set_closed(bool closed);
 
-  // The retrieval index (null until BuildIndex). Readers hold the returned pointer for the
-  // duration of a search; set_index replaces it atomically.
+  // The retrieval index (null until one is built or an automatic build started). Readers hold
+  // the returned pointer for the duration of a search; set_index replaces it atomically. Never an
+  // on-disk stub (SequenceIndex::on_disk): index() loads one through the hooks' loader first
+  // (which may read the store; without hooks it answers null).
   std::shared_ptr<const SequenceIndex> index() const;
+  // The index as held, without loading (may be an on-disk stub).
+  std::shared_ptr<const SequenceIndex> held_index() const;
   void set_index(std::shared_ptr<const SequenceIndex> index);
+  // Replaces the index by `next` only if it is still `expected` (pointer identity, null
+  // included); true when replaced.
+  bool ReplaceIndex(const SequenceIndex* expected, std::shared_ptr<const SequenceIndex> next);
+
+  // The index lifecycle's hooks (index_manager.h), set once by the node right after creation.
+  // load(seq, stub): returns the loaded index (or whatever replaced the stub). on_commit(seq,
+  // committed): called after every successful CommitAppend, outside the sequence's lock; it must
+  // not block on long work.
+  struct IndexHooks {
+    std::function<std::shared_ptr<const SequenceIndex>(const Sequence*,
+                                                       std::shared_ptr<const SequenceIndex>)>
+        load;
+    std::function<void(const Sequence*, int64_t)> on_commit;
+  };
+  void set_index_hooks(std::shared_ptr<const IndexHooks> hooks);
+
+  // Blocks currently resident in the arena, and all referenced blocks.
+  int64_t resident_blocks() const;
 
   struct Usage {
     int64_t tokens = 0;           // committed
@@ -129,6 +152,7 @@ class Sequence {
   void AbortAppend();
 
  private:
+  absl::StatusOr<int64_t> CommitAppendInternal();
   void TruncateLocked(int64_t tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UnpinTxnLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The durable record with `committed` tokens: version, model, block_tokens, committed,
@@ -149,6 +173,7 @@ class Sequence {
 
   mutable absl::Mutex mu_;
   std::shared_ptr<const SequenceIndex> index_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const IndexHooks> hooks_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> token_ids_ ABSL_GUARDED_BY(mu_);
   std::vector<Block*> blocks_ ABSL_GUARDED_BY(mu_);  // one reference each
   std::vector<ContentKey> keys_

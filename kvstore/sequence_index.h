@@ -1,9 +1,11 @@
-// The retrieval index of one sequence: one segment per (sparse layer, kv-head), built over the
-// committed tokens [token_begin, token_end) by BuildIndex. Immutable once built; a rebuild
-// replaces the whole object, and searches keep the shared_ptr they started with.
+// The retrieval index of one sequence: one segment per (sparse layer, kv-head) over the
+// committed tokens [token_begin, token_end), built by BuildIndex or automatically at prefill
+// commit, and grown with decode tokens (index_manager.h). Immutable once made: growth and
+// rebuilds make a new object (sharing unchanged segments and chain parts, indexer/index.h
+// NewSegmentChain) and swap it in; searches keep the shared_ptr they started with.
 //
-// Tokens committed after the build (decode tokens) are not in any segment: indexer::Search scans
-// them exactly, so they are never missed, only not accelerated.
+// Tokens committed after token_end (the decode tail, shorter than the growth step) are in no
+// segment: indexer::Search scans them exactly, so they are never missed, only not accelerated.
 #ifndef KVRECALL_KVSTORE_SEQUENCE_INDEX_H_
 #define KVRECALL_KVSTORE_SEQUENCE_INDEX_H_
 
@@ -22,12 +24,25 @@ struct SequenceIndex {
   int64_t token_begin = 0;
   int64_t token_end = 0;
   double build_seconds = 0;
-  // [(layer - first_layer) * num_kv_heads + kv_head]
-  std::vector<std::unique_ptr<indexer::Segment>> segments;
+  // False for a placeholder: a build is pending or in flight (or, for ctkvr, waits for the
+  // prompt queries of BuildIndex). Its segments are unindexed ones (indexer::NewUnindexedSegment),
+  // so a search over it scans the whole range exactly: correct, just not accelerated.
+  bool complete = true;
+  // True for a stub whose segments are in the store (spilled with the sequence, or recovered
+  // after a restart); it has no segments. Sequence::index() never returns one: it loads it.
+  bool on_disk = false;
+  // Made by an explicit BuildIndex (an automatic build never replaces it).
+  bool explicit_build = false;
+  // [(layer - first_layer) * num_kv_heads + kv_head]; a segment may be a chain (prompt segment
+  // plus suffix parts of decode tokens).
+  std::vector<std::shared_ptr<const indexer::Segment>> segments;
 
   const indexer::Segment* segment(int layer, int kv_head) const {
-    if (layer < first_layer) return nullptr;
-    return segments[static_cast<size_t>(layer - first_layer) * num_kv_heads + kv_head].get();
+    const size_t at = static_cast<size_t>(layer - first_layer) * num_kv_heads + kv_head;
+    if (layer < first_layer || kv_head < 0 || kv_head >= num_kv_heads || at >= segments.size()) {
+      return nullptr;
+    }
+    return segments[at].get();
   }
   size_t MemoryBytes() const {
     size_t n = 0;

@@ -13,6 +13,7 @@
 #include "absl/types/span.h"
 #include "common/thread_pool.h"
 #include "indexer/index.h"
+#include "indexer/internal/serial.h"
 #include "indexer/kernels.h"
 #include "indexer/paged_rows.h"
 
@@ -91,6 +92,15 @@ void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
                  std::vector<const uint8_t*>* out);
 
 std::unique_ptr<Segment> NewExactSegment(const BuildInput& input);
+std::unique_ptr<Segment> NewExactSegment(int64_t begin, int64_t end, int head_dim, DType dtype);
+
+// Parsers of a method's body (the header is already read and checked: begin <= end, head_dim > 0,
+// dtype known). nullptr when the body is malformed (the caller answers DATA_LOSS); they read the
+// body only, the caller checks that nothing is left.
+std::unique_ptr<Segment> ParseCtkvrSegment(ByteReader* r, int64_t begin, int64_t end,
+                                           int head_dim, DType dtype);
+std::unique_ptr<Segment> ParseClusterSegment(ByteReader* r, int64_t begin, int64_t end,
+                                             int head_dim, DType dtype);
 absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& input,
                                                            const CtkvrOptions& options,
                                                            ThreadPool* pool);
