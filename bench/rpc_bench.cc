@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -34,10 +35,13 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("warmup", &o.warmup));
   RETURN_IF_ERROR(f.Get("ucx_tls", &o.ucx_tls));
   RETURN_IF_ERROR(f.Get("seed", &o.seed));
+  RETURN_IF_ERROR(f.Get("delta", &o.delta));
+  RETURN_IF_ERROR(f.Get("drift", &o.drift));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
-      o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64) {
-    return absl::InvalidArgumentError("need positive sizes and tokens > sinks + window + 64");
+      o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
+      !(o.drift >= 0)) {
+    return absl::InvalidArgumentError("need positive sizes, drift >= 0 and tokens > sinks + window + 64");
   }
   if (o.method != "exact" && o.method != "ctkvr" && o.method != "cluster") {
     return absl::InvalidArgumentError("--method must be exact, ctkvr or cluster");
@@ -155,23 +159,58 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
                           absl::MakeConstSpan(q, static_cast<size_t>(o.group) * o.head_dim), o.sinks,
                           o.tokens - o.window});
   }
+  if (o.delta) {
+    for (auto& e : rb.entries) e.slot_epoch = 1;
+  }
+  // Each tier's answers land in its own slot caches, as a worker's would: [entry][budget] pairs.
+  struct Caches {
+    std::vector<std::vector<uint8_t>> rows;
+    std::vector<client::Recalled> last;
+    void Apply(const std::vector<client::Recalled>& out, size_t pair, int budget) {
+      rows.resize(out.size());
+      for (size_t e = 0; e < out.size(); ++e) {
+        rows[e].resize(static_cast<size_t>(budget) * pair);
+        for (size_t j = 0; j < out[e].fill_slots.size(); ++j) {
+          std::memcpy(rows[e].data() + static_cast<size_t>(out[e].fill_slots[j]) * pair, out[e].rows + j * pair, pair);
+        }
+      }
+      last = out;
+    }
+  };
+  Caches local_caches, remote_caches;
   std::vector<client::Recalled> out_local, out_remote;
   std::vector<double> t_local, t_remote;
+  int64_t rows_selected = 0, rows_sent = 0;
+  const size_t pair = static_cast<size_t>(2 * row);
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
+    // Decode-like drift: each step's queries move a little from the last step's.
+    if (it > 0 && o.drift > 0) {
+      for (float& x : queries) x += o.drift * normal(rng);
+    }
+    const int64_t local_before = local->counters().rows_received;
     auto t0 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(local->Retrieve(rb, &out_local));
     auto t1 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(remote->Retrieve(rb, &out_remote));
     auto t2 = std::chrono::steady_clock::now();
+    local_caches.Apply(out_local, pair, o.budget);
+    remote_caches.Apply(out_remote, pair, o.budget);
     if (it < o.warmup) continue;
     t_local.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     t_remote.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+    for (const auto& r : out_local) rows_selected += static_cast<int64_t>(r.token_ids.size());
+    rows_sent += local->counters().rows_received - local_before;
   }
-  // Both tiers must have answered the same thing.
+  // Both tiers must have answered the same thing, and both workers' slots must hold its rows.
   for (int64_t e = 0; e < entries; ++e) {
-    if (out_local[e].token_ids != out_remote[e].token_ids ||
-        std::memcmp(out_local[e].rows, out_remote[e].rows, out_local[e].token_ids.size() * 2 * row) != 0) {
-      return absl::InternalError(absl::StrCat("entry ", e, ": remote and local answers differ"));
+    const client::Recalled& a = local_caches.last[e];
+    const client::Recalled& b = remote_caches.last[e];
+    if (a.token_ids != b.token_ids) return absl::InternalError(absl::StrCat("entry ", e, ": selections differ"));
+    for (size_t j = 0; j < a.token_ids.size(); ++j) {
+      if (std::memcmp(local_caches.rows[e].data() + static_cast<size_t>(a.slots[j]) * pair,
+                      remote_caches.rows[e].data() + static_cast<size_t>(b.slots[j]) * pair, pair) != 0) {
+        return absl::InternalError(absl::StrCat("entry ", e, " token ", a.token_ids[j], ": rows differ"));
+      }
     }
   }
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -189,7 +228,12 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["budget"] = o.budget;
   j["entries"] = entries;
   j["iterations"] = o.iterations;
-  j["bytes_per_call"] = call_bytes;
+  j["bytes_per_call"] = call_bytes;  // all selected rows
+  j["delta"] = o.delta;
+  j["drift"] = o.drift;
+  j["rows_selected_per_call"] = static_cast<double>(rows_selected) / o.iterations;
+  j["rows_sent_per_call"] = static_cast<double>(rows_sent) / o.iterations;
+  j["sent_fraction"] = rows_selected > 0 ? static_cast<double>(rows_sent) / static_cast<double>(rows_selected) : 0.0;
   j["setup_seconds"] = setup_s;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
@@ -200,8 +244,8 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["inprocess_entries_per_s"] = static_cast<double>(entries) / (in50 * 1e-6);
   j["note"] =
       "server and client share this process (and its cores); in-process = LocalTier (same Node code, rows by "
-      "memcpy); rpc = RemoteTier over gRPC with rows put over UCX; every call carries all rows (no delta "
-      "streaming yet)";
+      "memcpy); rpc = RemoteTier over gRPC with rows put over UCX; with delta (default) each tier sends only "
+      "the rows its worker's slot caches lack, while the queries drift by `drift` per step";
   return j;
 }
 

@@ -8,7 +8,7 @@
 //
 // JSON: rpc_us_p50, rpc_us_p99, inprocess_us_p50, inprocess_us_p99, overhead_ratio
 // (= rpc_p50 / inprocess_p50 - 1; target <= 0.25), entries_per_s (over the wire), bytes_per_call,
-// and every option.
+// and every option; rows_sent_per_call and sent_fraction show what delta streaming saved.
 #ifndef KVRECALL_BENCH_RPC_BENCH_H_
 #define KVRECALL_BENCH_RPC_BENCH_H_
 
@@ -34,6 +34,8 @@ struct RpcBenchOptions {
   int warmup = 3;
   std::string ucx_tls;     // UCX_TLS for both ends; empty = UCX's choice
   uint64_t seed = 1;
+  bool delta = true;   // delta streaming (slot epochs); false: every call sends every selected row
+  float drift = 0.05f;  // per-step query change: each element += drift * N(0, 1)
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

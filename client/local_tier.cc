@@ -1,5 +1,7 @@
 // LocalTier: the tier node in this process. Rows reach the engine through the in-process
 // transport, i.e. through exactly the Node::Retrieve delivery path a remote worker gets.
+#include <map>
+
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
 #include "common/status_macros.h"
@@ -57,19 +59,26 @@ class LocalTier final : public Tier {
     ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> first,
                      node_.FindSequence(options_.tenant, batch.entries[0].sequence_id));
     const size_t pair = 2 * first->spec().row_bytes();
-    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_.recall_buffer_bytes));
+    uint64_t first_row = 0;
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row));
     kvstore::RetrieveArgs args{options_.tenant, batch.layer, batch.budget, batch.method, options_.worker_id, {}};
+    args.staging_area = static_cast<uint32_t>(batch.staging_area);
+    args.call_seq = ++call_seq_[batch.staging_area];
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
       args.entries.push_back({e.sequence_id, e.kv_head, e.queries, e.token_begin, e.token_end,
-                              static_cast<uint64_t>(i) * batch.budget});
+                              first_row + static_cast<uint64_t>(i) * batch.budget, e.slot_epoch});
     }
     ASSIGN_OR_RETURN(kvstore::RetrieveOutcome r, node_.Retrieve(args));
     out->resize(batch.entries.size());
     for (size_t i = 0; i < batch.entries.size(); ++i) {
-      (*out)[i].token_ids = std::move(r.token_ids[i]);
-      (*out)[i].rows = region_->data() + i * batch.budget * pair;
-      counters_.rows_received += static_cast<int64_t>((*out)[i].token_ids.size());
+      Recalled& rec = (*out)[i];
+      rec.token_ids = std::move(r.token_ids[i]);
+      rec.slots = std::move(r.slots[i]);
+      rec.fill_slots = std::move(r.fill_slots[i]);
+      rec.rows = region_->data() + (first_row + i * batch.budget) * pair;
+      counters_.rows_received += static_cast<int64_t>(rec.fill_slots.size());
+      counters_.rows_selected += static_cast<int64_t>(rec.token_ids.size());
     }
     counters_.retrieve_calls++;
     counters_.bytes_received += static_cast<int64_t>(r.bytes_streamed);
@@ -100,6 +109,7 @@ class LocalTier final : public Tier {
   kvstore::Node node_;
   std::unique_ptr<transport::RegisteredRegion> region_;
   TierCounters counters_;
+  std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number
 };
 
 }  // namespace

@@ -147,13 +147,18 @@ class RemoteTier final : public Tier {
     if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(batch.entries[0].sequence_id));
     const size_t pair = 2 * spec->row_bytes();
-    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_.recall_buffer_bytes));
+    uint64_t first_row = 0;
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row));
     v1::RetrieveRequest req;
     req.set_tenant(options_.tenant);
     req.set_layer(batch.layer);
     req.set_budget(static_cast<uint32_t>(batch.budget));
     req.set_method(proto::ToProto(batch.method));
-    if (region_ != nullptr) req.set_worker_id(options_.worker_id);
+    if (region_ != nullptr) {
+      req.set_worker_id(options_.worker_id);
+      req.set_staging_area(static_cast<uint32_t>(batch.staging_area));
+      req.set_call_seq(++call_seq_[batch.staging_area]);
+    }
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
       v1::RetrieveEntry* pe = req.add_entries();
@@ -162,12 +167,15 @@ class RemoteTier final : public Tier {
       pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
       pe->set_token_begin(e.token_begin);
       pe->set_token_end(e.token_end);
-      pe->set_dest_row(static_cast<uint64_t>(i) * batch.budget);
+      pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
+      pe->set_slot_epoch(e.slot_epoch);
     }
     v1::RetrieveResponse resp;
     {
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + (options_.retrieve_deadline > absl::ZeroDuration()
+                                                             ? options_.retrieve_deadline
+                                                             : options_.deadline)));
       RETURN_IF_ERROR(FromGrpc(stub_->Retrieve(&ctx, req, &resp)));
     }
     if (resp.results_size() != req.entries_size()) {
@@ -176,17 +184,21 @@ class RemoteTier final : public Tier {
     uint8_t* base = region_ != nullptr ? region_->data() : reinterpret_cast<uint8_t*>(fallback_buffer_.data());
     out->resize(batch.entries.size());
     for (size_t i = 0; i < batch.entries.size(); ++i) {
-      const auto& ids = resp.results(static_cast<int>(i)).token_ids();
-      if (ids.size() > batch.budget) return absl::InternalError("server returned more tokens than the budget");
+      const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
       Recalled& r = (*out)[i];
-      r.token_ids.assign(ids.begin(), ids.end());
-      r.rows = base + i * batch.budget * pair;
+      r.token_ids.assign(res.token_ids().begin(), res.token_ids().end());
+      r.slots.assign(res.slots().begin(), res.slots().end());
+      r.fill_slots.assign(res.fill_slots().begin(), res.fill_slots().end());
+      RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
+      uint8_t* rows = base + (first_row + i * batch.budget) * pair;
+      r.rows = rows;
       if (region_ == nullptr) {
-        RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head, r.token_ids,
-                              spec->row_bytes(), base + i * batch.budget * pair));
-        counters_.bytes_received += static_cast<int64_t>(r.token_ids.size() * pair);
+        RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head,
+                              internal::FillTokens(r), spec->row_bytes(), rows));
+        counters_.bytes_received += static_cast<int64_t>(r.fill_slots.size() * pair);
       }
-      counters_.rows_received += static_cast<int64_t>(r.token_ids.size());
+      counters_.rows_received += static_cast<int64_t>(r.fill_slots.size());
+      counters_.rows_selected += static_cast<int64_t>(r.token_ids.size());
     }
     counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
     counters_.retrieve_calls++;
@@ -331,6 +343,7 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::Transport> transport_;
   std::unique_ptr<transport::RegisteredRegion> region_;
   std::string fallback_buffer_;
+  std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number
   std::map<std::string, ModelSpec> specs_;
   std::map<std::string, const ModelSpec*> seq_model_;
   TierCounters counters_;

@@ -30,6 +30,14 @@ struct TierOptions {
   std::string worker_id;                      // empty: "<hostname>-<pid>"
   int64_t recall_buffer_bytes = int64_t{64} << 20;  // receive region for recalled rows
   absl::Duration deadline = absl::Seconds(60);      // per call
+  // Retrieve's own deadline (it sits inside every decode step); zero = `deadline`. A worker that
+  // misses it decodes that layer without the tier's answer (see worker::Engine).
+  absl::Duration retrieve_deadline = absl::ZeroDuration();
+  // The recall buffer is split into this many equal staging areas; RetrieveBatch::staging_area
+  // picks one. Calls in different areas may be in flight at once (lookahead issues every sparse
+  // layer together); calls in one area are ordered by the tier, so a late reply's rows can never
+  // land on top of a newer call's rows.
+  int staging_areas = 1;
 };
 
 struct OpenResult {
@@ -54,23 +62,37 @@ struct RetrieveEntry {
   absl::Span<const float> queries;  // [group][head_dim], fp32, post-RoPE
   int64_t token_begin = 0;          // candidates [token_begin, token_end)
   int64_t token_end = 0;
+  // Delta streaming. A nonzero epoch names the caller's slot cache for (sequence, layer, kv_head):
+  // `budget` slots of K/V rows that persist across calls. The tier remembers which token each slot
+  // holds and sends only the rows of newly selected tokens. The caller must move to a larger
+  // epoch whenever its slots may not hold what the tier last sent (a new cache, or any failed
+  // call): the tier then treats the cache as empty and sends every selected row. 0: no cache;
+  // every selected row is sent, into slots 0..n-1 in token order.
+  uint64_t slot_epoch = 0;
 };
 struct RetrieveBatch {
   int layer = 0;
   int budget = 0;
   Method method = Method::kExact;
   std::vector<RetrieveEntry> entries;
+  int staging_area = 0;  // in [0, TierOptions::staging_areas)
 };
-// Rows recalled for one entry: token_ids.size() rows at `rows`, row j = K[head_dim] then
-// V[head_dim] in kv_dtype (2 * row_bytes bytes), in ascending token order.
+// The selection for one entry and the rows it needs. The selected tokens token_ids (ascending)
+// live in slots[j] of the caller's slot cache. Rows of tokens that were not resident arrived
+// packed at `rows`: row j (K[head_dim] then V[head_dim] in kv_dtype, 2 * row_bytes bytes) belongs
+// in slot fill_slots[j]; the caller copies them into its slots before the next call in the same
+// staging area. With slot_epoch 0: slots[j] = j, fill_slots = slots, rows in token order.
 struct Recalled {
   std::vector<int32_t> token_ids;
+  std::vector<int32_t> slots;
+  std::vector<int32_t> fill_slots;
   const uint8_t* rows = nullptr;
 };
 
 struct TierCounters {
   int64_t retrieve_calls = 0;
-  int64_t rows_received = 0;
+  int64_t rows_received = 0;  // rows that arrived (new rows only under delta streaming)
+  int64_t rows_selected = 0;  // rows the selections named, resident or not
   int64_t bytes_received = 0;  // K/V bytes that arrived for recalled rows
   int64_t bytes_appended = 0;
 };
@@ -84,7 +106,8 @@ class Tier {
   // All-or-nothing: when it returns OK the tokens are stored and acknowledged.
   virtual absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) = 0;
   // out->size() == batch.entries.size() on OK. INVALID_ARGUMENT when entries * budget rows do
-  // not fit the recall buffer.
+  // not fit one staging area of the recall buffer. The rows stay valid until the next call in
+  // the same staging area.
   virtual absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) = 0;
   // Builds the sequence's retrieval index (args.tenant and args.sequence_id are filled in by the
   // tier). See kvstore::Node::BuildIndex.
@@ -110,9 +133,18 @@ struct RemoteTierOptions {
 absl::StatusOr<std::unique_ptr<Tier>> CreateRemoteTier(const RemoteTierOptions& remote, const TierOptions& options);
 
 namespace internal {
-// Row `dest_row` of the recall buffer for entry i of a batch, and the size check shared by both
-// implementations.
-absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, int64_t buffer_bytes);
+// The size and staging-area checks shared by both implementations; on OK *area_first_row is the
+// first row (of 2 * row_bytes bytes) of the batch's staging area in the recall buffer, and entry i
+// gets rows [area_first_row + i * budget, + budget).
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
+                             uint64_t* area_first_row);
+// Checks a reply's slot map against the request (budget, ascending ids, slots distinct and in
+// range, every fill slot among the selection's) so a confused server cannot make the caller
+// write outside its slot cache.
+absl::Status CheckRecalled(const Recalled& r, int budget);
+// The token of each fill row (fill_tokens[j] goes to slot fill_slots[j]); r must have passed
+// CheckRecalled.
+std::vector<int32_t> FillTokens(const Recalled& r);
 std::string DefaultWorkerId();
 }  // namespace internal
 

@@ -1,21 +1,71 @@
 #include <unistd.h>
 
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
 
 namespace kvrecall::client::internal {
 
-absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, int64_t buffer_bytes) {
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
+                             uint64_t* area_first_row) {
   if (batch.budget <= 0 || batch.budget > kvstore::kMaxBudget) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", batch.budget, " not in [1, ", kvstore::kMaxBudget, "]"));
   }
-  const uint64_t rows = static_cast<uint64_t>(buffer_bytes) / row_pair_bytes;
-  if (batch.entries.size() * static_cast<uint64_t>(batch.budget) > rows) {
+  if (options.staging_areas < 1 || static_cast<uint32_t>(options.staging_areas) > kvstore::kMaxStagingAreas) {
+    return absl::InvalidArgumentError(absl::StrCat("staging_areas ", options.staging_areas, " not in [1, ",
+                                                   kvstore::kMaxStagingAreas, "]"));
+  }
+  if (batch.staging_area < 0 || batch.staging_area >= options.staging_areas) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging_area ", batch.staging_area, " not in [0, ", options.staging_areas, ")"));
+  }
+  const uint64_t area_rows =
+      static_cast<uint64_t>(options.recall_buffer_bytes) / row_pair_bytes / static_cast<uint64_t>(options.staging_areas);
+  if (batch.entries.size() * static_cast<uint64_t>(batch.budget) > area_rows) {
     return absl::InvalidArgumentError(absl::StrCat(batch.entries.size(), " entries x budget ", batch.budget,
-                                                   " rows exceed the recall buffer of ", rows,
+                                                   " rows exceed a staging area of ", area_rows,
                                                    " rows; raise recall_buffer_bytes"));
   }
+  *area_first_row = area_rows * static_cast<uint64_t>(batch.staging_area);
   return absl::OkStatus();
+}
+
+absl::Status CheckRecalled(const Recalled& r, int budget) {
+  const size_t n = r.token_ids.size();
+  if (n > static_cast<size_t>(budget)) {
+    return absl::InternalError(absl::StrCat("tier returned ", n, " tokens for a budget of ", budget));
+  }
+  if (r.slots.size() != n || r.fill_slots.size() > n) {
+    return absl::InternalError(absl::StrCat("tier returned ", r.slots.size(), " slots and ", r.fill_slots.size(),
+                                            " fills for ", n, " tokens"));
+  }
+  std::vector<char> selected(static_cast<size_t>(budget), 0);
+  for (size_t j = 0; j < n; ++j) {
+    if (j > 0 && r.token_ids[j] <= r.token_ids[j - 1]) return absl::InternalError("tier returned unsorted token ids");
+    const int32_t s = r.slots[j];
+    if (s < 0 || s >= budget || selected[static_cast<size_t>(s)]) {
+      return absl::InternalError(absl::StrCat("tier returned slot ", s, " out of range or twice"));
+    }
+    selected[static_cast<size_t>(s)] = 1;
+  }
+  for (int32_t s : r.fill_slots) {
+    if (s < 0 || s >= budget || selected[static_cast<size_t>(s)] != 1) {
+      return absl::InternalError(absl::StrCat("tier filled slot ", s, " that is not in the selection, or twice"));
+    }
+    selected[static_cast<size_t>(s)] = 2;
+  }
+  return absl::OkStatus();
+}
+
+std::vector<int32_t> FillTokens(const Recalled& r) {
+  absl::flat_hash_map<int32_t, int32_t> token_of_slot;
+  for (size_t j = 0; j < r.slots.size(); ++j) token_of_slot[r.slots[j]] = r.token_ids[j];
+  std::vector<int32_t> tokens;
+  tokens.reserve(r.fill_slots.size());
+  for (int32_t s : r.fill_slots) tokens.push_back(token_of_slot.at(s));
+  return tokens;
 }
 
 std::string DefaultWorkerId() {

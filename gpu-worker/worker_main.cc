@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "client/cluster_tier.h"
 #include "client/tier.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -37,7 +38,11 @@ ABSL_FLAG(uint64_t, seed, 1, "make-model: weight seed");
 ABSL_FLAG(std::string, model, "", "model directory (config.json + *.safetensors)");
 ABSL_FLAG(std::string, model_id, "", "model id registered with the tier (default: directory name)");
 ABSL_FLAG(std::string, backend, "cpu", "model backend");
-ABSL_FLAG(std::string, tier, "local", "tier: 'local' (in-process node) or host:port of a kvrecall-server");
+ABSL_FLAG(std::string, tier, "local",
+          "tier: 'local' (in-process node), host:port of a kvrecall-server, a comma-separated list of "
+          "them, or dns:///name:port (every address of name, re-resolved); lists and dns route each "
+          "sequence by rendezvous hashing of its prompt prefix (client/cluster_tier.h)");
+ABSL_FLAG(int, replication, 1, "tier nodes that hold each sequence (with a list or dns:/// --tier)");
 ABSL_FLAG(std::string, transport, "ucx", "row transport to a remote tier: ucx or grpc (FetchKV fallback)");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax); empty = UCX default");
 ABSL_FLAG(std::string, tenant, "default", "tenant name");
@@ -52,6 +57,11 @@ ABSL_FLAG(int, budget, 1024, "recalled tokens per (sequence, sparse layer, kv-he
 ABSL_FLAG(int, sink_tokens, 16, "attention sinks always attended");
 ABSL_FLAG(int, window_tokens, 256, "recent tokens always attended");
 ABSL_FLAG(int, dense_layers, 2, "leading layers that stay dense");
+ABSL_FLAG(bool, lookahead, false,
+          "issue every sparse layer's retrieval at the start of a step, from the previous step's queries");
+ABSL_FLAG(bool, delta_streaming, true, "the tier sends only rows not already in this worker's slot caches");
+ABSL_FLAG(int, retrieve_deadline_ms, 60000,
+          "deadline of each Retrieve; a layer whose Retrieve misses it is decoded on sinks + window + resident rows");
 ABSL_FLAG(bool, compare_dense, false, "also decode densely (teacher-forced on the same tokens) and compare logits");
 ABSL_FLAG(int, threads, 0, "CPU threads (0 = every core)");
 ABSL_FLAG(std::string, json, "", "write a JSON report here");
@@ -128,6 +138,8 @@ absl::Status Generate() {
   EngineOptions eo;
   eo.sparse = sparse;
   eo.budget = absl::GetFlag(FLAGS_budget);
+  eo.lookahead = absl::GetFlag(FLAGS_lookahead);
+  eo.delta_streaming = absl::GetFlag(FLAGS_delta_streaming);
   eo.sink_tokens = absl::GetFlag(FLAGS_sink_tokens);
   eo.window_tokens = absl::GetFlag(FLAGS_window_tokens);
   eo.dense_layers = absl::GetFlag(FLAGS_dense_layers);
@@ -155,9 +167,21 @@ absl::Status Generate() {
     client::TierOptions to;
     to.tenant = absl::GetFlag(FLAGS_tenant);
     const int64_t pair = 2 * static_cast<int64_t>(spec.row_bytes());
-    to.recall_buffer_bytes = std::max<int64_t>(int64_t{1} << 20, pair * eo.budget * cfg.num_kv_heads);
-    if (absl::GetFlag(FLAGS_tier) == "local") {
+    // One staging area of budget rows per kv-head, and one area per sparse layer with lookahead.
+    to.staging_areas = eo.lookahead ? std::max(1, cfg.num_layers - eo.dense_layers) : 1;
+    to.recall_buffer_bytes =
+        std::max<int64_t>(int64_t{1} << 20, pair * eo.budget * cfg.num_kv_heads) * to.staging_areas;
+    to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
+    const std::string target = absl::GetFlag(FLAGS_tier);
+    const std::vector<std::string> peers = client::SplitPeers(target);
+    if (target == "local") {
       ASSIGN_OR_RETURN(tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{8} << 30, 64, threads}, to));
+    } else if (peers.size() > 1 || target.rfind("dns:///", 0) == 0 || absl::GetFlag(FLAGS_replication) > 1) {
+      client::ClusterTierOptions co;
+      co.peers = peers;
+      co.replication = absl::GetFlag(FLAGS_replication);
+      co.remote = client::RemoteTierOptions{"", absl::GetFlag(FLAGS_transport), absl::GetFlag(FLAGS_ucx_tls)};
+      ASSIGN_OR_RETURN(tier, client::CreateClusterTier(co, to));
     } else {
       client::RemoteTierOptions ro{absl::GetFlag(FLAGS_tier), absl::GetFlag(FLAGS_transport),
                                    absl::GetFlag(FLAGS_ucx_tls)};
@@ -242,12 +266,24 @@ absl::Status Generate() {
             << absl::StrFormat("retrieval      %d calls, %.3f s total; %s streamed per token (%d rows/token); "
                                "%s appended per token\n",
                                c.retrieve_calls, c.retrieve_seconds, FormatBytes(static_cast<int64_t>(streamed_per_token)),
-                               steps ? c.recalled_rows / steps : 0, FormatBytes(static_cast<int64_t>(appended_per_token)));
+                               steps ? c.streamed_rows / steps : 0, FormatBytes(static_cast<int64_t>(appended_per_token)))
+            << absl::StrFormat("slot caches    %d of %d selected rows resident already (%.1f%%); delta streaming %s, "
+                               "lookahead %s; %d layer-steps fell back (tier missed its deadline)\n",
+                               c.recalled_rows - c.streamed_rows, c.recalled_rows,
+                               c.recalled_rows ? 100.0 * (c.recalled_rows - c.streamed_rows) / c.recalled_rows : 0.0,
+                               eo.delta_streaming ? "on" : "off", eo.lookahead ? "on" : "off", c.fallback_layers);
   if (compare) {
     std::cout << absl::StrFormat("vs dense       top-1 match %d/%d = %.1f%%, max |dlogit| %.3g; dense decode in "
                                  "this process %.1f tokens/s (all KV local)\n",
                                  top1_match, compared, 100.0 * top1_match / std::max(1, compared), max_dlogit,
                                  dense_s > 0 ? steps / dense_s : 0.0);
+  }
+  const auto* cluster = dynamic_cast<const client::ClusterTier*>(tier.get());
+  if (cluster != nullptr) {
+    const client::ClusterCounters cc = cluster->cluster_counters();
+    std::cout << absl::StrFormat("tier nodes     %d failovers, %d replicas replaced, %d refilled (%d tokens), "
+                                 "%d redirects\n",
+                                 cc.failovers, cc.substitutions, cc.refills, cc.refilled_tokens, cc.redirects);
   }
   std::cout << "generated      \"" << Printable(generated) << "\"\n";
 
@@ -265,13 +301,21 @@ absl::Status Generate() {
     j["retrieve_calls"] = c.retrieve_calls;
     j["retrieve_seconds"] = c.retrieve_seconds;
     j["recalled_rows"] = c.recalled_rows;
+    j["streamed_rows"] = c.streamed_rows;
+    j["fallback_layers"] = c.fallback_layers;
     j["bytes_streamed_per_token"] = streamed_per_token;
     j["bytes_appended_per_token"] = appended_per_token;
     j["options"] = {{"budget", eo.budget}, {"sink_tokens", eo.sink_tokens}, {"window_tokens", eo.window_tokens},
                     {"dense_layers", eo.dense_layers}, {"method", absl::GetFlag(FLAGS_method)},
-                    {"index_queries", eo.index_queries}};
+                    {"index_queries", eo.index_queries}, {"lookahead", eo.lookahead},
+                    {"delta_streaming", eo.delta_streaming}};
     j["index_build_seconds"] = c.index_build_seconds;
     j["generated"] = generated;
+    if (cluster != nullptr) {
+      const client::ClusterCounters cc = cluster->cluster_counters();
+      j["tier_cluster"] = {{"failovers", cc.failovers}, {"substitutions", cc.substitutions},
+                           {"refills", cc.refills}, {"redirects", cc.redirects}};
+    }
     if (compare) {
       j["compare_dense"] = {{"top1_match", top1_match}, {"compared", compared},
                             {"top1_match_rate", static_cast<double>(top1_match) / std::max(1, compared)},

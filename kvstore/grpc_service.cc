@@ -216,6 +216,7 @@ grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext*
                                                     const v1::OpenSequenceRequest* req,
                                                     v1::OpenSequenceResponse* resp) {
   return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    RETURN_IF_ERROR(CheckPlacement(peers_, *req, resp));
     OpenSequenceArgs args{req->tenant(), req->model_id(), req->sequence_id(),
                           absl::MakeConstSpan(req->token_ids().data(), req->token_ids_size())};
     ASSIGN_OR_RETURN(OpenSequenceResult r, node_->OpenSequence(args));
@@ -246,10 +247,17 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     for (const v1::RetrieveEntry& e : req->entries()) {
       args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(),
                                                absl::MakeConstSpan(e.queries().data(), e.queries_size()),
-                                               e.token_begin(), e.token_end(), e.dest_row()});
+                                               e.token_begin(), e.token_end(), e.dest_row(), e.slot_epoch()});
     }
+    args.staging_area = req->staging_area();
+    args.call_seq = req->call_seq();
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
-    for (auto& ids : out.token_ids) resp->add_results()->mutable_token_ids()->Add(ids.begin(), ids.end());
+    for (size_t i = 0; i < out.token_ids.size(); ++i) {
+      v1::RetrieveResult* r = resp->add_results();
+      r->mutable_token_ids()->Add(out.token_ids[i].begin(), out.token_ids[i].end());
+      r->mutable_slots()->Add(out.slots[i].begin(), out.slots[i].end());
+      r->mutable_fill_slots()->Add(out.fill_slots[i].begin(), out.fill_slots[i].end());
+    }
     resp->set_bytes_streamed(out.bytes_streamed);
     return absl::OkStatus();
   });

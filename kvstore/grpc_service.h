@@ -7,6 +7,7 @@
 
 #include "common/thread_pool.h"
 #include "kvstore/node.h"
+#include "kvstore/placement_check.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
 
 namespace kvrecall::kvstore {
@@ -16,6 +17,12 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
   // `node` must outlive the service. `threads` <= 0: every core.
   GrpcService(Node* node, int threads);
   ~GrpcService() override;
+
+  // The cluster's node list and this node's name in it (kvrecall-server --peers/--advertise):
+  // OpenSequence then refuses placements by other node lists that do not make this node an
+  // owner (placement_check.h). REQUIRES: ValidatePeerConfig(config) is OK; called before the
+  // server starts serving.
+  void SetPeers(PeerConfig config) { peers_ = std::move(config); }
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
                                           v1::RegisterModelResponse* resp) override;
@@ -39,6 +46,7 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
  private:
   Node* const node_;
   ThreadPool pool_;
+  PeerConfig peers_;  // immutable once serving
 };
 
 }  // namespace kvrecall::kvstore

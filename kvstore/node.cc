@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -33,6 +34,10 @@ struct NodeMetrics {
       Metrics::Global().GetCounter("kvrecall_retrieve_entries_total", "Retrieve entries (sequence, kv-head) served");
   Counter* bytes_streamed =
       Metrics::Global().GetCounter("kvrecall_bytes_streamed_total", "K/V bytes put to workers over the transport");
+  Counter* rows_selected = Metrics::Global().GetCounter(
+      "kvrecall_retrieve_rows_selected_total", "Rows Retrieve selected (resident at the worker or not)");
+  Counter* rows_sent = Metrics::Global().GetCounter(
+      "kvrecall_retrieve_rows_sent_total", "Rows Retrieve sent: the selected rows the worker did not hold");
   Counter* bytes_appended = Metrics::Global().GetCounter("kvrecall_bytes_appended_total", "K/V bytes appended");
   Counter* index_builds = Metrics::Global().GetCounter("kvrecall_index_builds_total", "Retrieval indices built");
   Histogram* index_build_seconds =
@@ -64,6 +69,25 @@ struct NodeMetrics {
       Metrics::Global().GetGauge("kvrecall_reloads", "Spilled blocks read back into the arena");
   Counter* drops =
       Metrics::Global().GetCounter("kvrecall_sequences_dropped_total", "Sequences dropped");
+  Gauge* index_bytes =
+      Metrics::Global().GetGauge("kvrecall_index_bytes", "Heap bytes of resident retrieval indices");
+  Gauge* index_reserved_bytes = Metrics::Global().GetGauge(
+      "kvrecall_index_reserved_bytes", "Arena bytes reserved for retrieval indices (of --memory)");
+  Gauge* index_on_disk = Metrics::Global().GetGauge(
+      "kvrecall_index_on_disk", "Sequences whose index is spilled to --data-dir");
+  Gauge* index_pending = Metrics::Global().GetGauge(
+      "kvrecall_index_pending", "Sequences whose index is being built (searches exact meanwhile)");
+  Gauge* index_auto_builds = Metrics::Global().GetGauge(
+      "kvrecall_index_auto_builds", "Indices built automatically at prefill commit");
+  Gauge* index_growths =
+      Metrics::Global().GetGauge("kvrecall_index_growths", "Index growth steps with decode tokens");
+  Gauge* index_spills = Metrics::Global().GetGauge("kvrecall_index_spills", "Indices spilled");
+  Gauge* index_reloads =
+      Metrics::Global().GetGauge("kvrecall_index_reloads", "Indices loaded from --data-dir");
+  Gauge* index_corrupt = Metrics::Global().GetGauge(
+      "kvrecall_index_corrupt", "Index records found corrupt (dropped and rebuilt)");
+  Gauge* index_refused = Metrics::Global().GetGauge(
+      "kvrecall_index_refused", "Index builds, growth or reloads refused for lack of memory");
 };
 std::string ModelKey(absl::string_view model_id) { return absl::StrCat("m", model_id); }
 
@@ -139,6 +163,14 @@ Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* c
   blocks_ = std::make_unique<BlockTable>(
       arena_.get(), BlockTableOptions{clock, options.lease, store_.get(),
                                       options.durable && store_ != nullptr});
+  IndexManagerOptions io;
+  io.auto_method = options.auto_index;
+  io.first_layer = options.auto_index_first_layer;
+  io.token_begin = options.auto_index_token_begin;
+  io.min_tokens = options.auto_index_min_tokens;
+  io.index = options.index_options;
+  io.durable = options.durable && store_ != nullptr;
+  indexes_ = std::make_unique<IndexManager>(io, blocks_.get(), store_.get(), &pool_, clock);
   if (options.durable && store_ != nullptr && arena_status_.ok()) {
     if (absl::Status s = Recover(); !s.ok()) {
       KV_LOG(ERROR) << "recovering " << options.data_dir << ": " << s;
@@ -152,6 +184,7 @@ Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* c
 }
 
 Node::~Node() {
+  indexes_->WaitIdle();
   // Releasing the sequences below must not delete what --durable promised to keep.
   blocks_->KeepRecordsOnRelease();
 }
@@ -267,6 +300,7 @@ absl::Status Node::Recover() {
                                           options_.block_tokens, blocks_.get(),
                                           NamespaceOf(sk.first), /*durable=*/true);
     seq->Restore(std::move(tokens), committed, adopted, std::move(seq_blocks));
+    indexes_->Track(seq, /*recovered=*/true);
     sequences_[sk] = std::move(seq);
     ++recovered;
   }
@@ -303,6 +337,7 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
                                         blocks_.get(), NamespaceOf(args.tenant),
                                         options_.durable && store_ != nullptr);
       created = true;
+      indexes_->Track(slot, /*recovered=*/false);
       M().sequences->Set(static_cast<double>(sequences_.size()));
     }
     seq = slot;
@@ -313,8 +348,11 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
   }
   if (absl::Status s = seq->AddTokenIds(0, args.token_ids); !s.ok()) {
     if (created) {
-      absl::MutexLock lock(&mu_);
-      sequences_.erase({args.tenant, args.sequence_id});
+      {
+        absl::MutexLock lock(&mu_);
+        sequences_.erase({args.tenant, args.sequence_id});
+      }
+      indexes_->Forget(seq.get(), nullptr);
     }
     return s;
   }
@@ -360,6 +398,108 @@ absl::StatusOr<std::shared_ptr<Node::Worker>> Node::FindWorker(const std::string
   return it->second;
 }
 
+Node::StagingArea* Node::Worker::Area(uint32_t id) {
+  absl::MutexLock lock(&areas_mu);
+  std::unique_ptr<StagingArea>& area = areas[id];
+  if (area == nullptr) area = std::make_unique<StagingArea>();
+  return area.get();
+}
+
+absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
+                                const std::vector<std::shared_ptr<Sequence>>& seqs,
+                                const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out) {
+  const size_t n = args.entries.size();
+  // One call at a time per staging area, in call order: a late call can never put over the rows
+  // of a newer one that the worker is about to read.
+  StagingArea* area = worker.Area(args.staging_area);
+  absl::MutexLock area_lock(&area->mu);
+  if (args.call_seq != 0) {
+    if (args.call_seq <= area->last_call) {
+      return absl::AbortedError(absl::StrCat("stale call ", args.call_seq, " in staging area ", args.staging_area,
+                                             ": call ", area->last_call, " already used it"));
+    }
+    area->last_call = args.call_seq;
+  }
+
+  std::vector<SlotKey> keys(n);
+  std::vector<absl::Status> status(n);
+  std::vector<SlotPlan> plans(n);
+  pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+    const RetrieveEntryArgs& e = args.entries[i];
+    keys[i] = SlotKey{args.tenant, e.sequence_id, args.layer, e.kv_head};
+    absl::StatusOr<SlotPlan> plan = worker.mirror.Plan(keys[i], std::weak_ptr<const void>(seqs[i]), e.slot_epoch,
+                                                      args.budget, out->token_ids[i]);
+    if (plan.ok()) {
+      plans[i] = *std::move(plan);
+    } else {
+      status[i] = plan.status();
+    }
+  });
+  auto forget_all = [&] {
+    for (size_t i = 0; i < n; ++i) {
+      if (args.entries[i].slot_epoch != 0) worker.mirror.Forget(keys[i]);
+    }
+  };
+  for (size_t i = 0; i < n; ++i) {
+    if (!status[i].ok()) {
+      forget_all();
+      return status[i];
+    }
+  }
+
+  // Pack each entry's new rows as [K row | V row] and put them with one op per entry, from the
+  // area's pack buffer (reused across calls: a fresh zero-filled allocation per call cost more
+  // than the copies for MiB-sized puts, as glibc returns it to the kernel on free; kvrecall-bench
+  // stream). Buffers beyond kMaxRetainedPack are freed after the call.
+  constexpr size_t kMaxRetainedPack = size_t{16} << 20;
+  std::vector<size_t> offset(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
+    offset[i + 1] = offset[i] + plans[i].fill_tokens.size() * 2 * seqs[i]->spec().row_bytes();
+  }
+  if (area->pack_capacity < offset[n]) {
+    area->pack.reset();
+    area->pack.reset(new uint8_t[offset[n]]);  // not zero-filled: every byte is written below
+    area->pack_capacity = offset[n];
+  }
+  absl::Cleanup release_large = [area]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (area->pack_capacity > kMaxRetainedPack) {
+      area->pack.reset();
+      area->pack_capacity = 0;
+    }
+  };
+  uint8_t* const packed = area->pack.get();
+  std::vector<transport::PutOp> ops(n);
+  pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+    const size_t row = seqs[i]->spec().row_bytes();
+    const auto& tokens = plans[i].fill_tokens;
+    uint8_t* dst = packed + offset[i];
+    for (size_t j = 0; j < tokens.size(); ++j) {
+      std::memcpy(dst + 2 * j * row, snaps[i].keys.row(tokens[j]), row);
+      std::memcpy(dst + (2 * j + 1) * row, snaps[i].values.row(tokens[j]), row);
+    }
+    ops[i] = transport::PutOp{dst, offset[i + 1] - offset[i], args.entries[i].dest_row * 2 * row};
+  });
+  std::vector<transport::PutOp> nonempty;
+  uint64_t bytes = 0;
+  for (const auto& op : ops) {
+    if (op.length > 0) {
+      nonempty.push_back(op);
+      bytes += op.length;
+    }
+  }
+  if (absl::Status st = worker.writer->PutAll(nonempty); !st.ok()) {
+    forget_all();  // which rows arrived is unknown
+    return st;
+  }
+  out->bytes_streamed += bytes;
+  for (size_t i = 0; i < n; ++i) {
+    out->rows_sent += static_cast<int64_t>(plans[i].fill_slots.size());
+    out->slots[i] = std::move(plans[i].slots);
+    out->fill_slots[i] = std::move(plans[i].fill_slots);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   const int64_t start_ns = clock_->MonotonicNanos();
   if (args.method == Method::kMerged) {
@@ -370,6 +510,9 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   }
   if (args.entries.empty() || args.entries.size() > static_cast<size_t>(kMaxRetrieveEntries)) {
     return absl::InvalidArgumentError(absl::StrCat("entries ", args.entries.size(), " not in [1, ", kMaxRetrieveEntries, "]"));
+  }
+  if (args.staging_area >= kMaxStagingAreas) {
+    return absl::InvalidArgumentError(absl::StrCat("staging_area ", args.staging_area, " not below ", kMaxStagingAreas));
   }
   std::shared_ptr<Worker> worker;
   if (!args.worker_id.empty()) {
@@ -439,30 +582,20 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
 
   RetrieveOutcome out;
   RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
+  out.slots.resize(n);
+  out.fill_slots.resize(n);
+  for (const auto& ids : out.token_ids) out.rows_selected += static_cast<int64_t>(ids.size());
 
-  if (worker != nullptr) {
-    // Gather each entry's rows as [k][K row | V row] and put them with one op per entry.
-    std::vector<std::string> staging(n);
-    std::vector<transport::PutOp> ops(n);
-    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      const size_t row = seqs[i]->spec().row_bytes();
-      const auto& ids = out.token_ids[i];
-      staging[i].resize(ids.size() * 2 * row);
-      uint8_t* dst = reinterpret_cast<uint8_t*>(staging[i].data());
-      for (size_t j = 0; j < ids.size(); ++j) {
-        std::memcpy(dst + 2 * j * row, snaps[i].keys.row(ids[j]), row);
-        std::memcpy(dst + (2 * j + 1) * row, snaps[i].values.row(ids[j]), row);
-      }
-      ops[i] = transport::PutOp{staging[i].data(), staging[i].size(), args.entries[i].dest_row * 2 * row};
-    });
-    std::vector<transport::PutOp> nonempty;
-    for (const auto& op : ops) {
-      if (op.length > 0) {
-        nonempty.push_back(op);
-        out.bytes_streamed += op.length;
-      }
+  if (worker == nullptr) {
+    // Ids only: the caller fetches every selected row (no slot cache is mirrored for it).
+    for (size_t i = 0; i < n; ++i) {
+      SlotPlan plan = FreshSlotPlan(out.token_ids[i]);
+      out.slots[i] = std::move(plan.slots);
+      out.fill_slots[i] = std::move(plan.fill_slots);
+      out.rows_sent += static_cast<int64_t>(out.token_ids[i].size());
     }
-    RETURN_IF_ERROR(worker->writer->PutAll(nonempty));
+  } else {
+    RETURN_IF_ERROR(StreamDeltas(args, *worker, seqs, snaps, &out));
   }
   retrieve_calls_.fetch_add(1);
   retrieve_entries_.fetch_add(static_cast<int64_t>(n));
@@ -470,6 +603,8 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   M().retrieve_calls->Add();
   M().retrieve_entries->Add(static_cast<double>(n));
   M().bytes_streamed->Add(static_cast<double>(out.bytes_streamed));
+  M().rows_selected->Add(static_cast<double>(out.rows_selected));
+  M().rows_sent->Add(static_cast<double>(out.rows_sent));
   M().retrieve_seconds->Observe(static_cast<double>(clock_->MonotonicNanos() - start_ns) * 1e-9);
   return out;
 }
@@ -493,7 +628,7 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
   if (args.method == Method::kExact) return outcome;  // exact scans; nothing to build
   const indexer::Method method = args.method;
   const int sparse_layers = spec.num_layers - args.first_layer;
-  const int G = spec.group_size(), d = spec.head_dim, Hq = spec.num_q_heads, Hkv = spec.num_kv_heads;
+  const int d = spec.head_dim, Hq = spec.num_q_heads;
   if (method == indexer::Method::kCtkvr) {
     if (args.num_queries <= 0 || args.num_queries > kMaxIndexQueries) {
       return absl::InvalidArgumentError(absl::StrCat("ctkvr needs 1..", kMaxIndexQueries, " prompt queries, got ",
@@ -514,65 +649,14 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
       }
     }
   }
-  if (std::shared_ptr<const SequenceIndex> cur = seq->index();
-      cur != nullptr && cur->method == method && cur->first_layer == args.first_layer &&
-      cur->token_begin == args.token_begin && cur->token_end == committed) {
-    outcome.segments = static_cast<int>(cur->segments.size());
-    outcome.build_seconds = cur->build_seconds;
-    outcome.index_bytes = static_cast<int64_t>(cur->MemoryBytes());
-    return outcome;
+  // Built (or kept, when an index of this method already covers the request) by the index
+  // manager, which also waits for an automatic build of this sequence that is in flight.
+  absl::StatusOr<BuildIndexOutcome> outcome_or = indexes_->Build(seq, args, committed);
+  if (outcome_or.ok() && outcome_or->rebuilt) {
+    M().index_builds->Add();
+    M().index_build_seconds->Observe(outcome_or->build_seconds);
   }
-
-  const int64_t t0 = clock_->MonotonicNanos();
-  auto index = std::make_shared<SequenceIndex>();
-  index->method = method;
-  index->first_layer = args.first_layer;
-  index->num_kv_heads = Hkv;
-  index->token_begin = args.token_begin;
-  index->token_end = committed;
-  index->segments.resize(static_cast<size_t>(sparse_layers) * Hkv);
-  std::vector<absl::Status> status(index->segments.size());
-  pool_.ParallelFor(static_cast<int64_t>(index->segments.size()), [&](int64_t j) {
-    const int layer = args.first_layer + static_cast<int>(j / Hkv), h = static_cast<int>(j % Hkv);
-    absl::StatusOr<Sequence::Snapshot> read = seq->Read(layer, h);
-    if (!read.ok()) {
-      status[j] = read.status();
-      return;
-    }
-    const Sequence::Snapshot& snap = *read;
-    indexer::BuildInput in;
-    in.keys = &snap.keys;
-    in.token_begin = args.token_begin;
-    in.token_end = committed;
-    in.group = G;
-    std::vector<float> grouped;  // [C][group][d] of this kv-head, from [C][Hq][d]
-    if (method == indexer::Method::kCtkvr) {
-      const float* src = args.layer_queries[layer - args.first_layer].data();
-      grouped.resize(static_cast<size_t>(args.num_queries) * G * d);
-      for (int c = 0; c < args.num_queries; ++c) {
-        std::copy_n(src + (static_cast<size_t>(c) * Hq + static_cast<size_t>(h) * G) * d, static_cast<size_t>(G) * d,
-                    grouped.begin() + static_cast<size_t>(c) * G * d);
-      }
-      in.prompt_queries = grouped.data();
-      in.num_prompt_queries = args.num_queries;
-    }
-    auto seg = indexer::BuildSegment(method, in, indexer::IndexOptions{}, nullptr);
-    if (seg.ok()) {
-      index->segments[j] = std::move(*seg);
-    } else {
-      status[j] = seg.status();
-    }
-  });
-  for (const absl::Status& st : status) RETURN_IF_ERROR(st);
-  index->build_seconds = static_cast<double>(clock_->MonotonicNanos() - t0) * 1e-9;
-  outcome.segments = static_cast<int>(index->segments.size());
-  outcome.build_seconds = index->build_seconds;
-  outcome.index_bytes = static_cast<int64_t>(index->MemoryBytes());
-  outcome.rebuilt = true;
-  seq->set_index(std::move(index));
-  M().index_builds->Add();
-  M().index_build_seconds->Observe(outcome.build_seconds);
-  return outcome;
+  return outcome_or;
 }
 
 absl::Status Node::ReadRows(const std::string& tenant, const std::string& sequence_id, int layer, int kv_head,
@@ -615,7 +699,7 @@ absl::Status Node::AttachWorker(const std::string& tenant, const std::string& wo
 
 absl::Status Node::CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop) {
   std::shared_ptr<Sequence> victim;  // freed outside the lock
-  absl::MutexLock lock(&mu_);
+  absl::ReleasableMutexLock lock(&mu_);
   auto it = sequences_.find({tenant, sequence_id});
   const bool lost = lost_.count({tenant, sequence_id}) > 0;
   if (it == sequences_.end() && !lost) return NotFound(tenant, sequence_id);
@@ -623,6 +707,8 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
     // Forget the record first: a crash after this point must not resurrect the sequence.
     std::unique_ptr<BlockStore::Batch> batch = store_->NewBatch();
     batch->DeleteMeta(Sequence::MetaKey(tenant, sequence_id));
+    const std::string index_prefix = IndexManager::KeyPrefix(tenant, sequence_id);
+    batch->DeleteSegmentRange(index_prefix, index_prefix + std::string(5, '\xff'));
     RETURN_IF_ERROR(store_->Commit(batch.get()));
   }
   if (lost) {
@@ -632,13 +718,23 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
   if (drop) {
     victim = std::move(it->second);
     sequences_.erase(it);
+    for (const auto& [key, worker] : workers_) {
+      if (key.first == tenant) worker->mirror.ForgetSequence(tenant, sequence_id);
+    }
     M().sequences->Set(static_cast<double>(sequences_.size()));
     M().drops->Add();
   } else {
     it->second->set_closed(true);
   }
+  lock.Release();
+  // Outside the node's lock: it waits for an index job of this sequence to finish.
+  if (victim != nullptr) indexes_->Forget(victim.get(), nullptr);
   return absl::OkStatus();
 }
+
+void Node::WaitForIndexJobs() { indexes_->WaitIdle(); }
+
+int Node::SpillColdIndexes() { return indexes_->SpillCold(); }
 
 std::string Node::NamespaceOf(const std::string& tenant) const {
   for (const std::string& t : options_.shared_tenants) {
@@ -651,7 +747,8 @@ NodeStats Node::Stats(bool include_sequences) const {
   NodeStats s;
   s.uptime_seconds = absl::ToInt64Seconds(clock_->Now() - started_);
   s.memory_limit_bytes = arena_->capacity_bytes();
-  s.stored_bytes = arena_->used_bytes();
+  s.index = indexes_->stats();
+  s.stored_bytes = arena_->used_bytes() - s.index.reserved_bytes;
   s.arena_block_bytes = static_cast<int64_t>(arena_->slot_bytes());
   s.arena_hugepages = arena_->hugepages();
   s.arena_registered = arena_->registered();
@@ -710,6 +807,16 @@ NodeStats Node::Stats(bool include_sequences) const {
   M().spilled_bytes->Set(static_cast<double>(s.spilled_bytes));
   M().spilled_blocks->Set(static_cast<double>(s.spilled_blocks));
   M().reloads->Set(static_cast<double>(s.reloads));
+  M().index_bytes->Set(static_cast<double>(s.index.bytes));
+  M().index_reserved_bytes->Set(static_cast<double>(s.index.reserved_bytes));
+  M().index_on_disk->Set(static_cast<double>(s.index.on_disk));
+  M().index_pending->Set(static_cast<double>(s.index.placeholders));
+  M().index_auto_builds->Set(static_cast<double>(s.index.auto_builds));
+  M().index_growths->Set(static_cast<double>(s.index.growths));
+  M().index_spills->Set(static_cast<double>(s.index.spills));
+  M().index_reloads->Set(static_cast<double>(s.index.reloads));
+  M().index_corrupt->Set(static_cast<double>(s.index.corrupt));
+  M().index_refused->Set(static_cast<double>(s.index.refused));
   const int64_t before = evictions_reported_.exchange(s.evictions);
   if (s.evictions > before) M().evictions->Add(static_cast<double>(s.evictions - before));
   return s;

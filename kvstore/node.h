@@ -35,6 +35,8 @@
 #include "kvstore/block_store.h"
 #include "kvstore/block_table.h"
 #include "indexer/index.h"
+#include "kvstore/index_manager.h"
+#include "kvstore/slot_mirror.h"
 #include "kvstore/sequence.h"
 #include "transport/transport.h"
 
@@ -72,6 +74,16 @@ struct NodeOptions {
   bool durable = false;
   // The RocksDB environment of data_dir; null: the real one. Fault tests pass a wrapper.
   rocksdb::Env* store_env = nullptr;
+  // --auto-index: the index built in the background when a commit leaves at least
+  // auto_index_min_tokens committed beyond auto_index_token_begin and the sequence has no index
+  // (index_manager.h): cluster (default), ctkvr (a placeholder that scans exactly until
+  // BuildIndex brings the prompt queries) or exact (= none). Indices of any origin grow with
+  // decode tokens every index_options.cluster.append_every tokens.
+  indexer::Method auto_index = indexer::Method::kCluster;
+  int auto_index_first_layer = 2;      // the worker's default --dense-layers
+  int64_t auto_index_token_begin = 16; // the worker's default --sink-tokens
+  int64_t auto_index_min_tokens = 1024;
+  indexer::IndexOptions index_options;
 };
 
 // The retrieval method of a request: the indexer's own enum (one vocabulary end to end; the wire
@@ -96,6 +108,7 @@ struct RetrieveEntryArgs {
   int64_t token_begin = 0;
   int64_t token_end = 0;
   uint64_t dest_row = 0;
+  uint64_t slot_epoch = 0;  // delta streaming; see proto RetrieveEntry.slot_epoch
 };
 struct RetrieveArgs {
   std::string tenant;
@@ -104,7 +117,10 @@ struct RetrieveArgs {
   Method method = Method::kExact;
   std::string worker_id;  // empty: ids only
   std::vector<RetrieveEntryArgs> entries;
+  uint32_t staging_area = 0;  // see proto RetrieveRequest.staging_area / call_seq
+  uint64_t call_seq = 0;
 };
+inline constexpr uint32_t kMaxStagingAreas = 4096;
 // BuildIndex: segments of `method` (ctkvr or cluster; exact needs none) for every kv-head of the
 // layers [first_layer, num_layers), over the committed tokens [token_begin, committed).
 struct BuildIndexArgs {
@@ -129,7 +145,13 @@ inline constexpr int kMaxIndexQueries = 4096;
 
 struct RetrieveOutcome {
   std::vector<std::vector<int32_t>> token_ids;  // per entry, ascending
+  // Per entry: the worker slot of each selected token, and the slots whose rows were sent (in
+  // the order they were put at dest_row); see proto RetrieveResult.
+  std::vector<std::vector<int32_t>> slots;
+  std::vector<std::vector<int32_t>> fill_slots;
   uint64_t bytes_streamed = 0;
+  int64_t rows_selected = 0;  // sum of the selections
+  int64_t rows_sent = 0;      // rows put (or to be fetched): the deltas
 };
 
 struct SequenceStats {
@@ -181,6 +203,9 @@ struct NodeStats {
   int64_t spilled_blocks = 0;        // live blocks currently on disk only
   int64_t reloads = 0;               // spilled blocks read back, ever
   std::vector<TenantStats> tenants;  // always filled, sorted by tenant
+  // Indices (index_manager.h). Their memory is taken from the arena: stored_bytes excludes it,
+  // stored_bytes + index_reserved_bytes <= memory_limit_bytes.
+  IndexStats index;
 };
 
 class Node {
@@ -229,6 +254,13 @@ class Node {
   absl::Status CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop);
 
   NodeStats Stats(bool include_sequences) const;
+
+  // Blocks until no background index job (automatic build, growth, spill sweep) is queued or
+  // running. For tests and orderly shutdown; serving never needs it.
+  void WaitForIndexJobs();
+  // Spills the indices of sequences none of whose blocks is resident (what the background sweep
+  // after evictions does); returns how many.
+  int SpillColdIndexes();
   // Per-tenant gauges in the Prometheus text format (kvrecall_tenant_*{tenant="..."}), to be
   // appended to Metrics::Global().RenderPrometheus(); also refreshes the node-level gauges.
   std::string RenderTenantMetrics() const;
@@ -240,13 +272,28 @@ class Node {
   const Arena& arena() const { return *arena_; }
 
  private:
+  struct StagingArea {
+    absl::Mutex mu;  // held by a Retrieve from its slot plans until its puts have completed
+    uint64_t last_call ABSL_GUARDED_BY(mu) = 0;
+    std::unique_ptr<uint8_t[]> pack ABSL_GUARDED_BY(mu);  // rows packed for the puts
+    size_t pack_capacity ABSL_GUARDED_BY(mu) = 0;
+  };
   struct Worker {
     std::unique_ptr<transport::RemoteWriter> writer;
+    SlotMirror mirror;  // what this worker's slot caches hold
+    absl::Mutex areas_mu;
+    absl::flat_hash_map<uint32_t, std::unique_ptr<StagingArea>> areas ABSL_GUARDED_BY(areas_mu);
+    StagingArea* Area(uint32_t id);
   };
   using SeqKey = std::pair<std::string, std::string>;  // (tenant, sequence id)
 
   // Rebuilds models and sequences from the store's metadata (durable only).
   absl::Status Recover();
+  // Retrieve's delivery to an attached worker: slot plans against the worker's mirror, then the
+  // new rows packed and put at each entry's dest_row. Fills out->slots, fill_slots, rows_sent
+  // and bytes_streamed.
+  absl::Status StreamDeltas(const RetrieveArgs& args, Worker& worker, const std::vector<std::shared_ptr<Sequence>>& seqs,
+                            const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
   std::string NamespaceOf(const std::string& tenant) const;
   struct TenantCounters {
@@ -264,6 +311,8 @@ class Node {
   std::unique_ptr<BlockStore> store_;  // null without --data-dir
   std::unique_ptr<BlockTable> blocks_;
   ThreadPool pool_;
+  // After the pool and the table (it uses both), before the sequences (they call into it).
+  std::unique_ptr<IndexManager> indexes_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const ModelSpec>> models_ ABSL_GUARDED_BY(mu_);

@@ -191,6 +191,69 @@ TEST_F(NodeTest, RetrievePutsRowsIntoAttachedWorkerRegion) {
   EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
 }
 
+TEST_F(NodeTest, DeltaStreamingSendsMissingRowsInCallOrder) {
+  std::unique_ptr<transport::Transport> t = transport::CreateInProcessTransport();
+  Node node(NodeOptions{1 << 20, 4, 1}, t.get(), &clock_);
+  ASSERT_OK(node.RegisterModel(Spec()).status());
+  ASSERT_OK(node.OpenSequence({"t", "m", "s", std::vector<int32_t>(4, 1)}).status());
+  ASSERT_OK_AND_ASSIGN(auto seq, node.FindSequence("t", "s"));
+  ASSERT_OK(seq->BeginAppend());
+  std::vector<float> k = {1, 0, 2, 0, 3, 0, 4, 0}, v = {7, 7, 8, 8, 9, 9, 6, 6};
+  for (int layer = 0; layer < 2; ++layer) {
+    ASSERT_OK(seq->AppendChunk(layer, 0, 4, {reinterpret_cast<uint8_t*>(k.data()), 32},
+                               {reinterpret_cast<uint8_t*>(v.data()), 32}));
+  }
+  ASSERT_OK(seq->CommitAppend().status());
+  ASSERT_OK_AND_ASSIGN(auto region, t->AllocateRegion(4 * 16));
+  ASSERT_OK(node.AttachWorker("t", "w", region->Describe()));
+  const float* rows = reinterpret_cast<const float*>(region->data());
+
+  std::vector<float> right = {1, 0, 1, 0}, left = {-1, 0, -1, 0};
+  RetrieveArgs a{"t", 1, 2, Method::kExact, "w", {{"s", 0, right, 0, 4, 0, /*slot_epoch=*/5}}};
+  a.call_seq = 1;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome first, node.Retrieve(a));
+  EXPECT_THAT(first.token_ids[0], ElementsAre(2, 3));
+  EXPECT_THAT(first.slots[0], ElementsAre(0, 1));
+  EXPECT_THAT(first.fill_slots[0], ElementsAre(0, 1));
+  EXPECT_EQ(first.rows_sent, 2);
+
+  // Same queries: nothing to send.
+  a.call_seq = 2;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome same, node.Retrieve(a));
+  EXPECT_THAT(same.slots[0], ElementsAre(0, 1));
+  EXPECT_TRUE(same.fill_slots[0].empty());
+  EXPECT_EQ(same.bytes_streamed, 0u);
+
+  // The smallest keys now: tokens 0 and 1 replace 2 and 3 in slots 0 and 1, rows packed at dest_row.
+  a.entries[0].queries = left;
+  a.call_seq = 3;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome moved, node.Retrieve(a));
+  EXPECT_THAT(moved.token_ids[0], ElementsAre(0, 1));
+  EXPECT_THAT(moved.slots[0], ElementsAre(0, 1));
+  EXPECT_THAT(moved.fill_slots[0], ElementsAre(0, 1));
+  EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(1, 0, 7, 7, 2, 0, 8, 8));
+
+  // A stale call (number already used in this staging area) is refused before anything is put.
+  a.entries[0].queries = right;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(1, 0, 7, 7, 2, 0, 8, 8));
+  // Another staging area has its own numbering.
+  a.staging_area = 1;
+  a.entries[0].dest_row = 2;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome back, node.Retrieve(a));
+  EXPECT_THAT(back.slots[0], ElementsAre(0, 1));
+  // An older epoch is a stale call too; a newer one resends everything.
+  a.call_seq = 4;
+  a.entries[0].slot_epoch = 4;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kAborted));
+  a.call_seq = 5;
+  a.entries[0].slot_epoch = 6;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome reset, node.Retrieve(a));
+  EXPECT_THAT(reset.fill_slots[0], ElementsAre(0, 1));
+  a.staging_area = kMaxStagingAreas;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST_F(NodeTest, CloseAndDropFreeMemory) {
   EXPECT_GT(node_.Stats(false).stored_bytes, 0);
   ASSERT_OK(node_.CloseSequence("t", "s", false));

@@ -22,6 +22,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
+#include "transport/fault_injection.h"
 #include "transport/transport.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:7070", "gRPC address to serve on (port 0 picks a free port)");
@@ -41,6 +42,8 @@ ABSL_FLAG(bool, hugepages, true, "back the KV arena with hugepages when the host
 ABSL_FLAG(int, search_threads, 0, "threads for retrieval search (0 = every core)");
 ABSL_FLAG(int, rpc_threads, 0, "threads for RPC handling (0 = every core)");
 ABSL_FLAG(std::string, transport, "ucx", "data transport for streaming rows to workers: ucx or none");
+ABSL_FLAG(int, fault_put_delay_ms, 0,
+          "fault injection for tests and drills: wait this long before every put of rows to a worker");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax, e.g. tcp or rc,ud); empty = UCX default");
 ABSL_FLAG(std::string, data_dir, "",
           "directory for blocks evicted from the arena (RocksDB); empty = no eviction: a full "
@@ -48,8 +51,20 @@ ABSL_FLAG(std::string, data_dir, "",
 ABSL_FLAG(bool, durable, false,
           "write registered models and every committed append through RocksDB's WAL (synced) "
           "before acknowledging it, and recover them from --data-dir at start (needs --data-dir)");
+ABSL_FLAG(std::string, auto_index, "cluster",
+          "index built in the background when a commit leaves >= --auto-index-min-tokens "
+          "un-indexed tokens (the prefill): cluster, ctkvr (exact scan until BuildIndex brings "
+          "the prompt queries) or none. Index memory is taken from --memory");
+ABSL_FLAG(int64_t, auto_index_min_tokens, 1024, "tokens a sequence needs before --auto-index builds");
+ABSL_FLAG(int, auto_index_first_layer, 2, "first layer --auto-index indexes (the workers' dense layers)");
+ABSL_FLAG(int64_t, auto_index_token_begin, 16, "first token --auto-index indexes (the workers' sinks)");
 ABSL_FLAG(absl::Duration, lease, absl::Seconds(30),
           "how long an access (open, append, read) protects a sequence's blocks from eviction");
+ABSL_FLAG(std::string, peers, "",
+          "comma-separated names (host:port, as clients dial them) of every node of the cluster; with "
+          "--advertise, OpenSequence refuses a sequence that a client with a different node list placed "
+          "here although this node is not one of its owners (FAILED_PRECONDITION naming the owners)");
+ABSL_FLAG(std::string, advertise, "", "this node's name in --peers");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound gRPC port and metrics port here once serving");
 
 namespace {
@@ -70,6 +85,16 @@ int Run() {
     return 2;
   }
 
+  kvstore::PeerConfig peers;
+  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_peers), ',', absl::SkipWhitespace())) {
+    peers.peers.emplace_back(p);
+  }
+  peers.self = absl::GetFlag(FLAGS_advertise);
+  if (absl::Status s = kvstore::ValidatePeerConfig(peers); !s.ok()) {
+    KV_LOG(ERROR) << s.message();
+    return 2;
+  }
+
   std::unique_ptr<transport::Transport> transport;
   if (absl::GetFlag(FLAGS_transport) == "ucx") {
     auto t = transport::CreateUcxTransport({absl::GetFlag(FLAGS_ucx_tls)});
@@ -78,6 +103,10 @@ int Run() {
       return 1;
     }
     transport = std::move(*t);
+    if (const int delay_ms = absl::GetFlag(FLAGS_fault_put_delay_ms); delay_ms > 0) {
+      KV_LOG(WARNING) << "fault injection: every put to a worker waits " << delay_ms << " ms";
+      transport = transport::WithPutDelay(std::move(transport), absl::Milliseconds(delay_ms));
+    }
   } else if (absl::GetFlag(FLAGS_transport) != "none") {
     KV_LOG(ERROR) << "--transport must be ucx or none";
     return 2;
@@ -100,6 +129,20 @@ int Run() {
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.lease = absl::GetFlag(FLAGS_lease);
   options.durable = absl::GetFlag(FLAGS_durable);
+  {
+    const std::string m = absl::GetFlag(FLAGS_auto_index);
+    if (m == "none") {
+      options.auto_index = kvrecall::indexer::Method::kExact;
+    } else if (m == "cluster" || m == "ctkvr") {
+      options.auto_index = *kvrecall::indexer::ParseMethod(m);
+    } else {
+      KV_LOG(ERROR) << "--auto-index must be cluster, ctkvr or none, not '" << m << "'";
+      return 2;
+    }
+    options.auto_index_min_tokens = absl::GetFlag(FLAGS_auto_index_min_tokens);
+    options.auto_index_first_layer = absl::GetFlag(FLAGS_auto_index_first_layer);
+    options.auto_index_token_begin = absl::GetFlag(FLAGS_auto_index_token_begin);
+  }
   if (options.durable && options.data_dir.empty()) {
     KV_LOG(ERROR) << "--durable needs --data-dir";
     return 2;
@@ -114,6 +157,8 @@ int Run() {
     return 1;
   }
   kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
+  const size_t num_peers = peers.peers.size();
+  service.SetPeers(std::move(peers));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
@@ -148,7 +193,9 @@ int Run() {
   KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen)
                << "), memory " << FormatBytes(*memory) << ", transport "
                << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port
-               << ", data dir " << (options.data_dir.empty() ? "(none: no eviction)" : options.data_dir);
+               << ", data dir " << (options.data_dir.empty() ? "(none: no eviction)" : options.data_dir)
+               << (num_peers > 0 ? absl::StrCat(", one of ", num_peers, " peers as ", absl::GetFlag(FLAGS_advertise))
+                                 : std::string());
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     const std::string tmp = pf + ".tmp";
     std::ofstream(tmp) << port << " " << metrics_port << "\n";

@@ -258,6 +258,13 @@ TEST_F(BadInputTest, Retrieve) {
   r.set_method(static_cast<v1::Method>(77));
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   r = GoodRetrieve("r");
+  r.set_staging_area(1u << 30);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_slot_epoch(9);  // no worker: ids only, nothing is mirrored
+  r.set_call_seq(3);
+  EXPECT_EQ(Retrieve(r), StatusCode::OK);
+  r = GoodRetrieve("r");
   r.clear_entries();
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   r = GoodRetrieve("r");

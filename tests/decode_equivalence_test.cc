@@ -96,22 +96,45 @@ TEST_F(DecodeEquivalenceTest, SparseEqualsDenseOverUcxAndOverGrpcFallback) {
     EXPECT_EQ(j["compare_dense"]["max_abs_dlogit"].get<double>(), 0.0);
     EXPECT_EQ(j["options"]["method"].get<std::string>(), method);
   }
-  // A small budget streams exactly budget rows per (sparse layer, kv-head) per token:
-  // 2 layers x 2 kv-heads x 32 rows x (K + V: 2 x 64 x 2 bytes).
-  nlohmann::json j = Generate(*server, {"--budget=32"});
+  // Without delta streaming a small budget streams exactly budget rows per (sparse layer,
+  // kv-head) per token: 2 layers x 2 kv-heads x 32 rows x (K + V: 2 x 64 x 2 bytes).
+  nlohmann::json j = Generate(*server, {"--budget=32", "--delta-streaming=false"});
   EXPECT_EQ(j["bytes_streamed_per_token"].get<double>(), 2 * 2 * 32 * 256);
+  EXPECT_EQ(j["streamed_rows"].get<int64_t>(), j["recalled_rows"].get<int64_t>());
+  // With it (the default) only rows missing from the worker's slot caches travel; lookahead
+  // selects from the previous step's queries, all layers issued at the start of the step.
+  j = Generate(*server, {"--budget=32", "--lookahead"});
+  EXPECT_EQ(j["recalled_rows"].get<int64_t>(), 8 * 2 * 2 * 32);
+  EXPECT_LT(j["streamed_rows"].get<int64_t>(), j["recalled_rows"].get<int64_t>());
+  EXPECT_LT(j["bytes_streamed_per_token"].get<double>(), 2 * 2 * 32 * 256);
+  EXPECT_EQ(j["fallback_layers"].get<int64_t>(), 0);
+  EXPECT_TRUE(j["options"]["lookahead"].get<bool>());
 
   // Operators see the traffic: kvrecallctl and /metrics.
   auto ctl = Process::Start({BinDir() + "/kvrecallctl", "--server=" + server->address(), "status"},
                             *dir_ + "/ctl.log");
   ASSERT_TRUE(ctl.ok());
   EXPECT_EQ(*ctl->Wait(absl::Seconds(30)), 0);
-  EXPECT_THAT(ReadFile(*dir_ + "/ctl.log"), HasSubstr("retrieve calls  80"));
+  EXPECT_THAT(ReadFile(*dir_ + "/ctl.log"), HasSubstr("retrieve calls  96"));
   const std::string metrics = HttpGet(server->metrics_port, "/metrics");
   EXPECT_THAT(metrics, HasSubstr("HTTP/1.0 200 OK"));
-  EXPECT_THAT(metrics, HasSubstr("kvrecall_retrieve_calls_total 80"));
+  EXPECT_THAT(metrics, HasSubstr("kvrecall_retrieve_calls_total 96"));
   EXPECT_THAT(metrics, HasSubstr("# TYPE kvrecall_retrieve_seconds histogram"));
-  EXPECT_THAT(metrics, HasSubstr("kvrecall_index_builds_total 2"));
+  // BuildIndex built ctkvr with its prompt queries; cluster was already built at commit
+  // (--auto-index=cluster), so asking for it again built nothing.
+  EXPECT_THAT(metrics, HasSubstr("kvrecall_index_builds_total 1\n"));
+  EXPECT_THAT(metrics, HasSubstr("# TYPE kvrecall_index_auto_builds"));
+}
+
+TEST_F(DecodeEquivalenceTest, SlowTierMissesTheDeadlineAndTheWorkerFallsBack) {
+  // Every put of rows waits 400 ms; the worker gives each Retrieve 100 ms.
+  auto server = StartServer(*dir_, {"--fault-put-delay-ms=400"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  nlohmann::json j = Generate(*server, {"--budget=32", "--retrieve-deadline-ms=100"});
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["decode_tokens"].get<int64_t>(), 8) << "the run completes";
+  EXPECT_EQ(j["fallback_layers"].get<int64_t>(), 8 * 2) << "every sparse layer of every step missed";
+  EXPECT_EQ(j["streamed_rows"].get<int64_t>(), 0);
 }
 
 TEST_F(DecodeEquivalenceTest, WorkerRejectsACheckpointWithALyingHeader) {

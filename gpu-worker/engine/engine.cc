@@ -2,9 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 #include "gpu-worker/backends/attention.h"
 
@@ -14,9 +19,19 @@ namespace kvrecall::worker {
 //   Dense layers: k[l], v[l] hold every token: [len][kv_heads][head_dim].
 //   Sparse layers: k[l], v[l] hold the sinks (first min(len, S) tokens); ring_k[l], ring_v[l] hold
 //   the window: position p >= S lives in slot (p - S) % W, [W][kv_heads][head_dim].
+//   Sparse layers also keep a slot cache per kv-head: the rows the tier recalled, `budget` slots
+//   that persist across steps (the tier sends only the rows of newly selected tokens).
 struct Engine::Seq {
   int64_t len = 0;
   std::vector<std::vector<float>> k, v, ring_k, ring_v;
+  struct SlotCache {
+    uint64_t epoch = 0;             // names this cache to the tier; a new one after any failure
+    std::vector<uint8_t> rows;      // [budget][K row | V row], kv_dtype
+    std::vector<int32_t> selected;  // slots of the last selection, in token order
+  };
+  std::vector<std::vector<SlotCache>> slots;  // [layer][kv_head]; empty for dense layers
+  // Lookahead: this sequence's queries of the last step, per sparse layer: [num_heads][head_dim].
+  std::vector<std::vector<float>> last_q;
 };
 
 namespace {
@@ -174,6 +189,8 @@ absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) 
   s->v.resize(L);
   s->ring_k.resize(L);
   s->ring_v.resize(L);
+  s->slots.resize(L);
+  s->last_q.resize(L);
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
   for (int l = 0; l < L; ++l) {
     if (!IsSparse(l)) {
@@ -184,6 +201,8 @@ absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) 
     const int64_t sinks = std::min(T, S);
     s->k[l].assign(prompt.k[l].begin(), prompt.k[l].begin() + sinks * rowf);
     s->v[l].assign(prompt.v[l].begin(), prompt.v[l].begin() + sinks * rowf);
+    s->slots[l].resize(static_cast<size_t>(config_.num_kv_heads));
+    for (auto& cache : s->slots[l]) cache.epoch = ++next_epoch_;
     s->ring_k[l].assign(static_cast<size_t>(W) * rowf, 0.0f);
     s->ring_v[l].assign(static_cast<size_t>(W) * rowf, 0.0f);
     for (int64_t p = std::max(S, T - W); p < T; ++p) {
@@ -201,6 +220,56 @@ absl::Status Engine::RemoveSequence(const std::string& id) {
   if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("no sequence '", id, "'"));
   seqs_.erase(it);
   if (options_.sparse) return tier_->CloseSequence(id, /*drop=*/true);
+  return absl::OkStatus();
+}
+
+bool Engine::IsTierMiss(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable ||
+         s.code() == absl::StatusCode::kAborted;
+}
+
+absl::Status Engine::RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
+                                   absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
+                                   int staging_area) {
+  const int B = static_cast<int>(seqs.size());
+  const int Hkv = config_.num_kv_heads, G = config_.num_heads / Hkv, d = config_.head_dim;
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area};
+  std::vector<Seq::SlotCache*> caches;
+  for (int i = 0; i < B; ++i) {
+    const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
+    if (ws <= S) continue;  // everything is sink or window
+    for (int h = 0; h < Hkv; ++h) {
+      Seq::SlotCache& cache = seqs[i]->slots[l][h];
+      caches.push_back(&cache);
+      batch.entries.push_back({ids[i], h, absl::MakeConstSpan(queries(i) + static_cast<size_t>(h) * G * d,
+                                                               static_cast<size_t>(G) * d),
+                               S, ws, options_.delta_streaming ? cache.epoch : 0});
+    }
+  }
+  if (batch.entries.empty()) return absl::OkStatus();
+  const absl::Time t0 = absl::Now();
+  std::vector<client::Recalled> recalled;
+  absl::Status st = tier_->Retrieve(batch, &recalled);
+  counters_.retrieve_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
+  counters_.retrieve_calls++;
+  if (!st.ok()) {
+    // Whatever the tier put or remembers for this call is unknown: new epochs make it resend.
+    for (Seq::SlotCache* cache : caches) cache->epoch = ++next_epoch_;
+    return st;
+  }
+  const size_t pair = 2 * spec_.row_bytes();
+  for (size_t e = 0; e < caches.size(); ++e) {
+    const client::Recalled& r = recalled[e];
+    Seq::SlotCache& cache = *caches[e];
+    if (cache.rows.empty()) cache.rows.resize(static_cast<size_t>(options_.budget) * pair);
+    for (size_t j = 0; j < r.fill_slots.size(); ++j) {
+      std::memcpy(cache.rows.data() + static_cast<size_t>(r.fill_slots[j]) * pair, r.rows + j * pair, pair);
+    }
+    cache.selected = r.slots;
+    counters_.recalled_rows += static_cast<int64_t>(r.token_ids.size());
+    counters_.streamed_rows += static_cast<int64_t>(r.fill_slots.size());
+  }
   return absl::OkStatus();
 }
 
@@ -228,7 +297,29 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
   std::vector<std::vector<float>> new_k(L, std::vector<float>(B * rowf)), new_v = new_k;
   RETURN_IF_ERROR(model_->Embed(tokens, x.data()));
 
-  std::vector<client::Recalled> recalled;
+  // Lookahead: every sparse layer's retrieval is issued now, from the last step's queries, on
+  // a thread of its own (one staging area per layer), and overlaps this step's compute.
+  const bool lookahead = options_.sparse && options_.lookahead && std::all_of(seqs.begin(), seqs.end(), [&](Seq* s) {
+    return !s->last_q[L - 1].empty();
+  });
+  struct Prefetch {
+    absl::Status status;
+    absl::Notification done;
+  };
+  std::vector<Prefetch> prefetch(static_cast<size_t>(L));
+  std::thread prefetcher;
+  if (lookahead) {
+    prefetcher = std::thread([&] {
+      for (int l = options_.dense_layers; l < L; ++l) {
+        prefetch[l].status = RetrieveLayer(l, seqs, ids, pos, [&](int i) { return seqs[i]->last_q[l].data(); },
+                                           l - options_.dense_layers);
+        prefetch[l].done.Notify();
+      }
+    });
+  }
+  absl::Cleanup join = [&] {
+    if (prefetcher.joinable()) prefetcher.join();
+  };
   for (int l = 0; l < L; ++l) {
     float* k = new_k[l].data();
     float* v = new_v[l].data();
@@ -258,24 +349,24 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
                    seqs[i]->v[l].data() + h * d, static_cast<long>(rowf), pos[i] + 1, scale, attn.data() + qoff);
       });
     } else {
-      // Retrieve the middle [S, window_start) of every (sequence, kv-head) in one batch.
-      client::RetrieveBatch batch{l, options_.budget, options_.method, {}};
-      std::vector<int> entry_of(static_cast<size_t>(B) * Hkv, -1);
-      for (int i = 0; i < B; ++i) {
-        const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
-        if (ws <= S) continue;
-        for (int h = 0; h < Hkv; ++h) {
-          entry_of[static_cast<size_t>(i) * Hkv + h] = static_cast<int>(batch.entries.size());
-          const size_t qoff = (static_cast<size_t>(i) * Hq + static_cast<size_t>(h) * G) * d;
-          batch.entries.push_back({ids[i], h, absl::MakeConstSpan(q.data() + qoff, static_cast<size_t>(G) * d), S, ws});
-        }
+      // The tier's selection for the middle [S, window_start) of every (sequence, kv-head): issued
+      // now from this step's queries, or at the start of the step from the last step's
+      // (lookahead). A tier that fails in a way worth waiting out (deadline, unavailable, a stale
+      // call) costs accuracy, not the step: the layer runs on sinks + window + what is resident.
+      absl::Status got;
+      if (lookahead) {
+        prefetch[l].done.WaitForNotification();
+        got = prefetch[l].status;
+      } else {
+        got = RetrieveLayer(l, seqs, ids, pos, [&](int i) { return q.data() + static_cast<size_t>(i) * Hq * d; }, 0);
       }
-      if (!batch.entries.empty()) {
-        const absl::Time t0 = absl::Now();
-        RETURN_IF_ERROR(tier_->Retrieve(batch, &recalled));
-        counters_.retrieve_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
-        counters_.retrieve_calls++;
-        for (const auto& r : recalled) counters_.recalled_rows += static_cast<int64_t>(r.token_ids.size());
+      if (!got.ok()) {
+        if (!IsTierMiss(got)) return got;
+        counters_.fallback_layers++;
+        if (counters_.fallback_layers == 1 || counters_.fallback_layers % 1000 == 0) {
+          KV_LOG(WARNING) << "tier missed layer " << l << " (" << got.ToString() << "); decoding it on sinks + window + "
+                          << "resident rows (" << counters_.fallback_layers << " so far)";
+        }
       }
       const size_t row_bytes = spec_.row_bytes();
       pool_.ParallelFor(static_cast<int64_t>(B) * Hkv, [&](int64_t j) {
@@ -283,8 +374,8 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
         const Seq& s = *seqs[i];
         const int64_t p = pos[i];
         const int64_t ws = std::max<int64_t>(S, p + 1 - W);
-        const int e = entry_of[j];
-        const size_t nrec = e >= 0 ? recalled[e].token_ids.size() : 0;
+        const Seq::SlotCache& cache = s.slots[l][h];
+        const size_t nrec = ws > S ? cache.selected.size() : 0;
         const int64_t nsink = std::min<int64_t>(S, p + 1);
         const int64_t nwin = p >= S ? p - ws + 1 : 0;
         const size_t m = static_cast<size_t>(nsink) + nrec + static_cast<size_t>(nwin);
@@ -295,7 +386,7 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
           std::copy_n(s.v[l].begin() + t * rowf + h * d, d, vals.begin() + r * d);
         }
         for (size_t t = 0; t < nrec; ++t, ++r) {
-          const uint8_t* pair = recalled[e].rows + t * 2 * row_bytes;
+          const uint8_t* pair = cache.rows.data() + static_cast<size_t>(cache.selected[t]) * 2 * row_bytes;
           ToF32(spec_.kv_dtype, pair, d, keys.data() + r * d);
           ToF32(spec_.kv_dtype, pair + row_bytes, d, vals.data() + r * d);
         }
@@ -308,6 +399,12 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
         AttendRows(q.data() + qoff, G, d, keys.data(), d, vals.data(), d, static_cast<int>(m), scale,
                    attn.data() + qoff);
       });
+      if (options_.lookahead) {
+        for (int i = 0; i < B; ++i) {
+          seqs[i]->last_q[l].assign(q.begin() + static_cast<size_t>(i) * Hq * d,
+                                    q.begin() + static_cast<size_t>(i + 1) * Hq * d);
+        }
+      }
     }
     RETURN_IF_ERROR(model_->FinishLayer(l, attn.data(), B, x.data()));
   }

@@ -12,6 +12,7 @@
 #define KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -52,6 +53,13 @@ struct EngineOptions {
   int index_queries = 64;
   int index_query_window = 1024;
   int num_threads = 0;       // attention threads (0 = every core)
+  // Lookahead: each step's selection for every sparse layer is computed from the previous step's
+  // queries and issued at the start of the step, so retrieval overlaps compute. The tier needs
+  // one staging area per sparse layer (TierOptions::staging_areas >= num_layers - dense_layers).
+  bool lookahead = false;
+  // Delta streaming: the tier sends only rows not already in this engine's slot caches. Off, every
+  // selected row is sent every step (the same rows, so the same logits, bit for bit).
+  bool delta_streaming = true;
   QkvObserver* observer = nullptr;  // not owned; may be null
 };
 
@@ -70,7 +78,9 @@ struct EngineCounters {
   int64_t steps = 0;
   int64_t tokens_decoded = 0;
   int64_t retrieve_calls = 0;
-  int64_t recalled_rows = 0;
+  int64_t recalled_rows = 0;   // rows the selections named
+  int64_t streamed_rows = 0;   // rows that had to be sent (not already in the slot caches)
+  int64_t fallback_layers = 0;  // (step, layer)s decoded without the tier's answer (missed deadline...)
   double retrieve_seconds = 0;  // wall time inside Tier::Retrieve
   double append_seconds = 0;    // wall time inside Tier::AppendKV during decode
   double index_build_seconds = 0;  // tier-side BuildIndex time (as the tier reports it)
@@ -109,6 +119,14 @@ class Engine {
   bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
   void RoundKv(float* x, size_t n) const;
   absl::Status PushToTier(const std::string& id, const PromptKV& prompt);
+  // One sparse layer's Retrieve for a batch; queries(i) is sequence i's [num_heads][head_dim].
+  // On OK the new rows are in the slot caches and each cache's `selected` is the selection; on
+  // failure the caches keep their rows and last selection and move to new epochs.
+  absl::Status RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
+                             absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
+                             int staging_area);
+  // Failures a step survives by decoding without the tier's answer.
+  static bool IsTierMiss(const absl::Status& s);
 
   ModelBackend* const model_;
   client::Tier* const tier_;
@@ -118,6 +136,7 @@ class Engine {
   ThreadPool pool_;
   std::map<std::string, std::unique_ptr<Seq>> seqs_;
   EngineCounters counters_;
+  uint64_t next_epoch_ = 0;  // slot cache epochs, shared by all sequences
 };
 
 }  // namespace kvrecall::worker

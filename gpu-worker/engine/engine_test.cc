@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <set>
 
 #include "common/testing/status_matchers.h"
 #include "gtest/gtest.h"
@@ -95,6 +96,126 @@ TEST_F(EngineTest, SmallBudgetRecallsOnlyTheBudget) {
   EXPECT_EQ(sparse->counters().recalled_rows, 4 * 2 * 2 * 8);
   EXPECT_GT(max_diff, 0.0f) << "8 of ~280 middle tokens cannot reproduce dense attention exactly";
   EXPECT_TRUE(std::isfinite(max_diff));
+}
+
+TEST_F(EngineTest, DeltaStreamingSendsOnlyNewRowsAndChangesNothing) {
+  // Two tiers, so both engines can hold sequence "s".
+  ASSERT_OK_AND_ASSIGN(auto other_tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, {}));
+  ASSERT_OK(other_tier->RegisterModel(spec_));
+  EngineOptions full = Options(64);
+  full.delta_streaming = false;
+  ASSERT_OK_AND_ASSIGN(auto delta, Engine::Create(model_.get(), tier_.get(), spec_, Options(64)));
+  ASSERT_OK_AND_ASSIGN(auto resend, Engine::Create(model_.get(), other_tier.get(), spec_, full));
+  float max_diff;
+  int mismatches;
+  Run(delta.get(), resend.get(), 8, &max_diff, &mismatches);
+  EXPECT_EQ(max_diff, 0.0f) << "the slot caches must hold exactly the rows a full resend delivers";
+  EXPECT_EQ(resend->counters().streamed_rows, resend->counters().recalled_rows);
+  EXPECT_EQ(delta->counters().recalled_rows, resend->counters().recalled_rows);
+  // The first step sends everything; later steps only what changed (a random-weight model's
+  // queries drift a lot, so this is a weak bound; bench/stream measures real drift).
+  EXPECT_LT(delta->counters().streamed_rows, delta->counters().recalled_rows);
+  EXPECT_EQ(tier_->counters().rows_received, delta->counters().streamed_rows);
+}
+
+TEST_F(EngineTest, LookaheadWithFullBudgetEqualsDenseExactly) {
+  // With a budget covering every candidate the selection does not depend on the queries, so
+  // selecting from the previous step's queries changes nothing.
+  client::TierOptions to;
+  to.staging_areas = 2;  // one per sparse layer
+  ASSERT_OK_AND_ASSIGN(auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, to));
+  ASSERT_OK(tier->RegisterModel(spec_));
+  EngineOptions o = Options(4096);
+  o.lookahead = true;
+  ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier.get(), spec_, o));
+  EngineOptions d = Options(4096);
+  d.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto dense, Engine::Create(model_.get(), nullptr, spec_, d));
+  float max_diff;
+  int mismatches;
+  Run(sparse.get(), dense.get(), 6, &max_diff, &mismatches);
+  EXPECT_EQ(max_diff, 0.0f);
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_EQ(sparse->counters().retrieve_calls, 6 * 2);
+  EXPECT_EQ(sparse->counters().fallback_layers, 0);
+}
+
+// A tier whose Retrieve fails with a chosen status on chosen calls (1-based), else forwards.
+class FaultyTier final : public client::Tier {
+ public:
+  FaultyTier(client::Tier* inner, std::set<int> failing, absl::Status failure)
+      : inner_(inner), failing_(std::move(failing)), failure_(std::move(failure)) {}
+  absl::Status RegisterModel(const ModelSpec& spec) override { return inner_->RegisterModel(spec); }
+  absl::StatusOr<client::OpenResult> OpenSequence(const std::string& id, const std::string& model,
+                                                  absl::Span<const int32_t> tokens) override {
+    return inner_->OpenSequence(id, model, tokens);
+  }
+  absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override { return inner_->AppendKV(id, b); }
+  absl::Status Retrieve(const client::RetrieveBatch& batch, std::vector<client::Recalled>* out) override {
+    ++calls_;
+    if (failing_.count(calls_)) {
+      // Like a reply lost after the tier did its work: the tier's mirror moved on, the caller's
+      // slots did not.
+      std::vector<client::Recalled> lost;
+      EXPECT_OK(inner_->Retrieve(batch, &lost));
+      return failure_;
+    }
+    return inner_->Retrieve(batch, out);
+  }
+  absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& id, kvstore::BuildIndexArgs a) override {
+    return inner_->BuildIndex(id, std::move(a));
+  }
+  absl::Status CloseSequence(const std::string& id, bool drop) override { return inner_->CloseSequence(id, drop); }
+  absl::StatusOr<kvstore::NodeStats> Stats(bool s) override { return inner_->Stats(s); }
+  client::TierCounters counters() const override { return inner_->counters(); }
+  std::string Describe() const override { return "faulty"; }
+
+ private:
+  client::Tier* inner_;
+  std::set<int> failing_;
+  absl::Status failure_;
+  int calls_ = 0;
+};
+
+TEST_F(EngineTest, MissedDeadlineFallsBackToResidentRowsAndRecovers) {
+  ASSERT_OK_AND_ASSIGN(auto other_tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, {}));
+  ASSERT_OK(other_tier->RegisterModel(spec_));
+  // Call 4 is step 2's last layer: its fallback changes step 2's logits but no stored K/V (the
+  // layer's K/V are computed before its attention), so every later step must match the steady
+  // engine exactly, which it can only do if the lost call's rows are never assumed resident.
+  FaultyTier faulty(tier_.get(), {4}, absl::DeadlineExceededError("tier too slow"));
+  ASSERT_OK_AND_ASSIGN(auto flaky, Engine::Create(model_.get(), &faulty, spec_, Options(64)));
+  ASSERT_OK_AND_ASSIGN(auto steady, Engine::Create(model_.get(), other_tier.get(), spec_, Options(64)));
+  std::vector<float> lf, ls;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, flaky->Prefill(prompt_, &lf));
+  ASSERT_OK(flaky->AddSequence("s", kv));
+  ASSERT_OK(steady->AddSequence("s", kv));
+  const std::string id = "s";
+  for (int t = 0; t < 5; ++t) {
+    const int32_t next = 17 + t;
+    ASSERT_OK(flaky->Step({&id, 1}, {&next, 1}, &lf));
+    ASSERT_OK(steady->Step({&id, 1}, {&next, 1}, &ls));
+    float diff = 0;
+    for (size_t j = 0; j < lf.size(); ++j) diff = std::max(diff, std::fabs(lf[j] - ls[j]));
+    if (t == 1) {
+      EXPECT_GT(diff, 0.0f) << "step 2 ran on the previous step's rows";
+    } else {
+      EXPECT_EQ(diff, 0.0f) << "step " << t + 1 << " must see exactly the tier's selection again";
+    }
+  }
+  EXPECT_EQ(flaky->counters().fallback_layers, 1);
+}
+
+TEST_F(EngineTest, TierErrorsThatAreNotMissesFailTheStep) {
+  FaultyTier faulty(tier_.get(), {1}, absl::InvalidArgumentError("bad request"));
+  ASSERT_OK_AND_ASSIGN(auto engine, Engine::Create(model_.get(), &faulty, spec_, Options(64)));
+  std::vector<float> logits;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, engine->Prefill(prompt_, &logits));
+  ASSERT_OK(engine->AddSequence("s", kv));
+  const std::string id = "s";
+  const int32_t next = 3;
+  EXPECT_THAT(engine->Step({&id, 1}, {&next, 1}, &logits),
+              ::kvrecall::testing::StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(EngineTest, DumpsTheQkvItRanInTheIndexerFormat) {
