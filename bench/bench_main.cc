@@ -4,6 +4,7 @@
 //   kvrecall-bench index --method=ctkvr --json            indices vs exact (see index_bench.h)
 //   kvrecall-bench rpc --json                             Retrieve RPC vs in-process (rpc_bench.h)
 //   kvrecall-bench store --json                           arena and prefix sharing (store_bench.h)
+//   kvrecall-bench stream --json                          delta streaming vs ucx_perftest (stream_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
 #include <iostream>
@@ -13,6 +14,7 @@
 #include "bench/index_bench.h"
 #include "bench/rpc_bench.h"
 #include "bench/store_bench.h"
+#include "bench/stream_bench.h"
 #include "bench/transport_bench.h"
 
 namespace {
@@ -27,6 +29,10 @@ constexpr char kUsage[] =
     "                     --group=4 (see bench/index_bench.h)\n"
     "  rpc         Retrieve over gRPC + UCX vs the same calls in-process (flags: bench/rpc_bench.h)\n"
     "  store       arena ingest vs memcpy, prefix sharing of 16 sessions (flags: see bench/store_bench.h)\n"
+    "  stream      Node::Retrieve delta streaming over UCX vs ucx_perftest put bandwidth\n"
+    "              flags: --tls=tcp|posix,sysv,cma,self --entries=8 --head_dim=128\n"
+    "                     --message_sizes=262144,1048576,4194304 --seconds=2|--iterations=N --drift=0.1\n"
+    "                     --perftest_iters=0(auto) --perftest=false --seed=1 (see bench/stream_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
 // Runs a benchmark whose entry point takes the subcommand's arguments and returns its JSON.
@@ -78,6 +84,10 @@ int main(int argc, char** argv) {
   }
   if (cmd == "store") {
     return RunJson("store", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStoreBench(a); },
+                   args, compact);
+  }
+  if (cmd == "stream") {
+    return RunJson("stream", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStreamBench(a); },
                    args, compact);
   }
   std::cerr << "kvrecall-bench: unknown benchmark '" << cmd << "'\n" << kUsage;

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # Runs the CPU-side benchmarks on the device machine's idle cores (16 on the H100 host), from a
 # bundle made by scripts/device-bundle.sh. Writes one JSON per benchmark under $OUT (or ./out).
-#   usage there: scripts/device-bench.sh [rpc] [index] [store]   (default: all three)
+#   usage there: scripts/device-bench.sh [rpc] [stream] [index] [store]   (default: all four)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source .bundle/env.sh
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -eq 0 ] && set -- rpc index store
+[ $# -eq 0 ] && set -- rpc stream index store
 nproc; lscpu | grep -E "Model name|^CPU\(s\)" || true
 for b in "$@"; do
   case "$b" in
     rpc)
+      # ctkvr at the issue's shape, delta streaming on (default) and off, over TCP and shared memory.
       for tls in tcp posix,sysv,cma,self; do
-        for m in ctkvr exact; do
-          timeout 240 kvrecall-bench rpc --method=$m --ucx_tls=$tls --json >"$OUT/rpc-$m-${tls%%,*}.json" \
-            2>>"$OUT/bench.log" || echo "rpc $m $tls failed (see bench.log)"
+        for delta in true false; do
+          timeout 240 kvrecall-bench rpc --method=ctkvr --ucx_tls=$tls --delta=$delta --json \
+            >"$OUT/rpc-ctkvr-${tls%%,*}-delta-$delta.json" 2>>"$OUT/bench.log" \
+            || echo "rpc $tls delta=$delta failed (see bench.log)"
         done
+      done ;;
+    stream)
+      for tls in tcp posix,sysv,cma,self; do
+        timeout 240 kvrecall-bench stream --tls=$tls --json >"$OUT/stream-${tls%%,*}.json" 2>>"$OUT/bench.log" \
+          || echo "stream $tls failed (see bench.log)"
       done ;;
     index) timeout 240 kvrecall-bench index --method=ctkvr,cluster,merged --json >"$OUT/index.json" 2>>"$OUT/bench.log" \
              || echo "index failed (see bench.log)" ;;

@@ -3,7 +3,8 @@
 # so they run on a machine that has none of our Debian packages (the GPU machine):
 #   .bundle/bin/<binaries>   .bundle/lib/*.so*   .bundle/lib/ucx/*.so* (UCX transport modules)
 #   .bundle/env.sh           source it there: sets LD_LIBRARY_PATH and UCX_MODULE_DIR
-# Usage: scripts/device-bundle.sh [BINARY ...]   (default: every binary in build/bin)
+# Usage: scripts/device-bundle.sh [BINARY ...]   (default: every binary in build/bin; ucx_perftest
+# is always added when installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=${BUILD_DIR:-build}/bin
@@ -11,6 +12,8 @@ OUT=.bundle
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib/ucx"
 if [ $# -eq 0 ]; then set -- "$BIN_DIR"/*; fi
+# ucx_perftest too, for the benchmarks that measure against it.
+if command -v ucx_perftest >/dev/null; then set -- "$@" "$(command -v ucx_perftest)"; fi
 # glibc and the compiler runtime come from the target system (newer there, backward compatible).
 SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia)[.-]'
 for b in "$@"; do
