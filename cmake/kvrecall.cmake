@@ -15,7 +15,46 @@ endif()
 if(KVRECALL_TSAN)
   add_compile_options(-fsanitize=thread -fno-omit-frame-pointer)
   add_link_options(-fsanitize=thread)
+  # Debian's Abseil is not built with TSan, so TSan cannot see absl::Mutex, CondVar, Notification
+  # etc. Every executable therefore links cmake/tsan/absl_sync_tsan.cc and wraps (GNU ld --wrap)
+  # the Abseil functions that file annotates; see the file for how and why. The list of symbols is
+  # read from the file (editing it reconfigures), mangled with Abseil's inline namespace from its
+  # options.h. scripts/test.sh runs the TSan pass (build-tsan/).
+  find_path(KVRECALL_ABSL_INCLUDE_DIR absl/base/options.h REQUIRED)
+  file(STRINGS "${KVRECALL_ABSL_INCLUDE_DIR}/absl/base/options.h" _absl_ns_use
+       REGEX "^#define ABSL_OPTION_USE_INLINE_NAMESPACE ")
+  file(STRINGS "${KVRECALL_ABSL_INCLUDE_DIR}/absl/base/options.h" _absl_ns_name
+       REGEX "^#define ABSL_OPTION_INLINE_NAMESPACE_NAME ")
+  set(_absl_mangled_ns "4absl")
+  if(_absl_ns_use MATCHES " 1$" AND _absl_ns_name MATCHES "NAME ([A-Za-z0-9_]+)$")
+    string(LENGTH "${CMAKE_MATCH_1}" _len)
+    string(APPEND _absl_mangled_ns "${_len}${CMAKE_MATCH_1}")
+  endif()
+  set(_shim "${CMAKE_CURRENT_LIST_DIR}/tsan/absl_sync_tsan.cc")
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_shim}")
+  file(STRINGS "${_shim}" _wraps REGEX "KVRECALL_TSAN_WRAP\\(\"_ZNK?\", \"[A-Za-z0-9_]+\"\\)")
+  set(_wrap_flags "")
+  foreach(_line IN LISTS _wraps)
+    string(REGEX MATCH "KVRECALL_TSAN_WRAP\\(\"(_ZNK?)\", \"([A-Za-z0-9_]+)\"\\)" _m "${_line}")
+    list(APPEND _wrap_flags "LINKER:--wrap=${CMAKE_MATCH_1}${_absl_mangled_ns}${CMAKE_MATCH_2}")
+  endforeach()
+  list(REMOVE_DUPLICATES _wrap_flags)
+  list(LENGTH _wrap_flags _n)
+  message(STATUS "kvrecall: TSan build, ${_n} Abseil sync functions wrapped (${_absl_mangled_ns})")
+  add_library(kvrecall_tsan_absl_sync OBJECT "${_shim}")
+  target_compile_definitions(kvrecall_tsan_absl_sync
+    PRIVATE KVRECALL_ABSL_MANGLED_NS="${_absl_mangled_ns}")
+  target_compile_options(kvrecall_tsan_absl_sync PRIVATE ${KVRECALL_WARNINGS})
+  target_link_libraries(kvrecall_tsan_absl_sync PUBLIC absl::synchronization absl::time)
+  target_link_options(kvrecall_tsan_absl_sync INTERFACE ${_wrap_flags})
 endif()
+
+# Links the Abseil TSan shim (above) into an executable of a KVRECALL_TSAN build.
+function(_kvrecall_tsan_executable target)
+  if(KVRECALL_TSAN)
+    target_link_libraries(${target} PRIVATE kvrecall_tsan_absl_sync)
+  endif()
+endfunction()
 
 function(_kvrecall_common target)
   target_include_directories(${target} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
@@ -39,6 +78,7 @@ function(kvrecall_cc_binary)
   cmake_parse_arguments(A "" "NAME" "SRCS;DEPS" ${ARGN})
   add_executable(${A_NAME} ${A_SRCS})
   _kvrecall_common(${A_NAME})
+  _kvrecall_tsan_executable(${A_NAME})
   target_link_libraries(${A_NAME} PRIVATE ${A_DEPS})
   set_target_properties(${A_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bin)
 endfunction()
@@ -47,6 +87,7 @@ function(kvrecall_cc_test)
   cmake_parse_arguments(A "" "NAME" "SRCS;DEPS;LABELS" ${ARGN})
   add_executable(${A_NAME} ${A_SRCS})
   _kvrecall_common(${A_NAME})
+  _kvrecall_tsan_executable(${A_NAME})
   target_link_libraries(${A_NAME} PRIVATE ${A_DEPS} kvrecall_testing GTest::gtest GTest::gmock GTest::gtest_main)
   if(A_LABELS)
     set(labels ${A_LABELS})
@@ -55,8 +96,15 @@ function(kvrecall_cc_test)
   endif()
   # A list value must keep its semicolons escaped, or it breaks the PROPERTIES key/value pairs.
   string(REPLACE ";" "\\;" labels "${labels}")
+  # In a TSan tree each test is named after its binary ("kvstore_test.ArenaTest.Foo"), so that
+  # scripts/test.sh can run the tests of just the binaries that tree builds (ctest -R).
+  set(prefix "")
+  if(KVRECALL_TSAN)
+    set(prefix "${A_NAME}.")
+  endif()
   gtest_discover_tests(${A_NAME}
     PROPERTIES LABELS "${labels}" ENVIRONMENT "KVRECALL_BIN_DIR=${PROJECT_BINARY_DIR}/bin"
+    TEST_PREFIX "${prefix}"
     DISCOVERY_TIMEOUT 60)
 endfunction()
 
