@@ -253,8 +253,7 @@ class ChainSegment final : public Segment {
   }
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
     for (const auto& p : parts_) {
-      if (p->token_begin() >= s.range_end || p->token_end() <= s.range_begin ||
-          p->token_begin() == p->token_end()) {
+      if (std::max(p->token_begin(), s.range_begin) >= std::min(p->token_end(), s.range_end)) {
         continue;
       }
       RETURN_IF_ERROR(p->SearchInternal(s, out));

@@ -12,6 +12,7 @@
 #include "indexer/exact.h"
 #include "indexer/internal/search.h"
 #include "indexer/synthetic.h"
+#include "indexer/testing/small_synthetic.h"
 
 namespace kvrecall::indexer {
 namespace {
@@ -59,31 +60,9 @@ std::vector<int32_t> SearchOne(const SearchEntry& e) {
 }
 
 std::unique_ptr<SyntheticData> Data(int64_t tokens, uint64_t seed = 1) {
-  SyntheticOptions o;
-  o.tokens = tokens;
-  o.head_dim = 32;
-  o.group = 4;
-  o.prompt_queries = 256;
-  o.decode_queries = 4;
-  o.sinks = 4;
-  o.window = 32;
-  o.needles = 4;
-  o.seed = seed;
-  auto d = GenerateSynthetic(o);
-  EXPECT_OK(d.status());
-  return std::move(d).value();
+  return test_data::SmallSynthetic(tokens, 256, 4, seed);
 }
-
-BuildInput Input(const SyntheticData& d, int64_t b, int64_t e) {
-  BuildInput in;
-  in.keys = &d.keys;
-  in.token_begin = b;
-  in.token_end = e;
-  in.prompt_queries = d.prompt_queries.data();
-  in.num_prompt_queries = d.num_prompt_queries;
-  in.group = d.options.group;
-  return in;
-}
+using test_data::InputOver;
 
 TEST(MethodTest, ParsesNamesAndRejectsUnknown) {
   ASSERT_OK_AND_ASSIGN(Method m, ParseMethod("ctkvr"));
@@ -165,10 +144,10 @@ TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
 TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
   auto d = Data(3000);
   IndexOptions opt;
-  ASSERT_OK_AND_ASSIGN(auto whole, BuildSegment(Method::kExact, Input(*d, 0, 3000), opt, nullptr));
-  ASSERT_OK_AND_ASSIGN(auto prefix, BuildSegment(Method::kExact, Input(*d, 0, 1024), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto whole, BuildSegment(Method::kExact, InputOver(*d, 0, 3000), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto prefix, BuildSegment(Method::kExact, InputOver(*d, 0, 1024), opt, nullptr));
   ASSERT_OK_AND_ASSIGN(auto suffix,
-                       BuildSegment(Method::kExact, Input(*d, 1024, 2500), opt, nullptr));
+                       BuildSegment(Method::kExact, InputOver(*d, 1024, 2500), opt, nullptr));
   const float* q = d->decode_queries.data();
   for (int k : {1, 50, 700}) {
     SearchEntry one = Entry(q, 4, &d->keys, 4, 2968, k, {whole.get()});
@@ -183,7 +162,7 @@ TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
   IndexOptions opt;
   opt.ctkvr.list_size = 5000;
   opt.ctkvr.probe = 1;
-  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, Input(*d, 4, 1968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 1968), opt, nullptr));
   for (int i = 0; i < 4; ++i) {
     const float* q = d->decode_queries.data() + i * 4 * 32;
     EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 1968, 64, {seg.get()})),
@@ -196,7 +175,7 @@ TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {
   const int64_t b = d->retrieval_begin, e = d->retrieval_end;
   IndexOptions opt;
   opt.ctkvr.list_size = 512;
-  ASSERT_OK_AND_ASSIGN(auto ctkvr, BuildSegment(Method::kCtkvr, Input(*d, b, e), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto ctkvr, BuildSegment(Method::kCtkvr, InputOver(*d, b, e), opt, nullptr));
   for (int i = 0; i < 4; ++i) {
     const float* q = d->decode_queries.data() + i * 4 * 32;
     const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, b, e, 256, {ctkvr.get()}));
@@ -218,8 +197,8 @@ TEST(IndexTest, BuildsAreDeterministicPerSeedAndIndependentOfThePool) {
   ThreadPool pool(2);
   const float* q = d->decode_queries.data();
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
-    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(m, Input(*d, 4, 3968), opt, nullptr));
-    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(m, Input(*d, 4, 3968), opt, &pool));
+    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(m, InputOver(*d, 4, 3968), opt, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(m, InputOver(*d, 4, 3968), opt, &pool));
     const auto ra = SearchOne(Entry(q, 4, &d->keys, 4, 3968, 300, {a.get()}));
     EXPECT_EQ(ra, SearchOne(Entry(q, 4, &d->keys, 4, 3968, 300, {b.get()}))) << MethodName(m);
     EXPECT_EQ(ra.size(), 300u);
@@ -237,8 +216,8 @@ TEST(IndexTest, ClusterChunkedBuildCoversEveryTokenAndIsDeterministic) {
   opt.cluster.segment_tokens = 1000;  // chunks [4, 1004), ..., [3004, 4004), [4004, 4968)
   opt.cluster.tokens_per_cluster = 40;
   ThreadPool pool(2);
-  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr));
-  ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, &pool));
+  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, &pool));
   const float* q = d->decode_queries.data();
   const auto all = SearchOne(Entry(q, 4, &d->keys, 4, 4968, 4964, {a.get()}));
   ASSERT_EQ(all.size(), 4964u);
@@ -247,11 +226,11 @@ TEST(IndexTest, ClusterChunkedBuildCoversEveryTokenAndIsDeterministic) {
   EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 4968, 300, {a.get()})),
             SearchOne(Entry(q, 4, &d->keys, 4, 4968, 300, {b.get()})));
   opt.cluster.segment_tokens = -1;
-  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr),
+  EXPECT_THAT(BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument));
   opt.cluster.segment_tokens = 0;
   opt.cluster.tolerance = 1;
-  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 4968), opt, nullptr),
+  EXPECT_THAT(BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -282,7 +261,7 @@ TEST(IndexTest, AppendKeepsResultsCorrectAsTheSequenceGrows) {
   const float* q = d->decode_queries.data();
   PagedRows view = d->keys;
   view.num_tokens = 1000;
-  BuildInput in = Input(*d, 0, 1000);
+  BuildInput in = InputOver(*d, 0, 1000);
   in.keys = &view;
   ASSERT_OK_AND_ASSIGN(auto exact, BuildSegment(Method::kExact, in, opt, nullptr));
   ASSERT_OK_AND_ASSIGN(auto ctkvr, BuildSegment(Method::kCtkvr, in, opt, nullptr));
@@ -306,7 +285,7 @@ TEST(IndexTest, AppendKeepsResultsCorrectAsTheSequenceGrows) {
 TEST(IndexTest, BadInputIsInvalidArgumentNeverACrash) {
   auto d = Data(1000);
   IndexOptions opt;
-  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, Input(*d, 4, 968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 968), opt, nullptr));
   std::vector<float> q(d->decode_queries.begin(), d->decode_queries.begin() + 4 * 32);
   std::vector<std::vector<int32_t>> out;
   auto search = [&](const SearchEntry& e) { return Search({&e, 1}, {}, nullptr, &out); };
@@ -332,7 +311,7 @@ TEST(IndexTest, BadInputIsInvalidArgumentNeverACrash) {
   other.head_dim = 16;
   EXPECT_THAT(search(Entry(q.data(), 4, &other, 4, 968, 10, {seg.get()})), bad);
   // Overlapping segments.
-  ASSERT_OK_AND_ASSIGN(auto seg2, BuildSegment(Method::kExact, Input(*d, 500, 900), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto seg2, BuildSegment(Method::kExact, InputOver(*d, 500, 900), opt, nullptr));
   EXPECT_THAT(search(Entry(q.data(), 4, &d->keys, 4, 968, 10, {seg.get(), seg2.get()})), bad);
   // Budget larger than the range selects the whole range; an empty range selects nothing.
   ASSERT_OK(search(Entry(q.data(), 4, &d->keys, 100, 110, 1000, {seg.get()})));
@@ -341,21 +320,21 @@ TEST(IndexTest, BadInputIsInvalidArgumentNeverACrash) {
   EXPECT_TRUE(out[0].empty());
 
   // Builds: zero tokens, out of range, missing queries, bad options, merged.
-  EXPECT_THAT(BuildSegment(Method::kExact, Input(*d, 10, 10), opt, nullptr).status(), bad);
-  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 0, 1001), opt, nullptr).status(), bad);
-  BuildInput noq = Input(*d, 4, 968);
+  EXPECT_THAT(BuildSegment(Method::kExact, InputOver(*d, 10, 10), opt, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment(Method::kCluster, InputOver(*d, 0, 1001), opt, nullptr).status(), bad);
+  BuildInput noq = InputOver(*d, 4, 968);
   noq.num_prompt_queries = 0;
   EXPECT_THAT(BuildSegment(Method::kCtkvr, noq, opt, nullptr).status(), bad);
-  BuildInput nanq = Input(*d, 4, 968);
+  BuildInput nanq = InputOver(*d, 4, 968);
   std::vector<float> pq = d->prompt_queries;
   pq[5] = std::numeric_limits<float>::quiet_NaN();
   nanq.prompt_queries = pq.data();
   EXPECT_THAT(BuildSegment(Method::kCtkvr, nanq, opt, nullptr).status(), bad);
   IndexOptions zero;
   zero.cluster.tokens_per_cluster = 0;
-  EXPECT_THAT(BuildSegment(Method::kCluster, Input(*d, 4, 968), zero, nullptr).status(), bad);
-  EXPECT_THAT(BuildSegment(Method::kMerged, Input(*d, 4, 968), opt, nullptr).status(), bad);
-  EXPECT_THAT(BuildSegment("nope", Input(*d, 4, 968), opt, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment(Method::kCluster, InputOver(*d, 4, 968), zero, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment(Method::kMerged, InputOver(*d, 4, 968), opt, nullptr).status(), bad);
+  EXPECT_THAT(BuildSegment("nope", InputOver(*d, 4, 968), opt, nullptr).status(), bad);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "indexer/index.h"
 #include "indexer/synthetic.h"
+#include "indexer/testing/small_synthetic.h"
 
 namespace kvrecall::indexer {
 namespace {
@@ -16,45 +17,29 @@ namespace {
 using ::kvrecall::testing::StatusIs;
 
 std::unique_ptr<SyntheticData> Data(int64_t tokens) {
-  SyntheticOptions o;
-  o.tokens = tokens;
-  o.head_dim = 32;
-  o.group = 4;
-  o.prompt_queries = 64;
-  o.decode_queries = 8;
-  o.sinks = 4;
-  o.window = 32;
-  o.needles = 4;
-  o.seed = 7;
-  auto d = GenerateSynthetic(o);
-  EXPECT_OK(d.status());
-  return std::move(d).value();
+  return test_data::SmallSynthetic(tokens, 64, 8, 7);
 }
+using test_data::InputOver;
 
-BuildInput Input(const SyntheticData& d, int64_t b, int64_t e) {
-  BuildInput in;
-  in.keys = &d.keys;
-  in.token_begin = b;
-  in.token_end = e;
-  in.prompt_queries = d.prompt_queries.data();
-  in.num_prompt_queries = d.num_prompt_queries;
-  in.group = d.options.group;
-  return in;
+// Decode query i of `d` over its retrieval range (budget 64), without segments.
+SearchEntry DecodeEntry(const SyntheticData& d, int i) {
+  const int g = d.options.group, hd = d.options.head_dim;
+  SearchEntry e;
+  e.queries = d.decode_queries.data() + static_cast<size_t>(i) * g * hd;
+  e.group = g;
+  e.keys = &d.keys;
+  e.token_begin = d.retrieval_begin;
+  e.token_end = d.retrieval_end;
+  e.k = 64;
+  return e;
 }
 
 // Every decode query of `d` against `seg` (budget 64).
 std::vector<std::vector<int32_t>> SearchAll(const SyntheticData& d, const Segment* seg) {
   std::vector<SearchEntry> entries;
-  const int g = d.options.group, hd = d.options.head_dim;
   for (int i = 0; i < d.options.decode_queries; ++i) {
-    SearchEntry e;
-    e.queries = d.decode_queries.data() + static_cast<size_t>(i) * g * hd;
-    e.group = g;
-    e.keys = &d.keys;
+    SearchEntry e = DecodeEntry(d, i);
     if (seg != nullptr) e.segments = {seg};
-    e.token_begin = d.retrieval_begin;
-    e.token_end = d.retrieval_end;
-    e.k = 64;
     entries.push_back(e);
   }
   std::vector<std::vector<int32_t>> out;
@@ -75,7 +60,7 @@ TEST(SegmentIoTest, RoundTripSearchesIdentically) {
   for (Method m : {Method::kExact, Method::kCtkvr, Method::kCluster}) {
     SCOPED_TRACE(MethodName(m));
     // Built over a prefix, then grown by Append (cluster: pending and clustered appends).
-    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, Input(*d, 4, 3000), SmallOptions(), nullptr));
+    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, InputOver(*d, 4, 3000), SmallOptions(), nullptr));
     ASSERT_OK(seg->Append(d->keys, 3100, nullptr));
     const std::string bytes = SerializeSegment(*seg);
     ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(bytes));
@@ -96,7 +81,7 @@ TEST(SegmentIoTest, CloneIsIndependent) {
   auto d = Data(4096);
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
     SCOPED_TRACE(MethodName(m));
-    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, Input(*d, 4, 3000), SmallOptions(), nullptr));
+    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, InputOver(*d, 4, 3000), SmallOptions(), nullptr));
     const std::string before = SerializeSegment(*seg);
     std::unique_ptr<Segment> clone = seg->Clone();
     ASSERT_OK(clone->Append(d->keys, 3200, nullptr));
@@ -110,8 +95,8 @@ TEST(SegmentIoTest, ChainSearchesLikeSeparateSegmentsAndRoundTrips) {
   const IndexOptions o = SmallOptions();
   for (Method m : {Method::kExact, Method::kCluster}) {
     SCOPED_TRACE(MethodName(m));
-    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(m, Input(*d, 4, 2000), o, nullptr));
-    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(m, Input(*d, 2000, 3000), o, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(m, InputOver(*d, 4, 2000), o, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(m, InputOver(*d, 2000, 3000), o, nullptr));
     std::shared_ptr<const Segment> sa = std::move(a), sb = std::move(b);
     ASSERT_OK_AND_ASSIGN(auto chain, NewSegmentChain({sa, sb}));
     EXPECT_EQ(chain->token_begin(), 4);
@@ -120,15 +105,8 @@ TEST(SegmentIoTest, ChainSearchesLikeSeparateSegmentsAndRoundTrips) {
     EXPECT_THAT(chain->Append(d->keys, 3100, nullptr),
                 StatusIs(absl::StatusCode::kFailedPrecondition));
     // Searching the chain = searching both parts as separate segments.
-    const int g = d->options.group, hd = d->options.head_dim;
     for (int i = 0; i < d->options.decode_queries; ++i) {
-      SearchEntry e;
-      e.queries = d->decode_queries.data() + static_cast<size_t>(i) * g * hd;
-      e.group = g;
-      e.keys = &d->keys;
-      e.token_begin = d->retrieval_begin;
-      e.token_end = d->retrieval_end;
-      e.k = 64;
+      SearchEntry e = DecodeEntry(*d, i);
       SearchEntry f = e;
       e.segments = {chain.get()};
       f.segments = {sa.get(), sb.get()};
@@ -144,9 +122,9 @@ TEST(SegmentIoTest, ChainSearchesLikeSeparateSegmentsAndRoundTrips) {
     EXPECT_EQ(SegmentParts(sa).size(), 1u);
   }
   // Gaps and mixed methods are refused.
-  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kExact, Input(*d, 4, 100), o, nullptr));
-  ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kExact, Input(*d, 200, 300), o, nullptr));
-  ASSERT_OK_AND_ASSIGN(auto c, BuildSegment(Method::kCluster, Input(*d, 100, 300), o, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kExact, InputOver(*d, 4, 100), o, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kExact, InputOver(*d, 200, 300), o, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto c, BuildSegment(Method::kCluster, InputOver(*d, 100, 300), o, nullptr));
   std::shared_ptr<const Segment> sa = std::move(a), sb = std::move(b), sc = std::move(c);
   EXPECT_THAT(NewSegmentChain({sa, sb}).status(), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(NewSegmentChain({sa, sc}).status(), StatusIs(absl::StatusCode::kInvalidArgument));
@@ -166,12 +144,12 @@ TEST(SegmentIoTest, CorruptInputIsDataLossNeverACrash) {
   const IndexOptions o = SmallOptions();
   std::vector<std::string> records;
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
-    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, Input(*d, 4, 2000), o, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, InputOver(*d, 4, 2000), o, nullptr));
     records.push_back(SerializeSegment(*seg));
   }
   {
-    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, Input(*d, 4, 1000), o, nullptr));
-    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, Input(*d, 1000, 2000), o, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, InputOver(*d, 4, 1000), o, nullptr));
+    ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, InputOver(*d, 1000, 2000), o, nullptr));
     ASSERT_OK_AND_ASSIGN(auto chain, NewSegmentChain({std::move(a), std::move(b)}));
     records.push_back(SerializeSegment(*chain));
   }

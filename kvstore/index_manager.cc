@@ -49,10 +49,28 @@ std::string IndexManager::SegmentKey(absl::string_view tenant, absl::string_view
   AppendBe32(&k, j);
   return k;
 }
+std::string IndexManager::RecordsEnd(absl::string_view prefix) {
+  return absl::StrCat(prefix, std::string(5, '\xff'));
+}
 
 IndexManager::IndexManager(const IndexManagerOptions& options, BlockTable* table,
                            BlockStore* store, ThreadPool* pool, Clock* clock)
-    : options_(options), table_(table), store_(store), pool_(pool), clock_(clock) {}
+    : options_(options),
+      table_(table),
+      store_(store),
+      pool_(pool),
+      clock_(clock),
+      persist_(options.durable && store != nullptr),
+      hooks_([this] {
+        auto hooks = std::make_shared<Sequence::IndexHooks>();
+        hooks->load = [this](const Sequence* s, std::shared_ptr<const SequenceIndex> stub) {
+          return Load(s, std::move(stub));
+        };
+        hooks->on_commit = [this](const Sequence* s, int64_t committed) {
+          OnCommit(s, committed);
+        };
+        return hooks;
+      }()) {}
 
 IndexManager::~IndexManager() {
   WaitIdle();
@@ -66,12 +84,7 @@ void IndexManager::Track(const std::shared_ptr<Sequence>& seq, bool recovered) {
     absl::MutexLock lock(&mu_);
     entries_[seq.get()].seq = seq;
   }
-  auto hooks = std::make_shared<Sequence::IndexHooks>();
-  hooks->load = [this](const Sequence* s, std::shared_ptr<const SequenceIndex> stub) {
-    return Load(s, std::move(stub));
-  };
-  hooks->on_commit = [this](const Sequence* s, int64_t committed) { OnCommit(s, committed); };
-  seq->set_index_hooks(std::move(hooks));
+  seq->set_index_hooks(hooks_);
   if (recovered && store_ != nullptr) {
     auto stub = std::make_shared<SequenceIndex>();
     stub->on_disk = true;
@@ -82,11 +95,7 @@ void IndexManager::Track(const std::shared_ptr<Sequence>& seq, bool recovered) {
 void IndexManager::Forget(const Sequence* seq, BlockStore::Batch* batch) {
   {
     absl::MutexLock lock(&mu_);
-    auto idle = [this, seq]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      auto it = entries_.find(seq);
-      return it == entries_.end() || !it->second.busy;
-    };
-    mu_.Await(absl::Condition(&idle));
+    AwaitIdleLocked(seq);
     auto it = entries_.find(seq);
     if (it != entries_.end()) {
       table_->ReleaseSlots(it->second.slots);
@@ -96,7 +105,7 @@ void IndexManager::Forget(const Sequence* seq, BlockStore::Batch* batch) {
   }
   if (store_ == nullptr) return;
   const std::string prefix = KeyPrefix(seq->tenant(), seq->id());
-  const std::string end = prefix + std::string(5, '\xff');
+  const std::string end = RecordsEnd(prefix);
   if (batch != nullptr) {
     batch->DeleteSegmentRange(prefix, end);
     return;
@@ -106,6 +115,20 @@ void IndexManager::Forget(const Sequence* seq, BlockStore::Batch* batch) {
   if (absl::Status s = store_->Commit(own.get()); !s.ok()) {
     KV_LOG(WARNING) << "deleting the index records of '" << seq->id() << "': " << s;
   }
+}
+
+void IndexManager::AwaitIdleLocked(const Sequence* seq) {
+  auto idle = [this, seq]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = entries_.find(seq);
+    return it == entries_.end() || !it->second.busy;
+  };
+  mu_.Await(absl::Condition(&idle));
+}
+
+bool IndexManager::AutoEligible(int num_layers, int64_t committed) const {
+  const indexer::Method am = options_.auto_method;
+  return (am == indexer::Method::kCluster || am == indexer::Method::kCtkvr) &&
+         options_.first_layer < num_layers && committed - options_.token_begin >= options_.min_tokens;
 }
 
 void IndexManager::WaitIdle() {
@@ -208,15 +231,16 @@ std::shared_ptr<const SequenceIndex> IndexManager::Placeholder(const Sequence& s
 }
 
 void IndexManager::OnCommit(const Sequence* raw, int64_t committed) {
+  // Read before taking mu_: BlockTable's lock is not nested in ours on every commit.
+  const int64_t evictions = store_ != nullptr ? table_->stats().evictions : 0;
   absl::MutexLock lock(&mu_);
   if (store_ != nullptr && !sweep_queued_) {
-    const int64_t evictions = table_->stats().evictions;
     if (evictions != swept_evictions_) {
       swept_evictions_ = evictions;
       sweep_queued_ = true;
       ++pending_;
       pool_->Schedule([this] {
-        SweepJob();
+        SpillCold();
         absl::MutexLock l(&mu_);
         sweep_queued_ = false;
         --pending_;
@@ -230,12 +254,8 @@ void IndexManager::OnCommit(const Sequence* raw, int64_t committed) {
   if (seq == nullptr) return;
   std::shared_ptr<const SequenceIndex> cur = seq->held_index();
   const indexer::Method am = options_.auto_method;
-  const bool auto_on = am == indexer::Method::kCluster || am == indexer::Method::kCtkvr;
   if (cur == nullptr) {
-    if (!auto_on || options_.first_layer >= seq->spec().num_layers ||
-        committed - options_.token_begin < options_.min_tokens) {
-      return;
-    }
+    if (!AutoEligible(seq->spec().num_layers, committed)) return;
     std::shared_ptr<const SequenceIndex> p =
         Placeholder(*seq, am, options_.first_layer, options_.token_begin);
     if (!InstallLocked(raw, &e, nullptr, p).ok()) return;
@@ -311,11 +331,7 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
   {
     // Let an automatic build or growth of this sequence finish: it may be what is asked for.
     absl::MutexLock lock(&mu_);
-    auto idle = [this, s = seq.get()]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      auto it = entries_.find(s);
-      return it == entries_.end() || !it->second.busy;
-    };
-    mu_.Await(absl::Condition(&idle));
+    AwaitIdleLocked(seq.get());
   }
   BuildIndexOutcome outcome;
   outcome.indexed_tokens = committed - args.token_begin;
@@ -332,7 +348,7 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
                    BuildSegments(*seq, args.method, args.first_layer, args.token_begin, committed,
                                  args.num_queries, &args.layer_queries));
   index->explicit_build = true;
-  if (options_.durable && store_ != nullptr) RETURN_IF_ERROR(Persist(*seq, *index, true));
+  if (persist_) RETURN_IF_ERROR(Persist(*seq, *index));
   {
     absl::MutexLock lock(&mu_);
     auto it = entries_.find(seq.get());
@@ -340,7 +356,7 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
     std::shared_ptr<const SequenceIndex> cur = seq->held_index();
     RETURN_IF_ERROR(InstallLocked(seq.get(), &it->second, cur.get(), index));
     it->second.auto_failed = false;
-    it->second.persisted = options_.durable && store_ != nullptr ? index.get() : nullptr;
+    it->second.persisted = persist_ ? index.get() : nullptr;
     ++counters_.builds;
   }
   outcome.segments = static_cast<int>(index->segments.size());
@@ -361,13 +377,13 @@ void IndexManager::AutoBuildJob(const std::shared_ptr<Sequence>& seq) {
       BuildSegments(*seq, placeholder->method, placeholder->first_layer, placeholder->token_begin,
                     committed, 0, nullptr);
   absl::Status s = built.status();
-  if (s.ok() && options_.durable && store_ != nullptr) s = Persist(*seq, **built, true);
+  if (s.ok() && persist_) s = Persist(*seq, **built);
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(seq.get());
   if (it == entries_.end()) return;
   if (s.ok()) s = InstallLocked(seq.get(), &it->second, placeholder.get(), *built);
   if (s.ok()) {
-    it->second.persisted = options_.durable && store_ != nullptr ? built->get() : nullptr;
+    it->second.persisted = persist_ ? built->get() : nullptr;
     ++counters_.builds;
     ++counters_.auto_builds;
     return;
@@ -458,8 +474,6 @@ void IndexManager::GrowJob(const std::shared_ptr<Sequence>& seq) {
   }
 }
 
-void IndexManager::SweepJob() { SpillCold(); }
-
 int IndexManager::SpillCold() {
   if (store_ == nullptr) return 0;
   std::vector<std::shared_ptr<Sequence>> seqs;
@@ -479,14 +493,15 @@ int IndexManager::SpillCold() {
     {
       absl::MutexLock lock(&mu_);
       auto it = entries_.find(seq.get());
-      if (it == entries_.end()) continue;
+      // Busy: a job or a reload of it started meanwhile; it is spilled by a later sweep.
+      if (it == entries_.end() || it->second.busy) continue;
       stored = it->second.persisted == cur.get();
+      // Forget waits for the records written below before deleting them.
+      it->second.busy = true;
     }
-    if (!stored) {
-      if (absl::Status s = Persist(*seq, *cur, false); !s.ok()) {
-        KV_LOG(WARNING) << "spilling the index of sequence '" << seq->id() << "': " << s;
-        continue;
-      }
+    const absl::Status persisted = stored ? absl::OkStatus() : Persist(*seq, *cur);
+    if (!persisted.ok()) {
+      KV_LOG(WARNING) << "spilling the index of sequence '" << seq->id() << "': " << persisted;
     }
     auto stub = std::make_shared<SequenceIndex>();
     stub->method = cur->method;
@@ -494,6 +509,8 @@ int IndexManager::SpillCold() {
     absl::MutexLock lock(&mu_);
     auto it = entries_.find(seq.get());
     if (it == entries_.end()) continue;
+    it->second.busy = false;
+    if (!persisted.ok()) continue;
     if (InstallLocked(seq.get(), &it->second, cur.get(), stub).ok()) {
       it->second.persisted = nullptr;
       ++counters_.spills;
@@ -503,11 +520,10 @@ int IndexManager::SpillCold() {
   return spilled;
 }
 
-absl::Status IndexManager::Persist(const Sequence& seq, const SequenceIndex& index,
-                                   bool /*sync_only_durable*/) {
+absl::Status IndexManager::Persist(const Sequence& seq, const SequenceIndex& index) {
   std::unique_ptr<BlockStore::Batch> batch = store_->NewBatch();
   const std::string prefix = KeyPrefix(seq.tenant(), seq.id());
-  batch->DeleteSegmentRange(prefix, prefix + std::string(5, '\xff'));
+  batch->DeleteSegmentRange(prefix, RecordsEnd(prefix));
   internal::RecordWriter h;
   h.U32(1);  // version
   h.U32(static_cast<uint32_t>(index.method));
@@ -580,17 +596,28 @@ std::shared_ptr<const SequenceIndex> IndexManager::Load(
     const Sequence* raw, std::shared_ptr<const SequenceIndex> stub) {
   std::shared_ptr<Sequence> seq;
   {
+    // Single flight: concurrent first uses of the stub wait for one load and share its result.
+    // (While the stub is held only a load can be busy; once it is replaced, return at once
+    // rather than waiting for a job the replacement scheduled.)
     absl::MutexLock lock(&mu_);
+    auto idle = [this, raw, &stub]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      auto it = entries_.find(raw);
+      return it == entries_.end() || !it->second.busy || raw->held_index() != stub;
+    };
+    mu_.Await(absl::Condition(&idle));
     auto it = entries_.find(raw);
     if (it == entries_.end()) return nullptr;
     seq = it->second.seq.lock();
+    if (seq == nullptr || store_ == nullptr) return nullptr;
+    if (std::shared_ptr<const SequenceIndex> cur = seq->held_index(); cur != stub) return cur;
+    it->second.busy = true;
   }
-  if (seq == nullptr || store_ == nullptr) return nullptr;
   absl::StatusOr<std::shared_ptr<SequenceIndex>> loaded = LoadRecords(*seq);
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(raw);
   if (it == entries_.end()) return nullptr;
   Entry& e = it->second;
+  e.busy = false;
   if (loaded.ok()) {
     const SequenceIndex* installed = loaded->get();
     absl::Status s = InstallLocked(raw, &e, stub.get(), *loaded);
@@ -615,9 +642,7 @@ std::shared_ptr<const SequenceIndex> IndexManager::Load(
   }
   const indexer::Method am = options_.auto_method;
   std::shared_ptr<const SequenceIndex> next;
-  if ((am == indexer::Method::kCluster || am == indexer::Method::kCtkvr) &&
-      options_.first_layer < seq->spec().num_layers &&
-      seq->committed_tokens() - options_.token_begin >= options_.min_tokens) {
+  if (AutoEligible(seq->spec().num_layers, seq->committed_tokens())) {
     next = Placeholder(*seq, am, options_.first_layer, options_.token_begin);
   }
   if (!InstallLocked(raw, &e, stub.get(), next).ok()) return seq->held_index();

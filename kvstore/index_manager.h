@@ -118,6 +118,8 @@ class IndexManager {
   static std::string KeyPrefix(absl::string_view tenant, absl::string_view id);
   static std::string HeaderKey(absl::string_view tenant, absl::string_view id);
   static std::string SegmentKey(absl::string_view tenant, absl::string_view id, uint32_t j);
+  // The exclusive end of the key range [KeyPrefix, RecordsEnd) that holds all of them.
+  static std::string RecordsEnd(absl::string_view prefix);
 
  private:
   struct Entry {
@@ -144,16 +146,19 @@ class IndexManager {
       const Sequence& seq, indexer::Method method, int first_layer, int64_t token_begin,
       int64_t token_end, int num_queries,
       const std::vector<absl::Span<const float>>* queries) const;
-  absl::Status Persist(const Sequence& seq, const SequenceIndex& index, bool sync_only_durable);
+  absl::Status Persist(const Sequence& seq, const SequenceIndex& index);
   absl::StatusOr<std::shared_ptr<SequenceIndex>> LoadRecords(const Sequence& seq) const;
 
   void OnCommit(const Sequence* seq, int64_t committed);
+  // Blocks until no job of `seq` is queued or running (or it is not tracked).
+  void AwaitIdleLocked(const Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a sequence of `num_layers` layers with `committed` tokens gets an automatic index.
+  bool AutoEligible(int num_layers, int64_t committed) const;
   std::shared_ptr<const SequenceIndex> Load(const Sequence* seq,
                                             std::shared_ptr<const SequenceIndex> stub);
   // Jobs.
   void AutoBuildJob(const std::shared_ptr<Sequence>& seq);
   void GrowJob(const std::shared_ptr<Sequence>& seq);
-  void SweepJob();
   void Finish(const Sequence* seq);
 
   const IndexManagerOptions options_;
@@ -161,6 +166,9 @@ class IndexManager {
   BlockStore* const store_;
   ThreadPool* const pool_;
   Clock* const clock_;
+  const bool persist_;  // options_.durable with a store: builds are persisted
+  // The hooks every tracked sequence gets (they hold no per-sequence state).
+  const std::shared_ptr<const Sequence::IndexHooks> hooks_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<const Sequence*, Entry> entries_ ABSL_GUARDED_BY(mu_);

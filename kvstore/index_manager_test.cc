@@ -104,6 +104,28 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Retrieve(Node* node, const std
   return out.token_ids;
 }
 
+// An explicit cluster build of sequence "s".
+BuildIndexArgs ClusterArgs() {
+  BuildIndexArgs b;
+  b.tenant = "t";
+  b.sequence_id = "s";
+  b.method = Method::kCluster;
+  return b;
+}
+
+// An explicit ctkvr build of sequence "s" over layers [1, 3) with `q` (8 prompt queries) as
+// every layer's queries; the caller keeps q alive while the args are used.
+BuildIndexArgs CtkvrArgs(const std::vector<float>& q) {
+  BuildIndexArgs b;
+  b.tenant = "t";
+  b.sequence_id = "s";
+  b.method = Method::kCtkvr;
+  b.first_layer = 1;
+  b.num_queries = 8;
+  b.layer_queries = {q, q};
+  return b;
+}
+
 NodeOptions Options() {
   NodeOptions o;
   o.memory_bytes = 256 * kLayers * kLayerBlock;
@@ -161,11 +183,7 @@ TEST_F(IndexLifecycleTest, PrefillCommitBuildsInTheBackground) {
   ASSERT_OK_AND_ASSIGN(auto ids, Retrieve(node.get(), "s", Method::kCluster, 1300));
   EXPECT_EQ(ids[0].size(), 64u);
   // An explicit BuildIndex of the same method is satisfied by the automatic one.
-  BuildIndexArgs b;
-  b.tenant = "t";
-  b.sequence_id = "s";
-  b.method = Method::kCluster;
-  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome out, node->BuildIndex(b));
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome out, node->BuildIndex(ClusterArgs()));
   EXPECT_FALSE(out.rebuilt);
 }
 
@@ -187,14 +205,7 @@ TEST_F(IndexLifecycleTest, RetrieveWhileTheIndexIsPendingScansExactly) {
   EXPECT_EQ(pending, exact);
   // BuildIndex with queries replaces the placeholder.
   std::vector<float> q(static_cast<size_t>(8) * kQHeads * kDim, 0.5f);
-  BuildIndexArgs b;
-  b.tenant = "t";
-  b.sequence_id = "s";
-  b.method = Method::kCtkvr;
-  b.first_layer = 1;
-  b.num_queries = 8;
-  b.layer_queries = {q, q};
-  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome out, node->BuildIndex(b));
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome out, node->BuildIndex(CtkvrArgs(q)));
   EXPECT_TRUE(out.rebuilt);
   EXPECT_TRUE(seq->index()->complete);
   EXPECT_TRUE(seq->index()->explicit_build);
@@ -243,14 +254,7 @@ TEST_F(IndexLifecycleTest, CtkvrIndexGrowsByAppend) {
   ASSERT_OK_AND_ASSIGN(auto seq, node->FindSequence("t", "s"));
   EXPECT_EQ(seq->index(), nullptr) << "--auto-index=none";
   std::vector<float> q(static_cast<size_t>(8) * kQHeads * kDim, 0.5f);
-  BuildIndexArgs b;
-  b.tenant = "t";
-  b.sequence_id = "s";
-  b.method = Method::kCtkvr;
-  b.first_layer = 1;
-  b.num_queries = 8;
-  b.layer_queries = {q, q};
-  ASSERT_OK(node->BuildIndex(b).status());
+  ASSERT_OK(node->BuildIndex(CtkvrArgs(q)).status());
   ASSERT_OK(Append(node.get(), "s", 1300, 1300 + 330));
   node->WaitForIndexJobs();
   EXPECT_EQ(seq->index()->token_end, 1620);
@@ -271,11 +275,7 @@ TEST_F(IndexLifecycleTest, IndexMemoryCountsAgainstTheArena) {
   EXPECT_EQ(s.index.indices, 0);
   EXPECT_EQ(s.index.placeholders, 1) << "searches stay exact";
   EXPECT_EQ(s.index.reserved_bytes, 0);
-  BuildIndexArgs b;
-  b.tenant = "t";
-  b.sequence_id = "s";
-  b.method = Method::kCluster;
-  EXPECT_THAT(node->BuildIndex(b).status(), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(node->BuildIndex(ClusterArgs()).status(), StatusIs(absl::StatusCode::kResourceExhausted));
   ASSERT_OK_AND_ASSIGN(auto pending, Retrieve(node.get(), "s", Method::kCluster, 1280));
   ASSERT_OK_AND_ASSIGN(auto exact, Retrieve(node.get(), "s", Method::kExact, 1280));
   EXPECT_EQ(pending, exact);

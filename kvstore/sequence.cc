@@ -233,19 +233,13 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
 }
 
 absl::StatusOr<int64_t> Sequence::CommitAppend() {
-  absl::StatusOr<int64_t> committed = CommitAppendInternal();
-  if (committed.ok()) {
-    std::shared_ptr<const IndexHooks> hooks;
-    {
-      absl::ReaderMutexLock lock(&mu_);
-      hooks = hooks_;
-    }
-    if (hooks != nullptr && hooks->on_commit) hooks->on_commit(this, *committed);
-  }
+  std::shared_ptr<const IndexHooks> hooks;
+  absl::StatusOr<int64_t> committed = CommitAppendInternal(&hooks);
+  if (committed.ok() && hooks != nullptr && hooks->on_commit) hooks->on_commit(this, *committed);
   return committed;
 }
 
-absl::StatusOr<int64_t> Sequence::CommitAppendInternal() {
+absl::StatusOr<int64_t> Sequence::CommitAppendInternal(std::shared_ptr<const IndexHooks>* hooks) {
   absl::MutexLock lock(&mu_);
   if (!appending_) return absl::FailedPreconditionError("no append in progress");
   appending_ = false;
@@ -277,6 +271,7 @@ absl::StatusOr<int64_t> Sequence::CommitAppendInternal() {
   committed_ = len;
   PublishFullBlocksLocked();
   UnpinTxnLocked();
+  *hooks = hooks_;
   return committed_;
 }
 
@@ -389,11 +384,6 @@ int64_t Sequence::resident_blocks() const {
   int64_t n = 0;
   for (Block::State st : table_->States(blocks_)) n += st == Block::State::kResident;
   return n;
-}
-
-void Sequence::set_index(std::shared_ptr<const SequenceIndex> index) {
-  absl::MutexLock lock(&mu_);
-  index_ = std::move(index);
 }
 
 }  // namespace kvrecall::kvstore

@@ -81,13 +81,12 @@ class Sequence {
   void set_closed(bool closed);
 
   // The retrieval index (null until one is built or an automatic build started). Readers hold
-  // the returned pointer for the duration of a search; set_index replaces it atomically. Never an
+  // the returned pointer for the duration of a search; ReplaceIndex swaps it atomically. Never an
   // on-disk stub (SequenceIndex::on_disk): index() loads one through the hooks' loader first
   // (which may read the store; without hooks it answers null).
   std::shared_ptr<const SequenceIndex> index() const;
   // The index as held, without loading (may be an on-disk stub).
   std::shared_ptr<const SequenceIndex> held_index() const;
-  void set_index(std::shared_ptr<const SequenceIndex> index);
   // Replaces the index by `next` only if it is still `expected` (pointer identity, null
   // included); true when replaced.
   bool ReplaceIndex(const SequenceIndex* expected, std::shared_ptr<const SequenceIndex> next);
@@ -104,7 +103,7 @@ class Sequence {
   };
   void set_index_hooks(std::shared_ptr<const IndexHooks> hooks);
 
-  // Blocks currently resident in the arena, and all referenced blocks.
+  // How many of its blocks are currently resident in the arena.
   int64_t resident_blocks() const;
 
   struct Usage {
@@ -152,7 +151,8 @@ class Sequence {
   void AbortAppend();
 
  private:
-  absl::StatusOr<int64_t> CommitAppendInternal();
+  // CommitAppend under mu_; on success *hooks is hooks_ (called after mu_ is released).
+  absl::StatusOr<int64_t> CommitAppendInternal(std::shared_ptr<const IndexHooks>* hooks);
   void TruncateLocked(int64_t tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UnpinTxnLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The durable record with `committed` tokens: version, model, block_tokens, committed,

@@ -15,12 +15,12 @@ namespace kvrecall::indexer::internal {
 
 class ByteWriter {
  public:
-  void U8(uint8_t v) { out_.push_back(static_cast<char>(v)); }
-  void U32(uint32_t v) { Raw(&v, 4); }
-  void U64(uint64_t v) { Raw(&v, 8); }
-  void I32(int32_t v) { Raw(&v, 4); }
-  void I64(int64_t v) { Raw(&v, 8); }
-  void F64(double v) { Raw(&v, 8); }
+  void U8(uint8_t v) { Put(v); }
+  void U32(uint32_t v) { Put(v); }
+  void U64(uint64_t v) { Put(v); }
+  void I32(int32_t v) { Put(v); }
+  void I64(int64_t v) { Put(v); }
+  void F64(double v) { Put(v); }
   void Bytes(absl::string_view s) {
     U64(s.size());
     out_.append(s.data(), s.size());
@@ -34,6 +34,10 @@ class ByteWriter {
   std::string& out() { return out_; }
 
  private:
+  template <class T>
+  void Put(T v) {
+    Raw(&v, sizeof(T));
+  }
   void Raw(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
   std::string out_;
 };
@@ -41,36 +45,12 @@ class ByteWriter {
 class ByteReader {
  public:
   explicit ByteReader(absl::string_view data) : data_(data) {}
-  uint8_t U8() {
-    uint8_t v = 0;
-    Raw(&v, 1);
-    return v;
-  }
-  uint32_t U32() {
-    uint32_t v = 0;
-    Raw(&v, 4);
-    return v;
-  }
-  uint64_t U64() {
-    uint64_t v = 0;
-    Raw(&v, 8);
-    return v;
-  }
-  int32_t I32() {
-    int32_t v = 0;
-    Raw(&v, 4);
-    return v;
-  }
-  int64_t I64() {
-    int64_t v = 0;
-    Raw(&v, 8);
-    return v;
-  }
-  double F64() {
-    double v = 0;
-    Raw(&v, 8);
-    return v;
-  }
+  uint8_t U8() { return Get<uint8_t>(); }
+  uint32_t U32() { return Get<uint32_t>(); }
+  uint64_t U64() { return Get<uint64_t>(); }
+  int32_t I32() { return Get<int32_t>(); }
+  int64_t I64() { return Get<int64_t>(); }
+  double F64() { return Get<double>(); }
   absl::string_view Bytes() {
     const uint64_t n = U64();
     if (!ok_ || n > remaining()) {
@@ -95,9 +75,14 @@ class ByteReader {
   }
   size_t remaining() const { return data_.size() - pos_; }
   bool ok() const { return ok_; }
-  void Fail() { ok_ = false; }
 
  private:
+  template <class T>
+  T Get() {
+    T v{};
+    Raw(&v, sizeof(T));
+    return v;
+  }
   void Raw(void* p, size_t n) {
     if (!ok_ || n > remaining()) {
       ok_ = false;
