@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -169,12 +170,7 @@ std::string ReadAll(int fd, SteadyClock::time_point deadline, bool* timed_out) {
 }
 
 std::vector<std::string> ChildEnv(const PerftestOptions& o) {
-  std::string devices = o.net_devices;
-  if (devices == "auto") {
-    bool tcp = false;
-    for (absl::string_view t : absl::StrSplit(o.tls, ',')) tcp |= absl::StripAsciiWhitespace(t) == "tcp";
-    devices = tcp ? "lo" : "";
-  }
+  const std::string devices = ResolveNetDevices(o.tls, o.net_devices);
   std::vector<std::string> env;
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     absl::string_view v = *e;
@@ -194,17 +190,19 @@ absl::StatusOr<PerftestResult> RunOnce(const std::string& path, const PerftestOp
   const auto timeout = absl::ToChronoMilliseconds(o.timeout);
   const auto server_deadline = SteadyClock::now() + timeout;
   ASSIGN_OR_RETURN(Child server, Spawn(path, {"-p", std::to_string(port)}, env, /*capture=*/false));
+  // Every way out below reaps the server (killing it if needed) exactly once.
+  absl::Cleanup reap_server = [&] { WaitUntil(server.pid, SteadyClock::now()); };
   // The server prints nothing until a client connects; wait until it listens.
   const auto listen_deadline = SteadyClock::now() + std::chrono::seconds(10);
   while (!Listening(port) && SteadyClock::now() < listen_deadline) {
     int st;
     if (::waitpid(server.pid, &st, WNOHANG) == server.pid) {
+      std::move(reap_server).Cancel();  // already reaped
       return absl::UnavailableError(absl::StrCat("ucx_perftest server on port ", port, " exited before listening"));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   if (!Listening(port)) {
-    WaitUntil(server.pid, SteadyClock::now());  // kills it
     return absl::UnavailableError(absl::StrCat("ucx_perftest server did not listen on port ", port, " within 10 s"));
   }
   const auto client_deadline = SteadyClock::now() + timeout;
@@ -219,6 +217,7 @@ absl::StatusOr<PerftestResult> RunOnce(const std::string& path, const PerftestOp
   ::close(client.out_fd);
   const std::optional<int> client_status = WaitUntil(client.pid, timed_out ? SteadyClock::now() : client_deadline);
   // The server exits after its one client; give it a few seconds, then kill it.
+  std::move(reap_server).Cancel();
   WaitUntil(server.pid, std::min(server_deadline, SteadyClock::now() + std::chrono::seconds(5)));
   if (timed_out || !client_status.has_value()) {
     return absl::DeadlineExceededError(absl::StrCat("ucx_perftest -s ", o.message_bytes, " -n ", o.iterations,
@@ -234,6 +233,18 @@ absl::StatusOr<PerftestResult> RunOnce(const std::string& path, const PerftestOp
 }
 
 }  // namespace
+
+bool ContainsTcp(const std::string& tls) {
+  for (absl::string_view t : absl::StrSplit(tls, ',')) {
+    if (absl::StripAsciiWhitespace(t) == "tcp") return true;
+  }
+  return false;
+}
+
+std::string ResolveNetDevices(const std::string& tls, const std::string& net_devices) {
+  if (net_devices != "auto") return net_devices;
+  return ContainsTcp(tls) ? "lo" : "";
+}
 
 absl::StatusOr<PerftestResult> ParsePerftestFinal(absl::string_view output) {
   absl::string_view final_line;
@@ -255,7 +266,7 @@ absl::StatusOr<PerftestResult> ParsePerftestFinal(absl::string_view output) {
   PerftestResult r;
   r.iterations = static_cast<int64_t>(v[0]);
   r.latency_p50_us = v[1];
-  r.latency_avg_us = v[2];
+  r.latency_avg_us = v[3];  // lat_overall, as scripts/bench-transport.sh ($5)
   r.mib_per_s = v[5];  // bw_overall, as scripts/bench-transport.sh ($7 of the awk line)
   r.gb_per_s = v[5] * 1048576.0 / 1e9;
   r.msgs_per_s = v[7];

@@ -32,6 +32,11 @@ struct PerftestResult {
   double msgs_per_s = 0;
 };
 
+// Whether a UCX_TLS list names tcp, and the UCX_NET_DEVICES to use for `net_devices` ("auto" =
+// "lo" when tls contains tcp so TCP stays on loopback, else UCX's choice: "").
+bool ContainsTcp(const std::string& tls);
+std::string ResolveNetDevices(const std::string& tls, const std::string& net_devices);
+
 // Finds the last "Final:" line in perftest's output. INVALID_ARGUMENT when there is none or it
 // does not have 8 numeric columns.
 absl::StatusOr<PerftestResult> ParsePerftestFinal(absl::string_view output);

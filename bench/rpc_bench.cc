@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/flag_map.h"
+#include "bench/percentile.h"
 #include "client/tier.h"
 #include "common/clock.h"
 #include "common/logging.h"
@@ -49,10 +50,6 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   return o;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
-}
 
 }  // namespace
 
@@ -163,52 +160,45 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
     for (auto& e : rb.entries) e.slot_epoch = 1;
   }
   // Each tier's answers land in its own slot caches, as a worker's would: [entry][budget] pairs.
-  struct Caches {
-    std::vector<std::vector<uint8_t>> rows;
-    std::vector<client::Recalled> last;
-    void Apply(const std::vector<client::Recalled>& out, size_t pair, int budget) {
-      rows.resize(out.size());
-      for (size_t e = 0; e < out.size(); ++e) {
-        rows[e].resize(static_cast<size_t>(budget) * pair);
-        for (size_t j = 0; j < out[e].fill_slots.size(); ++j) {
-          std::memcpy(rows[e].data() + static_cast<size_t>(out[e].fill_slots[j]) * pair, out[e].rows + j * pair, pair);
-        }
-      }
-      last = out;
+  const size_t pair = static_cast<size_t>(2 * row);
+  auto apply = [&](const std::vector<client::Recalled>& out, std::vector<std::vector<uint8_t>>* caches) {
+    caches->resize(out.size());
+    for (size_t e = 0; e < out.size(); ++e) {
+      (*caches)[e].resize(static_cast<size_t>(o.budget) * pair);
+      client::internal::ApplyFills(out[e], pair, (*caches)[e].data());
     }
   };
-  Caches local_caches, remote_caches;
+  std::vector<std::vector<uint8_t>> local_caches, remote_caches;
   std::vector<client::Recalled> out_local, out_remote;
   std::vector<double> t_local, t_remote;
   int64_t rows_selected = 0, rows_sent = 0;
-  const size_t pair = static_cast<size_t>(2 * row);
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
     // Decode-like drift: each step's queries move a little from the last step's.
     if (it > 0 && o.drift > 0) {
       for (float& x : queries) x += o.drift * normal(rng);
     }
-    const int64_t local_before = local->counters().rows_received;
+    const client::TierCounters before = local->counters();
     auto t0 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(local->Retrieve(rb, &out_local));
     auto t1 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(remote->Retrieve(rb, &out_remote));
     auto t2 = std::chrono::steady_clock::now();
-    local_caches.Apply(out_local, pair, o.budget);
-    remote_caches.Apply(out_remote, pair, o.budget);
+    apply(out_local, &local_caches);
+    apply(out_remote, &remote_caches);
     if (it < o.warmup) continue;
     t_local.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     t_remote.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
-    for (const auto& r : out_local) rows_selected += static_cast<int64_t>(r.token_ids.size());
-    rows_sent += local->counters().rows_received - local_before;
+    rows_selected += local->counters().rows_selected - before.rows_selected;
+    rows_sent += local->counters().rows_received - before.rows_received;
   }
   // Both tiers must have answered the same thing, and both workers' slots must hold its rows.
   for (int64_t e = 0; e < entries; ++e) {
-    const client::Recalled& a = local_caches.last[e];
-    const client::Recalled& b = remote_caches.last[e];
+    const client::Recalled& a = out_local[e];
+    const client::Recalled& b = out_remote[e];
     if (a.token_ids != b.token_ids) return absl::InternalError(absl::StrCat("entry ", e, ": selections differ"));
     for (size_t j = 0; j < a.token_ids.size(); ++j) {
-      if (std::memcmp(local_caches.rows[e].data() + static_cast<size_t>(a.slots[j]) * pair,
-                      remote_caches.rows[e].data() + static_cast<size_t>(b.slots[j]) * pair, pair) != 0) {
+      if (std::memcmp(local_caches[e].data() + static_cast<size_t>(a.slots[j]) * pair,
+                      remote_caches[e].data() + static_cast<size_t>(b.slots[j]) * pair, pair) != 0) {
         return absl::InternalError(absl::StrCat("entry ", e, " token ", a.token_ids[j], ": rows differ"));
       }
     }

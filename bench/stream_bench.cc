@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "bench/flag_map.h"
+#include "bench/percentile.h"
 #include "bench/perftest_runner.h"
 #include "common/clock.h"
 #include "common/logging.h"
@@ -91,18 +92,6 @@ absl::StatusOr<StreamBenchOptions> ParseOptions(const std::vector<std::string>& 
   return o;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
-}
-
-bool ContainsTcp(const std::string& tls) {
-  for (absl::string_view t : absl::StrSplit(tls, ',')) {
-    if (absl::StripAsciiWhitespace(t) == "tcp") return true;
-  }
-  return false;
-}
 
 // Random finite bf16 values (|x| in about [2^-9, 2^4)), 4 per draw.
 void FillBf16(std::mt19937_64& rng, uint8_t* dst, size_t bytes) {
@@ -189,7 +178,7 @@ absl::Status Bench::Setup() {
 
   transport::UcxOptions ucx;
   ucx.transports = o_.tls;
-  ucx.net_devices = o_.net_devices == "auto" ? (ContainsTcp(o_.tls) ? "lo" : "") : o_.net_devices;
+  ucx.net_devices = ResolveNetDevices(o_.tls, o_.net_devices);
   ASSIGN_OR_RETURN(node_transport_, transport::CreateUcxTransport(ucx));
   ASSIGN_OR_RETURN(worker_transport_, transport::CreateUcxTransport(ucx));
 
@@ -361,7 +350,7 @@ absl::StatusOr<nlohmann::json> Bench::Run() {
   j["bench"] = "stream";
   j["transport"] = absl::StrCat("ucx:", o_.tls);
   j["tls"] = o_.tls;
-  j["net_devices"] = o_.net_devices == "auto" ? (ContainsTcp(o_.tls) ? "lo" : "") : o_.net_devices;
+  j["net_devices"] = ResolveNetDevices(o_.tls, o_.net_devices);
   j["same_process"] = true;
   j["method"] = "exact";
   j["entries"] = o_.entries;

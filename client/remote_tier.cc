@@ -173,9 +173,8 @@ class RemoteTier final : public Tier {
     v1::RetrieveResponse resp;
     {
       grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + (options_.retrieve_deadline > absl::ZeroDuration()
-                                                             ? options_.retrieve_deadline
-                                                             : options_.deadline)));
+      SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
+                                                                           : options_.deadline);
       RETURN_IF_ERROR(FromGrpc(stub_->Retrieve(&ctx, req, &resp)));
     }
     if (resp.results_size() != req.entries_size()) {
@@ -291,8 +290,9 @@ class RemoteTier final : public Tier {
   }
 
  private:
-  void SetDeadline(grpc::ClientContext* ctx) const {
-    ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.deadline));
+  void SetDeadline(grpc::ClientContext* ctx) const { SetDeadline(ctx, options_.deadline); }
+  static void SetDeadline(grpc::ClientContext* ctx, absl::Duration deadline) {
+    ctx->set_deadline(absl::ToChronoTime(absl::Now() + deadline));
   }
 
   absl::StatusOr<const ModelSpec*> SpecOf(const std::string& sequence_id) const {

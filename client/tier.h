@@ -145,6 +145,8 @@ absl::Status CheckRecalled(const Recalled& r, int budget);
 // The token of each fill row (fill_tokens[j] goes to slot fill_slots[j]); r must have passed
 // CheckRecalled.
 std::vector<int32_t> FillTokens(const Recalled& r);
+// Copies r's new rows into a slot cache of [budget][row_pair_bytes] at slot_rows.
+void ApplyFills(const Recalled& r, size_t row_pair_bytes, uint8_t* slot_rows);
 std::string DefaultWorkerId();
 }  // namespace internal
 

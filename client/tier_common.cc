@@ -1,8 +1,9 @@
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
 
@@ -41,7 +42,8 @@ absl::Status CheckRecalled(const Recalled& r, int budget) {
     return absl::InternalError(absl::StrCat("tier returned ", r.slots.size(), " slots and ", r.fill_slots.size(),
                                             " fills for ", n, " tokens"));
   }
-  std::vector<char> selected(static_cast<size_t>(budget), 0);
+  thread_local std::vector<char> selected;  // kept to spare an allocation per entry
+  selected.assign(static_cast<size_t>(budget), 0);
   for (size_t j = 0; j < n; ++j) {
     if (j > 0 && r.token_ids[j] <= r.token_ids[j - 1]) return absl::InternalError("tier returned unsorted token ids");
     const int32_t s = r.slots[j];
@@ -60,12 +62,20 @@ absl::Status CheckRecalled(const Recalled& r, int budget) {
 }
 
 std::vector<int32_t> FillTokens(const Recalled& r) {
-  absl::flat_hash_map<int32_t, int32_t> token_of_slot;
-  for (size_t j = 0; j < r.slots.size(); ++j) token_of_slot[r.slots[j]] = r.token_ids[j];
+  if (r.fill_slots == r.slots) return r.token_ids;  // everything sent, in selection order
+  std::vector<int32_t> token_of_slot(r.slots.empty() ? 0 : *std::max_element(r.slots.begin(), r.slots.end()) + 1);
+  for (size_t j = 0; j < r.slots.size(); ++j) token_of_slot[static_cast<size_t>(r.slots[j])] = r.token_ids[j];
   std::vector<int32_t> tokens;
   tokens.reserve(r.fill_slots.size());
-  for (int32_t s : r.fill_slots) tokens.push_back(token_of_slot.at(s));
+  for (int32_t s : r.fill_slots) tokens.push_back(token_of_slot[static_cast<size_t>(s)]);
   return tokens;
+}
+
+void ApplyFills(const Recalled& r, size_t row_pair_bytes, uint8_t* slot_rows) {
+  for (size_t j = 0; j < r.fill_slots.size(); ++j) {
+    std::memcpy(slot_rows + static_cast<size_t>(r.fill_slots[j]) * row_pair_bytes, r.rows + j * row_pair_bytes,
+                row_pair_bytes);
+  }
 }
 
 std::string DefaultWorkerId() {

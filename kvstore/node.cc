@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
@@ -435,9 +436,10 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
       status[i] = plan.status();
     }
   });
+  // Forgets the entries this call planned (a refused plan changed nothing of its entry).
   auto forget_all = [&] {
     for (size_t i = 0; i < n; ++i) {
-      if (args.entries[i].slot_epoch != 0) worker.mirror.Forget(keys[i]);
+      if (args.entries[i].slot_epoch != 0 && status[i].ok()) worker.mirror.Forget(keys[i]);
     }
   };
   for (size_t i = 0; i < n; ++i) {
@@ -458,7 +460,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   }
   if (area->pack_capacity < offset[n]) {
     area->pack.reset();
-    area->pack.reset(new uint8_t[offset[n]]);  // not zero-filled: every byte is written below
+    area->pack = std::make_unique_for_overwrite<uint8_t[]>(offset[n]);  // every byte is written below
     area->pack_capacity = offset[n];
   }
   absl::Cleanup release_large = [area]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -479,19 +481,12 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     }
     ops[i] = transport::PutOp{dst, offset[i + 1] - offset[i], args.entries[i].dest_row * 2 * row};
   });
-  std::vector<transport::PutOp> nonempty;
-  uint64_t bytes = 0;
-  for (const auto& op : ops) {
-    if (op.length > 0) {
-      nonempty.push_back(op);
-      bytes += op.length;
-    }
-  }
-  if (absl::Status st = worker.writer->PutAll(nonempty); !st.ok()) {
+  std::erase_if(ops, [](const transport::PutOp& op) { return op.length == 0; });
+  if (absl::Status st = worker.writer->PutAll(ops); !st.ok()) {
     forget_all();  // which rows arrived is unknown
     return st;
   }
-  out->bytes_streamed += bytes;
+  out->bytes_streamed += offset[n];
   for (size_t i = 0; i < n; ++i) {
     out->rows_sent += static_cast<int64_t>(plans[i].fill_slots.size());
     out->slots[i] = std::move(plans[i].slots);
@@ -589,11 +584,11 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   if (worker == nullptr) {
     // Ids only: the caller fetches every selected row (no slot cache is mirrored for it).
     for (size_t i = 0; i < n; ++i) {
-      SlotPlan plan = FreshSlotPlan(out.token_ids[i]);
-      out.slots[i] = std::move(plan.slots);
-      out.fill_slots[i] = std::move(plan.fill_slots);
-      out.rows_sent += static_cast<int64_t>(out.token_ids[i].size());
+      out.slots[i].resize(out.token_ids[i].size());
+      std::iota(out.slots[i].begin(), out.slots[i].end(), 0);
+      out.fill_slots[i] = out.slots[i];
     }
+    out.rows_sent = out.rows_selected;
   } else {
     RETURN_IF_ERROR(StreamDeltas(args, *worker, seqs, snaps, &out));
   }
@@ -699,6 +694,7 @@ absl::Status Node::AttachWorker(const std::string& tenant, const std::string& wo
 
 absl::Status Node::CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop) {
   std::shared_ptr<Sequence> victim;  // freed outside the lock
+  std::vector<std::shared_ptr<Worker>> mirrors;  // the tenant's workers, to forget the sequence in
   absl::ReleasableMutexLock lock(&mu_);
   auto it = sequences_.find({tenant, sequence_id});
   const bool lost = lost_.count({tenant, sequence_id}) > 0;
@@ -708,7 +704,7 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
     std::unique_ptr<BlockStore::Batch> batch = store_->NewBatch();
     batch->DeleteMeta(Sequence::MetaKey(tenant, sequence_id));
     const std::string index_prefix = IndexManager::KeyPrefix(tenant, sequence_id);
-    batch->DeleteSegmentRange(index_prefix, index_prefix + std::string(5, '\xff'));
+    batch->DeleteSegmentRange(index_prefix, IndexManager::RecordsEnd(index_prefix));
     RETURN_IF_ERROR(store_->Commit(batch.get()));
   }
   if (lost) {
@@ -719,7 +715,7 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
     victim = std::move(it->second);
     sequences_.erase(it);
     for (const auto& [key, worker] : workers_) {
-      if (key.first == tenant) worker->mirror.ForgetSequence(tenant, sequence_id);
+      if (key.first == tenant) mirrors.push_back(worker);
     }
     M().sequences->Set(static_cast<double>(sequences_.size()));
     M().drops->Add();
@@ -727,7 +723,9 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
     it->second->set_closed(true);
   }
   lock.Release();
-  // Outside the node's lock: it waits for an index job of this sequence to finish.
+  // Outside the node's lock: forgetting scans every mirror entry, and Forget waits for an index
+  // job of this sequence to finish.
+  for (const auto& worker : mirrors) worker->mirror.ForgetSequence(tenant, sequence_id);
   if (victim != nullptr) indexes_->Forget(victim.get(), nullptr);
   return absl::OkStatus();
 }

@@ -50,7 +50,8 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
   // Merge the two ascending lists: resident tokens keep their slots.
   SlotPlan plan;
   plan.slots.assign(selection.size(), -1);
-  std::vector<char> used(static_cast<size_t>(budget), 0);
+  thread_local std::vector<char> used;  // per call; kept to spare an allocation per entry
+  used.assign(static_cast<size_t>(budget), 0);
   size_t r = 0;
   for (size_t j = 0; j < selection.size(); ++j) {
     while (r < e.tokens.size() && e.tokens[r] < selection[j]) ++r;

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <thread>
 
 #include "absl/cleanup/cleanup.h"
@@ -36,6 +35,12 @@ struct Engine::Seq {
 
 namespace {
 constexpr int64_t kPushTokens = 2048;  // prompt tokens per AppendKV transaction
+
+// Tier failures a step survives by decoding without the tier's answer.
+bool IsTierMiss(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable ||
+         s.code() == absl::StatusCode::kAborted;
+}
 }
 
 Engine::Engine(ModelBackend* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options)
@@ -223,11 +228,6 @@ absl::Status Engine::RemoveSequence(const std::string& id) {
   return absl::OkStatus();
 }
 
-bool Engine::IsTierMiss(const absl::Status& s) {
-  return s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable ||
-         s.code() == absl::StatusCode::kAborted;
-}
-
 absl::Status Engine::RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
                                    absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
                                    int staging_area) {
@@ -236,6 +236,8 @@ absl::Status Engine::RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Spa
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
   client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area};
   std::vector<Seq::SlotCache*> caches;
+  caches.reserve(static_cast<size_t>(B) * Hkv);
+  batch.entries.reserve(static_cast<size_t>(B) * Hkv);
   for (int i = 0; i < B; ++i) {
     const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
     if (ws <= S) continue;  // everything is sink or window
@@ -260,15 +262,13 @@ absl::Status Engine::RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Spa
   }
   const size_t pair = 2 * spec_.row_bytes();
   for (size_t e = 0; e < caches.size(); ++e) {
-    const client::Recalled& r = recalled[e];
+    client::Recalled& r = recalled[e];
     Seq::SlotCache& cache = *caches[e];
     if (cache.rows.empty()) cache.rows.resize(static_cast<size_t>(options_.budget) * pair);
-    for (size_t j = 0; j < r.fill_slots.size(); ++j) {
-      std::memcpy(cache.rows.data() + static_cast<size_t>(r.fill_slots[j]) * pair, r.rows + j * pair, pair);
-    }
-    cache.selected = r.slots;
+    client::internal::ApplyFills(r, pair, cache.rows.data());
     counters_.recalled_rows += static_cast<int64_t>(r.token_ids.size());
     counters_.streamed_rows += static_cast<int64_t>(r.fill_slots.size());
+    cache.selected = std::move(r.slots);
   }
   return absl::OkStatus();
 }

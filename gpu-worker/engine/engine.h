@@ -125,8 +125,6 @@ class Engine {
   absl::Status RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
                              absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
                              int staging_area);
-  // Failures a step survives by decoding without the tier's answer.
-  static bool IsTierMiss(const absl::Status& s);
 
   ModelBackend* const model_;
   client::Tier* const tier_;

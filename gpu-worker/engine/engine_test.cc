@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <set>
 
+#include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
 #include "gtest/gtest.h"
 #include "gpu-worker/engine/qk_dumper.h"
@@ -28,8 +29,7 @@ class EngineTest : public ::testing::Test {
     const LlamaConfig& c = model_->config();
     spec_ = ModelSpec{"tiny", c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.dtype, c.vocab_size,
                       c.rope_theta};
-    ASSERT_OK_AND_ASSIGN(tier_, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, {}));
-    ASSERT_OK(tier_->RegisterModel(spec_));
+    ASSERT_OK_AND_ASSIGN(tier_, NewTier());
     for (int i = 0; i < 300; ++i) prompt_.push_back((i * 37 + 11) % 256);
   }
 
@@ -41,6 +41,21 @@ class EngineTest : public ::testing::Test {
     o.prefill_chunk = 64;
     o.num_threads = 2;
     return o;
+  }
+
+  // An in-process tier with the model registered.
+  absl::StatusOr<std::unique_ptr<client::Tier>> NewTier(const client::TierOptions& options = {}) {
+    ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> tier,
+                     client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, options));
+    RETURN_IF_ERROR(tier->RegisterModel(spec_));
+    return tier;
+  }
+
+  // The dense reference engine.
+  absl::StatusOr<std::unique_ptr<Engine>> Dense(int budget) {
+    EngineOptions d = Options(budget);
+    d.sparse = false;
+    return Engine::Create(model_.get(), nullptr, spec_, d);
   }
 
   // Decodes `steps` tokens greedily with `sparse`, teacher-forcing `dense` on the same tokens.
@@ -72,9 +87,7 @@ std::string* EngineTest::dir_ = nullptr;
 
 TEST_F(EngineTest, SparseWithFullBudgetEqualsDenseExactly) {
   ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier_.get(), spec_, Options(4096)));
-  EngineOptions d = Options(4096);
-  d.sparse = false;
-  ASSERT_OK_AND_ASSIGN(auto dense, Engine::Create(model_.get(), nullptr, spec_, d));
+  ASSERT_OK_AND_ASSIGN(auto dense, Dense(4096));
   float max_diff;
   int mismatches;
   Run(sparse.get(), dense.get(), 6, &max_diff, &mismatches);
@@ -87,9 +100,7 @@ TEST_F(EngineTest, SparseWithFullBudgetEqualsDenseExactly) {
 
 TEST_F(EngineTest, SmallBudgetRecallsOnlyTheBudget) {
   ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier_.get(), spec_, Options(8)));
-  EngineOptions d = Options(8);
-  d.sparse = false;
-  ASSERT_OK_AND_ASSIGN(auto dense, Engine::Create(model_.get(), nullptr, spec_, d));
+  ASSERT_OK_AND_ASSIGN(auto dense, Dense(8));
   float max_diff;
   int mismatches;
   Run(sparse.get(), dense.get(), 4, &max_diff, &mismatches);
@@ -100,8 +111,7 @@ TEST_F(EngineTest, SmallBudgetRecallsOnlyTheBudget) {
 
 TEST_F(EngineTest, DeltaStreamingSendsOnlyNewRowsAndChangesNothing) {
   // Two tiers, so both engines can hold sequence "s".
-  ASSERT_OK_AND_ASSIGN(auto other_tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, {}));
-  ASSERT_OK(other_tier->RegisterModel(spec_));
+  ASSERT_OK_AND_ASSIGN(auto other_tier, NewTier());
   EngineOptions full = Options(64);
   full.delta_streaming = false;
   ASSERT_OK_AND_ASSIGN(auto delta, Engine::Create(model_.get(), tier_.get(), spec_, Options(64)));
@@ -123,14 +133,11 @@ TEST_F(EngineTest, LookaheadWithFullBudgetEqualsDenseExactly) {
   // selecting from the previous step's queries changes nothing.
   client::TierOptions to;
   to.staging_areas = 2;  // one per sparse layer
-  ASSERT_OK_AND_ASSIGN(auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, to));
-  ASSERT_OK(tier->RegisterModel(spec_));
+  ASSERT_OK_AND_ASSIGN(auto tier, NewTier(to));
   EngineOptions o = Options(4096);
   o.lookahead = true;
   ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier.get(), spec_, o));
-  EngineOptions d = Options(4096);
-  d.sparse = false;
-  ASSERT_OK_AND_ASSIGN(auto dense, Engine::Create(model_.get(), nullptr, spec_, d));
+  ASSERT_OK_AND_ASSIGN(auto dense, Dense(4096));
   float max_diff;
   int mismatches;
   Run(sparse.get(), dense.get(), 6, &max_diff, &mismatches);
@@ -178,8 +185,7 @@ class FaultyTier final : public client::Tier {
 };
 
 TEST_F(EngineTest, MissedDeadlineFallsBackToResidentRowsAndRecovers) {
-  ASSERT_OK_AND_ASSIGN(auto other_tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{1} << 30, 16, 2}, {}));
-  ASSERT_OK(other_tier->RegisterModel(spec_));
+  ASSERT_OK_AND_ASSIGN(auto other_tier, NewTier());
   // Call 4 is step 2's last layer: its fallback changes step 2's logits but no stored K/V (the
   // layer's K/V are computed before its attention), so every later step must match the steady
   // engine exactly, which it can only do if the lost call's rows are never assumed resident.
