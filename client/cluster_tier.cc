@@ -10,8 +10,7 @@
 #include <map>
 #include <optional>
 #include <set>
-#include <thread>
-#include <tuple>
+#include <string_view>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -19,11 +18,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
+#include "common/thread_pool.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/convert.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
@@ -34,7 +34,6 @@ namespace {
 namespace v1 = ::kvrecall::v1;
 using proto::FromGrpc;
 
-constexpr char kDnsPrefix[] = "dns:///";
 constexpr size_t kRefillChunkBytes = 16 << 20;  // KV bytes (all layers) per refill AppendKV
 
 bool NodeGone(const absl::Status& s) {
@@ -121,12 +120,15 @@ class ClusterTierImpl final : public ClusterTier {
     if (cluster_.peers.size() == 1 && absl::StartsWith(cluster_.peers[0], kDnsPrefix)) {
       dns_ = cluster_.peers[0].substr(sizeof(kDnsPrefix) - 1);
       if (!cluster_.resolve) cluster_.resolve = ResolveDns;
-      return ResolveLocked(/*initial=*/true);
+      RETURN_IF_ERROR(ResolveLocked(/*initial=*/true));
+      CreateRpcPoolLocked();
+      return absl::OkStatus();
     }
     for (const std::string& p : cluster_.peers) {
       if (absl::StartsWith(p, kDnsPrefix)) return absl::InvalidArgumentError("a dns:/// target must be the only one");
     }
     SetNodesLocked(cluster_.peers);
+    CreateRpcPoolLocked();
     if (static_cast<size_t>(cluster_.replication) > names_.size()) {
       return absl::InvalidArgumentError(
           absl::StrCat("replication ", cluster_.replication, " exceeds the ", names_.size(), " nodes"));
@@ -200,12 +202,12 @@ class ClusterTierImpl final : public ClusterTier {
                       << absl::StrJoin(*owners, ",") << "]: our node list looks stale";
       // Replicas already opened on nodes that are not owners by the node's list are closed (kept
       // there, evictable: the id may have existed before this open).
-      std::vector<Replica> keep;
-      for (Replica& r : seq.replicas) {
-        if (std::find(owners->begin(), owners->end(), r.node) != owners->end()) keep.push_back(std::move(r));
-      }
-      seq.replicas.swap(keep);
-      CloseReplicasLocked(seq.id, keep);
+      const auto others = std::stable_partition(seq.replicas.begin(), seq.replicas.end(), [&](const Replica& r) {
+        return std::find(owners->begin(), owners->end(), r.node) != owners->end();
+      });
+      const auto first_other = static_cast<size_t>(others - seq.replicas.begin());
+      CloseReplicasLocked(seq.id, absl::MakeConstSpan(seq.replicas).subspan(first_other));
+      seq.replicas.erase(others, seq.replicas.end());
       std::vector<std::string> order = *owners;
       for (const std::string& o : seq.order) {
         if (std::find(order.begin(), order.end(), o) == order.end()) order.push_back(o);
@@ -240,13 +242,6 @@ class ClusterTierImpl final : public ClusterTier {
       return absl::InvalidArgumentError("token_ids must name every appended token");
     }
     if (end <= seq->acked) return absl::OkStatus();  // a retry of an acknowledged append
-    // Ids of the appended tokens, for refills of replicas later.
-    std::vector<int32_t> ids = seq->ids;
-    for (int64_t t = batch.token_start; t < end && !batch.token_ids.empty(); ++t) {
-      const int32_t id = batch.token_ids[static_cast<size_t>(t - batch.token_start)];
-      if (t < static_cast<int64_t>(ids.size())) continue;
-      ids.push_back(id);
-    }
     RETURN_IF_ERROR(ForEachReplicaLocked(*seq, [&](Node& n, Replica& r) -> absl::Status {
       if (r.stored >= end) return absl::OkStatus();
       const int64_t off = std::max<int64_t>(0, r.stored - batch.token_start);
@@ -266,7 +261,13 @@ class ClusterTierImpl final : public ClusterTier {
       return s;
     }));
     seq->acked = end;
-    seq->ids = std::move(ids);
+    // Ids of the appended tokens, for refills of replicas later (the replicas above still saw
+    // the ids as they were before this append).
+    if (!batch.token_ids.empty()) {
+      for (int64_t t = std::max<int64_t>(batch.token_start, static_cast<int64_t>(seq->ids.size())); t < end; ++t) {
+        seq->ids.push_back(batch.token_ids[static_cast<size_t>(t - batch.token_start)]);
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -287,15 +288,18 @@ class ClusterTierImpl final : public ClusterTier {
     absl::Status last_error;
     while (!pending.empty()) {
       // Group the pending entries by their first live, synchronised replica not yet failed.
-      std::map<std::string, std::vector<size_t>> groups;
+      // By node name (one call per node, in name order).
+      std::map<std::string_view, std::pair<Node*, std::vector<size_t>>> groups;
       for (size_t i : pending) {
-        std::optional<std::string> node = ServingNodeLocked(*seqs[i], failed[i]);
-        if (!node.has_value()) {
+        Node* node = ServingNodeLocked(*seqs[i], failed[i]);
+        if (node == nullptr) {
           return absl::UnavailableError(absl::StrCat("no live replica of sequence ", seqs[i]->id, " left",
                                                      last_error.ok() ? "" : "; last error: ",
                                                      last_error.ok() ? "" : last_error.ToString()));
         }
-        groups[*node].push_back(i);
+        auto& group = groups[node->name];
+        group.first = node;
+        group.second.push_back(i);
       }
       struct Call {
         Node* node;
@@ -305,21 +309,19 @@ class ClusterTierImpl final : public ClusterTier {
         absl::Status status;
       };
       std::vector<Call> calls;
-      for (auto& [name, entries] : groups) {
-        Node& n = nodes_[name];
-        Call c{&n, entries, RetrieveBatch{batch.layer, batch.budget, batch.method, {}, batch.staging_area}, {}, {}};
-        for (size_t i : entries) {
+      for (auto& [name, group] : groups) {
+        Node& n = *group.first;
+        Call c{&n, std::move(group.second),
+               RetrieveBatch{batch.layer, batch.budget, batch.method, {}, batch.staging_area}, {}, {}};
+        for (size_t i : c.entries) {
           RetrieveEntry e = batch.entries[i];
-          e.slot_epoch = EpochLocked(e, batch.layer, n);
+          e.slot_epoch = EpochLocked(*seqs[i], e, batch.layer, n);
           c.sub.entries.push_back(std::move(e));
         }
         calls.push_back(std::move(c));
       }
       auto run = [](Call* c) { c->status = c->node->tier->Retrieve(c->sub, &c->got); };
-      std::vector<std::thread> threads;
-      for (size_t k = 1; k < calls.size(); ++k) threads.emplace_back(run, &calls[k]);
-      run(&calls[0]);
-      for (std::thread& t : threads) t.join();
+      rpc_pool_->ParallelFor(static_cast<int64_t>(calls.size()), [&](int64_t k) { run(&calls[k]); });
 
       pending.clear();
       for (Call& c : calls) {
@@ -382,9 +384,7 @@ class ClusterTierImpl final : public ClusterTier {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Seq * seq, FindLocked(sequence_id));
     absl::Status result = CloseAllLocked(*seq, drop);
-    for (auto it = epochs_.lower_bound({sequence_id, 0, 0}); it != epochs_.end() && it->first.seq == sequence_id;) {
-      it = epochs_.erase(it);
-    }
+    seq->epochs.clear();
     if (drop) seqs_.erase(sequence_id);
     return result;
   }
@@ -484,6 +484,12 @@ class ClusterTierImpl final : public ClusterTier {
     int64_t stored = 0;       // tokens it holds
     std::shared_ptr<StoredBuild> built;  // the last index built there
   };
+  // Delta streaming state of one (layer, kv_head) of a sequence (see EpochLocked).
+  struct EpochState {
+    uint64_t generation = 0;  // of the serving node's connection (unique over all nodes and time)
+    uint64_t caller_epoch = 0;
+    uint64_t sent_epoch = 0;
+  };
   struct Seq {
     std::string id;
     std::string model_id;
@@ -494,26 +500,19 @@ class ClusterTierImpl final : public ClusterTier {
     std::vector<std::string> order;  // owners first, then substitutes
     std::vector<Replica> replicas;
     std::shared_ptr<StoredBuild> build;
-  };
-  struct EpochKey {
-    std::string seq;
-    int layer;
-    int kv_head;
-    bool operator<(const EpochKey& o) const {
-      return std::tie(seq, layer, kv_head) < std::tie(o.seq, o.layer, o.kv_head);
-    }
-  };
-  struct EpochState {
-    std::string node;
-    uint64_t generation = 0;
-    uint64_t caller_epoch = 0;
-    uint64_t sent_epoch = 0;
+    std::map<std::pair<int, int>, EpochState> epochs;  // by (layer, kv_head)
   };
 
   void SetNodesLocked(const std::vector<std::string>& names) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::set<std::string> distinct(names.begin(), names.end());
     names_.assign(distinct.begin(), distinct.end());
+    peers_hash_ = placement::PeersHash(names_);
     for (const std::string& n : names_) NodeLocked(n);
+  }
+
+  // One thread per node for Retrieve's per-node calls (the caller runs one of them too).
+  void CreateRpcPoolLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    rpc_pool_ = std::make_unique<ThreadPool>(std::max(1, static_cast<int>(names_.size())));
   }
 
   absl::Status ResolveLocked(bool initial) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -607,7 +606,7 @@ class ClusterTierImpl final : public ClusterTier {
     req.mutable_token_ids()->Add(token_ids.begin(), token_ids.end());
     v1::Placement* p = req.mutable_placement();
     p->set_key(seq.key);
-    p->set_peers_hash(placement::PeersHash(names_));
+    p->set_peers_hash(peers_hash_);
     p->set_replication(static_cast<uint32_t>(cluster_.replication));
     v1::OpenSequenceResponse resp;
     grpc::ClientContext ctx;
@@ -646,7 +645,7 @@ class ClusterTierImpl final : public ClusterTier {
   }
 
   // Best effort: marks the sequence closed (not dropped) on `replicas`.
-  void CloseReplicasLocked(const std::string& id, const std::vector<Replica>& replicas)
+  void CloseReplicasLocked(const std::string& id, absl::Span<const Replica> replicas)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const Replica& r : replicas) {
       Node& n = NodeLocked(r.node);
@@ -700,7 +699,7 @@ class ClusterTierImpl final : public ClusterTier {
         if (!NodeGone(s)) return s;
       }
       if (s.ok()) continue;
-      if (!NodeGone(s)) return s;
+      // Here s is UNAVAILABLE / DEADLINE_EXCEEDED: the loop returned every other error.
       MarkDownLocked(nodes_[seq.replicas[k].node], s);
       if (++substitutions > nodes_.size()) return s;
       RETURN_IF_ERROR(SubstituteLocked(seq, k));
@@ -848,16 +847,15 @@ class ClusterTierImpl final : public ClusterTier {
   }
 
   // The node to read entry's sequence from: its first replica that is connected, synchronised
-  // and not in `failed`.
-  std::optional<std::string> ServingNodeLocked(const Seq& seq, const std::set<std::string>& failed)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // and not in `failed`; null when there is none.
+  Node* ServingNodeLocked(const Seq& seq, const std::set<std::string>& failed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const Replica& r : seq.replicas) {
       if (failed.count(r.node) > 0) continue;
       Node& n = nodes_[r.node];
       if (n.tier == nullptr || n.generation != r.generation || r.stored < seq.acked) continue;
-      return r.node;
+      return &n;
     }
-    return std::nullopt;
+    return nullptr;
   }
 
   // Copies the rows of answered, not yet copied entries into one new buffer of `kept` and points
@@ -888,11 +886,14 @@ class ClusterTierImpl final : public ClusterTier {
     kept->push_back(std::move(buf));
   }
 
-  uint64_t EpochLocked(const RetrieveEntry& e, int layer, const Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // The slot_epoch to send node `n` for entry `e` of `seq`: the one sent last time when the same
+  // connection (generations are unique over nodes, so also the same node) serves it and the
+  // caller's epoch is unchanged, else a fresh one.
+  uint64_t EpochLocked(Seq& seq, const RetrieveEntry& e, int layer, const Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (e.slot_epoch == 0) return 0;
-    EpochState& st = epochs_[{e.sequence_id, layer, e.kv_head}];
-    if (st.sent_epoch == 0 || st.node != n.name || st.generation != n.generation || st.caller_epoch != e.slot_epoch) {
-      st = EpochState{n.name, n.generation, e.slot_epoch, next_epoch_++};
+    EpochState& st = seq.epochs[{layer, e.kv_head}];
+    if (st.sent_epoch == 0 || st.generation != n.generation || st.caller_epoch != e.slot_epoch) {
+      st = EpochState{n.generation, e.slot_epoch, next_epoch_++};
     }
     return st.sent_epoch;
   }
@@ -905,10 +906,10 @@ class ClusterTierImpl final : public ClusterTier {
   std::string dns_ ABSL_GUARDED_BY(mu_);  // "name:port" when resolved from DNS
   absl::Time next_resolve_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::vector<std::string> names_ ABSL_GUARDED_BY(mu_);  // the node list, sorted
+  uint64_t peers_hash_ ABSL_GUARDED_BY(mu_) = 0;          // placement::PeersHash(names_)
   std::map<std::string, Node> nodes_ ABSL_GUARDED_BY(mu_);  // every node ever listed
   std::map<std::string, ModelSpec> specs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Seq> seqs_ ABSL_GUARDED_BY(mu_);
-  std::map<EpochKey, EpochState> epochs_ ABSL_GUARDED_BY(mu_);
   // Per staging area: copies of rows answered before a failover round (see Retrieve).
   std::map<int, std::vector<std::unique_ptr<std::string>>> kept_rows_ ABSL_GUARDED_BY(mu_);
   uint64_t next_epoch_ ABSL_GUARDED_BY(mu_) = 1;
@@ -916,6 +917,7 @@ class ClusterTierImpl final : public ClusterTier {
   int64_t retrieve_calls_ ABSL_GUARDED_BY(mu_) = 0;
   TierCounters retired_ ABSL_GUARDED_BY(mu_);  // counters of closed node connections
   ClusterCounters counters_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<ThreadPool> rpc_pool_;  // set by Init
 };
 
 }  // namespace
@@ -925,10 +927,6 @@ absl::StatusOr<std::unique_ptr<ClusterTier>> CreateClusterTier(const ClusterTier
   auto tier = std::make_unique<ClusterTierImpl>(cluster, options);
   RETURN_IF_ERROR(tier->Init());
   return tier;
-}
-
-std::vector<std::string> SplitPeers(const std::string& flag) {
-  return absl::StrSplit(flag, ',', absl::SkipWhitespace());
 }
 
 }  // namespace kvrecall::client

@@ -71,6 +71,9 @@
 
 namespace kvrecall::client {
 
+// The prefix of a node list given as one DNS name ("dns:///name:port").
+inline constexpr char kDnsPrefix[] = "dns:///";
+
 struct ClusterTierOptions {
   // Node names (host:port), or exactly one "dns:///name:port".
   std::vector<std::string> peers;
@@ -118,8 +121,8 @@ class ClusterTier : public Tier {
 absl::StatusOr<std::unique_ptr<ClusterTier>> CreateClusterTier(const ClusterTierOptions& cluster,
                                                                const TierOptions& options);
 
-// "a:1,b:2" -> {"a:1", "b:2"}; "dns:///name:port" -> {"dns:///name:port"}.
-std::vector<std::string> SplitPeers(const std::string& flag);
+// "a:1,b:2" -> {"a:1", "b:2"}; "dns:///name:port" -> {"dns:///name:port"} (common/placement.h).
+using placement::SplitPeers;
 
 }  // namespace kvrecall::client
 

@@ -92,6 +92,10 @@ uint64_t PeersHash(absl::Span<const std::string> nodes) {
   return Hash64(enc);
 }
 
+std::vector<std::string> SplitPeers(absl::string_view flag) {
+  return absl::StrSplit(flag, ',', absl::SkipWhitespace());
+}
+
 std::string RedirectMessage(absl::string_view self, uint64_t key, absl::Span<const std::string> owners,
                             uint64_t peers_hash) {
   return absl::StrCat("node ", self, " is not an owner of placement key ", absl::StrFormat("%016x", key),

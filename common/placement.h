@@ -60,6 +60,10 @@ std::vector<std::string> Owners(absl::Span<const std::string> nodes, uint64_t ke
 
 uint64_t PeersHash(absl::Span<const std::string> nodes);
 
+// A comma-separated node list flag (--peers, --tier): "a:1,b:2" -> {"a:1", "b:2"}, blanks skipped;
+// "dns:///name:port" -> {"dns:///name:port"}.
+std::vector<std::string> SplitPeers(absl::string_view flag);
+
 // The FAILED_PRECONDITION message a node sends a client that placed a sequence on it although it
 // is not an owner, and its parser (the client follows the redirect): "... owners=[a,b] ...".
 std::string RedirectMessage(absl::string_view self, uint64_t key, absl::Span<const std::string> owners,

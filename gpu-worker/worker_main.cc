@@ -174,17 +174,16 @@ absl::Status Generate() {
     to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
     const std::string target = absl::GetFlag(FLAGS_tier);
     const std::vector<std::string> peers = client::SplitPeers(target);
+    const client::RemoteTierOptions ro{target, absl::GetFlag(FLAGS_transport), absl::GetFlag(FLAGS_ucx_tls)};
     if (target == "local") {
       ASSIGN_OR_RETURN(tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{8} << 30, 64, threads}, to));
-    } else if (peers.size() > 1 || target.rfind("dns:///", 0) == 0 || absl::GetFlag(FLAGS_replication) > 1) {
+    } else if (peers.size() > 1 || target.rfind(client::kDnsPrefix, 0) == 0 || absl::GetFlag(FLAGS_replication) > 1) {
       client::ClusterTierOptions co;
       co.peers = peers;
       co.replication = absl::GetFlag(FLAGS_replication);
-      co.remote = client::RemoteTierOptions{"", absl::GetFlag(FLAGS_transport), absl::GetFlag(FLAGS_ucx_tls)};
+      co.remote = ro;  // its target is ignored: every node gets its own
       ASSIGN_OR_RETURN(tier, client::CreateClusterTier(co, to));
     } else {
-      client::RemoteTierOptions ro{absl::GetFlag(FLAGS_tier), absl::GetFlag(FLAGS_transport),
-                                   absl::GetFlag(FLAGS_ucx_tls)};
       ASSIGN_OR_RETURN(tier, client::CreateRemoteTier(ro, to));
     }
     RETURN_IF_ERROR(tier->RegisterModel(spec));
@@ -279,8 +278,8 @@ absl::Status Generate() {
                                  dense_s > 0 ? steps / dense_s : 0.0);
   }
   const auto* cluster = dynamic_cast<const client::ClusterTier*>(tier.get());
+  const client::ClusterCounters cc = cluster != nullptr ? cluster->cluster_counters() : client::ClusterCounters{};
   if (cluster != nullptr) {
-    const client::ClusterCounters cc = cluster->cluster_counters();
     std::cout << absl::StrFormat("tier nodes     %d failovers, %d replicas replaced, %d refilled (%d tokens), "
                                  "%d redirects\n",
                                  cc.failovers, cc.substitutions, cc.refills, cc.refilled_tokens, cc.redirects);
@@ -312,7 +311,6 @@ absl::Status Generate() {
     j["index_build_seconds"] = c.index_build_seconds;
     j["generated"] = generated;
     if (cluster != nullptr) {
-      const client::ClusterCounters cc = cluster->cluster_counters();
       j["tier_cluster"] = {{"failovers", cc.failovers}, {"substitutions", cc.substitutions},
                            {"refills", cc.refills}, {"redirects", cc.redirects}};
     }

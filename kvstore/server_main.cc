@@ -17,6 +17,7 @@
 #include "common/http_server.h"
 #include "common/logging.h"
 #include "common/metrics.h"
+#include "common/placement.h"
 #include "common/units.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -86,9 +87,7 @@ int Run() {
   }
 
   kvstore::PeerConfig peers;
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_peers), ',', absl::SkipWhitespace())) {
-    peers.peers.emplace_back(p);
-  }
+  peers.peers = placement::SplitPeers(absl::GetFlag(FLAGS_peers));
   peers.self = absl::GetFlag(FLAGS_advertise);
   if (absl::Status s = kvstore::ValidatePeerConfig(peers); !s.ok()) {
     KV_LOG(ERROR) << s.message();

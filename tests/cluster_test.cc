@@ -60,14 +60,7 @@ ModelSpec Spec() {
   return s;
 }
 
-uint32_t Mix(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
+uint32_t Mix(uint32_t x) { return static_cast<uint32_t>(placement::Fmix64(x)); }
 
 // One row of K (v=false) or V: finite bf16 values, a function of (sequence, layer, head, token).
 std::string Row(int seq, int layer, bool v, int head, int64_t token) {
@@ -313,6 +306,7 @@ class DecodeRun {
       b.budget = 8;
       b.method = client::Method::kExact;
       std::vector<std::vector<float>> queries;
+      queries.reserve(len_.size() * kKvHeads);  // the entries point into it: it must not move
       for (auto& [seq, len] : len_) {
         for (int h = 0; h < kKvHeads; ++h) {
           std::vector<float> q(kGroup * kHeadDim);
@@ -323,8 +317,6 @@ class DecodeRun {
           b.entries.push_back({SeqName(seq), h, queries.back(), 0, len});
         }
       }
-      // queries may have moved while growing: point the entries at their final place.
-      for (size_t i = 0; i < b.entries.size(); ++i) b.entries[i].queries = queries[i];
       std::vector<client::Recalled> got, want;
       ASSERT_OK(cluster_->Retrieve(b, &got));
       ASSERT_OK(oracle_->Retrieve(b, &want));
@@ -430,8 +422,8 @@ TEST_F(ClusterTest, ReplicatedRunSurvivesNodeLossAndRestarts) {
 
   // Another node is replaced behind the client's back (SIGKILL, restart with an empty disk, no
   // call in between): its replicas are detected, re-synchronised and refilled, or replaced.
-  const std::string other = tier->ReplicasOf(SeqName(0))[0] == victim ? tier->ReplicasOf(SeqName(0))[1]
-                                                                       : tier->ReplicasOf(SeqName(0))[0];
+  const std::vector<std::string> replicas0 = tier->ReplicasOf(SeqName(0));
+  const std::string other = replicas0[0] == victim ? replicas0[1] : replicas0[0];
   const int o = IndexOf(other);
   const int64_t refills_before = tier->cluster_counters().refills;
   ASSERT_NO_FATAL_FAILURE(KillNode(o));
