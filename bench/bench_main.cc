@@ -5,6 +5,7 @@
 //   kvrecall-bench rpc --json                             Retrieve RPC vs in-process (rpc_bench.h)
 //   kvrecall-bench store --json                           arena and prefix sharing (store_bench.h)
 //   kvrecall-bench stream --json                          delta streaming vs ucx_perftest (stream_bench.h)
+//   kvrecall-bench ingest --json                          bulk ingest over UCX vs AppendKV (ingest_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
 #include <iostream>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "bench/index_bench.h"
+#include "bench/ingest_bench.h"
 #include "bench/rpc_bench.h"
 #include "bench/store_bench.h"
 #include "bench/stream_bench.h"
@@ -33,6 +35,9 @@ constexpr char kUsage[] =
     "              flags: --tls=tcp|posix,sysv,cma,self --entries=8 --head_dim=128\n"
     "                     --message_sizes=262144,1048576,4194304 --seconds=2|--iterations=N --drift=0.1\n"
     "                     --perftest_iters=0(auto) --perftest=false --seed=1 (see bench/stream_bench.h)\n"
+    "  ingest      AppendKV of a whole prompt: one-sided puts into the node's arena vs the gRPC stream\n"
+    "              flags: --layers=32 --kv_heads=8 --head_dim=128 --tokens=2048 --iterations=5\n"
+    "                     --ucx_tls= --durable=false --data_dir= (see bench/ingest_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
 // Runs a benchmark whose entry point takes the subcommand's arguments and returns its JSON.
@@ -74,6 +79,10 @@ int main(int argc, char** argv) {
   bool compact = false;
   for (const auto& a : args) compact |= a == "--json";
   if (cmd == "transport") return Transport(args, compact);
+  if (cmd == "ingest") {
+    return RunJson("ingest", [](const std::vector<std::string>& a) { return kvrecall::bench::RunIngestBench(a); },
+                   args, compact);
+  }
   if (cmd == "index") {
     return RunJson("index", [](const std::vector<std::string>& a) { return kvrecall::bench::RunIndexBench(a); },
                    args, compact);

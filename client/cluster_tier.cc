@@ -187,6 +187,10 @@ class ClusterTierImpl final : public ClusterTier {
         seq.replicas.push_back({n.name, n.generation, *stored});
         continue;
       }
+      if (placement::IsDrainingError(stored.status())) {
+        counters_.drained_skips++;
+        continue;  // the next node of the order takes it; the draining one still serves the rest
+      }
       if (NodeGone(stored.status())) {
         MarkDownLocked(n, stored.status());
         continue;

@@ -104,6 +104,7 @@ struct ClusterCounters {
   int64_t refills = 0;        // replicas refilled from another replica
   int64_t refilled_tokens = 0;
   int64_t redirects = 0;      // placements moved by a node's redirect
+  int64_t drained_skips = 0;  // placements that skipped a draining node
   int64_t resolves = 0;       // DNS resolutions
 };
 

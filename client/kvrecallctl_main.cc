@@ -1,6 +1,7 @@
 // kvrecallctl: operate kvrecall tier nodes.
 //
 //   kvrecallctl --server=127.0.0.1:7070 status       node summary
+//   kvrecallctl --server=127.0.0.1:7070 drain        take the node out of service (undrain: back)
 //   kvrecallctl --server=127.0.0.1:7070 sequences    one line per stored sequence
 //   kvrecallctl --server=127.0.0.1:7070 stats        storage: arena, sharing, per-tenant usage
 //   kvrecallctl --server=127.0.0.1:7070 drop --tenant=T --sequence=S
@@ -129,11 +130,38 @@ void PrintStats(const kvrecall::v1::StatsResponse& resp, bool json) {
   }
 }
 
+// drain / undrain: flips the node's draining state (grpc health NOT_SERVING, no new sequences).
+int Drain(kvrecall::v1::KvRecall::Stub* stub, bool draining) {
+  using namespace kvrecall;
+  v1::DrainRequest req;
+  req.set_draining(draining);
+  v1::DrainResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  const absl::Status s = proto::FromGrpc(stub->Drain(&ctx, req, &resp));
+  if (!s.ok()) {
+    std::cerr << "kvrecallctl: " << absl::GetFlag(FLAGS_server) << ": " << s << "\n";
+    return 1;
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << absl::StrFormat("{\"server\":\"%s\",\"draining\":%s,\"sequences\":%d}\n",
+                                 JsonEscape(absl::GetFlag(FLAGS_server)), resp.draining() ? "true" : "false",
+                                 resp.num_sequences());
+  } else if (resp.draining()) {
+    std::cout << absl::GetFlag(FLAGS_server) << " is draining: health NOT_SERVING, no new sequences; "
+              << resp.num_sequences() << " sequences still held\n";
+  } else {
+    std::cout << absl::GetFlag(FLAGS_server) << " accepts new sequences again\n";
+  }
+  return 0;
+}
+
 int Main(const std::string& command) {
   using namespace kvrecall;
   auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = v1::KvRecall::NewStub(channel);
   if (command == "drop") return Drop(stub.get());
+  if (command == "drain" || command == "undrain") return Drain(stub.get(), command == "drain");
   v1::StatsRequest req;
   req.set_include_sequences(command == "sequences");
   v1::StatsResponse resp;
@@ -154,22 +182,26 @@ int Main(const std::string& command) {
       std::cout << absl::StrFormat(
           "{\"server\":\"%s\",\"version\":\"%s\",\"uptime_seconds\":%d,\"memory_limit_bytes\":%d,"
           "\"stored_bytes\":%d,\"sequences\":%d,\"models\":%d,\"workers\":%d,\"retrieve_calls\":%d,"
-          "\"retrieve_entries\":%d,\"bytes_streamed\":%d}\n",
+          "\"retrieve_entries\":%d,\"bytes_streamed\":%d,\"ingests\":%d,\"ingest_bytes\":%d,"
+          "\"draining\":%s}\n",
           JsonEscape(absl::GetFlag(FLAGS_server)), JsonEscape(resp.version()), resp.uptime_seconds(),
           resp.memory_limit_bytes(), resp.stored_bytes(), resp.num_sequences(), resp.num_models(),
-          resp.num_workers(), resp.retrieve_calls(), resp.retrieve_entries(), resp.bytes_streamed());
+          resp.num_workers(), resp.retrieve_calls(), resp.retrieve_entries(), resp.bytes_streamed(),
+          resp.ingests(), resp.ingest_bytes(), resp.draining() ? "true" : "false");
     } else {
       std::cout << absl::StrFormat(
           "server          %s\nversion         %s\nuptime          %ds\nmemory          %s used of "
           "%s (%.1f%%)\n"
           "sequences       %d\nmodels          %d\nworkers         %d\nretrieve calls  %d (%d "
           "entries)\n"
-          "bytes streamed  %s\n",
+          "bytes streamed  %s\ningested        %s over the transport in %d transactions\n"
+          "state           %s\n",
           absl::GetFlag(FLAGS_server), resp.version(), resp.uptime_seconds(),
           FormatBytes(resp.stored_bytes()), FormatBytes(resp.memory_limit_bytes()),
           100.0 * Ratio(resp.stored_bytes(), std::max<int64_t>(1, resp.memory_limit_bytes())),
           resp.num_sequences(), resp.num_models(), resp.num_workers(), resp.retrieve_calls(),
-          resp.retrieve_entries(), FormatBytes(resp.bytes_streamed()));
+          resp.retrieve_entries(), FormatBytes(resp.bytes_streamed()), FormatBytes(resp.ingest_bytes()),
+          resp.ingests(), resp.draining() ? "draining (no new sequences)" : "serving");
     }
     return 0;
   }
@@ -204,15 +236,20 @@ int Main(const std::string& command) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvrecallctl [--server=host:port] [--json] status|sequences|stats|drop\n"
+      "kvrecallctl [--server=host:port] [--json] status|sequences|stats|drop|drain|undrain\n"
       "  status     node summary: memory, sequences, workers, retrieval counters\n"
       "  sequences  one line per stored sequence (blocks, shared blocks)\n"
       "  stats      storage: arena, blocks, prefix hit rate, evictions, spilled bytes, per-tenant "
       "usage\n"
-      "  drop       --tenant=T --sequence=S: remove a sequence and release its blocks");
+      "  drop       --tenant=T --sequence=S: remove a sequence and release its blocks\n"
+      "  drain      take the node out of service: health NOT_SERVING (readiness fails), new\n"
+      "             sequences refused with UNAVAILABLE (clients place them elsewhere); the\n"
+      "             sequences it holds are still served\n"
+      "  undrain    accept new sequences again");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2 ||
-      (args[1] != "status" && args[1] != "sequences" && args[1] != "stats" && args[1] != "drop")) {
+      (args[1] != "status" && args[1] != "sequences" && args[1] != "stats" && args[1] != "drop" &&
+       args[1] != "drain" && args[1] != "undrain")) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
     return 2;
   }

@@ -34,9 +34,7 @@ class LocalTier final : public Tier {
   absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
     ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, node_.FindSequence(options_.tenant, sequence_id));
     const int layers = seq->spec().num_layers;
-    if (static_cast<int>(batch.keys.size()) != layers || static_cast<int>(batch.values.size()) != layers) {
-      return absl::InvalidArgumentError(absl::StrCat("batch has KV for ", batch.keys.size(), " layers; model has ", layers));
-    }
+    RETURN_IF_ERROR(internal::CheckAppendBatch(seq->spec(), batch));
     RETURN_IF_ERROR(seq->BeginAppend());
     absl::Status s = [&]() -> absl::Status {
       if (!batch.token_ids.empty()) RETURN_IF_ERROR(seq->AddTokenIds(batch.token_start, batch.token_ids));

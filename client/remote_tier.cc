@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
+#include "kvstore/internal/crc32c.h"
 #include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/convert.h"
@@ -18,6 +19,7 @@ namespace v1 = ::kvrecall::v1;
 using proto::FromGrpc;
 
 constexpr size_t kAppendChunkBytes = 4 << 20;
+constexpr size_t kIngestPackBytes = 16 << 20;  // bulk ingest: bytes packed per round of puts
 
 class RemoteTier final : public Tier {
  public:
@@ -87,15 +89,22 @@ class RemoteTier final : public Tier {
     return OpenResult{resp.matched_tokens(), resp.stored_tokens()};
   }
 
+  // Over the data transport when this tier has one and the node's arena is registered
+  // (AllocateBlocks, puts into the node's slots, CommitBlocks); otherwise an AppendKV stream.
   absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(sequence_id));
-    if (static_cast<int>(batch.keys.size()) != spec->num_layers ||
-        static_cast<int>(batch.values.size()) != spec->num_layers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("batch has KV for ", batch.keys.size(), " layers; model has ", spec->num_layers));
+    RETURN_IF_ERROR(internal::CheckAppendBatch(*spec, batch));
+    if (transport_ != nullptr && remote_.ingest != "grpc" && !ingest_unsupported_) {
+      absl::Status s = Ingest(sequence_id, *spec, batch);
+      if (!absl::IsUnimplemented(s)) return s;
+      ingest_unsupported_ = true;  // the node has no registered arena: AppendKV from now on
     }
-    const size_t row = spec->row_bytes();
-    const int64_t heads = spec->num_kv_heads;
+    return AppendOverGrpc(sequence_id, *spec, batch);
+  }
+
+  absl::Status AppendOverGrpc(const std::string& sequence_id, const ModelSpec& spec, const AppendBatch& batch) {
+    const size_t row = spec.row_bytes();
+    const int64_t heads = spec.num_kv_heads;
     const int64_t tokens_per_chunk =
         std::max<int64_t>(1, static_cast<int64_t>(kAppendChunkBytes / (2 * row * heads)));
     grpc::ClientContext ctx;
@@ -106,13 +115,7 @@ class RemoteTier final : public Tier {
     bool first = true;
     for (int64_t t0 = 0; t0 < batch.num_tokens; t0 += tokens_per_chunk) {
       const int64_t n = std::min(tokens_per_chunk, batch.num_tokens - t0);
-      for (int l = 0; l < spec->num_layers; ++l) {
-        const size_t want = static_cast<size_t>(heads * batch.num_tokens) * row;
-        if (batch.keys[l].size() != want || batch.values[l].size() != want) {
-          writer->WritesDone();
-          ctx.TryCancel();
-          return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": keys/values must be ", want, " bytes"));
-        }
+      for (int l = 0; l < spec.num_layers; ++l) {
         chunk.Clear();
         chunk.set_tenant(options_.tenant);
         chunk.set_sequence_id(sequence_id);
@@ -140,6 +143,130 @@ class RemoteTier final : public Tier {
     writer->WritesDone();
     RETURN_IF_ERROR(FromGrpc(writer->Finish()));
     counters_.bytes_appended += resp.bytes_written();
+    return absl::OkStatus();
+  }
+
+  // Bulk ingest: one transaction for the whole batch. Any failure after AllocateBlocks aborts it
+  // (best effort: an abort that does not arrive ends with the node's lease).
+  absl::Status Ingest(const std::string& sequence_id, const ModelSpec& spec, const AppendBatch& batch) {
+    v1::AllocateBlocksRequest req;
+    req.set_tenant(options_.tenant);
+    req.set_sequence_id(sequence_id);
+    req.set_token_start(batch.token_start);
+    req.set_num_tokens(batch.num_tokens);
+    if (!batch.token_ids.empty()) {
+      req.set_token_ids_start(batch.token_start);
+      req.mutable_token_ids()->Add(batch.token_ids.begin(), batch.token_ids.end());
+    }
+    v1::AllocateBlocksResponse grant;
+    const absl::Time asked = absl::Now();
+    {
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      RETURN_IF_ERROR(FromGrpc(stub_->AllocateBlocks(&ctx, req, &grant)));
+    }
+    absl::Status s = PutIngest(spec, batch, grant, asked);
+    v1::CommitBlocksRequest commit;
+    commit.set_tenant(options_.tenant);
+    commit.set_sequence_id(sequence_id);
+    commit.set_ingest_id(grant.ingest_id());
+    if (s.ok()) {
+      commit.mutable_checksums()->Add(ingest_checksums_.begin(), ingest_checksums_.end());
+    } else {
+      commit.set_abort(true);
+    }
+    v1::CommitBlocksResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    const absl::Status c = FromGrpc(stub_->CommitBlocks(&ctx, commit, &resp));
+    RETURN_IF_ERROR(s);
+    RETURN_IF_ERROR(c);
+    counters_.bytes_appended += resp.bytes_written();
+    counters_.ingests++;
+    return absl::OkStatus();
+  }
+
+  // Checks the node's answer, then puts the batch's rows into the granted slots and leaves their
+  // checksums in ingest_checksums_. Puts stop once half the lease has passed since `asked`.
+  absl::Status PutIngest(const ModelSpec& spec, const AppendBatch& batch, const v1::AllocateBlocksResponse& g,
+                         absl::Time asked) {
+    const int64_t bt = g.block_tokens();
+    if (bt <= 0 || bt > (1 << 20)) return absl::DataLossError("AllocateBlocks: bad block_tokens");
+    const int64_t first = batch.token_start / bt;
+    const int64_t blocks = (batch.token_start + batch.num_tokens + bt - 1) / bt - first;
+    const size_t row = spec.row_bytes();
+    const size_t heads = static_cast<size_t>(spec.num_kv_heads);
+    const uint64_t slot_bytes = 2 * heads * static_cast<uint64_t>(bt) * row;
+    if (g.first_block() != first || g.num_blocks() != blocks ||
+        g.slot_offsets_size() != spec.num_layers * blocks) {
+      return absl::DataLossError("AllocateBlocks answered a layout that does not match the request");
+    }
+    for (uint64_t off : g.slot_offsets()) {
+      if (off > g.length() || g.length() - off < slot_bytes) {
+        return absl::DataLossError("AllocateBlocks answered a slot outside its region");
+      }
+    }
+    transport::RemoteRegion region{g.peer_address(), g.remote_base(), g.length(), g.rkey()};
+    if (ingest_writer_ == nullptr || ingest_writer_->region().peer_address != region.peer_address ||
+        ingest_writer_->region().base != region.base || ingest_writer_->region().rkey != region.rkey) {
+      ingest_writer_.reset();
+      ASSIGN_OR_RETURN(ingest_writer_, transport_->Connect(region));
+    }
+    const absl::Time stop_putting = asked + absl::Milliseconds(g.lease_ms()) / 2;
+    ingest_checksums_.assign(static_cast<size_t>(spec.num_layers * blocks), 0);
+    // Rows are packed into the slot layout so that a whole block is one put (a partial first or
+    // last block is one put per kv-head and K/V); puts go out in rounds of about kIngestPackBytes.
+    const size_t pack_slots = std::max<size_t>(1, kIngestPackBytes / slot_bytes);
+    if (ingest_pack_.size() < pack_slots * slot_bytes) ingest_pack_.resize(pack_slots * slot_bytes);
+    std::vector<transport::PutOp> ops;
+    size_t packed = 0;  // slots of ingest_pack_ in use by `ops`
+    auto flush = [&]() -> absl::Status {
+      if (ops.empty()) return absl::OkStatus();
+      if (absl::Now() > stop_putting) {
+        return absl::DeadlineExceededError("bulk ingest: half of the node's lease passed before the puts were done");
+      }
+      absl::Status s = ingest_writer_->PutAll(ops);
+      if (!s.ok()) ingest_writer_.reset();  // a broken connection; the next ingest connects afresh
+      ops.clear();
+      packed = 0;
+      return s;
+    };
+    const int64_t start = batch.token_start;
+    const int64_t end = start + batch.num_tokens;
+    const size_t head_rows = static_cast<size_t>(bt) * row;
+    for (int l = 0; l < spec.num_layers; ++l) {
+      const uint8_t* kv_src[2] = {reinterpret_cast<const uint8_t*>(batch.keys[l].data()),
+                                  reinterpret_cast<const uint8_t*>(batch.values[l].data())};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t block_first = (first + b) * bt;
+        const int64_t lo = std::max(start, block_first);
+        const int64_t hi = std::min(end, block_first + bt);
+        const size_t len = static_cast<size_t>(hi - lo) * row;
+        const uint64_t slot = g.slot_offsets(static_cast<int>(l * blocks + b));
+        const bool whole = hi - lo == bt;
+        if (whole && packed == pack_slots) RETURN_IF_ERROR(flush());
+        uint8_t* pack = whole ? ingest_pack_.data() + packed * slot_bytes : nullptr;
+        uint32_t crc = 0;
+        for (size_t kv = 0; kv < 2; ++kv) {
+          for (size_t h = 0; h < heads; ++h) {
+            const uint8_t* from =
+                kv_src[kv] + (h * static_cast<size_t>(batch.num_tokens) + static_cast<size_t>(lo - start)) * row;
+            crc = kvstore::internal::Crc32cExtend(crc, from, len);
+            if (whole) {
+              std::memcpy(pack + (kv * heads + h) * head_rows, from, len);
+            } else {
+              ops.push_back({from, len, slot + (kv * heads + h) * head_rows + static_cast<uint64_t>(lo - block_first) * row});
+            }
+          }
+        }
+        if (whole) {
+          ops.push_back({pack, static_cast<size_t>(slot_bytes), slot});
+          ++packed;
+        }
+        ingest_checksums_[static_cast<size_t>(l * blocks + b)] = crc;
+      }
+    }
+    RETURN_IF_ERROR(flush());
     return absl::OkStatus();
   }
 
@@ -276,6 +403,9 @@ class RemoteTier final : public Tier {
     s.spilled_bytes = resp.spilled_bytes();
     s.spilled_blocks = resp.spilled_blocks();
     s.reloads = resp.reloads();
+    s.ingests = resp.ingests();
+    s.ingest_bytes = resp.ingest_bytes();
+    s.draining = resp.draining();
     for (const auto& u : resp.tenants()) {
       s.tenants.push_back({u.tenant(), u.sequences(), u.tokens(), u.bytes(), u.logical_bytes(),
                            u.unique_blocks(), u.shared_blocks(), u.prompt_tokens(),
@@ -342,6 +472,10 @@ class RemoteTier final : public Tier {
   std::unique_ptr<v1::KvRecall::Stub> stub_;
   std::unique_ptr<transport::Transport> transport_;
   std::unique_ptr<transport::RegisteredRegion> region_;
+  std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
+  std::vector<uint32_t> ingest_checksums_;
+  std::vector<uint8_t> ingest_pack_;  // rows packed in slot layout for the puts
+  bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   std::string fallback_buffer_;
   std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number
   std::map<std::string, ModelSpec> specs_;

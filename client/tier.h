@@ -95,6 +95,7 @@ struct TierCounters {
   int64_t rows_selected = 0;  // rows the selections named, resident or not
   int64_t bytes_received = 0;  // K/V bytes that arrived for recalled rows
   int64_t bytes_appended = 0;
+  int64_t ingests = 0;  // appends that went over the data transport (AllocateBlocks/CommitBlocks)
 };
 
 class Tier {
@@ -127,6 +128,10 @@ struct RemoteTierOptions {
   std::string target;             // host:port of a kvrecall-server
   std::string transport = "ucx";  // "ucx": rows are put into our registered buffer; "grpc": FetchKV
   std::string ucx_tls;            // UCX_TLS-style list; empty = UCX default
+  // "auto": with transport "ucx", AppendKV puts rows straight into the node's arena
+  // (AllocateBlocks / CommitBlocks) when the node supports it, else streams AppendKV; "grpc":
+  // always AppendKV.
+  std::string ingest = "auto";
 };
 // Connects (waits for the channel up to options.deadline) and, with transport "ucx", attaches
 // this worker's receive region. UNAVAILABLE when the server cannot be reached.
@@ -138,6 +143,8 @@ namespace internal {
 // gets rows [area_first_row + i * budget, + budget).
 absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
                              uint64_t* area_first_row);
+// The shape checks of an AppendBatch against its model (layers, bytes per layer).
+absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch);
 // Checks a reply's slot map against the request (budget, ascending ids, slots distinct and in
 // range, every fill slot among the selection's) so a confused server cannot make the caller
 // write outside its slot cache.

@@ -33,6 +33,25 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, 
   return absl::OkStatus();
 }
 
+absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch) {
+  if (static_cast<int>(batch.keys.size()) != spec.num_layers ||
+      static_cast<int>(batch.values.size()) != spec.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch has KV for ", batch.keys.size(), " layers; model has ", spec.num_layers));
+  }
+  if (batch.num_tokens < 0 || batch.token_start < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append of ", batch.num_tokens, " tokens at ", batch.token_start));
+  }
+  const size_t want = static_cast<size_t>(spec.num_kv_heads) * static_cast<size_t>(batch.num_tokens) * spec.row_bytes();
+  for (int l = 0; l < spec.num_layers; ++l) {
+    if (batch.keys[l].size() != want || batch.values[l].size() != want) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": keys/values must be ", want, " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckRecalled(const Recalled& r, int budget) {
   const size_t n = r.token_ids.size();
   if (n > static_cast<size_t>(budget)) {

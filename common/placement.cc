@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -114,6 +115,19 @@ std::optional<std::vector<std::string>> ParseRedirect(absl::string_view message)
       absl::StrSplit(message.substr(begin, close - begin), ',', absl::SkipWhitespace());
   if (owners.empty()) return std::nullopt;
   return owners;
+}
+
+namespace {
+constexpr absl::string_view kDraining = "node is draining";
+}  // namespace
+
+absl::Status DrainingError() {
+  return absl::UnavailableError(
+      absl::StrCat("this ", kDraining, " and takes no new sequences; place the sequence on another node"));
+}
+
+bool IsDrainingError(const absl::Status& s) {
+  return absl::IsUnavailable(s) && absl::StrContains(s.message(), kDraining);
 }
 
 }  // namespace kvrecall::placement

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
@@ -70,6 +71,12 @@ std::string RedirectMessage(absl::string_view self, uint64_t key, absl::Span<con
                             uint64_t peers_hash);
 // The owners named in a RedirectMessage; nullopt when `message` is not one.
 std::optional<std::vector<std::string>> ParseRedirect(absl::string_view message);
+
+// The UNAVAILABLE a draining node (kvrecallctl drain) answers to OpenSequence of a sequence it
+// does not hold, and its test: a client places the sequence on its next node without taking the
+// draining one for dead (it still serves what it holds).
+absl::Status DrainingError();
+bool IsDrainingError(const absl::Status& s);
 
 }  // namespace kvrecall::placement
 

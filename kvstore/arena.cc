@@ -124,4 +124,11 @@ int64_t Arena::total_slots() const {
   return total_slots_;
 }
 
+absl::StatusOr<transport::RemoteRegion> Arena::Describe() const {
+  if (region_ == nullptr) {
+    return absl::FailedPreconditionError("the arena is not registered with a data transport");
+  }
+  return region_->Describe();
+}
+
 }  // namespace kvrecall::kvstore

@@ -71,6 +71,9 @@ class Arena {
   // "hugetlb", "thp" or "none".
   const std::string& hugepages() const { return hugepages_; }
   bool registered() const { return region_ != nullptr; }
+  // The registration's descriptor: what a peer needs to put straight into slots (bulk ingest;
+  // slot offsets are relative to base()). FAILED_PRECONDITION when the arena is not registered.
+  absl::StatusOr<transport::RemoteRegion> Describe() const;
   const uint8_t* base() const { return base_; }
 
  private:

@@ -231,6 +231,42 @@ grpc::ServerReadReactor<v1::AppendKVRequest>* GrpcService::AppendKV(grpc::Callba
   return new AppendReactor(ctx, node_, resp);
 }
 
+grpc::ServerUnaryReactor* GrpcService::AllocateBlocks(grpc::CallbackServerContext* ctx,
+                                                      const v1::AllocateBlocksRequest* req,
+                                                      v1::AllocateBlocksResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    AllocateBlocksArgs args{req->tenant(),      req->sequence_id(),     req->token_start(),
+                            req->num_tokens(),  req->token_ids_start(),
+                            absl::MakeConstSpan(req->token_ids().data(), req->token_ids_size())};
+    ASSIGN_OR_RETURN(IngestGrant g, node_->AllocateBlocks(args));
+    resp->set_ingest_id(g.ingest_id);
+    resp->set_transport(g.transport);
+    resp->set_peer_address(g.region.peer_address);
+    resp->set_remote_base(g.region.base);
+    resp->set_length(g.region.length);
+    resp->set_rkey(g.region.rkey);
+    resp->set_block_tokens(g.block_tokens);
+    resp->set_first_block(g.first_block);
+    resp->set_num_blocks(g.num_blocks);
+    resp->mutable_slot_offsets()->Add(g.slot_offsets.begin(), g.slot_offsets.end());
+    resp->set_lease_ms(absl::ToInt64Milliseconds(g.lease));
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GrpcService::CommitBlocks(grpc::CallbackServerContext* ctx,
+                                                    const v1::CommitBlocksRequest* req,
+                                                    v1::CommitBlocksResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    CommitBlocksArgs args{req->tenant(), req->sequence_id(), req->ingest_id(),
+                          absl::MakeConstSpan(req->checksums().data(), req->checksums_size()), req->abort()};
+    ASSIGN_OR_RETURN(CommitBlocksOutcome out, node_->CommitBlocks(args));
+    resp->set_stored_tokens(out.stored_tokens);
+    resp->set_bytes_written(out.bytes_written);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                                 v1::RetrieveResponse* resp) {
   return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
@@ -356,6 +392,9 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
     resp->set_spilled_bytes(s.spilled_bytes);
     resp->set_spilled_blocks(s.spilled_blocks);
     resp->set_reloads(s.reloads);
+    resp->set_ingests(s.ingests);
+    resp->set_ingest_bytes(s.ingest_bytes);
+    resp->set_draining(s.draining);
     for (const TenantStats& t : s.tenants) {
       v1::TenantUsage* u = resp->add_tenants();
       u->set_tenant(t.tenant);
@@ -368,6 +407,16 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
       u->set_prompt_tokens(t.prompt_tokens);
       u->set_matched_tokens(t.matched_tokens);
     }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GrpcService::Drain(grpc::CallbackServerContext* ctx, const v1::DrainRequest* req,
+                                             v1::DrainResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+    resp->set_num_sequences(node_->SetDraining(req->draining()));
+    resp->set_draining(req->draining());
+    if (drain_hook_) drain_hook_(req->draining());
     return absl::OkStatus();
   });
 }

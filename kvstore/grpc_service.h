@@ -3,6 +3,7 @@
 #ifndef KVRECALL_KVSTORE_GRPC_SERVICE_H_
 #define KVRECALL_KVSTORE_GRPC_SERVICE_H_
 
+#include <functional>
 #include <memory>
 
 #include "common/thread_pool.h"
@@ -23,6 +24,9 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
   // owner (placement_check.h). REQUIRES: ValidatePeerConfig(config) is OK; called before the
   // server starts serving.
   void SetPeers(PeerConfig config) { peers_ = std::move(config); }
+  // Called with the new state after every Drain call (the server flips its health status).
+  // REQUIRES: set before the server starts serving.
+  void SetDrainHook(std::function<void(bool draining)> hook) { drain_hook_ = std::move(hook); }
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
                                           v1::RegisterModelResponse* resp) override;
@@ -30,6 +34,10 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
                                          v1::OpenSequenceResponse* resp) override;
   grpc::ServerReadReactor<v1::AppendKVRequest>* AppendKV(grpc::CallbackServerContext* ctx,
                                                          v1::AppendKVResponse* resp) override;
+  grpc::ServerUnaryReactor* AllocateBlocks(grpc::CallbackServerContext* ctx, const v1::AllocateBlocksRequest* req,
+                                           v1::AllocateBlocksResponse* resp) override;
+  grpc::ServerUnaryReactor* CommitBlocks(grpc::CallbackServerContext* ctx, const v1::CommitBlocksRequest* req,
+                                         v1::CommitBlocksResponse* resp) override;
   grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) override;
   grpc::ServerUnaryReactor* BuildIndex(grpc::CallbackServerContext* ctx, const v1::BuildIndexRequest* req,
@@ -42,11 +50,14 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
                                           v1::CloseSequenceResponse* resp) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
                                   v1::StatsResponse* resp) override;
+  grpc::ServerUnaryReactor* Drain(grpc::CallbackServerContext* ctx, const v1::DrainRequest* req,
+                                  v1::DrainResponse* resp) override;
 
  private:
   Node* const node_;
   ThreadPool pool_;
   PeerConfig peers_;  // immutable once serving
+  std::function<void(bool)> drain_hook_;  // immutable once serving
 };
 
 }  // namespace kvrecall::kvstore

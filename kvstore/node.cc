@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/metrics.h"
+#include "common/placement.h"
 #include "common/status_macros.h"
 #include "indexer/exact.h"
 #include "indexer/index.h"
@@ -325,12 +326,16 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
     return absl::InvalidArgumentError(absl::StrCat("prompt of ", args.token_ids.size(), " tokens exceeds ", kMaxPromptTokens));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<const ModelSpec> spec, GetModel(args.model_id));
+  ExpireIngests();  // a client reopening after a crash must not find its old ingest holding the sequence
   std::shared_ptr<Sequence> seq;
   bool created = false;
   {
     absl::MutexLock lock(&mu_);
     if (auto lost = lost_.find({args.tenant, args.sequence_id}); lost != lost_.end()) {
       return lost->second;
+    }
+    if (draining_.load() && sequences_.find({args.tenant, args.sequence_id}) == sequences_.end()) {
+      return placement::DrainingError();
     }
     auto& slot = sequences_[{args.tenant, args.sequence_id}];
     if (slot == nullptr) {
@@ -760,6 +765,9 @@ NodeStats Node::Stats(bool include_sequences) const {
   s.retrieve_calls = retrieve_calls_.load();
   s.retrieve_entries = retrieve_entries_.load();
   s.bytes_streamed = bytes_streamed_.load();
+  s.ingests = ingests_committed_.load();
+  s.ingest_bytes = ingest_bytes_.load();
+  s.draining = draining_.load();
   std::vector<std::pair<SeqKey, std::shared_ptr<Sequence>>> seqs;
   std::map<std::string, TenantStats> tenants;
   {

@@ -66,6 +66,8 @@ struct NodeOptions {
   std::string data_dir;
   // How long an access (open, append, read) protects a sequence's blocks from eviction.
   absl::Duration lease = absl::Seconds(30);
+  // How long an AllocateBlocks transaction may stay uncommitted before it is aborted.
+  absl::Duration ingest_lease = absl::Seconds(60);
   // --durable (needs data_dir): registered models and every committed append are written
   // through RocksDB's WAL (synced) before they are acknowledged, and a restarted node recovers
   // them from data_dir (blocks stay on disk until first read). A sequence whose metadata record
@@ -154,6 +156,38 @@ struct RetrieveOutcome {
   int64_t rows_sent = 0;      // rows put (or to be fetched): the deltas
 };
 
+// Bulk ingest (proto AllocateBlocks / CommitBlocks): the client puts rows straight into arena
+// slots over the transport; see the proto for the slot layout.
+struct AllocateBlocksArgs {
+  std::string tenant;
+  std::string sequence_id;
+  int64_t token_start = 0;
+  int64_t num_tokens = 0;
+  int64_t token_ids_start = 0;
+  absl::Span<const int32_t> token_ids;  // ids of tokens not yet known, from token_ids_start
+};
+struct IngestGrant {
+  uint64_t ingest_id = 0;
+  std::string transport;           // the arena's transport ("ucx", "inproc")
+  transport::RemoteRegion region;  // the node's registered arena
+  int block_tokens = 0;
+  int64_t first_block = 0;
+  int num_blocks = 0;
+  std::vector<uint64_t> slot_offsets;  // [num_layers][num_blocks], byte offsets in `region`
+  absl::Duration lease;
+};
+struct CommitBlocksArgs {
+  std::string tenant;
+  std::string sequence_id;
+  uint64_t ingest_id = 0;
+  absl::Span<const uint32_t> checksums;  // [num_layers][num_blocks]; see proto CommitBlocksRequest
+  bool abort = false;
+};
+struct CommitBlocksOutcome {
+  int64_t stored_tokens = 0;
+  int64_t bytes_written = 0;
+};
+
 struct SequenceStats {
   std::string tenant;
   std::string sequence_id;
@@ -202,6 +236,9 @@ struct NodeStats {
   int64_t spilled_bytes = 0;         // bytes of spilled block records of live blocks
   int64_t spilled_blocks = 0;        // live blocks currently on disk only
   int64_t reloads = 0;               // spilled blocks read back, ever
+  int64_t ingests = 0;               // AllocateBlocks transactions committed, ever
+  int64_t ingest_bytes = 0;          // K/V bytes they committed
+  bool draining = false;
   std::vector<TenantStats> tenants;  // always filled, sorted by tenant
   // Indices (index_manager.h). Their memory is taken from the arena: stored_bytes excludes it,
   // stored_bytes + index_reserved_bytes <= memory_limit_bytes.
@@ -248,6 +285,22 @@ class Node {
   absl::Status AttachWorker(const std::string& tenant, const std::string& worker_id,
                             const transport::RemoteRegion& region);
 
+  // Bulk ingest. AllocateBlocks opens the sequence's write transaction for tokens
+  // [token_start, token_start + num_tokens) of every layer and answers the arena slots they land
+  // in; the transaction is the ingest's until CommitBlocks ends it (commit or abort, either way)
+  // or its lease (options.ingest_lease) runs out, when it is aborted. Codes: INVALID_ARGUMENT
+  // bad sizes/ids; NOT_FOUND unknown sequence (or ingest id, or one of another sequence);
+  // UNIMPLEMENTED arena not registered with a transport (use AppendKV); FAILED_PRECONDITION
+  // token_start not the committed length; ABORTED another append is open (or the lease ran out before commit);
+  // RESOURCE_EXHAUSTED arena full; DATA_LOSS a checksum mismatch (nothing committed).
+  absl::StatusOr<IngestGrant> AllocateBlocks(const AllocateBlocksArgs& args);
+  absl::StatusOr<CommitBlocksOutcome> CommitBlocks(const CommitBlocksArgs& args);
+
+  // Draining: OpenSequence of a sequence this node does not hold answers UNAVAILABLE (clients
+  // place it on their next node); everything else keeps working. Returns the sequences held.
+  int64_t SetDraining(bool draining);
+  bool draining() const { return draining_.load(); }
+
   // drop=false marks it closed (kept); drop=true removes it and releases its block references
   // (a block's memory returns to the arena when its last reference goes, i.e. once no other
   // sequence shares it and no reader still holds the sequence).
@@ -286,6 +339,18 @@ class Node {
     StagingArea* Area(uint32_t id);
   };
   using SeqKey = std::pair<std::string, std::string>;  // (tenant, sequence id)
+  struct Ingest {
+    SeqKey key;
+    std::shared_ptr<Sequence> seq;
+    int64_t token_start = 0;
+    int64_t num_tokens = 0;
+    int64_t first_block = 0;
+    int num_blocks = 0;
+    std::vector<uint8_t*> slots;  // [num_layers][num_blocks]
+    absl::Time deadline;
+  };
+  // Aborts (outside ingest_mu_) every ingest whose lease ran out.
+  void ExpireIngests();
 
   // Rebuilds models and sequences from the store's metadata (durable only).
   absl::Status Recover();
@@ -323,6 +388,13 @@ class Node {
   std::map<SeqKey, absl::Status> lost_ ABSL_GUARDED_BY(mu_);
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t matched_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+
+  absl::Mutex ingest_mu_;
+  absl::flat_hash_map<uint64_t, Ingest> ingests_ ABSL_GUARDED_BY(ingest_mu_);
+  uint64_t next_ingest_ ABSL_GUARDED_BY(ingest_mu_) = 0;
+  std::atomic<int64_t> ingests_committed_{0};
+  std::atomic<int64_t> ingest_bytes_{0};
+  std::atomic<bool> draining_{false};
 
   std::atomic<int64_t> retrieve_calls_{0};
   std::atomic<int64_t> retrieve_entries_{0};

@@ -232,6 +232,59 @@ absl::Status Sequence::AppendChunk(int layer, int64_t token_start, int64_t n, ab
   return absl::OkStatus();
 }
 
+absl::Status Sequence::ReserveRows(int64_t token_start, int64_t n, std::vector<uint8_t*>* slots) {
+  absl::MutexLock lock(&mu_);
+  if (!appending_) return absl::FailedPreconditionError("no append in progress");
+  if (n <= 0 || n > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens ", n, " outside [1, 2^24]"));
+  }
+  for (int l = 0; l < spec_->num_layers; ++l) {
+    if (layer_tokens_[l] != token_start) {
+      return absl::FailedPreconditionError(absl::StrCat("layer ", l, " holds ", layer_tokens_[l],
+                                                        " tokens; the rows start at ", token_start));
+    }
+  }
+  if (token_start + n > static_cast<int64_t>(token_ids_.size())) {
+    return absl::FailedPreconditionError(absl::StrCat("KV for tokens up to ", token_start + n, " but only ",
+                                                      token_ids_.size(), " token ids are known"));
+  }
+  const int64_t first = token_start / block_tokens_;
+  const int64_t need_blocks = (token_start + n + block_tokens_ - 1) / block_tokens_;
+  while (static_cast<int64_t>(blocks_.size()) < need_blocks) {
+    absl::StatusOr<Block*> b = table_->Allocate(spec_->num_layers, 2 * spec_->num_kv_heads * head_bytes());
+    if (!b.ok()) return b.status();
+    blocks_.push_back(*b);
+    txn_pins_.push_back(*b);  // Allocate pinned it for us
+  }
+  for (int64_t b = first; b < need_blocks; ++b) {
+    if (blocks_[static_cast<size_t>(b)]->immutable()) {
+      return absl::InternalError(absl::StrCat("ingest into block ", b, " would write a shared block"));
+    }
+  }
+  for (int l = 0; l < spec_->num_layers; ++l) {
+    for (int64_t b = first; b < need_blocks; ++b) slots->push_back(blocks_[static_cast<size_t>(b)]->layer(l));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Sequence::CompleteRows(int64_t token_start, int64_t n) {
+  absl::MutexLock lock(&mu_);
+  if (!appending_) return absl::FailedPreconditionError("no append in progress");
+  const int64_t end = token_start + n;
+  if (n <= 0 || end > static_cast<int64_t>(blocks_.size()) * block_tokens_ ||
+      end > static_cast<int64_t>(token_ids_.size())) {
+    return absl::FailedPreconditionError(absl::StrCat("rows [", token_start, ", ", end, ") were not reserved"));
+  }
+  for (int l = 0; l < spec_->num_layers; ++l) {
+    if (layer_tokens_[l] != token_start) {
+      return absl::FailedPreconditionError(absl::StrCat("layer ", l, " holds ", layer_tokens_[l],
+                                                        " tokens; the rows start at ", token_start));
+    }
+  }
+  for (int l = 0; l < spec_->num_layers; ++l) layer_tokens_[l] = end;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> Sequence::CommitAppend() {
   std::shared_ptr<const IndexHooks> hooks;
   absl::StatusOr<int64_t> committed = CommitAppendInternal(&hooks);

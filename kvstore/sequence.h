@@ -144,6 +144,17 @@ class Sequence {
   // are unknown; RESOURCE_EXHAUSTED when the arena is full. REQUIRES: BeginAppend succeeded.
   absl::Status AppendChunk(int layer, int64_t token_start, int64_t n, absl::Span<const uint8_t> keys,
                            absl::Span<const uint8_t> values);
+  // Bulk ingest (Node::AllocateBlocks): the rows of [token_start, token_start + n) are written by
+  // someone else (a transport put straight into the slots) instead of AppendChunk.
+  // ReserveRows, inside an open append whose every layer holds exactly token_start tokens,
+  // allocates the blocks those tokens need and appends to *slots, for each layer l and each block
+  // b in [token_start / block_tokens, (token_start + n - 1) / block_tokens], the slot
+  // block(b)->layer(l), in [num_layers][blocks] order. INVALID_ARGUMENT for n outside [1, 2^24],
+  // FAILED_PRECONDITION for a layer at another length or unknown token ids, RESOURCE_EXHAUSTED
+  // when the arena is full (blocks already allocated stay with the transaction until it ends).
+  // CompleteRows then declares those rows written in every layer (ready for CommitAppend).
+  absl::Status ReserveRows(int64_t token_start, int64_t n, std::vector<uint8_t*>* slots);
+  absl::Status CompleteRows(int64_t token_start, int64_t n);
   // Commits when every layer has the same length (FAILED_PRECONDITION otherwise, and rolls back),
   // then publishes the newly full blocks. Returns the committed token count.
   absl::StatusOr<int64_t> CommitAppend();

@@ -4,6 +4,7 @@
 //
 // Serves kvrecall.v1.KvRecall and grpc.health.v1.Health on --listen, Prometheus text metrics on
 // http://<metrics-host>:<metrics-port>/metrics. SIGTERM / SIGINT shut it down gracefully.
+#include <atomic>
 #include <csignal>
 #include <fstream>
 #include <memory>
@@ -61,6 +62,8 @@ ABSL_FLAG(int, auto_index_first_layer, 2, "first layer --auto-index indexes (the
 ABSL_FLAG(int64_t, auto_index_token_begin, 16, "first token --auto-index indexes (the workers' sinks)");
 ABSL_FLAG(absl::Duration, lease, absl::Seconds(30),
           "how long an access (open, append, read) protects a sequence's blocks from eviction");
+ABSL_FLAG(absl::Duration, ingest_lease, absl::Seconds(60),
+          "how long a bulk ingest over UCX (AllocateBlocks) may stay uncommitted before it is aborted");
 ABSL_FLAG(std::string, peers, "",
           "comma-separated names (host:port, as clients dial them) of every node of the cluster; with "
           "--advertise, OpenSequence refuses a sequence that a client with a different node list placed "
@@ -127,6 +130,7 @@ int Run() {
   options.try_hugepages = absl::GetFlag(FLAGS_hugepages);
   options.data_dir = absl::GetFlag(FLAGS_data_dir);
   options.lease = absl::GetFlag(FLAGS_lease);
+  options.ingest_lease = absl::GetFlag(FLAGS_ingest_lease);
   options.durable = absl::GetFlag(FLAGS_durable);
   {
     const std::string m = absl::GetFlag(FLAGS_auto_index);
@@ -158,6 +162,12 @@ int Run() {
   kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
   const size_t num_peers = peers.peers.size();
   service.SetPeers(std::move(peers));
+  // kvrecallctl drain: the health status turns NOT_SERVING, so a readiness probe takes the node
+  // out of its Service while it keeps serving the sequences it holds.
+  std::atomic<grpc::Server*> serving{nullptr};
+  service.SetDrainHook([&serving](bool draining) {
+    if (grpc::Server* s = serving.load(); s != nullptr) s->GetHealthCheckService()->SetServingStatus(!draining);
+  });
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
@@ -171,6 +181,7 @@ int Run() {
     KV_LOG(ERROR) << "cannot serve on " << absl::GetFlag(FLAGS_listen);
     return 1;
   }
+  serving.store(server.get());
 
   HttpServer http;
   int metrics_port = -1;

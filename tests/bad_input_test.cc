@@ -413,6 +413,87 @@ TEST_F(BadInputTest, BuildIndex) {
   EXPECT_EQ(Retrieve(r), StatusCode::OK);
 }
 
+// Bulk ingest's two RPCs with broken fields, and a commit whose rows never arrived.
+TEST_F(BadInputTest, AllocateAndCommitBlocks) {
+  ASSERT_EQ(Open("ing", 10).error_code(), StatusCode::OK);
+  auto alloc = [&](const std::string& id, int64_t start, int64_t n, v1::AllocateBlocksResponse* resp) {
+    v1::AllocateBlocksRequest r;
+    r.set_tenant("t");
+    r.set_sequence_id(id);
+    r.set_token_start(start);
+    r.set_num_tokens(n);
+    return Call(&v1::KvRecall::Stub::AllocateBlocks, r, resp).error_code();
+  };
+  auto commit = [&](const std::string& tenant, uint64_t ingest, std::vector<uint32_t> crcs, bool abort) {
+    v1::CommitBlocksRequest r;
+    r.set_tenant(tenant);
+    r.set_sequence_id("ing");
+    r.set_ingest_id(ingest);
+    r.mutable_checksums()->Add(crcs.begin(), crcs.end());
+    r.set_abort(abort);
+    v1::CommitBlocksResponse resp;
+    return Call(&v1::KvRecall::Stub::CommitBlocks, r, &resp).error_code();
+  };
+  v1::AllocateBlocksResponse g;
+  EXPECT_EQ(alloc("ing", 0, 0, &g), StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(alloc("ing", 0, int64_t{1} << 40, &g), StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(alloc("ing", -5, 2, &g), StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(alloc("ing", 0, 11, &g), StatusCode::FAILED_PRECONDITION) << "ids unknown";
+  EXPECT_EQ(alloc("ing", 3, 2, &g), StatusCode::FAILED_PRECONDITION) << "gap";
+  EXPECT_EQ(alloc("nope", 0, 2, &g), StatusCode::NOT_FOUND);
+  EXPECT_EQ(alloc("ing", 0, 70000, &g), StatusCode::FAILED_PRECONDITION) << "ids unknown before memory";
+  ASSERT_EQ(Open("huge", 70000).error_code(), StatusCode::OK);
+  EXPECT_EQ(alloc("huge", 0, 70000, &g), StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(StoredTokens("huge"), 0);
+
+  ASSERT_EQ(alloc("ing", 0, 10, &g), StatusCode::OK);
+  EXPECT_EQ(g.transport(), "ucx");
+  EXPECT_EQ(g.slot_offsets_size(), kLayers * g.num_blocks());
+  for (uint64_t off : g.slot_offsets()) EXPECT_LT(off, g.length());
+  EXPECT_EQ(alloc("ing", 0, 10, &g), StatusCode::ABORTED) << "one transaction at a time";
+  std::vector<uint32_t> crcs(static_cast<size_t>(g.slot_offsets_size()), 0);
+  EXPECT_EQ(commit("other-tenant", g.ingest_id(), crcs, false), StatusCode::NOT_FOUND);
+  EXPECT_EQ(commit("t", g.ingest_id() ^ 1, crcs, false), StatusCode::NOT_FOUND);
+  // Nothing was put: the checksums cannot match, nothing is committed.
+  EXPECT_EQ(commit("t", g.ingest_id(), crcs, false), StatusCode::DATA_LOSS);
+  EXPECT_EQ(StoredTokens("ing"), 0);
+  EXPECT_EQ(commit("t", g.ingest_id(), crcs, false), StatusCode::NOT_FOUND) << "the transaction ended";
+  ASSERT_EQ(alloc("ing", 0, 10, &g), StatusCode::OK);
+  EXPECT_EQ(commit("t", g.ingest_id(), {}, true), StatusCode::OK) << "abort";
+  // AppendKV works on it afterwards.
+  v1::AppendKVResponse resp;
+  EXPECT_EQ(Append({Chunk("ing", 0, 0, 10), Chunk("ing", 1, 0, 10)}, &resp).error_code(), StatusCode::OK);
+  EXPECT_EQ(StoredTokens("ing"), 10);
+}
+
+// kvrecallctl drain's RPC: health NOT_SERVING, new sequences refused, held ones still served.
+TEST_F(BadInputTest, DrainingNodeServesWhatItHolds) {
+  MakeSequence("held");
+  auto drain = [&](bool on) {
+    v1::DrainRequest r;
+    r.set_draining(on);
+    v1::DrainResponse resp;
+    EXPECT_TRUE(Call(&v1::KvRecall::Stub::Drain, r, &resp).ok());
+    EXPECT_EQ(resp.draining(), on);
+  };
+  auto health = [&] {
+    auto h = grpc::health::v1::Health::NewStub(channel_);
+    grpc::health::v1::HealthCheckRequest hreq;
+    grpc::health::v1::HealthCheckResponse hresp;
+    grpc::ClientContext ctx;
+    EXPECT_TRUE(h->Check(&ctx, hreq, &hresp).ok());
+    return hresp.status();
+  };
+  drain(true);
+  EXPECT_EQ(health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Open("fresh", 4).error_code(), StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Open("held", kTokens).error_code(), StatusCode::OK);
+  EXPECT_EQ(Retrieve(GoodRetrieve("held")), StatusCode::OK);
+  drain(false);
+  EXPECT_EQ(health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_EQ(Open("fresh", 4).error_code(), StatusCode::OK);
+}
+
 TEST_F(BadInputTest, ServerKeepsServingAndReportsHealthy) {
   MakeSequence("alive");
   EXPECT_EQ(Retrieve(GoodRetrieve("alive")), StatusCode::OK);
