@@ -17,6 +17,8 @@ echo "== build"
 time scripts/build.sh
 echo "== tests"
 (cd "${BUILD_DIR:-build}" && ctest --output-on-failure -j "$(nproc)" --timeout 600)
+echo "== chart render test"
+time deploy/helm-render/run.sh test
 
 if [ "${KVRECALL_SKIP_SANITIZERS:-0}" = "1" ]; then
   echo "== sanitizer pass skipped (KVRECALL_SKIP_SANITIZERS=1)"
