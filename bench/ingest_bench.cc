@@ -120,7 +120,7 @@ absl::StatusOr<nlohmann::json> RunIngestBench(const std::vector<std::string>& ar
     return absl::InternalError(absl::StrCat("the ucx tier made ", ucx->counters().ingests,
                                             " transport ingests; expected every append to use it"));
   }
-  const double ucx_p50 = Percentile(ucx_ms, 50), grpc_p50 = Percentile(grpc_ms, 50);
+  const double ucx_p50 = Percentile(ucx_ms, 0.5), grpc_p50 = Percentile(grpc_ms, 0.5);
   const double gb = static_cast<double>(append_bytes) / 1e9;
   nlohmann::json j;
   j["benchmark"] = "ingest";

@@ -76,14 +76,6 @@ absl::StatusOr<std::vector<std::string>> ResolveDns(const std::string& name_port
   return std::vector<std::string>(out.begin(), out.end());
 }
 
-void Add(TierCounters* a, const TierCounters& b) {
-  a->retrieve_calls += b.retrieve_calls;
-  a->rows_received += b.rows_received;
-  a->rows_selected += b.rows_selected;
-  a->bytes_received += b.bytes_received;
-  a->bytes_appended += b.bytes_appended;
-}
-
 // Tokens [off, num_tokens) of `batch`, which holds KV of a `spec` model.
 AppendBatch Slice(const AppendBatch& batch, const ModelSpec& spec, int64_t off) {
   AppendBatch out;
@@ -427,6 +419,8 @@ class ClusterTierImpl final : public ClusterTier {
       sum.spilled_bytes += s->spilled_bytes;
       sum.spilled_blocks += s->spilled_blocks;
       sum.reloads += s->reloads;
+      sum.ingests += s->ingests;
+      sum.ingest_bytes += s->ingest_bytes;
       sum.sequences.insert(sum.sequences.end(), s->sequences.begin(), s->sequences.end());
     }
     if (answered == 0) return last;
@@ -437,7 +431,7 @@ class ClusterTierImpl final : public ClusterTier {
     absl::MutexLock lock(&mu_);
     TierCounters c = retired_;
     for (const auto& [name, n] : nodes_) {
-      if (n.tier != nullptr) Add(&c, n.tier->counters());
+      if (n.tier != nullptr) c += n.tier->counters();
     }
     c.retrieve_calls = retrieve_calls_;  // calls of the caller, not per node
     return c;
@@ -570,7 +564,7 @@ class ClusterTierImpl final : public ClusterTier {
   }
 
   void DisconnectLocked(Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (n.tier != nullptr) Add(&retired_, n.tier->counters());
+    if (n.tier != nullptr) retired_ += n.tier->counters();
     n.tier.reset();
     n.stub.reset();
     n.channel.reset();

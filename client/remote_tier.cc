@@ -327,6 +327,7 @@ class RemoteTier final : public Tier {
       counters_.rows_selected += static_cast<int64_t>(r.token_ids.size());
     }
     counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
+    counters_.tier_node_micros += static_cast<int64_t>(resp.node_micros());
     counters_.retrieve_calls++;
     return absl::OkStatus();
   }

@@ -96,6 +96,18 @@ struct TierCounters {
   int64_t bytes_received = 0;  // K/V bytes that arrived for recalled rows
   int64_t bytes_appended = 0;
   int64_t ingests = 0;  // appends that went over the data transport (AllocateBlocks/CommitBlocks)
+  int64_t tier_node_micros = 0;  // time the tier node(s) reported spending on Retrieve calls
+
+  TierCounters& operator+=(const TierCounters& b) {
+    retrieve_calls += b.retrieve_calls;
+    rows_received += b.rows_received;
+    rows_selected += b.rows_selected;
+    bytes_received += b.bytes_received;
+    bytes_appended += b.bytes_appended;
+    ingests += b.ingests;
+    tier_node_micros += b.tier_node_micros;
+    return *this;
+  }
 };
 
 class Tier {

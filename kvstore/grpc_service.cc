@@ -287,7 +287,9 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     }
     args.staging_area = req->staging_area();
     args.call_seq = req->call_seq();
+    const absl::Time started = absl::Now();
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
+    resp->set_node_micros(static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - started)));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {
       v1::RetrieveResult* r = resp->add_results();
       r->mutable_token_ids()->Add(out.token_ids[i].begin(), out.token_ids[i].end());

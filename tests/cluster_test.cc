@@ -236,6 +236,55 @@ TEST_F(ClusterTest, RoutingSpreadsSequencesAndKeepsSharedPrefixesTogether) {
   for (int s = 0; s < 10; ++s) EXPECT_EQ(on_home.count(absl::StrCat("chat", s)), 1u) << s;
 }
 
+// kvrecallctl drain on one node: new sequences go to the other nodes, the drained node keeps
+// serving (and taking appends for) the sequences it holds; undrain brings it back.
+TEST_F(ClusterTest, DrainedNodeTakesNoNewSequencesButServesItsOwn) {
+  auto tier = Connect(names_, 1);
+  ASSERT_NE(tier, nullptr);
+  ASSERT_OK(tier->RegisterModel(Spec()));
+  std::vector<int> on_drained;
+  for (int s = 0; s < 30; ++s) {
+    ASSERT_OK(tier->OpenSequence(SeqName(s), "m", Prompt(s, 40)).status());
+    ASSERT_OK(tier->AppendKV(SeqName(s), Batch(s, 0, 40, false)));
+    if (tier->ReplicasOf(SeqName(s))[0] == names_[0]) on_drained.push_back(s);
+  }
+  ASSERT_FALSE(on_drained.empty());
+  auto ctl = [&](const std::string& cmd) {
+    auto p = Process::Start({BinDir() + "/kvrecallctl", "--server=" + names_[0], cmd}, dir_ + "/ctl.log");
+    ASSERT_TRUE(p.ok()) << p.status();
+    auto rc = p->Wait(absl::Seconds(20));
+    ASSERT_TRUE(rc.ok()) << rc.status();
+    EXPECT_EQ(*rc, 0) << ReadFile(dir_ + "/ctl.log");
+  };
+  ASSERT_NO_FATAL_FAILURE(ctl("drain"));
+  for (int s = 100; s < 130; ++s) {
+    ASSERT_OK(tier->OpenSequence(SeqName(s), "m", Prompt(s, 40)).status());
+    EXPECT_NE(tier->ReplicasOf(SeqName(s))[0], names_[0]) << s;
+  }
+  EXPECT_GT(tier->cluster_counters().drained_skips, 0);
+  EXPECT_EQ(tier->cluster_counters().nodes_down, 0) << "a draining node is not a dead one";
+  // What it holds still takes appends and answers retrievals.
+  const int held = on_drained[0];
+  ASSERT_OK(tier->AppendKV(SeqName(held), Batch(held, 40, 1, true)));
+  EXPECT_EQ(StoredOn(names_[0])[SeqName(held)], 41);
+  std::vector<float> q(kGroup * kHeadDim, 0.5f);
+  client::RetrieveBatch rb;
+  rb.layer = 1;
+  rb.budget = 4;
+  rb.entries.push_back({SeqName(held), 0, q, 0, 41});
+  std::vector<client::Recalled> out;
+  ASSERT_OK(tier->Retrieve(rb, &out));
+  EXPECT_EQ(out[0].token_ids.size(), 4u);
+  EXPECT_EQ(tier->ReplicasOf(SeqName(held))[0], names_[0]);
+  ASSERT_NO_FATAL_FAILURE(ctl("undrain"));
+  int back = 0;
+  for (int s = 200; s < 230; ++s) {
+    ASSERT_OK(tier->OpenSequence(SeqName(s), "m", Prompt(s, 40)).status());
+    back += tier->ReplicasOf(SeqName(s))[0] == names_[0];
+  }
+  EXPECT_GT(back, 0);
+}
+
 TEST_F(ClusterTest, WrongNodeListIsRedirectedNeverMisplaced) {
   // The client misses node 2; the nodes know all three.
   const std::vector<std::string> stale = {names_[0], names_[1]};
