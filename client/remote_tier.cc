@@ -297,7 +297,8 @@ class RemoteTier final : public Tier {
       pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
       pe->set_slot_epoch(e.slot_epoch);
     }
-    v1::RetrieveResponse resp;
+    v1::RetrieveResponse& resp = retrieve_resp_;  // reused: its buffers keep their capacity
+    resp.Clear();
     {
       grpc::ClientContext ctx;
       SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
@@ -312,9 +313,9 @@ class RemoteTier final : public Tier {
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
       Recalled& r = (*out)[i];
-      r.token_ids.assign(res.token_ids().begin(), res.token_ids().end());
-      r.slots.assign(res.slots().begin(), res.slots().end());
-      r.fill_slots.assign(res.fill_slots().begin(), res.fill_slots().end());
+      RETURN_IF_ERROR(proto::UnpackInt32s(res.token_ids(), &r.token_ids));
+      RETURN_IF_ERROR(proto::UnpackSlots(res.slots(), &r.slots));
+      RETURN_IF_ERROR(proto::UnpackSlots(res.fill_slots(), &r.fill_slots));
       RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
       uint8_t* rows = base + (first_row + i * batch.budget) * pair;
       r.rows = rows;
@@ -476,6 +477,7 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
   std::vector<uint32_t> ingest_checksums_;
   std::vector<uint8_t> ingest_pack_;  // rows packed in slot layout for the puts
+  v1::RetrieveResponse retrieve_resp_;
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   std::string fallback_buffer_;
   std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number

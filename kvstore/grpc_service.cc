@@ -292,9 +292,9 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     resp->set_node_micros(static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - started)));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {
       v1::RetrieveResult* r = resp->add_results();
-      r->mutable_token_ids()->Add(out.token_ids[i].begin(), out.token_ids[i].end());
-      r->mutable_slots()->Add(out.slots[i].begin(), out.slots[i].end());
-      r->mutable_fill_slots()->Add(out.fill_slots[i].begin(), out.fill_slots[i].end());
+      proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
+      proto::PackSlots(out.slots[i], r->mutable_slots());
+      proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());
     }
     resp->set_bytes_streamed(out.bytes_streamed);
     return absl::OkStatus();

@@ -1,5 +1,8 @@
 #include "proto/convert.h"
 
+#include <bit>
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 
 namespace kvrecall::proto {
@@ -94,6 +97,37 @@ absl::StatusOr<ModelSpec> FromProto(const kvrecall::v1::ModelSpec& p) {
   spec.rope_theta = p.rope_theta();
   if (absl::Status s = spec.Validate(); !s.ok()) return s;
   return spec;
+}
+
+static_assert(std::endian::native == std::endian::little, "packed arrays are little-endian");
+
+void PackInt32s(absl::Span<const int32_t> v, std::string* out) {
+  out->resize(v.size() * 4);
+  if (!v.empty()) std::memcpy(out->data(), v.data(), out->size());
+}
+
+void PackSlots(absl::Span<const int32_t> v, std::string* out) {
+  out->resize(v.size() * 2);
+  auto* p = reinterpret_cast<uint8_t*>(out->data());
+  for (size_t i = 0; i < v.size(); ++i) {
+    p[2 * i] = static_cast<uint8_t>(v[i]);
+    p[2 * i + 1] = static_cast<uint8_t>(v[i] >> 8);
+  }
+}
+
+absl::Status UnpackInt32s(const std::string& in, std::vector<int32_t>* out) {
+  if (in.size() % 4 != 0) return absl::DataLossError(absl::StrCat("packed int32 array of ", in.size(), " bytes"));
+  out->resize(in.size() / 4);
+  if (!in.empty()) std::memcpy(out->data(), in.data(), in.size());
+  return absl::OkStatus();
+}
+
+absl::Status UnpackSlots(const std::string& in, std::vector<int32_t>* out) {
+  if (in.size() % 2 != 0) return absl::DataLossError(absl::StrCat("packed uint16 array of ", in.size(), " bytes"));
+  out->resize(in.size() / 2);
+  const auto* p = reinterpret_cast<const uint8_t*>(in.data());
+  for (size_t i = 0; i < out->size(); ++i) (*out)[i] = p[2 * i] | (p[2 * i + 1] << 8);
+  return absl::OkStatus();
 }
 
 }  // namespace kvrecall::proto

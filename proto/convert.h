@@ -3,8 +3,13 @@
 #ifndef KVRECALL_PROTO_CONVERT_H_
 #define KVRECALL_PROTO_CONVERT_H_
 
+#include <cstdint>
+#include <string>
+#include <vector>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "common/dtype.h"
 #include "common/model_spec.h"
 #include "indexer/index.h"
@@ -27,6 +32,14 @@ absl::StatusOr<indexer::Method> FromProto(kvrecall::v1::Method m);
 void ToProto(const ModelSpec& spec, kvrecall::v1::ModelSpec* out);
 // Converts and validates (ModelSpec::Validate).
 absl::StatusOr<ModelSpec> FromProto(const kvrecall::v1::ModelSpec& spec);
+
+// RetrieveResult's packed little-endian arrays: int32 token ids, uint16 slots.
+// REQUIRES (PackSlots): every value in [0, 65535] (slots are below the budget, <= kMaxBudget).
+void PackInt32s(absl::Span<const int32_t> v, std::string* out);
+void PackSlots(absl::Span<const int32_t> v, std::string* out);
+// DATA_LOSS when the byte count is not a whole number of elements.
+absl::Status UnpackInt32s(const std::string& in, std::vector<int32_t>* out);
+absl::Status UnpackSlots(const std::string& in, std::vector<int32_t>* out);
 
 }  // namespace kvrecall::proto
 
