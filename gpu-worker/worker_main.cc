@@ -5,12 +5,17 @@
 //   kvrecall-worker generate --model=DIR --tier=HOST:PORT|local --prompt-file=F --prompt-tokens=8192
 //       --max-new-tokens=32 --budget=256 [--compare-dense] [--json=OUT]
 //       prefills the prompt, pushes its KV to the tier, decodes greedily with sparse retrieval
-//       attention and prints a summary (tokens/s, bytes streamed per token, agreement with dense).
+//       attention and prints a summary (tokens/s, bytes streamed per token, agreement with dense)
+//       and the continuation.
 //
-// Until tokenizer.json support lands, prompts are tokenized as raw bytes (token id = byte value),
-// which every model with vocab_size >= 256 accepts.
+// Tokenization: when the model directory has a tokenizer.json (Hugging Face byte-level BPE,
+// gpu-worker/model/tokenizer.h), the prompt is encoded with it, with the special tokens its
+// post-processor / tokenizer_config.json adds (Llama-3's <|begin_of_text|>), and the continuation
+// is printed decoded. Without one, prompts are raw bytes (token id = byte value), which every model
+// with vocab_size >= 256 accepts, and the continuation is printed as bytes.
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -30,6 +35,7 @@
 #include "gpu-worker/engine/engine.h"
 #include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
+#include "gpu-worker/model/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, preset, "tiny", "make-model: preset name (tiny, tiny-qwen2, small)");
@@ -46,9 +52,11 @@ ABSL_FLAG(int, replication, 1, "tier nodes that hold each sequence (with a list 
 ABSL_FLAG(std::string, transport, "ucx", "row transport to a remote tier: ucx or grpc (FetchKV fallback)");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax); empty = UCX default");
 ABSL_FLAG(std::string, tenant, "default", "tenant name");
-ABSL_FLAG(std::string, prompt, "", "prompt text");
-ABSL_FLAG(std::string, prompt_file, "", "file whose bytes are the prompt");
-ABSL_FLAG(int, prompt_tokens, 0, "repeat / cut the prompt to exactly this many tokens (0 = as is)");
+ABSL_FLAG(std::string, prompt, "",
+          "prompt text; encoded with the model directory's tokenizer.json when it has one, else as raw bytes");
+ABSL_FLAG(std::string, prompt_file, "", "file whose text is the prompt (encoded as --prompt is)");
+ABSL_FLAG(int, prompt_tokens, 0,
+          "repeat / cut the prompt to exactly this many tokens (0 = as is); a leading bos is kept once");
 ABSL_FLAG(int, max_new_tokens, 32, "tokens to decode");
 ABSL_FLAG(std::string, mode, "sparse", "sparse (retrieval attention through the tier) or dense");
 ABSL_FLAG(std::string, method, "exact", "retrieval method: exact, ctkvr or cluster");
@@ -83,7 +91,14 @@ absl::Status MakeModel() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> PromptTokens(int vocab) {
+// The model directory's tokenizer.json, or nullptr when it has none (prompts are then raw bytes).
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json", ec)) return nullptr;
+  return Tokenizer::Load(dir);
+}
+
+absl::StatusOr<std::vector<int32_t>> PromptTokens(int vocab, const Tokenizer* tokenizer) {
   std::string text = absl::GetFlag(FLAGS_prompt);
   if (const std::string f = absl::GetFlag(FLAGS_prompt_file); !f.empty()) {
     std::ifstream in(f, std::ios::binary);
@@ -93,9 +108,27 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(int vocab) {
     text = ss.str();
   }
   if (text.empty()) return absl::InvalidArgumentError("give --prompt or --prompt_file");
+  const int want = absl::GetFlag(FLAGS_prompt_tokens);
+  if (tokenizer != nullptr) {
+    std::vector<int32_t> ids = tokenizer->Encode(text, /*add_special=*/true);
+    const size_t lead = tokenizer->adds_bos() ? 1 : 0;
+    if (ids.size() <= lead) return absl::InvalidArgumentError("the prompt encodes to no tokens");
+    if (want > 0) {
+      const std::vector<int32_t> body(ids.begin() + lead, ids.end());
+      ids.resize(lead);
+      while (ids.size() < static_cast<size_t>(want)) ids.push_back(body[(ids.size() - lead) % body.size()]);
+      ids.resize(want);
+    }
+    for (int32_t id : ids) {
+      if (id >= vocab) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("tokenizer.json gives token id ", id, ", beyond the model's vocab_size ", vocab));
+      }
+    }
+    return ids;
+  }
   if (vocab < 256) return absl::FailedPreconditionError("byte-level prompts need vocab_size >= 256");
   std::vector<int32_t> tokens;
-  const int want = absl::GetFlag(FLAGS_prompt_tokens);
   const size_t n = want > 0 ? static_cast<size_t>(want) : text.size();
   for (size_t i = 0; i < n; ++i) tokens.push_back(static_cast<unsigned char>(text[i % text.size()]));
   return tokens;
@@ -109,9 +142,28 @@ std::string Printable(const std::vector<int32_t>& tokens) {
   return s;
 }
 
+// The continuation as text: decoded with the tokenizer (ids it has no token for are left out, with
+// a warning), else as printable bytes.
+std::string GeneratedText(const Tokenizer* tokenizer, const std::vector<int32_t>& ids) {
+  if (tokenizer == nullptr) return Printable(ids);
+  absl::StatusOr<std::string> text = tokenizer->Decode(ids, /*skip_special=*/false);
+  if (text.ok()) return *text;
+  KV_LOG(WARNING) << text.status() << "; ids without a token are left out of the text";
+  std::vector<int32_t> known;
+  for (int32_t id : ids) {
+    if (id < tokenizer->vocab_size() && !tokenizer->IdToToken(id).empty()) known.push_back(id);
+  }
+  return tokenizer->Decode(known, false).value_or("");
+}
+
 absl::Status Generate() {
   const std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) return absl::InvalidArgumentError("--model is required");
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, LoadTokenizer(dir));
+  if (tokenizer != nullptr) {
+    KV_LOG(INFO) << "tokenizer.json: " << tokenizer->vocab_size() << " tokens, bos " << tokenizer->bos_id()
+                 << (tokenizer->adds_bos() ? " (added)" : "");
+  }
   const int threads = absl::GetFlag(FLAGS_threads);
   const absl::Time t_load = absl::Now();
   ASSIGN_OR_RETURN(std::unique_ptr<ModelBackend> model, CreateBackend(absl::GetFlag(FLAGS_backend), dir, threads));
@@ -199,7 +251,7 @@ absl::Status Generate() {
     ASSIGN_OR_RETURN(dense, Engine::Create(model.get(), nullptr, spec, d));
   }
 
-  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(cfg.vocab_size));
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(cfg.vocab_size, tokenizer.get()));
   std::vector<float> logits, dense_logits;
   KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens ...";
   const absl::Time t_prefill = absl::Now();
@@ -284,7 +336,8 @@ absl::Status Generate() {
                                  "%d redirects\n",
                                  cc.failovers, cc.substitutions, cc.refills, cc.refilled_tokens, cc.redirects);
   }
-  std::cout << "generated      \"" << Printable(generated) << "\"\n";
+  const std::string generated_text = GeneratedText(tokenizer.get(), generated);
+  std::cout << "generated      \"" << generated_text << "\"\n";
 
   if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
     nlohmann::json j;
@@ -310,6 +363,8 @@ absl::Status Generate() {
                     {"delta_streaming", eo.delta_streaming}};
     j["index_build_seconds"] = c.index_build_seconds;
     j["generated"] = generated;
+    j["tokenizer"] = tokenizer != nullptr ? "tokenizer.json" : "bytes";
+    j["generated_text"] = generated_text;
     if (cluster != nullptr) {
       j["tier_cluster"] = {{"failovers", cc.failovers}, {"substitutions", cc.substitutions},
                            {"refills", cc.refills}, {"redirects", cc.redirects}};
@@ -339,8 +394,9 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "kvrecall-worker <command> [flags]\n"
       "  make-model  --preset=tiny --out=DIR        write a random-weight Llama model\n"
-      "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F [--prompt_tokens=N]\n"
-      "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]");
+      "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F|--prompt=TEXT [--prompt_tokens=N]\n"
+      "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]\n"
+      "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
