@@ -1,0 +1,48 @@
+// nvcc-compiled launch functions behind kernels.h (internal: call kernels.h instead). They
+// assume the arguments were validated by the kernels.cc launchers and return the launch's
+// cudaError_t (cudaGetLastError after the launch), which kernels.cc turns into a Status.
+#ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_LAUNCH_H_
+#define KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_LAUNCH_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "gpu-worker/backends/cuda/kernel_params.h"
+
+namespace kvrecall::worker::cuda::internal {
+
+// How an attention call is partitioned (the same on both sides of the workspace contract).
+struct AttentionPlan {
+  int num_splits = 1;
+  int rows_per_split = 0;  // a multiple of the kernel's tile
+  size_t workspace_bytes = 0;
+};
+
+// rows: the largest number of candidate rows of one (sequence, kv-head).
+cudaError_t PlanAttention(int batch, int num_q_heads, int num_kv_heads, int head_dim, int rows,
+                          int requested_splits, AttentionPlan* plan);
+cudaError_t LaunchDecodeAttention(const DecodeAttentionParams& p, const AttentionPlan& plan,
+                                  void* workspace, cudaStream_t stream);
+cudaError_t LaunchSparseAttention(const SparseAttentionParams& p, const AttentionPlan& plan,
+                                  void* workspace, cudaStream_t stream);
+cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream);
+
+cudaError_t LaunchRmsNorm(const uint16_t* x, const uint16_t* weight, int rows, int dim, float eps,
+                          uint16_t* out, cudaStream_t stream);
+cudaError_t LaunchRope(uint16_t* x, int tokens, int num_heads, int head_dim, int64_t token_stride,
+                       const int32_t* positions, const double* inv_freq, cudaStream_t stream);
+cudaError_t LaunchSwiGlu(const uint16_t* gate, const uint16_t* up, int rows, int dim,
+                         int64_t in_stride, uint16_t* out, cudaStream_t stream);
+cudaError_t LaunchEmbeddingGather(const uint16_t* table, int vocab, int dim, const int32_t* ids,
+                                  int n, uint16_t* out, cudaStream_t stream);
+cudaError_t LaunchArgmax(const float* logits, int rows, int vocab, int32_t* out,
+                         cudaStream_t stream);
+cudaError_t LaunchSampleTopP(const float* logits, int rows, int vocab, const float* temperature,
+                             const float* top_p, const float* uniform, int32_t* out,
+                             cudaStream_t stream);
+
+}  // namespace kvrecall::worker::cuda::internal
+
+#endif  // KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_LAUNCH_H_

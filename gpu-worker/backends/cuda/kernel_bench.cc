@@ -1,0 +1,171 @@
+// Dense decode attention timings for Llama-3-8B shapes (32 q-heads, 8 kv-heads, head_dim 128,
+// contiguous bf16 cache), printed as JSON on stdout; sdpa_reference.py times PyTorch's
+// scaled_dot_product_attention on the same shapes and compares.
+//   worker_cuda_kernel_bench [--quick]
+// Each configuration is timed as CUDA-graph replays of 20 back-to-back calls (so launch gaps
+// do not count), the median of 7 replays after a warm-up; inputs are random (never zeros).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu-worker/backends/cuda/kernels.h"
+
+namespace {
+
+using namespace kvrecall::worker::cuda;
+
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    const cudaError_t e_ = (expr);                                                               \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+// Fills n bf16 values with random numbers: 32 MiB from the host, then doubling device copies.
+void FillRandom(uint16_t* dst, size_t n, std::mt19937& rng) {
+  const size_t chunk = std::min<size_t>(n, size_t{16} << 20);
+  std::vector<uint16_t> h(chunk);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (auto& x : h) {
+    const float f = dist(rng);
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    x = static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+  }
+  CHECK_CUDA(cudaMemcpy(dst, h.data(), chunk * 2, cudaMemcpyHostToDevice));
+  size_t done = chunk;
+  while (done < n) {
+    const size_t c = std::min(done, n - done);
+    CHECK_CUDA(cudaMemcpy(dst + done, dst, c * 2, cudaMemcpyDeviceToDevice));
+    done += c;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const int q_heads = 32, kv_heads = 8, d = 128;
+  std::vector<int> batches = {1, 8, 32}, contexts = {4096, 32768, 98304};
+  if (quick) batches = {8}, contexts = {32768};
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  size_t free_b = 0, total_b = 0;
+  CHECK_CUDA(cudaMemGetInfo(&free_b, &total_b));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::mt19937 rng(1234);
+  std::printf(
+      "{\"device\": \"%s\", \"sms\": %d, \"model\": \"llama3-8b\", \"num_q_heads\": %d, "
+      "\"num_kv_heads\": %d, \"head_dim\": %d, \"rows\": [",
+      prop.name, prop.multiProcessorCount, q_heads, kv_heads, d);
+  bool first = true;
+  for (int batch : batches) {
+    for (int ctx : contexts) {
+      const size_t kv_elems = static_cast<size_t>(batch) * ctx * kv_heads * d;
+      const size_t need = 2 * kv_elems * 2 + (size_t{1} << 30);
+      if (need > free_b) {
+        std::fprintf(stderr, "skip batch %d context %d: %zu bytes needed\n", batch, ctx, need);
+        continue;
+      }
+      uint16_t *k, *v, *q, *out;
+      int32_t* lens;
+      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&k), kv_elems * 2));
+      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&v), kv_elems * 2));
+      CHECK_CUDA(
+          cudaMalloc(reinterpret_cast<void**>(&q), static_cast<size_t>(batch) * q_heads * d * 2));
+      CHECK_CUDA(
+          cudaMalloc(reinterpret_cast<void**>(&out), static_cast<size_t>(batch) * q_heads * d * 2));
+      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&lens), batch * sizeof(int32_t)));
+      FillRandom(k, kv_elems, rng);
+      FillRandom(v, kv_elems, rng);
+      FillRandom(q, static_cast<size_t>(batch) * q_heads * d, rng);
+      std::vector<int32_t> hl(batch, ctx);
+      CHECK_CUDA(cudaMemcpy(lens, hl.data(), batch * 4, cudaMemcpyHostToDevice));
+      DecodeAttentionParams p;
+      p.batch = batch;
+      p.num_q_heads = q_heads;
+      p.num_kv_heads = kv_heads;
+      p.head_dim = d;
+      p.max_len = ctx;
+      p.q = q;
+      p.lengths = lens;
+      p.cache.k = k;
+      p.cache.v = v;
+      p.cache.page_stride = static_cast<int64_t>(ctx) * kv_heads * d;
+      p.cache.token_stride = kv_heads * d;
+      p.cache.head_stride = d;
+      p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+      p.out = out;
+      auto ws_bytes = DecodeAttentionWorkspaceBytes(p);
+      if (!ws_bytes.ok()) {
+        std::fprintf(stderr, "%s\n", ws_bytes.status().ToString().c_str());
+        return 1;
+      }
+      void* ws = nullptr;
+      if (*ws_bytes > 0) CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&ws), *ws_bytes));
+      auto run = [&] {
+        const absl::Status s = DecodeAttention(p, ws, *ws_bytes, stream);
+        if (!s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          std::exit(1);
+        }
+      };
+      for (int i = 0; i < 3; ++i) run();
+      CHECK_CUDA(cudaStreamSynchronize(stream));
+      constexpr int kCalls = 20, kReplays = 7;
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      for (int i = 0; i < kCalls; ++i) run();
+      CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+      CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      CHECK_CUDA(cudaGraphLaunch(exec, stream));
+      CHECK_CUDA(cudaStreamSynchronize(stream));
+      cudaEvent_t e0, e1;
+      CHECK_CUDA(cudaEventCreate(&e0));
+      CHECK_CUDA(cudaEventCreate(&e1));
+      std::vector<float> ms;
+      for (int r = 0; r < kReplays; ++r) {
+        CHECK_CUDA(cudaEventRecord(e0, stream));
+        CHECK_CUDA(cudaGraphLaunch(exec, stream));
+        CHECK_CUDA(cudaEventRecord(e1, stream));
+        CHECK_CUDA(cudaEventSynchronize(e1));
+        float t = 0;
+        CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+        ms.push_back(t / kCalls);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double med = ms[kReplays / 2];
+      const double bytes = 2.0 * kv_elems * 2 + 2.0 * batch * q_heads * d * 2;
+      std::printf(
+          "%s\n  {\"batch\": %d, \"context\": %d, \"ours_ms\": %.5f, \"min_ms\": %.5f, "
+          "\"max_ms\": %.5f, \"bytes\": %.0f, \"ours_gbps\": %.1f, \"workspace_bytes\": %zu}",
+          first ? "" : ",", batch, ctx, med, ms.front(), ms.back(), bytes, bytes / med / 1e6,
+          *ws_bytes);
+      std::fflush(stdout);
+      first = false;
+      CHECK_CUDA(cudaGraphExecDestroy(exec));
+      CHECK_CUDA(cudaGraphDestroy(graph));
+      CHECK_CUDA(cudaEventDestroy(e0));
+      CHECK_CUDA(cudaEventDestroy(e1));
+      CHECK_CUDA(cudaFree(k));
+      CHECK_CUDA(cudaFree(v));
+      CHECK_CUDA(cudaFree(q));
+      CHECK_CUDA(cudaFree(out));
+      CHECK_CUDA(cudaFree(lens));
+      if (ws != nullptr) CHECK_CUDA(cudaFree(ws));
+    }
+  }
+  std::printf("\n]}\n");
+  return 0;
+}

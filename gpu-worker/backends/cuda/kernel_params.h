@@ -1,0 +1,112 @@
+// Argument structs of the decode worker's CUDA kernels (kernels.h declares the launchers). Plain
+// structs of device pointers, sizes and strides, with no CUDA or Abseil types, so that both the
+// g++-compiled launchers and the nvcc-compiled kernels include them.
+//
+// Conventions for every struct below:
+//   - bf16 tensors are carried as uint16_t bit patterns (the layout of __nv_bfloat16); all
+//     arithmetic accumulates in fp32.
+//   - Every pointer is a device pointer unless a comment says otherwise.
+//   - Strides are in elements, not bytes; the innermost (head_dim / dim) axis is contiguous.
+//   - Rows of head_dim bf16 values must start 16-byte aligned (the kernels move rows with
+//     16-byte loads): base pointers 16-byte aligned and every stride a multiple of 8.
+#ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_KERNEL_PARAMS_H_
+#define KVRECALL_GPU_WORKER_BACKENDS_CUDA_KERNEL_PARAMS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvrecall::worker::cuda {
+
+// A read-only K/V cache: for sequence b, position t and kv-head h the K row is
+//   k + page(b, t) * page_stride + (t % page_size) * token_stride + h * head_stride
+// and likewise for V (same strides), where
+//   paged (page_table != nullptr): page(b, t) = page_table[b * page_table_stride + t / page_size]
+//   contiguous (page_table == nullptr): page(b, t) = b and page_size is unbounded, so a
+//     [batch][max_len][num_kv_heads][head_dim] cache has page_stride = max_len * num_kv_heads *
+//     head_dim, token_stride = num_kv_heads * head_dim, head_stride = head_dim.
+struct KvCacheView {
+  const uint16_t* k = nullptr;          // bf16
+  const uint16_t* v = nullptr;          // bf16
+  const int32_t* page_table = nullptr;  // [batch][page_table_stride] page ids, or nullptr
+  int page_table_stride = 0;            // entries per sequence in page_table
+  int page_size = 0;                    // tokens per page (a power of two); paged only
+  int64_t page_stride = 0;              // elements between pages (or sequences if contiguous)
+  int64_t token_stride = 0;             // elements between consecutive tokens of a page
+  int64_t head_stride = 0;              // elements between kv-heads of a token
+};
+
+// Dense decode attention (one new query token per sequence) over positions [0, lengths[b]).
+struct DecodeAttentionParams {
+  int batch = 0;
+  int num_q_heads = 0;  // a multiple of num_kv_heads; q-head i reads kv-head i / group
+  int num_kv_heads = 0;
+  int head_dim = 0;                  // 64 or 128
+  int max_len = 0;                   // >= every lengths[b]; sizes the grid (host value)
+  const uint16_t* q = nullptr;       // [batch][num_q_heads][head_dim] bf16, post-RoPE
+  const int32_t* lengths = nullptr;  // [batch] tokens of each sequence in the cache
+  KvCacheView cache;
+  float scale = 0.0f;       // softmax scale, usually 1/sqrt(head_dim)
+  uint16_t* out = nullptr;  // [batch][num_q_heads][head_dim] bf16
+  int num_splits = 0;       // split-K partitions per (sequence, kv-head); 0 = chosen from the shape
+};
+
+// Per (sequence, kv-head) slot cache of recalled rows: entry e = b * num_kv_heads + h holds
+// `budget` K rows at k + e * entry_stride + slot * row_stride (V likewise).
+struct SlotCacheView {
+  const uint16_t* k = nullptr;         // bf16
+  const uint16_t* v = nullptr;         // bf16
+  int budget = 0;                      // slots per entry
+  int64_t entry_stride = 0;            // elements between entries
+  int64_t row_stride = 0;              // elements between slots
+  const int32_t* token_ids = nullptr;  // [batch * num_kv_heads][budget] position each slot holds
+  const int32_t* counts = nullptr;     // [batch * num_kv_heads] slots [0, count) are filled
+};
+
+// Sparse decode attention over the union of
+//   sinks:  positions [0, min(num_sinks, len)) of the dense cache,
+//   window: positions [max(sinks_end, len - window), len) of the dense cache,
+//   slots:  filled slots whose token id is >= 0 and lies in neither of the above (a slot that
+//           also holds a sink or window token is skipped, so every token counts exactly once).
+// REQUIRES: the filled slots of one entry hold distinct token ids.
+struct SparseAttentionParams {
+  int batch = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;                  // 64 or 128
+  int max_len = 0;                   // >= every lengths[b] (host value)
+  int num_sinks = 0;                 // >= 0
+  int window = 0;                    // >= 0
+  const uint16_t* q = nullptr;       // [batch][num_q_heads][head_dim] bf16
+  const int32_t* lengths = nullptr;  // [batch]
+  KvCacheView cache;                 // sinks and window rows
+  SlotCacheView slots;
+  float scale = 0.0f;
+  uint16_t* out = nullptr;  // [batch][num_q_heads][head_dim] bf16
+  int num_splits = 0;       // 0 = chosen from the shape
+};
+
+// Writes streamed rows into slot caches: row i goes to entry dest[i].seq * num_kv_heads +
+// dest[i].kv_head, slot dest[i].slot. Rows whose destination is out of range are skipped and
+// counted in *num_rejected (when not null; the kernel adds to it, the caller zeroes it).
+// REQUIRES: no two rows share a destination.
+struct SlotScatterParams {
+  int num_rows = 0;
+  int head_dim = 0;  // a multiple of 8
+  int batch = 0;
+  int num_kv_heads = 0;
+  int budget = 0;
+  const uint16_t* k_rows = nullptr;        // [num_rows][head_dim] bf16, packed
+  const uint16_t* v_rows = nullptr;        // [num_rows][head_dim] bf16, packed
+  const int32_t* dest = nullptr;           // [num_rows][3]: (seq, kv_head, slot)
+  const int32_t* row_token_ids = nullptr;  // [num_rows] or nullptr: stored in slot_token_ids
+  uint16_t* k_slots = nullptr;             // bf16, layout as SlotCacheView
+  uint16_t* v_slots = nullptr;
+  int64_t entry_stride = 0;
+  int64_t row_stride = 0;
+  int32_t* slot_token_ids = nullptr;  // [batch * num_kv_heads][budget] or nullptr
+  int32_t* num_rejected = nullptr;    // or nullptr
+};
+
+}  // namespace kvrecall::worker::cuda
+
+#endif  // KVRECALL_GPU_WORKER_BACKENDS_CUDA_KERNEL_PARAMS_H_

@@ -1,0 +1,690 @@
+// Each CUDA kernel against its CPU reference (cpu_reference.h) on random bf16 inputs. Runs on
+// the GPU machine; where cudaGetDeviceCount fails or finds no device, the GPU tests skip
+// (GTEST_SKIP, reported as skipped). The argument-check tests need no GPU and run everywhere.
+//
+// Tolerances (bf16 = 8 significant bits, unit roundoff u = 2^-8):
+//   attention: the kernel's bf16 output vs the reference's fp32 output: |o - r| <= u*|r| (the
+//     output rounding) + 1e-5 * max|r| (fp32 accumulation in a different order), and the
+//     relative L2 error <= 2.5e-3;
+//   RMSNorm, RoPE, SwiGLU: at most 1 bf16 ulp apart (fp32 vs double sums, expf vs exp, sincos);
+//   slot scatter, embedding, argmax: exact;
+//   top-p sampling: the same token, except rows the double-precision reference marks as within
+//     5e-6 of the row's mass from a decision boundary (fp32 sums over 32000 values are off by
+//     up to ~4e-6), at most a sixth of the rows.
+// Every output buffer is poisoned (NaN / 0xff bytes) before a kernel runs, so unwritten
+// elements fail.
+#include "gpu-worker/backends/cuda/kernels.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/testing/status_matchers.h"
+#include "gmock/gmock.h"
+#include "gpu-worker/backends/cuda/cpu_reference.h"
+#include "gpu-worker/model/config.h"
+#include "gpu-worker/model/rope.h"
+#include "gtest/gtest.h"
+
+namespace kvrecall::worker::cuda {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+
+bool HasGpu() {
+  static const bool has = [] {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  }();
+  return has;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HasGpu()) GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount failed or found none)"
+
+// Device copy of a host vector; freed on destruction.
+template <typename T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(n, 1) * sizeof(T)),
+              cudaSuccess);
+  }
+  explicit DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(h.size()) { Upload(h); }
+  ~DeviceBuffer() { cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Upload(const std::vector<T>& h) {
+    EXPECT_EQ(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  void Poison() { EXPECT_EQ(cudaMemset(p_, 0xff, n_ * sizeof(T)), cudaSuccess); }
+  std::vector<T> Download() const {
+    std::vector<T> h(n_);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_;
+};
+
+std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float stddev = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = F32ToBf16(dist(rng));
+  return v;
+}
+
+// Attention output check (see the tolerances above).
+void ExpectAttentionClose(const std::vector<uint16_t>& out, const std::vector<float>& ref,
+                          const std::string& what) {
+  ASSERT_EQ(out.size(), ref.size());
+  double max_ref = 0.0, err2 = 0.0, ref2 = 0.0, worst = 0.0;
+  for (float r : ref) max_ref = std::max(max_ref, static_cast<double>(std::abs(r)));
+  int bad = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double o = Bf16ToF32(out[i]), r = ref[i];
+    const double d = std::abs(o - r);
+    err2 += d * d;
+    ref2 += r * r;
+    const double tol = std::ldexp(1.0, -8) * std::abs(r) + 1e-5 * max_ref;
+    if (!(d <= tol)) {
+      if (++bad <= 5) ADD_FAILURE() << what << ": element " << i << " got " << o << " want " << r;
+    }
+    worst = std::max(worst, d / (std::abs(r) + 1e-5 * max_ref));
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << out.size() << " elements off";
+  const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  EXPECT_LE(rel, 2.5e-3) << what;
+  std::printf("[ stats    ] %s: rel L2 %.3g, worst rel %.3g\n", what.c_str(), rel, worst);
+}
+
+// A K/V cache on host and device: contiguous [batch][max_len][kv][d], or pages of `page_size`
+// tokens in shuffled order.
+struct TestCache {
+  std::vector<uint16_t> k, v;
+  std::vector<int32_t> page_table;
+  KvCacheView host, dev;
+  std::unique_ptr<DeviceBuffer<uint16_t>> dk, dv;
+  std::unique_ptr<DeviceBuffer<int32_t>> dpt;
+
+  TestCache(int batch, int max_len, int kv, int d, int page_size, std::mt19937& rng) {
+    host.token_stride = static_cast<int64_t>(kv) * d;
+    host.head_stride = d;
+    size_t rows;
+    if (page_size == 0) {
+      host.page_stride = static_cast<int64_t>(max_len) * kv * d;
+      rows = static_cast<size_t>(batch) * max_len;
+    } else {
+      const int pages_per_seq = (max_len + page_size - 1) / page_size;
+      const int pages = batch * pages_per_seq + 3;  // a few never referenced
+      page_table.resize(static_cast<size_t>(batch) * pages_per_seq);
+      std::vector<int32_t> perm(pages);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::copy_n(perm.begin(), page_table.size(), page_table.begin());
+      host.page_size = page_size;
+      host.page_table_stride = pages_per_seq;
+      host.page_stride = static_cast<int64_t>(page_size) * kv * d;
+      rows = static_cast<size_t>(pages) * page_size;
+    }
+    k = RandomBf16(rows * kv * d, rng);
+    v = RandomBf16(rows * kv * d, rng);
+    dk = std::make_unique<DeviceBuffer<uint16_t>>(k);
+    dv = std::make_unique<DeviceBuffer<uint16_t>>(v);
+    dev = host;
+    host.k = k.data();
+    host.v = v.data();
+    dev.k = dk->get();
+    dev.v = dv->get();
+    if (page_size != 0) {
+      dpt = std::make_unique<DeviceBuffer<int32_t>>(page_table);
+      host.page_table = page_table.data();
+      dev.page_table = dpt->get();
+    }
+  }
+};
+
+struct DenseCase {
+  std::string name;
+  int q_heads, kv_heads, d;
+  std::vector<int> lengths;
+  int page_size;  // 0 = contiguous
+  int splits;     // 0 = auto
+};
+
+void PrintTo(const DenseCase& c, std::ostream* os) { *os << c.name; }
+
+class DecodeAttentionTest : public ::testing::TestWithParam<DenseCase> {};
+
+TEST_P(DecodeAttentionTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const DenseCase& c = GetParam();
+  std::mt19937 rng(std::hash<std::string>{}(c.name));
+  const int batch = static_cast<int>(c.lengths.size());
+  const int max_len = std::max(1, *std::max_element(c.lengths.begin(), c.lengths.end()));
+  TestCache cache(batch, max_len, c.kv_heads, c.d, c.page_size, rng);
+  const size_t qn = static_cast<size_t>(batch) * c.q_heads * c.d;
+  std::vector<uint16_t> q = RandomBf16(qn, rng);
+  DeviceBuffer<uint16_t> dq(q), dout(qn);
+  DeviceBuffer<int32_t> dlen(c.lengths);
+
+  DecodeAttentionParams p;
+  p.batch = batch;
+  p.num_q_heads = c.q_heads;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = c.d;
+  p.max_len = max_len;
+  p.q = dq.get();
+  p.lengths = dlen.get();
+  p.cache = cache.dev;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  p.out = dout.get();
+  p.num_splits = c.splits;
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, DecodeAttentionWorkspaceBytes(p));
+  DeviceBuffer<uint8_t> ws(ws_bytes);
+  dout.Poison();
+  ASSERT_OK(DecodeAttention(p, ws.get(), ws_bytes, nullptr));
+  const std::vector<uint16_t> out = dout.Download();
+
+  DecodeAttentionParams hp = p;
+  hp.q = q.data();
+  hp.lengths = c.lengths.data();
+  hp.cache = cache.host;
+  std::vector<float> ref(qn);
+  DecodeAttentionReference(hp, ref.data());
+  ExpectAttentionClose(out, ref, c.name);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DecodeAttentionTest,
+    ::testing::Values(DenseCase{"g1_d128_odd_lengths", 8, 8, 128, {1, 37, 300}, 0, 0},
+                      DenseCase{"g4_d128_llama3", 32, 8, 128, {4097, 13}, 0, 0},
+                      DenseCase{"g8_d64_paged16", 16, 2, 64, {1000, 5}, 16, 0},
+                      DenseCase{"g1_d64_len_below_split", 8, 8, 64, {20}, 0, 4},
+                      DenseCase{"g7_d128_empty_and_short", 28, 4, 128, {0, 1, 64, 129}, 0, 3},
+                      DenseCase{"g16_d128_two_head_chunks", 32, 2, 128, {500, 77}, 0, 0},
+                      DenseCase{"g4_d64_single_split", 16, 4, 64, {2048, 2047}, 0, 1},
+                      DenseCase{"g8_d128_paged64_32k", 32, 4, 128, {32768}, 64, 0},
+                      DenseCase{"g2_d128_many_splits", 4, 2, 128, {3001, 2999, 1}, 8, 1024}),
+    [](const auto& info) { return info.param.name; });
+
+struct SparseCase {
+  std::string name;
+  int q_heads, kv_heads, d;
+  std::vector<int> lengths;
+  int sinks, window, budget;
+  int page_size;
+  bool all_middle;  // slots hold exactly the tokens between sinks and window (== dense)
+};
+
+void PrintTo(const SparseCase& c, std::ostream* os) { *os << c.name; }
+
+class SparseAttentionTest : public ::testing::TestWithParam<SparseCase> {};
+
+TEST_P(SparseAttentionTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const SparseCase& c = GetParam();
+  std::mt19937 rng(std::hash<std::string>{}(c.name));
+  const int batch = static_cast<int>(c.lengths.size());
+  const int max_len = std::max(1, *std::max_element(c.lengths.begin(), c.lengths.end()));
+  TestCache cache(batch, max_len, c.kv_heads, c.d, c.page_size, rng);
+  const size_t qn = static_cast<size_t>(batch) * c.q_heads * c.d;
+  std::vector<uint16_t> q = RandomBf16(qn, rng);
+
+  // Slots: each filled slot holds a distinct token of the sequence with that token's K/V row,
+  // chosen so that some are sinks / window tokens (which must not count twice); empty slots
+  // hold NaN rows (which must never be read).
+  const int entries = batch * c.kv_heads;
+  const int64_t row_stride = c.d + 8, entry_stride = row_stride * std::max(c.budget, 1) + 16;
+  std::vector<uint16_t> sk(entries * entry_stride, 0x7fc0), sv(entries * entry_stride, 0x7fc0);
+  std::vector<int32_t> ids(static_cast<size_t>(entries) * std::max(c.budget, 1), -1),
+      counts(entries, 0);
+  for (int b = 0; b < batch; ++b) {
+    const int len = c.lengths[b];
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const int e = b * c.kv_heads + h;
+      std::vector<int> tokens;
+      if (c.all_middle) {
+        const int ns = std::min(c.sinks, len), w0 = std::max(ns, len - c.window);
+        for (int t = ns; t < w0; ++t) tokens.push_back(t);
+        std::shuffle(tokens.begin(), tokens.end(), rng);
+      } else {
+        tokens.resize(len);
+        std::iota(tokens.begin(), tokens.end(), 0);
+        std::shuffle(tokens.begin(), tokens.end(), rng);
+      }
+      const int count = std::min<int>(tokens.size(),
+                                      c.budget == 0 ? 0 : static_cast<int>(rng() % (c.budget + 1)));
+      counts[e] = c.all_middle ? std::min<int>(tokens.size(), c.budget) : count;
+      for (int s = 0; s < counts[e]; ++s) {
+        // A few filled slots are empty (-1).
+        const int t = (!c.all_middle && s % 17 == 5) ? -1 : tokens[s];
+        ids[static_cast<size_t>(e) * c.budget + s] = t;
+        if (t < 0) continue;
+        int64_t page = b, in_page = t;
+        if (c.page_size) {
+          page = cache.page_table[b * cache.host.page_table_stride + t / c.page_size];
+          in_page = t % c.page_size;
+        }
+        const int64_t off = page * cache.host.page_stride + in_page * cache.host.token_stride +
+                            h * cache.host.head_stride;
+        std::copy_n(cache.k.data() + off, c.d, sk.data() + e * entry_stride + s * row_stride);
+        std::copy_n(cache.v.data() + off, c.d, sv.data() + e * entry_stride + s * row_stride);
+      }
+    }
+  }
+  DeviceBuffer<uint16_t> dq(q), dout(qn), dsk(sk), dsv(sv);
+  DeviceBuffer<int32_t> dlen(c.lengths), dids(ids), dcounts(counts);
+  SparseAttentionParams p;
+  p.batch = batch;
+  p.num_q_heads = c.q_heads;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = c.d;
+  p.max_len = max_len;
+  p.num_sinks = c.sinks;
+  p.window = c.window;
+  p.q = dq.get();
+  p.lengths = dlen.get();
+  p.cache = cache.dev;
+  p.slots = SlotCacheView{dsk.get(),  dsv.get(),  c.budget,     entry_stride,
+                          row_stride, dids.get(), dcounts.get()};
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  p.out = dout.get();
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, SparseAttentionWorkspaceBytes(p));
+  DeviceBuffer<uint8_t> ws(ws_bytes);
+  dout.Poison();
+  ASSERT_OK(SparseAttention(p, ws.get(), ws_bytes, nullptr));
+  const std::vector<uint16_t> out = dout.Download();
+
+  SparseAttentionParams hp = p;
+  hp.q = q.data();
+  hp.lengths = c.lengths.data();
+  hp.cache = cache.host;
+  hp.slots = SlotCacheView{sk.data(),  sv.data(),  c.budget,     entry_stride,
+                           row_stride, ids.data(), counts.data()};
+  std::vector<float> ref(qn);
+  SparseAttentionReference(hp, ref.data());
+  ExpectAttentionClose(out, ref, c.name);
+
+  // Every token attended exactly once: with all middle tokens in the slots the union is the
+  // whole sequence, so the dense reference must agree too.
+  if (c.all_middle) {
+    DecodeAttentionParams dp;
+    dp.batch = batch;
+    dp.num_q_heads = c.q_heads;
+    dp.num_kv_heads = c.kv_heads;
+    dp.head_dim = c.d;
+    dp.max_len = max_len;
+    dp.q = q.data();
+    dp.lengths = c.lengths.data();
+    dp.cache = cache.host;
+    dp.scale = p.scale;
+    std::vector<float> dense(qn);
+    DecodeAttentionReference(dp, dense.data());
+    ExpectAttentionClose(out, dense, c.name + "_vs_dense");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SparseAttentionTest,
+    ::testing::Values(
+        SparseCase{"g4_d128_overlapping_slots", 32, 8, 128, {3000, 700}, 4, 64, 256, 0, false},
+        SparseCase{"g1_d64_short_sequences", 4, 4, 64, {10, 3, 1}, 4, 8, 16, 0, false},
+        SparseCase{"g8_d128_paged_no_slots", 16, 2, 128, {900, 33}, 16, 128, 0, 16, false},
+        SparseCase{"g4_d64_union_is_dense", 8, 2, 64, {1500, 260}, 4, 64, 1536, 32, true},
+        SparseCase{"g8_d128_union_is_dense", 16, 2, 128, {2000}, 8, 100, 2048, 0, true}),
+    [](const auto& info) { return info.param.name; });
+
+TEST(SlotScatterTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  const int batch = 3, kv = 4, budget = 50, d = 128, rows = 300;
+  const int64_t row_stride = d, entry_stride = static_cast<int64_t>(budget) * d;
+  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
+  std::vector<uint16_t> k = RandomBf16(rows * d, rng), v = RandomBf16(rows * d, rng);
+  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
+  std::vector<int32_t> slot_ids(static_cast<size_t>(batch) * kv * budget, -7);
+  // Distinct destinations, plus some out of range.
+  std::vector<int32_t> all(batch * kv * budget);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<int32_t> dest(3 * rows), tok(rows);
+  for (int i = 0; i < rows; ++i) {
+    int seq = all[i] / (kv * budget), head = (all[i] / budget) % kv, slot = all[i] % budget;
+    if (i % 41 == 3) seq = batch;
+    if (i % 43 == 4) slot = -1;
+    if (i % 47 == 5) head = kv + 2;
+    dest[3 * i] = seq;
+    dest[3 * i + 1] = head;
+    dest[3 * i + 2] = slot;
+    tok[i] = 1000 + i;
+  }
+  DeviceBuffer<uint16_t> dk(k), dv(v), dks(ks), dvs(vs);
+  DeviceBuffer<int32_t> dslot_ids(slot_ids), ddest(dest), dtok(tok), drej(std::vector<int32_t>{0});
+  SlotScatterParams p{
+      rows,        d,          batch,     kv,        budget,       dk.get(),   dv.get(),
+      ddest.get(), dtok.get(), dks.get(), dvs.get(), entry_stride, row_stride, dslot_ids.get(),
+      drej.get()};
+  ASSERT_OK(SlotScatter(p, nullptr));
+  int32_t rejected = 0;
+  SlotScatterParams hp{
+      rows,        d,          batch,     kv,        budget,       k.data(),   v.data(),
+      dest.data(), tok.data(), ks.data(), vs.data(), entry_stride, row_stride, slot_ids.data(),
+      &rejected};
+  SlotScatterReference(hp);
+  EXPECT_GT(rejected, 0);
+  EXPECT_EQ(drej.Download()[0], rejected);
+  EXPECT_EQ(dks.Download(), ks);
+  EXPECT_EQ(dvs.Download(), vs);
+  EXPECT_EQ(dslot_ids.Download(), slot_ids);
+}
+
+// |a - b| in bf16 ulps (same sign assumed; different signs count as far apart unless both ~0).
+int UlpDiff(uint16_t a, uint16_t b) {
+  auto key = [](uint16_t x) {
+    return (x & 0x8000) ? -static_cast<int>(x & 0x7fff) : static_cast<int>(x);
+  };
+  return std::abs(key(a) - key(b));
+}
+
+void ExpectWithinUlp(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, int ulps,
+                     const char* what) {
+  ASSERT_EQ(got.size(), want.size());
+  int bad = 0, off = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const int u = UlpDiff(got[i], want[i]);
+    if (u > 0) ++off;
+    if (u > ulps && ++bad <= 5) {
+      ADD_FAILURE() << what << ": element " << i << " got " << Bf16ToF32(got[i]) << " want "
+                    << Bf16ToF32(want[i]);
+    }
+  }
+  EXPECT_EQ(bad, 0) << what;
+  std::printf("[ stats    ] %s: %d of %zu elements 1 ulp off\n", what, off, got.size());
+}
+
+TEST(RmsNormTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  for (const int dim : {72, 4096}) {
+    const int rows = 7;
+    std::vector<uint16_t> x = RandomBf16(rows * dim, rng, 3.0f), w = RandomBf16(dim, rng);
+    DeviceBuffer<uint16_t> dx(x), dw(w), dout(x.size());
+    dout.Poison();
+    ASSERT_OK(RmsNorm(dx.get(), dw.get(), rows, dim, 1e-5f, dout.get(), nullptr));
+    std::vector<uint16_t> ref(x.size());
+    RmsNormReference(x.data(), w.data(), rows, dim, 1e-5f, ref.data());
+    ExpectWithinUlp(dout.Download(), ref, 1, "rmsnorm");
+    // In place.
+    ASSERT_OK(RmsNorm(dx.get(), dw.get(), rows, dim, 1e-5f, dx.get(), nullptr));
+    ExpectWithinUlp(dx.Download(), ref, 1, "rmsnorm in place");
+  }
+}
+
+TEST(RopeTest, MatchesReferenceWithLlama3Scaling) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(12);
+  for (const bool llama3 : {false, true}) {
+    for (const int d : {64, 128}) {
+      RopeScaling sc;
+      if (llama3) sc.type = RopeScaling::Type::kLlama3;
+      const std::vector<double> inv = RopeInverseFrequencies(d, 500000.0, sc);
+      const int tokens = 9, heads = 5;
+      const int64_t stride = heads * d + 3 * d;  // a fused qkv row: rotate the first 5 heads
+      std::vector<uint16_t> x = RandomBf16(tokens * stride, rng);
+      std::vector<int32_t> pos = {0, 1, 2, 100, 8191, 8192, 32767, 98303, 131071};
+      DeviceBuffer<uint16_t> dx(x);
+      DeviceBuffer<int32_t> dpos(pos);
+      DeviceBuffer<double> dinv(inv);
+      ASSERT_OK(Rope(dx.get(), tokens, heads, d, stride, dpos.get(), dinv.get(), nullptr));
+      std::vector<uint16_t> ref = x;
+      RopeReference(ref.data(), tokens, heads, d, stride, pos.data(), inv.data());
+      EXPECT_NE(ref, x);
+      ExpectWithinUlp(dx.Download(), ref, 1, llama3 ? "rope llama3" : "rope");
+    }
+  }
+}
+
+TEST(SwiGluTest, MatchesReferenceOnFusedBuffer) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(13);
+  const int rows = 5, dim = 1000;
+  std::vector<uint16_t> gu = RandomBf16(rows * 2 * dim, rng, 2.0f);
+  DeviceBuffer<uint16_t> dgu(gu), dout(rows * dim);
+  dout.Poison();
+  ASSERT_OK(SwiGlu(dgu.get(), dgu.get() + dim, rows, dim, 2 * dim, dout.get(), nullptr));
+  std::vector<uint16_t> ref(rows * dim);
+  SwiGluReference(gu.data(), gu.data() + dim, rows, dim, 2 * dim, ref.data());
+  ExpectWithinUlp(dout.Download(), ref, 1, "swiglu");
+}
+
+TEST(EmbeddingGatherTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(14);
+  const int vocab = 1000, dim = 256;
+  std::vector<uint16_t> table = RandomBf16(vocab * dim, rng);
+  std::vector<int32_t> ids = {0, 999, 5, 5, -1, 1000, 123};
+  DeviceBuffer<uint16_t> dt(table), dout(ids.size() * dim);
+  DeviceBuffer<int32_t> dids(ids);
+  dout.Poison();
+  ASSERT_OK(EmbeddingGather(dt.get(), vocab, dim, dids.get(), ids.size(), dout.get(), nullptr));
+  std::vector<uint16_t> ref(ids.size() * dim);
+  EmbeddingGatherReference(table.data(), vocab, dim, ids.data(), ids.size(), ref.data());
+  EXPECT_EQ(dout.Download(), ref);
+}
+
+TEST(ArgmaxTest, MatchesReferenceWithTiesAndNaN) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(15);
+  const int rows = 6, vocab = 128256;
+  std::normal_distribution<float> dist(0.0f, 4.0f);
+  std::vector<float> x(static_cast<size_t>(rows) * vocab);
+  for (auto& v : x) v = dist(rng);
+  x[1 * vocab + 70000] = 100.0f;  // tie: the lower index wins
+  x[1 * vocab + 3] = 100.0f;
+  x[2 * vocab + 5] = NAN;
+  x[2 * vocab + 128255] = 50.0f;
+  std::fill(x.begin() + 3 * vocab, x.begin() + 4 * vocab, -1.0f);  // all equal: index 0
+  std::fill(x.begin() + 4 * vocab, x.begin() + 5 * vocab, NAN);    // all NaN: index 0
+  DeviceBuffer<float> dx(x);
+  DeviceBuffer<int32_t> dout(rows);
+  dout.Poison();
+  ASSERT_OK(Argmax(dx.get(), rows, vocab, dout.get(), nullptr));
+  std::vector<int32_t> ref(rows);
+  ArgmaxReference(x.data(), rows, vocab, ref.data());
+  EXPECT_EQ(ref[1], 3);
+  EXPECT_EQ(ref[2], 128255);
+  EXPECT_EQ(dout.Download(), ref);
+}
+
+TEST(SampleTopPTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(16);
+  const int rows = 96, vocab = 32000;
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(rows) * vocab), temp(rows), top_p(rows), u(rows);
+  for (auto& v : x) v = dist(rng);
+  const float temps[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.5f};
+  const float ps[] = {0.1f, 0.5f, 0.9f, 0.95f, 1.0f, 0.0f};
+  for (int r = 0; r < rows; ++r) {
+    temp[r] = temps[r % 5];
+    top_p[r] = ps[(r / 5) % 6];
+    u[r] = uni(rng);
+  }
+  DeviceBuffer<float> dx(x), dt(temp), dp(top_p), du(u);
+  DeviceBuffer<int32_t> dout(rows);
+  dout.Poison();
+  ASSERT_OK(SampleTopP(dx.get(), rows, vocab, dt.get(), dp.get(), du.get(), dout.get(), nullptr));
+  std::vector<int32_t> ref(rows);
+  std::unique_ptr<bool[]> amb(new bool[rows]);
+  SampleTopPReference(x.data(), rows, vocab, temp.data(), top_p.data(), u.data(), ref.data(),
+                      amb.get());
+  const std::vector<int32_t> got = dout.Download();
+  int ambiguous = 0;
+  for (int r = 0; r < rows; ++r) {
+    if (amb[r]) {
+      ++ambiguous;
+      continue;
+    }
+    EXPECT_EQ(got[r], ref[r]) << "row " << r << " temperature " << temp[r] << " top_p " << top_p[r]
+                              << " u " << u[r];
+  }
+  EXPECT_LE(ambiguous, rows / 6);
+  // The sampler is not argmax in disguise: at temperature 1.5, top_p 1 the picks vary.
+  std::printf("[ stats    ] top-p: %d of %d rows near a boundary\n", ambiguous, rows);
+}
+
+// ---- Argument checks: INVALID_ARGUMENT before any launch (no GPU needed) ------------------
+
+// Fake, 16-byte aligned device addresses: never dereferenced because the checks fail first.
+template <typename T>
+T* Fake(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+DecodeAttentionParams ValidDense() {
+  DecodeAttentionParams p;
+  p.batch = 2;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  p.head_dim = 128;
+  p.max_len = 100;
+  p.q = Fake<const uint16_t>(0x10000);
+  p.lengths = Fake<const int32_t>(0x20000);
+  p.cache.k = Fake<const uint16_t>(0x30000);
+  p.cache.v = Fake<const uint16_t>(0x40000);
+  p.cache.page_stride = 100 * 8 * 128;
+  p.cache.token_stride = 8 * 128;
+  p.cache.head_stride = 128;
+  p.scale = 0.1f;
+  p.out = Fake<uint16_t>(0x50000);
+  return p;
+}
+
+TEST(ArgumentCheckTest, DecodeAttentionRejectsBadShapes) {
+  std::vector<DecodeAttentionParams> bad;
+  auto add = [&](auto mutate) {
+    DecodeAttentionParams p = ValidDense();
+    mutate(p);
+    bad.push_back(p);
+  };
+  add([](auto& p) { p.head_dim = 96; });
+  add([](auto& p) { p.num_q_heads = 30; });
+  add([](auto& p) { p.num_kv_heads = 0; });
+  add([](auto& p) { p.batch = 0; });
+  add([](auto& p) { p.max_len = 0; });
+  add([](auto& p) { p.num_splits = -1; });
+  add([](auto& p) { p.q = Fake<const uint16_t>(0x10002); });
+  add([](auto& p) { p.cache.token_stride = 1001; });
+  add([](auto& p) { p.out = nullptr; });
+  add([](auto& p) {
+    p.cache.page_table = Fake<const int32_t>(0x60000);
+    p.cache.page_size = 12;
+    p.cache.page_table_stride = 10;
+  });
+  add([](auto& p) {
+    p.cache.page_table = Fake<const int32_t>(0x60000);
+    p.cache.page_size = 16;
+    p.cache.page_table_stride = 6;  // 100 tokens need 7 pages
+  });
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_THAT(DecodeAttention(bad[i], nullptr, 0, nullptr),
+                StatusIs(absl::StatusCode::kInvalidArgument))
+        << "case " << i;
+    EXPECT_THAT(DecodeAttentionWorkspaceBytes(bad[i]), StatusIs(absl::StatusCode::kInvalidArgument))
+        << "case " << i;
+  }
+}
+
+TEST(ArgumentCheckTest, SparseAttentionAndScatterRejectBadShapes) {
+  SparseAttentionParams p;
+  const DecodeAttentionParams d = ValidDense();
+  p.batch = d.batch;
+  p.num_q_heads = d.num_q_heads;
+  p.num_kv_heads = d.num_kv_heads;
+  p.head_dim = d.head_dim;
+  p.max_len = d.max_len;
+  p.q = d.q;
+  p.lengths = d.lengths;
+  p.cache = d.cache;
+  p.out = d.out;
+  p.num_sinks = -1;
+  EXPECT_THAT(SparseAttention(p, nullptr, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  p.num_sinks = 4;
+  p.slots.budget = 16;  // null slot pointers
+  EXPECT_THAT(SparseAttention(p, nullptr, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+
+  SlotScatterParams s;
+  s.num_rows = 1;
+  s.head_dim = 100;
+  s.batch = s.num_kv_heads = s.budget = 1;
+  EXPECT_THAT(SlotScatter(s, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(ArgumentCheckTest, PerTokenOpsRejectBadShapes) {
+  const auto x = Fake<uint16_t>(0x10000);
+  EXPECT_THAT(RmsNorm(x, x, 4, 100, 1e-5f, x, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(RmsNorm(x, x, 4, 128, 0.0f, x, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Rope(x, 4, 8, 127, 8 * 127, Fake<int32_t>(0x100), Fake<double>(0x200), nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Rope(x, 4, 8, 128, 100, Fake<int32_t>(0x100), Fake<double>(0x200), nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(SwiGlu(x, x, 4, 100, 50, x, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(EmbeddingGather(x, 0, 128, Fake<int32_t>(0x100), 1, x, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Argmax(Fake<float>(0x100), -1, 10, Fake<int32_t>(0x200), nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(SampleTopP(Fake<float>(0x100), 1, 0, nullptr, nullptr, nullptr, nullptr, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// On the GPU: a rejected call leaves the output untouched (nothing was launched) and a too
+// small workspace is rejected before launch.
+TEST(ArgumentCheckTest, RejectedCallLaunchesNothing) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer<uint16_t> q(4 * 128), out(4 * 128), kv(1024 * 128);
+  DeviceBuffer<int32_t> len(std::vector<int32_t>{1024});
+  DecodeAttentionParams p;
+  p.batch = 1;
+  p.num_q_heads = 4;
+  p.num_kv_heads = 1;
+  p.head_dim = 128;
+  p.max_len = 1024;
+  p.q = q.get();
+  p.lengths = len.get();
+  p.cache = KvCacheView{kv.get(), kv.get(), nullptr, 0, 0, 1024 * 128, 128, 128};
+  p.scale = 0.1f;
+  p.out = out.get();
+  p.num_splits = 4;
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, DecodeAttentionWorkspaceBytes(p));
+  ASSERT_GT(ws_bytes, 0u);
+  out.Poison();
+  EXPECT_THAT(DecodeAttention(p, nullptr, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  p.head_dim = 80;
+  EXPECT_THAT(DecodeAttention(p, nullptr, ws_bytes, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  for (uint16_t v : out.Download()) ASSERT_EQ(v, 0xffff);
+}
+
+}  // namespace
+}  // namespace kvrecall::worker::cuda
