@@ -89,7 +89,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   if (server == nullptr) return absl::UnavailableError("cannot start the in-process gRPC server");
 
   client::TierOptions tier_options;
-  tier_options.recall_buffer_bytes = call_bytes;
+  tier_options.recall_buffer_bytes = client::RecallBufferBytes(entries, o.budget, static_cast<size_t>(2 * row));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> remote,
                    client::CreateRemoteTier({absl::StrCat("127.0.0.1:", port), "ucx", o.ucx_tls}, tier_options));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> local, client::CreateLocalTier(node_options, tier_options));

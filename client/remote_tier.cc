@@ -2,6 +2,7 @@
 // worker registered (AttachWorker), or, with transport "grpc", by FetchKV streams.
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
@@ -20,6 +21,7 @@ using proto::FromGrpc;
 
 constexpr size_t kAppendChunkBytes = 4 << 20;
 constexpr size_t kIngestPackBytes = 16 << 20;  // bulk ingest: bytes packed per round of puts
+constexpr int kIngestLanes = 4;  // bulk ingest: most threads packing and putting
 
 class RemoteTier final : public Tier {
  public:
@@ -94,7 +96,10 @@ class RemoteTier final : public Tier {
   absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(sequence_id));
     RETURN_IF_ERROR(internal::CheckAppendBatch(*spec, batch));
-    if (transport_ != nullptr && remote_.ingest != "grpc" && !ingest_unsupported_) {
+    const int64_t bytes = static_cast<int64_t>(2 * spec->row_bytes()) * spec->num_kv_heads * batch.num_tokens *
+                          spec->num_layers;
+    if (transport_ != nullptr && remote_.ingest != "grpc" && !ingest_unsupported_ &&
+        bytes >= remote_.ingest_min_bytes) {
       absl::Status s = Ingest(sequence_id, *spec, batch);
       if (!absl::IsUnimplemented(s)) return s;
       ingest_unsupported_ = true;  // the node has no registered arena: AppendKV from now on
@@ -214,19 +219,57 @@ class RemoteTier final : public Tier {
     }
     const absl::Time stop_putting = asked + absl::Milliseconds(g.lease_ms()) / 2;
     ingest_checksums_.assign(static_cast<size_t>(spec.num_layers * blocks), 0);
-    // Rows are packed into the slot layout so that a whole block is one put (a partial first or
-    // last block is one put per kv-head and K/V); puts go out in rounds of about kIngestPackBytes.
-    const size_t pack_slots = std::max<size_t>(1, kIngestPackBytes / slot_bytes);
-    if (ingest_pack_.size() < pack_slots * slot_bytes) ingest_pack_.resize(pack_slots * slot_bytes);
+    // Large batches are split by layer over a few lanes (threads) that pack, checksum and put
+    // concurrently; the writer is thread-safe.
+    const int64_t bytes = static_cast<int64_t>(2 * heads * row) * batch.num_tokens * spec.num_layers;
+    const int lanes = static_cast<int>(std::clamp<int64_t>(bytes / std::max<int64_t>(1, remote_.ingest_bytes_per_lane), 1,
+                                                           std::min<int64_t>(kIngestLanes, spec.num_layers)));
+    if (static_cast<int>(ingest_packs_.size()) < lanes) ingest_packs_.resize(static_cast<size_t>(lanes));
+    IngestLayout layout{&spec, &batch, &g, bt, first, blocks, slot_bytes, stop_putting};
+    std::vector<absl::Status> results(static_cast<size_t>(lanes));
+    std::vector<std::thread> threads;
+    for (int lane = 1; lane < lanes; ++lane) {
+      threads.emplace_back([&, lane] { results[lane] = PutLayers(layout, lane, lanes, &ingest_packs_[lane]); });
+    }
+    results[0] = PutLayers(layout, 0, lanes, &ingest_packs_[0]);
+    for (std::thread& t : threads) t.join();
+    for (const absl::Status& r : results) {
+      if (!r.ok()) {
+        if (absl::IsUnavailable(r)) ingest_writer_.reset();  // a broken connection; the next ingest connects afresh
+        return r;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  struct IngestLayout {
+    const ModelSpec* spec;
+    const AppendBatch* batch;
+    const v1::AllocateBlocksResponse* grant;
+    int64_t block_tokens, first_block, blocks;
+    uint64_t slot_bytes;
+    absl::Time stop_putting;
+  };
+
+  // One lane of PutIngest: layers lane, lane + lanes, ... Rows are packed into the slot layout
+  // so that a whole block is one put (a partial first or last block is one put per kv-head and
+  // K/V); puts go out in rounds of about kIngestPackBytes. Fills ingest_checksums_ of its layers.
+  absl::Status PutLayers(const IngestLayout& in, int lane, int lanes, std::vector<uint8_t>* pack_buf) {
+    const ModelSpec& spec = *in.spec;
+    const AppendBatch& batch = *in.batch;
+    const size_t row = spec.row_bytes();
+    const size_t heads = static_cast<size_t>(spec.num_kv_heads);
+    const int64_t bt = in.block_tokens;
+    const size_t pack_slots = std::max<size_t>(1, kIngestPackBytes / in.slot_bytes);
+    if (pack_buf->size() < pack_slots * in.slot_bytes) pack_buf->resize(pack_slots * in.slot_bytes);
     std::vector<transport::PutOp> ops;
-    size_t packed = 0;  // slots of ingest_pack_ in use by `ops`
+    size_t packed = 0;  // slots of *pack_buf in use by `ops`
     auto flush = [&]() -> absl::Status {
       if (ops.empty()) return absl::OkStatus();
-      if (absl::Now() > stop_putting) {
+      if (absl::Now() > in.stop_putting) {
         return absl::DeadlineExceededError("bulk ingest: half of the node's lease passed before the puts were done");
       }
       absl::Status s = ingest_writer_->PutAll(ops);
-      if (!s.ok()) ingest_writer_.reset();  // a broken connection; the next ingest connects afresh
       ops.clear();
       packed = 0;
       return s;
@@ -234,18 +277,18 @@ class RemoteTier final : public Tier {
     const int64_t start = batch.token_start;
     const int64_t end = start + batch.num_tokens;
     const size_t head_rows = static_cast<size_t>(bt) * row;
-    for (int l = 0; l < spec.num_layers; ++l) {
+    for (int l = lane; l < spec.num_layers; l += lanes) {
       const uint8_t* kv_src[2] = {reinterpret_cast<const uint8_t*>(batch.keys[l].data()),
                                   reinterpret_cast<const uint8_t*>(batch.values[l].data())};
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t block_first = (first + b) * bt;
+      for (int64_t b = 0; b < in.blocks; ++b) {
+        const int64_t block_first = (in.first_block + b) * bt;
         const int64_t lo = std::max(start, block_first);
         const int64_t hi = std::min(end, block_first + bt);
         const size_t len = static_cast<size_t>(hi - lo) * row;
-        const uint64_t slot = g.slot_offsets(static_cast<int>(l * blocks + b));
+        const uint64_t slot = in.grant->slot_offsets(static_cast<int>(l * in.blocks + b));
         const bool whole = hi - lo == bt;
         if (whole && packed == pack_slots) RETURN_IF_ERROR(flush());
-        uint8_t* pack = whole ? ingest_pack_.data() + packed * slot_bytes : nullptr;
+        uint8_t* pack = whole ? pack_buf->data() + packed * in.slot_bytes : nullptr;
         uint32_t crc = 0;
         for (size_t kv = 0; kv < 2; ++kv) {
           for (size_t h = 0; h < heads; ++h) {
@@ -260,22 +303,21 @@ class RemoteTier final : public Tier {
           }
         }
         if (whole) {
-          ops.push_back({pack, static_cast<size_t>(slot_bytes), slot});
+          ops.push_back({pack, static_cast<size_t>(in.slot_bytes), slot});
           ++packed;
         }
-        ingest_checksums_[static_cast<size_t>(l * blocks + b)] = crc;
+        ingest_checksums_[static_cast<size_t>(l * in.blocks + b)] = crc;
       }
     }
-    RETURN_IF_ERROR(flush());
-    return absl::OkStatus();
+    return flush();
   }
 
   absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) override {
     if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(batch.entries[0].sequence_id));
     const size_t pair = 2 * spec->row_bytes();
-    uint64_t first_row = 0;
-    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row));
+    uint64_t first_row = 0, results_offset = 0;
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row, &results_offset));
     v1::RetrieveRequest req;
     req.set_tenant(options_.tenant);
     req.set_layer(batch.layer);
@@ -285,6 +327,9 @@ class RemoteTier final : public Tier {
       req.set_worker_id(options_.worker_id);
       req.set_staging_area(static_cast<uint32_t>(batch.staging_area));
       req.set_call_seq(++call_seq_[batch.staging_area]);
+      // The results travel with the rows (one more put), not through the gRPC reply.
+      req.set_results_in_region(true);
+      req.set_results_offset(results_offset);
     }
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
@@ -313,9 +358,14 @@ class RemoteTier final : public Tier {
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
       Recalled& r = (*out)[i];
-      RETURN_IF_ERROR(proto::UnpackInt32s(res.token_ids(), &r.token_ids));
-      RETURN_IF_ERROR(proto::UnpackSlots(res.slots(), &r.slots));
-      RETURN_IF_ERROR(proto::UnpackSlots(res.fill_slots(), &r.fill_slots));
+      if (region_ != nullptr) {
+        RETURN_IF_ERROR(internal::UnpackRecalledFromRegion(
+            base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget, &r));
+      } else {
+        RETURN_IF_ERROR(proto::UnpackInt32s(res.token_ids(), &r.token_ids));
+        RETURN_IF_ERROR(proto::UnpackSlots(res.slots(), &r.slots));
+        RETURN_IF_ERROR(proto::UnpackSlots(res.fill_slots(), &r.fill_slots));
+      }
       RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
       uint8_t* rows = base + (first_row + i * batch.budget) * pair;
       r.rows = rows;
@@ -476,7 +526,7 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::RegisteredRegion> region_;
   std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
   std::vector<uint32_t> ingest_checksums_;
-  std::vector<uint8_t> ingest_pack_;  // rows packed in slot layout for the puts
+  std::vector<std::vector<uint8_t>> ingest_packs_;  // per lane: rows packed in slot layout for the puts
   v1::RetrieveResponse retrieve_resp_;
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   std::string fallback_buffer_;

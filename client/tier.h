@@ -132,6 +132,10 @@ class Tier {
   virtual std::string Describe() const = 0;  // "local" / "remote 127.0.0.1:7070 via ucx"
 };
 
+// TierOptions::recall_buffer_bytes for Retrieve batches of up to `entries` x `budget` rows of
+// `row_pair_bytes` (2 * row_bytes) in each of `staging_areas` areas, their results included.
+int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas = 1);
+
 // An in-process tier: owns a kvstore::Node and an in-process transport.
 absl::StatusOr<std::unique_ptr<Tier>> CreateLocalTier(const kvstore::NodeOptions& node_options,
                                                       const TierOptions& options);
@@ -144,6 +148,11 @@ struct RemoteTierOptions {
   // (AllocateBlocks / CommitBlocks) when the node supports it, else streams AppendKV; "grpc":
   // always AppendKV.
   std::string ingest = "auto";
+  // Appends smaller than this (decode steps) use AppendKV even with "auto": one streamed RPC beats
+  // two RPCs and a put for a few rows.
+  int64_t ingest_min_bytes = int64_t{1} << 20;
+  // A large append is packed and put by up to 4 threads, one per this many bytes.
+  int64_t ingest_bytes_per_lane = int64_t{32} << 20;
 };
 // Connects (waits for the channel up to options.deadline) and, with transport "ucx", attaches
 // this worker's receive region. UNAVAILABLE when the server cannot be reached.
@@ -153,8 +162,13 @@ namespace internal {
 // The size and staging-area checks shared by both implementations; on OK *area_first_row is the
 // first row (of 2 * row_bytes bytes) of the batch's staging area in the recall buffer, and entry i
 // gets rows [area_first_row + i * budget, + budget).
+// *results_offset (when not null) is the byte offset in the recall buffer where the node may put
+// the batch's results (kvstore::RetrieveResultBytes(budget) per entry), at the area's end.
 absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
-                             uint64_t* area_first_row);
+                             uint64_t* area_first_row, uint64_t* results_offset = nullptr);
+// Reads one entry's result as the node put it (proto RetrieveRequest.results_in_region);
+// INTERNAL for counts beyond the budget. Then CheckRecalled as for any reply.
+absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r);
 // The shape checks of an AppendBatch against its model (layers, bytes per layer).
 absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch);
 // Checks a reply's slot map against the request (budget, ascending ids, slots distinct and in

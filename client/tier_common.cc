@@ -9,8 +9,21 @@
 
 namespace kvrecall::client::internal {
 
+namespace {
+// A staging area's bytes and rows: the recall buffer split evenly, each area a whole number of
+// rows.
+uint64_t AreaRows(const TierOptions& options, size_t row_pair_bytes) {
+  return static_cast<uint64_t>(options.recall_buffer_bytes) / static_cast<uint64_t>(options.staging_areas) /
+         row_pair_bytes;
+}
+uint64_t ResultsBytes(size_t entries, int budget) {
+  return static_cast<uint64_t>(entries) * kvstore::RetrieveResultBytes(budget);
+}
+}  // namespace
+
+
 absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
-                             uint64_t* area_first_row) {
+                             uint64_t* area_first_row, uint64_t* results_offset) {
   if (batch.budget <= 0 || batch.budget > kvstore::kMaxBudget) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", batch.budget, " not in [1, ", kvstore::kMaxBudget, "]"));
   }
@@ -22,14 +35,38 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, 
     return absl::InvalidArgumentError(
         absl::StrCat("staging_area ", batch.staging_area, " not in [0, ", options.staging_areas, ")"));
   }
-  const uint64_t area_rows =
-      static_cast<uint64_t>(options.recall_buffer_bytes) / row_pair_bytes / static_cast<uint64_t>(options.staging_areas);
-  if (batch.entries.size() * static_cast<uint64_t>(batch.budget) > area_rows) {
+  const uint64_t area_rows = AreaRows(options, row_pair_bytes);
+  const uint64_t area_bytes = area_rows * row_pair_bytes;
+  const uint64_t results = ResultsBytes(batch.entries.size(), batch.budget);
+  const uint64_t rows_bytes = batch.entries.size() * static_cast<uint64_t>(batch.budget) * row_pair_bytes;
+  const uint64_t area_start = area_bytes * static_cast<uint64_t>(batch.staging_area);
+  // The results sit at the area's end, 8-byte aligned.
+  const uint64_t results_at = results > area_bytes ? 0 : (area_start + area_bytes - results) & ~uint64_t{7};
+  if (results + 8 > area_bytes || results_at < area_start + rows_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(batch.entries.size(), " entries x budget ", batch.budget,
-                                                   " rows exceed a staging area of ", area_rows,
-                                                   " rows; raise recall_buffer_bytes"));
+                                                   " rows (and their results) exceed a staging area of ", area_bytes,
+                                                   " bytes; raise recall_buffer_bytes (RecallBufferBytes)"));
   }
   *area_first_row = area_rows * static_cast<uint64_t>(batch.staging_area);
+  if (results_offset != nullptr) *results_offset = results_at;
+  return absl::OkStatus();
+}
+
+absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r) {
+  uint32_t counts[2];
+  std::memcpy(counts, p, 8);
+  if (counts[0] > static_cast<uint32_t>(budget) || counts[1] > counts[0]) {
+    return absl::InternalError(absl::StrCat("tier wrote a result of ", counts[0], " tokens and ", counts[1],
+                                            " fills for a budget of ", budget));
+  }
+  const size_t n = counts[0], m = counts[1];
+  r->token_ids.resize(n);
+  if (n > 0) std::memcpy(r->token_ids.data(), p + 8, n * 4);
+  const uint8_t* s = p + 8 + n * 4;
+  r->slots.resize(n);
+  for (size_t j = 0; j < n; ++j, s += 2) r->slots[j] = s[0] | (s[1] << 8);
+  r->fill_slots.resize(m);
+  for (size_t j = 0; j < m; ++j, s += 2) r->fill_slots[j] = s[0] | (s[1] << 8);
   return absl::OkStatus();
 }
 
@@ -104,3 +141,15 @@ std::string DefaultWorkerId() {
 }
 
 }  // namespace kvrecall::client::internal
+
+namespace kvrecall::client {
+
+int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas) {
+  const uint64_t rows_bytes = static_cast<uint64_t>(entries) * static_cast<uint64_t>(budget) * row_pair_bytes;
+  const uint64_t results = static_cast<uint64_t>(entries) * kvstore::RetrieveResultBytes(budget);
+  // Rounded up to whole rows, plus the 8-byte alignment of the results.
+  const uint64_t area = (rows_bytes + results + 8 + row_pair_bytes - 1) / row_pair_bytes * row_pair_bytes;
+  return static_cast<int64_t>(area) * staging_areas;
+}
+
+}  // namespace kvrecall::client

@@ -221,8 +221,9 @@ absl::Status Generate() {
     const int64_t pair = 2 * static_cast<int64_t>(spec.row_bytes());
     // One staging area of budget rows per kv-head, and one area per sparse layer with lookahead.
     to.staging_areas = eo.lookahead ? std::max(1, cfg.num_layers - eo.dense_layers) : 1;
-    to.recall_buffer_bytes =
-        std::max<int64_t>(int64_t{1} << 20, pair * eo.budget * cfg.num_kv_heads) * to.staging_areas;
+    to.recall_buffer_bytes = std::max<int64_t>(int64_t{1} << 20, client::RecallBufferBytes(cfg.num_kv_heads, eo.budget,
+                                                                                         static_cast<size_t>(pair))) *
+                             to.staging_areas;
     to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
     const std::string target = absl::GetFlag(FLAGS_tier);
     const std::vector<std::string> peers = client::SplitPeers(target);

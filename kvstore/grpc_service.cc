@@ -287,11 +287,14 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     }
     args.staging_area = req->staging_area();
     args.call_seq = req->call_seq();
+    args.results_in_region = req->results_in_region();
+    args.results_offset = req->results_offset();
     const absl::Time started = absl::Now();
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
     resp->set_node_micros(static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - started)));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {
       v1::RetrieveResult* r = resp->add_results();
+      if (args.results_in_region) continue;  // they are in the worker's region
       proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
       proto::PackSlots(out.slots[i], r->mutable_slots());
       proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());

@@ -1,6 +1,7 @@
 #include "kvstore/node.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -411,6 +412,8 @@ Node::StagingArea* Node::Worker::Area(uint32_t id) {
   return area.get();
 }
 
+static_assert(std::endian::native == std::endian::little, "results in the worker's region are little-endian");
+
 absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
                                 const std::vector<std::shared_ptr<Sequence>>& seqs,
                                 const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out) {
@@ -463,10 +466,14 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   for (size_t i = 0; i < n; ++i) {
     offset[i + 1] = offset[i] + plans[i].fill_tokens.size() * 2 * seqs[i]->spec().row_bytes();
   }
-  if (area->pack_capacity < offset[n]) {
+  // The results (when they travel with the rows) follow the rows in the pack buffer, one
+  // RetrieveResultBytes(budget) block per entry.
+  const size_t result_bytes = RetrieveResultBytes(args.budget);
+  const size_t pack_bytes = offset[n] + (args.results_in_region ? n * result_bytes : 0);
+  if (area->pack_capacity < pack_bytes) {
     area->pack.reset();
-    area->pack = std::make_unique_for_overwrite<uint8_t[]>(offset[n]);  // every byte is written below
-    area->pack_capacity = offset[n];
+    area->pack = std::make_unique_for_overwrite<uint8_t[]>(pack_bytes);  // every byte used is written below
+    area->pack_capacity = pack_bytes;
   }
   absl::Cleanup release_large = [area]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (area->pack_capacity > kMaxRetainedPack) {
@@ -487,6 +494,26 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     ops[i] = transport::PutOp{dst, offset[i + 1] - offset[i], args.entries[i].dest_row * 2 * row};
   });
   std::erase_if(ops, [](const transport::PutOp& op) { return op.length == 0; });
+  if (args.results_in_region) {
+    uint8_t* results = packed + offset[n];
+    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      const std::vector<int32_t>& ids = out->token_ids[i];
+      const std::vector<int32_t>& slots = plans[i].slots;
+      const std::vector<int32_t>& fills = plans[i].fill_slots;
+      uint8_t* p = results + static_cast<size_t>(i) * result_bytes;
+      const uint32_t counts[2] = {static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(fills.size())};
+      std::memcpy(p, counts, 8);
+      std::memcpy(p + 8, ids.data(), ids.size() * 4);
+      uint8_t* s16 = p + 8 + ids.size() * 4;
+      for (const std::vector<int32_t>* v : {&slots, &fills}) {
+        for (int32_t x : *v) {
+          *s16++ = static_cast<uint8_t>(x);
+          *s16++ = static_cast<uint8_t>(x >> 8);
+        }
+      }
+    });
+    ops.push_back(transport::PutOp{results, n * result_bytes, args.results_offset});
+  }
   if (absl::Status st = worker.writer->PutAll(ops); !st.ok()) {
     forget_all();  // which rows arrived is unknown
     return st;
@@ -517,6 +544,8 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   std::shared_ptr<Worker> worker;
   if (!args.worker_id.empty()) {
     ASSIGN_OR_RETURN(worker, FindWorker(args.tenant, args.worker_id));
+  } else if (args.results_in_region) {
+    return absl::InvalidArgumentError("results_in_region needs an attached worker (worker_id)");
   }
 
   // Validate every entry and take snapshots before doing any work.

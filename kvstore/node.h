@@ -121,8 +121,15 @@ struct RetrieveArgs {
   std::vector<RetrieveEntryArgs> entries;
   uint32_t staging_area = 0;  // see proto RetrieveRequest.staging_area / call_seq
   uint64_t call_seq = 0;
+  // With a worker: also put each entry's result (ids, slots, fill slots) into the worker's region
+  // at results_offset + i * RetrieveResultBytes(budget); see proto RetrieveRequest.
+  bool results_in_region = false;
+  uint64_t results_offset = 0;
 };
 inline constexpr uint32_t kMaxStagingAreas = 4096;
+// Bytes of one entry's result in the worker's region: u32 n, u32 m, int32 token_ids[n],
+// uint16 slots[n], uint16 fill_slots[m] (little-endian; n, m <= budget), padded to 8 bytes.
+inline constexpr size_t RetrieveResultBytes(int budget) { return 8 + 8 * static_cast<size_t>(budget); }
 // BuildIndex: segments of `method` (ctkvr or cluster; exact needs none) for every kv-head of the
 // layers [first_layer, num_layers), over the committed tokens [token_begin, committed).
 struct BuildIndexArgs {

@@ -100,6 +100,8 @@ class RemoteIngestTest : public ::testing::Test {
     r.target = s.address();
     r.ucx_tls = "tcp";
     r.ingest = ingest;
+    r.ingest_min_bytes = 0;          // the test's batches are small
+    r.ingest_bytes_per_lane = 1024;  // and are still put by several threads
     client::TierOptions o;
     o.recall_buffer_bytes = 1 << 20;
     o.deadline = absl::Seconds(30);
