@@ -72,5 +72,55 @@ TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   EXPECT_EQ(stats.sequences[0].stored_tokens, 4);
 }
 
+// RecallBufferBytes makes exactly enough room: rows of every area, then its results at the end.
+TEST(RecallBufferTest, SizedBufferFitsAndOneLessEntryDoesNot) {
+  for (int areas : {1, 3}) {
+    for (int budget : {1, 7, 1024}) {
+      const size_t pair = 512;
+      TierOptions o;
+      o.staging_areas = areas;
+      o.recall_buffer_bytes = RecallBufferBytes(5, budget, pair, areas);
+      RetrieveBatch b;
+      b.budget = budget;
+      b.entries.resize(5);
+      for (int a = 0; a < areas; ++a) {
+        b.staging_area = a;
+        uint64_t first_row = 0, results = 0;
+        ASSERT_OK(internal::CheckRecallFits(b, pair, o, &first_row, &results));
+        const uint64_t area_start = first_row * pair;
+        EXPECT_GE(results, area_start + 5 * static_cast<uint64_t>(budget) * pair);
+        EXPECT_EQ(results % 8, 0u);
+        EXPECT_LE(results + 5 * kvstore::RetrieveResultBytes(budget), area_start + o.recall_buffer_bytes / areas);
+      }
+      b.entries.resize(6);
+      uint64_t first_row = 0;
+      EXPECT_THAT(internal::CheckRecallFits(b, pair, o, &first_row), StatusIs(absl::StatusCode::kInvalidArgument));
+    }
+  }
+}
+
+// A confused node's result in the region cannot claim more tokens than the budget.
+TEST(RecallBufferTest, UnpackRejectsCountsBeyondTheBudget) {
+  std::vector<uint8_t> buf(kvstore::RetrieveResultBytes(4), 0);
+  const uint32_t ok[2] = {2, 1};
+  std::memcpy(buf.data(), ok, 8);
+  const int32_t ids[2] = {5, 9};
+  std::memcpy(buf.data() + 8, ids, 8);
+  const uint8_t slots[6] = {3, 0, 1, 0, 1, 0};  // slots 3, 1; fill slot 1
+  std::memcpy(buf.data() + 16, slots, 6);
+  Recalled r;
+  ASSERT_OK(internal::UnpackRecalledFromRegion(buf.data(), 4, &r));
+  EXPECT_THAT(r.token_ids, ElementsAre(5, 9));
+  EXPECT_THAT(r.slots, ElementsAre(3, 1));
+  EXPECT_THAT(r.fill_slots, ElementsAre(1));
+  ASSERT_OK(internal::CheckRecalled(r, 4));
+  const uint32_t too_many[2] = {5, 0};
+  std::memcpy(buf.data(), too_many, 8);
+  EXPECT_THAT(internal::UnpackRecalledFromRegion(buf.data(), 4, &r), StatusIs(absl::StatusCode::kInternal));
+  const uint32_t fills_over[2] = {2, 3};
+  std::memcpy(buf.data(), fills_over, 8);
+  EXPECT_THAT(internal::UnpackRecalledFromRegion(buf.data(), 4, &r), StatusIs(absl::StatusCode::kInternal));
+}
+
 }  // namespace
 }  // namespace kvrecall::client

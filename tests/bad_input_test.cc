@@ -265,6 +265,9 @@ TEST_F(BadInputTest, Retrieve) {
   r.set_call_seq(3);
   EXPECT_EQ(Retrieve(r), StatusCode::OK);
   r = GoodRetrieve("r");
+  r.set_results_in_region(true);  // results into a region, but no worker attached
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
   r.clear_entries();
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   r = GoodRetrieve("r");
