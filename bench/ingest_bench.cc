@@ -4,16 +4,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/flag_map.h"
+#include "bench/loopback_server.h"
 #include "bench/percentile.h"
 #include "client/tier.h"
-#include "common/clock.h"
 #include "common/dtype.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
-#include "grpcpp/grpcpp.h"
-#include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
-#include "transport/transport.h"
 
 namespace kvrecall::bench {
 namespace {
@@ -55,32 +52,21 @@ absl::StatusOr<nlohmann::json> RunIngestBench(const std::vector<std::string>& ar
   const int64_t layer_bytes = static_cast<int64_t>(spec.row_bytes()) * o.kv_heads * o.tokens;
   const int64_t append_bytes = 2 * layer_bytes * o.layers;
 
-  ASSIGN_OR_RETURN(std::unique_ptr<transport::Transport> server_transport,
-                   transport::CreateUcxTransport({o.ucx_tls}));
   kvstore::NodeOptions node_options;
   // Two sequences at a time (the previous one is dropped before the next opens) plus slack.
   node_options.memory_bytes = 3 * append_bytes + (int64_t{64} << 20);
   node_options.auto_index = indexer::Method::kExact;
   node_options.data_dir = o.data_dir;
   node_options.durable = o.durable;
-  kvstore::Node node(node_options, server_transport.get(), Clock::Real());
-  RETURN_IF_ERROR(node.arena_status());
-  kvstore::GrpcService service(&node, 0);
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
-  builder.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) return absl::UnavailableError("cannot start the in-process gRPC server");
+  ASSIGN_OR_RETURN(std::unique_ptr<LoopbackServer> srv, StartLoopbackServer(node_options, o.ucx_tls));
 
   client::TierOptions tier_options;
   tier_options.recall_buffer_bytes = 1 << 20;
   tier_options.deadline = absl::Minutes(5);
-  const std::string target = absl::StrCat("127.0.0.1:", port);
-  ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> ucx,
-                   client::CreateRemoteTier({target, "ucx", o.ucx_tls, "auto"}, tier_options));
+  const std::string& target = srv->target;
+  client::RemoteTierOptions ucx_options{target, "ucx", o.ucx_tls, "auto"};
+  ucx_options.ingest_min_bytes = 0;  // this tier measures the transport path at every size
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> ucx, client::CreateRemoteTier(ucx_options, tier_options));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> grpc_tier,
                    client::CreateRemoteTier({target, "ucx", o.ucx_tls, "grpc"}, tier_options));
   RETURN_IF_ERROR(ucx->RegisterModel(spec));

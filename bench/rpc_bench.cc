@@ -7,15 +7,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/flag_map.h"
+#include "bench/loopback_server.h"
 #include "bench/percentile.h"
 #include "client/tier.h"
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
-#include "grpcpp/grpcpp.h"
-#include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
-#include "transport/transport.h"
 
 namespace kvrecall::bench {
 namespace {
@@ -73,25 +71,15 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   const int64_t call_bytes = entries * o.budget * 2 * row;
 
   // The server: a Node with UCX behind a gRPC service on loopback.
-  ASSIGN_OR_RETURN(std::unique_ptr<transport::Transport> server_transport,
-                   transport::CreateUcxTransport({o.ucx_tls}));
   kvstore::NodeOptions node_options;
   node_options.memory_bytes = node_memory;
-  kvstore::Node server_node(node_options, server_transport.get(), Clock::Real());
-  kvstore::GrpcService service(&server_node, 0);
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
-  builder.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) return absl::UnavailableError("cannot start the in-process gRPC server");
+  ASSIGN_OR_RETURN(std::unique_ptr<LoopbackServer> srv, StartLoopbackServer(node_options, o.ucx_tls));
+  kvstore::Node& server_node = *srv->node;
 
   client::TierOptions tier_options;
   tier_options.recall_buffer_bytes = client::RecallBufferBytes(entries, o.budget, static_cast<size_t>(2 * row));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> remote,
-                   client::CreateRemoteTier({absl::StrCat("127.0.0.1:", port), "ucx", o.ucx_tls}, tier_options));
+                   client::CreateRemoteTier({srv->target, "ucx", o.ucx_tls}, tier_options));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> local, client::CreateLocalTier(node_options, tier_options));
   RETURN_IF_ERROR(remote->RegisterModel(spec));
   RETURN_IF_ERROR(local->RegisterModel(spec));
@@ -205,7 +193,6 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
       }
     }
   }
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
 
   const double rpc50 = Percentile(t_remote, 0.5), in50 = Percentile(t_local, 0.5);
   nlohmann::json j;
