@@ -57,6 +57,14 @@ absl::StatusOr<std::unique_ptr<ModelBackend>> CreateBackend(const std::string& n
     auto it = r.factories.find(name);
     if (it != r.factories.end()) factory = it->second;
   }
+  if (!factory && name == "cuda") {
+    // Registered by the cuda backend's own object library (kvrecall_worker_cuda_backend), which
+    // only CUDA builds have and only the binaries that link it contain.
+    return absl::FailedPreconditionError(
+        "backend 'cuda' is not in this binary (it needs a CUDA build, KVRECALL_CUDA=ON, and a "
+        "binary linked with kvrecall_worker_cuda_backend, as kvrecall-worker is); use "
+        "--backend=cpu");
+  }
   if (!factory) {
     return absl::NotFoundError(absl::StrCat("unknown backend '", name, "' (registered: ",
                                             absl::StrJoin(RegisteredBackends(), ", "), ")"));
