@@ -117,8 +117,10 @@ absl::StatusOr<IngestGrant> Node::AllocateBlocks(const AllocateBlocksArgs& args)
   in.seq = std::move(seq);
   in.deadline = clock_->Now() + options_.ingest_lease;
   absl::MutexLock lock(&ingest_mu_);
-  // Ids are unguessable enough not to be hit by accident; a tenant check guards the rest.
-  g.ingest_id = (++next_ingest_ << 20) ^ (reinterpret_cast<uintptr_t>(in.seq.get()) >> 4);
+  // Ids are not guessable by counting alone; CommitBlocks also checks the tenant and sequence.
+  do {
+    g.ingest_id = (++next_ingest_ << 20) ^ (reinterpret_cast<uintptr_t>(in.seq.get()) >> 4);
+  } while (g.ingest_id == 0 || ingests_.contains(g.ingest_id));
   ingests_.emplace(g.ingest_id, std::move(in));
   return g;
 }
