@@ -6,12 +6,14 @@
 //   kvrecall-bench store --json                           arena and prefix sharing (store_bench.h)
 //   kvrecall-bench stream --json                          delta streaming vs ucx_perftest (stream_bench.h)
 //   kvrecall-bench ingest --json                          bulk ingest over UCX vs AppendKV (ingest_bench.h)
+//   kvrecall-bench accuracy --json                        retrieval methods vs dense on recall-tiny (accuracy_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "bench/accuracy_bench.h"
 #include "bench/index_bench.h"
 #include "bench/ingest_bench.h"
 #include "bench/rpc_bench.h"
@@ -38,6 +40,10 @@ constexpr char kUsage[] =
     "  ingest      AppendKV of a whole prompt: one-sided puts into the node's arena vs the gRPC stream\n"
     "              flags: --layers=32 --kv_heads=8 --head_dim=128 --tokens=2048 --iterations=5\n"
     "                     --ucx_tls= --durable=false --data_dir= (see bench/ingest_bench.h)\n"
+    "  accuracy    task accuracy (passkey, multikey, ar) of exact/ctkvr/cluster vs dense on models/recall-tiny\n"
+    "              flags: --contexts=4096,8192,16384,32768 --depths=0.1,...,0.9 --samples=4 --tasks=passkey,multikey\n"
+    "                     --methods=exact,ctkvr,cluster --budgets=64,...,2048 --lookahead=both --threads=0\n"
+    "                     --seed=777 --markdown=FILE --plot=FILE.png (see bench/accuracy_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
 // Runs a benchmark whose entry point takes the subcommand's arguments and returns its JSON.
@@ -98,6 +104,11 @@ int main(int argc, char** argv) {
   if (cmd == "stream") {
     return RunJson("stream", [](const std::vector<std::string>& a) { return kvrecall::bench::RunStreamBench(a); },
                    args, compact);
+  }
+  if (cmd == "accuracy") {
+    return RunJson("accuracy",
+                   [](const std::vector<std::string>& a) { return kvrecall::bench::RunAccuracyBench(a); }, args,
+                   compact);
   }
   std::cerr << "kvrecall-bench: unknown benchmark '" << cmd << "'\n" << kUsage;
   return 2;
