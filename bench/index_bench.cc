@@ -51,6 +51,8 @@ struct Options {
   DType dtype = DType::kBF16;
   int needles = 8;
   int prompt_queries = 1024;
+  double query_token_weight = indexer::SyntheticOptions().query_token_weight;
+  double query_token_persistence = indexer::SyntheticOptions().query_token_persistence;
   std::string qk_dump;  // a dump directory: real data instead of generated
   int layer = -1;       // dump layer; -1 = the first dumped layer >= 2 (else the last one)
   bool stats = true;    // trace statistics (query self-similarity, top-k overlap, concentration)
@@ -82,6 +84,7 @@ absl::StatusOr<Options> Parse(const std::vector<std::string>& args) {
       {"append_every", &o.index.cluster.append_every},
       {"append_clusters", &o.index.cluster.append_clusters},
       {"segment_tokens", &o.index.cluster.segment_tokens},
+      {"rescore_factor", &o.index.cluster.rescore_factor},
       {"layer", &o.layer},
       {"chunk_tokens", &o.merged.chunk_tokens},
   };
@@ -91,6 +94,8 @@ absl::StatusOr<Options> Parse(const std::vector<std::string>& args) {
   RETURN_IF_ERROR(f.Get("seed", &o.seed));
   o.index.cluster.seed = o.seed;
   RETURN_IF_ERROR(f.Get("tolerance", &o.index.cluster.tolerance));
+  RETURN_IF_ERROR(f.Get("query_token_weight", &o.query_token_weight));
+  RETURN_IF_ERROR(f.Get("query_token_persistence", &o.query_token_persistence));
   RETURN_IF_ERROR(f.Get("qk_dump", &o.qk_dump));
   RETURN_IF_ERROR(f.Get("variance_ranking", &o.index.cluster.variance_ranking));
   RETURN_IF_ERROR(f.Get("stats", &o.stats));
@@ -212,6 +217,8 @@ absl::StatusOr<std::unique_ptr<Dataset>> Synthetic(const Options& o) {
   so.needles = o.needles;
   so.dtype = o.dtype;
   so.seed = o.seed;
+  so.query_token_weight = static_cast<float>(o.query_token_weight);
+  so.query_token_persistence = static_cast<float>(o.query_token_persistence);
   auto ds = std::make_unique<Dataset>();
   const auto g0 = Clock::now();
   ASSIGN_OR_RETURN(ds->synth, indexer::GenerateSynthetic(so));
@@ -561,6 +568,7 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
                          {"tolerance", o.index.cluster.tolerance},
                          {"segment_tokens", o.index.cluster.segment_tokens},
                          {"variance_ranking", o.index.cluster.variance_ranking},
+                         {"rescore_factor", o.index.cluster.rescore_factor},
                          {"append_every", o.index.cluster.append_every},
                          {"append_clusters", o.index.cluster.append_clusters},
                          {"seed", o.index.cluster.seed}};
@@ -587,7 +595,9 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
       {"dtype", data->source == "synthetic" ? std::string(DTypeName(o.dtype))
                                             : std::string(DTypeName(data->header.dtype))},
       {"needles", o.needles},
-      {"prompt_queries", o.prompt_queries}};
+      {"prompt_queries", o.prompt_queries},
+      {"query_token_weight", o.query_token_weight},
+      {"query_token_persistence", o.query_token_persistence}};
   nlohmann::json info = data->info;
   info["retrieval_begin"] = rb;
   info["retrieval_end"] = re;
@@ -598,7 +608,8 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
     // Mean over heads (each head's stats are means over its positions).
     nlohmann::json st;
     std::vector<double> cos(4, 0);
-    double overlap = 0, m1 = 0, m10 = 0;
+    double overlap = 0, m1 = 0, m10 = 0, knorm = 0, kcv = 0, kmassive = 0;
+    std::vector<double> kcos;
     std::vector<int64_t> cos_pairs(4, 0);
     int64_t overlap_pairs = 0;
     std::vector<int> lags;
@@ -627,6 +638,11 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
       }
       m1 += s.mass_top1pct;
       m10 += s.mass_top10pct;
+      knorm += s.key_norm_mean / nh;
+      kcv += s.key_norm_cv / nh;
+      kmassive += s.key_top4_channel_energy / nh;
+      kcos.resize(s.key_cosine.size(), 0.0);
+      for (size_t l = 0; l < s.key_cosine.size(); ++l) kcos[l] += s.key_cosine[l] / nh;
     }
     nlohmann::json qc = nlohmann::json::object();
     for (size_t l = 0; l < lags.size(); ++l) {
@@ -639,6 +655,13 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
     st["topk_overlap_k"] = o.budget;
     st["mass_top1pct"] = m1 / nh;
     st["mass_top10pct"] = m10 / nh;
+    st["key_norm_mean"] = knorm;
+    st["key_norm_cv"] = kcv;
+    st["key_top4_channel_energy"] = kmassive;
+    nlohmann::json kc = nlohmann::json::object();
+    for (size_t l = 0; l < lags.size() && l < kcos.size(); ++l)
+      kc[std::to_string(lags[l])] = kcos[l];
+    st["key_cosine_by_lag"] = kc;
     out["trace_stats"] = st;
   }
   return out;

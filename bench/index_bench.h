@@ -45,10 +45,12 @@ namespace kvrecall::bench {
 //   --method=ctkvr            exact | ctkvr | cluster | merged, or a comma list ("ctkvr,cluster")
 //   --tokens=98304 --budget=1024 --head_dim=128 --group=4 --sinks=16 --window=256
 //   --entries=16 --repeats=3 --threads=0 --build_threads=1 --build_repeats=2 --seed=1 --dtype=bf16
-//   --needles=8 --prompt_queries=1024
+//   --needles=8 --prompt_queries=1024 --query_token_weight=0 --query_token_persistence=0.45
+//            (generator, indexer/synthetic.h; --query_token_weight=1.3 adds the per-position
+//            lookup component)
 //   ctkvr:   --centroids=8 --list_size=2048 --probe=1
 //   cluster: --tokens_per_cluster=80 --iterations=20 --tolerance=0.01 --segment_tokens=8192
-//            --variance_ranking=false --append_every=320 --append_clusters=4
+//            --variance_ranking=false --rescore_factor=8 --append_every=320 --append_clusters=4
 //   merged:  --chunk_tokens=64 --keep_ratio=0.25
 //   data:    --qk_dump=DIR (real dump instead of generated data) --layer=-1 (the first dumped
 //            layer >= 2) --stats=true

@@ -154,6 +154,7 @@ class ClusterSegment final : public Segment {
     w->I32(opt_.segment_tokens);
     w->F64(opt_.tolerance);
     w->U8(opt_.variance_ranking ? 1 : 0);
+    w->I32(opt_.rescore_factor);
     w->I64(indexed_end_);
     w->Array(centroids_);
     w->Array(variances_);
@@ -174,6 +175,7 @@ class ClusterSegment final : public Segment {
     opt_.tolerance = r->F64();
     const uint8_t vr = r->U8();
     opt_.variance_ranking = vr == 1;
+    opt_.rescore_factor = r->I32();
     indexed_end_ = r->I64();
     centroids_ = r->Array<float>();
     variances_ = r->Array<float>();
@@ -183,8 +185,8 @@ class ClusterSegment final : public Segment {
     iterations_run_ = r->I64();
     if (!r->ok() || opt_.tokens_per_cluster <= 0 || opt_.iterations <= 0 ||
         opt_.append_every <= 0 || opt_.append_clusters <= 0 || opt_.segment_tokens < 0 ||
-        !(opt_.tolerance >= 0) || !(opt_.tolerance < 1) || vr > 1 || indexed_end_ < begin_ ||
-        indexed_end_ > end_ || offsets_.empty() || offsets_[0] != 0 ||
+        !(opt_.tolerance >= 0) || !(opt_.tolerance < 1) || vr > 1 || opt_.rescore_factor < 0 ||
+        indexed_end_ < begin_ || indexed_end_ > end_ || offsets_.empty() || offsets_[0] != 0 ||
         static_cast<size_t>(offsets_.back()) != tokens_.size()) {
       return false;
     }
@@ -332,6 +334,26 @@ class ClusterSegment final : public Segment {
                               s.isa);
         for (size_t i = 0; i < logits.size(); ++i) logits[i] += bonus[i];
       }
+      if (opt_.rescore_factor > 0 && s.k > 0) {
+        RescoredHits(s, rb, re, logits, out);
+      } else {
+        WholeClusterHits(s, rb, re, logits, out);
+      }
+    }
+    // Appended tokens not yet clustered: scored exactly.
+    const int64_t pb = std::max(indexed_end_, s.range_begin), pe = std::min(end_, s.range_end);
+    if (pb < pe) ExactHits(s, pb, pe, out->Add());
+    return absl::OkStatus();
+  }
+
+ private:
+  // ClusterKV's selection: every cluster (its tokens inside [rb, re)) is one unit scored by its
+  // centroid logits; the merge takes whole units until the budget.
+  void WholeClusterHits(const SegmentSearch& s, int64_t rb, int64_t re,
+                        const std::vector<float>& logits, HitsList* out) const {
+    const int g = s.group;
+    const int64_t k = static_cast<int64_t>(offsets_.size()) - 1;
+    {
       Hits& hits = *out->Add();
       const bool whole = rb <= begin_ && re >= indexed_end_;
       std::vector<float> log_count;
@@ -371,13 +393,86 @@ class ClusterSegment final : public Segment {
       }
       if (u == 0) out->PopBack();
     }
-    // Appended tokens not yet clustered: scored exactly.
-    const int64_t pb = std::max(indexed_end_, s.range_begin), pe = std::min(end_, s.range_end);
-    if (pb < pe) ExactHits(s, pb, pe, out->Add());
-    return absl::OkStatus();
   }
 
- private:
+  // Token-level refinement (ClusterOptions::rescore_factor): clusters in the order of their
+  // group score (max over heads of the size-weighted softmax of centroid logits, as the merge
+  // ranks whole clusters) until they hold rescore_factor × k tokens of [rb, re); those tokens
+  // are scored exactly and are the units. The clusters not taken still count towards each
+  // head's normaliser with their centroid estimate, size × exp(logit), so that the candidates
+  // are not over-rated next to other segments' tokens.
+  void RescoredHits(const SegmentSearch& s, int64_t rb, int64_t re,
+                    const std::vector<float>& logits, HitsList* out) const {
+    const int g = s.group;
+    const int64_t k = static_cast<int64_t>(offsets_.size()) - 1;
+    const bool whole = rb <= begin_ && re >= indexed_end_;
+    thread_local std::vector<int32_t> count;
+    count.resize(static_cast<size_t>(k));
+    for (int64_t c = 0; c < k; ++c) {
+      if (whole) {
+        count[c] = offsets_[c + 1] - offsets_[c];
+      } else {
+        int32_t n = 0;
+        for (int32_t i = offsets_[c]; i < offsets_[c + 1]; ++i)
+          n += tokens_[i] >= rb && tokens_[i] < re;
+        count[c] = n;
+      }
+    }
+    // Per-head normaliser over the clusters (each standing for its tokens in range).
+    std::vector<double> lse_c(static_cast<size_t>(g));
+    thread_local std::vector<float> weighted;
+    weighted.resize(static_cast<size_t>(k));
+    for (int h = 0; h < g; ++h) {
+      for (int64_t c = 0; c < k; ++c)
+        weighted[c] = count[c] > 0 ? logits[h * k + c] + std::log(static_cast<float>(count[c]))
+                                   : -std::numeric_limits<float>::infinity();
+      lse_c[h] = LogSumExp(weighted.data(), k, s.isa);
+    }
+    thread_local std::vector<std::pair<float, int32_t>> order;
+    order.clear();
+    for (int64_t c = 0; c < k; ++c) {
+      if (count[c] == 0) continue;
+      float v = -std::numeric_limits<float>::infinity();
+      for (int h = 0; h < g; ++h) v = std::max(v, logits[h * k + c] - static_cast<float>(lse_c[h]));
+      order.emplace_back(-v, static_cast<int32_t>(c));  // ascending = best first
+    }
+    if (order.empty()) return;
+    const int64_t want = static_cast<int64_t>(opt_.rescore_factor) * s.k;
+    thread_local std::vector<int32_t> cand;
+    thread_local std::vector<uint8_t> taken;
+    cand.clear();
+    taken.assign(static_cast<size_t>(k), 0);
+    // Take clusters best first; sort lazily in blocks so that a small `want` does not pay for
+    // ordering every cluster.
+    size_t sorted_end = 0;
+    for (size_t i = 0; i < order.size() && static_cast<int64_t>(cand.size()) < want; ++i) {
+      if (i == sorted_end) {
+        const size_t next = std::min(order.size(), std::max<size_t>(2 * sorted_end, 64));
+        std::partial_sort(order.begin() + static_cast<int64_t>(i),
+                          order.begin() + static_cast<int64_t>(next), order.end());
+        sorted_end = next;
+      }
+      const int32_t c = order[i].second;
+      taken[c] = 1;
+      for (int32_t j = offsets_[c]; j < offsets_[c + 1]; ++j)
+        if (whole || (tokens_[j] >= rb && tokens_[j] < re)) cand.push_back(tokens_[j]);
+    }
+    std::sort(cand.begin(), cand.end());
+    Hits& hits = *out->Add();
+    ScoreTokens(s, cand, &hits);
+    for (int h = 0; h < g; ++h) {
+      int64_t rest_n = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        if (taken[c] || count[c] == 0) continue;
+        weighted[rest_n++] = logits[h * k + c] + std::log(static_cast<float>(count[c]));
+      }
+      if (rest_n == 0) continue;
+      const double rest = LogSumExp(weighted.data(), rest_n, s.isa);
+      const double a = hits.lse[h], mx = std::max(a, rest);
+      hits.lse[h] = mx + std::log(std::exp(a - mx) + std::exp(rest - mx));
+    }
+  }
+
   ClusterOptions opt_;
   int64_t indexed_end_;           // [begin_, indexed_end_) is clustered; the rest is pending
   std::vector<float> centroids_;  // [clusters][d] mean of raw keys
@@ -412,8 +507,10 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& i
     return absl::InvalidArgumentError(
         "cluster: tokens_per_cluster, iterations, append_every and append_clusters must be > 0");
   }
-  if (options.segment_tokens < 0 || !(options.tolerance >= 0) || !(options.tolerance < 1)) {
-    return absl::InvalidArgumentError("cluster: segment_tokens must be >= 0, tolerance in [0, 1)");
+  if (options.segment_tokens < 0 || !(options.tolerance >= 0) || !(options.tolerance < 1) ||
+      options.rescore_factor < 0) {
+    return absl::InvalidArgumentError(
+        "cluster: segment_tokens and rescore_factor must be >= 0, tolerance in [0, 1)");
   }
   auto seg = std::make_unique<ClusterSegment>(input, options);
   seg->BuildChunked(*input.keys, input.token_begin, input.token_end, pool);

@@ -1,5 +1,6 @@
 #include "indexer/index.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -97,6 +98,7 @@ TEST(IndexTest, ClusterTakesWholeClustersThenTruncatesByLowestId) {
   Keys k({{10, 0.1f}, {0.1f, 10}, {9, 0}, {0, 9}, {11, -0.1f}, {-0.1f, 11}}, 2);
   IndexOptions opt;
   opt.cluster.tokens_per_cluster = 3;  // 2 clusters
+  opt.cluster.rescore_factor = 0;      // ClusterKV's whole-cluster selection
   BuildInput in;
   in.keys = &k.rows;
   in.token_begin = 0;
@@ -114,6 +116,7 @@ TEST(IndexTest, ClusterVarianceRankingPrefersClustersWithStrongTokens) {
   Keys k({{1, 0}, {0, 5}, {1, 0.01f}, {0, 5}, {1, -0.01f}, {2.7f, 5}}, 2);
   IndexOptions opt;
   opt.cluster.tokens_per_cluster = 3;
+  opt.cluster.rescore_factor = 0;
   BuildInput in;
   in.keys = &k.rows;
   in.token_begin = 0;
@@ -125,6 +128,71 @@ TEST(IndexTest, ClusterVarianceRankingPrefersClustersWithStrongTokens) {
   ASSERT_OK_AND_ASSIGN(auto var, BuildSegment(Method::kCluster, in, opt, nullptr));
   EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 3, {var.get()})), ElementsAre(1, 3, 5));
   EXPECT_GT(var->MemoryBytes(), plain->MemoryBytes());
+}
+
+TEST(IndexTest, ClusterRescoreRanksTheTokensOfTheTakenClustersExactly) {
+  // x cluster {0, 2, 4}: logits 1, 3, 2 for q = x; y cluster {1, 3, 5}: logits ~0.
+  Keys k({{1, 0}, {0, 5}, {3, 0.01f}, {0, 5}, {2, -0.01f}, {0.1f, 5}}, 2);
+  IndexOptions opt;
+  opt.cluster.tokens_per_cluster = 3;
+  opt.cluster.rescore_factor = 0;
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = 6;
+  const float q[2] = {1, 0};
+  ASSERT_OK_AND_ASSIGN(auto whole, BuildSegment(Method::kCluster, in, opt, nullptr));
+  // Whole clusters: the x cluster truncated by lowest id.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 2, {whole.get()})), ElementsAre(0, 2));
+  opt.cluster.rescore_factor = 1;  // candidates: the x cluster (3 >= 1 × 2 tokens)
+  ASSERT_OK_AND_ASSIGN(auto rescored, BuildSegment(Method::kCluster, in, opt, nullptr));
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 2, {rescored.get()})), ElementsAre(2, 4));
+  // Budget 4 with factor 1: both clusters are candidates; the best four tokens by q·k.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 6, 4, {rescored.get()})), ElementsAre(0, 2, 4, 5));
+  // Restricted range [2, 6): only in-range tokens are candidates.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 2, 6, 1, {rescored.get()})), ElementsAre(2));
+  opt.cluster.rescore_factor = -1;
+  EXPECT_THAT(BuildSegment(Method::kCluster, in, opt, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(IndexTest, ClusterRescoreCoversExactWhenCandidatesAreEverythingAndBeatsWholeClusters) {
+  auto d = Data(8192);
+  const int64_t b = d->retrieval_begin, e = d->retrieval_end;
+  IndexOptions opt;
+  opt.cluster.segment_tokens = 2048;
+  opt.cluster.rescore_factor = 0;
+  ASSERT_OK_AND_ASSIGN(auto whole,
+                       BuildSegment(Method::kCluster, InputOver(*d, b, e), opt, nullptr));
+  opt.cluster.rescore_factor = 4;
+  ASSERT_OK_AND_ASSIGN(auto four,
+                       BuildSegment(Method::kCluster, InputOver(*d, b, e), opt, nullptr));
+  opt.cluster.rescore_factor = 1000;  // every cluster is a candidate: exact
+  ASSERT_OK_AND_ASSIGN(auto all, BuildSegment(Method::kCluster, InputOver(*d, b, e), opt, nullptr));
+  int common_whole = 0, common_four = 0;
+  for (int i = 0; i < 4; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    const auto want = SearchOne(Entry(q, 4, &d->keys, b, e, 128));
+    EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, b, e, 128, {all.get()})), want);
+    const auto w = SearchOne(Entry(q, 4, &d->keys, b, e, 128, {whole.get()}));
+    const auto f = SearchOne(Entry(q, 4, &d->keys, b, e, 128, {four.get()}));
+    ASSERT_EQ(f.size(), 128u);
+    for (int32_t t : w) common_whole += std::binary_search(want.begin(), want.end(), t);
+    for (int32_t t : f) common_four += std::binary_search(want.begin(), want.end(), t);
+  }
+  EXPECT_GT(common_four, common_whole);
+  EXPECT_GE(common_four, 4 * 128 * 6 / 10);
+  // A pending (appended, not yet clustered) tail and a second segment merge with the candidates.
+  ASSERT_OK_AND_ASSIGN(auto head,
+                       BuildSegment(Method::kCluster, InputOver(*d, b, 4000), opt, nullptr));
+  opt.cluster.rescore_factor = 4;
+  ASSERT_OK_AND_ASSIGN(auto tail,
+                       BuildSegment(Method::kCluster, InputOver(*d, 4000, 7000), opt, nullptr));
+  ASSERT_OK(tail->Append(d->keys, e, nullptr));
+  const auto got =
+      SearchOne(Entry(d->decode_queries.data(), 4, &d->keys, b, e, 128, {tail.get(), head.get()}));
+  ASSERT_EQ(got.size(), 128u);
+  EXPECT_TRUE(std::is_sorted(got.begin(), got.end()));
 }
 
 TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
@@ -144,8 +212,10 @@ TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
 TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
   auto d = Data(3000);
   IndexOptions opt;
-  ASSERT_OK_AND_ASSIGN(auto whole, BuildSegment(Method::kExact, InputOver(*d, 0, 3000), opt, nullptr));
-  ASSERT_OK_AND_ASSIGN(auto prefix, BuildSegment(Method::kExact, InputOver(*d, 0, 1024), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto whole,
+                       BuildSegment(Method::kExact, InputOver(*d, 0, 3000), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto prefix,
+                       BuildSegment(Method::kExact, InputOver(*d, 0, 1024), opt, nullptr));
   ASSERT_OK_AND_ASSIGN(auto suffix,
                        BuildSegment(Method::kExact, InputOver(*d, 1024, 2500), opt, nullptr));
   const float* q = d->decode_queries.data();
@@ -162,7 +232,8 @@ TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
   IndexOptions opt;
   opt.ctkvr.list_size = 5000;
   opt.ctkvr.probe = 1;
-  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 1968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto seg,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 4, 1968), opt, nullptr));
   for (int i = 0; i < 4; ++i) {
     const float* q = d->decode_queries.data() + i * 4 * 32;
     EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 1968, 64, {seg.get()})),
@@ -216,7 +287,8 @@ TEST(IndexTest, ClusterChunkedBuildCoversEveryTokenAndIsDeterministic) {
   opt.cluster.segment_tokens = 1000;  // chunks [4, 1004), ..., [3004, 4004), [4004, 4968)
   opt.cluster.tokens_per_cluster = 40;
   ThreadPool pool(2);
-  ASSERT_OK_AND_ASSIGN(auto a, BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto a,
+                       BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, nullptr));
   ASSERT_OK_AND_ASSIGN(auto b, BuildSegment(Method::kCluster, InputOver(*d, 4, 4968), opt, &pool));
   const float* q = d->decode_queries.data();
   const auto all = SearchOne(Entry(q, 4, &d->keys, 4, 4968, 4964, {a.get()}));
@@ -311,7 +383,8 @@ TEST(IndexTest, BadInputIsInvalidArgumentNeverACrash) {
   other.head_dim = 16;
   EXPECT_THAT(search(Entry(q.data(), 4, &other, 4, 968, 10, {seg.get()})), bad);
   // Overlapping segments.
-  ASSERT_OK_AND_ASSIGN(auto seg2, BuildSegment(Method::kExact, InputOver(*d, 500, 900), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto seg2,
+                       BuildSegment(Method::kExact, InputOver(*d, 500, 900), opt, nullptr));
   EXPECT_THAT(search(Entry(q.data(), 4, &d->keys, 4, 968, 10, {seg.get(), seg2.get()})), bad);
   // Budget larger than the range selects the whole range; an empty range selects nothing.
   ASSERT_OK(search(Entry(q.data(), 4, &d->keys, 100, 110, 1000, {seg.get()})));

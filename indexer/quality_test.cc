@@ -77,6 +77,7 @@ TEST(MergedTest, CompressesFourTimesAndKeepsCountsAndOrder) {
   o.head_dim = 32;
   o.window = 32;
   o.decode_queries = 4;
+  o.query_token_weight = 0;  // flat attention, where merging beats dropping
   ASSERT_OK_AND_ASSIGN(auto data, GenerateSynthetic(o));
   ThreadPool pool(2);
   ASSERT_OK_AND_ASSIGN(MergedKV a,
@@ -122,6 +123,32 @@ TEST(SyntheticTest, NeedlesAreTheirHeadsTopTokensAndBadOptionsFail) {
   EXPECT_EQ(data->needle_tokens.size(), 8u);
   EXPECT_EQ(data->num_prompt_queries, 1024);
   const float scale = 1.0f / 8;
+  o.query_token_weight = 1.3f;
+  ASSERT_OK_AND_ASSIGN(data, GenerateSynthetic(o));
+  // With the lookup component: every needle is its head's best token, for every
+  // decode query — by a margin of 0.5 logit by construction (less bf16 rounding).
+  std::vector<float> kf(64);
+  for (int e = 0; e < o.decode_queries; ++e) {
+    for (int j = 0; j < o.needles; ++j) {
+      const float* q = data->decode_queries.data() + (e * 4 + j % 4) * 64;
+      auto logit = [&](int64_t t) {
+        ToF32(o.dtype, data->keys.row(t), 64, kf.data());
+        double x = 0;
+        for (int u = 0; u < 64; ++u) x += static_cast<double>(q[u]) * kf[u];
+        return x * scale;
+      };
+      double best_other = -1e300;
+      for (int64_t t = data->retrieval_begin; t < data->retrieval_end; ++t) {
+        if (!std::binary_search(data->needle_tokens.begin(), data->needle_tokens.end(), t))
+          best_other = std::max(best_other, logit(t));
+      }
+      EXPECT_GT(logit(data->needle_tokens[j]), best_other + 0.3)
+          << "entry " << e << " needle " << j;
+    }
+  }
+  // Without it (the default): in every decode query's exact group top-64.
+  o.query_token_weight = 0;
+  ASSERT_OK_AND_ASSIGN(data, GenerateSynthetic(o));
   for (int e = 0; e < o.decode_queries; ++e) {
     SearchQuery sq{data->decode_queries.data() + e * 4 * 64,
                    4,
@@ -141,6 +168,12 @@ TEST(SyntheticTest, NeedlesAreTheirHeadsTopTokensAndBadOptionsFail) {
   SyntheticOptions tiny = o;
   tiny.tokens = 100;
   EXPECT_THAT(GenerateSynthetic(tiny).status(), StatusIs(absl::StatusCode::kInvalidArgument));
+  SyntheticOptions bad = o;
+  bad.query_token_persistence = 1;
+  EXPECT_THAT(GenerateSynthetic(bad).status(), StatusIs(absl::StatusCode::kInvalidArgument));
+  bad = o;
+  bad.query_token_weight = -1;
+  EXPECT_THAT(GenerateSynthetic(bad).status(), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(QkDumpTest, RoundTripsAndReportsMissingOrTruncatedFiles) {
@@ -199,7 +232,8 @@ TEST(IndexBenchTest, SmallRunReportsEveryFieldNextToExact) {
       nlohmann::json j,
       bench::RunIndexBench({"index", "--json", "--method=ctkvr,cluster,merged", "--tokens=3000",
                             "--budget=128", "--head_dim=32", "--entries=4", "--repeats=1",
-                            "--iterations=3", "--prompt_queries=256", "--window=64"}));
+                            "--iterations=3", "--prompt_queries=256", "--window=64",
+                            "--query_token_weight=0"}));
   ASSERT_EQ(j["methods"].size(), 4u);
   EXPECT_EQ(j["methods"][0]["method"], "exact");
   EXPECT_EQ(j["methods"][0]["attention_mass_recall"], 1.0);
@@ -251,6 +285,66 @@ TEST(TraceStatsTest, HandCheckableCase) {
   // 1% and 10% of 5 tokens is one token: at position 4 it holds ~all the mass, at 5 a quarter.
   EXPECT_NEAR(s.mass_top1pct, (1.0 + 0.25) / 2, 1e-6);
   EXPECT_DOUBLE_EQ(s.mass_top1pct, s.mass_top10pct);
+  // Keys of [0, 5): norms 1, 1, 50, 1, 1 (mean 10.8, E[n²] 500.8); two channels hold all energy;
+  // key cosine lag 1: pairs (1,0) 1, (2,1) 0, (3,2) 0, (4,3) 1; lag 2: (2,0) 0, (3,1) 1, (4,2) 0.
+  EXPECT_DOUBLE_EQ(s.key_norm_mean, 10.8);
+  EXPECT_NEAR(s.key_norm_cv, std::sqrt(500.8 - 10.8 * 10.8) / 10.8, 1e-9);
+  EXPECT_DOUBLE_EQ(s.key_top4_channel_energy, 1.0);
+  ASSERT_EQ(s.key_cosine.size(), 3u);
+  EXPECT_DOUBLE_EQ(s.key_cosine[0], 0.5);
+  EXPECT_NEAR(s.key_cosine[1], 1.0 / 3, 1e-12);
+  EXPECT_TRUE(std::isnan(s.key_cosine[2]));
+}
+
+// Trace statistics of the generator, 8K tokens at the reference model's shape (head_dim 128,
+// group 2). With the per-position retrieval component (weight 1.3) the query statistics land
+// near the recall-tiny traces (docs/benchmarks.md: query cosine 0.64 / 0.37 / 0.37 at lags
+// 1 / 16 / 256, adjacent top-1024 overlap 0.6) and attention is more concentrated than without
+// it (it overshoots the traces' top-1% mass of 0.68: see synthetic.h); without it (the default)
+// queries barely move.
+TraceStats GeneratorStats(float weight) {
+  SyntheticOptions o;
+  o.tokens = 8192;
+  o.group = 2;
+  o.decode_queries = 16;
+  o.query_token_weight = weight;
+  auto data = GenerateSynthetic(o);
+  EXPECT_OK(data.status());
+  const SyntheticData& d = **data;
+  const int row = o.group * o.head_dim;
+  const int64_t first = o.tokens - o.decode_queries - d.num_prompt_queries;
+  TraceStatsInput in;
+  in.keys = &d.keys;
+  in.group = o.group;
+  in.query = [&](int64_t p) -> const float* {
+    const int64_t i = p - first;
+    if (i < 0) return nullptr;
+    if (i < d.num_prompt_queries) return d.prompt_queries.data() + i * row;
+    return d.decode_queries.data() + (i - d.num_prompt_queries) * row;
+  };
+  for (int64_t p = o.tokens - o.decode_queries; p < o.tokens; ++p) in.positions.push_back(p);
+  in.range_begin = d.retrieval_begin;
+  in.range_end = d.retrieval_end;
+  in.k = 1024;
+  in.lags = {1, 16, 256};
+  return ComputeTraceStats(in);
+}
+
+TEST(SyntheticTest, LookupComponentMakesTraceStatisticsLikeTheReferenceModels) {
+  const TraceStats real_like = GeneratorStats(1.3f);
+  const TraceStats old = GeneratorStats(0);
+  EXPECT_GT(real_like.query_cosine[0], 0.5);
+  EXPECT_LT(real_like.query_cosine[0], 0.8);
+  EXPECT_LT(real_like.query_cosine[1], 0.55);
+  EXPECT_LT(real_like.query_cosine[2], 0.55);
+  EXPECT_GT(real_like.topk_overlap_adjacent, 0.4);
+  EXPECT_LT(real_like.topk_overlap_adjacent, 0.8);
+  EXPECT_GT(real_like.mass_top1pct, old.mass_top1pct + 0.1);
+  EXPECT_GT(old.query_cosine[0], 0.98);
+  EXPECT_GT(old.topk_overlap_adjacent, 0.9);
+  // The keys do not depend on the option (only the queries get the lookup component).
+  // (Up to the planted needles, whose margin differs.)
+  EXPECT_NEAR(real_like.key_norm_mean, old.key_norm_mean, 1e-3 * old.key_norm_mean);
 }
 
 TEST(IndexBenchTest, RunsOnARealDumpLayout) {

@@ -77,6 +77,18 @@ TEST(SegmentIoTest, RoundTripSearchesIdentically) {
   }
 }
 
+TEST(SegmentIoTest, ClusterRescoreFactorRoundTrips) {
+  auto d = Data(4096);
+  IndexOptions o = SmallOptions();
+  o.cluster.rescore_factor = 3;
+  ASSERT_OK_AND_ASSIGN(auto seg,
+                       BuildSegment(Method::kCluster, InputOver(*d, 4, 3000), o, nullptr));
+  const std::string bytes = SerializeSegment(*seg);
+  ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(bytes));
+  EXPECT_EQ(SerializeSegment(*parsed), bytes);
+  EXPECT_EQ(SearchAll(*d, parsed.get()), SearchAll(*d, seg.get()));
+}
+
 TEST(SegmentIoTest, CloneIsIndependent) {
   auto d = Data(4096);
   for (Method m : {Method::kCtkvr, Method::kCluster}) {

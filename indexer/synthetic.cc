@@ -31,7 +31,9 @@ absl::StatusOr<std::unique_ptr<SyntheticData>> GenerateSynthetic(const Synthetic
     return absl::InvalidArgumentError("head_dim must be even and > 0");
   if (o.group <= 0 || o.prompt_queries < 0 || o.decode_queries < 0 || o.sinks < 0 || o.window < 0 ||
       o.needles < 0 || o.page_tokens <= 0 || o.massive_channels < 0 ||
-      o.massive_channels > o.head_dim / 2 || !(o.rope_theta > 1)) {
+      o.massive_channels > o.head_dim / 2 || !(o.rope_theta > 1) || !(o.query_token_weight >= 0) ||
+      !std::isfinite(o.query_token_weight) || !(o.query_token_persistence >= 0) ||
+      !(o.query_token_persistence < 1)) {
     return absl::InvalidArgumentError("synthetic: negative or out-of-range option");
   }
   if (o.decode_queries > o.window)
@@ -152,7 +154,44 @@ absl::StatusOr<std::unique_ptr<SyntheticData>> GenerateSynthetic(const Synthetic
       view->pages.push_back(bytes.data() + static_cast<size_t>(t) * d * es);
   }
 
-  // Queries.
+  // Queries: a stable part (shared, per head, topics, slow drift) and, with query_token_weight,
+  // a per-position lookup of one earlier token's key (targets drawn from their own generator so
+  // that the stable parts do not depend on the option).
+  const int64_t decode_begin = n - o.decode_queries;
+  s.num_prompt_queries = static_cast<int>(std::min<int64_t>(o.prompt_queries, decode_begin));
+  const int64_t qfirst = decode_begin - s.num_prompt_queries;
+  std::vector<int64_t> target;  // [position - qfirst][head]
+  if (o.query_token_weight > 0) {
+    std::mt19937_64 trng(o.seed ^ 0x9e3779b97f4a7c15ULL);
+    std::uniform_real_distribution<double> keep(0, 1);
+    std::uniform_int_distribution<int64_t> where(s.retrieval_begin, s.retrieval_end - 1);
+    target.resize(static_cast<size_t>(n - qfirst) * g);
+    for (int64_t t = qfirst; t < n; ++t) {
+      for (int h = 0; h < g; ++h) {
+        const size_t i = static_cast<size_t>(t - qfirst) * g + h;
+        target[i] =
+            t > qfirst && keep(trng) < o.query_token_persistence ? target[i - g] : where(trng);
+      }
+    }
+  }
+  // The lookup direction of target p: p's phrase content as its key carries it (channel
+  // magnitudes, rotated to p), unit length, times query_token_weight × |stable query|.
+  auto add_lookup = [&](int64_t t, int h, float* q) {
+    if (target.empty()) return;
+    const int64_t p = target[static_cast<size_t>(t - qfirst) * g + h];
+    const std::vector<float>& phrase = phrases[phrase_of(p)];
+    std::vector<float> u(static_cast<size_t>(d));
+    for (int j = 0; j < d; ++j) u[j] = phrase[j] * amp[j];
+    Rope(u.data(), d, p, freq);
+    double qn = 0, un = 0;
+    for (int j = 0; j < d; ++j) {
+      qn += static_cast<double>(q[j]) * q[j];
+      un += static_cast<double>(u[j]) * u[j];
+    }
+    if (un == 0) return;
+    const float w = static_cast<float>(o.query_token_weight * std::sqrt(qn / un));
+    for (int j = 0; j < d; ++j) q[j] += w * u[j];
+  };
   auto query = [&](int64_t t, int h, float* q) {
     std::vector<float> pre(static_cast<size_t>(d));
     for (int j = 0; j < d; ++j) pre[j] = 0.5f * common[j] + head_dir[h][j];
@@ -167,8 +206,6 @@ absl::StatusOr<std::unique_ptr<SyntheticData>> GenerateSynthetic(const Synthetic
     for (int j = 0; j < d; ++j) q[j] = pre[j] * amp[j] + 0.05f * nd(rng);
     Rope(q, d, t, freq);
   };
-  const int64_t decode_begin = n - o.decode_queries;
-  s.num_prompt_queries = static_cast<int>(std::min<int64_t>(o.prompt_queries, decode_begin));
   s.prompt_queries.resize(static_cast<size_t>(s.num_prompt_queries) * g * d);
   for (int i = 0; i < s.num_prompt_queries; ++i) {
     const int64_t t = decode_begin - s.num_prompt_queries + i;
@@ -179,32 +216,75 @@ absl::StatusOr<std::unique_ptr<SyntheticData>> GenerateSynthetic(const Synthetic
   for (int i = 0; i < o.decode_queries; ++i)
     for (int h = 0; h < g; ++h)
       query(decode_begin + i, h, s.decode_queries.data() + (static_cast<size_t>(i) * g + h) * d);
+  for (int i = 0; i < s.num_prompt_queries; ++i)
+    for (int h = 0; h < g; ++h)
+      add_lookup(qfirst + i, h, s.prompt_queries.data() + (static_cast<size_t>(i) * g + h) * d);
+  for (int i = 0; i < o.decode_queries; ++i)
+    for (int h = 0; h < g; ++h)
+      add_lookup(decode_begin + i, h,
+                 s.decode_queries.data() + (static_cast<size_t>(i) * g + h) * d);
   // Needles: needle j is planted for head j % group. Its key gets the direction of that head's
-  // middle decode query added (post-RoPE), scaled so that the query's logit for it is 0.5 above
-  // its best other token of the retrieval range.
+  // middle decode query added (post-RoPE), scaled so that the query's logit for it is `margin`
+  // above its best other token of the retrieval range — with the lookup component, so that every
+  // decode query of the head scores it that much above its own best other token (its queries
+  // differ step to step then).
   if (o.needles > 0 && o.decode_queries > 0) {
     const int mid = o.decode_queries / 2;
+    const double margin = 0.5;  // logits over the best other token
     const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     std::vector<float> kf(static_cast<size_t>(d));
     for (int h = 0; h < g; ++h) {
-      const float* q = s.decode_queries.data() + (static_cast<size_t>(mid) * g + h) * d;
+      // The direction added: the middle decode query, or with the lookup component the mean of
+      // the head's decode queries (each of them must rank the needle first).
+      std::vector<float> dir(
+          s.decode_queries.begin() + (static_cast<int64_t>(mid) * g + h) * d,
+          s.decode_queries.begin() + (static_cast<int64_t>(mid) * g + h + 1) * d);
+      if (!target.empty()) {
+        std::fill(dir.begin(), dir.end(), 0.0f);
+        for (int i = 0; i < o.decode_queries; ++i)
+          for (int j = 0; j < d; ++j)
+            dir[j] += s.decode_queries[(static_cast<size_t>(i) * g + h) * d + j];
+      }
+      const float* q = dir.data();
       double qn = 0;
       for (int j = 0; j < d; ++j) qn += static_cast<double>(q[j]) * q[j];
       qn = std::sqrt(qn);
       if (qn == 0) continue;
       float best = -std::numeric_limits<float>::infinity();
+      // With the lookup component: every decode query's best logit too.
+      std::vector<float> others(target.empty() ? 0 : static_cast<size_t>(o.decode_queries),
+                                -std::numeric_limits<float>::infinity());
       for (int64_t t = s.retrieval_begin; t < s.retrieval_end; ++t) {
         ToF32(o.dtype, s.keys.row(t), static_cast<size_t>(d), kf.data());
         double dot = 0;
         for (int j = 0; j < d; ++j) dot += static_cast<double>(q[j]) * kf[j];
         best = std::max(best, static_cast<float>(dot) * inv_sqrt_d);
+        for (size_t i = 0; i < others.size(); ++i) {
+          const float* qi = s.decode_queries.data() + (static_cast<size_t>(i) * g + h) * d;
+          float di = 0;
+          for (int j = 0; j < d; ++j) di += qi[j] * kf[j];
+          others[i] = std::max(others[i], di * inv_sqrt_d);
+        }
       }
       for (int j = h; j < o.needles; j += g) {
         uint8_t* row = s.key_bytes.data() + static_cast<size_t>(s.needle_tokens[j]) * d * es;
         ToF32(o.dtype, row, static_cast<size_t>(d), kf.data());
         double dot = 0;
         for (int u = 0; u < d; ++u) dot += static_cast<double>(q[u]) * kf[u];
-        const double beta = ((best + 0.5) / inv_sqrt_d - dot) / qn;
+        double beta = ((best + margin) / inv_sqrt_d - dot) / qn;
+        for (size_t i = 0; i < others.size(); ++i) {
+          const float* qi = s.decode_queries.data() + (static_cast<size_t>(i) * g + h) * d;
+          double qik = 0, qiu = 0, qin = 0;
+          for (int u = 0; u < d; ++u) {
+            qik += static_cast<double>(qi[u]) * kf[u];
+            qiu += static_cast<double>(qi[u]) * q[u] / qn;
+            qin += static_cast<double>(qi[u]) * qi[u];
+          }
+          // Queries nearly orthogonal to the needle direction are left out (the key would have
+          // to grow without bound).
+          if (qiu > 0.05 * std::sqrt(qin))
+            beta = std::max(beta, ((others[i] + margin) / inv_sqrt_d - qik) / qiu);
+        }
         for (int u = 0; u < d; ++u) kf[u] += static_cast<float>(beta * q[u] / qn);
         FromF32(o.dtype, kf.data(), static_cast<size_t>(d), row);
       }

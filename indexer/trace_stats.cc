@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/dtype.h"
 #include "indexer/exact.h"
 #include "indexer/internal/search.h"
 #include "indexer/kernels.h"
@@ -94,6 +95,46 @@ TraceStats ComputeTraceStats(const TraceStatsInput& in) {
   }
   st.topk_overlap_adjacent =
       st.topk_overlap_pairs > 0 ? ov / static_cast<double>(st.topk_overlap_pairs) : nan;
+  // Keys of the range.
+  std::vector<float> kf(static_cast<size_t>(n) * d);
+  for (int64_t t = 0; t < n; ++t)
+    ToF32(in.keys->dtype, in.keys->row(in.range_begin + t), static_cast<size_t>(d),
+          kf.data() + t * d);
+  std::vector<double> norm(static_cast<size_t>(n)), energy(static_cast<size_t>(d), 0.0);
+  double ns = 0, ns2 = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    double x2 = 0;
+    for (int j = 0; j < d; ++j) {
+      const double v = kf[t * d + j];
+      x2 += v * v;
+      energy[j] += v * v;
+    }
+    norm[t] = std::sqrt(x2);
+    ns += norm[t];
+    ns2 += x2;
+  }
+  const double mean = ns / static_cast<double>(n);
+  st.key_norm_mean = mean;
+  st.key_norm_cv =
+      mean > 0 ? std::sqrt(std::max(0.0, ns2 / static_cast<double>(n) - mean * mean)) / mean : nan;
+  double total = 0;
+  for (double e : energy) total += e;
+  std::sort(energy.begin(), energy.end(), std::greater<double>());
+  double top = 0;
+  for (int j = 0; j < std::min(4, d); ++j) top += energy[j];
+  st.key_top4_channel_energy = total > 0 ? top / total : nan;
+  for (int lag : in.lags) {
+    double sum = 0;
+    int64_t pairs = 0;
+    for (int64_t t = lag; t < n; ++t) {
+      if (norm[t] == 0 || norm[t - lag] == 0) continue;
+      double xy = 0;
+      for (int j = 0; j < d; ++j) xy += static_cast<double>(kf[t * d + j]) * kf[(t - lag) * d + j];
+      sum += xy / (norm[t] * norm[t - lag]);
+      ++pairs;
+    }
+    st.key_cosine.push_back(pairs > 0 ? sum / static_cast<double>(pairs) : nan);
+  }
   return st;
 }
 

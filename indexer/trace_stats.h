@@ -6,7 +6,12 @@
 //   top-k overlap           |E_t ∩ E_{t-1}| / k between the exact group selections (exact.h) of
 //                           adjacent positions t-1, t (both in `positions`);
 //   mass concentration      per head, the softmax mass (over the range) of its top 1% and top
-//                           10% tokens, mean over heads and positions (how peaked attention is).
+//                           10% tokens, mean over heads and positions (how peaked attention is);
+//   key statistics          over the keys of the range: mean L2 norm and its coefficient of
+//                           variation (std / mean), the share of Σ_j E[k_j²] held by the 4
+//                           channels with the largest E[k_j²] ("massive" channels), and the key
+//                           cosine cos(k_t, k_{t-Δ}) for the same lags (how local key content is:
+//                           what segmented clustering relies on).
 // Pure and thread-safe.
 #ifndef KVRECALL_INDEXER_TRACE_STATS_H_
 #define KVRECALL_INDEXER_TRACE_STATS_H_
@@ -41,6 +46,10 @@ struct TraceStats {
   int64_t topk_overlap_pairs = 0;
   double mass_top1pct = 0;  // NaN when no position had a query
   double mass_top10pct = 0;
+  double key_norm_mean = 0;
+  double key_norm_cv = 0;
+  double key_top4_channel_energy = 0;
+  std::vector<double> key_cosine;  // per lag (mean over t in the range with t - lag in it too)
 };
 
 // REQUIRES: keys and query set; the range inside the keys and non-empty.
