@@ -599,6 +599,8 @@ absl::StatusOr<AccuracyBenchOptions> ParseAccuracyBenchFlags(const std::vector<s
   RETURN_IF_ERROR(f.Get("window", &o.window));
   RETURN_IF_ERROR(f.Get("dense_layers", &o.dense_layers));
   RETURN_IF_ERROR(f.Get("index_queries", &o.index_queries));
+  RETURN_IF_ERROR(f.Get("ctkvr_probe", &o.ctkvr_probe));
+  RETURN_IF_ERROR(f.Get("ctkvr_list_size", &o.ctkvr_list_size));
   RETURN_IF_ERROR(f.Get("markdown", &o.markdown));
   RETURN_IF_ERROR(f.Get("plot", &o.plot));
   RETURN_IF_ERROR(f.Get("progress", &o.progress));
@@ -692,6 +694,8 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
   no.block_tokens = 64;
   no.search_threads = o.threads;
   no.auto_index = indexer::Method::kExact;
+  if (o.ctkvr_probe > 0) no.index_options.ctkvr.probe = o.ctkvr_probe;
+  if (o.ctkvr_list_size > 0) no.index_options.ctkvr.list_size = o.ctkvr_list_size;
   client::TierOptions to;
   to.tenant = "accuracy";
   to.staging_areas = cfg.num_layers - o.dense_layers;  // lookahead: one per sparse layer

@@ -57,6 +57,8 @@ struct AccuracyBenchOptions {
   int window = 256;
   int dense_layers = 2;
   int index_queries = 64;
+  int ctkvr_probe = 0;       // ctkvr centroids probed per search (0 = the node's default)
+  int ctkvr_list_size = 0;   // ctkvr inverted-list length (0 = the node's default)
   std::string markdown;  // write markdown tables here
   std::string plot;      // write a PNG plot here
   bool progress = true;  // progress lines on stderr
