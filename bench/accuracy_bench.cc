@@ -661,15 +661,7 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
   const worker::LlamaConfig& cfg = model->config();
   if (o.dense_layers >= cfg.num_layers)
     return absl::InvalidArgumentError("--dense_layers leaves no sparse layer");
-  ModelSpec spec;
-  spec.model_id = "accuracy-bench";
-  spec.num_layers = cfg.num_layers;
-  spec.num_q_heads = cfg.num_heads;
-  spec.num_kv_heads = cfg.num_kv_heads;
-  spec.head_dim = cfg.head_dim;
-  spec.kv_dtype = cfg.dtype;
-  spec.vocab_size = cfg.vocab_size;
-  spec.rope_theta = cfg.rope_theta;
+  const ModelSpec spec = worker::SpecOf(cfg, "accuracy-bench");
 
   std::vector<Config> configs;
   std::vector<bool> lookaheads;

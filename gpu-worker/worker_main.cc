@@ -170,20 +170,13 @@ absl::Status Generate() {
   const LlamaConfig& cfg = model->config();
   KV_LOG(INFO) << "loaded " << dir << " in " << absl::ToDoubleSeconds(absl::Now() - t_load) << " s";
 
-  ModelSpec spec;
-  spec.model_id = absl::GetFlag(FLAGS_model_id);
-  if (spec.model_id.empty()) {
+  std::string model_id = absl::GetFlag(FLAGS_model_id);
+  if (model_id.empty()) {
     std::string d = dir;
     while (!d.empty() && d.back() == '/') d.pop_back();
-    spec.model_id = d.substr(d.find_last_of('/') + 1);
+    model_id = d.substr(d.find_last_of('/') + 1);
   }
-  spec.num_layers = cfg.num_layers;
-  spec.num_q_heads = cfg.num_heads;
-  spec.num_kv_heads = cfg.num_kv_heads;
-  spec.head_dim = cfg.head_dim;
-  spec.kv_dtype = cfg.dtype;
-  spec.vocab_size = cfg.vocab_size;
-  spec.rope_theta = cfg.rope_theta;
+  const ModelSpec spec = SpecOf(cfg, model_id);
 
   const bool sparse = absl::GetFlag(FLAGS_mode) == "sparse";
   if (!sparse && absl::GetFlag(FLAGS_mode) != "dense") return absl::InvalidArgumentError("--mode is sparse or dense");

@@ -72,4 +72,14 @@ absl::StatusOr<std::unique_ptr<ModelBackend>> CreateBackend(const std::string& n
   return factory(model_dir, num_threads);
 }
 
+absl::Status CheckQkvArgs(const LlamaConfig& config, int layer, absl::Span<const int32_t> positions) {
+  if (layer < 0 || layer >= config.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  for (size_t i = 0; i < positions.size(); ++i) {
+    if (positions[i] < 0) return absl::InvalidArgumentError(absl::StrCat("negative position at index ", i));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvrecall::worker

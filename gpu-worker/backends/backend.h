@@ -46,6 +46,10 @@ class ModelBackend {
   virtual absl::Status Logits(const float* x, int n, float* logits) = 0;
 };
 
+// Qkv's argument checks, shared by the backends: INVALID_ARGUMENT for a layer outside the model
+// or a negative position.
+absl::Status CheckQkvArgs(const LlamaConfig& config, int layer, absl::Span<const int32_t> positions);
+
 // Loads `model_dir` (config.json + *.safetensors, sharded or not) into the named backend.
 // NOT_FOUND for an unknown backend name or missing files; INVALID_ARGUMENT / DATA_LOSS for a
 // malformed checkpoint. `num_threads` <= 0 uses every core.

@@ -298,4 +298,17 @@ std::string ToConfigJson(const LlamaConfig& c) {
   return j.dump(2) + "\n";
 }
 
+ModelSpec SpecOf(const LlamaConfig& config, const std::string& model_id) {
+  ModelSpec spec;
+  spec.model_id = model_id;
+  spec.num_layers = config.num_layers;
+  spec.num_q_heads = config.num_heads;
+  spec.num_kv_heads = config.num_kv_heads;
+  spec.head_dim = config.head_dim;
+  spec.kv_dtype = config.dtype;
+  spec.vocab_size = config.vocab_size;
+  spec.rope_theta = config.rope_theta;
+  return spec;
+}
+
 }  // namespace kvrecall::worker

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/dtype.h"
+#include "common/model_spec.h"
 
 namespace kvrecall::worker {
 
@@ -49,6 +50,9 @@ absl::StatusOr<LlamaConfig> ParseConfigJson(absl::string_view json);
 absl::StatusOr<LlamaConfig> LoadConfig(const std::string& dir);
 // Serialises to a Hugging Face-compatible config.json.
 std::string ToConfigJson(const LlamaConfig& config);
+
+// The tier's view of a model (what RegisterModel takes): its shape and KV dtype, under `model_id`.
+ModelSpec SpecOf(const LlamaConfig& config, const std::string& model_id);
 
 }  // namespace kvrecall::worker
 

@@ -240,14 +240,7 @@ absl::Status CpuBackend::Embed(absl::Span<const int32_t> tokens, float* x) {
 
 absl::Status CpuBackend::Qkv(int layer, const float* x, absl::Span<const int32_t> positions,
                              float* q, float* k, float* v) {
-  if (layer < 0 || layer >= config_.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
-  }
-  for (size_t i = 0; i < positions.size(); ++i) {
-    if (positions[i] < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("negative position at index ", i));
-    }
-  }
+  RETURN_IF_ERROR(CheckQkvArgs(config_, layer, positions));
   const Layer& L = layers_[layer];
   const int n = static_cast<int>(positions.size());
   const int hd = config_.head_dim, half = hd / 2;
