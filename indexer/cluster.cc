@@ -198,8 +198,13 @@ class ClusterSegment final : public Segment {
     for (size_t c = 0; c < k; ++c) {
       if (offsets_[c + 1] <= offsets_[c]) return false;  // clusters are never empty
     }
+    // The clusters partition [begin_, indexed_end_): each token in exactly one (a token listed
+    // twice would be selected twice, and the slot plans assume distinct ids).
+    if (static_cast<int64_t>(tokens_.size()) != indexed_end_ - begin_) return false;
+    std::vector<bool> seen(tokens_.size(), false);
     for (int32_t t : tokens_) {
-      if (t < begin_ || t >= indexed_end_) return false;
+      if (t < begin_ || t >= indexed_end_ || seen[static_cast<size_t>(t - begin_)]) return false;
+      seen[static_cast<size_t>(t - begin_)] = true;
     }
     return true;
   }

@@ -1,4 +1,5 @@
 // Segment serialisation (SerializeSegment / ParseSegment), Clone and chains.
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -149,6 +150,22 @@ TEST(SegmentIoTest, UnindexedSegmentScansExactly) {
   EXPECT_EQ(none->token_begin(), 0);
   EXPECT_EQ(none->token_end(), 0);
   EXPECT_EQ(SearchAll(*d, none.get()), SearchAll(*d, nullptr));
+}
+
+// Found by tests/fuzz (fuzz_record): a cluster record listing a token in two places parsed, and
+// Search then selected that token twice (the delivery's slot plans assume distinct ids).
+TEST(SegmentIoTest, ClusterTokenListedTwiceIsDataLoss) {
+  auto d = Data(2048);
+  ASSERT_OK_AND_ASSIGN(auto seg,
+                       BuildSegment(Method::kCluster, InputOver(*d, 4, 2000), SmallOptions(), nullptr));
+  std::string bytes = SerializeSegment(*seg);
+  ASSERT_OK(ParseSegment(bytes).status());
+  // The members array: u64 count (one per token of [4, 2000)), then int32 token ids.
+  const uint64_t n = 1996;
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(&n), 8));
+  ASSERT_NE(at, std::string::npos);
+  std::memcpy(&bytes[at + 8 + 4], &bytes[at + 8], 4);  // member 1 := member 0
+  EXPECT_THAT(ParseSegment(bytes).status(), StatusIs(absl::StatusCode::kDataLoss));
 }
 
 TEST(SegmentIoTest, CorruptInputIsDataLossNeverACrash) {

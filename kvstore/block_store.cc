@@ -1,14 +1,13 @@
 #include "kvstore/block_store.h"
 
 #include <atomic>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "kvstore/internal/crc32c.h"
+#include "kvstore/internal/block_record.h"
 #include "kvstore/internal/rocksdb_status.h"
 #include "rocksdb/db.h"
 #include "rocksdb/listener.h"
@@ -20,25 +19,6 @@ namespace kvrecall::kvstore {
 namespace {
 
 using internal::FromRocksDb;
-
-constexpr char kMagic[4] = {'K', 'V', 'B', '1'};
-
-void PutLe32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-void PutLe64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint32_t GetLe32(const uint8_t* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= uint32_t{p[i]} << (8 * i);
-  return v;
-}
-uint64_t GetLe64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= uint64_t{p[i]} << (8 * i);
-  return v;
-}
 
 rocksdb::Slice S(absl::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
 
@@ -62,12 +42,7 @@ class BatchImpl final : public BlockStore::Batch {
   void PutBlock(absl::string_view key, absl::Span<const uint8_t* const> layers,
                 size_t layer_bytes) override {
     auto header = std::make_unique<uint8_t[]>(kBlockRecordHeaderBytes);
-    std::memcpy(header.get(), kMagic, 4);
-    PutLe32(header.get() + 4, static_cast<uint32_t>(layers.size()));
-    PutLe64(header.get() + 8, layer_bytes);
-    uint32_t crc = internal::Crc32c(header.get(), 16);
-    for (const uint8_t* l : layers) crc = internal::Crc32cExtend(crc, l, layer_bytes);
-    PutLe32(header.get() + 16, crc);
+    internal::EncodeBlockRecordHeader(layers, layer_bytes, header.get());
     std::vector<rocksdb::Slice> parts;
     parts.reserve(layers.size() + 1);
     parts.emplace_back(reinterpret_cast<const char*>(header.get()), kBlockRecordHeaderBytes);
@@ -197,24 +172,8 @@ class RocksBlockStore final : public BlockStore {
                         size_t layer_bytes) const override {
     rocksdb::PinnableSlice v;
     RETURN_IF_ERROR(FromRocksDb(db_->Get(read_, blocks(), S(key), &v), "read block"));
-    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
-    const size_t want = kBlockRecordHeaderBytes + layers.size() * layer_bytes;
-    if (v.size() != want || std::memcmp(p, kMagic, 4) != 0 || GetLe32(p + 4) != layers.size() ||
-        GetLe64(p + 8) != layer_bytes) {
-      return absl::DataLossError(absl::StrCat("block record of ", v.size(), " bytes is malformed (",
-                                              "expected ", want, " bytes, ", layers.size(),
-                                              " layers of ", layer_bytes, ")"));
-    }
-    uint32_t crc = internal::Crc32c(p, 16);
-    crc = internal::Crc32cExtend(crc, p + kBlockRecordHeaderBytes,
-                                 v.size() - kBlockRecordHeaderBytes);
-    if (crc != GetLe32(p + 16)) {
-      return absl::DataLossError("block record fails its CRC-32C: the spilled KV is corrupt");
-    }
-    for (size_t l = 0; l < layers.size(); ++l) {
-      std::memcpy(layers[l], p + kBlockRecordHeaderBytes + l * layer_bytes, layer_bytes);
-    }
-    return absl::OkStatus();
+    return internal::DecodeBlockRecord(absl::string_view(v.data(), v.size()), layers,
+                                       layer_bytes);
   }
 
   absl::Status GetSegment(absl::string_view key, std::string* value) const override {

@@ -36,9 +36,11 @@ absl::StatusOr<DType> ParseSafetensorsDType(const std::string& s) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported dtype '", s, "'"));
 }
 
-// Parses and validates the header + data region of a whole file image `file` (the mapping).
-absl::Status ParseImage(absl::Span<const uint8_t> file, std::vector<SafetensorsTensor>* tensors,
-                        std::map<std::string, std::string>* metadata) {
+}  // namespace
+
+absl::Status ParseSafetensorsImage(absl::Span<const uint8_t> file,
+                                   std::vector<SafetensorsTensor>* tensors,
+                                   std::map<std::string, std::string>* metadata) {
   if (file.size() < 8) return absl::DataLossError("file shorter than the 8-byte header length");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | file[i];
@@ -103,17 +105,21 @@ absl::Status ParseImage(absl::Span<const uint8_t> file, std::vector<SafetensorsT
       return absl::InvalidArgumentError(
           absl::StrCat("tensor '", name, "': rank ", sh->size(), " > ", kMaxSafetensorsRank));
     }
-    // Element count with overflow checks; bytes must fit the data region anyway.
-    uint64_t elements = 1;
+    // Element count with overflow checks; bytes must fit the data region anyway. Every prefix
+    // product must fit int64 too, or num_elements() would overflow on a shape like [3, 2^62, 0].
+    int64_t elements = 1;
     for (const json& d : *sh) {
       if (!d.is_number_unsigned()) return bad("shape entry is not a non-negative integer");
       const uint64_t dim = d.get<uint64_t>();
       if (dim > (uint64_t{1} << 62)) return bad("shape entry too large");
       t.shape.push_back(static_cast<int64_t>(dim));
-      if (__builtin_mul_overflow(elements, dim, &elements)) return bad("shape overflows");
+      if (__builtin_mul_overflow(elements, static_cast<int64_t>(dim), &elements)) {
+        return bad("shape overflows");
+      }
     }
     uint64_t bytes = 0;
-    if (__builtin_mul_overflow(elements, uint64_t{DTypeSize(t.dtype)}, &bytes)) {
+    if (__builtin_mul_overflow(static_cast<uint64_t>(elements), uint64_t{DTypeSize(t.dtype)},
+                               &bytes)) {
       return bad("shape overflows");
     }
     if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
@@ -154,6 +160,8 @@ absl::Status ParseImage(absl::Span<const uint8_t> file, std::vector<SafetensorsT
             [](const SafetensorsTensor& a, const SafetensorsTensor& b) { return a.name < b.name; });
   return absl::OkStatus();
 }
+
+namespace {
 
 // Shard names in an index must be plain file names inside the checkpoint directory.
 bool IsPlainFileName(const std::string& s) {
@@ -206,9 +214,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   ::close(fd);
   if (m == MAP_FAILED) return ErrnoStatus("cannot mmap", path, err);
   f->map_ = m;
-  absl::Status s =
-      ParseImage(absl::Span<const uint8_t>(static_cast<const uint8_t*>(m), f->map_size_),
-                 &f->tensors_, &f->metadata_);
+  absl::Status s = ParseSafetensorsImage(
+      absl::Span<const uint8_t>(static_cast<const uint8_t*>(m), f->map_size_), &f->tensors_,
+      &f->metadata_);
   if (!s.ok()) return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
   return f;
 }

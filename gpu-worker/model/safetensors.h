@@ -46,6 +46,14 @@ struct SafetensorsTensor {
   int64_t num_elements() const;
 };
 
+// Parses and validates a whole .safetensors image (length, header and data region), as
+// SafetensorsFile::Open does for its mapping; error codes as above. On OK, *tensors (sorted by
+// name) point into `image`, which must outlive them, and *metadata holds "__metadata__"; on
+// error both hold unspecified contents.
+[[nodiscard]] absl::Status ParseSafetensorsImage(absl::Span<const uint8_t> image,
+                                                 std::vector<SafetensorsTensor>* tensors,
+                                                 std::map<std::string, std::string>* metadata);
+
 // One memory-mapped .safetensors file, validated at Open.
 // Thread safety: immutable after Open; any number of threads may read it.
 class SafetensorsFile {

@@ -175,6 +175,10 @@ TEST(SafetensorsTest, LyingHeadersAreRejectedWithCanonicalCodes) {
       {"shape/offset mismatch", File(one("F32", "[1]", "[0,8]"), d8), kLoss},
       {"dtype/offset mismatch", File(one("BF16", "[2]", "[0,8]"), d8), kLoss},
       {"shape overflow", File(one("F32", "[4294967296,4294967296,16]", "[0,8]"), d8), kLoss},
+      // Found by tests/fuzz: an empty tensor whose leading dims overflow int64 (not uint64)
+      // made num_elements() overflow.
+      {"shape overflow before a zero dim",
+       File(one("F32", "[3,4611686018427387904,0]", "[0,0]"), d8), kLoss},
       {"negative dim", File(one("F32", "[-2]", "[0,8]"), d8), kLoss},
       {"float dim", File(one("F32", "[2.0]", "[0,8]"), d8), kLoss},
       {"one offset", File(one("F32", "[2]", "[8]"), d8), kLoss},
