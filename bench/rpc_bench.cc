@@ -36,6 +36,7 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("seed", &o.seed));
   RETURN_IF_ERROR(f.Get("delta", &o.delta));
   RETURN_IF_ERROR(f.Get("drift", &o.drift));
+  RETURN_IF_ERROR(f.Get("bf16_queries", &o.bf16_queries));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
       o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
@@ -158,26 +159,45 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   };
   std::vector<std::vector<uint8_t>> local_caches, remote_caches;
   std::vector<client::Recalled> out_local, out_remote;
-  std::vector<double> t_local, t_remote, t_node;
+  std::vector<double> t_local, t_remote, t_node, t_wait, t_search, t_local_node, t_local_search;
   int64_t rows_selected = 0, rows_sent = 0;
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
     // Decode-like drift: each step's queries move a little from the last step's.
     if (it > 0 && o.drift > 0) {
       for (float& x : queries) x += o.drift * normal(rng);
     }
+    if (o.bf16_queries) {
+      for (float& x : queries) x = Bf16ToF32(F32ToBf16(x));
+    }
     const client::TierCounters before = local->counters();
-    const int64_t node_before = remote->counters().tier_node_micros;
-    auto t0 = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(local->Retrieve(rb, &out_local));
-    auto t1 = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(remote->Retrieve(rb, &out_remote));
-    auto t2 = std::chrono::steady_clock::now();
+    const client::TierCounters remote_before = remote->counters();
+    // Alternate which tier goes first, so that neither always runs on the caches (and clock
+    // state) the other left behind.
+    double local_us = 0, remote_us = 0;
+    auto timed = [](client::Tier* tier, const client::RetrieveBatch& b, std::vector<client::Recalled>* out,
+                    double* us) -> absl::Status {
+      const auto start = std::chrono::steady_clock::now();
+      RETURN_IF_ERROR(tier->Retrieve(b, out));
+      *us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+      return absl::OkStatus();
+    };
+    if (it % 2 == 0) {
+      RETURN_IF_ERROR(timed(local.get(), rb, &out_local, &local_us));
+      RETURN_IF_ERROR(timed(remote.get(), rb, &out_remote, &remote_us));
+    } else {
+      RETURN_IF_ERROR(timed(remote.get(), rb, &out_remote, &remote_us));
+      RETURN_IF_ERROR(timed(local.get(), rb, &out_local, &local_us));
+    }
     apply(out_local, &local_caches);
     apply(out_remote, &remote_caches);
     if (it < o.warmup) continue;
-    t_local.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-    t_remote.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
-    t_node.push_back(static_cast<double>(remote->counters().tier_node_micros - node_before));
+    t_local.push_back(local_us);
+    t_remote.push_back(remote_us);
+    t_node.push_back(static_cast<double>(remote->counters().tier_node_micros - remote_before.tier_node_micros));
+    t_wait.push_back(static_cast<double>(remote->counters().tier_wait_micros - remote_before.tier_wait_micros));
+    t_search.push_back(static_cast<double>(remote->counters().tier_search_micros - remote_before.tier_search_micros));
+    t_local_node.push_back(static_cast<double>(local->counters().tier_node_micros - before.tier_node_micros));
+    t_local_search.push_back(static_cast<double>(local->counters().tier_search_micros - before.tier_search_micros));
     rows_selected += local->counters().rows_selected - before.rows_selected;
     rows_sent += local->counters().rows_received - before.rows_received;
   }
@@ -210,6 +230,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["bytes_per_call"] = call_bytes;  // all selected rows
   j["delta"] = o.delta;
   j["drift"] = o.drift;
+  j["bf16_queries"] = o.bf16_queries;
   j["rows_selected_per_call"] = static_cast<double>(rows_selected) / o.iterations;
   j["rows_sent_per_call"] = static_cast<double>(rows_sent) / o.iterations;
   j["sent_fraction"] = rows_selected > 0 ? static_cast<double>(rows_sent) / static_cast<double>(rows_selected) : 0.0;
@@ -219,6 +240,13 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what
   // gRPC, protobuf and the handler hop cost.
   j["node_us_p50"] = Percentile(t_node, 0.5);
+  // The client's wait for the reply (gRPC round trip, node time included); rpc - wait is the
+  // RemoteTier's own work (building the request, unpacking and checking the results).
+  j["wait_us_p50"] = Percentile(t_wait, 0.5);
+  // The same split of the node's time in both tiers: all of it, and its index search.
+  j["node_search_us_p50"] = Percentile(t_search, 0.5);
+  j["inprocess_node_us_p50"] = Percentile(t_local_node, 0.5);
+  j["inprocess_search_us_p50"] = Percentile(t_local_search, 0.5);
   j["inprocess_us_p50"] = in50;
   j["inprocess_us_p99"] = Percentile(t_local, 0.99);
   j["overhead_ratio"] = rpc50 / in50 - 1.0;

@@ -36,6 +36,9 @@ struct RpcBenchOptions {
   uint64_t seed = 1;
   bool delta = true;   // delta streaming (slot epochs); false: every call sends every selected row
   float drift = 0.05f;  // per-step query change: each element += drift * N(0, 1)
+  // Queries rounded to bf16, as a bf16 model computes them (RemoteTier then sends them as bf16);
+  // false: full fp32 queries on the wire.
+  bool bf16_queries = true;
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

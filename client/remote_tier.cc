@@ -8,6 +8,7 @@
 #include "client/tier.h"
 #include "kvstore/internal/crc32c.h"
 #include "common/status_macros.h"
+#include "common/thread_pool.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/convert.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
@@ -22,6 +23,7 @@ using proto::FromGrpc;
 constexpr size_t kAppendChunkBytes = 4 << 20;
 constexpr size_t kIngestPackBytes = 16 << 20;  // bulk ingest: bytes packed per round of puts
 constexpr int kIngestLanes = 4;  // bulk ingest: most threads packing and putting
+constexpr int kUnpackThreads = 3;  // Retrieve: pool threads unpacking results (with the caller: 4)
 
 class RemoteTier final : public Tier {
  public:
@@ -336,7 +338,11 @@ class RemoteTier final : public Tier {
       v1::RetrieveEntry* pe = req.add_entries();
       pe->set_sequence_id(e.sequence_id);
       pe->set_kv_head(e.kv_head);
-      pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
+      // A bf16 model's queries travel as bf16: half the bytes, the same values.
+      if (!proto::PackExactBf16(e.queries, pe->mutable_queries_bf16())) {
+        pe->clear_queries_bf16();
+        pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
+      }
       pe->set_token_begin(e.token_begin);
       pe->set_token_end(e.token_end);
       pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
@@ -348,37 +354,52 @@ class RemoteTier final : public Tier {
       grpc::ClientContext ctx;
       SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
                                                                            : options_.deadline);
-      RETURN_IF_ERROR(FromGrpc(stub_->Retrieve(&ctx, req, &resp)));
+      const absl::Time sent = absl::Now();
+      const grpc::Status st = stub_->Retrieve(&ctx, req, &resp);
+      counters_.tier_wait_micros += absl::ToInt64Microseconds(absl::Now() - sent);
+      RETURN_IF_ERROR(FromGrpc(st));
     }
     if (resp.results_size() != req.entries_size()) {
       return absl::InternalError("server answered a different number of results than entries");
     }
-    uint8_t* base = region_ != nullptr ? region_->data() : reinterpret_cast<uint8_t*>(fallback_buffer_.data());
-    out->resize(batch.entries.size());
-    for (size_t i = 0; i < batch.entries.size(); ++i) {
-      const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
-      Recalled& r = (*out)[i];
-      if (region_ != nullptr) {
-        RETURN_IF_ERROR(internal::UnpackRecalledFromRegion(
-            base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget, &r));
-      } else {
+    const size_t n = batch.entries.size();
+    out->resize(n);
+    if (region_ != nullptr) {
+      // The results are in our region, next to the rows. A decode batch has hundreds of entries
+      // of ~1K tokens each: unpacking and checking them is spread over a few threads.
+      uint8_t* base = region_->data();
+      std::vector<absl::Status> status(n);
+      UnpackPool().ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+        Recalled& r = (*out)[i];
+        status[i] = internal::UnpackRecalledFromRegion(
+            base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget, &r);
+        if (status[i].ok()) status[i] = internal::CheckRecalled(r, batch.budget);
+        r.rows = base + (first_row + i * batch.budget) * pair;
+      });
+      for (const absl::Status& st : status) RETURN_IF_ERROR(st);
+    } else {
+      uint8_t* base = reinterpret_cast<uint8_t*>(fallback_buffer_.data());
+      for (size_t i = 0; i < n; ++i) {
+        const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
+        Recalled& r = (*out)[i];
         RETURN_IF_ERROR(proto::UnpackInt32s(res.token_ids(), &r.token_ids));
         RETURN_IF_ERROR(proto::UnpackSlots(res.slots(), &r.slots));
         RETURN_IF_ERROR(proto::UnpackSlots(res.fill_slots(), &r.fill_slots));
-      }
-      RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
-      uint8_t* rows = base + (first_row + i * batch.budget) * pair;
-      r.rows = rows;
-      if (region_ == nullptr) {
+        RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
+        uint8_t* rows = base + (first_row + i * batch.budget) * pair;
+        r.rows = rows;
         RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head,
                               internal::FillTokens(r), spec->row_bytes(), rows));
         counters_.bytes_received += static_cast<int64_t>(r.fill_slots.size() * pair);
       }
+    }
+    for (const Recalled& r : *out) {
       counters_.rows_received += static_cast<int64_t>(r.fill_slots.size());
       counters_.rows_selected += static_cast<int64_t>(r.token_ids.size());
     }
     counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
     counters_.tier_node_micros += static_cast<int64_t>(resp.node_micros());
+    counters_.tier_search_micros += static_cast<int64_t>(resp.search_micros());
     counters_.retrieve_calls++;
     return absl::OkStatus();
   }
@@ -518,8 +539,14 @@ class RemoteTier final : public Tier {
     return absl::OkStatus();
   }
 
+  ThreadPool& UnpackPool() {
+    if (unpack_pool_ == nullptr) unpack_pool_ = std::make_unique<ThreadPool>(kUnpackThreads);
+    return *unpack_pool_;
+  }
+
   const RemoteTierOptions remote_;
   TierOptions options_;
+  std::unique_ptr<ThreadPool> unpack_pool_;  // made on first use
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvRecall::Stub> stub_;
   std::unique_ptr<transport::Transport> transport_;

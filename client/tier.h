@@ -97,6 +97,10 @@ struct TierCounters {
   int64_t bytes_appended = 0;
   int64_t ingests = 0;  // appends that went over the data transport (AllocateBlocks/CommitBlocks)
   int64_t tier_node_micros = 0;  // time the tier node(s) reported spending on Retrieve calls
+  // Time Retrieve spent waiting for the tier's answers (RPC round trips, node time included);
+  // the rest of Retrieve is the client's own work (request building, unpacking, checks).
+  int64_t tier_wait_micros = 0;
+  int64_t tier_search_micros = 0;  // of tier_node_micros: the index searches
 
   TierCounters& operator+=(const TierCounters& b) {
     retrieve_calls += b.retrieve_calls;
@@ -106,6 +110,8 @@ struct TierCounters {
     bytes_appended += b.bytes_appended;
     ingests += b.ingests;
     tier_node_micros += b.tier_node_micros;
+    tier_wait_micros += b.tier_wait_micros;
+    tier_search_micros += b.tier_search_micros;
     return *this;
   }
 };

@@ -279,19 +279,33 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     if (req->entries_size() > kMaxRetrieveEntries) {
       return absl::InvalidArgumentError(absl::StrCat("entries ", req->entries_size(), " exceed ", kMaxRetrieveEntries));
     }
+    // bf16 queries are widened into one buffer, sized first so that the spans into it stay valid.
+    size_t bf16_values = 0;
+    for (const v1::RetrieveEntry& e : req->entries()) bf16_values += e.queries_bf16().size() / 2;
+    std::vector<float> widened;
+    widened.reserve(bf16_values);
     args.entries.reserve(req->entries_size());
-    for (const v1::RetrieveEntry& e : req->entries()) {
-      args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(),
-                                               absl::MakeConstSpan(e.queries().data(), e.queries_size()),
-                                               e.token_begin(), e.token_end(), e.dest_row(), e.slot_epoch()});
+    for (int i = 0; i < req->entries_size(); ++i) {
+      const v1::RetrieveEntry& e = req->entries(i);
+      absl::Span<const float> queries(e.queries().data(), e.queries_size());
+      if (!e.queries_bf16().empty()) {
+        if (!queries.empty()) {
+          return absl::InvalidArgumentError(absl::StrCat("entry ", i, ": both queries and queries_bf16 are set"));
+        }
+        const size_t first = widened.size();
+        RETURN_IF_ERROR(proto::AppendBf16AsF32(e.queries_bf16(), &widened));
+        queries = absl::MakeConstSpan(widened.data() + first, widened.size() - first);
+      }
+      args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(), queries, e.token_begin(), e.token_end(),
+                                               e.dest_row(), e.slot_epoch()});
     }
     args.staging_area = req->staging_area();
     args.call_seq = req->call_seq();
     args.results_in_region = req->results_in_region();
     args.results_offset = req->results_offset();
-    const absl::Time started = absl::Now();
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
-    resp->set_node_micros(static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - started)));
+    resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
+    resp->set_search_micros(static_cast<uint64_t>(out.search_micros));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {
       v1::RetrieveResult* r = resp->add_results();
       if (args.results_in_region) continue;  // they are in the worker's region

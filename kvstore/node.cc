@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -457,66 +458,78 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     }
   }
 
-  // Pack each entry's new rows as [K row | V row] and put them with one op per entry, from the
-  // area's pack buffer (reused across calls: a fresh zero-filled allocation per call cost more
-  // than the copies for MiB-sized puts, as glibc returns it to the kernel on free; kvrecall-bench
-  // stream). Buffers beyond kMaxRetainedPack are freed after the call.
-  constexpr size_t kMaxRetainedPack = size_t{16} << 20;
-  std::vector<size_t> offset(n + 1, 0);
+  // Entry i's new rows go at row dest_row of the worker's region as [K row | V row] per token,
+  // and (results_in_region) its result at results_offset + i * RetrieveResultBytes(budget).
+  const size_t result_bytes = RetrieveResultBytes(args.budget);
+  std::vector<size_t> offset(n + 1, 0);  // of entry i's rows among all rows sent
   for (size_t i = 0; i < n; ++i) {
     offset[i + 1] = offset[i] + plans[i].fill_tokens.size() * 2 * seqs[i]->spec().row_bytes();
   }
-  // The results (when they travel with the rows) follow the rows in the pack buffer, one
-  // RetrieveResultBytes(budget) block per entry.
-  const size_t result_bytes = RetrieveResultBytes(args.budget);
-  const size_t pack_bytes = offset[n] + (args.results_in_region ? n * result_bytes : 0);
-  if (area->pack_capacity < pack_bytes) {
-    area->pack.reset();
-    area->pack = std::make_unique_for_overwrite<uint8_t[]>(pack_bytes);  // every byte used is written below
-    area->pack_capacity = pack_bytes;
-  }
-  absl::Cleanup release_large = [area]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    if (area->pack_capacity > kMaxRetainedPack) {
-      area->pack.reset();
-      area->pack_capacity = 0;
-    }
-  };
-  uint8_t* const packed = area->pack.get();
-  std::vector<transport::PutOp> ops(n);
-  pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+  auto write_rows = [&](size_t i, uint8_t* dst) {
     const size_t row = seqs[i]->spec().row_bytes();
     const auto& tokens = plans[i].fill_tokens;
-    uint8_t* dst = packed + offset[i];
     for (size_t j = 0; j < tokens.size(); ++j) {
       std::memcpy(dst + 2 * j * row, snaps[i].keys.row(tokens[j]), row);
       std::memcpy(dst + (2 * j + 1) * row, snaps[i].values.row(tokens[j]), row);
     }
-    ops[i] = transport::PutOp{dst, offset[i + 1] - offset[i], args.entries[i].dest_row * 2 * row};
-  });
-  std::erase_if(ops, [](const transport::PutOp& op) { return op.length == 0; });
-  if (args.results_in_region) {
-    uint8_t* results = packed + offset[n];
-    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      const std::vector<int32_t>& ids = out->token_ids[i];
-      const std::vector<int32_t>& slots = plans[i].slots;
-      const std::vector<int32_t>& fills = plans[i].fill_slots;
-      uint8_t* p = results + static_cast<size_t>(i) * result_bytes;
-      const uint32_t counts[2] = {static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(fills.size())};
-      std::memcpy(p, counts, 8);
-      std::memcpy(p + 8, ids.data(), ids.size() * 4);
-      uint8_t* s16 = p + 8 + ids.size() * 4;
-      for (const std::vector<int32_t>* v : {&slots, &fills}) {
-        for (int32_t x : *v) {
-          *s16++ = static_cast<uint8_t>(x);
-          *s16++ = static_cast<uint8_t>(x >> 8);
-        }
+  };
+  auto write_result = [&](size_t i, uint8_t* p) {
+    const std::vector<int32_t>& ids = out->token_ids[i];
+    const uint32_t counts[2] = {static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(plans[i].fill_slots.size())};
+    std::memcpy(p, counts, 8);
+    std::memcpy(p + 8, ids.data(), ids.size() * 4);
+    uint8_t* s16 = p + 8 + ids.size() * 4;
+    for (const std::vector<int32_t>* v : {&plans[i].slots, &plans[i].fill_slots}) {
+      for (int32_t x : *v) {
+        *s16++ = static_cast<uint8_t>(x);
+        *s16++ = static_cast<uint8_t>(x >> 8);
       }
+    }
+  };
+  auto dest = [&](size_t i) { return args.entries[i].dest_row * 2 * seqs[i]->spec().row_bytes(); };
+
+  // A worker whose region is mapped here (same-host shared memory, in-process) gets the rows and
+  // results written straight into it by the pool: one copy. Otherwise they are packed into the
+  // area's pack buffer and put with one op per entry. The pack buffer is reused across calls (a
+  // fresh zero-filled allocation per call cost more than the copies for MiB-sized puts, as glibc
+  // returns it to the kernel on free; kvrecall-bench stream); beyond kMaxRetainedPack it is freed
+  // after the call.
+  absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
+    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      write_rows(i, base + dest(i));
+      if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
     });
-    ops.push_back(transport::PutOp{results, n * result_bytes, args.results_offset});
+    return absl::OkStatus();
+  });
+  if (direct.ok() && !*direct) {
+    constexpr size_t kMaxRetainedPack = size_t{16} << 20;
+    const size_t pack_bytes = offset[n] + (args.results_in_region ? n * result_bytes : 0);
+    if (area->pack_capacity < pack_bytes) {
+      area->pack.reset();
+      area->pack = std::make_unique_for_overwrite<uint8_t[]>(pack_bytes);  // every byte used is written below
+      area->pack_capacity = pack_bytes;
+    }
+    absl::Cleanup release_large = [area]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      if (area->pack_capacity > kMaxRetainedPack) {
+        area->pack.reset();
+        area->pack_capacity = 0;
+      }
+    };
+    uint8_t* const packed = area->pack.get();
+    uint8_t* const results = packed + offset[n];
+    std::vector<transport::PutOp> ops(n);
+    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      write_rows(i, packed + offset[i]);
+      ops[i] = transport::PutOp{packed + offset[i], offset[i + 1] - offset[i], dest(i)};
+      if (args.results_in_region) write_result(i, results + i * result_bytes);
+    });
+    std::erase_if(ops, [](const transport::PutOp& op) { return op.length == 0; });
+    if (args.results_in_region) ops.push_back(transport::PutOp{results, n * result_bytes, args.results_offset});
+    if (absl::Status st = worker.writer->PutAll(ops); !st.ok()) direct = st;
   }
-  if (absl::Status st = worker.writer->PutAll(ops); !st.ok()) {
+  if (!direct.ok()) {
     forget_all();  // which rows arrived is unknown
-    return st;
+    return direct.status();
   }
   out->bytes_streamed += offset[n];
   for (size_t i = 0; i < n; ++i) {
@@ -548,15 +561,25 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     return absl::InvalidArgumentError("results_in_region needs an attached worker (worker_id)");
   }
 
-  // Validate every entry and take snapshots before doing any work.
+  // Validate every entry and take snapshots before doing any work: first the fields, then one
+  // read (one pin of its blocks) per sequence for all of its entries, then the ranges.
   const size_t n = args.entries.size();
   std::vector<std::shared_ptr<Sequence>> seqs(n);
   std::vector<Sequence::Snapshot> snaps(n);
   std::vector<std::shared_ptr<const SequenceIndex>> indexes(n);  // keep segments alive
   std::vector<indexer::SearchEntry> queries(n);
+  absl::flat_hash_map<absl::string_view, size_t> group_of;  // sequence id -> index in `groups`
+  std::vector<std::vector<size_t>> groups;  // the entries of each sequence, in order
   for (size_t i = 0; i < n; ++i) {
     const RetrieveEntryArgs& e = args.entries[i];
-    ASSIGN_OR_RETURN(seqs[i], FindSequence(args.tenant, e.sequence_id));
+    auto [it, fresh] = group_of.try_emplace(e.sequence_id, groups.size());
+    if (fresh) {
+      groups.emplace_back();
+      ASSIGN_OR_RETURN(seqs[i], FindSequence(args.tenant, e.sequence_id));
+    } else {
+      seqs[i] = seqs[groups[it->second].front()];
+    }
+    groups[it->second].push_back(i);
     const ModelSpec& spec = seqs[i]->spec();
     auto bad = [&](const std::string& msg) {
       return absl::InvalidArgumentError(absl::StrCat("entry ", i, " (sequence '", e.sequence_id, "'): ", msg));
@@ -575,11 +598,26 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     for (float q : e.queries) {
       if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
     }
-    ASSIGN_OR_RETURN(snaps[i], seqs[i]->Read(args.layer, e.kv_head));
+  }
+  for (const std::vector<size_t>& members : groups) {
+    std::vector<int> heads;
+    for (size_t i : members) heads.push_back(args.entries[i].kv_head);
+    const Sequence& seq = *seqs[members.front()];
+    ASSIGN_OR_RETURN(std::vector<Sequence::Snapshot> read, seq.Read(args.layer, heads));
+    const std::shared_ptr<const SequenceIndex> index = args.method != Method::kExact ? seq.index() : nullptr;
+    for (size_t j = 0; j < members.size(); ++j) {
+      snaps[members[j]] = std::move(read[j]);
+      indexes[members[j]] = index;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const RetrieveEntryArgs& e = args.entries[i];
+    const ModelSpec& spec = seqs[i]->spec();
     const int64_t stored = snaps[i].keys.num_tokens;
     if (e.token_begin < 0 || e.token_begin > e.token_end || e.token_end > stored) {
-      return bad(absl::StrCat("token range [", e.token_begin, ", ", e.token_end, ") outside the ", stored,
-                              " stored tokens"));
+      return absl::InvalidArgumentError(absl::StrCat("entry ", i, " (sequence '", e.sequence_id, "'): token range [",
+                                                     e.token_begin, ", ", e.token_end, ") outside the ", stored,
+                                                     " stored tokens"));
     }
     if (worker != nullptr) {
       const uint64_t row_pair = 2 * spec.row_bytes();
@@ -597,7 +635,6 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     q.token_end = e.token_end;
     q.k = args.budget;
     if (args.method != Method::kExact) {
-      indexes[i] = seqs[i]->index();
       const indexer::Segment* seg =
           indexes[i] != nullptr && indexes[i]->method == args.method ? indexes[i]->segment(args.layer, e.kv_head) : nullptr;
       if (seg == nullptr) {
@@ -609,8 +646,19 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     }
   }
 
+  if (args.results_in_region) {
+    const uint64_t len = worker->writer->region().length;
+    const uint64_t need = n * RetrieveResultBytes(args.budget);
+    if (args.results_offset > len || len - args.results_offset < need) {
+      return absl::OutOfRangeError(absl::StrCat("results of ", need, " bytes at byte ", args.results_offset,
+                                                " do not fit the worker's region of ", len, " bytes"));
+    }
+  }
+
   RetrieveOutcome out;
+  const int64_t search_ns = clock_->MonotonicNanos();
   RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
+  out.search_micros = (clock_->MonotonicNanos() - search_ns) / 1000;
   out.slots.resize(n);
   out.fill_slots.resize(n);
   for (const auto& ids : out.token_ids) out.rows_selected += static_cast<int64_t>(ids.size());
@@ -634,7 +682,8 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   M().bytes_streamed->Add(static_cast<double>(out.bytes_streamed));
   M().rows_selected->Add(static_cast<double>(out.rows_selected));
   M().rows_sent->Add(static_cast<double>(out.rows_sent));
-  M().retrieve_seconds->Observe(static_cast<double>(clock_->MonotonicNanos() - start_ns) * 1e-9);
+  out.node_micros = (clock_->MonotonicNanos() - start_ns) / 1000;
+  M().retrieve_seconds->Observe(static_cast<double>(out.node_micros) * 1e-6);
   return out;
 }
 

@@ -189,6 +189,14 @@ TEST_F(NodeTest, RetrievePutsRowsIntoAttachedWorkerRegion) {
   EXPECT_THAT(std::vector<float>(rows + 4, rows + 12), ElementsAre(2, 0, 8, 8, 3, 0, 9, 9));
   a.entries[0].dest_row = 3;  // rows [3, 5) do not fit 4 rows
   EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
+  a.entries[0].dest_row = 0;
+  a.results_in_region = true;  // one result needs RetrieveResultBytes(2) = 24 bytes
+  a.results_offset = 4 * 16 - 16;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
+  a.results_offset = uint64_t{1} << 63;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
+  a.results_offset = 4 * 16 - 24;
+  ASSERT_OK(node.Retrieve(a).status());
 }
 
 TEST_F(NodeTest, DeltaStreamingSendsMissingRowsInCallOrder) {

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kvstore/internal/records.h"
 
 namespace kvrecall::kvstore {
@@ -31,37 +32,45 @@ void Sequence::Touch() const {
 }
 
 absl::StatusOr<Sequence::Snapshot> Sequence::Read(int layer, int kv_head) const {
+  ASSIGN_OR_RETURN(std::vector<Snapshot> s, Read(layer, absl::MakeConstSpan(&kv_head, 1)));
+  return std::move(s[0]);
+}
+
+absl::StatusOr<std::vector<Sequence::Snapshot>> Sequence::Read(int layer, absl::Span<const int> kv_heads) const {
   absl::ReaderMutexLock lock(&mu_);
-  Snapshot s;
   const int64_t nblocks = (committed_ + block_tokens_ - 1) / block_tokens_;
   std::vector<Block*> pinned(blocks_.begin(), blocks_.begin() + nblocks);
   if (absl::Status st = table_->Pin(pinned); !st.ok()) {
     return absl::Status(st.code(), absl::StrCat("sequence '", id_, "': ", st.message()));
   }
   BlockTable* table = table_;
-  s.pin = std::shared_ptr<const void>(
-      new std::vector<Block*>(std::move(pinned)), [table](const void* p) {
-        const auto* v = static_cast<const std::vector<Block*>*>(p);
-        table->Unpin(*v);
-        delete v;
-      });
+  const std::shared_ptr<const void> pin(new std::vector<Block*>(std::move(pinned)), [table](const void* p) {
+    const auto* v = static_cast<const std::vector<Block*>*>(p);
+    table->Unpin(*v);
+    delete v;
+  });
   const size_t hb = head_bytes();
   const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
-  for (auto* rows : {&s.keys, &s.values}) {
-    rows->page_tokens = block_tokens_;
-    rows->row_stride = spec_->row_bytes();
-    rows->head_dim = spec_->head_dim;
-    rows->dtype = spec_->kv_dtype;
-    rows->num_tokens = committed_;
+  std::vector<Snapshot> out(kv_heads.size());
+  for (size_t i = 0; i < kv_heads.size(); ++i) {
+    Snapshot& s = out[i];
+    s.pin = pin;
+    for (auto* rows : {&s.keys, &s.values}) {
+      rows->page_tokens = block_tokens_;
+      rows->row_stride = spec_->row_bytes();
+      rows->head_dim = spec_->head_dim;
+      rows->dtype = spec_->kv_dtype;
+      rows->num_tokens = committed_;
+      rows->pages.reserve(static_cast<size_t>(nblocks));
+    }
+    const size_t k_offset = static_cast<size_t>(kv_heads[i]) * hb;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const uint8_t* slot = blocks_[static_cast<size_t>(b)]->layer(layer);
+      s.keys.pages.push_back(slot + k_offset);
+      s.values.pages.push_back(slot + v_offset + k_offset);
+    }
   }
-  s.keys.pages.reserve(static_cast<size_t>(nblocks));
-  s.values.pages.reserve(static_cast<size_t>(nblocks));
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const uint8_t* slot = blocks_[static_cast<size_t>(b)]->layer(layer);
-    s.keys.pages.push_back(slot + kv_head * hb);
-    s.values.pages.push_back(slot + v_offset + kv_head * hb);
-  }
-  return s;
+  return out;
 }
 
 int64_t Sequence::committed_tokens() const {

@@ -69,6 +69,10 @@ class Sequence {
     std::shared_ptr<const void> pin;  // holds the blocks' pins; released with the last copy
   };
   absl::StatusOr<Snapshot> Read(int layer, int kv_head) const;
+  // The same for several kv-heads of one layer at once, out[i] for kv_heads[i], under one pin of
+  // the blocks (a decode step reads every kv-head of a sequence: pinning once per head would
+  // take the block table's lock and touch every block that many times). REQUIRES: as Read.
+  absl::StatusOr<std::vector<Snapshot>> Read(int layer, absl::Span<const int> kv_heads) const;
   // Renews the lease of every block (an access that reads no bytes).
   void Touch() const;
 

@@ -130,4 +130,25 @@ absl::Status UnpackSlots(const std::string& in, std::vector<int32_t>* out) {
   return absl::OkStatus();
 }
 
+bool PackExactBf16(absl::Span<const float> v, std::string* out) {
+  out->resize(v.size() * 2);
+  auto* p = reinterpret_cast<uint8_t*>(out->data());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v[i]);
+    if ((bits & 0xffffu) != 0) return false;
+    p[2 * i] = static_cast<uint8_t>(bits >> 16);
+    p[2 * i + 1] = static_cast<uint8_t>(bits >> 24);
+  }
+  return true;
+}
+
+absl::Status AppendBf16AsF32(const std::string& in, std::vector<float>* out) {
+  if (in.size() % 2 != 0) return absl::InvalidArgumentError(absl::StrCat("bf16 array of ", in.size(), " bytes"));
+  const auto* p = reinterpret_cast<const uint8_t*>(in.data());
+  for (size_t i = 0; i < in.size(); i += 2) {
+    out->push_back(std::bit_cast<float>(static_cast<uint32_t>(p[i] | (p[i + 1] << 8)) << 16));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvrecall::proto

@@ -41,6 +41,13 @@ void PackSlots(absl::Span<const int32_t> v, std::string* out);
 absl::Status UnpackInt32s(const std::string& in, std::vector<int32_t>* out);
 absl::Status UnpackSlots(const std::string& in, std::vector<int32_t>* out);
 
+// RetrieveEntry.queries_bf16. When every value of `v` is exactly a bf16 (its low 16 bits are
+// zero), packs the upper halves little-endian into *out and returns true; otherwise returns false
+// (and *out is unspecified).
+bool PackExactBf16(absl::Span<const float> v, std::string* out);
+// Appends the fp32 values of packed bf16 `in` to *out. INVALID_ARGUMENT for an odd byte count.
+absl::Status AppendBf16AsF32(const std::string& in, std::vector<float>* out);
+
 }  // namespace kvrecall::proto
 
 #endif  // KVRECALL_PROTO_CONVERT_H_

@@ -270,6 +270,22 @@ TEST_F(BadInputTest, Retrieve) {
   r = GoodRetrieve("r");
   r.clear_entries();
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  // Queries as bf16: the same shape rules, plus no odd byte count and not both forms at once.
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->clear_queries();
+  r.mutable_entries(0)->set_queries_bf16(std::string(2 * kGroup * kHeadDim, '\x3f'));
+  EXPECT_EQ(Retrieve(r), StatusCode::OK);
+  r.mutable_entries(0)->mutable_queries_bf16()->push_back('\0');
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "odd byte count";
+  r.mutable_entries(0)->set_queries_bf16(std::string(2 * kGroup * kHeadDim + 2, '\x3f'));
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "one query value too many";
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->set_queries_bf16(std::string(2 * kGroup * kHeadDim, '\x3f'));
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "both forms";
+  r = GoodRetrieve("r");
+  r.mutable_entries(0)->clear_queries();
+  r.mutable_entries(0)->set_queries_bf16(std::string(2 * kGroup * kHeadDim, '\xff'));
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "NaN queries";
   r = GoodRetrieve("r");
   for (int i = 0; i < 70000; ++i) r.add_entries()->set_sequence_id("r");
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT) << "too many entries";

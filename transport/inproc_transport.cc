@@ -74,6 +74,17 @@ class InProcCore {
     return absl::OkStatus();
   }
 
+  // Runs `write` with the region's memory, under the reader lock (the region cannot go away).
+  absl::StatusOr<bool> WriteDirect(uint64_t region_id, uint64_t base,
+                                   absl::FunctionRef<absl::Status(uint8_t*)> write) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::ReaderMutexLock lock(&mu_);
+    if (regions_.find(region_id) == regions_.end()) {
+      return absl::UnavailableError("in-process region was destroyed");
+    }
+    RETURN_IF_ERROR(write(reinterpret_cast<uint8_t*>(base)));
+    return true;
+  }
+
  private:
   struct Live {
     uint64_t base;
@@ -126,6 +137,9 @@ class InProcWriter final : public RemoteWriter {
   absl::Status PutAll(absl::Span<const PutOp> ops) override {
     RETURN_IF_ERROR(internal::ValidatePutOps(ops, region_.length));
     return core_->Put(region_id_, region_.base, ops);
+  }
+  absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) override {
+    return core_->WriteDirect(region_id_, region_.base, write);
   }
   const RemoteRegion& region() const override { return region_; }
 

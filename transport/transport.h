@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -62,6 +63,19 @@ class RemoteWriter {
   // Zero-length ops are skipped. Ops may overlap; the order in which overlapping bytes land is
   // unspecified.
   virtual absl::Status PutAll(absl::Span<const PutOp> ops) = 0;
+
+  // Direct writes, for a region that is mapped into this process (same-host shared memory; the
+  // in-process transport): runs `write(base)` with `base` addressing the region's byte 0, so the
+  // caller fills bytes of [0, region().length) with plain stores — from as many threads as it
+  // likes — instead of staging them and calling PutAll, and returns true; the bytes are visible
+  // to the region's owner once this returns. Returns false without calling `write` when the
+  // region is not mapped here (network transports): use PutAll then. The mapping stays valid
+  // while `write` runs, even if the peer fails meanwhile. `write` must not call into the
+  // transport; its error is returned as is. Default: false.
+  virtual absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) {
+    return false;
+  }
+
   virtual const RemoteRegion& region() const = 0;
 };
 

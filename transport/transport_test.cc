@@ -83,6 +83,31 @@ TEST(InProcessTransportTest, ScatteredPutsLand) {
   ExpectScattered(region->data(), kSlots, src, slots);
 }
 
+TEST(InProcessTransportTest, WriteDirectFillsTheRegionUntilItIsDestroyed) {
+  auto transport = CreateInProcessTransport();
+  std::vector<uint8_t> memory(4096);
+  ASSERT_OK_AND_ASSIGN(auto region, transport->RegisterRegion(memory.data(), memory.size()));
+  ASSERT_OK_AND_ASSIGN(auto writer, transport->Connect(region->Describe()));
+  ASSERT_OK_AND_ASSIGN(bool direct, writer->WriteDirect([](uint8_t* base) {
+    std::memset(base + 100, 7, 10);
+    return absl::OkStatus();
+  }));
+  EXPECT_TRUE(direct);
+  EXPECT_EQ(memory[100], 7);
+  EXPECT_EQ(memory[109], 7);
+  EXPECT_EQ(memory[110], 0);
+  EXPECT_THAT(writer->WriteDirect([](uint8_t*) { return absl::DataLossError("mine"); }),
+              StatusIs(absl::StatusCode::kDataLoss));
+  region.reset();
+  bool called = false;
+  EXPECT_THAT(writer->WriteDirect([&](uint8_t*) {
+    called = true;
+    return absl::OkStatus();
+  }),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_FALSE(called);
+}
+
 TEST(InProcessTransportTest, OutOfRangeSendsNothing) {
   auto transport = CreateInProcessTransport();
   ASSERT_OK_AND_ASSIGN(auto region, transport->AllocateRegion(4 * kRowBytes));
@@ -160,6 +185,35 @@ TEST_P(UcxTransportTest, ScatteredRowsLandInAllocatedRegion) {
   const auto slots = ShuffledSlots(kSlots, 1500, 11);
   ASSERT_OK(writer->PutAll(ScatterOps(src, slots)));
   ExpectScattered(region->data(), kSlots, src, slots);
+}
+
+// Shared memory maps an allocated region into the writer's process, so it is written with plain
+// stores (from several threads here); over TCP WriteDirect declines and PutAll is the way.
+TEST_P(UcxTransportTest, WriteDirectOnlyWhereTheRegionIsMapped) {
+  constexpr size_t kSlots = 2048;  // 1 MiB
+  ASSERT_OK_AND_ASSIGN(auto region, receiver_->AllocateRegion(kSlots * kRowBytes));
+  ASSERT_OK_AND_ASSIGN(auto writer, sender_->Connect(region->Describe()));
+  const auto src = MakeRows(kSlots, 9);
+  bool called = false;
+  ASSERT_OK_AND_ASSIGN(bool direct, writer->WriteDirect([&](uint8_t* base) {
+    called = true;
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        const size_t part = src.size() / 4;
+        std::memcpy(base + t * part, src.data() + t * part, part);
+      });
+    }
+    for (auto& th : threads) th.join();
+    return absl::OkStatus();
+  }));
+  EXPECT_EQ(direct, called);
+  if (std::string(GetParam().name) == "shm") {
+    ASSERT_TRUE(direct) << "shared memory should map an allocated region";
+    EXPECT_EQ(std::memcmp(region->data(), src.data(), src.size()), 0);
+  } else {
+    EXPECT_FALSE(direct);
+  }
 }
 
 TEST_P(UcxTransportTest, RowsLandInCallerRegisteredMemory) {

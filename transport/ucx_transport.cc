@@ -19,6 +19,11 @@
 //     closed (peer failure or put timeout), after which writers holding it answer UNAVAILABLE.
 //   * Remote keys are destroyed before their endpoint's close completes (UCX requires it): each
 //     Endpoint tracks the rkeys unpacked on it, and closing the endpoint destroys them.
+//   * Direct writes: a shared-memory rkey maps the peer's region into this process
+//     (ucp_rkey_ptr), and WriteDirect hands that mapping to the caller without taking mu_ (a
+//     multi-MiB fill from many threads must not block progress). It holds the endpoint's
+//     direct_mu in reader mode instead; destroying an rkey takes direct_mu in writer mode (after
+//     mu_, never the other way round), so no mapping goes away under a writer.
 //
 // Progress: the progress thread sleeps in epoll on the worker's event fd (ucp_worker_get_efd +
 // ucp_worker_arm) plus an eventfd used for shutdown, with a 10 ms cap as a safety net. It makes TCP
@@ -83,6 +88,10 @@ struct Endpoint : std::enable_shared_from_this<Endpoint> {
   ucp_ep_h ep = nullptr;          // null once closed
   absl::Status error;             // non-OK once the peer failed or timed out; never reset
   std::vector<ucp_rkey_h> rkeys;  // unpacked on `ep` and not yet destroyed
+  // Direct writes (RemoteWriter::WriteDirect) into mappings of this endpoint's rkeys hold this in
+  // reader mode; destroying an rkey (which unmaps it) takes it in writer mode, after mu_.
+  absl::Mutex direct_mu;
+  bool closed ABSL_GUARDED_BY(direct_mu) = false;  // its rkeys were destroyed by a close
 };
 
 // Completion of one ucp_ep_flush_nbx. Heap-allocated: if a request never completes (UCX bug or a
@@ -133,10 +142,13 @@ class UcxCore {
                    std::string* packed_rkey) ABSL_LOCKS_EXCLUDED(mu_);
   void Unmap(ucp_mem_h memh) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Finds or creates the endpoint for `sealed_address` and unpacks `rkey` on it.
+  // Finds or creates the endpoint for `sealed_address` and unpacks `rkey` on it. *direct is
+  // where [base, base + length) of the peer is mapped into this process (same-host shared
+  // memory), or null.
   absl::Status Attach(const std::string& sealed_address, absl::string_view address,
-                      absl::string_view rkey, std::shared_ptr<Endpoint>* endpoint,
-                      ucp_rkey_h* rkey_handle) ABSL_LOCKS_EXCLUDED(mu_);
+                      absl::string_view rkey, uint64_t base, uint64_t length,
+                      std::shared_ptr<Endpoint>* endpoint, ucp_rkey_h* rkey_handle,
+                      uint8_t** direct) ABSL_LOCKS_EXCLUDED(mu_);
   // Undoes Attach's rkey unpack (a no-op when the endpoint was closed, which destroyed it).
   void Detach(Endpoint& endpoint, ucp_rkey_h rkey) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -358,8 +370,12 @@ void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool for
   endpoint.ep = nullptr;
   // After a forced close has discarded outstanding operations, but before the close completes:
   // UCX requires rkeys to go before their endpoint.
-  for (ucp_rkey_h rkey : endpoint.rkeys) ucp_rkey_destroy(rkey);
-  endpoint.rkeys.clear();
+  {
+    absl::MutexLock direct(&endpoint.direct_mu);  // waits out direct writes into the mappings
+    for (ucp_rkey_h rkey : endpoint.rkeys) ucp_rkey_destroy(rkey);
+    endpoint.rkeys.clear();
+    endpoint.closed = true;
+  }
   if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
   if (!ProgressUntilLocked(&state->done, absl::Now() + kCloseTimeout)) {
     if (!force) {
@@ -433,8 +449,9 @@ void UcxCore::Unmap(ucp_mem_h memh) {
 }
 
 absl::Status UcxCore::Attach(const std::string& sealed_address, absl::string_view address,
-                             absl::string_view rkey, std::shared_ptr<Endpoint>* endpoint,
-                             ucp_rkey_h* rkey_handle) {
+                             absl::string_view rkey, uint64_t base, uint64_t length,
+                             std::shared_ptr<Endpoint>* endpoint, ucp_rkey_h* rkey_handle,
+                             uint8_t** direct) {
   absl::MutexLock lock(&mu_);
   std::shared_ptr<Endpoint>& slot = endpoints_[sealed_address];
   if (slot != nullptr && !slot->error.ok()) {
@@ -472,6 +489,16 @@ absl::Status UcxCore::Attach(const std::string& sealed_address, absl::string_vie
   }
   entry->rkeys.push_back(*rkey_handle);
   *endpoint = entry;
+  // Shared-memory transports map the peer's segment here; network ones answer UNREACHABLE. Only a
+  // mapping of the whole region, in one piece, is used.
+  void* first = nullptr;
+  void* last = nullptr;
+  *direct = nullptr;
+  if (ucp_rkey_ptr(*rkey_handle, base, &first) == UCS_OK &&
+      ucp_rkey_ptr(*rkey_handle, base + length - 1, &last) == UCS_OK &&
+      static_cast<uint8_t*>(last) - static_cast<uint8_t*>(first) == static_cast<ptrdiff_t>(length - 1)) {
+    *direct = static_cast<uint8_t*>(first);
+  }
   return absl::OkStatus();
 }
 
@@ -480,6 +507,7 @@ void UcxCore::Detach(Endpoint& endpoint, ucp_rkey_h rkey) {
   auto it = std::find(endpoint.rkeys.begin(), endpoint.rkeys.end(), rkey);
   if (it == endpoint.rkeys.end()) return;  // destroyed when the endpoint was closed
   endpoint.rkeys.erase(it);
+  absl::MutexLock direct(&endpoint.direct_mu);
   ucp_rkey_destroy(rkey);
 }
 
@@ -577,10 +605,11 @@ class UcxRegion final : public RegisteredRegion {
 class UcxWriter final : public RemoteWriter {
  public:
   UcxWriter(std::shared_ptr<UcxCore> core, std::shared_ptr<Endpoint> endpoint, ucp_rkey_h rkey,
-            RemoteRegion region)
+            uint8_t* direct, RemoteRegion region)
       : core_(std::move(core)),
         endpoint_(std::move(endpoint)),
         rkey_(rkey),
+        direct_(direct),
         region_(std::move(region)) {}
   ~UcxWriter() override { core_->Detach(*endpoint_, rkey_); }
 
@@ -589,12 +618,20 @@ class UcxWriter final : public RemoteWriter {
     if (ops.empty()) return absl::OkStatus();
     return core_->PutAll(*endpoint_, rkey_, region_.base, ops);
   }
+  absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) override {
+    if (direct_ == nullptr) return false;
+    absl::ReaderMutexLock lock(&endpoint_->direct_mu);
+    if (endpoint_->closed) return absl::UnavailableError("the connection to the region's owner was closed");
+    RETURN_IF_ERROR(write(direct_));
+    return true;
+  }
   const RemoteRegion& region() const override { return region_; }
 
  private:
   const std::shared_ptr<UcxCore> core_;  // declared first: outlives endpoint_
   const std::shared_ptr<Endpoint> endpoint_;
   const ucp_rkey_h rkey_;
+  uint8_t* const direct_;  // the region mapped here, or null
   const RemoteRegion region_;
 };
 
@@ -636,9 +673,11 @@ class UcxTransport final : public Transport {
                                         internal::RegionBinding(region.base, region.length)));
     std::shared_ptr<Endpoint> endpoint;
     ucp_rkey_h rkey_handle = nullptr;
-    RETURN_IF_ERROR(core_->Attach(region.peer_address, address, rkey, &endpoint, &rkey_handle));
+    uint8_t* direct = nullptr;
+    RETURN_IF_ERROR(core_->Attach(region.peer_address, address, rkey, region.base, region.length, &endpoint,
+                                  &rkey_handle, &direct));
     return std::unique_ptr<RemoteWriter>(
-        new UcxWriter(core_, std::move(endpoint), rkey_handle, region));
+        new UcxWriter(core_, std::move(endpoint), rkey_handle, direct, region));
   }
 
  private:
