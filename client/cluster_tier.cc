@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "client/channel.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
@@ -543,11 +544,9 @@ class ClusterTierImpl final : public ClusterTier {
 
   absl::Status ConnectLocked(Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
-    args.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
     // Our own subchannel: no reconnect backoff inherited from an earlier, failed connection.
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    auto channel = grpc::CreateCustomChannel(n.name, grpc::InsecureChannelCredentials(), args);
+    ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, OpenChannel(n.name, cluster_.remote.tls, args));
     if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + cluster_.connect_timeout))) {
       return absl::UnavailableError(absl::StrCat("cannot reach tier node ", n.name));
     }

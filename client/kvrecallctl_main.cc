@@ -6,13 +6,15 @@
 //   kvrecallctl --server=127.0.0.1:7070 stats        storage: arena, sharing, per-tenant usage
 //   kvrecallctl --server=127.0.0.1:7070 drop --tenant=T --sequence=S
 //                                                    remove a sequence and release its blocks
-//   add --json for machine-readable output.
+//   add --json for machine-readable output; --tls-ca=CA.pem (and --tls-cert/--tls-key for mutual
+//   TLS) to reach a server that serves TLS.
 #include <cstdio>
 #include <iostream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "client/channel.h"
 #include "common/flags.h"
 #include "common/units.h"
 #include "grpcpp/grpcpp.h"
@@ -22,6 +24,10 @@
 ABSL_FLAG(std::string, server, "127.0.0.1:7070", "kvrecall-server address (host:port)");
 ABSL_FLAG(bool, json, false, "print JSON instead of a table");
 ABSL_FLAG(int, timeout_seconds, 10, "deadline of each call");
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle of the server's certificate: connect over TLS");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for servers that require one (mutual TLS)");
+ABSL_FLAG(std::string, tls_key, "", "private key of --tls-cert");
+ABSL_FLAG(std::string, tls_server_name, "", "name to check in the server's certificate (default: the host)");
 ABSL_FLAG(std::string, tenant, "", "drop: the sequence's tenant");
 ABSL_FLAG(std::string, sequence, "", "drop: the sequence id");
 
@@ -158,8 +164,14 @@ int Drain(kvrecall::v1::KvRecall::Stub* stub, bool draining) {
 
 int Main(const std::string& command) {
   using namespace kvrecall;
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
-  auto stub = v1::KvRecall::NewStub(channel);
+  auto channel = client::OpenChannel(absl::GetFlag(FLAGS_server),
+                                     {absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert),
+                                      absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_server_name)});
+  if (!channel.ok()) {
+    std::cerr << "kvrecallctl: " << channel.status().message() << "\n";
+    return 2;
+  }
+  auto stub = v1::KvRecall::NewStub(*channel);
   if (command == "drop") return Drop(stub.get());
   if (command == "drain" || command == "undrain") return Drain(stub.get(), command == "drain");
   v1::StatsRequest req;

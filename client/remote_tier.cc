@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "client/channel.h"
 #include "client/tier.h"
 #include "kvstore/internal/crc32c.h"
 #include "common/status_macros.h"
@@ -31,10 +32,7 @@ class RemoteTier final : public Tier {
 
   absl::Status Init() {
     if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
-    args.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
-    channel_ = grpc::CreateCustomChannel(remote_.target, grpc::InsecureChannelCredentials(), args);
+    ASSIGN_OR_RETURN(channel_, OpenChannel(remote_.target, remote_.tls));
     if (!channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + options_.deadline))) {
       return absl::UnavailableError(absl::StrCat("cannot reach kvrecall-server at ", remote_.target));
     }

@@ -146,6 +146,16 @@ int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, in
 absl::StatusOr<std::unique_ptr<Tier>> CreateLocalTier(const kvstore::NodeOptions& node_options,
                                                       const TierOptions& options);
 
+// TLS for the gRPC channels to tier nodes (kvrecall-server --tls-cert/--tls-key/--tls-ca).
+struct TlsOptions {
+  std::string ca_file;    // PEM CA bundle that signed the servers' certificates; empty: plaintext
+  std::string cert_file;  // PEM certificate of this client, for servers that require one (mTLS)
+  std::string key_file;   // its private key
+  // The name checked against the server's certificate instead of the target's host (e.g. when
+  // the certificate names a Service but the client dials pod addresses); empty: the host.
+  std::string server_name;
+};
+
 struct RemoteTierOptions {
   std::string target;             // host:port of a kvrecall-server
   std::string transport = "ucx";  // "ucx": rows are put into our registered buffer; "grpc": FetchKV
@@ -159,6 +169,7 @@ struct RemoteTierOptions {
   int64_t ingest_min_bytes = int64_t{1} << 20;
   // A large append is packed and put by up to 4 threads, one per this many bytes.
   int64_t ingest_bytes_per_lane = int64_t{32} << 20;
+  TlsOptions tls;  // the channel's TLS (client/channel.h); default plaintext
 };
 // Connects (waits for the channel up to options.deadline) and, with transport "ucx", attaches
 // this worker's receive region. UNAVAILABLE when the server cannot be reached.

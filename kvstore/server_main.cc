@@ -24,6 +24,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
+#include "kvstore/server_credentials.h"
 #include "transport/fault_injection.h"
 #include "transport/transport.h"
 
@@ -69,6 +70,13 @@ ABSL_FLAG(std::string, peers, "",
           "--advertise, OpenSequence refuses a sequence that a client with a different node list placed "
           "here although this node is not one of its owners (FAILED_PRECONDITION naming the owners)");
 ABSL_FLAG(std::string, advertise, "", "this node's name in --peers");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve gRPC over TLS (with --tls-key)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle: require client certificates signed by it (mutual TLS; needs --tls-cert)");
+ABSL_FLAG(bool, allow_plaintext, false,
+          "serve gRPC unencrypted on a non-loopback --listen address (without it, no TLS flags means "
+          "loopback only)");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound gRPC port and metrics port here once serving");
 
 namespace {
@@ -169,10 +177,18 @@ int Run() {
     if (grpc::Server* s = serving.load(); s != nullptr) s->GetHealthCheckService()->SetServingStatus(!draining);
   });
 
+  auto credentials = kvstore::MakeServerCredentials(
+      {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca),
+       absl::GetFlag(FLAGS_allow_plaintext)},
+      absl::GetFlag(FLAGS_listen));
+  if (!credentials.ok()) {
+    KV_LOG(ERROR) << credentials.status().message();
+    return 2;
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *credentials, &port);
   builder.SetMaxReceiveMessageSize(kvstore::kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kvstore::kMaxMessageBytes);
   builder.RegisterService(&service);
@@ -200,8 +216,11 @@ int Run() {
     metrics_port = *p;
   }
 
-  KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen)
-               << "), memory " << FormatBytes(*memory) << ", transport "
+  const char* security = !absl::GetFlag(FLAGS_tls_cert).empty()
+                             ? (absl::GetFlag(FLAGS_tls_ca).empty() ? "TLS" : "mutual TLS")
+                             : "plaintext";
+  KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen) << ", "
+               << security << "), memory " << FormatBytes(*memory) << ", transport "
                << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port
                << ", data dir " << (options.data_dir.empty() ? "(none: no eviction)" : options.data_dir)
                << (num_peers > 0 ? absl::StrCat(", one of ", num_peers, " peers as ", absl::GetFlag(FLAGS_advertise))

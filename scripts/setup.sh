@@ -8,7 +8,7 @@ PACKAGES=(
   libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   librocksdb-dev libucx-dev ucx-utils
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev jq
-  clang libclang-rt-dev llvm
+  clang libclang-rt-dev llvm openssl
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 )
 

@@ -316,9 +316,9 @@ func workerSubcommands() (map[string]bool, error) {
 	return out, nil
 }
 
-// Server flags the chart renders only behind tls.enabled / auth.enabled: they arrive with issue 9.
+// Server flags the chart renders only behind auth.enabled: they arrive with issue 9.
 var pendingServerFlags = map[string]string{
-	"tls_cert": "tls.enabled", "tls_key": "tls.enabled", "tls_ca": "tls.enabled", "tenant_tokens": "auth.enabled",
+	"tenant_tokens": "auth.enabled",
 }
 
 func checkRelease(r *release) []string {
