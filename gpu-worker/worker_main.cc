@@ -7,6 +7,10 @@
 //       prefills the prompt, pushes its KV to the tier, decodes greedily with sparse retrieval
 //       attention and prints a summary (tokens/s, bytes streamed per token, agreement with dense)
 //       and the continuation.
+//   kvrecall-worker bench [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]
+//       decode throughput of the GPU-resident engine, dense vs kvrecall, on the Llama-3-8B shape
+//       with random weights and synthetic prompts (engine/decode_bench.h); exit code 77 when
+//       there is no usable GPU (or the build has no CUDA).
 //
 // Tokenization: when the model directory has a tokenizer.json (Hugging Face byte-level BPE,
 // gpu-worker/model/tokenizer.h), the prompt is encoded with it, with the special tokens its
@@ -24,6 +28,7 @@
 #include "common/flags.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "client/cluster_tier.h"
@@ -32,6 +37,7 @@
 #include "common/status_macros.h"
 #include "common/units.h"
 #include "gpu-worker/backends/backend.h"
+#include "gpu-worker/engine/decode_bench.h"
 #include "gpu-worker/engine/engine.h"
 #include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
@@ -52,6 +58,11 @@ ABSL_FLAG(int, replication, 1, "tier nodes that hold each sequence (with a list 
 ABSL_FLAG(std::string, transport, "ucx", "row transport to a remote tier: ucx or grpc (FetchKV fallback)");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax); empty = UCX default");
 ABSL_FLAG(std::string, tenant, "default", "tenant name");
+ABSL_FLAG(std::string, tier_tls_ca, "", "PEM CA bundle of the tier servers' certificates: reach them over TLS");
+ABSL_FLAG(std::string, tier_tls_cert, "", "PEM client certificate, for tier servers that require one (mutual TLS)");
+ABSL_FLAG(std::string, tier_tls_key, "", "private key of --tier-tls-cert");
+ABSL_FLAG(std::string, tier_tls_server_name, "",
+          "name to check in the tier servers' certificates (default: the host dialled)");
 ABSL_FLAG(std::string, prompt, "",
           "prompt text; encoded with the model directory's tokenizer.json when it has one, else as raw bytes");
 ABSL_FLAG(std::string, prompt_file, "", "file whose text is the prompt (encoded as --prompt is)");
@@ -77,8 +88,88 @@ ABSL_FLAG(std::string, sequence_id, "", "sequence id on the tier (default: gener
 ABSL_FLAG(std::string, dump_qk, "", "write the run's post-RoPE Q/K/V (prompt and decode) to this directory, in the "
           "format kvrecall-bench index reads (indexer/qk_dump.h)");
 
+ABSL_FLAG(bool, quick, false, "bench: a tiny configuration that runs in seconds (the gpu smoke test)");
+ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"32768", "98304"}),
+          "bench: prompt lengths");
+ABSL_FLAG(std::vector<std::string>, budgets, std::vector<std::string>({"1024", "2048"}), "bench: kvrecall budgets");
+ABSL_FLAG(std::string, bench_method, "ctkvr", "bench: retrieval method of the kvrecall rows");
+ABSL_FLAG(std::string, bench_lookahead, "off", "bench: kvrecall rows with lookahead off, on or both");
+ABSL_FLAG(std::vector<std::string>, bench_tokens, std::vector<std::string>({"greedy"}),
+          "bench: decode inputs of the kvrecall rows, greedy and/or repeat (engine/decode_bench.h)");
+ABSL_FLAG(std::string, bench_tier, "local",
+          "bench: the kvrecall rows' tier: local (in-process) or remote (a server in this process on "
+          "127.0.0.1, reached over gRPC + UCX with --ucx_tls, default posix,sysv,cma,self)");
+ABSL_FLAG(int, bench_steps, 8, "bench: timed decode steps per row (after 2 warm-up steps)");
+ABSL_FLAG(int, max_batch, 64, "bench: the largest batch of any row");
+ABSL_FLAG(double, host_memory_fraction, 0.7, "bench: share of MemAvailable the tier may use");
+ABSL_FLAG(bool, bench_dense, true, "bench: run the dense rows");
+ABSL_FLAG(bool, bench_sparse, true, "bench: run the kvrecall rows");
+
 namespace kvrecall::worker {
 namespace {
+
+absl::StatusOr<std::vector<int>> IntList(const std::vector<std::string>& v, absl::string_view flag) {
+  std::vector<int> out;
+  for (const std::string& s : v) {
+    int x = 0;
+    if (!absl::SimpleAtoi(s, &x) || x < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", s, "' is not a positive integer"));
+    }
+    out.push_back(x);
+  }
+  return out;
+}
+
+absl::Status Bench() {
+  DecodeBenchOptions o;
+  o.quick = absl::GetFlag(FLAGS_quick);
+  ASSIGN_OR_RETURN(o.contexts, IntList(absl::GetFlag(FLAGS_contexts), "contexts"));
+  ASSIGN_OR_RETURN(o.budgets, IntList(absl::GetFlag(FLAGS_budgets), "budgets"));
+  o.method = absl::GetFlag(FLAGS_bench_method);
+  o.dense_layers = absl::GetFlag(FLAGS_dense_layers);
+  o.sink_tokens = absl::GetFlag(FLAGS_sink_tokens);
+  o.window_tokens = absl::GetFlag(FLAGS_window_tokens);
+  o.index_queries = absl::GetFlag(FLAGS_index_queries);
+  o.steps = absl::GetFlag(FLAGS_bench_steps);
+  o.max_batch = absl::GetFlag(FLAGS_max_batch);
+  if (const std::string m = absl::GetFlag(FLAGS_bench_lookahead); m == "both") {
+    o.lookahead = {false, true};
+  } else if (m == "on" || m == "off") {
+    o.lookahead = {m == "on"};
+  } else {
+    return absl::InvalidArgumentError("--bench_lookahead is off, on or both");
+  }
+  o.tokens = absl::GetFlag(FLAGS_bench_tokens);
+  o.tier = absl::GetFlag(FLAGS_bench_tier);
+  if (!absl::GetFlag(FLAGS_ucx_tls).empty()) o.ucx_tls = absl::GetFlag(FLAGS_ucx_tls);
+  o.host_memory_fraction = absl::GetFlag(FLAGS_host_memory_fraction);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.dense = absl::GetFlag(FLAGS_bench_dense);
+  o.sparse = absl::GetFlag(FLAGS_bench_sparse);
+  nlohmann::json report;
+  RETURN_IF_ERROR(RunDecodeBench(o, &report));
+  const std::string path = absl::GetFlag(FLAGS_json);
+  if (path == "-") {
+    std::cout << report.dump(2) << "\n";
+    return absl::OkStatus();
+  }
+  if (!path.empty()) std::ofstream(path) << report.dump(2) << "\n";
+  std::cout << absl::StrFormat("%-8s %-6s %-7s %-6s %-10s %6s %10s %9s %9s %9s %9s %12s %8s\n", "context", "method",
+                               "budget", "tokens", "lookahead", "batch", "tokens/s", "step ms", "gpu ms", "retr. ms",
+                               "upload ms", "streamed/tok", "speedup");
+  for (const auto& r : report["rows"]) {
+    const auto& b = r["breakdown"];
+    std::cout << absl::StrFormat(
+        "%-8d %-6s %-7s %-6s %-10s %6d %10.1f %9.2f %9.2f %9.2f %9.2f %12.0f %8.2f\n", r["context"].get<int>(),
+        r["method"].get<std::string>(), r["budget"].is_null() ? "-" : std::to_string(r["budget"].get<int>()),
+        r.value("tokens", "-"), r.contains("lookahead") ? (r["lookahead"].get<bool>() ? "on" : "off") : "-",
+        r["batch"].get<int>(), r["tokens_per_s"].get<double>(), r["step_ms"].get<double>(),
+        b["gpu_ms"].get<double>(), b["retrieve_wait_ms"].get<double>(), b["upload_ms"].get<double>(),
+        r["bytes_streamed_per_token"].get<double>(), r["speedup_vs_dense"].get<double>());
+  }
+  return absl::OkStatus();
+}
 
 absl::Status MakeModel() {
   const std::string out = absl::GetFlag(FLAGS_out);
@@ -220,7 +311,12 @@ absl::Status Generate() {
     to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
     const std::string target = absl::GetFlag(FLAGS_tier);
     const std::vector<std::string> peers = client::SplitPeers(target);
-    const client::RemoteTierOptions ro{target, absl::GetFlag(FLAGS_transport), absl::GetFlag(FLAGS_ucx_tls)};
+    client::RemoteTierOptions ro;
+    ro.target = target;
+    ro.transport = absl::GetFlag(FLAGS_transport);
+    ro.ucx_tls = absl::GetFlag(FLAGS_ucx_tls);
+    ro.tls = {absl::GetFlag(FLAGS_tier_tls_ca), absl::GetFlag(FLAGS_tier_tls_cert), absl::GetFlag(FLAGS_tier_tls_key),
+              absl::GetFlag(FLAGS_tier_tls_server_name)};
     if (target == "local") {
       ASSIGN_OR_RETURN(tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{8} << 30, 64, threads}, to));
     } else if (peers.size() > 1 || target.rfind(client::kDnsPrefix, 0) == 0 || absl::GetFlag(FLAGS_replication) > 1) {
@@ -390,7 +486,10 @@ int main(int argc, char** argv) {
       "  make-model  --preset=tiny --out=DIR        write a random-weight Llama model\n"
       "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F|--prompt=TEXT [--prompt_tokens=N]\n"
       "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]\n"
-      "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)");
+      "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)\n"
+      "  bench       [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]\n"
+      "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] [--bench_tier=local|remote]\n"
+      "              GPU decode throughput, dense vs kvrecall, Llama-3-8B shape, synthetic prompts");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
@@ -402,6 +501,12 @@ int main(int argc, char** argv) {
     s = kvrecall::worker::MakeModel();
   } else if (cmd == "generate") {
     s = kvrecall::worker::Generate();
+  } else if (cmd == "bench") {
+    s = kvrecall::worker::Bench();
+    if (s.code() == absl::StatusCode::kFailedPrecondition) {  // no GPU: ctest reports a skip
+      std::cerr << "kvrecall-worker bench: " << s << "\n";
+      return 77;
+    }
   } else {
     std::cerr << "unknown command '" << cmd << "'\n" << absl::ProgramUsageMessage() << "\n";
     return 2;

@@ -33,15 +33,65 @@ struct Engine::Seq {
   std::vector<std::vector<float>> last_q;
 };
 
-namespace {
-constexpr int64_t kPushTokens = 2048;  // prompt tokens per AppendKV transaction
+namespace internal {
 
-// Tier failures a step survives by decoding without the tier's answer.
 bool IsTierMiss(const absl::Status& s) {
   return s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable ||
          s.code() == absl::StatusCode::kAborted;
 }
+
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const EngineOptions& options,
+                              const std::string& id, absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
+                              double* index_build_seconds) {
+  constexpr int64_t kPushTokens = 2048;  // prompt tokens per AppendKV transaction
+  const int L = spec.num_layers;
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  ASSIGN_OR_RETURN(client::OpenResult open, tier->OpenSequence(id, spec.model_id, tokens));
+  for (int64_t t0 = open.stored_tokens; t0 < T; t0 += kPushTokens) {
+    client::AppendBatch b;
+    b.token_start = t0;
+    b.num_tokens = std::min(kPushTokens, T - t0);
+    b.keys.resize(L);
+    b.values.resize(L);
+    kv(&b);
+    RETURN_IF_ERROR(tier->AppendKV(id, b));
+  }
+  if (options.method == client::Method::kExact) return absl::OkStatus();
+  kvstore::BuildIndexArgs args;
+  args.method = options.method;
+  args.first_layer = options.dense_layers;
+  args.token_begin = std::min<int64_t>(options.sink_tokens, T - 1);
+  if (options.method == client::Method::kCtkvr) {
+    args.num_queries = num_queries;
+    args.layer_queries = layer_queries;
+  }
+  ASSIGN_OR_RETURN(kvstore::BuildIndexOutcome built, tier->BuildIndex(id, std::move(args)));
+  *index_build_seconds += built.build_seconds;
+  return absl::OkStatus();
 }
+
+PromptKvSource PromptKvSourceOf(const ModelSpec& spec, const PromptKV& prompt) {
+  return [&spec, &prompt](client::AppendBatch* b) {
+    const int Hkv = spec.num_kv_heads, d = spec.head_dim;
+    const size_t row = spec.row_bytes();
+    for (int l = 0; l < spec.num_layers; ++l) {
+      for (auto [src, dst] : {std::pair{&prompt.k[l], &b->keys[l]}, std::pair{&prompt.v[l], &b->values[l]}}) {
+        dst->resize(static_cast<size_t>(Hkv * b->num_tokens) * row);
+        for (int h = 0; h < Hkv; ++h) {  // [t][h][d] -> [h][t][d]
+          for (int64_t i = 0; i < b->num_tokens; ++i) {
+            FromF32(spec.kv_dtype, src->data() + (static_cast<size_t>(b->token_start + i) * Hkv + h) * d, d,
+                    dst->data() + (static_cast<size_t>(h) * b->num_tokens + i) * row);
+          }
+        }
+      }
+    }
+  };
+}
+
+}  // namespace internal
+
+using internal::IsTierMiss;
 
 Engine::Engine(ModelBackend* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options)
     : model_(model),
@@ -140,45 +190,6 @@ absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::
   return p;
 }
 
-absl::Status Engine::PushToTier(const std::string& id, const PromptKV& prompt) {
-  const int L = config_.num_layers, Hkv = config_.num_kv_heads, d = config_.head_dim;
-  const int64_t T = static_cast<int64_t>(prompt.tokens.size());
-  const size_t row = spec_.row_bytes();
-  ASSIGN_OR_RETURN(client::OpenResult open, tier_->OpenSequence(id, spec_.model_id, prompt.tokens));
-  for (int64_t t0 = open.stored_tokens; t0 < T; t0 += kPushTokens) {
-    const int64_t n = std::min(kPushTokens, T - t0);
-    client::AppendBatch b;
-    b.token_start = t0;
-    b.num_tokens = n;
-    b.keys.resize(L);
-    b.values.resize(L);
-    for (int l = 0; l < L; ++l) {
-      for (auto [src, dst] : {std::pair{&prompt.k[l], &b.keys[l]}, std::pair{&prompt.v[l], &b.values[l]}}) {
-        dst->resize(static_cast<size_t>(Hkv * n) * row);
-        for (int h = 0; h < Hkv; ++h) {  // [t][h][d] -> [h][t][d]
-          for (int64_t i = 0; i < n; ++i) {
-            FromF32(spec_.kv_dtype, src->data() + (static_cast<size_t>(t0 + i) * Hkv + h) * d, d,
-                    dst->data() + (static_cast<size_t>(h) * n + i) * row);
-          }
-        }
-      }
-    }
-    RETURN_IF_ERROR(tier_->AppendKV(id, b));
-  }
-  if (options_.method == client::Method::kExact) return absl::OkStatus();
-  kvstore::BuildIndexArgs args;
-  args.method = options_.method;
-  args.first_layer = options_.dense_layers;
-  args.token_begin = std::min<int64_t>(options_.sink_tokens, T - 1);
-  if (options_.method == client::Method::kCtkvr) {
-    args.num_queries = static_cast<int>(prompt.query_positions.size());
-    for (int l = options_.dense_layers; l < L; ++l) args.layer_queries.push_back(prompt.q[l]);
-  }
-  ASSIGN_OR_RETURN(kvstore::BuildIndexOutcome built, tier_->BuildIndex(id, std::move(args)));
-  counters_.index_build_seconds += built.build_seconds;
-  return absl::OkStatus();
-}
-
 absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) {
   if (seqs_.count(id)) return absl::AlreadyExistsError(absl::StrCat("sequence '", id, "' is already running"));
   const int L = config_.num_layers;
@@ -187,7 +198,14 @@ absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) 
   if (static_cast<int>(prompt.k.size()) != L || static_cast<int>(prompt.v.size()) != L) {
     return absl::InvalidArgumentError("prompt KV has the wrong number of layers");
   }
-  if (options_.sparse) RETURN_IF_ERROR(PushToTier(id, prompt));
+  if (options_.sparse) {
+    std::vector<absl::Span<const float>> queries;
+    for (int l = options_.dense_layers; l < L; ++l) queries.push_back(prompt.q[l]);
+    RETURN_IF_ERROR(internal::PushPromptToTier(tier_, spec_, options_, id, prompt.tokens,
+                                               internal::PromptKvSourceOf(spec_, prompt),
+                                               static_cast<int>(prompt.query_positions.size()), queries,
+                                               &counters_.index_build_seconds));
+  }
   auto s = std::make_unique<Seq>();
   s->len = T;
   s->k.resize(L);

@@ -86,6 +86,33 @@ struct EngineCounters {
   double index_build_seconds = 0;  // tier-side BuildIndex time (as the tier reports it)
 };
 
+namespace internal {
+
+// Tier failures a step survives by decoding the layer without the tier's answer (deadline,
+// unavailable, a stale call).
+bool IsTierMiss(const absl::Status& s);
+
+// Writes the K/V of prompt tokens [b->token_start, + b->num_tokens) into b->keys / b->values
+// (AppendBatch layout, kv_dtype bytes).
+using PromptKvSource = std::function<void(client::AppendBatch* b)>;
+
+// The K/V of a prefilled prompt (fp32, rounded to spec.kv_dtype); refers to `prompt`, which must
+// outlive it.
+PromptKvSource PromptKvSourceOf(const ModelSpec& spec, const PromptKV& prompt);
+
+// The tier half of AddSequence, shared by the host and the GPU engine: opens `id` on the tier
+// with its prompt `tokens`, appends the KV of every token the tier does not hold yet (in
+// transactions of 2048 tokens, from `kv`) and, for ctkvr / cluster, has the tier build the
+// index over the sparse layers; for ctkvr layer_queries[l - options.dense_layers] holds
+// num_queries prompt queries of layer l ([num_queries][num_heads][head_dim] fp32). Adds the
+// tier's build time to *index_build_seconds.
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const EngineOptions& options,
+                              const std::string& id, absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
+                              double* index_build_seconds);
+
+}  // namespace internal
+
 class Engine {
  public:
   // `model` must outlive the engine; `tier` too, and may be null only when !options.sparse.
@@ -118,7 +145,6 @@ class Engine {
   Engine(ModelBackend* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options);
   bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
   void RoundKv(float* x, size_t n) const;
-  absl::Status PushToTier(const std::string& id, const PromptKV& prompt);
   // One sparse layer's Retrieve for a batch; queries(i) is sequence i's [num_heads][head_dim].
   // On OK the new rows are in the slot caches and each cache's `selected` is the selection; on
   // failure the caches keep their rows and last selection and move to new epochs.

@@ -519,7 +519,8 @@ __global__ void SlotScatterKernel(SlotScatterParams p) {
   }
   const int64_t entry = static_cast<int64_t>(seq) * p.num_kv_heads + head;
   const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-  const int64_t src = static_cast<int64_t>(row) * p.head_dim;
+  const int64_t src =
+      static_cast<int64_t>(row) * (p.src_row_stride > 0 ? p.src_row_stride : p.head_dim);
   for (int i = lane; i < p.head_dim / 8; i += 32) {
     reinterpret_cast<uint4*>(p.k_slots + dst)[i] =
         __ldg(reinterpret_cast<const uint4*>(p.k_rows + src) + i);
@@ -531,7 +532,48 @@ __global__ void SlotScatterKernel(SlotScatterParams p) {
   }
 }
 
+// One warp per (token, kv-head) row.
+__global__ void KvAppendKernel(KvAppendParams p, int page_shift) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= p.batch * p.num_kv_heads) return;
+  const int b = row / p.num_kv_heads, h = row % p.num_kv_heads;
+  const int t = p.positions[b];
+  if (t < 0) return;
+  int64_t page;
+  int in_page;
+  if (p.page_table != nullptr) {
+    page = p.page_table[static_cast<int64_t>(b) * p.page_table_stride + (t >> page_shift)];
+    in_page = t & ((1 << page_shift) - 1);
+  } else {
+    page = b;
+    in_page = t;
+  }
+  const int64_t dst = page * p.page_stride + static_cast<int64_t>(in_page) * p.token_stride +
+                      static_cast<int64_t>(h) * p.head_stride;
+  const int64_t src = static_cast<int64_t>(b) * p.src_stride + static_cast<int64_t>(h) * p.head_dim;
+  for (int i = lane; i < p.head_dim / 8; i += 32) {
+    reinterpret_cast<uint4*>(p.cache_k + dst)[i] =
+        __ldg(reinterpret_cast<const uint4*>(p.k + src) + i);
+    reinterpret_cast<uint4*>(p.cache_v + dst)[i] =
+        __ldg(reinterpret_cast<const uint4*>(p.v + src) + i);
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
+  const int rows = p.batch * p.num_kv_heads;
+  if (rows == 0) return cudaSuccess;
+  int shift = 0;
+  if (p.page_table != nullptr) {
+    while ((1 << shift) < p.page_size) ++shift;
+  }
+  constexpr int kRowsPerBlock = 8;
+  KvAppendKernel<<<(rows + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock * 32, 0, stream>>>(
+      p, shift);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream) {
   if (p.num_rows == 0) return cudaSuccess;

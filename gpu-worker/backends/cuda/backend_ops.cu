@@ -46,7 +46,22 @@ __global__ void BiasToBf16Kernel(const float* in, const float* bias, int64_t tot
   }
 }
 
+__global__ void Bf16ToF32Kernel(const uint16_t* in, int64_t total, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = __uint_as_float(uint32_t{in[i]} << 16);
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchBf16ToF32(const uint16_t* in, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  Bf16ToF32Kernel<<<static_cast<int>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(in, n,
+                                                                                            out);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchRmsNormF32(const float* x, const uint16_t* w, int rows, int dim, float eps,
                              uint16_t* out, cudaStream_t stream) {

@@ -119,11 +119,42 @@ void SlotScatterReference(const SlotScatterParams& p) {
     }
     const int64_t e = static_cast<int64_t>(seq) * p.num_kv_heads + head;
     const int64_t dst = e * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-    std::copy_n(p.k_rows + static_cast<int64_t>(i) * p.head_dim, p.head_dim, p.k_slots + dst);
-    std::copy_n(p.v_rows + static_cast<int64_t>(i) * p.head_dim, p.head_dim, p.v_slots + dst);
+    const int64_t src =
+        static_cast<int64_t>(i) * (p.src_row_stride > 0 ? p.src_row_stride : p.head_dim);
+    std::copy_n(p.k_rows + src, p.head_dim, p.k_slots + dst);
+    std::copy_n(p.v_rows + src, p.head_dim, p.v_slots + dst);
     if (p.slot_token_ids != nullptr && p.row_token_ids != nullptr) {
       p.slot_token_ids[e * p.budget + slot] = p.row_token_ids[i];
     }
+  }
+}
+
+void KvAppendReference(const KvAppendParams& p) {
+  for (int b = 0; b < p.batch; ++b) {
+    const int t = p.positions[b];
+    if (t < 0) continue;
+    int64_t page = b, in_page = t;
+    if (p.page_table != nullptr) {
+      page = p.page_table[static_cast<int64_t>(b) * p.page_table_stride + t / p.page_size];
+      in_page = t % p.page_size;
+    }
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int64_t dst = page * p.page_stride + in_page * p.token_stride + h * p.head_stride;
+      const int64_t src = b * p.src_stride + static_cast<int64_t>(h) * p.head_dim;
+      std::copy_n(p.k + src, p.head_dim, p.cache_k + dst);
+      std::copy_n(p.v + src, p.head_dim, p.cache_v + dst);
+    }
+  }
+}
+
+void FillRandomBf16Reference(uint16_t* out, int64_t n, uint64_t seed, int64_t first, float scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint64_t x = seed + static_cast<uint64_t>(first + j) * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    const float u = static_cast<float>(x >> 40) * (1.0f / 8388608.0f) - 1.0f;
+    out[j] = F32ToBf16(scale * u);
   }
 }
 

@@ -28,6 +28,11 @@ void SparseAttentionReference(const SparseAttentionParams& p, float* out);
 // Host pointers; *num_rejected (if set) is incremented as the kernel's.
 void SlotScatterReference(const SlotScatterParams& p);
 
+// Host pointers.
+void KvAppendReference(const KvAppendParams& p);
+// The same values as FillRandomBf16, on the host.
+void FillRandomBf16Reference(uint16_t* out, int64_t n, uint64_t seed, int64_t first, float scale);
+
 void RmsNormReference(const uint16_t* x, const uint16_t* weight, int rows, int dim, float eps,
                       uint16_t* out);
 void RopeReference(uint16_t* x, int tokens, int num_heads, int head_dim, int64_t token_stride,

@@ -2,11 +2,11 @@
 // and the kernels of kernels.h. Reached through CreateBackend("cuda", ...); registered by
 // cuda_backend.cc when the build has CUDA (this target is an OBJECT library, see registry.h).
 //
-// Data path (this increment: correctness first). ModelBackend's buffers are host fp32, so every
-// call copies its inputs through pinned staging buffers to the device, runs there on one stream
-// and copies the outputs back before returning. NOT the fast path: the next step for speed is a
-// GPU-resident engine path (activations, KV cache and attention on the device, one upload of
-// token ids and one download of logits or sampled ids per step, the step in a CUDA graph).
+// Data path. ModelBackend's buffers are host fp32, so every call copies its inputs through pinned
+// staging buffers to the device, runs the layer math of cuda_model.h (the weights and GEMMs it
+// shares with the GPU-resident engine) on the model's stream and copies the outputs back before
+// returning: the host Engine's reference path, not the fast one. The fast path is
+// gpu-worker/engine/cuda_engine.h (activations, KV cache and attention on the device).
 //
 // Numerics, per layer, against the cpu backend (fp32 throughout):
 //   - the residual stream x stays fp32 (on the device between the calls' GEMMs: o_proj and

@@ -95,8 +95,8 @@ struct SlotScatterParams {
   int batch = 0;
   int num_kv_heads = 0;
   int budget = 0;
-  const uint16_t* k_rows = nullptr;        // [num_rows][head_dim] bf16, packed
-  const uint16_t* v_rows = nullptr;        // [num_rows][head_dim] bf16, packed
+  const uint16_t* k_rows = nullptr;        // [num_rows] rows of head_dim bf16 (src_row_stride)
+  const uint16_t* v_rows = nullptr;        // likewise
   const int32_t* dest = nullptr;           // [num_rows][3]: (seq, kv_head, slot)
   const int32_t* row_token_ids = nullptr;  // [num_rows] or nullptr: stored in slot_token_ids
   uint16_t* k_slots = nullptr;             // bf16, layout as SlotCacheView
@@ -105,6 +105,32 @@ struct SlotScatterParams {
   int64_t row_stride = 0;
   int32_t* slot_token_ids = nullptr;  // [batch * num_kv_heads][budget] or nullptr
   int32_t* num_rejected = nullptr;    // or nullptr
+  // Row i of k_rows / v_rows starts at i * src_row_stride elements; 0 means head_dim (packed).
+  // The tier's fill rows (K then V of one token, adjacent) scatter as they arrive with k_rows =
+  // rows, v_rows = rows + head_dim and src_row_stride = 2 * head_dim.
+  int64_t src_row_stride = 0;  // a multiple of 8, >= head_dim, or 0
+};
+
+// Writes the K and V rows of one new token per sequence into a cache: token b's row of kv-head h
+// goes to sequence b, position positions[b], addressed as KvCacheView (the fields below mean
+// what they mean there; page_table == nullptr: contiguous, page(b, t) = b).
+// REQUIRES: the cache rows of the given positions are covered by the page table.
+struct KvAppendParams {
+  int batch = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;                    // a multiple of 8
+  const uint16_t* k = nullptr;         // token b, kv-head h at k + b * src_stride + h * head_dim
+  const uint16_t* v = nullptr;         // likewise
+  int64_t src_stride = 0;              // elements between tokens (a multiple of 8)
+  const int32_t* positions = nullptr;  // [batch]; a negative position writes nothing
+  uint16_t* cache_k = nullptr;         // bf16
+  uint16_t* cache_v = nullptr;         // bf16
+  const int32_t* page_table = nullptr;
+  int page_table_stride = 0;
+  int page_size = 0;
+  int64_t page_stride = 0;
+  int64_t token_stride = 0;
+  int64_t head_stride = 0;
 };
 
 }  // namespace kvrecall::worker::cuda

@@ -178,10 +178,43 @@ absl::Status SlotScatter(const SlotScatterParams& p, cudaStream_t stream) {
   }
   if (!Aligned16(p.k_rows) || !Aligned16(p.v_rows) || !Aligned16(p.k_slots) ||
       !Aligned16(p.v_slots) || p.entry_stride % 8 != 0 || p.row_stride % 8 != 0 ||
-      p.row_stride < p.head_dim || p.entry_stride < p.row_stride * p.budget) {
+      p.row_stride < p.head_dim || p.entry_stride < p.row_stride * p.budget ||
+      (p.src_row_stride != 0 && (p.src_row_stride % 8 != 0 || p.src_row_stride < p.head_dim))) {
     return Invalid(fn, "slot strides or alignment");
   }
   return CudaStatus(internal::LaunchSlotScatter(p, stream), fn);
+}
+
+absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream) {
+  constexpr absl::string_view fn = "KvAppend";
+  if (p.batch < 0 || p.num_kv_heads < 1 || p.head_dim < 8 || p.head_dim % 8 != 0) {
+    return Invalid(fn, absl::StrCat("batch ", p.batch, ", num_kv_heads ", p.num_kv_heads,
+                                    ", head_dim ", p.head_dim));
+  }
+  if (p.batch == 0) return absl::OkStatus();
+  if (p.k == nullptr || p.v == nullptr || p.positions == nullptr || p.cache_k == nullptr ||
+      p.cache_v == nullptr) {
+    return Invalid(fn, "null pointer");
+  }
+  if (!Aligned16(p.k) || !Aligned16(p.v) || !Aligned16(p.cache_k) || !Aligned16(p.cache_v) ||
+      p.src_stride % 8 != 0 || p.src_stride < static_cast<int64_t>(p.num_kv_heads) * p.head_dim ||
+      p.page_stride % 8 != 0 || p.token_stride % 8 != 0 || p.head_stride % 8 != 0 ||
+      p.head_stride < p.head_dim) {
+    return Invalid(fn, "strides or alignment");
+  }
+  if (p.page_table != nullptr && (p.page_size < 1 || (p.page_size & (p.page_size - 1)) != 0)) {
+    return Invalid(fn, absl::StrCat("page_size ", p.page_size, " is not a power of two"));
+  }
+  return CudaStatus(internal::LaunchKvAppend(p, stream), fn);
+}
+
+absl::Status FillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first, float scale,
+                            cudaStream_t stream) {
+  constexpr absl::string_view fn = "FillRandomBf16";
+  if (n < 0 || first < 0) return Invalid(fn, absl::StrCat("n ", n, ", first ", first));
+  if (n == 0) return absl::OkStatus();
+  if (out == nullptr) return Invalid(fn, "null pointer");
+  return CudaStatus(internal::LaunchFillRandomBf16(out, n, seed, first, scale, stream), fn);
 }
 
 absl::Status RmsNorm(const uint16_t* x, const uint16_t* weight, int rows, int dim, float eps,

@@ -57,6 +57,12 @@ namespace kvrecall::worker::cuda {
 // REQUIRES: num_rows >= 0, head_dim a multiple of 8, batch, num_kv_heads, budget >= 1.
 [[nodiscard]] absl::Status SlotScatter(const SlotScatterParams& p, cudaStream_t stream);
 
+// The new token's K and V rows into a dense (or sinks + window) cache (kernel_params.h
+// KvAppendParams).
+// REQUIRES: batch >= 0, num_kv_heads >= 1, head_dim a positive multiple of 8, 16-byte aligned
+//   rows, paged: page_size a power of two.
+[[nodiscard]] absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream);
+
 // ---- Per-token operations ------------------------------------------------------------------
 
 // out[r][i] = bf16(x[r][i] * rsqrt(mean_i(x[r][i]^2) + eps) * weight[i]), all in fp32.
@@ -110,6 +116,16 @@ namespace kvrecall::worker::cuda {
 [[nodiscard]] absl::Status SampleTopP(const float* logits, int rows, int vocab,
                                       const float* temperature, const float* top_p,
                                       const float* uniform, int32_t* out, cudaStream_t stream);
+
+// Deterministic pseudo-random bf16 values (random weights and synthetic K/V for benchmarks):
+//   out[j] = bf16(scale * u(seed, first + j)), u in [-1, 1) from a counter-based hash (the bf16
+// rounding may reach +-scale)
+// (splitmix64 of seed + index * golden ratio; the top 24 bits), so any slice of a stream can be
+// generated on its own, on the GPU or by FillRandomBf16Reference on the host, bit for bit.
+//   out: [n] bf16.
+// REQUIRES: n >= 0, first >= 0.
+[[nodiscard]] absl::Status FillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
+                                          float scale, cudaStream_t stream);
 
 }  // namespace kvrecall::worker::cuda
 

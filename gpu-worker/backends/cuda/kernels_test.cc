@@ -393,6 +393,130 @@ TEST(SlotScatterTest, MatchesReference) {
   EXPECT_EQ(dslot_ids.Download(), slot_ids);
 }
 
+// The tier's fill rows arrive as [row][K | V]: scattered in place with src_row_stride 2d.
+TEST(SlotScatterTest, InterleavedRowsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(8);
+  const int batch = 2, kv = 2, budget = 16, d = 64, rows = 20;
+  const int64_t entry_stride = static_cast<int64_t>(budget) * d;
+  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
+  std::vector<uint16_t> pairs = RandomBf16(static_cast<size_t>(rows) * 2 * d, rng);
+  std::vector<uint16_t> ks(slot_elems, 0), vs(slot_elems, 0);
+  std::vector<int32_t> dest(3 * rows);
+  for (int i = 0; i < rows; ++i) {
+    dest[3 * i] = i % batch;
+    dest[3 * i + 1] = (i / batch) % kv;
+    dest[3 * i + 2] = i / (batch * kv);
+  }
+  DeviceBuffer<uint16_t> dpairs(pairs), dks(ks), dvs(vs);
+  DeviceBuffer<int32_t> ddest(dest);
+  SlotScatterParams p;
+  p.num_rows = rows;
+  p.head_dim = d;
+  p.batch = batch;
+  p.num_kv_heads = kv;
+  p.budget = budget;
+  p.k_rows = dpairs.get();
+  p.v_rows = dpairs.get() + d;
+  p.src_row_stride = 2 * d;
+  p.dest = ddest.get();
+  p.k_slots = dks.get();
+  p.v_slots = dvs.get();
+  p.entry_stride = entry_stride;
+  p.row_stride = d;
+  ASSERT_OK(SlotScatter(p, nullptr));
+  SlotScatterParams hp = p;
+  hp.k_rows = pairs.data();
+  hp.v_rows = pairs.data() + d;
+  hp.dest = dest.data();
+  hp.k_slots = ks.data();
+  hp.v_slots = vs.data();
+  SlotScatterReference(hp);
+  EXPECT_EQ(dks.Download(), ks);
+  EXPECT_EQ(dvs.Download(), vs);
+  p.src_row_stride = d + 4;  // not a multiple of 8
+  EXPECT_THAT(SlotScatter(p, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// New K/V rows appended into a contiguous cache and into a paged one (page size 1 and 16, the
+// page table of a ring), from a fused q|k|v buffer; negative positions write nothing.
+TEST(KvAppendTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(9);
+  const int batch = 5, kv = 4, d = 128, q_dim = 8 * d, max_len = 64;
+  const int64_t width = q_dim + 2 * kv * d;
+  std::vector<uint16_t> qkv = RandomBf16(static_cast<size_t>(batch) * width, rng);
+  const std::vector<int32_t> positions = {0, 17, 63, -1, 40};
+  DeviceBuffer<uint16_t> dqkv(qkv);
+  DeviceBuffer<int32_t> dpos(positions);
+  for (int page_size : {0, 1, 16}) {
+    SCOPED_TRACE(page_size);
+    const int pages_per_seq = page_size == 0 ? 1 : max_len / page_size;
+    const int pages = batch * pages_per_seq;
+    std::vector<int32_t> table(static_cast<size_t>(pages));
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), rng);
+    const int64_t page_elems = static_cast<int64_t>(page_size == 0 ? max_len : page_size) * kv * d;
+    std::vector<uint16_t> ck = RandomBf16(static_cast<size_t>(pages) * page_elems, rng), cv = ck;
+    DeviceBuffer<uint16_t> dck(ck), dcv(cv);
+    DeviceBuffer<int32_t> dtable(table);
+    KvAppendParams p;
+    p.batch = batch;
+    p.num_kv_heads = kv;
+    p.head_dim = d;
+    p.k = dqkv.get() + q_dim;
+    p.v = dqkv.get() + q_dim + kv * d;
+    p.src_stride = width;
+    p.positions = dpos.get();
+    p.cache_k = dck.get();
+    p.cache_v = dcv.get();
+    p.page_table = page_size == 0 ? nullptr : dtable.get();
+    p.page_table_stride = pages_per_seq;
+    p.page_size = page_size;
+    p.page_stride = page_elems;
+    p.token_stride = static_cast<int64_t>(kv) * d;
+    p.head_stride = d;
+    ASSERT_OK(KvAppend(p, nullptr));
+    KvAppendParams hp = p;
+    hp.k = qkv.data() + q_dim;
+    hp.v = qkv.data() + q_dim + kv * d;
+    hp.positions = positions.data();
+    hp.cache_k = ck.data();
+    hp.cache_v = cv.data();
+    hp.page_table = page_size == 0 ? nullptr : table.data();
+    KvAppendReference(hp);
+    EXPECT_EQ(dck.Download(), ck);
+    EXPECT_EQ(dcv.Download(), cv);
+  }
+}
+
+// Bit-identical to the host reference, any slice of the stream generated on its own.
+TEST(FillRandomBf16Test, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 1000003;
+  DeviceBuffer<uint16_t> d(static_cast<size_t>(n));
+  d.Poison();
+  ASSERT_OK(FillRandomBf16(d.get(), n, 42, 12345, 0.02f, nullptr));
+  std::vector<uint16_t> want(static_cast<size_t>(n));
+  FillRandomBf16Reference(want.data(), n, 42, 12345, 0.02f);
+  EXPECT_EQ(d.Download(), want);
+  std::vector<uint16_t> slice(10);
+  FillRandomBf16Reference(slice.data(), 10, 42, 12345 + 500, 0.02f);
+  EXPECT_TRUE(std::equal(slice.begin(), slice.end(), want.begin() + 500));
+  double sum = 0, lo = 1, hi = -1;
+  for (uint16_t x : want) {
+    const double f = Bf16ToF32(x);
+    sum += f;
+    lo = std::min(lo, f);
+    hi = std::max(hi, f);
+  }
+  // Mean 0, range [-0.02, 0.02) before the bf16 rounding, which may reach +-0.02 (1 + 2^-8).
+  EXPECT_LT(std::fabs(sum / n), 1e-4);
+  EXPECT_GE(lo, -0.02 * (1 + 1.0 / 256));
+  EXPECT_LE(hi, 0.02 * (1 + 1.0 / 256));
+  EXPECT_GT(hi - lo, 0.039);
+}
+
 // |a - b| in bf16 ulps (same sign assumed; different signs count as far apart unless both ~0).
 int UlpDiff(uint16_t a, uint16_t b) {
   auto key = [](uint16_t x) {
@@ -655,6 +779,22 @@ TEST(ArgumentCheckTest, PerTokenOpsRejectBadShapes) {
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(SampleTopP(Fake<float>(0x100), 1, 0, nullptr, nullptr, nullptr, nullptr, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(FillRandomBf16(x, -1, 1, 0, 1.0f, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  KvAppendParams a;
+  a.batch = 2;
+  a.num_kv_heads = 2;
+  a.head_dim = 12;  // not a multiple of 8
+  a.k = a.v = a.cache_k = a.cache_v = x;
+  a.positions = Fake<int32_t>(0x100);
+  a.src_stride = 64;
+  a.token_stride = 64;
+  a.head_stride = 16;
+  EXPECT_THAT(KvAppend(a, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  a.head_dim = 16;
+  a.page_table = Fake<int32_t>(0x200);
+  a.page_size = 3;  // not a power of two
+  EXPECT_THAT(KvAppend(a, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 // On the GPU: a rejected call leaves the output untouched (nothing was launched) and a too

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -282,7 +283,28 @@ __global__ void __launch_bounds__(kRowThreads)
 
 int Blocks(int64_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
 
+__global__ void FillRandomKernel(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
+                                 float scale) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t x = seed + static_cast<uint64_t>(first + j) * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    const float u = __fmul_rn(static_cast<float>(x >> 40), 1.0f / 8388608.0f) - 1.0f;
+    out[j] = ToBf16(__fmul_rn(scale, u));
+  }
+}
+
 }  // namespace
+
+cudaError_t LaunchFillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
+                                 float scale, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 132 * 16);
+  FillRandomKernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(out, n, seed, first, scale);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchRmsNorm(const uint16_t* x, const uint16_t* weight, int rows, int dim, float eps,
                           uint16_t* out, cudaStream_t stream) {

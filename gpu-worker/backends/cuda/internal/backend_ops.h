@@ -1,4 +1,4 @@
-// nvcc-compiled kernels the cuda backend (cuda_backend.cc) needs beside kernels.h: the steps
+// nvcc-compiled kernels the cuda model (cuda_model.cc) needs beside kernels.h: the steps
 // where the backend's fp32 residual stream meets bf16 activations. Internal: arguments are
 // validated by the caller; each returns the launch's cudaError_t (cudaGetLastError).
 #ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_BACKEND_OPS_H_
@@ -19,6 +19,10 @@ cudaError_t LaunchRmsNormF32(const float* x, const uint16_t* w, int rows, int di
 //   in: [rows][cols] fp32; bias: [cols] fp32; out: [rows][cols] bf16.
 cudaError_t LaunchBiasToBf16(const float* in, const float* bias, int rows, int cols, uint16_t* out,
                              cudaStream_t stream);
+
+// out[i] = float(in[i]) (exact): embeddings into the fp32 residual stream.
+//   in: [n] bf16; out: [n] fp32.
+cudaError_t LaunchBf16ToF32(const uint16_t* in, int64_t n, float* out, cudaStream_t stream);
 
 }  // namespace kvrecall::worker::cuda::internal
 

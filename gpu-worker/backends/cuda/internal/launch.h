@@ -28,6 +28,9 @@ cudaError_t LaunchDecodeAttention(const DecodeAttentionParams& p, const Attentio
 cudaError_t LaunchSparseAttention(const SparseAttentionParams& p, const AttentionPlan& plan,
                                   void* workspace, cudaStream_t stream);
 cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream);
+cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
+cudaError_t LaunchFillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
+                                 float scale, cudaStream_t stream);
 
 cudaError_t LaunchRmsNorm(const uint16_t* x, const uint16_t* weight, int rows, int dim, float eps,
                           uint16_t* out, cudaStream_t stream);

@@ -1,0 +1,163 @@
+// A Llama-family model's bf16 weights on one GPU and the per-layer math of a forward pass on
+// device buffers: what the cuda ModelBackend (cuda_backend.cc, host buffers, staged copies) and
+// the GPU-resident decode engine (gpu-worker/engine/cuda_engine.h, device buffers throughout)
+// share. cuBLAS GEMMs (bf16 inputs, fp32 accumulate) and the kernels of kernels.h.
+//
+// Numerics (see cuda_backend.h): the residual stream x is fp32 and o_proj / down_proj accumulate
+// into it (beta = 1); RMSNorm reads fp32 x and writes bf16; q/k/v (Qwen2 bias added in fp32
+// first), gate/up and the SwiGLU product are rounded to bf16; RoPE is the kernels.h kernel;
+// logits come out of the lm_head GEMM in fp32.
+//
+// Every call enqueues on stream() and returns without synchronising: outputs are ready once the
+// stream is. All pointers taken by the calls are device pointers. Errors: RESOURCE_EXHAUSTED when
+// device memory runs out, INVALID_ARGUMENT for n outside [0, max_rows] or a bad layer, INTERNAL
+// for a CUDA or cuBLAS error (the model is then unusable).
+//
+// Thread safety: one thread at a time; the instance owns its stream, cuBLAS handle and scratch
+// on the device that was current when it was created.
+#ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
+#define KVRECALL_GPU_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "gpu-worker/model/config.h"
+#include "gpu-worker/model/safetensors.h"
+
+namespace kvrecall::worker::cuda {
+
+// Device memory (cudaMalloc) freed on destruction.
+class DeviceMem {
+ public:
+  DeviceMem() = default;
+  ~DeviceMem();
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+  DeviceMem(DeviceMem&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_) {}
+
+  // RESOURCE_EXHAUSTED (naming `what`) when the device is out of memory.
+  [[nodiscard]] absl::Status Allocate(size_t bytes, absl::string_view what);
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory (cudaHostAlloc) freed on destruction.
+class PinnedMem {
+ public:
+  PinnedMem() = default;
+  ~PinnedMem();
+  PinnedMem(const PinnedMem&) = delete;
+  PinnedMem& operator=(const PinnedMem&) = delete;
+
+  [[nodiscard]] absl::Status Allocate(size_t bytes, absl::string_view what);
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// OK when a usable CUDA device is present; FAILED_PRECONDITION when none (or no driver),
+// UNAVAILABLE when it is busy. `who` prefixes the message.
+[[nodiscard]] absl::Status CheckCudaDevice(absl::string_view who);
+
+class CudaModel {
+ public:
+  // Loads the checkpoint's tensors (validated first: INVALID_ARGUMENT for a missing tensor or a
+  // wrong shape). max_rows: the largest n any call below will be given (sizes the scratch).
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Load(const LlamaConfig& config,
+                                                         const SafetensorsCheckpoint& ckpt,
+                                                         int max_rows);
+  // Random weights generated on the device (FillRandomBf16; no file): projections uniform with
+  // standard deviation 1/sqrt(fan in), embeddings with 1, norm weights 1, biases 0. For
+  // benchmarks of model shapes no checkpoint is at hand for.
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Random(const LlamaConfig& config, uint64_t seed,
+                                                           int max_rows);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const LlamaConfig& config() const { return config_; }
+  cudaStream_t stream() const { return stream_; }
+  int max_rows() const { return max_rows_; }
+  int q_dim() const { return config_.num_heads * config_.head_dim; }
+  int kv_dim() const { return config_.num_kv_heads * config_.head_dim; }
+  int qkv_width() const { return q_dim() + 2 * kv_dim(); }
+  int64_t weight_bytes() const { return weight_bytes_; }  // device bytes of the weights
+
+  // x: [n][hidden] fp32 <- the embedding rows of ids: [n] int32 (an id outside the vocabulary
+  // gives a row of zeros; callers check ids on the host).
+  [[nodiscard]] absl::Status Embed(const int32_t* ids, int n, float* x);
+  // qkv: [n][qkv_width()] bf16 = q | k | v of input_norm(x) (x: [n][hidden] fp32), q and k
+  // rotated by RoPE at positions: [n] int32.
+  [[nodiscard]] absl::Status Qkv(int layer, const float* x, int n, const int32_t* positions,
+                                 uint16_t* qkv);
+  // x += o_proj(attn); x += down(silu(gate(h)) * up(h)), h = post_attention_norm(x).
+  //   attn: [n][q_dim()] bf16; x: [n][hidden] fp32.
+  [[nodiscard]] absl::Status FinishLayer(int layer, const uint16_t* attn, int n, float* x);
+  // logits: [n][vocab] fp32 = lm_head(final_norm(x)).
+  [[nodiscard]] absl::Status Logits(const float* x, int n, float* logits);
+
+ private:
+  struct Layer {
+    DeviceMem input_norm;  // [hidden] bf16
+    DeviceMem post_norm;   // [hidden] bf16
+    DeviceMem qkv;         // [q_dim + 2 kv_dim][hidden] bf16: q_proj, k_proj, v_proj stacked
+    DeviceMem qkv_bias;    // [q_dim + 2 kv_dim] fp32; allocated with attention_bias only
+    DeviceMem o;           // [hidden][q_dim] bf16
+    DeviceMem gate_up;     // [2 intermediate][hidden] bf16: gate_proj, up_proj stacked
+    DeviceMem down;        // [hidden][intermediate] bf16
+  };
+
+  CudaModel(LlamaConfig config, int max_rows) : config_(std::move(config)), max_rows_(max_rows) {}
+  absl::Status CreateStream();
+  absl::Status AllocateScratch();
+  absl::Status LoadWeights(const SafetensorsCheckpoint& ckpt);
+  absl::Status RandomWeights(uint64_t seed);
+  absl::Status CheckRows(int n) const;
+  absl::Status CheckLayer(int layer) const;
+  // c[rows][out] (fp32 or bf16, by c_type) = beta * c + a[rows][in] . w[out][in]^T (bf16).
+  absl::Status Gemm(const uint16_t* w, int out, int in, const uint16_t* a, int rows, void* c,
+                    cudaDataType_t c_type, float beta);
+
+  const LlamaConfig config_;
+  const int max_rows_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int64_t weight_bytes_ = 0;
+
+  DeviceMem embed_;       // [vocab][hidden] bf16
+  DeviceMem lm_head_;     // [vocab][hidden] bf16; unallocated when tied (embed_ is used)
+  DeviceMem final_norm_;  // [hidden] bf16
+  DeviceMem inv_freq_;    // [head_dim / 2] fp64 (Llama-3 scaling included)
+  std::vector<Layer> layers_;
+
+  // Scratch, max_rows rows each.
+  DeviceMem h_;    // [rows][hidden] bf16: normed x, embeddings
+  DeviceMem f32_;  // [rows][qkv width] fp32: the q/k/v GEMM's output
+  DeviceMem gu_;   // [rows][2 intermediate] bf16: gate | up
+  DeviceMem act_;  // [rows][intermediate] bf16: the SwiGLU product
+};
+
+}  // namespace kvrecall::worker::cuda
+
+#endif  // KVRECALL_GPU_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_

@@ -1,0 +1,823 @@
+#include "gpu-worker/engine/cuda_engine.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "common/dtype.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "gpu-worker/backends/cuda/cpu_reference.h"
+#include "gpu-worker/backends/cuda/cuda_status.h"
+#include "gpu-worker/backends/cuda/kernels.h"
+
+namespace kvrecall::worker {
+namespace {
+
+using cuda::CudaStatus;
+using cuda::DeviceMem;
+using cuda::PinnedMem;
+
+// Slot epochs name slot caches to the tier. One counter for every CudaEngine of the process, so
+// that a new engine over sequences an earlier one left on the tier never reuses an epoch; it
+// starts far above the host Engine's counter (which starts at 1) for the same reason.
+std::atomic<uint64_t> next_epoch{uint64_t{1} << 40};
+
+// Synthetic K/V values: uniform with standard deviation 1.
+constexpr float kSyntheticScale = 1.7320508f;
+uint64_t SyntheticStream(uint64_t seed, int layer, bool is_v) {
+  return seed * 0x100000001B3ull + static_cast<uint64_t>(layer) * 2 + (is_v ? 1 : 0);
+}
+
+double Since(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
+
+}  // namespace
+
+void SyntheticKv(uint64_t seed, int layer, bool is_v, int num_kv_heads, int head_dim, int64_t t0,
+                 int64_t n, int h, uint16_t* out) {
+  const uint64_t stream = SyntheticStream(seed, layer, is_v);
+  for (int64_t i = 0; i < n; ++i) {
+    cuda::FillRandomBf16Reference(out + i * head_dim, head_dim, stream,
+                                  ((t0 + i) * num_kv_heads + h) * head_dim, kSyntheticScale);
+  }
+}
+
+internal::PromptKvSource SyntheticKvSource(uint64_t seed, const ModelSpec& spec, ThreadPool* pool) {
+  return [seed, spec, pool](client::AppendBatch* b) {
+    const int L = spec.num_layers, Hkv = spec.num_kv_heads, d = spec.head_dim;
+    const size_t per_head = static_cast<size_t>(b->num_tokens) * spec.row_bytes();
+    for (int l = 0; l < L; ++l) {
+      b->keys[l].resize(per_head * Hkv);
+      b->values[l].resize(per_head * Hkv);
+    }
+    pool->ParallelFor(int64_t{L} * 2 * Hkv, [&](int64_t i) {
+      const int l = static_cast<int>(i / (2 * Hkv)), h = static_cast<int>(i % Hkv);
+      const bool is_v = (i / Hkv) % 2 == 1;
+      std::string& dst = is_v ? b->values[l] : b->keys[l];
+      SyntheticKv(seed, l, is_v, Hkv, d, b->token_start, b->num_tokens, h,
+                  reinterpret_cast<uint16_t*>(dst.data() + h * per_head));
+    });
+  };
+}
+
+struct CudaEngine::Seq {
+  std::string id;
+  int64_t len = 0;
+  bool has_queries = false;  // Device::q_h holds this row's queries of the last step
+  std::vector<std::vector<uint64_t>> epochs;  // [layer][kv_head]; empty for dense layers
+};
+
+// One sparse layer's Retrieve: who each entry is and what the tier answered.
+struct CudaEngine::LayerRecall {
+  absl::Status status;
+  std::vector<std::pair<int, int>> entries;  // (batch row, kv-head) of recalled[e]
+  std::vector<client::Recalled> recalled;
+  absl::Notification done;  // lookahead: set once status and recalled are final
+};
+
+struct CudaEngine::Device {
+  // Activations, max_batch rows each.
+  DeviceMem x;       // [rows][hidden] fp32
+  DeviceMem qkv;     // [rows][q_dim + 2 kv_dim] bf16
+  DeviceMem q;       // [rows][q_dim] bf16, packed (attention and retrieval)
+  DeviceMem attn;    // [rows][q_dim] bf16
+  DeviceMem logits;  // [rows][vocab] fp32
+  DeviceMem io;      // [3][rows] int32: tokens, positions, lengths
+  DeviceMem next;    // [rows] int32
+  DeviceMem workspace;
+  // Per layer: the dense cache, or a sparse layer's sinks + window (header comment).
+  std::vector<DeviceMem> k, v;
+  DeviceMem ring_table;  // [max_batch][max_context] int32: row of position p in sinks + window
+  // Per sparse layer: slot caches and their slot -> token maps.
+  std::vector<DeviceMem> slot_k, slot_v, slot_map;
+  DeviceMem counts;  // [max_batch * kv_heads] int32, every entry = budget
+  // Recalled rows on their way up, double-buffered: fills [rows][K | V] bf16, dest [rows][3].
+  DeviceMem fill_rows[2], fill_dest[2];
+
+  // Pinned host memory.
+  PinnedMem io_h;      // [3][max_batch] int32
+  PinnedMem next_h;    // [max_batch] int32
+  PinnedMem logits_h;  // [max_batch][vocab] fp32, allocated on the first request
+  PinnedMem q_h;       // [layer][max_batch][q_dim] bf16: each sparse layer's last queries
+  PinnedMem newkv_h;   // [layer][max_batch][K kv_dim | V kv_dim] bf16: the step's new rows
+  PinnedMem map_h;     // [sparse layer][max_batch * kv_heads][budget] int32
+  PinnedMem fill_rows_h[2], fill_dest_h[2];
+  cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload from fill_*_h[i] is done
+  int flip = 0;                                // the fill_*_h the last ApplyRecall used
+  std::vector<cudaEvent_t> segments;           // GPU busy segments of a step: begin, end, ...
+  int open_segments = 0;
+
+  ~Device() {
+    for (cudaEvent_t e : staged) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    for (cudaEvent_t e : segments) cudaEventDestroy(e);
+  }
+};
+
+CudaEngine::CudaEngine(cuda::CudaModel* model, client::Tier* tier, ModelSpec spec,
+                       const EngineOptions& options, const CudaEngineLimits& limits)
+    : model_(model),
+      tier_(tier),
+      spec_(std::move(spec)),
+      options_(options),
+      limits_(limits),
+      config_(model->config()),
+      pool_(options.num_threads),
+      dev_(std::make_unique<Device>()) {}
+
+CudaEngine::~CudaEngine() {
+  if (model_ != nullptr) (void)cudaStreamSynchronize(model_->stream());
+}
+
+int64_t CudaEngine::DeviceBytesPerSequence(const LlamaConfig& c, const EngineOptions& o,
+                                           int max_context) {
+  const int64_t kvd = int64_t{c.num_kv_heads} * c.head_dim, qd = int64_t{c.num_heads} * c.head_dim;
+  const int sparse_layers = o.sparse ? std::max(0, c.num_layers - o.dense_layers) : 0;
+  const int dense_layers = c.num_layers - sparse_layers;
+  int64_t b = dense_layers * 2 * int64_t{max_context} * kvd * 2;
+  if (sparse_layers > 0) {
+    const int64_t slots = int64_t{c.num_kv_heads} * o.budget;
+    b += sparse_layers * (2 * int64_t{o.sink_tokens + o.window_tokens} * kvd * 2 +
+                          2 * slots * c.head_dim * 2 + slots * 4);
+    b += 2 * (slots * 2 * c.head_dim * 2 + slots * 3 * 4) + c.num_kv_heads * 4 +
+         int64_t{max_context} * 4;
+  }
+  b += c.hidden_size * 4 + (qd + 2 * kvd) * 2 + 2 * qd * 2 + int64_t{c.vocab_size} * 4 + 4 * 4;
+  return b;
+}
+
+absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* model,
+                                                               client::Tier* tier, ModelSpec spec,
+                                                               const EngineOptions& options,
+                                                               const CudaEngineLimits& limits) {
+  const LlamaConfig& c = model->config();
+  if (spec.num_layers != c.num_layers || spec.num_q_heads != c.num_heads ||
+      spec.num_kv_heads != c.num_kv_heads || spec.head_dim != c.head_dim) {
+    return absl::InvalidArgumentError("model spec does not match the model's config");
+  }
+  if (spec.kv_dtype != DType::kBF16)
+    return absl::InvalidArgumentError("the GPU engine stores bf16 K/V");
+  if (limits.max_batch < 1 || limits.max_batch > model->max_rows() || limits.max_context < 2) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch ", limits.max_batch,
+                                                   " must be in [1, ", model->max_rows(),
+                                                   "] and max_context >= 2"));
+  }
+  if (options.sparse) {
+    if (tier == nullptr) return absl::InvalidArgumentError("sparse mode needs a tier");
+    if (options.window_tokens < 2 || options.sink_tokens < 0 || options.budget < 1 ||
+        options.dense_layers < 0) {
+      return absl::InvalidArgumentError(
+          "need window_tokens >= 2, sink_tokens >= 0, budget >= 1, dense_layers >= 0");
+    }
+  }
+  if (options.observer != nullptr)
+    return absl::InvalidArgumentError("the GPU engine has no QkvObserver");
+  std::unique_ptr<CudaEngine> e(new CudaEngine(model, tier, std::move(spec), options, limits));
+  RETURN_IF_ERROR(e->Allocate());
+  return e;
+}
+
+absl::Status CudaEngine::Allocate() {
+  Device& d = *dev_;
+  const size_t B = limits_.max_batch, T = limits_.max_context, L = config_.num_layers;
+  const size_t kvd = model_->kv_dim(), qd = model_->q_dim(), Hkv = config_.num_kv_heads,
+               hd = config_.head_dim;
+  const size_t S = options_.sink_tokens, W = options_.window_tokens, budget = options_.budget;
+  const size_t sparse_layers = options_.sparse ? L - std::min<size_t>(L, options_.dense_layers) : 0;
+  RETURN_IF_ERROR(d.x.Allocate(B * config_.hidden_size * 4, "x"));
+  RETURN_IF_ERROR(d.qkv.Allocate(B * model_->qkv_width() * 2, "qkv"));
+  RETURN_IF_ERROR(d.q.Allocate(B * qd * 2, "q"));
+  RETURN_IF_ERROR(d.attn.Allocate(B * qd * 2, "attention output"));
+  RETURN_IF_ERROR(d.logits.Allocate(B * config_.vocab_size * 4, "logits"));
+  RETURN_IF_ERROR(d.io.Allocate(3 * B * 4, "step inputs"));
+  RETURN_IF_ERROR(d.next.Allocate(B * 4, "sampled ids"));
+  d.k.resize(L);
+  d.v.resize(L);
+  d.slot_k.resize(L);
+  d.slot_v.resize(L);
+  d.slot_map.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    const size_t rows = IsSparse(static_cast<int>(l)) ? S + W : T;
+    const std::string what =
+        absl::StrCat("layer ", l, IsSparse(static_cast<int>(l)) ? " sinks + window" : " KV cache");
+    RETURN_IF_ERROR(d.k[l].Allocate(B * rows * kvd * 2, what));
+    RETURN_IF_ERROR(d.v[l].Allocate(B * rows * kvd * 2, what));
+    if (!IsSparse(static_cast<int>(l))) continue;
+    RETURN_IF_ERROR(d.slot_k[l].Allocate(B * Hkv * budget * hd * 2, "slot cache"));
+    RETURN_IF_ERROR(d.slot_v[l].Allocate(B * Hkv * budget * hd * 2, "slot cache"));
+    RETURN_IF_ERROR(d.slot_map[l].Allocate(B * Hkv * budget * 4, "slot map"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemsetAsync(d.slot_map[l].as<void>(), 0xff, d.slot_map[l].bytes(), model_->stream()),
+        "slot map reset"));
+  }
+  RETURN_IF_ERROR(d.io_h.Allocate(3 * B * 4, "step inputs"));
+  RETURN_IF_ERROR(d.next_h.Allocate(B * 4, "sampled ids"));
+  RETURN_IF_ERROR(d.q_h.Allocate(L * B * qd * 2, "queries"));
+  RETURN_IF_ERROR(d.newkv_h.Allocate(L * B * 2 * kvd * 2, "new K/V rows"));
+  if (sparse_layers > 0) {
+    RETURN_IF_ERROR(d.ring_table.Allocate(B * T * 4, "sinks + window page table"));
+    std::vector<int32_t> table(B * T);
+    for (size_t b = 0; b < B; ++b) {
+      for (size_t p = 0; p < T; ++p)
+        table[b * T + p] = static_cast<int32_t>(b * (S + W) + (p < S ? p : S + (p - S) % W));
+    }
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy(d.ring_table.as<void>(), table.data(), table.size() * 4, cudaMemcpyHostToDevice),
+        "page table"));
+    RETURN_IF_ERROR(d.counts.Allocate(B * Hkv * 4, "slot counts"));
+    const std::vector<int32_t> counts(B * Hkv, static_cast<int32_t>(budget));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy(d.counts.as<void>(), counts.data(), counts.size() * 4, cudaMemcpyHostToDevice),
+        "slot counts"));
+    const size_t fills = B * Hkv * budget;
+    for (int i = 0; i < 2; ++i) {
+      RETURN_IF_ERROR(d.fill_rows[i].Allocate(fills * 2 * hd * 2, "recalled rows"));
+      RETURN_IF_ERROR(d.fill_dest[i].Allocate(fills * 3 * 4, "recalled rows' slots"));
+      RETURN_IF_ERROR(d.fill_rows_h[i].Allocate(fills * 2 * hd * 2, "recalled rows"));
+      RETURN_IF_ERROR(d.fill_dest_h[i].Allocate(fills * 3 * 4, "recalled rows' slots"));
+      RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&d.staged[i], cudaEventDisableTiming),
+                                 "cudaEventCreate"));
+    }
+    RETURN_IF_ERROR(d.map_h.Allocate(sparse_layers * B * Hkv * budget * 4, "slot maps"));
+    std::fill_n(d.map_h.as<int32_t>(), sparse_layers * B * Hkv * budget, -1);
+  }
+  d.segments.resize(2 * (L + 2));
+  for (cudaEvent_t& e : d.segments) {
+    RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "cudaEventCreate"));
+  }
+  return CudaStatus(cudaStreamSynchronize(model_->stream()), "engine allocation");
+}
+
+int CudaEngine::FindRow(const std::string& id) const {
+  for (size_t i = 0; i < rows_.size(); ++i) {
+    if (rows_[i]->id == id) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
+  if (FindRow(id) >= 0) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence '", id, "' is already running"));
+  }
+  if (static_cast<int>(rows_.size()) >= limits_.max_batch) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("all ", limits_.max_batch, " batch rows are in use"));
+  }
+  if (num_tokens < 1 || num_tokens >= limits_.max_context) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a prompt of ", num_tokens, " tokens does not fit max_context ", limits_.max_context));
+  }
+  auto s = std::make_unique<Seq>();
+  s->id = id;
+  s->len = num_tokens;
+  s->epochs.resize(config_.num_layers);
+  const int row = static_cast<int>(rows_.size());
+  const size_t Hkv = config_.num_kv_heads, budget = options_.budget;
+  int sparse_index = 0;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    if (!IsSparse(l)) continue;
+    for (size_t h = 0; h < Hkv; ++h) s->epochs[l].push_back(next_epoch.fetch_add(1));
+    const size_t first = static_cast<size_t>(row) * Hkv * budget;
+    std::fill_n(
+        dev_->map_h.as<int32_t>() + (sparse_index++ * limits_.max_batch * Hkv * budget) + first,
+        Hkv * budget, -1);
+    RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(dev_->slot_map[l].as<int32_t>() + first, 0xff,
+                                               Hkv * budget * 4, model_->stream()),
+                               "slot map reset"));
+  }
+  rows_.push_back(std::move(s));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::AddSequence(const std::string& id, const PromptKV& prompt) {
+  if (FindRow(id) >= 0) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence '", id, "' is already running"));
+  }
+  const int L = config_.num_layers;
+  const int64_t T = static_cast<int64_t>(prompt.tokens.size());
+  if (static_cast<int>(prompt.k.size()) != L || static_cast<int>(prompt.v.size()) != L) {
+    return absl::InvalidArgumentError("prompt KV has the wrong number of layers");
+  }
+  const size_t kvd = model_->kv_dim();
+  for (int l = 0; l < L; ++l) {
+    if (prompt.k[l].size() != static_cast<size_t>(T) * kvd ||
+        prompt.v[l].size() != prompt.k[l].size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt KV of layer ", l, " has the wrong size"));
+    }
+  }
+  RETURN_IF_ERROR(NewRow(id, T));
+  const size_t row = rows_.size() - 1;
+  absl::Cleanup undo = [&] { rows_.pop_back(); };
+  if (options_.sparse) {
+    std::vector<absl::Span<const float>> queries;
+    for (int l = options_.dense_layers; l < L; ++l) queries.push_back(prompt.q[l]);
+    RETURN_IF_ERROR(internal::PushPromptToTier(
+        tier_, spec_, options_, id, prompt.tokens, internal::PromptKvSourceOf(spec_, prompt),
+        static_cast<int>(prompt.query_positions.size()), queries, &counters_.index_build_seconds));
+  }
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  std::vector<uint16_t> host;
+  for (int l = 0; l < L; ++l) {
+    for (bool is_v : {false, true}) {
+      const std::vector<float>& src = is_v ? prompt.v[l] : prompt.k[l];
+      uint16_t* dst = (is_v ? dev_->v[l] : dev_->k[l]).as<uint16_t>();
+      if (!IsSparse(l)) {
+        host.resize(src.size());
+        FromF32(DType::kBF16, src.data(), src.size(), host.data());
+        dst += row * limits_.max_context * kvd;
+      } else {
+        host.assign(static_cast<size_t>(S + W) * kvd, 0);
+        for (int64_t p = 0; p < T; ++p) {
+          if (p >= S && p < T - W) continue;
+          const int64_t r = p < S ? p : S + (p - S) % W;
+          FromF32(DType::kBF16, src.data() + p * kvd, kvd, host.data() + r * kvd);
+        }
+        dst += row * (S + W) * kvd;
+      }
+      RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpy(dst, host.data(), host.size() * 2, cudaMemcpyHostToDevice),
+                     "prompt KV upload"));
+    }
+  }
+  std::move(undo).Cancel();
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::AddSyntheticSequence(const std::string& id, int64_t num_tokens,
+                                              uint64_t seed) {
+  RETURN_IF_ERROR(NewRow(id, num_tokens));
+  const size_t row = rows_.size() - 1;
+  absl::Cleanup undo = [&] { rows_.pop_back(); };
+  const int64_t kvd = model_->kv_dim(), T = num_tokens, S = options_.sink_tokens,
+                W = options_.window_tokens;
+  const cudaStream_t st = model_->stream();
+  for (int l = 0; l < config_.num_layers; ++l) {
+    for (bool is_v : {false, true}) {
+      uint16_t* dst = (is_v ? dev_->v[l] : dev_->k[l]).as<uint16_t>();
+      const uint64_t stream = SyntheticStream(seed, l, is_v);
+      if (!IsSparse(l)) {
+        RETURN_IF_ERROR(cuda::FillRandomBf16(dst + row * limits_.max_context * kvd, T * kvd, stream,
+                                             0, kSyntheticScale, st));
+        continue;
+      }
+      dst += row * (S + W) * kvd;
+      const int64_t sinks = std::min(T, S);
+      RETURN_IF_ERROR(cuda::FillRandomBf16(dst, sinks * kvd, stream, 0, kSyntheticScale, st));
+      // The window's positions [max(S, T - W), T) in runs that do not wrap around the ring.
+      for (int64_t p = std::max(S, T - W); p < T;) {
+        const int64_t r = (p - S) % W;
+        const int64_t run = std::min(T - p, W - r);
+        RETURN_IF_ERROR(cuda::FillRandomBf16(dst + (S + r) * kvd, run * kvd, stream, p * kvd,
+                                             kSyntheticScale, st));
+        p += run;
+      }
+    }
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "synthetic KV"));
+  std::move(undo).Cancel();
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::RemoveSequence(const std::string& id) {
+  const int r = FindRow(id);
+  if (r < 0) return absl::NotFoundError(absl::StrCat("no sequence '", id, "'"));
+  const int last = static_cast<int>(rows_.size()) - 1;
+  if (r != last) {  // the last row moves into the freed one
+    Device& d = *dev_;
+    const cudaStream_t st = model_->stream();
+    const size_t kvd = model_->kv_dim(), Hkv = config_.num_kv_heads, budget = options_.budget;
+    const size_t S = options_.sink_tokens, W = options_.window_tokens;
+    auto move = [&](const DeviceMem& m, size_t row_bytes, size_t used_bytes) {
+      return CudaStatus(
+          cudaMemcpyAsync(m.as<uint8_t>() + r * row_bytes, m.as<uint8_t>() + last * row_bytes,
+                          used_bytes, cudaMemcpyDeviceToDevice, st),
+          "batch row move");
+    };
+    int sparse_index = 0;
+    for (int l = 0; l < config_.num_layers; ++l) {
+      if (!IsSparse(l)) {
+        const size_t row_bytes = limits_.max_context * kvd * 2;
+        RETURN_IF_ERROR(move(d.k[l], row_bytes, rows_[last]->len * kvd * 2));
+        RETURN_IF_ERROR(move(d.v[l], row_bytes, rows_[last]->len * kvd * 2));
+        continue;
+      }
+      RETURN_IF_ERROR(move(d.k[l], (S + W) * kvd * 2, (S + W) * kvd * 2));
+      RETURN_IF_ERROR(move(d.v[l], (S + W) * kvd * 2, (S + W) * kvd * 2));
+      const size_t slots = Hkv * budget;
+      RETURN_IF_ERROR(
+          move(d.slot_k[l], slots * config_.head_dim * 2, slots * config_.head_dim * 2));
+      RETURN_IF_ERROR(
+          move(d.slot_v[l], slots * config_.head_dim * 2, slots * config_.head_dim * 2));
+      RETURN_IF_ERROR(move(d.slot_map[l], slots * 4, slots * 4));
+      int32_t* map = d.map_h.as<int32_t>() + sparse_index++ * limits_.max_batch * slots;
+      std::copy_n(map + last * slots, slots, map + r * slots);
+      uint16_t* q =
+          d.q_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * model_->q_dim();
+      std::copy_n(q + last * model_->q_dim(), model_->q_dim(), q + r * model_->q_dim());
+    }
+    RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "batch row move"));
+    rows_[r] = std::move(rows_[last]);
+  }
+  rows_.pop_back();
+  if (options_.sparse) return tier_->CloseSequence(id, /*drop=*/true);
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
+                                  int staging_area, LayerRecall* out) {
+  const int B = static_cast<int>(pos.size());
+  const int Hkv = config_.num_kv_heads, G = config_.num_heads / Hkv, d = config_.head_dim;
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area};
+  out->entries.clear();
+  for (int i = 0; i < B; ++i) {
+    const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
+    if (ws <= S) continue;  // everything is sink or window
+    for (int h = 0; h < Hkv; ++h) {
+      out->entries.emplace_back(i, h);
+      batch.entries.push_back(
+          {rows_[i]->id, h,
+           absl::MakeConstSpan(queries + (static_cast<size_t>(i) * Hkv + h) * G * d,
+                               static_cast<size_t>(G) * d),
+           S, ws, options_.delta_streaming ? rows_[i]->epochs[l][h] : 0});
+    }
+  }
+  out->recalled.clear();
+  if (batch.entries.empty()) return absl::OkStatus();
+  const absl::Time t0 = absl::Now();
+  absl::Status st = tier_->Retrieve(batch, &out->recalled);
+  counters_.retrieve_seconds += Since(t0);
+  counters_.retrieve_calls++;
+  if (!st.ok()) {
+    // Whatever the tier put or remembers for this call is unknown: new epochs make it resend.
+    for (auto [i, h] : out->entries) rows_[i]->epochs[l][h] = next_epoch.fetch_add(1);
+  }
+  return st;
+}
+
+absl::Status CudaEngine::ApplyRecall(int l, LayerRecall& r) {
+  Device& d = *dev_;
+  const cudaStream_t st = model_->stream();
+  const int Hkv = config_.num_kv_heads, hd = config_.head_dim, budget = options_.budget;
+  const size_t pair = 2 * spec_.row_bytes(), slots = static_cast<size_t>(Hkv) * budget;
+  const int k = d.flip ^= 1;
+  RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(d.staged[k]), "staging wait"));
+  uint8_t* rows = d.fill_rows_h[k].as<uint8_t>();
+  int32_t* dest = d.fill_dest_h[k].as<int32_t>();
+  int32_t* maps = d.map_h.as<int32_t>() +
+                  static_cast<size_t>(l - options_.dense_layers) * limits_.max_batch * slots;
+  // Entry e's fill rows go to staging rows [first[e], first[e + 1]); packed on the pool.
+  std::vector<size_t> first(r.entries.size() + 1, 0);
+  for (size_t e = 0; e < r.entries.size(); ++e) {
+    first[e + 1] = first[e] + r.recalled[e].fill_slots.size();
+    counters_.recalled_rows += static_cast<int64_t>(r.recalled[e].token_ids.size());
+  }
+  const int n = static_cast<int>(first.back());
+  counters_.streamed_rows += n;
+  pool_.ParallelFor(static_cast<int64_t>(r.entries.size()), [&](int64_t e) {
+    const auto [i, h] = r.entries[e];
+    const client::Recalled& rec = r.recalled[e];
+    std::memcpy(rows + first[e] * pair, rec.rows, rec.fill_slots.size() * pair);
+    for (size_t j = 0, m = first[e]; j < rec.fill_slots.size(); ++j, ++m) {
+      dest[3 * m] = i;
+      dest[3 * m + 1] = h;
+      dest[3 * m + 2] = rec.fill_slots[j];
+    }
+    int32_t* map = maps + (static_cast<size_t>(i) * Hkv + h) * budget;
+    std::fill_n(map, budget, -1);
+    for (size_t j = 0; j < rec.slots.size(); ++j) map[rec.slots[j]] = rec.token_ids[j];
+  });
+  RETURN_IF_ERROR(BeginGpuSegment());
+  if (n > 0) {
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(d.fill_rows[k].as<void>(), rows, n * pair, cudaMemcpyHostToDevice, st),
+        "recalled rows upload"));
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(d.fill_dest[k].as<void>(), dest, n * 12, cudaMemcpyHostToDevice, st),
+        "slots upload"));
+    cuda::SlotScatterParams p;
+    p.num_rows = n;
+    p.head_dim = hd;
+    p.batch = batch();
+    p.num_kv_heads = Hkv;
+    p.budget = budget;
+    p.k_rows = d.fill_rows[k].as<uint16_t>();
+    p.v_rows = d.fill_rows[k].as<uint16_t>() + hd;
+    p.src_row_stride = 2 * hd;
+    p.dest = d.fill_dest[k].as<int32_t>();
+    p.k_slots = d.slot_k[l].as<uint16_t>();
+    p.v_slots = d.slot_v[l].as<uint16_t>();
+    p.entry_stride = static_cast<int64_t>(budget) * hd;
+    p.row_stride = hd;
+    RETURN_IF_ERROR(cuda::SlotScatter(p, st));
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d.slot_map[l].as<void>(), maps, batch() * slots * 4,
+                                             cudaMemcpyHostToDevice, st),
+                             "slot map upload"));
+  return CudaStatus(cudaEventRecord(d.staged[k], st), "cudaEventRecord");
+}
+
+absl::Status CudaEngine::BeginGpuSegment() {
+  Device& d = *dev_;
+  return CudaStatus(cudaEventRecord(d.segments[2 * d.open_segments], model_->stream()),
+                    "cudaEventRecord");
+}
+
+absl::Status CudaEngine::EndGpuSegment() {
+  Device& d = *dev_;
+  return CudaStatus(cudaEventRecord(d.segments[2 * d.open_segments++ + 1], model_->stream()),
+                    "cudaEventRecord");
+}
+
+absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
+                              std::vector<int32_t>* next, std::vector<float>* logits) {
+  const absl::Time t_step = absl::Now();
+  const int B = batch();
+  if (ids.size() != tokens.size() || static_cast<int>(ids.size()) != B || B == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Step decodes every resident sequence (", B, "), one token each"));
+  }
+  Device& d = *dev_;
+  const cudaStream_t st = model_->stream();
+  const int L = config_.num_layers, V = config_.vocab_size;
+  const size_t qd = model_->q_dim(), kvd = model_->kv_dim(), width = model_->qkv_width();
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+
+  // order[i]: the batch row of ids[i].
+  std::vector<int> order(B, -1), seen(B, 0);
+  for (int i = 0; i < B; ++i) {
+    order[i] = FindRow(ids[i]);
+    if (order[i] < 0 || seen[order[i]]++) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", ids[i], "' is not a resident sequence or is repeated"));
+    }
+    if (tokens[i] < 0 || tokens[i] >= V) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token ", tokens[i], " is outside [0, ", V, ")"));
+    }
+  }
+  int32_t* io = d.io_h.as<int32_t>();
+  int max_len = 0;
+  for (int i = 0; i < B; ++i) {
+    const Seq& s = *rows_[order[i]];
+    if (s.len + 1 > limits_.max_context) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence '", s.id, "' reached max_context ", limits_.max_context));
+    }
+    io[order[i]] = tokens[i];
+  }
+  for (int r = 0; r < B; ++r) {
+    io[B + r] = static_cast<int32_t>(rows_[r]->len);
+    io[2 * B + r] = static_cast<int32_t>(rows_[r]->len + 1);
+    max_len = std::max(max_len, io[2 * B + r]);
+  }
+  const std::vector<int32_t> pos(io + B, io + 2 * B);
+  const int32_t* d_tokens = d.io.as<int32_t>();
+  const int32_t* d_pos = d_tokens + B;
+  const int32_t* d_len = d_tokens + 2 * B;
+  d.open_segments = 0;
+  RETURN_IF_ERROR(BeginGpuSegment());
+  RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(d.io.as<void>(), io, 3 * B * 4, cudaMemcpyHostToDevice, st),
+                 "step inputs upload"));
+  RETURN_IF_ERROR(model_->Embed(d_tokens, B, d.x.as<float>()));
+
+  // Lookahead: every sparse layer's retrieval from the last step's queries, issued now on a
+  // thread of its own (one staging area per layer).
+  const bool lookahead =
+      options_.sparse && options_.lookahead &&
+      std::all_of(rows_.begin(), rows_.end(), [](const auto& s) { return s->has_queries; });
+  std::vector<LayerRecall> recall(static_cast<size_t>(L));
+  std::vector<std::vector<float>> queries(static_cast<size_t>(L));
+  auto to_f32 = [&](int l) {
+    const uint16_t* q = d.q_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * qd;
+    queries[l].resize(B * qd);
+    for (size_t j = 0; j < B * qd; ++j) queries[l][j] = Bf16ToF32(q[j]);
+  };
+  std::thread prefetcher;
+  if (lookahead) {
+    prefetcher = std::thread([&] {
+      for (int l = options_.dense_layers; l < L; ++l) {
+        to_f32(l);
+        recall[l].status =
+            Retrieve(l, pos, queries[l].data(), l - options_.dense_layers, &recall[l]);
+        recall[l].done.Notify();
+      }
+    });
+  }
+  absl::Cleanup join = [&] {
+    if (prefetcher.joinable()) prefetcher.join();
+  };
+
+  for (int l = 0; l < L; ++l) {
+    const bool sparse = IsSparse(l);
+    uint16_t* qkv = d.qkv.as<uint16_t>();
+    RETURN_IF_ERROR(model_->Qkv(l, d.x.as<float>(), B, d_pos, qkv));
+    cuda::KvAppendParams ap;
+    ap.batch = B;
+    ap.num_kv_heads = config_.num_kv_heads;
+    ap.head_dim = config_.head_dim;
+    ap.k = qkv + qd;
+    ap.v = qkv + qd + kvd;
+    ap.src_stride = static_cast<int64_t>(width);
+    ap.positions = d_pos;
+    ap.cache_k = d.k[l].as<uint16_t>();
+    ap.cache_v = d.v[l].as<uint16_t>();
+    cuda::KvCacheView view;
+    view.k = d.k[l].as<uint16_t>();
+    view.v = d.v[l].as<uint16_t>();
+    view.token_stride = static_cast<int64_t>(kvd);
+    view.head_stride = config_.head_dim;
+    if (sparse) {
+      view.page_table = d.ring_table.as<int32_t>();
+      view.page_table_stride = limits_.max_context;
+      view.page_size = 1;
+      view.page_stride = static_cast<int64_t>(kvd);
+    } else {
+      view.page_stride = static_cast<int64_t>(limits_.max_context) * kvd;
+    }
+    ap.page_table = view.page_table;
+    ap.page_table_stride = view.page_table_stride;
+    ap.page_size = view.page_size;
+    ap.page_stride = view.page_stride;
+    ap.token_stride = view.token_stride;
+    ap.head_stride = view.head_stride;
+    RETURN_IF_ERROR(cuda::KvAppend(ap, st));
+    RETURN_IF_ERROR(CudaStatus(cudaMemcpy2DAsync(d.q.as<void>(), qd * 2, qkv, width * 2, qd * 2, B,
+                                                 cudaMemcpyDeviceToDevice, st),
+                               "q copy"));
+    if (options_.sparse) {  // the new rows, for the tier
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpy2DAsync(
+              d.newkv_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * 2 * kvd,
+              2 * kvd * 2, qkv + qd, width * 2, 2 * kvd * 2, B, cudaMemcpyDeviceToHost, st),
+          "new K/V download"));
+    }
+    if (!sparse) {
+      cuda::DecodeAttentionParams p;
+      p.batch = B;
+      p.num_q_heads = config_.num_heads;
+      p.num_kv_heads = config_.num_kv_heads;
+      p.head_dim = config_.head_dim;
+      p.max_len = max_len;
+      p.q = d.q.as<uint16_t>();
+      p.lengths = d_len;
+      p.cache = view;
+      p.scale = scale;
+      p.out = d.attn.as<uint16_t>();
+      ASSIGN_OR_RETURN(size_t ws, cuda::DecodeAttentionWorkspaceBytes(p));
+      if (ws > d.workspace.bytes()) {
+        RETURN_IF_ERROR(d.workspace.Allocate(ws, "attention workspace"));
+      }
+      RETURN_IF_ERROR(cuda::DecodeAttention(p, d.workspace.as<void>(), d.workspace.bytes(), st));
+    } else {
+      uint16_t* q_h = d.q_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * qd;
+      if (lookahead) {
+        RETURN_IF_ERROR(EndGpuSegment());
+        const absl::Time t0 = absl::Now();
+        recall[l].done.WaitForNotification();
+        times_.retrieve += Since(t0);
+      } else {
+        RETURN_IF_ERROR(
+            CudaStatus(cudaMemcpyAsync(q_h, d.q.as<void>(), B * qd * 2, cudaMemcpyDeviceToHost, st),
+                       "q download"));
+        RETURN_IF_ERROR(EndGpuSegment());
+        RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "q download"));
+        const absl::Time t0 = absl::Now();
+        to_f32(l);
+        recall[l].status = Retrieve(l, pos, queries[l].data(), 0, &recall[l]);
+        times_.retrieve += Since(t0);
+      }
+      const absl::Status& got = recall[l].status;
+      // A tier that misses (deadline, unavailable, a stale call) costs accuracy, not the step:
+      // the layer runs on sinks + window + the rows of the last selection.
+      if (!got.ok()) {
+        if (!internal::IsTierMiss(got)) return got;
+        counters_.fallback_layers++;
+        if (counters_.fallback_layers == 1 || counters_.fallback_layers % 1000 == 0) {
+          KV_LOG(WARNING) << "tier missed layer " << l << " (" << got.ToString()
+                          << "); decoding it on sinks + window + "
+                          << "resident rows (" << counters_.fallback_layers << " so far)";
+        }
+      }
+      if (got.ok()) {
+        const absl::Time t0 = absl::Now();
+        RETURN_IF_ERROR(ApplyRecall(l, recall[l]));  // begins the next GPU segment
+        times_.upload += Since(t0);
+      } else {
+        RETURN_IF_ERROR(BeginGpuSegment());
+      }
+      cuda::SparseAttentionParams p;
+      p.batch = B;
+      p.num_q_heads = config_.num_heads;
+      p.num_kv_heads = config_.num_kv_heads;
+      p.head_dim = config_.head_dim;
+      p.max_len = max_len;
+      p.num_sinks = static_cast<int>(S);
+      p.window = static_cast<int>(W);
+      p.q = d.q.as<uint16_t>();
+      p.lengths = d_len;
+      p.cache = view;
+      p.slots.k = d.slot_k[l].as<uint16_t>();
+      p.slots.v = d.slot_v[l].as<uint16_t>();
+      p.slots.budget = options_.budget;
+      p.slots.entry_stride = static_cast<int64_t>(options_.budget) * config_.head_dim;
+      p.slots.row_stride = config_.head_dim;
+      p.slots.token_ids = d.slot_map[l].as<int32_t>();
+      p.slots.counts = d.counts.as<int32_t>();
+      p.scale = scale;
+      p.out = d.attn.as<uint16_t>();
+      ASSIGN_OR_RETURN(size_t ws, cuda::SparseAttentionWorkspaceBytes(p));
+      if (ws > d.workspace.bytes()) {
+        RETURN_IF_ERROR(d.workspace.Allocate(ws, "attention workspace"));
+      }
+      RETURN_IF_ERROR(cuda::SparseAttention(p, d.workspace.as<void>(), d.workspace.bytes(), st));
+      if (options_.lookahead) {  // next step's queries
+        RETURN_IF_ERROR(
+            CudaStatus(cudaMemcpyAsync(q_h, d.q.as<void>(), B * qd * 2, cudaMemcpyDeviceToHost, st),
+                       "q download"));
+      }
+    }
+    RETURN_IF_ERROR(model_->FinishLayer(l, d.attn.as<uint16_t>(), B, d.x.as<float>()));
+  }
+  RETURN_IF_ERROR(model_->Logits(d.x.as<float>(), B, d.logits.as<float>()));
+  RETURN_IF_ERROR(cuda::Argmax(d.logits.as<float>(), B, V, d.next.as<int32_t>(), st));
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(d.next_h.as<void>(), d.next.as<void>(), B * 4, cudaMemcpyDeviceToHost, st),
+      "sampled ids download"));
+  if (logits != nullptr) {
+    if (d.logits_h.bytes() == 0) {
+      RETURN_IF_ERROR(
+          d.logits_h.Allocate(static_cast<size_t>(limits_.max_batch) * V * 4, "logits"));
+    }
+    RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(d.logits_h.as<void>(), d.logits.as<void>(),
+                                   static_cast<size_t>(B) * V * 4, cudaMemcpyDeviceToHost, st),
+                   "logits download"));
+  }
+  RETURN_IF_ERROR(EndGpuSegment());
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "decode step"));
+  for (int k = 0; k < d.open_segments; ++k) {
+    float ms = 0;
+    RETURN_IF_ERROR(CudaStatus(cudaEventElapsedTime(&ms, d.segments[2 * k], d.segments[2 * k + 1]),
+                               "event time"));
+    times_.gpu += ms / 1e3;
+  }
+  next->resize(B);
+  for (int i = 0; i < B; ++i) (*next)[i] = d.next_h.as<int32_t>()[order[i]];
+  if (logits != nullptr) {
+    logits->resize(static_cast<size_t>(B) * V);
+    for (int i = 0; i < B; ++i) {
+      std::memcpy(logits->data() + static_cast<size_t>(i) * V,
+                  d.logits_h.as<float>() + static_cast<size_t>(order[i]) * V, V * sizeof(float));
+    }
+  }
+  std::move(join).Invoke();
+
+  if (options_.sparse) {
+    // The new tokens join the tier's copy of each sequence (their ids travel with their KV).
+    const absl::Time t0 = absl::Now();
+    const size_t row = spec_.row_bytes();
+    for (int r = 0; r < B; ++r) {
+      client::AppendBatch b;
+      b.token_start = pos[r];
+      b.num_tokens = 1;
+      b.token_ids = {io[r]};
+      b.keys.resize(L);
+      b.values.resize(L);
+      for (int l = 0; l < L; ++l) {
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(
+            d.newkv_h.as<uint16_t>() + (static_cast<size_t>(l) * limits_.max_batch + r) * 2 * kvd);
+        b.keys[l].assign(reinterpret_cast<const char*>(src), config_.num_kv_heads * row);
+        b.values[l].assign(reinterpret_cast<const char*>(src) + kvd * 2,
+                           config_.num_kv_heads * row);
+      }
+      RETURN_IF_ERROR(tier_->AppendKV(rows_[r]->id, b));
+    }
+    const double s = Since(t0);
+    counters_.append_seconds += s;
+    times_.append += s;
+  }
+  for (auto& s : rows_) {
+    s->len++;
+    s->has_queries = options_.lookahead;
+  }
+  counters_.steps++;
+  counters_.tokens_decoded += B;
+  times_.step += Since(t_step);
+  return absl::OkStatus();
+}
+
+}  // namespace kvrecall::worker

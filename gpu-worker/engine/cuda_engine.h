@@ -1,0 +1,157 @@
+// The GPU-resident decode engine: the decode step of worker::Engine (engine.h) with the
+// activations, the KV cache and attention on one GPU. Same semantics and EngineOptions (dense
+// mode; or layers [0, dense_layers) dense and the rest sinks + window + the `budget` rows the tier
+// recalls per (sequence, kv-head) each step, delta streaming and slot epochs, lookahead), bf16
+// throughout where the host engine stores fp32 (see cuda_model.h for the numerics).
+//
+// Per step, on the model's stream: token ids go up; embedding, then per layer RMSNorm, the fused
+// q|k|v GEMM, RoPE, KV append (KvAppend), attention (DecodeAttention over the whole cache of a
+// dense layer; SparseAttention over sinks + window + the slot cache of a sparse layer), o_proj and
+// the MLP; the logits and their argmax; the sampled ids (and the logits, on request) come down.
+// A sparse layer adds the tier round trip: the layer's q ([batch][num_heads][head_dim] bf16)
+// comes down to pinned memory, client::Tier::Retrieve (any Tier: LocalTier, RemoteTier) selects
+// the rows, the rows not yet resident (Recalled::rows, in the order of fill_slots) go up and
+// SlotScatter writes them into the slot cache, and the slot -> token map of the selection goes
+// up. With lookahead, every sparse layer's Retrieve is issued at the start of the step from the
+// previous step's queries on a thread of its own, so the tier works while the GPU computes. In
+// sparse mode each step also appends the new tokens' K/V of every layer to the tier (they come
+// down once per step).
+//
+// Device memory (allocated by Create, sized by CudaEngineLimits):
+//   dense layers: K, V [max_batch][max_context][num_kv_heads][head_dim] bf16 (contiguous);
+//   sparse layers: sinks + window K, V [max_batch][sink_tokens + window_tokens][kv_heads][d]
+//     addressed through a page table of page size 1 (position p lives in row p < S ? p :
+//     S + (p - S) % W, the window a ring); slot caches K, V [max_batch * kv_heads][budget][d]
+//     and their slot -> token maps [max_batch * kv_heads][budget] int32 (-1: not selected).
+// Out of device memory is RESOURCE_EXHAUSTED from Create.
+//
+// Batching: sequence i occupies batch row i of every device buffer. Step decodes every resident
+// sequence at once (ids in any order); sequences join (AddSequence) and leave (RemoveSequence,
+// which moves the last row into the freed one) between steps.
+//
+// Prefill: this engine has none (no prefill attention kernel yet). AddSequence takes a PromptKV
+// from the host Engine::Prefill and uploads it; AddSyntheticSequence fills a prompt's KV with
+// deterministic random rows (for benchmarks at contexts a host prefill cannot reach).
+//
+// Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step).
+// The model and the tier must outlive the engine; the engine uses the model's stream.
+#ifndef KVRECALL_GPU_WORKER_ENGINE_CUDA_ENGINE_H_
+#define KVRECALL_GPU_WORKER_ENGINE_CUDA_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "client/tier.h"
+#include "common/model_spec.h"
+#include "common/thread_pool.h"
+#include "gpu-worker/backends/cuda/cuda_model.h"
+#include "gpu-worker/engine/engine.h"
+
+namespace kvrecall::worker {
+
+struct CudaEngineLimits {
+  int max_batch = 8;       // sequences resident at once
+  int max_context = 8192;  // tokens per sequence, prompt and decoded together
+};
+
+// Where a step's time went (wall seconds, summed over steps).
+struct CudaEngineTimes {
+  double step = 0;      // whole Step calls
+  double gpu = 0;       // GPU busy segments of the steps (CUDA events between host waits)
+  double retrieve = 0;  // the engine thread inside Tier::Retrieve or waiting for lookahead's
+  double upload = 0;    // packing (on the host) and enqueuing recalled rows and slot maps
+  double append = 0;    // Tier::AppendKV of the new tokens
+};
+
+class CudaEngine {
+ public:
+  // `tier` may be null only when !options.sparse. spec: the model's KV spec as registered with
+  // the tier (kv_dtype must be bf16). INVALID_ARGUMENT for bad options or limits,
+  // RESOURCE_EXHAUSTED when the caches do not fit the device.
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(cuda::CudaModel* model,
+                                                            client::Tier* tier, ModelSpec spec,
+                                                            const EngineOptions& options,
+                                                            const CudaEngineLimits& limits);
+  // Device bytes Create allocates per batch row (caches, slot caches and maps, the staging of
+  // recalled rows, the page table's row, activations); the attention workspace and the model's
+  // own scratch come on top.
+  static int64_t DeviceBytesPerSequence(const LlamaConfig& config, const EngineOptions& options,
+                                        int max_context);
+
+  // Uploads a prefilled prompt (Engine::Prefill) and, in sparse mode, pushes it to the tier as
+  // Engine::AddSequence does. ALREADY_EXISTS for an id in use, RESOURCE_EXHAUSTED when
+  // max_batch sequences are resident, INVALID_ARGUMENT when the prompt does not fit max_context.
+  absl::Status AddSequence(const std::string& id, const PromptKV& prompt);
+
+  // A synthetic prompt of num_tokens tokens: every layer's K/V row of token t, kv-head h is
+  // SyntheticKv(seed, layer, t, h), written on the device (dense layers whole, sparse layers
+  // their sinks and window). Nothing goes to the tier: the caller pushes the same rows
+  // (SyntheticKvSource) when the engine is sparse. Errors as AddSequence.
+  absl::Status AddSyntheticSequence(const std::string& id, int64_t num_tokens, uint64_t seed);
+
+  // One decode step of every resident sequence: appends tokens[i] to ids[i]; next[i] = the
+  // argmax of its logits; logits (if not null) [batch][vocab] fp32 in the order of ids.
+  // INVALID_ARGUMENT unless ids are exactly the resident sequences; FAILED_PRECONDITION when one
+  // has reached max_context.
+  absl::Status Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
+                    std::vector<int32_t>* next, std::vector<float>* logits = nullptr);
+
+  // Forgets a sequence (and drops it on the tier in sparse mode).
+  absl::Status RemoveSequence(const std::string& id);
+
+  ~CudaEngine();
+  const EngineOptions& options() const { return options_; }
+  const EngineCounters& counters() const { return counters_; }
+  const CudaEngineTimes& times() const { return times_; }
+  int batch() const { return static_cast<int>(rows_.size()); }
+
+ private:
+  struct Seq;
+  struct Device;
+  struct LayerRecall;
+  CudaEngine(cuda::CudaModel* model, client::Tier* tier, ModelSpec spec,
+             const EngineOptions& options, const CudaEngineLimits& limits);
+  bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
+  absl::Status Allocate();
+  int FindRow(const std::string& id) const;  // -1 when not resident
+  // Appends a batch row for a new sequence (slot maps reset, fresh epochs).
+  absl::Status NewRow(const std::string& id, int64_t num_tokens);
+  // Tier::Retrieve of sparse layer l for the batch from queries [batch][num_heads][head_dim]
+  // fp32; on OK *out holds the selections (their rows valid until the next call in the area).
+  absl::Status Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
+                        int staging_area, LayerRecall* out);
+  // Uploads a successful retrieval's new rows and the slot maps of layer l (packed into pinned
+  // staging on pool_), beginning a GPU segment once the host work is done.
+  absl::Status ApplyRecall(int l, LayerRecall& r);
+  absl::Status BeginGpuSegment();
+  absl::Status EndGpuSegment();
+
+  cuda::CudaModel* const model_;
+  client::Tier* const tier_;
+  const ModelSpec spec_;
+  const EngineOptions options_;
+  const CudaEngineLimits limits_;
+  const LlamaConfig config_;
+  ThreadPool pool_;  // packs recalled rows
+  std::unique_ptr<Device> dev_;
+  std::vector<std::unique_ptr<Seq>> rows_;  // batch row i = rows_[i]
+  EngineCounters counters_;
+  CudaEngineTimes times_;
+};
+
+// The synthetic K/V of AddSyntheticSequence: K (is_v false) or V of layer `layer`, tokens
+// [t0, t0 + n), kv-head h, as bf16 bits at out[i * head_dim + j] ([n][head_dim]).
+void SyntheticKv(uint64_t seed, int layer, bool is_v, int num_kv_heads, int head_dim, int64_t t0,
+                 int64_t n, int h, uint16_t* out);
+// The same rows as an internal::PromptKvSource for the tier (AppendBatch layout), generated on
+// `pool` (not owned; must outlive the source).
+internal::PromptKvSource SyntheticKvSource(uint64_t seed, const ModelSpec& spec, ThreadPool* pool);
+
+}  // namespace kvrecall::worker
+
+#endif  // KVRECALL_GPU_WORKER_ENGINE_CUDA_ENGINE_H_

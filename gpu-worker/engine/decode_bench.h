@@ -1,0 +1,76 @@
+// `kvrecall-worker bench`: decode throughput of the GPU-resident engine (cuda_engine.h), dense
+// vs kvrecall, on a model shape with random bf16 weights generated on the device (no checkpoint).
+//
+// Per context: a dense row (every layer's whole KV on the GPU) and one kvrecall row per budget
+// (layers [0, dense_layers) dense, the rest sinks + window + the tier's recalled rows; the tier
+// in this process behind a LocalTier or a RemoteTier, DecodeBenchOptions::tier), each at the
+// largest batch that fits: GPU memory for the device
+// side (CudaEngine::DeviceBytesPerSequence), host memory for the tier (it holds every layer's
+// K/V of every sequence).
+//
+// The prompt is synthetic ("prompt": "synthetic" in the JSON): a prefill of 32K-96K tokens is out
+// of reach without a prefill attention kernel, so every sequence's prompt K/V are deterministic
+// random rows (SyntheticKv), written straight into the device caches and pushed to the tier (the
+// same rows), and the tier's ctkvr index is built from random prompt queries. Decoding then runs
+// the real step: every token through every layer, the tier's real search and row streaming for
+// every sparse layer, the new rows appended to the tier. Budgets of one context reuse the tier's
+// sequences (the window of the later rows starts from synthetic rows where the earlier row
+// decoded; the timing does not depend on the values).
+//
+// Thread safety: not thread-safe (uses the current CUDA device).
+#ifndef KVRECALL_GPU_WORKER_ENGINE_DECODE_BENCH_H_
+#define KVRECALL_GPU_WORKER_ENGINE_DECODE_BENCH_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "nlohmann/json.hpp"
+
+namespace kvrecall::worker {
+
+struct DecodeBenchOptions {
+  // A small shape (4 layers, hidden 1024, 4K context, budget 256, 3 timed steps) that runs in
+  // seconds: the smoke test of the gpu-labelled ctest.
+  bool quick = false;
+  std::vector<int> contexts = {32768, 98304};  // prompt tokens
+  std::vector<int> budgets = {1024, 2048};
+  std::string method = "ctkvr";  // exact, ctkvr or cluster
+  int dense_layers = 2;
+  int sink_tokens = 16;
+  int window_tokens = 256;
+  int index_queries = 64;  // random prompt queries per sparse layer for ctkvr's centroids
+  int warmup_steps = 2;
+  int steps = 8;       // timed decode steps per row
+  int max_batch = 64;  // upper bound on every row's batch
+  // EngineOptions::lookahead of the kvrecall rows: one row per mode and budget (the rows of a
+  // context share the tier's sequences).
+  std::vector<bool> lookahead = {false};
+  // The decode input of each step: "greedy" feeds each sequence its own argmax (with random
+  // weights the queries then jump from step to step, so nearly every selected row is new),
+  // "repeat" feeds every step the same token (consecutive queries stay close, as real decoding's
+  // do, and delta streaming sends few rows). One row per mode for every kvrecall configuration.
+  std::vector<std::string> tokens = {"greedy"};
+  double host_memory_fraction = 0.7;             // of MemAvailable, for the tier
+  int64_t gpu_reserve_bytes = int64_t{3} << 30;  // device memory left free (cuBLAS, workspaces)
+  // "local": a LocalTier in this process; "remote": a RemoteTier (gRPC + UCX with these
+  // transports, "" = UCX's default) to a kvrecall server started inside this process on
+  // 127.0.0.1 (bench/loopback_server.h), the same node behind the wire.
+  std::string tier = "local";
+  std::string ucx_tls = "posix,sysv,cma,self";
+  int threads = 0;  // tier search threads (0 = every core)
+  uint64_t seed = 1;
+  bool dense = true;   // run the dense rows
+  bool sparse = true;  // run the kvrecall rows
+};
+
+// Runs the benchmark and fills *report (the JSON of issue 6: "rows" with model, context,
+// method, budget, tier, batch, tokens_per_s, step_ms, bytes_streamed_per_token,
+// gpu_bytes_per_sequence, speedup_vs_dense and the per-step breakdown). Progress goes to stderr.
+// FAILED_PRECONDITION without a usable CUDA device (or in a build without CUDA).
+absl::Status RunDecodeBench(const DecodeBenchOptions& options, nlohmann::json* report);
+
+}  // namespace kvrecall::worker
+
+#endif  // KVRECALL_GPU_WORKER_ENGINE_DECODE_BENCH_H_
