@@ -7,6 +7,7 @@
 //   kvrecall-bench stream --json                          delta streaming vs ucx_perftest (stream_bench.h)
 //   kvrecall-bench ingest --json                          bulk ingest over UCX vs AppendKV (ingest_bench.h)
 //   kvrecall-bench accuracy --json                        retrieval methods vs dense on recall-tiny (accuracy_bench.h)
+//   kvrecall-bench soak --minutes=N --json                concurrent clients, eviction, checked reads, RSS (soak_bench.h)
 //
 // Every performance claim in docs/benchmarks.md names the command that reproduces it.
 #include <iostream>
@@ -17,6 +18,7 @@
 #include "bench/index_bench.h"
 #include "bench/ingest_bench.h"
 #include "bench/rpc_bench.h"
+#include "bench/soak_bench.h"
 #include "bench/store_bench.h"
 #include "bench/stream_bench.h"
 #include "bench/transport_bench.h"
@@ -44,6 +46,9 @@ constexpr char kUsage[] =
     "              flags: --contexts=4096,8192,16384,32768 --depths=0.1,...,0.9 --samples=4 --tasks=passkey,multikey\n"
     "                     --methods=exact,ctkvr,cluster --budgets=64,...,2048 --lookahead=both --threads=0\n"
     "                     --seed=777 --markdown=FILE --plot=FILE.png (see bench/accuracy_bench.h)\n"
+    "  soak        concurrent clients against a memory-capped node with eviction; checks every row read\n"
+    "              back and the RSS; fails on any error, mismatch or RSS above budget\n"
+    "              flags: --minutes=1 --clients=8 --memory=256MiB --rss_budget_mib=0 (see bench/soak_bench.h)\n"
     "Output is one JSON document (pretty-printed; --json prints it compact).\n";
 
 // Runs a benchmark whose entry point takes the subcommand's arguments and returns its JSON.
@@ -92,6 +97,10 @@ int main(int argc, char** argv) {
   if (cmd == "index") {
     return RunJson("index", [](const std::vector<std::string>& a) { return kvrecall::bench::RunIndexBench(a); },
                    args, compact);
+  }
+  if (cmd == "soak") {
+    return RunJson("soak", [](const std::vector<std::string>& a) { return kvrecall::bench::RunSoakBench(a); }, args,
+                   compact);
   }
   if (cmd == "rpc") {
     return RunJson("rpc", [](const std::vector<std::string>& a) { return kvrecall::bench::RunRpcBench(a); }, args,
