@@ -25,6 +25,7 @@ constexpr size_t kAppendChunkBytes = 4 << 20;
 constexpr size_t kIngestPackBytes = 16 << 20;  // bulk ingest: bytes packed per round of puts
 constexpr int kIngestLanes = 4;  // bulk ingest: most threads packing and putting
 constexpr int kUnpackThreads = 3;  // Retrieve: pool threads unpacking results (with the caller: 4)
+constexpr size_t kParallelUnpackEntries = 32;  // ... for batches of at least this many entries
 
 class RemoteTier final : public Tier {
  public:
@@ -364,16 +365,22 @@ class RemoteTier final : public Tier {
     out->resize(n);
     if (region_ != nullptr) {
       // The results are in our region, next to the rows. A decode batch has hundreds of entries
-      // of ~1K tokens each: unpacking and checking them is spread over a few threads.
+      // of ~1K tokens each: unpacking and checking them is spread over a few threads; a small
+      // batch is unpacked here, without waking them.
       uint8_t* base = region_->data();
       std::vector<absl::Status> status(n);
-      UnpackPool().ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      auto unpack = [&](int64_t i) {
         Recalled& r = (*out)[i];
         status[i] = internal::UnpackRecalledFromRegion(
             base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget, &r);
         if (status[i].ok()) status[i] = internal::CheckRecalled(r, batch.budget);
         r.rows = base + (first_row + i * batch.budget) * pair;
-      });
+      };
+      if (n >= kParallelUnpackEntries) {
+        UnpackPool().ParallelFor(static_cast<int64_t>(n), unpack);
+      } else {
+        for (size_t i = 0; i < n; ++i) unpack(static_cast<int64_t>(i));
+      }
       for (const absl::Status& st : status) RETURN_IF_ERROR(st);
     } else {
       uint8_t* base = reinterpret_cast<uint8_t*>(fallback_buffer_.data());
