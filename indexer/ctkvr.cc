@@ -257,36 +257,41 @@ class CtkvrSegment final : public Segment {
                             unit_.data() + (static_cast<size_t>(c) * g + h) * d, d, s.isa);
       sim[c] = acc;
     }
-    std::vector<int32_t> best;
-    {
-      std::vector<int32_t> idx(static_cast<size_t>(num_centroids_));
-      for (int c = 0; c < num_centroids_; ++c) idx[c] = c;
-      std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
-        return sim[a] > sim[b] || (sim[a] == sim[b] && a < b);
-      });
-      best.assign(idx.begin(), idx.begin() + m);
-    }
-    // Union of the lists (each sorted ascending), restricted to the range.
+    // Centroids by similarity; the best m are probed. When their lists (restricted to the range)
+    // hold fewer tokens than the budget can take, further centroids are probed in order, and if
+    // every list together still falls short the range is scored exactly: Search's contract is
+    // min(k, range) tokens, whatever list_size was built with.
+    std::vector<int32_t> order(static_cast<size_t>(num_centroids_));
+    for (int c = 0; c < num_centroids_; ++c) order[c] = c;
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return sim[a] > sim[b] || (sim[a] == sim[b] && a < b);
+    });
     const int64_t rb = std::max(begin_, s.range_begin), re = std::min(end_, s.range_end);
-    std::vector<int32_t> cand;
-    for (int32_t c : best) {
-      const std::vector<int32_t>& sorted = lists_[c];
-      std::vector<int32_t> merged;
-      merged.reserve(cand.size() + sorted.size());
-      std::set_union(cand.begin(), cand.end(), sorted.begin(), sorted.end(),
-                     std::back_inserter(merged));
-      cand = std::move(merged);
+    const int64_t need = std::min<int64_t>(s.k, re - rb);
+    // Union of the lists (each sorted ascending), restricted to the range.
+    std::vector<int32_t> cand, merged;
+    int probed = 0;
+    while (probed < num_centroids_ &&
+           (probed < m || static_cast<int64_t>(cand.size()) < need)) {
+      const std::vector<int32_t>& sorted = lists_[order[probed++]];
+      const auto lo = std::lower_bound(sorted.begin(), sorted.end(), rb);
+      const auto hi = std::lower_bound(lo, sorted.end(), re);
+      merged.clear();
+      std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
+      cand.swap(merged);
     }
-    cand.erase(
-        std::remove_if(cand.begin(), cand.end(), [&](int32_t t) { return t < rb || t >= re; }),
-        cand.end());
+    if (static_cast<int64_t>(cand.size()) < need) {
+      ExactHits(s, rb, re, out->Add());
+      return absl::OkStatus();
+    }
     if (cand.empty()) return absl::OkStatus();
+    const int32_t best0 = order[0];
     Hits& hits = *out->Add();
     ScoreTokens(s, cand, &hits);
     // Each head's normaliser over the whole segment, estimated from the candidates and the share of
     // the best centroid's mass that its list holds.
     for (int h = 0; h < g; ++h) {
-      const double f = std::max(list_mass_[static_cast<size_t>(best[0]) * g + h], 1e-6);
+      const double f = std::max(list_mass_[static_cast<size_t>(best0) * g + h], 1e-6);
       hits.lse[h] -= std::log(f) * FractionInRange(rb, re);
     }
     return absl::OkStatus();

@@ -20,6 +20,7 @@ namespace {
 
 using ::kvrecall::testing::StatusIs;
 using ::testing::ElementsAre;
+using ::testing::SizeIs;
 
 // fp32 keys in pages of 4 tokens.
 struct Keys {
@@ -91,6 +92,37 @@ TEST(IndexTest, EveryMethodFindsTheObviousTokensOnATinyCase) {
     EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 8, 3, {seg.get()})), ElementsAre(1, 4, 7))
         << method;
   }
+}
+
+// Search's contract is min(k, range) tokens even when the probed lists are shorter than the
+// budget (found by fuzz_record on a parsed segment): further centroids are probed, then the range
+// is scored exactly.
+TEST(IndexTest, CtkvrFillsTheBudgetWhenItsListsAreShort) {
+  Keys k({{0, 0}, {5, 0}, {1, 0}, {0, 9}, {4, 0}, {-3, 0}, {0, 0}, {4.5f, 0}}, 2);
+  const float prompt[4] = {1, 0, 0, 1};  // two prompt queries: two centroids
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = 8;
+  in.prompt_queries = prompt;
+  in.num_prompt_queries = 2;
+  in.group = 1;
+  in.scale = 1.0f;
+  IndexOptions opt;
+  opt.ctkvr.list_size = 2;
+  opt.ctkvr.centroids = 2;
+  opt.ctkvr.probe = 1;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, in, opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto exact, BuildSegment(Method::kExact, in, opt, nullptr));
+  const float q[2] = {1, 0};
+  // Probe 1 holds 2 tokens; the second centroid's list brings 2 more.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 8, 2, {seg.get()})), ElementsAre(1, 7));
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 8, 4, {seg.get()})), SizeIs(4));
+  // Both lists together hold 4 tokens: a budget of 6 is scored exactly.
+  EXPECT_EQ(SearchOne(Entry(q, 1, &k.rows, 0, 8, 6, {seg.get()})),
+            SearchOne(Entry(q, 1, &k.rows, 0, 8, 6, {exact.get()})));
+  // A range that excludes the listed tokens still gets min(k, range) tokens.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 2, 4, 3, {seg.get()})), ElementsAre(2, 3));
 }
 
 TEST(IndexTest, ClusterTakesWholeClustersThenTruncatesByLowestId) {
