@@ -14,8 +14,9 @@ namespace kvrecall::client {
 
 // A channel to `target` with `args` plus the message size limits every kvrecall channel uses:
 // TLS when tls.ca_file is set (with a client certificate when cert_file/key_file are), else
-// plaintext. INVALID_ARGUMENT for a client key without its certificate (or the reverse) or a
-// certificate without a CA; NOT_FOUND / DATA_LOSS for unreadable or non-PEM files. Connection
+// plaintext; with tls.token_file, every call carries the bearer token it holds. INVALID_ARGUMENT
+// for a client key without its certificate (or the reverse), a certificate without a CA, or an
+// empty or multi-line token file; NOT_FOUND / DATA_LOSS for unreadable or non-PEM files. Connection
 // failures (an untrusted server certificate among them) show up on the first call, as
 // UNAVAILABLE.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenChannel(const std::string& target, const TlsOptions& tls,

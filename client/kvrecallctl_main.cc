@@ -28,6 +28,9 @@ ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle of the server's certificate: c
 ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for servers that require one (mutual TLS)");
 ABSL_FLAG(std::string, tls_key, "", "private key of --tls-cert");
 ABSL_FLAG(std::string, tls_server_name, "", "name to check in the server's certificate (default: the host)");
+ABSL_FLAG(std::string, token_file, "",
+          "file holding the bearer token for servers run with --tenant-tokens (a tenant's token: "
+          "its own stats and sequences; an admin token: everything, and drain)");
 ABSL_FLAG(std::string, tenant, "", "drop: the sequence's tenant");
 ABSL_FLAG(std::string, sequence, "", "drop: the sequence id");
 
@@ -166,7 +169,8 @@ int Main(const std::string& command) {
   using namespace kvrecall;
   auto channel = client::OpenChannel(absl::GetFlag(FLAGS_server),
                                      {absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert),
-                                      absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_server_name)});
+                                      absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_server_name),
+                                      absl::GetFlag(FLAGS_token_file)});
   if (!channel.ok()) {
     std::cerr << "kvrecallctl: " << channel.status().message() << "\n";
     return 2;

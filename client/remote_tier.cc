@@ -487,7 +487,8 @@ class RemoteTier final : public Tier {
     for (const auto& u : resp.tenants()) {
       s.tenants.push_back({u.tenant(), u.sequences(), u.tokens(), u.bytes(), u.logical_bytes(),
                            u.unique_blocks(), u.shared_blocks(), u.prompt_tokens(),
-                           u.matched_tokens()});
+                           u.matched_tokens(), u.quota_charged_bytes(), u.quota_stored_bytes(),
+                           u.quota_sequences()});
     }
     return s;
   }

@@ -154,6 +154,10 @@ struct TlsOptions {
   // The name checked against the server's certificate instead of the target's host (e.g. when
   // the certificate names a Service but the client dials pod addresses); empty: the host.
   std::string server_name;
+  // A file holding this client's tenant bearer token (servers run with --tenant-tokens), sent as
+  // "authorization: Bearer TOKEN" with every call; re-read every 10 s, so a rotated Kubernetes
+  // Secret applies without a restart. Empty: no token.
+  std::string token_file;
 };
 
 struct RemoteTierOptions {

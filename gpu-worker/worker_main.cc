@@ -63,6 +63,8 @@ ABSL_FLAG(std::string, tier_tls_cert, "", "PEM client certificate, for tier serv
 ABSL_FLAG(std::string, tier_tls_key, "", "private key of --tier-tls-cert");
 ABSL_FLAG(std::string, tier_tls_server_name, "",
           "name to check in the tier servers' certificates (default: the host dialled)");
+ABSL_FLAG(std::string, tier_token_file, "",
+          "file holding the tenant's bearer token, for tier servers run with --tenant-tokens");
 ABSL_FLAG(std::string, prompt, "",
           "prompt text; encoded with the model directory's tokenizer.json when it has one, else as raw bytes");
 ABSL_FLAG(std::string, prompt_file, "", "file whose text is the prompt (encoded as --prompt is)");
@@ -316,7 +318,7 @@ absl::Status Generate() {
     ro.transport = absl::GetFlag(FLAGS_transport);
     ro.ucx_tls = absl::GetFlag(FLAGS_ucx_tls);
     ro.tls = {absl::GetFlag(FLAGS_tier_tls_ca), absl::GetFlag(FLAGS_tier_tls_cert), absl::GetFlag(FLAGS_tier_tls_key),
-              absl::GetFlag(FLAGS_tier_tls_server_name)};
+              absl::GetFlag(FLAGS_tier_tls_server_name), absl::GetFlag(FLAGS_tier_token_file)};
     if (target == "local") {
       ASSIGN_OR_RETURN(tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{8} << 30, 64, threads}, to));
     } else if (peers.size() > 1 || target.rfind(client::kDnsPrefix, 0) == 0 || absl::GetFlag(FLAGS_replication) > 1) {

@@ -14,6 +14,69 @@ using proto::ToGrpc;
 constexpr char kVersion[] = "kvrecall 0.1.0";
 constexpr size_t kFetchChunkBytes = 1 << 20;
 
+// The caller of a request: with `auth`, the principal of its bearer token (UNAUTHENTICATED
+// without a valid one), after taking one request from a tenant's rate budget; without, an admin.
+absl::StatusOr<Principal> CallerOf(Authenticator* auth, grpc::CallbackServerContext* ctx) {
+  if (auth == nullptr) return Principal{"", true};
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  const absl::string_view value =
+      it == md.end() ? absl::string_view() : absl::string_view(it->second.data(), it->second.size());
+  ASSIGN_OR_RETURN(Principal p, auth->Authenticate(value));
+  if (!p.admin) RETURN_IF_ERROR(auth->AdmitRequest(p.tenant));
+  return p;
+}
+
+// The tenant a request acts for: its `claimed` field without `auth`; with it, the token's tenant,
+// which the field must be empty or name.
+absl::StatusOr<std::string> TenantOf(Authenticator* auth, grpc::CallbackServerContext* ctx,
+                                     const std::string& claimed) {
+  if (auth == nullptr) return claimed;
+  ASSIGN_OR_RETURN(Principal p, CallerOf(auth, ctx));
+  if (p.admin) {
+    return absl::PermissionDeniedError("an admin token does not act for a tenant; use the tenant's token");
+  }
+  if (!claimed.empty() && claimed != p.tenant) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("the bearer token does not authenticate tenant '", claimed, "'"));
+  }
+  return p.tenant;
+}
+
+// The sequences and per-tenant usage of `s` into resp: every tenant's when `tenant` is empty,
+// else that tenant's only.
+void FillTenantUsage(const NodeStats& s, const std::string& tenant, v1::StatsResponse* resp) {
+  for (const SequenceStats& q : s.sequences) {
+    if (!tenant.empty() && q.tenant != tenant) continue;
+    v1::SequenceInfo* info = resp->add_sequences();
+    info->set_tenant(q.tenant);
+    info->set_sequence_id(q.sequence_id);
+    info->set_model_id(q.model_id);
+    info->set_stored_tokens(q.stored_tokens);
+    info->set_bytes(q.bytes);
+    info->set_state(q.closed ? "closed" : "open");
+    info->set_blocks(q.blocks);
+    info->set_shared_blocks(q.shared_blocks);
+    info->set_matched_tokens(q.matched_tokens);
+  }
+  for (const TenantStats& t : s.tenants) {
+    if (!tenant.empty() && t.tenant != tenant) continue;
+    v1::TenantUsage* u = resp->add_tenants();
+    u->set_tenant(t.tenant);
+    u->set_sequences(t.sequences);
+    u->set_tokens(t.tokens);
+    u->set_bytes(t.bytes);
+    u->set_logical_bytes(t.logical_bytes);
+    u->set_unique_blocks(t.unique_blocks);
+    u->set_shared_blocks(t.shared_blocks);
+    u->set_prompt_tokens(t.prompt_tokens);
+    u->set_matched_tokens(t.matched_tokens);
+    u->set_quota_charged_bytes(t.quota_charged_bytes);
+    u->set_quota_stored_bytes(t.quota_stored_bytes);
+    u->set_quota_sequences(t.quota_sequences);
+  }
+}
+
 // Runs `fn` (returning absl::Status) on the pool and finishes the unary call with its status.
 template <typename Fn>
 grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext* ctx, Fn fn) {
@@ -25,8 +88,8 @@ grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext
 // Client stream of AppendKV chunks: one write transaction on one sequence.
 class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> {
  public:
-  AppendReactor(grpc::CallbackServerContext* ctx, Node* node, v1::AppendKVResponse* resp)
-      : ctx_(ctx), node_(node), resp_(resp) {
+  AppendReactor(grpc::CallbackServerContext* ctx, Node* node, Authenticator* auth, v1::AppendKVResponse* resp)
+      : ctx_(ctx), node_(node), auth_(auth), resp_(resp) {
     StartRead(&chunk_);
   }
 
@@ -57,7 +120,8 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
  private:
   absl::Status Apply() {
     if (seq_ == nullptr) {
-      ASSIGN_OR_RETURN(seq_, node_->FindSequence(chunk_.tenant(), chunk_.sequence_id()));
+      ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx_, chunk_.tenant()));
+      ASSIGN_OR_RETURN(seq_, node_->FindSequence(tenant, chunk_.sequence_id()));
       if (absl::Status s = seq_->BeginAppend(); !s.ok()) {
         seq_ = nullptr;
         return s;
@@ -105,6 +169,7 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
 
   grpc::CallbackServerContext* const ctx_;
   Node* const node_;
+  Authenticator* const auth_;
   v1::AppendKVResponse* const resp_;
   v1::AppendKVRequest chunk_;
   std::shared_ptr<Sequence> seq_;
@@ -116,7 +181,9 @@ class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> 
 // Server stream of FetchKV chunks.
 class FetchReactor final : public grpc::ServerWriteReactor<v1::FetchKVResponse> {
  public:
-  FetchReactor(Node* node, ThreadPool* pool, const v1::FetchKVRequest* req) : node_(node), req_(req) {
+  FetchReactor(grpc::CallbackServerContext* ctx, Node* node, Authenticator* auth, ThreadPool* pool,
+               const v1::FetchKVRequest* req)
+      : ctx_(ctx), node_(node), auth_(auth), req_(req) {
     pool->Schedule([this] { Start(); });
   }
   void OnWriteDone(bool ok) override {
@@ -139,7 +206,8 @@ class FetchReactor final : public grpc::ServerWriteReactor<v1::FetchKVResponse> 
   }
 
   absl::Status Prepare() {
-    ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(req_->tenant(), req_->sequence_id()));
+    ASSIGN_OR_RETURN(tenant_, TenantOf(auth_, ctx_, req_->tenant()));
+    ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(tenant_, req_->sequence_id()));
     const ModelSpec& spec = seq->spec();
     if (req_->layer() < 0 || req_->layer() >= spec.num_layers || req_->kv_head() < 0 ||
         req_->kv_head() >= spec.num_kv_heads) {
@@ -175,7 +243,7 @@ class FetchReactor final : public grpc::ServerWriteReactor<v1::FetchKVResponse> 
     const size_t end = std::min(ids_.size(), pos_ + rows_per_chunk_);
     absl::Span<const int32_t> part(ids_.data() + pos_, end - pos_);
     out_.Clear();
-    absl::Status s = node_->ReadRows(req_->tenant(), req_->sequence_id(), req_->layer(), req_->kv_head(), part,
+    absl::Status s = node_->ReadRows(tenant_, req_->sequence_id(), req_->layer(), req_->kv_head(), part,
                                      out_.mutable_keys(), out_.mutable_values());
     if (!s.ok()) {  // e.g. dropped meanwhile
       Finish(ToGrpc(s));
@@ -187,8 +255,11 @@ class FetchReactor final : public grpc::ServerWriteReactor<v1::FetchKVResponse> 
     StartWrite(&out_);
   }
 
+  grpc::CallbackServerContext* const ctx_;
   Node* const node_;
+  Authenticator* const auth_;
   const v1::FetchKVRequest* const req_;
+  std::string tenant_;  // the tenant it acts for
   std::vector<int32_t> ids_;
   size_t rows_per_chunk_ = 1;
   size_t pos_ = 0;
@@ -204,7 +275,8 @@ GrpcService::~GrpcService() = default;
 grpc::ServerUnaryReactor* GrpcService::RegisterModel(grpc::CallbackServerContext* ctx,
                                                      const v1::RegisterModelRequest* req,
                                                      v1::RegisterModelResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    RETURN_IF_ERROR(CallerOf(auth_, ctx).status());  // models are schema, shared by all tenants
     ASSIGN_OR_RETURN(ModelSpec spec, proto::FromProto(req->spec()));
     ASSIGN_OR_RETURN(bool created, node_->RegisterModel(spec));
     resp->set_created(created);
@@ -215,9 +287,10 @@ grpc::ServerUnaryReactor* GrpcService::RegisterModel(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext* ctx,
                                                     const v1::OpenSequenceRequest* req,
                                                     v1::OpenSequenceResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::string tenant, TenantOf(auth_, ctx, req->tenant()));
     RETURN_IF_ERROR(CheckPlacement(peers_, *req, resp));
-    OpenSequenceArgs args{req->tenant(), req->model_id(), req->sequence_id(),
+    OpenSequenceArgs args{std::move(tenant), req->model_id(), req->sequence_id(),
                           absl::MakeConstSpan(req->token_ids().data(), req->token_ids_size())};
     ASSIGN_OR_RETURN(OpenSequenceResult r, node_->OpenSequence(args));
     resp->set_matched_tokens(r.matched_tokens);
@@ -228,14 +301,20 @@ grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext*
 
 grpc::ServerReadReactor<v1::AppendKVRequest>* GrpcService::AppendKV(grpc::CallbackServerContext* ctx,
                                                                     v1::AppendKVResponse* resp) {
-  return new AppendReactor(ctx, node_, resp);
+  return new AppendReactor(ctx, node_, auth_, resp);
 }
 
 grpc::ServerUnaryReactor* GrpcService::AllocateBlocks(grpc::CallbackServerContext* ctx,
                                                       const v1::AllocateBlocksRequest* req,
                                                       v1::AllocateBlocksResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
-    AllocateBlocksArgs args{req->tenant(),      req->sequence_id(),     req->token_start(),
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::string tenant, TenantOf(auth_, ctx, req->tenant()));
+    if (auth_ != nullptr && !auth_->LimitsOf(tenant).arena_ingest) {
+      return absl::UnimplementedError(absl::StrCat(
+          "direct ingest into the arena is not granted to tenant '", tenant,
+          "' (token file: limits ", tenant, " arena_ingest=true); stream AppendKV instead"));
+    }
+    AllocateBlocksArgs args{std::move(tenant),  req->sequence_id(),     req->token_start(),
                             req->num_tokens(),  req->token_ids_start(),
                             absl::MakeConstSpan(req->token_ids().data(), req->token_ids_size())};
     ASSIGN_OR_RETURN(IngestGrant g, node_->AllocateBlocks(args));
@@ -257,8 +336,9 @@ grpc::ServerUnaryReactor* GrpcService::AllocateBlocks(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* GrpcService::CommitBlocks(grpc::CallbackServerContext* ctx,
                                                     const v1::CommitBlocksRequest* req,
                                                     v1::CommitBlocksResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
-    CommitBlocksArgs args{req->tenant(), req->sequence_id(), req->ingest_id(),
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::string tenant, TenantOf(auth_, ctx, req->tenant()));
+    CommitBlocksArgs args{std::move(tenant), req->sequence_id(), req->ingest_id(),
                           absl::MakeConstSpan(req->checksums().data(), req->checksums_size()), req->abort()};
     ASSIGN_OR_RETURN(CommitBlocksOutcome out, node_->CommitBlocks(args));
     resp->set_stored_tokens(out.stored_tokens);
@@ -269,9 +349,9 @@ grpc::ServerUnaryReactor* GrpcService::CommitBlocks(grpc::CallbackServerContext*
 
 grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                                 v1::RetrieveResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
     RetrieveArgs args;
-    args.tenant = req->tenant();
+    ASSIGN_OR_RETURN(args.tenant, TenantOf(auth_, ctx, req->tenant()));
     args.layer = req->layer();
     args.budget = static_cast<int>(std::min<uint32_t>(req->budget(), kMaxBudget + 1));
     ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
@@ -320,9 +400,9 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
 
 grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* ctx,
                                                   const v1::BuildIndexRequest* req, v1::BuildIndexResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
     BuildIndexArgs args;
-    args.tenant = req->tenant();
+    ASSIGN_OR_RETURN(args.tenant, TenantOf(auth_, ctx, req->tenant()));
     args.sequence_id = req->sequence_id();
     ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
     args.first_layer = req->first_layer();
@@ -348,18 +428,20 @@ grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* c
 
 grpc::ServerWriteReactor<v1::FetchKVResponse>* GrpcService::FetchKV(grpc::CallbackServerContext* ctx,
                                                                     const v1::FetchKVRequest* req) {
-  return new FetchReactor(node_, &pool_, req);
+  return new FetchReactor(ctx, node_, auth_, &pool_, req);
 }
 
 grpc::ServerUnaryReactor* GrpcService::AttachWorker(grpc::CallbackServerContext* ctx,
                                                     const v1::AttachWorkerRequest* req,
                                                     v1::AttachWorkerResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    // The node's writer reaches the worker's region only once the worker authenticated.
+    ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx, req->tenant()));
     if (req->transport() != "ucx") {
       return absl::InvalidArgumentError(absl::StrCat("unsupported transport '", req->transport(), "' (want \"ucx\")"));
     }
     transport::RemoteRegion region{req->peer_address(), req->remote_base(), req->length(), req->rkey()};
-    RETURN_IF_ERROR(node_->AttachWorker(req->tenant(), req->worker_id(), region));
+    RETURN_IF_ERROR(node_->AttachWorker(tenant, req->worker_id(), region));
     resp->set_transport("ucx");
     return absl::OkStatus();
   });
@@ -368,18 +450,25 @@ grpc::ServerUnaryReactor* GrpcService::AttachWorker(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* GrpcService::CloseSequence(grpc::CallbackServerContext* ctx,
                                                      const v1::CloseSequenceRequest* req,
                                                      v1::CloseSequenceResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req]() -> absl::Status {
-    return node_->CloseSequence(req->tenant(), req->sequence_id(), req->drop());
+  return RunUnary(&pool_, ctx, [this, ctx, req]() -> absl::Status {
+    ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx, req->tenant()));
+    return node_->CloseSequence(tenant, req->sequence_id(), req->drop());
   });
 }
 
 grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* req,
                                              v1::StatsResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
-    const NodeStats s = node_->Stats(req->include_sequences());
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(const Principal caller, CallerOf(auth_, ctx));
+    NodeStats s = node_->Stats(req->include_sequences());
     resp->set_version(kVersion);
     resp->set_uptime_seconds(s.uptime_seconds);
     resp->set_memory_limit_bytes(s.memory_limit_bytes);
+    if (!caller.admin) {
+      // A tenant sees its own usage and sequences, nothing of the node's or others' activity.
+      FillTenantUsage(s, caller.tenant, resp);
+      return absl::OkStatus();
+    }
     resp->set_stored_bytes(s.stored_bytes);
     resp->set_num_sequences(s.num_sequences);
     resp->set_num_models(s.num_models);
@@ -387,18 +476,6 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
     resp->set_retrieve_calls(s.retrieve_calls);
     resp->set_retrieve_entries(s.retrieve_entries);
     resp->set_bytes_streamed(s.bytes_streamed);
-    for (const SequenceStats& q : s.sequences) {
-      v1::SequenceInfo* info = resp->add_sequences();
-      info->set_tenant(q.tenant);
-      info->set_sequence_id(q.sequence_id);
-      info->set_model_id(q.model_id);
-      info->set_stored_tokens(q.stored_tokens);
-      info->set_bytes(q.bytes);
-      info->set_state(q.closed ? "closed" : "open");
-      info->set_blocks(q.blocks);
-      info->set_shared_blocks(q.shared_blocks);
-      info->set_matched_tokens(q.matched_tokens);
-    }
     resp->set_arena_block_bytes(s.arena_block_bytes);
     resp->set_arena_hugepages(s.arena_hugepages);
     resp->set_arena_registered(s.arena_registered);
@@ -414,25 +491,16 @@ grpc::ServerUnaryReactor* GrpcService::Stats(grpc::CallbackServerContext* ctx, c
     resp->set_ingests(s.ingests);
     resp->set_ingest_bytes(s.ingest_bytes);
     resp->set_draining(s.draining);
-    for (const TenantStats& t : s.tenants) {
-      v1::TenantUsage* u = resp->add_tenants();
-      u->set_tenant(t.tenant);
-      u->set_sequences(t.sequences);
-      u->set_tokens(t.tokens);
-      u->set_bytes(t.bytes);
-      u->set_logical_bytes(t.logical_bytes);
-      u->set_unique_blocks(t.unique_blocks);
-      u->set_shared_blocks(t.shared_blocks);
-      u->set_prompt_tokens(t.prompt_tokens);
-      u->set_matched_tokens(t.matched_tokens);
-    }
+    FillTenantUsage(s, "", resp);
     return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* GrpcService::Drain(grpc::CallbackServerContext* ctx, const v1::DrainRequest* req,
                                              v1::DrainResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, req, resp]() -> absl::Status {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(const Principal caller, CallerOf(auth_, ctx));
+    if (!caller.admin) return absl::PermissionDeniedError("Drain needs an admin token");
     resp->set_num_sequences(node_->SetDraining(req->draining()));
     resp->set_draining(req->draining());
     if (drain_hook_) drain_hook_(req->draining());

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "common/thread_pool.h"
+#include "kvstore/auth.h"
 #include "kvstore/node.h"
 #include "kvstore/placement_check.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
@@ -27,6 +28,15 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
   // Called with the new state after every Drain call (the server flips its health status).
   // REQUIRES: set before the server starts serving.
   void SetDrainHook(std::function<void(bool draining)> hook) { drain_hook_ = std::move(hook); }
+  // Tenant authentication (auth.h; kvrecall-server --tenant-tokens), null: off. With it every call
+  // needs a bearer token (UNAUTHENTICATED otherwise) and acts for the token's tenant: a request's
+  // tenant field must be empty or that tenant (UNAUTHENTICATED otherwise), so another tenant's
+  // sequences are simply not there (NOT_FOUND, as for unknown ones). Each call takes one request
+  // from the tenant's rate budget (RESOURCE_EXHAUSTED). Stats shows a tenant its own usage only;
+  // Drain needs an admin token (PERMISSION_DENIED); AllocateBlocks (the arena's transport key)
+  // needs the tenant's arena_ingest limit (UNIMPLEMENTED otherwise: clients fall back to
+  // AppendKV). `auth` must outlive the service. REQUIRES: set before the server starts serving.
+  void SetAuthenticator(Authenticator* auth) { auth_ = auth; }
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
                                           v1::RegisterModelResponse* resp) override;
@@ -55,6 +65,7 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
 
  private:
   Node* const node_;
+  Authenticator* auth_ = nullptr;  // immutable once serving
   ThreadPool pool_;
   PeerConfig peers_;  // immutable once serving
   std::function<void(bool)> drain_hook_;  // immutable once serving

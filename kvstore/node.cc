@@ -300,9 +300,12 @@ absl::Status Node::Recover() {
       }
       seq_blocks.push_back(it->second);
     }
+    std::shared_ptr<TenantAccount> account = AccountOf(sk.first);
+    account->ForceAddSequence();  // acknowledged: kept even over a lowered quota
     auto seq = std::make_shared<Sequence>(sk.first, sk.second, model->second,
                                           options_.block_tokens, blocks_.get(),
-                                          NamespaceOf(sk.first), /*durable=*/true);
+                                          NamespaceOf(sk.first), /*durable=*/true,
+                                          std::move(account));
     seq->Restore(std::move(tokens), committed, adopted, std::move(seq_blocks));
     indexes_->Track(seq, /*recovered=*/true);
     sequences_[sk] = std::move(seq);
@@ -341,9 +344,14 @@ absl::StatusOr<OpenSequenceResult> Node::OpenSequence(const OpenSequenceArgs& ar
     }
     auto& slot = sequences_[{args.tenant, args.sequence_id}];
     if (slot == nullptr) {
+      std::shared_ptr<TenantAccount> account = AccountOf(args.tenant);
+      if (absl::Status q = account->AddSequence(); !q.ok()) {
+        sequences_.erase({args.tenant, args.sequence_id});
+        return q;
+      }
       slot = std::make_shared<Sequence>(args.tenant, args.sequence_id, spec, options_.block_tokens,
                                         blocks_.get(), NamespaceOf(args.tenant),
-                                        options_.durable && store_ != nullptr);
+                                        options_.durable && store_ != nullptr, std::move(account));
       created = true;
       indexes_->Track(slot, /*recovered=*/false);
       M().sequences->Set(static_cast<double>(sequences_.size()));
@@ -817,6 +825,12 @@ void Node::WaitForIndexJobs() { indexes_->WaitIdle(); }
 
 int Node::SpillColdIndexes() { return indexes_->SpillCold(); }
 
+std::shared_ptr<TenantAccount> Node::AccountOf(const std::string& tenant) {
+  std::shared_ptr<TenantAccount>& a = accounts_[tenant];
+  if (a == nullptr) a = std::make_shared<TenantAccount>(tenant, options_.tenant_limits);
+  return a;
+}
+
 std::string Node::NamespaceOf(const std::string& tenant) const {
   for (const std::string& t : options_.shared_tenants) {
     if (t == tenant) return "s:shared";
@@ -860,6 +874,14 @@ NodeStats Node::Stats(bool include_sequences) const {
       TenantStats& t = tenants[tenant];
       t.prompt_tokens = c.prompt_tokens;
       t.matched_tokens = c.matched_tokens;
+    }
+    for (const auto& [tenant, a] : accounts_) {
+      if (a->sequences() == 0 && a->bytes() == 0) continue;
+      TenantStats& t = tenants[tenant];
+      const TenantLimits limits = a->limits();
+      t.quota_charged_bytes = a->bytes();
+      t.quota_stored_bytes = limits.stored_bytes;
+      t.quota_sequences = limits.sequences;
     }
   }
   // Per-sequence figures are read outside the node lock (each takes its sequence's lock).

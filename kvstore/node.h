@@ -38,6 +38,7 @@
 #include "kvstore/index_manager.h"
 #include "kvstore/slot_mirror.h"
 #include "kvstore/sequence.h"
+#include "kvstore/tenant_account.h"
 #include "transport/transport.h"
 
 namespace kvrecall::kvstore {
@@ -86,6 +87,9 @@ struct NodeOptions {
   int64_t auto_index_token_begin = 16; // the worker's default --sink-tokens
   int64_t auto_index_min_tokens = 1024;
   indexer::IndexOptions index_options;
+  // Per-tenant quotas (tenant_account.h), looked up on every charge so that a reloaded token
+  // file applies at once; null: every tenant unlimited.
+  TenantLimitsFn tenant_limits;
 };
 
 // The retrieval method of a request: the indexer's own enum (one vocabulary end to end; the wire
@@ -221,6 +225,10 @@ struct TenantStats {
   int64_t shared_blocks = 0;   // block references to blocks with refcount > 1
   int64_t prompt_tokens = 0;   // tokens of prompts that opened new sequences
   int64_t matched_tokens = 0;  // of which already stored (prefix hits)
+  // Its quota account (tenant_account.h): logical bytes charged and the limits (0: none).
+  int64_t quota_charged_bytes = 0;
+  int64_t quota_stored_bytes = 0;
+  int64_t quota_sequences = 0;
 };
 struct NodeStats {
   int64_t uptime_seconds = 0;
@@ -371,6 +379,8 @@ class Node {
                             const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
   std::string NamespaceOf(const std::string& tenant) const;
+  // The tenant's quota account, created on first use.
+  std::shared_ptr<TenantAccount> AccountOf(const std::string& tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct TenantCounters {
     int64_t prompt_tokens = 0;
     int64_t matched_tokens = 0;
@@ -394,6 +404,7 @@ class Node {
   std::map<SeqKey, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
   std::map<SeqKey, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, TenantCounters> tenant_counters_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<TenantAccount>> accounts_ ABSL_GUARDED_BY(mu_);
   // Durable sequences whose metadata could not be recovered: DATA_LOSS until dropped.
   std::map<SeqKey, absl::Status> lost_ ABSL_GUARDED_BY(mu_);
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;

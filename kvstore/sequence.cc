@@ -11,7 +11,7 @@ namespace kvrecall::kvstore {
 
 Sequence::Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
                    int block_tokens, BlockTable* table, std::string share_namespace,
-                   bool durable)
+                   bool durable, std::shared_ptr<TenantAccount> account)
     : tenant_(std::move(tenant)),
       id_(std::move(id)),
       spec_(std::move(spec)),
@@ -19,11 +19,20 @@ Sequence::Sequence(std::string tenant, std::string id, std::shared_ptr<const Mod
       table_(table),
       namespace_(std::move(share_namespace)),
       durable_(durable),
+      account_(std::move(account)),
       layer_tokens_(spec_->num_layers, 0) {}
 
 Sequence::~Sequence() {
   table_->Unpin(txn_pins_);
   for (Block* b : blocks_) table_->Unref(b);
+  if (account_ != nullptr) {
+    account_->RefundBytes(committed_ * token_bytes());
+    account_->RemoveSequence();
+  }
+}
+
+int64_t Sequence::token_bytes() const {
+  return int64_t{2} * spec_->num_layers * spec_->num_kv_heads * static_cast<int64_t>(spec_->row_bytes());
 }
 
 void Sequence::Touch() const {
@@ -159,6 +168,13 @@ int64_t Sequence::AdoptSharedPrefix() {
   }
   const int n =
       table_->AcquirePrefix(keys, namespace_, spec_->model_id, token_ids_, block_tokens_, &blocks_);
+  if (n > 0 && account_ != nullptr &&
+      !account_->ChargeBytes(int64_t{n} * block_tokens_ * token_bytes()).ok()) {
+    // Over the quota: store nothing; the tenant's own commit of these tokens will say why.
+    for (Block* b : blocks_) table_->Unref(b);
+    blocks_.clear();
+    return 0;
+  }
   keys.resize(static_cast<size_t>(n));
   keys_ = std::move(keys);
   committed_ = static_cast<int64_t>(n) * block_tokens_;
@@ -317,11 +333,22 @@ absl::StatusOr<int64_t> Sequence::CommitAppendInternal(std::shared_ptr<const Ind
                                                         "; nothing was committed"));
     }
   }
+  const int64_t charge = (len - committed_) * token_bytes();
+  if (charge > 0 && account_ != nullptr) {
+    if (absl::Status s = account_->ChargeBytes(charge); !s.ok()) {
+      UnpinTxnLocked();
+      TruncateLocked(committed_);
+      token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
+      return absl::Status(s.code(), absl::StrCat(s.message(), "; nothing of sequence '", id_,
+                                                 "' was committed"));
+    }
+  }
   if (durable_) {
     // Acknowledged means on disk: blocks and metadata in one synced batch, or nothing.
     const absl::Status s =
         table_->PersistCommit(txn_pins_, MetaKey(tenant_, id_), EncodeRecordLocked(len));
     if (!s.ok()) {
+      if (charge > 0 && account_ != nullptr) account_->RefundBytes(charge);
       UnpinTxnLocked();
       TruncateLocked(committed_);
       token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
@@ -406,6 +433,7 @@ void Sequence::Restore(std::vector<int32_t> token_ids, int64_t committed, int64_
   committed_ = committed;
   adopted_ = adopted;
   std::fill(layer_tokens_.begin(), layer_tokens_.end(), committed_);
+  if (account_ != nullptr) account_->ForceChargeBytes(committed_ * token_bytes());
   PublishFullBlocksLocked();
 }
 

@@ -39,6 +39,7 @@
 #include "kvstore/block_table.h"
 #include "kvstore/content_hash.h"
 #include "kvstore/sequence_index.h"
+#include "kvstore/tenant_account.h"
 
 namespace kvrecall::kvstore {
 
@@ -49,15 +50,22 @@ class Sequence {
   // keys of its blocks (content_hash.h): sequences share blocks only within one namespace.
   // durable: every commit is written through the table's store (BlockTable::PersistCommit)
   // together with this sequence's metadata record before CommitAppend returns.
+  // account (may be null: unlimited): the tenant's quota account (tenant_account.h). The caller
+  // has already added this sequence to it (AddSequence); the sequence charges its committed
+  // tokens' logical bytes there (commits over the quota fail with RESOURCE_EXHAUSTED, nothing
+  // committed; a shared prefix that does not fit is not adopted) and gives both back when it is
+  // destroyed.
   Sequence(std::string tenant, std::string id, std::shared_ptr<const ModelSpec> spec,
            int block_tokens, BlockTable* table, std::string share_namespace,
-           bool durable = false);
-  ~Sequence();  // releases its block references
+           bool durable = false, std::shared_ptr<TenantAccount> account = nullptr);
+  ~Sequence();  // releases its block references and its quota charge
 
   const std::string& tenant() const { return tenant_; }
   const std::string& id() const { return id_; }
   const ModelSpec& spec() const { return *spec_; }
   const std::string& share_namespace() const { return namespace_; }
+  // Logical K+V bytes of one token over every layer (what the quota charges per token).
+  int64_t token_bytes() const;
 
   // Committed KV rows of one (layer, kv-head), valid while the caller holds both the Snapshot
   // and the shared_ptr to this Sequence (destroy the Snapshot first). REQUIRES: layer and kv_head
@@ -159,7 +167,8 @@ class Sequence {
   // CompleteRows then declares those rows written in every layer (ready for CommitAppend).
   absl::Status ReserveRows(int64_t token_start, int64_t n, std::vector<uint8_t*>* slots);
   absl::Status CompleteRows(int64_t token_start, int64_t n);
-  // Commits when every layer has the same length (FAILED_PRECONDITION otherwise, and rolls back),
+  // Commits when every layer has the same length (FAILED_PRECONDITION otherwise, and rolls back)
+  // and the tenant's quota takes the new tokens (RESOURCE_EXHAUSTED otherwise, rolled back),
   // then publishes the newly full blocks. Returns the committed token count.
   absl::StatusOr<int64_t> CommitAppend();
   // Drops everything written since BeginAppend.
@@ -185,6 +194,7 @@ class Sequence {
   BlockTable* const table_;
   const std::string namespace_;
   const bool durable_;
+  const std::shared_ptr<TenantAccount> account_;  // may be null
 
   mutable absl::Mutex mu_;
   std::shared_ptr<const SequenceIndex> index_ ABSL_GUARDED_BY(mu_);

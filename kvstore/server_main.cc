@@ -77,6 +77,12 @@ ABSL_FLAG(std::string, tls_ca, "",
 ABSL_FLAG(bool, allow_plaintext, false,
           "serve gRPC unencrypted on a non-loopback --listen address (without it, no TLS flags means "
           "loopback only)");
+ABSL_FLAG(std::string, tenant_tokens, "",
+          "token file (kvstore/auth.h: 'tenant NAME TOKEN', 'admin TOKEN', 'limits NAME KEY=VALUE...'): "
+          "every RPC then needs 'authorization: Bearer TOKEN' and acts for the token's tenant, with its "
+          "quotas; empty = no authentication (the request's tenant field is trusted)");
+ABSL_FLAG(absl::Duration, tenant_tokens_reload, absl::Seconds(10),
+          "how often --tenant-tokens is re-read (a changed file applies without a restart)");
 ABSL_FLAG(std::string, port_file, "", "if set, write the bound gRPC port and metrics port here once serving");
 
 namespace {
@@ -162,6 +168,17 @@ int Run() {
        absl::StrSplit(absl::GetFlag(FLAGS_shared_tenants), ',', absl::SkipEmpty())) {
     options.shared_tenants.emplace_back(t);
   }
+  std::unique_ptr<kvstore::Authenticator> auth;
+  if (const std::string tokens = absl::GetFlag(FLAGS_tenant_tokens); !tokens.empty()) {
+    auto a = kvstore::Authenticator::Open(tokens, Clock::Real(), absl::GetFlag(FLAGS_tenant_tokens_reload));
+    if (!a.ok()) {
+      KV_LOG(ERROR) << "--tenant-tokens: " << a.status().message();
+      return 2;
+    }
+    auth = std::move(*a);
+    kvstore::Authenticator* raw = auth.get();
+    options.tenant_limits = [raw](const std::string& tenant) { return raw->LimitsOf(tenant); };
+  }
   kvstore::Node node(options, transport.get(), Clock::Real());
   if (!node.arena_status().ok()) {
     KV_LOG(ERROR) << "KV storage: " << node.arena_status();
@@ -170,6 +187,7 @@ int Run() {
   kvstore::GrpcService service(&node, absl::GetFlag(FLAGS_rpc_threads));
   const size_t num_peers = peers.peers.size();
   service.SetPeers(std::move(peers));
+  service.SetAuthenticator(auth.get());
   // kvrecallctl drain: the health status turns NOT_SERVING, so a readiness probe takes the node
   // out of its Service while it keeps serving the sequences it holds.
   std::atomic<grpc::Server*> serving{nullptr};
@@ -220,7 +238,7 @@ int Run() {
                              ? (absl::GetFlag(FLAGS_tls_ca).empty() ? "TLS" : "mutual TLS")
                              : "plaintext";
   KV_LOG(INFO) << "kvrecall-server serving on port " << port << " (" << absl::GetFlag(FLAGS_listen) << ", "
-               << security << "), memory " << FormatBytes(*memory) << ", transport "
+               << security << (auth ? ", bearer tokens" : "") << "), memory " << FormatBytes(*memory) << ", transport "
                << (transport ? std::string(transport->name()) : "none") << ", metrics port " << metrics_port
                << ", data dir " << (options.data_dir.empty() ? "(none: no eviction)" : options.data_dir)
                << (num_peers > 0 ? absl::StrCat(", one of ", num_peers, " peers as ", absl::GetFlag(FLAGS_advertise))

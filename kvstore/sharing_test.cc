@@ -4,6 +4,8 @@
 #include <numeric>
 #include <random>
 #include <thread>
+#include <filesystem>
+#include <unistd.h>
 
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
@@ -299,6 +301,106 @@ TEST_F(SharingTest, ConcurrentOpenAppendRetrieveDrop) {
     ASSERT_OK(node_.CloseSequence(q.tenant, q.sequence_id, true));
   EXPECT_EQ(node_.Stats(false).stored_bytes, 0);
   EXPECT_EQ(node_.Stats(false).blocks, 0);
+}
+
+// Quotas (tenant_account.h): logical bytes (32 per token of Spec()) and sequences, per tenant,
+// exactly at their limits; a refused commit leaves nothing behind.
+TEST(QuotaTest, SequencesAndStoredBytesTripExactlyAtTheirLimits) {
+  constexpr int64_t kTokenBytes = 32;
+  FakeClock clock;
+  NodeOptions o = Options();
+  o.tenant_limits = [](const std::string& tenant) {
+    TenantLimits l;
+    if (tenant == "q") {
+      l.sequences = 2;
+      l.stored_bytes = 20 * kTokenBytes;
+    }
+    if (tenant == "r") l.stored_bytes = 300;  // 9.4 tokens
+    return l;
+  };
+  Node node(o, nullptr, &clock);
+  ASSERT_OK(node.RegisterModel(Spec()).status());
+  const std::vector<int32_t> a = Tokens(10);
+  ASSERT_OK(node.OpenSequence({"q", "m", "a", a}).status());
+  ASSERT_OK(node.OpenSequence({"q", "m", "b", Tokens(10, 500)}).status());
+  EXPECT_THAT(node.OpenSequence({"q", "m", "c", a}), StatusIs(absl::StatusCode::kResourceExhausted));
+  ASSERT_OK(node.OpenSequence({"free", "m", "x", a}).status()) << "another tenant's quota is its own";
+  ASSERT_OK(node.OpenSequence({"q", "m", "b", Tokens(10, 500)}).status()) << "reopening is not a new sequence";
+
+  ASSERT_OK(Append(&node, "q", "a", 0, a));  // 320 bytes
+  ASSERT_OK(node.CloseSequence("q", "b", /*drop=*/true));
+  // Same prompt: two shared blocks adopted, charged in full (logical bytes): 576.
+  ASSERT_OK_AND_ASSIGN(OpenSequenceResult rb, node.OpenSequence({"q", "m", "b", a}));
+  EXPECT_EQ(rb.matched_tokens, 8);
+  ASSERT_OK(Append(&node, "q", "b", 8, a));  // 640: exactly the limit
+  auto usage = [&] {
+    for (const TenantStats& t : node.Stats(false).tenants)
+      if (t.tenant == "q") return t;
+    return TenantStats{};
+  };
+  EXPECT_EQ(usage().quota_charged_bytes, 20 * kTokenBytes);
+  EXPECT_EQ(usage().quota_stored_bytes, 20 * kTokenBytes);
+  EXPECT_EQ(usage().quota_sequences, 2);
+
+  // One more token is over: RESOURCE_EXHAUSTED, and nothing of it was committed.
+  std::vector<int32_t> a11 = Tokens(11);
+  const absl::Status over = Append(&node, "q", "b", 10, a11);
+  EXPECT_THAT(over, StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(std::string(over.message()), ::testing::HasSubstr("quota"));
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<Sequence> b, node.FindSequence("q", "b"));
+  EXPECT_EQ(b->committed_tokens(), 10);
+  EXPECT_EQ(b->known_token_ids(), 10);
+  ExpectRows(&node, "q", "b", a);
+  EXPECT_EQ(usage().quota_charged_bytes, 20 * kTokenBytes);
+  b.reset();
+
+  // Dropping a sequence gives its bytes and its place back.
+  ASSERT_OK(node.CloseSequence("q", "a", /*drop=*/true));
+  EXPECT_EQ(usage().quota_charged_bytes, 10 * kTokenBytes);
+  ASSERT_OK(Append(&node, "q", "b", 10, a11));
+  ASSERT_OK(node.OpenSequence({"q", "m", "c", a}).status());
+
+  // A shared prefix that does not fit the quota is not adopted (and so not charged).
+  ASSERT_OK(node.OpenSequence({"r", "m", "a", Tokens(8)}).status());
+  ASSERT_OK(Append(&node, "r", "a", 0, Tokens(8)));  // 256 of 300
+  ASSERT_OK_AND_ASSIGN(OpenSequenceResult rr, node.OpenSequence({"r", "m", "b", Tokens(8)}));
+  EXPECT_EQ(rr.matched_tokens, 0);
+  EXPECT_EQ(rr.stored_tokens, 0);
+  EXPECT_THAT(Append(&node, "r", "b", 0, Tokens(8)), StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
+TEST(QuotaTest, RecoveredSequencesAreChargedEvenOverALoweredLimit) {
+  const std::string dir = ::testing::TempDir() + "/quota_recovery_" + std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  FakeClock clock;
+  NodeOptions o = Options();
+  o.data_dir = dir;
+  o.durable = true;
+  auto limit = std::make_shared<std::atomic<int64_t>>(0);
+  o.tenant_limits = [limit](const std::string&) {
+    TenantLimits l;
+    l.stored_bytes = limit->load();
+    return l;
+  };
+  {
+    Node node(o, nullptr, &clock);
+    ASSERT_OK(node.arena_status());
+    ASSERT_OK(node.RegisterModel(Spec()).status());
+    ASSERT_OK(node.OpenSequence({"q", "m", "a", Tokens(10)}).status());
+    ASSERT_OK(Append(&node, "q", "a", 0, Tokens(10)));
+  }
+  limit->store(5 * 32);  // lowered below what is stored
+  Node node(o, nullptr, &clock);
+  ASSERT_OK(node.arena_status());
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<Sequence> a, node.FindSequence("q", "a"));
+  EXPECT_EQ(a->committed_tokens(), 10) << "acknowledged data is never taken back";
+  a.reset();
+  int64_t charged = -1;
+  for (const TenantStats& t : node.Stats(false).tenants)
+    if (t.tenant == "q") charged = t.quota_charged_bytes;
+  EXPECT_EQ(charged, 10 * 32);
+  EXPECT_THAT(Append(&node, "q", "a", 10, Tokens(11)), StatusIs(absl::StatusCode::kResourceExhausted));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

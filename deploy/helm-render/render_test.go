@@ -159,6 +159,7 @@ func TestRequiredValuesFailClearly(t *testing.T) {
 		{"replication above the nodes", withRequired, m("worker", m("replication", 3)), "worker.replication (3) cannot exceed tier.replicas (2)"},
 		{"tls without a secret", withRequired, m("tls", m("enabled", true)), "tls.secretName is required"},
 		{"tokens without a secret", withRequired, m("auth", m("enabled", true)), "auth.secretName is required"},
+		{"tokens without the worker's", withRequired, m("auth", m("enabled", true, "secretName", "t")), "auth.workerSecretName is required"},
 		{"monitor without metrics", withRequired,
 			m("tier", m("metrics", m("enabled", false), "serviceMonitor", m("enabled", true), "probes", m("liveness", m("mode", "tcp")))),
 			"tier.serviceMonitor.enabled needs tier.metrics.enabled"},
@@ -316,10 +317,9 @@ func workerSubcommands() (map[string]bool, error) {
 	return out, nil
 }
 
-// Server flags the chart renders only behind auth.enabled: they arrive with issue 9.
-var pendingServerFlags = map[string]string{
-	"tenant_tokens": "auth.enabled",
-}
+// Server flags the chart may render before the binary has them (value: the setting behind
+// which); none now.
+var pendingServerFlags = map[string]string{}
 
 func checkRelease(r *release) []string {
 	var p []string
@@ -702,6 +702,13 @@ func checkRelease(r *release) []string {
 	}
 	if mp := str(get(v, "worker", "model", "path")); str(wf["model"]) != mp {
 		fail("worker --model=%v, worker.model.path %s", wf["model"], mp)
+	}
+	if get(v, "auth", "enabled") == true {
+		if !strings.HasPrefix(str(wf["tier_token_file"]), mountPathOf(wc, "auth")+"/") || secretOf(dep.obj, "auth") != str(get(v, "auth", "workerSecretName")) {
+			fail("worker --tier-token-file=%v is not in the mounted secret %v", wf["tier_token_file"], get(v, "auth", "workerSecretName"))
+		}
+	} else if _, ok := wf["tier_token_file"]; ok {
+		fail("worker --tier-token-file without auth.enabled")
 	}
 	checkRDMA("worker", mapOf(get(dep.obj, "spec", "template", "spec")), wc)
 	return p

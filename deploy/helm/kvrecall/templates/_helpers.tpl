@@ -123,6 +123,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- if .Values.auth.enabled -}}
 {{- $_ := required "auth.secretName is required when auth.enabled (a Secret with the tenants' tokens file)" .Values.auth.secretName -}}
+{{- if .Values.worker.enabled -}}
+{{- $_ := required "auth.workerSecretName is required when auth.enabled and worker.enabled (a Secret with the worker tenant's token)" .Values.auth.workerSecretName -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has .Values.tier.transport (list "ucx" "none")) -}}
 {{- fail (printf "tier.transport must be ucx or none, not %q" .Values.tier.transport) -}}
