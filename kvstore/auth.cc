@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
@@ -164,11 +165,27 @@ absl::Status Authenticator::Reload() {
   }
   absl::StatusOr<TokenTable> table = ParseTokenTable(text);
   if (!table.ok()) return table.status();
-  absl::MutexLock lock(&mu_);
-  table_ = std::make_shared<const TokenTable>(std::move(*table));
-  text_ = std::move(text);
-  reloads_.fetch_add(1);
-  KV_LOG(INFO) << "token file " << path_ << " reloaded: " << table_->tokens.size() << " tokens";
+  auto tenants = [](const TokenTable& t) {
+    std::set<std::string> out;
+    for (const TokenTable::Entry& e : t.tokens)
+      if (!e.principal.admin) out.insert(e.principal.tenant);
+    return out;
+  };
+  std::vector<std::string> revoked;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::set<std::string> after = tenants(*table);
+    for (const std::string& t : tenants(*table_))
+      if (after.count(t) == 0) revoked.push_back(t);
+    table_ = std::make_shared<const TokenTable>(std::move(*table));
+    text_ = std::move(text);
+    reloads_.fetch_add(1);
+    KV_LOG(INFO) << "token file " << path_ << " reloaded: " << table_->tokens.size() << " tokens, "
+                 << revoked.size() << " tenants revoked";
+  }
+  if (revoke_hook_) {
+    for (const std::string& t : revoked) revoke_hook_(t);
+  }
   return absl::OkStatus();
 }
 

@@ -30,6 +30,7 @@
 #define KVRECALL_KVSTORE_AUTH_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -84,6 +85,11 @@ class Authenticator {
   // Re-reads the file now; on an error the previous table stays in force.
   absl::Status Reload();
 
+  // Called (on the reloading thread, no lock held) for each tenant that had a token before a
+  // reload and has none after: its sessions end (kvrecall-server: Node::RevokeTenant). Tokens
+  // rotated within a tenant end nothing. REQUIRES: set before the first Authenticate.
+  void SetRevokeHook(std::function<void(const std::string& tenant)> hook) { revoke_hook_ = std::move(hook); }
+
   // How many reloads changed the table (for tests and the log).
   int64_t reloads() const { return reloads_.load(); }
 
@@ -101,6 +107,7 @@ class Authenticator {
   Clock* const clock_;
   const absl::Duration reload_every_;
   std::atomic<int64_t> reloads_{0};
+  std::function<void(const std::string&)> revoke_hook_;
 
   mutable absl::Mutex mu_;
   std::shared_ptr<const TokenTable> table_ ABSL_GUARDED_BY(mu_);

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/testing/status_matchers.h"
@@ -115,6 +116,8 @@ TEST_F(AuthenticatorTest, RateLimitTripsExactlyAtItsBudgetAndRefills) {
 
 TEST_F(AuthenticatorTest, ReloadsAChangedFileAndKeepsTheOldTableOnABadOne) {
   ASSERT_OK_AND_ASSIGN(auto auth, Authenticator::Open(path_, &clock_, absl::Seconds(10)));
+  std::vector<std::string> revoked;
+  auth->SetRevokeHook([&revoked](const std::string& t) { revoked.push_back(t); });
   // b's token rotates to a new one; a is removed.
   constexpr char kNewB[] = "tok-b-rotated-0123456789";
   Write(absl::StrCat("tenant b ", kNewB, "\nlimits b sequences=7\n"));
@@ -127,6 +130,8 @@ TEST_F(AuthenticatorTest, ReloadsAChangedFileAndKeepsTheOldTableOnABadOne) {
   EXPECT_EQ(b.tenant, "b");
   EXPECT_EQ(auth->LimitsOf("b").sequences, 7);
   EXPECT_EQ(auth->reloads(), 1);
+  // a lost its only token: its sessions end; b only rotated its token.
+  EXPECT_EQ(revoked, std::vector<std::string>{"a"});
   // A broken file is not applied: the previous tokens stay in force.
   Write("tenant b short\n");
   clock_.Advance(absl::Seconds(10));
@@ -137,6 +142,7 @@ TEST_F(AuthenticatorTest, ReloadsAChangedFileAndKeepsTheOldTableOnABadOne) {
   clock_.Advance(absl::Seconds(10));
   EXPECT_OK(auth->Authenticate(Bearer(kNewB)));
   EXPECT_EQ(auth->reloads(), 1);
+  EXPECT_EQ(revoked.size(), 1u);
 }
 
 TEST_F(AuthenticatorTest, OpenFailsOnAMissingOrMalformedFile) {

@@ -233,6 +233,43 @@ TEST_F(IngestTest, AbortAndLeaseExpiryReleaseTheTransaction) {
   ExpectRows("s", kv, 6);
 }
 
+// Revoked credentials end a tenant's sessions: its workers are detached (a Retrieve naming one
+// is FAILED_PRECONDITION, as for a worker that never attached) and its open ingests aborted (their slots freed, the sequence free for the next
+// append); its stored sequences and other tenants are untouched.
+TEST_F(IngestTest, RevokeTenantDetachesItsWorkersAndAbortsItsIngests) {
+  const Kv kv = RandomKv(6, 4);
+  ASSERT_OK(Open("s", 6));
+  ASSERT_OK(Open("done", 4));
+  ASSERT_OK(Ingest("done", RandomKv(4, 9), 0, 4).status());
+  ASSERT_OK(node_->OpenSequence(OpenSequenceArgs{"other", "m", "s", Ids(4)}).status());
+  ASSERT_OK_AND_ASSIGN(auto region, transport_->AllocateRegion(1 << 16));
+  ASSERT_OK(node_->AttachWorker("t", "w1", region->Describe()));
+  ASSERT_OK(node_->AttachWorker("t", "w2", region->Describe()));
+  ASSERT_OK(node_->AttachWorker("other", "w1", region->Describe()));
+  ASSERT_OK_AND_ASSIGN(IngestGrant g, node_->AllocateBlocks({"t", "s", 0, 6, 0, {}}));
+  ASSERT_OK_AND_ASSIGN(IngestGrant og, node_->AllocateBlocks({"other", "s", 0, 4, 0, {}}));
+
+  EXPECT_EQ(node_->RevokeTenant("t"), std::make_pair(2, 1));
+  EXPECT_EQ(node_->Stats(false).num_workers, 1);
+  EXPECT_THAT(node_->CommitBlocks({"t", "s", g.ingest_id, {}, false}), StatusIs(absl::StatusCode::kNotFound));
+  std::vector<float> q(2 * kDim, 0.5f);
+  RetrieveArgs r;
+  r.tenant = "t";
+  r.layer = 1;
+  r.budget = 2;
+  r.worker_id = "w1";
+  r.entries.push_back({"done", 0, q, 0, 4, 0, 0});
+  EXPECT_THAT(node_->Retrieve(r), StatusIs(absl::StatusCode::kFailedPrecondition));
+  r.worker_id.clear();  // ids only: the stored data is still there
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node_->Retrieve(r));
+  EXPECT_EQ(out.token_ids[0].size(), 2u);
+  ASSERT_OK(Ingest("s", kv, 0, 6).status());  // the aborted ingest released the sequence
+  ExpectRows("s", kv, 6);
+  // The other tenant's ingest is still open and commits.
+  ASSERT_OK(node_->CommitBlocks({"other", "s", og.ingest_id, {}, /*abort=*/true}).status());
+  EXPECT_EQ(node_->RevokeTenant("nobody"), std::make_pair(0, 0));
+}
+
 TEST_F(IngestTest, FullArenaIsResourceExhaustedAndLeaksNothing) {
   Start("", /*arena_blocks=*/2);
   ASSERT_OK(Open("s", 12));

@@ -783,6 +783,28 @@ absl::Status Node::AttachWorker(const std::string& tenant, const std::string& wo
   return absl::OkStatus();
 }
 
+std::pair<int, int> Node::RevokeTenant(const std::string& tenant) {
+  std::vector<std::shared_ptr<Worker>> revoked;  // destroyed outside mu_
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = workers_.begin(); it != workers_.end();) {
+      if (it->first.first == tenant) {
+        revoked.push_back(std::move(it->second));
+        it = workers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  std::vector<Ingest> ingests = TakeIngests([&tenant](const Ingest& in) { return in.key.first == tenant; });
+  for (Ingest& in : ingests) in.seq->AbortAppend();
+  if (!revoked.empty() || !ingests.empty()) {
+    KV_LOG(WARNING) << "tenant '" << tenant << "' revoked: " << revoked.size() << " workers detached, "
+                    << ingests.size() << " ingests aborted";
+  }
+  return {static_cast<int>(revoked.size()), static_cast<int>(ingests.size())};
+}
+
 absl::Status Node::CloseSequence(const std::string& tenant, const std::string& sequence_id, bool drop) {
   std::shared_ptr<Sequence> victim;  // freed outside the lock
   std::vector<std::shared_ptr<Worker>> mirrors;  // the tenant's workers, to forget the sequence in

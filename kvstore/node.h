@@ -16,6 +16,7 @@
 #define KVRECALL_KVSTORE_NODE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -303,6 +304,12 @@ class Node {
   absl::Status AttachWorker(const std::string& tenant, const std::string& worker_id,
                             const transport::RemoteRegion& region);
 
+  // The tenant's credentials were revoked: forgets its workers (their connections close once no
+  // call in flight still uses them, so nothing more is written into their regions) and aborts
+  // its open bulk ingests (their arena slots are never committed). Its stored sequences stay.
+  // Returns the number of workers and ingests revoked.
+  std::pair<int, int> RevokeTenant(const std::string& tenant);
+
   // Bulk ingest. AllocateBlocks opens the sequence's write transaction for tokens
   // [token_start, token_start + num_tokens) of every layer and answers the arena slots they land
   // in; the transaction is the ingest's until CommitBlocks ends it (commit or abort, either way)
@@ -369,6 +376,8 @@ class Node {
   };
   // Aborts (outside ingest_mu_) every ingest whose lease ran out.
   void ExpireIngests();
+  // Removes and returns the open ingests `pred` selects (the caller aborts them).
+  std::vector<Ingest> TakeIngests(const std::function<bool(const Ingest&)>& pred);
 
   // Rebuilds models and sequences from the store's metadata (durable only).
   absl::Status Recover();

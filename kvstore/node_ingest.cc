@@ -44,25 +44,27 @@ uint32_t SlotChecksum(const uint8_t* slot, const ModelSpec& spec, int block_toke
 }  // namespace
 
 void Node::ExpireIngests() {
-  std::vector<Ingest> expired;
-  {
-    absl::MutexLock lock(&ingest_mu_);
-    const absl::Time now = clock_->Now();
-    for (auto it = ingests_.begin(); it != ingests_.end();) {
-      if (it->second.deadline <= now) {
-        expired.push_back(std::move(it->second));
-        ingests_.erase(it++);
-      } else {
-        ++it;
-      }
-    }
-  }
-  for (Ingest& in : expired) {
+  const absl::Time now = clock_->Now();
+  for (Ingest& in : TakeIngests([now](const Ingest& in) { return in.deadline <= now; })) {
     KV_LOG(WARNING) << "ingest of sequence '" << in.key.second << "' (tenant '" << in.key.first
                     << "') was not committed within its lease; aborted";
     in.seq->AbortAppend();
     IM().ingest_aborts->Add(1);
   }
+}
+
+std::vector<Node::Ingest> Node::TakeIngests(const std::function<bool(const Ingest&)>& pred) {
+  std::vector<Ingest> taken;
+  absl::MutexLock lock(&ingest_mu_);
+  for (auto it = ingests_.begin(); it != ingests_.end();) {
+    if (pred(it->second)) {
+      taken.push_back(std::move(it->second));
+      ingests_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return taken;
 }
 
 absl::StatusOr<IngestGrant> Node::AllocateBlocks(const AllocateBlocksArgs& args) {

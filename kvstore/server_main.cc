@@ -180,6 +180,10 @@ int Run() {
     options.tenant_limits = [raw](const std::string& tenant) { return raw->LimitsOf(tenant); };
   }
   kvstore::Node node(options, transport.get(), Clock::Real());
+  if (auth != nullptr) {
+    // A tenant whose last token was removed loses its workers' attachments and open ingests.
+    auth->SetRevokeHook([&node](const std::string& tenant) { node.RevokeTenant(tenant); });
+  }
   if (!node.arena_status().ok()) {
     KV_LOG(ERROR) << "KV storage: " << node.arena_status();
     return 1;

@@ -233,6 +233,8 @@ TEST_F(TenantTest, RotatedTokenFileAppliesWithoutARestart) {
   ASSERT_OK_AND_ASSIGN(ServerProcess s, Start());
   ASSERT_OK_AND_ASSIGN(auto b, Connect(s, "b", "b.token"));
   ASSERT_OK(b->RegisterModel(Spec()));
+  // c has a worker attached over UCX; the new file drops c altogether, which ends its session.
+  ASSERT_OK_AND_ASSIGN(auto c, Connect(s, "c", "c.token", /*ucx=*/true));
   // b's token is replaced by a new one; the old one stops working, the new one works.
   constexpr char kNewB[] = "tenant-b-rotated-0123456789";
   std::ofstream(F("newb.token")) << kNewB << "\n";
@@ -245,6 +247,9 @@ TEST_F(TenantTest, RotatedTokenFileAppliesWithoutARestart) {
   EXPECT_THAT(old, StatusIs(absl::StatusCode::kUnauthenticated));
   ASSERT_OK_AND_ASSIGN(auto nb, Connect(s, "b", "newb.token"));
   EXPECT_OK(nb->Stats(false).status());
+  EXPECT_THAT(c->Stats(false), StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_NE(ReadFile(F("server.log")).find("tenant 'c' revoked: 1 workers detached"), std::string::npos)
+      << ReadFile(F("server.log"));
   // A broken file is ignored: the rotated tokens stay in force.
   WriteTokens("tenant b too-short\n");
   std::this_thread::sleep_for(std::chrono::milliseconds(400));
