@@ -7,18 +7,27 @@
 // head_dim 4, bf16, vocab 64); tenant "t" with sequence "s" (10 committed tokens, a cluster
 // index) and sequence "o" (6-token prompt, nothing stored); worker "w" of tenant "t" attached to
 // a 256 KiB region with an empty slot mirror. So a crash reproduces from its input alone.
+// The service authenticates (kvstore/auth.h): the token file names tenant "t" (quotas: 8
+// sequences, 16 KiB, 1000 requests/s, arena ingest) and an admin; every call of an input carries
+// t's bearer token until a call 13 changes it.
 //
 // Input: calls, each [u8 selector][u16 LE length][payload]; the payload is the request message
 // (calls whose payload does not parse are skipped). selector & 0x0f picks the call, modulo 13:
 //   0 RegisterModel  1 OpenSequence  2 AppendKV  3 AllocateBlocks  4 CommitBlocks  5 Retrieve
 //   6 BuildIndex  7 FetchKV  8 AttachWorker  9 CloseSequence  10 Stats  11 Drain
 //   12 advance the node's (fake) clock by the payload's first u32 (LE) milliseconds
+//   13 the authorization metadata of the following calls: empty payload none, "1" t's bearer
+//      token, "2" the admin's, anything else the payload itself (printable ASCII only; other
+//      bytes are dropped, as gRPC refuses them before sending)
+//   14 parse the payload as a token file (ParseTokenTable), without applying it
 // AppendKV's payload is its stream: chunks [u16 LE length][AppendKVRequest]; selector bit 0x80
 // cancels the stream after the last chunk instead of half-closing it. A CommitBlocks with
 // ingest_id 0 names the last ingest an AllocateBlocks of this input was granted.
 // Any response status is fine; crashes, sanitizer reports, hangs and leaks are findings.
 //
 // KVRECALL_FUZZ_WRITE_SEEDS=DIR: writes seed inputs into DIR and exits.
+#include <unistd.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -33,6 +42,7 @@
 #include "common/clock.h"
 #include "common/model_spec.h"
 #include "grpcpp/grpcpp.h"
+#include "kvstore/auth.h"
 #include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
@@ -41,7 +51,9 @@
 namespace kvrecall::kvstore {
 namespace {
 
-constexpr int kRpcs = 13;
+constexpr int kRpcs = 15;
+constexpr char kTenantToken[] = "Bearer fuzz-tenant-t-token-0123";
+constexpr char kAdminToken[] = "Bearer fuzz-admin-token-01234567";
 constexpr int kBlockTokens = 4;
 constexpr int kSeqTokens = 10;
 
@@ -50,6 +62,7 @@ struct Server {
   std::unique_ptr<transport::Transport> transport = transport::CreateInProcessTransport();
   std::unique_ptr<transport::RegisteredRegion> worker_region;
   std::unique_ptr<Node> node;
+  std::unique_ptr<Authenticator> auth;
   std::unique_ptr<GrpcService> service;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<v1::KvRecall::Stub> stub;
@@ -140,8 +153,9 @@ bool Parse(absl::string_view payload, Req* req) {
   return req->ParseFromArray(payload.data(), static_cast<int>(payload.size()));
 }
 
-void AppendStream(absl::string_view payload, bool cancel) {
+void AppendStream(absl::string_view payload, bool cancel, const std::string& authorization) {
   grpc::ClientContext ctx;
+  if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
   v1::AppendKVResponse resp;
   std::unique_ptr<grpc::ClientWriter<v1::AppendKVRequest>> w = g->stub->AppendKV(&ctx, &resp);
   size_t i = 0;
@@ -162,9 +176,10 @@ void AppendStream(absl::string_view payload, bool cancel) {
   (void)w->Finish();
 }
 
-void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest) {
+void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest, std::string* authorization) {
   v1::KvRecall::Stub& stub = *g->stub;
   grpc::ClientContext ctx;
+  if (!authorization->empty()) ctx.AddMetadata("authorization", *authorization);
   switch (rpc) {
     case 0: {
       v1::RegisterModelRequest req;
@@ -179,7 +194,7 @@ void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest) 
       break;
     }
     case 2:
-      AppendStream(payload, flag);
+      AppendStream(payload, flag, *authorization);
       break;
     case 3: {
       v1::AllocateBlocksRequest req;
@@ -254,6 +269,20 @@ void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest) 
       g->clock.Advance(absl::Milliseconds(ms));
       break;
     }
+    case 13:
+      if (payload == "1") {
+        *authorization = kTenantToken;
+      } else if (payload == "2") {
+        *authorization = kAdminToken;
+      } else {
+        authorization->clear();
+        for (char c : payload)
+          if (c >= 0x20 && c < 0x7f) authorization->push_back(c);
+      }
+      break;
+    case 14:
+      (void)ParseTokenTable(payload);
+      break;
   }
 }
 
@@ -443,11 +472,16 @@ void WriteSeeds(const std::string& dir) {
   v1::StatsRequest stats;
   stats.set_include_sequences(true);
   w.Add(10, stats).Write(dir, "stats");
+  w.Raw(13, "2").Add(10, stats).Raw(13, "Bearer not-a-token-0123456789").Add(10, stats).Raw(13, "")
+      .Add(9, close).Write(dir, "auth_admin_wrong_none");
+  w.Raw(14, "tenant a tok-a-0123456789abcdef\nadmin adm-0123456789abcdef\n"
+            "limits a stored_bytes=1MiB sequences=3 requests_per_s=2.5 arena_ingest=true\n")
+      .Write(dir, "token_file");
 
   v1::DrainRequest drain;
   drain.set_draining(true);
   open.set_sequence_id("new");
-  w.Add(11, drain).Add(1, open).Write(dir, "drain_open");
+  w.Raw(13, "2").Add(11, drain).Raw(13, "1").Add(1, open).Write(dir, "drain_open");
 
   // A whole life: open, append, index, retrieve, fetch, close.
   open.set_sequence_id("life");
@@ -475,7 +509,16 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
       g->transport->AllocateRegion(256 << 10);
   Check(region.status(), "worker region");
   g->worker_region = *std::move(region);
+  const std::string tokens = "/tmp/fuzz_rpc_tokens." + std::to_string(::getpid());
+  std::ofstream(tokens) << "tenant t " << (kTenantToken + 7) << "\nadmin " << (kAdminToken + 7)
+                        << "\nlimits t sequences=8 stored_bytes=16KiB requests_per_s=1000 arena_ingest=true\n";
+  absl::StatusOr<std::unique_ptr<Authenticator>> auth =
+      Authenticator::Open(tokens, &g->clock, absl::Hours(24 * 365));
+  Check(auth.status(), "token file");
+  g->auth = *std::move(auth);
+  std::remove(tokens.c_str());
   NodeOptions o;
+  o.tenant_limits = [](const std::string& tenant) { return g->auth->LimitsOf(tenant); };
   o.memory_bytes = 1 << 20;
   o.block_tokens = kBlockTokens;
   o.search_threads = 1;
@@ -484,6 +527,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   Check(g->node->arena_status(), "arena");
   Check(g->node->RegisterModel(SeedSpec()).status(), "model");
   g->service = std::make_unique<GrpcService>(g->node.get(), 2);
+  g->service->SetAuthenticator(g->auth.get());
   grpc::ServerBuilder builder;
   builder.RegisterService(g->service.get());
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
@@ -499,6 +543,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace kvrecall::kvstore;
   Reset();
   uint64_t last_ingest = 0;
+  std::string authorization = kTenantToken;
   const absl::string_view in(reinterpret_cast<const char*>(data), size);
   size_t i = 0;
   while (i < in.size()) {
@@ -509,7 +554,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     i = std::min(i + 3, in.size());
     n = std::min(n, in.size() - i);
-    Call((sel & 0x0f) % kRpcs, (sel & 0x80) != 0, in.substr(i, n), &last_ingest);
+    Call((sel & 0x0f) % kRpcs, (sel & 0x80) != 0, in.substr(i, n), &last_ingest, &authorization);
     i += n;
   }
   g->node->WaitForIndexJobs();
