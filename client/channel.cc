@@ -1,12 +1,10 @@
 #include "client/channel.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/clock.h"
+#include "common/file.h"
 #include "common/logging.h"
 #include "common/pem.h"
 #include "common/status_macros.h"
@@ -19,11 +17,8 @@ namespace {
 constexpr absl::Duration kTokenReload = absl::Seconds(10);
 
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read token file ", path));
-  std::ostringstream s;
-  s << in.rdbuf();
-  const std::string token(absl::StripAsciiWhitespace(s.str()));
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path, "token file"));
+  const std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty() || token.find_first_of(" \t\r\n") != std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat("token file ", path, " must hold one token"));
   }

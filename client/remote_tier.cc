@@ -97,8 +97,7 @@ class RemoteTier final : public Tier {
   absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(sequence_id));
     RETURN_IF_ERROR(internal::CheckAppendBatch(*spec, batch));
-    const int64_t bytes = static_cast<int64_t>(2 * spec->row_bytes()) * spec->num_kv_heads * batch.num_tokens *
-                          spec->num_layers;
+    const int64_t bytes = spec->token_kv_bytes() * batch.num_tokens;
     if (transport_ != nullptr && remote_.ingest != "grpc" && !ingest_unsupported_ &&
         bytes >= remote_.ingest_min_bytes) {
       absl::Status s = Ingest(sequence_id, *spec, batch);

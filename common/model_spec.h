@@ -28,6 +28,10 @@ struct ModelSpec {
   int group_size() const { return num_kv_heads ? num_q_heads / num_kv_heads : 0; }
   // Bytes of one K (or one V) row: one token of one kv-head.
   size_t row_bytes() const { return static_cast<size_t>(head_dim) * DTypeSize(kv_dtype); }
+  // K+V bytes of one token over every layer and kv-head.
+  int64_t token_kv_bytes() const {
+    return int64_t{2} * num_layers * num_kv_heads * static_cast<int64_t>(row_bytes());
+  }
 
   // OK iff every field is within the limits above and consistent.
   absl::Status Validate() const;

@@ -1,22 +1,18 @@
 #include "common/pem.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
+#include "common/status_macros.h"
 
 namespace kvrecall {
 
 absl::StatusOr<std::string> ReadPemFile(const std::string& path, absl::string_view what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(what, ": cannot read '", path, "'"));
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (!absl::StrContains(s.str(), "-----BEGIN")) {
+  ASSIGN_OR_RETURN(std::string pem, ReadFileToString(path, what));
+  if (!absl::StrContains(pem, "-----BEGIN")) {
     return absl::DataLossError(absl::StrCat(what, ": '", path, "' holds no PEM block"));
   }
-  return s.str();
+  return pem;
 }
 
 }  // namespace kvrecall

@@ -2,14 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/file.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/units.h"
@@ -83,15 +82,6 @@ bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
   return diff == 0;
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read token file ", path));
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading token file ", path));
-  return s.str();
-}
-
 }  // namespace
 
 absl::StatusOr<TokenTable> ParseTokenTable(absl::string_view text) {
@@ -148,7 +138,7 @@ absl::StatusOr<TokenTable> ParseTokenTable(absl::string_view text) {
 absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Open(const std::string& path, Clock* clock,
                                                                    absl::Duration reload_every) {
   std::unique_ptr<Authenticator> a(new Authenticator(path, clock, reload_every));
-  ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, "token file"));
   ASSIGN_OR_RETURN(TokenTable table, ParseTokenTable(text));
   absl::MutexLock lock(&a->mu_);
   a->table_ = std::make_shared<const TokenTable>(std::move(table));
@@ -158,7 +148,7 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Open(const std::st
 }
 
 absl::Status Authenticator::Reload() {
-  ASSIGN_OR_RETURN(std::string text, ReadFile(path_));
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path_, "token file"));
   {
     absl::MutexLock lock(&mu_);
     if (text == text_) return absl::OkStatus();
@@ -189,11 +179,11 @@ absl::Status Authenticator::Reload() {
   return absl::OkStatus();
 }
 
-void Authenticator::MaybeReload() {
+std::shared_ptr<const TokenTable> Authenticator::CurrentTable() {
   {
     absl::MutexLock lock(&mu_);
     const absl::Time now = clock_->Now();
-    if (checking_ || now < next_check_) return;
+    if (checking_ || now < next_check_) return table_;
     checking_ = true;
     next_check_ = now + reload_every_;
   }
@@ -202,10 +192,11 @@ void Authenticator::MaybeReload() {
   }
   absl::MutexLock lock(&mu_);
   checking_ = false;
+  return table_;
 }
 
 absl::StatusOr<Principal> Authenticator::Authenticate(absl::string_view authorization) {
-  MaybeReload();
+  const std::shared_ptr<const TokenTable> table = CurrentTable();
   constexpr absl::string_view kBearer = "Bearer ";
   if (authorization.empty()) {
     return absl::UnauthenticatedError("this server requires a bearer token (authorization metadata)");
@@ -214,11 +205,6 @@ absl::StatusOr<Principal> Authenticator::Authenticate(absl::string_view authoriz
     return absl::UnauthenticatedError("authorization metadata is not 'Bearer TOKEN'");
   }
   const absl::string_view token = authorization.substr(kBearer.size());
-  std::shared_ptr<const TokenTable> table;
-  {
-    absl::MutexLock lock(&mu_);
-    table = table_;
-  }
   const Principal* found = nullptr;
   for (const TokenTable::Entry& e : table->tokens) {
     if (ConstantTimeEquals(e.token, token) && found == nullptr) found = &e.principal;
@@ -234,11 +220,12 @@ TenantLimits Authenticator::LimitsOf(const std::string& tenant) const {
 }
 
 absl::Status Authenticator::AdmitRequest(const std::string& tenant) {
-  const double rate = LimitsOf(tenant).requests_per_s;
-  if (rate <= 0) return absl::OkStatus();
-  const double burst = std::max(1.0, std::ceil(rate));
   const absl::Time now = clock_->Now();
   absl::MutexLock lock(&mu_);
+  auto limits = table_->limits.find(tenant);
+  const double rate = limits == table_->limits.end() ? 0 : limits->second.requests_per_s;
+  if (rate <= 0) return absl::OkStatus();
+  const double burst = std::max(1.0, std::ceil(rate));
   auto [it, fresh] = buckets_.try_emplace(tenant);
   Bucket& b = it->second;
   if (fresh) {

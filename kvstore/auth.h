@@ -96,7 +96,8 @@ class Authenticator {
  private:
   Authenticator(std::string path, Clock* clock, absl::Duration reload_every)
       : path_(std::move(path)), clock_(clock), reload_every_(reload_every) {}
-  void MaybeReload();
+  // The table in force, after re-reading the file when it is due (one lock on the way).
+  std::shared_ptr<const TokenTable> CurrentTable();
 
   struct Bucket {
     double tokens = 0;

@@ -26,14 +26,11 @@ Sequence::~Sequence() {
   table_->Unpin(txn_pins_);
   for (Block* b : blocks_) table_->Unref(b);
   if (account_ != nullptr) {
-    account_->RefundBytes(committed_ * token_bytes());
+    account_->RefundBytes(committed_ * spec_->token_kv_bytes());
     account_->RemoveSequence();
   }
 }
 
-int64_t Sequence::token_bytes() const {
-  return int64_t{2} * spec_->num_layers * spec_->num_kv_heads * static_cast<int64_t>(spec_->row_bytes());
-}
 
 void Sequence::Touch() const {
   absl::ReaderMutexLock lock(&mu_);
@@ -169,7 +166,7 @@ int64_t Sequence::AdoptSharedPrefix() {
   const int n =
       table_->AcquirePrefix(keys, namespace_, spec_->model_id, token_ids_, block_tokens_, &blocks_);
   if (n > 0 && account_ != nullptr &&
-      !account_->ChargeBytes(int64_t{n} * block_tokens_ * token_bytes()).ok()) {
+      !account_->ChargeBytes(int64_t{n} * block_tokens_ * spec_->token_kv_bytes()).ok()) {
     // Over the quota: store nothing; the tenant's own commit of these tokens will say why.
     for (Block* b : blocks_) table_->Unref(b);
     blocks_.clear();
@@ -333,7 +330,7 @@ absl::StatusOr<int64_t> Sequence::CommitAppendInternal(std::shared_ptr<const Ind
                                                         "; nothing was committed"));
     }
   }
-  const int64_t charge = (len - committed_) * token_bytes();
+  const int64_t charge = (len - committed_) * spec_->token_kv_bytes();
   if (charge > 0 && account_ != nullptr) {
     if (absl::Status s = account_->ChargeBytes(charge); !s.ok()) {
       UnpinTxnLocked();
@@ -433,7 +430,7 @@ void Sequence::Restore(std::vector<int32_t> token_ids, int64_t committed, int64_
   committed_ = committed;
   adopted_ = adopted;
   std::fill(layer_tokens_.begin(), layer_tokens_.end(), committed_);
-  if (account_ != nullptr) account_->ForceChargeBytes(committed_ * token_bytes());
+  if (account_ != nullptr) account_->ForceChargeBytes(committed_ * spec_->token_kv_bytes());
   PublishFullBlocksLocked();
 }
 

@@ -64,8 +64,6 @@ class Sequence {
   const std::string& id() const { return id_; }
   const ModelSpec& spec() const { return *spec_; }
   const std::string& share_namespace() const { return namespace_; }
-  // Logical K+V bytes of one token over every layer (what the quota charges per token).
-  int64_t token_bytes() const;
 
   // Committed KV rows of one (layer, kv-head), valid while the caller holds both the Snapshot
   // and the shared_ptr to this Sequence (destroy the Snapshot first). REQUIRES: layer and kv_head
