@@ -601,10 +601,15 @@ absl::StatusOr<AccuracyBenchOptions> ParseAccuracyBenchFlags(const std::vector<s
   RETURN_IF_ERROR(f.Get("index_queries", &o.index_queries));
   RETURN_IF_ERROR(f.Get("ctkvr_probe", &o.ctkvr_probe));
   RETURN_IF_ERROR(f.Get("ctkvr_list_size", &o.ctkvr_list_size));
+  RETURN_IF_ERROR(f.Get("ctkvr_centroids", &o.ctkvr_centroids));
+  RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
   RETURN_IF_ERROR(f.Get("markdown", &o.markdown));
   RETURN_IF_ERROR(f.Get("plot", &o.plot));
   RETURN_IF_ERROR(f.Get("progress", &o.progress));
   RETURN_IF_ERROR(f.CheckAllUsed());
+  if (o.ctkvr_min_similarity > 1) {
+    return absl::InvalidArgumentError("--ctkvr_min_similarity must be at most 1 (a cosine)");
+  }
   for (const std::string& t : o.tasks) {
     if (t == "vartrack") {
       return absl::InvalidArgumentError(
@@ -688,6 +693,10 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
   no.auto_index = indexer::Method::kExact;
   if (o.ctkvr_probe > 0) no.index_options.ctkvr.probe = o.ctkvr_probe;
   if (o.ctkvr_list_size > 0) no.index_options.ctkvr.list_size = o.ctkvr_list_size;
+  if (o.ctkvr_centroids > 0) no.index_options.ctkvr.centroids = o.ctkvr_centroids;
+  if (o.ctkvr_min_similarity >= 0) {
+    no.index_options.ctkvr.min_similarity = static_cast<float>(o.ctkvr_min_similarity);
+  }
   client::TierOptions to;
   to.tenant = "accuracy";
   to.staging_areas = cfg.num_layers - o.dense_layers;  // lookahead: one per sparse layer
@@ -717,6 +726,8 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
 
   // correct[(task, context, depth index)][config index] (config -1 = dense).
   std::map<std::tuple<std::string, int, int>, std::map<int, int>> correct;
+  // ctkvr searches and novel ones (scored exactly: CtkvrOptions::min_similarity) per cell/config.
+  std::map<std::tuple<std::string, int, int>, std::map<int, indexer::CtkvrCounters>> ctkvr_seen;
   double prefill_s = 0, anchor_push_s = 0, run_add_s = 0, index_build_s = 0, decode_dense_s = 0,
          decode_sparse_s = 0;
   int64_t prefill_tokens = 0, runs = 0, prompts = 0;
@@ -769,10 +780,15 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
             RETURN_IF_ERROR(engine->AddSequence(id, kv));
             run_add_s += absl::ToDoubleSeconds(absl::Now() - t0);
             t0 = absl::Now();
+            const indexer::CtkvrCounters before = indexer::ReadCtkvrCounters();
             ASSIGN_OR_RETURN(
                 std::vector<int32_t> out,
                 DecodeGreedy(engine.get(), id, logits, smp.answer.size(), cfg.vocab_size));
             decode_sparse_s += absl::ToDoubleSeconds(absl::Now() - t0);
+            const indexer::CtkvrCounters after = indexer::ReadCtkvrCounters();
+            indexer::CtkvrCounters& seen = ctkvr_seen[{task, L, static_cast<int>(di)}][static_cast<int>(ci)];
+            seen.searches += after.searches - before.searches;
+            seen.novel += after.novel - before.novel;
             index_build_s += engine->counters().index_build_seconds;
             RETURN_IF_ERROR(engine->RemoveSequence(id));
             ++runs;
@@ -810,6 +826,8 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
         auto& cell = correct[{task, L, static_cast<int>(di)}];
         const double dense_acc = static_cast<double>(cell[-1]) / o.samples;
         for (size_t ci = 0; ci < configs.size(); ++ci) {
+          const indexer::CtkvrCounters seen =
+              ctkvr_seen[{task, L, static_cast<int>(di)}][static_cast<int>(ci)];
           rows.push_back({{"task", task},
                           {"context", L},
                           {"depth", o.depths[di]},
@@ -818,7 +836,11 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
                           {"lookahead", configs[ci].lookahead},
                           {"accuracy", static_cast<double>(cell[static_cast<int>(ci)]) / o.samples},
                           {"dense_accuracy", dense_acc},
-                          {"samples", o.samples}});
+                          {"samples", o.samples},
+                          {"ctkvr_searches", seen.searches},
+                          {"ctkvr_novel_fraction",
+                           seen.searches > 0 ? static_cast<double>(seen.novel) / seen.searches
+                                             : 0.0}});
         }
       }
     }
@@ -884,6 +906,10 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
       {"window", o.window},
       {"dense_layers", o.dense_layers},
       {"index_queries", o.index_queries},
+      {"ctkvr_centroids", o.ctkvr_centroids},
+      {"ctkvr_list_size", o.ctkvr_list_size},
+      {"ctkvr_probe", o.ctkvr_probe},
+      {"ctkvr_min_similarity", no.index_options.ctkvr.min_similarity},
       {"haystack_tokens", gen->corpus_tokens()},
       {"backend", o.backend},
       {"kv_dtype", std::string(DTypeName(spec.kv_dtype))},

@@ -25,7 +25,8 @@
 // it): the bench rejects it rather than report numbers it cannot measure.
 //
 // JSON: {"rows": [{task, context, depth, method, budget, lookahead, accuracy, dense_accuracy,
-// samples}], "options": ..., "timing": ..., "summary": ...}. --markdown=FILE writes tables,
+// samples, ctkvr_searches, ctkvr_novel_fraction (the share of ctkvr searches that found their
+// query novel and scored exactly)}], "options": ..., "timing": ..., "summary": ...}. --markdown=FILE writes tables,
 // --plot=FILE.png accuracy vs budget per method (bench/accuracy_bench.cc draws it, no libraries).
 // Progress goes to stderr.
 #ifndef KVRECALL_BENCH_ACCURACY_BENCH_H_
@@ -59,6 +60,10 @@ struct AccuracyBenchOptions {
   int index_queries = 64;
   int ctkvr_probe = 0;       // ctkvr centroids probed per search (0 = the node's default)
   int ctkvr_list_size = 0;   // ctkvr inverted-list length (0 = the node's default)
+  int ctkvr_centroids = 0;   // ctkvr query centroids C (0 = the node's default)
+  // ctkvr novel-query threshold (CtkvrOptions::min_similarity; 0 = off, CTKVR as published;
+  // negative = the node's default)
+  double ctkvr_min_similarity = -1;
   std::string markdown;  // write markdown tables here
   std::string plot;      // write a PNG plot here
   bool progress = true;  // progress lines on stderr

@@ -79,6 +79,9 @@ absl::StatusOr<Options> Parse(const std::vector<std::string>& args) {
       {"centroids", &o.index.ctkvr.centroids},
       {"list_size", &o.index.ctkvr.list_size},
       {"probe", &o.index.ctkvr.probe},
+      {"max_added", &o.index.ctkvr.max_added},
+      {"neighbour_tokens", &o.index.ctkvr.neighbour_tokens},
+      {"neighbour_radius", &o.index.ctkvr.neighbour_radius},
       {"tokens_per_cluster", &o.index.cluster.tokens_per_cluster},
       {"iterations", &o.index.cluster.iterations},
       {"append_every", &o.index.cluster.append_every},
@@ -94,6 +97,9 @@ absl::StatusOr<Options> Parse(const std::vector<std::string>& args) {
   RETURN_IF_ERROR(f.Get("seed", &o.seed));
   o.index.cluster.seed = o.seed;
   RETURN_IF_ERROR(f.Get("tolerance", &o.index.cluster.tolerance));
+  double min_similarity = o.index.ctkvr.min_similarity;
+  RETURN_IF_ERROR(f.Get("min_similarity", &min_similarity));
+  o.index.ctkvr.min_similarity = static_cast<float>(min_similarity);
   RETURN_IF_ERROR(f.Get("query_token_weight", &o.query_token_weight));
   RETURN_IF_ERROR(f.Get("query_token_persistence", &o.query_token_persistence));
   RETURN_IF_ERROR(f.Get("qk_dump", &o.qk_dump));
@@ -512,7 +518,9 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
     j["build_ms"] = best_sum / nh;
     j["build_ms_first"] = first_sum / nh;
     j["index_bytes"] = index_bytes / nh;
+    const indexer::CtkvrCounters before = indexer::ReadCtkvrCounters();
     ASSIGN_OR_RETURN(Timing t, TimeSearch(entries_for(&segs), o.repeats, &pool));
+    const indexer::CtkvrCounters after = indexer::ReadCtkvrCounters();
     RETURN_IF_ERROR(quality(&j, t.ids, exact.ids));
     j["search_us_p50"] = t.p50;
     j["search_us_p99"] = t.p99;
@@ -558,9 +566,19 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
       j["oracle_ranking_mass_recall"] = oracle / ne;
     }
     if (m == Method::kCtkvr) {
+      // Searches that found their query novel (scored exactly, then added as a centroid; the
+      // repeats search the same queries again, so later repeats can use what the first added).
+      j["novel_fraction"] =
+          after.searches > before.searches
+              ? static_cast<double>(after.novel - before.novel) / (after.searches - before.searches)
+              : 0.0;
       j["parameters"] = {{"centroids", o.index.ctkvr.centroids},
                          {"list_size", o.index.ctkvr.list_size},
                          {"probe", o.index.ctkvr.probe},
+                         {"min_similarity", o.index.ctkvr.min_similarity},
+                         {"max_added", o.index.ctkvr.max_added},
+                         {"neighbour_tokens", o.index.ctkvr.neighbour_tokens},
+                         {"neighbour_radius", o.index.ctkvr.neighbour_radius},
                          {"prompt_queries", data->heads[0].num_prompt_queries}};
     } else {
       j["parameters"] = {{"tokens_per_cluster", o.index.cluster.tokens_per_cluster},

@@ -48,7 +48,8 @@ namespace kvrecall::bench {
 //   --needles=8 --prompt_queries=1024 --query_token_weight=0 --query_token_persistence=0.45
 //            (generator, indexer/synthetic.h; --query_token_weight=1.3 adds the per-position
 //            lookup component)
-//   ctkvr:   --centroids=8 --list_size=2048 --probe=1
+//   ctkvr:   --centroids=8 --list_size=2048 --probe=1 --min_similarity=0.5 --max_added=16
+//            --neighbour_tokens=8 --neighbour_radius=8 (ctkvr rows report novel_fraction)
 //   cluster: --tokens_per_cluster=80 --iterations=20 --tolerance=0.01 --segment_tokens=8192
 //            --variance_ranking=false --rescore_factor=8 --append_every=320 --append_clusters=4
 //   merged:  --chunk_tokens=64 --keep_ratio=0.25

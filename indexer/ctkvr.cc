@@ -2,6 +2,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <iterator>
@@ -10,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "indexer/index.h"
 #include "indexer/internal/search.h"
 #include "indexer/kernels.h"
@@ -18,6 +20,9 @@ namespace kvrecall::indexer::internal {
 namespace {
 
 constexpr int64_t kTileTokens = 512;
+
+std::atomic<int64_t> g_searches{0};
+std::atomic<int64_t> g_novel{0};
 
 // A per-thread scratch buffer of at least n floats, kept for later builds and backed by
 // transparent huge pages where the kernel allows: first-touch page faults are otherwise a large
@@ -41,6 +46,13 @@ float* ScratchFloats(size_t n) {
   return buf.p;
 }
 
+bool OptionsValid(const CtkvrOptions& o) {
+  return o.centroids > 0 && o.list_size > 0 && o.probe > 0 && o.min_similarity >= 0 &&
+         o.min_similarity <= 1 && o.max_added >= 0 && o.max_added <= 4096 &&
+         o.neighbour_tokens >= 0 && o.neighbour_tokens <= 4096 && o.neighbour_radius >= 0 &&
+         o.neighbour_radius <= 4096;
+}
+
 class CtkvrSegment final : public Segment {
  public:
   CtkvrSegment(const BuildInput& in, const CtkvrOptions& o)
@@ -49,17 +61,39 @@ class CtkvrSegment final : public Segment {
         group_(in.group) {}
   CtkvrSegment(int64_t begin, int64_t end, int head_dim, DType dtype)
       : Segment(begin, end, head_dim, dtype), group_(0) {}
+  // Searches may add centroids to `o` meanwhile: its state is copied under its lock.
+  CtkvrSegment(const CtkvrSegment& o) : Segment(o), opt_(o.opt_), group_(o.group_) {
+    absl::ReaderMutexLock lock(&o.mu_);
+    num_prompt_ = o.num_prompt_;
+    num_centroids_ = o.num_centroids_;
+    added_total_ = o.added_total_;
+    scaled_ = o.scaled_;
+    unit_ = o.unit_;
+    lse_ = o.lse_;
+    lists_ = o.lists_;
+    list_logits_ = o.list_logits_;
+    neighbours_ = o.neighbours_;
+    list_mass_ = o.list_mass_;
+  }
+  CtkvrSegment& operator=(const CtkvrSegment&) = delete;
 
   std::unique_ptr<Segment> Clone() const override {
     return std::make_unique<CtkvrSegment>(*this);
   }
 
   void SerializeInternal(ByteWriter* w) const override {
+    absl::ReaderMutexLock lock(&mu_);
     w->I32(opt_.centroids);
     w->I32(opt_.list_size);
     w->I32(opt_.probe);
+    w->F64(opt_.min_similarity);
+    w->I32(opt_.max_added);
+    w->I32(opt_.neighbour_tokens);
+    w->I32(opt_.neighbour_radius);
     w->I32(group_);
+    w->I32(num_prompt_);
     w->I32(num_centroids_);
+    w->I64(added_total_);
     w->Array(scaled_);
     w->Array(unit_);
     w->Array(lse_);
@@ -67,22 +101,33 @@ class CtkvrSegment final : public Segment {
     for (size_t i = 0; i < lists_.size(); ++i) {
       w->Array(lists_[i]);
       w->Array(list_logits_[i]);
+      w->Array(neighbours_[i]);
     }
     w->Array(list_mass_);
   }
 
   // Reads the body written by SerializeInternal; false when it is inconsistent.
   bool Parse(ByteReader* r) {
+    absl::MutexLock lock(&mu_);
     opt_.centroids = r->I32();
     opt_.list_size = r->I32();
     opt_.probe = r->I32();
+    const double min_similarity = r->F64();
+    opt_.max_added = r->I32();
+    opt_.neighbour_tokens = r->I32();
+    opt_.neighbour_radius = r->I32();
     group_ = r->I32();
+    num_prompt_ = r->I32();
     num_centroids_ = r->I32();
-    if (!r->ok() || opt_.centroids <= 0 || opt_.list_size <= 0 || opt_.probe <= 0 ||
-        group_ <= 0 || group_ > (1 << 16) || num_centroids_ <= 0 ||
-        num_centroids_ > opt_.centroids) {
+    added_total_ = r->I64();
+    if (!r->ok() || !(min_similarity >= 0 && min_similarity <= 1) ||
+        !OptionsValid(opt_) || group_ <= 0 || group_ > (1 << 16) || num_prompt_ <= 0 ||
+        num_prompt_ > opt_.centroids || num_centroids_ < num_prompt_ ||
+        num_centroids_ - num_prompt_ > opt_.max_added ||
+        added_total_ < num_centroids_ - num_prompt_) {
       return false;
     }
+    opt_.min_similarity = static_cast<float>(min_similarity);
     const size_t c = static_cast<size_t>(num_centroids_), g = static_cast<size_t>(group_);
     scaled_ = r->Array<float>();
     unit_ = r->Array<float>();
@@ -94,13 +139,17 @@ class CtkvrSegment final : public Segment {
     }
     lists_.resize(c);
     list_logits_.resize(c);
+    neighbours_.resize(c);
+    const size_t max_neighbours =
+        static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1);
     for (size_t i = 0; i < c; ++i) {
       lists_[i] = r->Array<int32_t>();
       list_logits_[i] = r->Array<float>();
-      if (!r->ok() || list_logits_[i].size() != lists_[i].size() * g) return false;
-      for (size_t j = 0; j < lists_[i].size(); ++j) {
-        const int32_t t = lists_[i][j];
-        if (t < begin_ || t >= end_ || (j > 0 && t <= lists_[i][j - 1])) return false;
+      neighbours_[i] = r->Array<int32_t>();
+      if (!r->ok() || list_logits_[i].size() != lists_[i].size() * g ||
+          neighbours_[i].size() > max_neighbours || !AscendingInSegment(lists_[i]) ||
+          !AscendingInSegment(neighbours_[i])) {
+        return false;
       }
     }
     list_mass_ = r->Array<double>();
@@ -111,9 +160,11 @@ class CtkvrSegment final : public Segment {
 
   // Picks the centroids and builds their lists over [begin_, end_).
   void Build(const BuildInput& in, ThreadPool* pool) {
+    absl::MutexLock lock(&mu_);  // not yet shared; keeps the one rule for the state
     const int d = head_dim_, g = group_;
     const int q = in.num_prompt_queries;
     const int c = std::min(opt_.centroids, q);
+    num_prompt_ = c;
     num_centroids_ = c;
     scaled_.resize(static_cast<size_t>(c) * g * d);
     unit_.resize(scaled_.size());
@@ -157,6 +208,7 @@ class CtkvrSegment final : public Segment {
     lse_.assign(static_cast<size_t>(nq), 0.0);
     lists_.assign(static_cast<size_t>(c), {});
     list_logits_.assign(static_cast<size_t>(c), {});
+    neighbours_.assign(static_cast<size_t>(c), {});
     list_mass_.assign(static_cast<size_t>(nq), 1.0);
     auto build_one = [&](int64_t ci) {
       const float* l = all_logits + ci * g * n;
@@ -174,6 +226,7 @@ class CtkvrSegment final : public Segment {
         list[j] = static_cast<int32_t>(begin_ + top[j]);
         for (int h = 0; h < g; ++h) ll[j * g + h] = l[h * n + top[j]];
       }
+      neighbours_[ci] = Neighbours(v.data(), n, begin_);
       UpdateMass(ci);
     };
     if (pool != nullptr) {
@@ -190,6 +243,7 @@ class CtkvrSegment final : public Segment {
     }
     const int64_t n = new_end - end_;
     if (n == 0) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
     const int g = group_, nq = num_centroids_ * g;
     std::vector<float> logits(static_cast<size_t>(nq) * n);
     std::vector<const uint8_t*> rows;
@@ -235,11 +289,18 @@ class CtkvrSegment final : public Segment {
     return absl::OkStatus();
   }
 
+  // What the index holds plus room for the centroids novel queries may still add, so that the
+  // node's accounting at install time stays an upper bound while searches add them.
   size_t MemoryBytes() const override {
+    absl::ReaderMutexLock lock(&mu_);
     size_t b = (scaled_.size() + unit_.size()) * 4 + lse_.size() * 8 + list_mass_.size() * 8;
     for (size_t i = 0; i < lists_.size(); ++i)
-      b += lists_[i].size() * 4 + list_logits_[i].size() * 4;
-    return b;
+      b += (lists_[i].size() + list_logits_[i].size() + neighbours_[i].size()) * 4;
+    const size_t g = static_cast<size_t>(group_), d = static_cast<size_t>(head_dim_);
+    const size_t per_added =
+        g * d * 8 + g * 16 + static_cast<size_t>(opt_.list_size) * (4 + 4 * g) +
+        static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1) * 4;
+    return b + static_cast<size_t>(opt_.max_added - (num_centroids_ - num_prompt_)) * per_added;
   }
 
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
@@ -247,52 +308,69 @@ class CtkvrSegment final : public Segment {
       return absl::InvalidArgumentError(
           absl::StrCat("query group ", s.group, " differs from the ctkvr segment's ", group_));
     }
+    g_searches.fetch_add(1, std::memory_order_relaxed);
     const int g = group_, d = head_dim_;
-    const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, num_centroids_);
-    std::vector<float> sim(static_cast<size_t>(num_centroids_));
-    for (int c = 0; c < num_centroids_; ++c) {
-      float acc = 0;
-      for (int h = 0; h < g; ++h)
-        acc += kernels::Dot(s.unit_queries + h * d,
-                            unit_.data() + (static_cast<size_t>(c) * g + h) * d, d, s.isa);
-      sim[c] = acc;
-    }
-    // Centroids by similarity; the best m are probed. When their lists (restricted to the range)
-    // hold fewer tokens than the budget can take, further centroids are probed in order, and if
-    // every list together still falls short the range is scored exactly: Search's contract is
-    // min(k, range) tokens, whatever list_size was built with.
-    std::vector<int32_t> order(static_cast<size_t>(num_centroids_));
-    for (int c = 0; c < num_centroids_; ++c) order[c] = c;
-    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-      return sim[a] > sim[b] || (sim[a] == sim[b] && a < b);
-    });
     const int64_t rb = std::max(begin_, s.range_begin), re = std::min(end_, s.range_end);
     const int64_t need = std::min<int64_t>(s.k, re - rb);
-    // Union of the lists (each sorted ascending), restricted to the range.
     std::vector<int32_t> cand, merged;
-    int probed = 0;
-    while (probed < num_centroids_ &&
-           (probed < m || static_cast<int64_t>(cand.size()) < need)) {
-      const std::vector<int32_t>& sorted = lists_[order[probed++]];
-      const auto lo = std::lower_bound(sorted.begin(), sorted.end(), rb);
-      const auto hi = std::lower_bound(lo, sorted.end(), re);
-      merged.clear();
-      std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
-      cand.swap(merged);
+    std::vector<double> best_mass(static_cast<size_t>(g));
+    bool novel = false;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, num_centroids_);
+      std::vector<float> sim(static_cast<size_t>(num_centroids_));
+      for (int c = 0; c < num_centroids_; ++c) {
+        float acc = 0;
+        for (int h = 0; h < g; ++h)
+          acc += kernels::Dot(s.unit_queries + h * d,
+                              unit_.data() + (static_cast<size_t>(c) * g + h) * d, d, s.isa);
+        sim[c] = acc;
+      }
+      // Centroids by similarity; the best m are probed. When their lists (restricted to the
+      // range) hold fewer tokens than the budget can take, further centroids are probed in
+      // order, and if every list together still falls short the range is scored exactly:
+      // Search's contract is min(k, range) tokens, whatever list_size was built with.
+      std::vector<int32_t> order(static_cast<size_t>(num_centroids_));
+      for (int c = 0; c < num_centroids_; ++c) order[c] = c;
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return sim[a] > sim[b] || (sim[a] == sim[b] && a < b);
+      });
+      novel = opt_.min_similarity > 0 && sim[order[0]] / g < opt_.min_similarity;
+      // Union of the lists and their neighbours (each sorted ascending), restricted to the range.
+      auto add = [&](const std::vector<int32_t>& sorted) {
+        const auto lo = std::lower_bound(sorted.begin(), sorted.end(), rb);
+        const auto hi = std::lower_bound(lo, sorted.end(), re);
+        merged.clear();
+        std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
+        cand.swap(merged);
+      };
+      for (int probed = 0; !novel && probed < num_centroids_ &&
+                           (probed < m || static_cast<int64_t>(cand.size()) < need);
+           ++probed) {
+        add(lists_[order[probed]]);
+        add(neighbours_[order[probed]]);
+      }
+      for (int h = 0; h < g; ++h)
+        best_mass[h] = list_mass_[static_cast<size_t>(order[0]) * g + h];
+    }
+    if (novel) {
+      g_novel.fetch_add(1, std::memory_order_relaxed);
+      Hits* hits = out->Add();
+      ExactHits(s, rb, re, hits);
+      if (opt_.max_added > 0 && hits->units > 0) AddCentroid(s, *hits);
+      return absl::OkStatus();
     }
     if (static_cast<int64_t>(cand.size()) < need) {
       ExactHits(s, rb, re, out->Add());
       return absl::OkStatus();
     }
     if (cand.empty()) return absl::OkStatus();
-    const int32_t best0 = order[0];
     Hits& hits = *out->Add();
     ScoreTokens(s, cand, &hits);
     // Each head's normaliser over the whole segment, estimated from the candidates and the share of
     // the best centroid's mass that its list holds.
     for (int h = 0; h < g; ++h) {
-      const double f = std::max(list_mass_[static_cast<size_t>(best0) * g + h], 1e-6);
-      hits.lse[h] -= std::log(f) * FractionInRange(rb, re);
+      hits.lse[h] -= std::log(std::max(best_mass[h], 1e-6)) * FractionInRange(rb, re);
     }
     return absl::OkStatus();
   }
@@ -300,18 +378,89 @@ class CtkvrSegment final : public Segment {
  private:
   // v[t] = max_h (l[h * ld + t] - lse_h(ci)) for t < n.
   void Rank(int64_t ci, const float* l, int64_t n, int64_t ld, float* v) const {
+    RankWith(lse_.data() + ci * group_, l, n, ld, v);
+  }
+  void RankWith(const double* lse, const float* l, int64_t n, int64_t ld, float* v) const {
     const int g = group_;
-    const float s0 = static_cast<float>(lse_[ci * g]);
+    const float s0 = static_cast<float>(lse[0]);
     for (int64_t t = 0; t < n; ++t) v[t] = l[t] - s0;
     for (int h = 1; h < g; ++h) {
-      const float sh = static_cast<float>(lse_[ci * g + h]);
+      const float sh = static_cast<float>(lse[h]);
       const float* lh = l + h * ld;
       for (int64_t t = 0; t < n; ++t) v[t] = std::max(v[t], lh[t] - sh);
     }
   }
 
+  // Tokens within ±neighbour_radius of the neighbour_tokens best of v[0, n) (v[j] belongs to
+  // token first + j), inside the segment, ascending and distinct.
+  std::vector<int32_t> Neighbours(const float* v, int64_t n, int64_t first) const {
+    const int64_t e = std::min<int64_t>(opt_.neighbour_tokens, n);
+    std::vector<int32_t> out;
+    if (e <= 0) return out;
+    std::vector<int32_t> best;
+    kernels::TopK(v, n, e, &best);
+    const int64_t r = opt_.neighbour_radius;
+    for (int32_t j : best) {
+      for (int64_t t = std::max(begin_, first + j - r); t <= std::min(end_ - 1, first + j + r); ++t)
+        out.push_back(static_cast<int32_t>(t));
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+  }
+
+  // Adds a novel query group as a centroid, from its exact hits over [rb, re) (contiguous,
+  // ascending): its list is its own top-ρ, its normalisers those of the searched range. Beyond
+  // max_added the oldest added centroid is replaced.
+  void AddCentroid(const SegmentSearch& s, const Hits& hits) const {
+    const int g = group_, d = head_dim_;
+    const int64_t n = hits.units;
+    const int32_t first = hits.token_data()[0];
+    std::vector<float> v(static_cast<size_t>(n));
+    RankWith(hits.lse.data(), hits.logits.data(), n, n, v.data());
+    std::vector<int32_t> top;
+    kernels::TopK(v.data(), n, opt_.list_size, &top);
+    std::vector<int32_t> list(top.size());
+    std::vector<float> ll(top.size() * g);
+    for (size_t j = 0; j < top.size(); ++j) {
+      list[j] = first + top[j];
+      for (int h = 0; h < g; ++h) ll[j * g + h] = hits.logits[static_cast<size_t>(h) * n + top[j]];
+    }
+    std::vector<int32_t> near = Neighbours(v.data(), n, first);
+    absl::MutexLock lock(&mu_);
+    const int added = num_centroids_ - num_prompt_;
+    int ci;
+    if (added < opt_.max_added) {
+      ci = num_centroids_++;
+      scaled_.resize(static_cast<size_t>(num_centroids_) * g * d);
+      unit_.resize(scaled_.size());
+      lse_.resize(static_cast<size_t>(num_centroids_) * g);
+      list_mass_.resize(lse_.size());
+      lists_.emplace_back();
+      list_logits_.emplace_back();
+      neighbours_.emplace_back();
+    } else {
+      ci = num_prompt_ + static_cast<int>(added_total_ % opt_.max_added);
+    }
+    ++added_total_;
+    std::copy(s.scaled_queries, s.scaled_queries + g * d, scaled_.begin() + static_cast<size_t>(ci) * g * d);
+    std::copy(s.unit_queries, s.unit_queries + g * d, unit_.begin() + static_cast<size_t>(ci) * g * d);
+    for (int h = 0; h < g; ++h) lse_[static_cast<size_t>(ci) * g + h] = hits.lse[h];
+    lists_[ci] = std::move(list);
+    list_logits_[ci] = std::move(ll);
+    neighbours_[ci] = std::move(near);
+    UpdateMass(ci);
+  }
+
+  bool AscendingInSegment(const std::vector<int32_t>& ids) const {
+    for (size_t j = 0; j < ids.size(); ++j) {
+      if (ids[j] < begin_ || ids[j] >= end_ || (j > 0 && ids[j] <= ids[j - 1])) return false;
+    }
+    return true;
+  }
+
   // Share of each head's softmax mass (over the segment) that centroid ci's list holds.
-  void UpdateMass(int64_t ci) {
+  void UpdateMass(int64_t ci) const {
     const int g = group_;
     const auto& ll = list_logits_[ci];
     const size_t n = lists_[ci].size();
@@ -331,16 +480,24 @@ class CtkvrSegment final : public Segment {
 
   CtkvrOptions opt_;
   int group_;
-  int num_centroids_ = 0;
-  std::vector<float> scaled_;  // [c][g][d] centroid queries × scale
-  std::vector<float> unit_;    // [c][g][d] normalised centroid queries
-  std::vector<double> lse_;    // [c][g] log Σ exp(logit) over the segment
+  // The centroid state below: prompt centroids [0, num_prompt_), then those novel queries added
+  // (searches add them through a const segment, so they are `mutable`). Searches read under a
+  // shared lock; adding, Append, Build, Parse and copies take it exclusively or shared.
+  mutable absl::Mutex mu_;
+  int num_prompt_ = 0;
+  mutable int num_centroids_ = 0;
+  mutable int64_t added_total_ = 0;     // centroids ever added (picks the one to replace)
+  mutable std::vector<float> scaled_;  // [c][g][d] centroid queries × scale
+  mutable std::vector<float> unit_;    // [c][g][d] normalised centroid queries
+  mutable std::vector<double> lse_;    // [c][g] log Σ exp(logit) over the segment
   // [c] token ids, ascending: TopK returns ascending indices, and Append ranks the old list
   // followed by the new (later) tokens.
-  std::vector<std::vector<int32_t>> lists_;
-  std::vector<std::vector<float>> list_logits_;  // [c] [len][g] scaled logits of the list's tokens
-  std::vector<double> list_mass_;                // [c][g]
+  mutable std::vector<std::vector<int32_t>> lists_;
+  mutable std::vector<std::vector<float>> list_logits_;  // [c] [len][g] logits of the list's tokens
+  mutable std::vector<std::vector<int32_t>> neighbours_;  // [c] ascending token ids (see options)
+  mutable std::vector<double> list_mass_;                 // [c][g]
 };
+
 
 }  // namespace
 
@@ -355,8 +512,10 @@ std::unique_ptr<Segment> ParseCtkvrSegment(ByteReader* r, int64_t begin, int64_t
 absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& input,
                                                            const CtkvrOptions& options,
                                                            ThreadPool* pool) {
-  if (options.centroids <= 0 || options.list_size <= 0 || options.probe <= 0) {
-    return absl::InvalidArgumentError("ctkvr: centroids, list_size and probe must be > 0");
+  if (!OptionsValid(options)) {
+    return absl::InvalidArgumentError(
+        "ctkvr: centroids, list_size and probe must be > 0, min_similarity in [0, 1], "
+        "max_added, neighbour_tokens and neighbour_radius in [0, 4096]");
   }
   if (input.prompt_queries == nullptr || input.num_prompt_queries <= 0 || input.group <= 0) {
     return absl::InvalidArgumentError(
@@ -375,3 +534,14 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& inp
 }
 
 }  // namespace kvrecall::indexer::internal
+
+namespace kvrecall::indexer {
+
+CtkvrCounters ReadCtkvrCounters() {
+  CtkvrCounters c;
+  c.searches = internal::g_searches.load(std::memory_order_relaxed);
+  c.novel = internal::g_novel.load(std::memory_order_relaxed);
+  return c;
+}
+
+}  // namespace kvrecall::indexer

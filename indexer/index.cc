@@ -227,7 +227,7 @@ std::unique_ptr<Segment> NewExactSegment(int64_t begin, int64_t end, int head_di
 namespace {
 
 constexpr uint8_t kChainKind = 0x80;
-constexpr char kSegmentMagic[4] = {'K', 'S', 'G', '2'};  // 2: cluster options carry rescore_factor
+constexpr char kSegmentMagic[4] = {'K', 'S', 'G', '3'};  // 3: ctkvr added centroids, neighbours
 
 class ChainSegment final : public Segment {
  public:
@@ -484,7 +484,7 @@ absl::StatusOr<std::unique_ptr<Segment>> ParseSegmentAt(absl::string_view bytes,
   const int32_t head_dim = r.I32();
   const uint8_t dtype = r.U8();
   if (!r.ok()) return bad("truncated header");
-  if (std::memcmp(magic, internal::kSegmentMagic, 4) != 0) return bad("bad magic (not a version-2 segment)");
+  if (std::memcmp(magic, internal::kSegmentMagic, 4) != 0) return bad("bad magic (not a version-3 segment)");
   if (begin < 0 || end < begin || end > std::numeric_limits<int32_t>::max() || head_dim <= 0 ||
       head_dim > (1 << 16) || dtype > static_cast<uint8_t>(DType::kF16)) {
     return bad("bad range, head_dim or dtype");

@@ -4,7 +4,9 @@
 //   ctkvr   — CTKVR (arXiv 2512.15550): C query centroids = real prompt queries picked by position,
 //             each with an inverted list of its top-ρ keys; a search scores the new query group
 //             against the centroids, unions the lists of the best m, scores those candidates
-//             exactly and keeps the top-k. The default method.
+//             exactly and keeps the top-k. A query unlike every centroid (a copy step the
+//             prompt's queries did not foresee) is scored exactly instead and joins the index as
+//             a centroid of its own (CtkvrOptions::min_similarity). The default method.
 //   cluster — ClusterKV (arXiv 2412.03213): spherical k-means over keys (cosine assignment,
 //             centroid = mean of the raw keys, ~1 cluster per 80 tokens, at most 20 iterations
 //             with an early stop once assignments settle, seeded random init), run on chunks of
@@ -78,6 +80,23 @@ struct CtkvrOptions {
   int list_size = 2048;
   // m: centroids probed per search (union of their lists = candidates).
   int probe = 1;
+  // Novel queries. When the query group's best centroid is less similar than this (mean cosine
+  // over the group's heads), the lists were built for queries unlike it and hold no evidence
+  // for it — on the reference model these are the answer's copy steps, whose target tokens no
+  // prompt query attended. Such a search scores the range exactly, and the query is added as
+  // a centroid (its exact top-ρ list, normaliser over the searched range) so that the similar
+  // queries of the next steps are served from lists again. 0 turns this off (CTKVR as
+  // published). Range [0, 1]. On the reference model 0.45 still missed a 16K needle and 0.5
+  // found every one up to 32K, scoring 17-23% of the searches exactly (docs/benchmarks.md).
+  float min_similarity = 0.5f;
+  // Centroids added by novel queries are kept up to this many; beyond it each new one replaces
+  // the oldest added one. 0: novel queries are still scored exactly but nothing is added.
+  int max_added = 16;
+  // Every list also holds the ±neighbour_radius tokens around its neighbour_tokens best ones:
+  // a copying head attends, step after step, to the token after the one it attended last.
+  // These neighbours are fixed when the list is made (Append re-ranks only the list itself).
+  int neighbour_tokens = 8;
+  int neighbour_radius = 8;
 };
 
 struct ClusterOptions {
@@ -212,11 +231,14 @@ absl::StatusOr<std::unique_ptr<Segment>> NewSegmentChain(
 std::vector<std::shared_ptr<const Segment>> SegmentParts(
     const std::shared_ptr<const Segment>& segment);
 
-// Segment format (version 2: version 1 plus the cluster option rescore_factor; a version-1 record
-// is DATA_LOSS, and the tier node rebuilds its index), for spilling and persisting indices. Little-endian:
-//   "KSG2", u8 kind (Method value; 0x80 = chain), i64 token_begin, i64 token_end, i32 head_dim,
-//   u8 dtype, then the kind's body: exact none; ctkvr its options, group, query centroids
-//   (scaled and unit), normalisers, inverted lists with their logits, list masses; cluster its
+// Segment format (version 3: version 2 plus ctkvr's novel-query options, added centroids and
+// list neighbours; version 2 added the cluster option rescore_factor; an older record is
+// DATA_LOSS, and the tier node rebuilds its index), for spilling and persisting indices.
+// Little-endian:
+//   "KSG3", u8 kind (Method value; 0x80 = chain), i64 token_begin, i64 token_end, i32 head_dim,
+//   u8 dtype, then the kind's body: exact none; ctkvr its options, group, prompt and total
+//   centroid counts, centroids ever added, query centroids (scaled and unit), normalisers,
+//   inverted lists with their logits and neighbours, list masses; cluster its
 //   options, clustered end, centroids, variances, members and offsets, k-means counters; chain
 //   u32 count then each part as a length-prefixed segment record.
 // Every float is stored bit-exactly, so a parsed segment searches exactly like the original.
@@ -239,6 +261,14 @@ struct SearchEntry {
   int k = 0;        // budget: tokens to select; more than the range holds selects the whole range
   float scale = 0;  // 0 means 1/sqrt(head_dim)
 };
+
+// Process-wide ctkvr counters over every segment (monotonic; for metrics and benchmarks):
+// searches, and those that found their query novel (scored exactly; see min_similarity).
+struct CtkvrCounters {
+  int64_t searches = 0;
+  int64_t novel = 0;
+};
+CtkvrCounters ReadCtkvrCounters();
 
 // Per-call search knobs; 0 keeps the segment's build-time value.
 struct SearchOptions {

@@ -1,10 +1,12 @@
 #include "indexer/index.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "common/testing/status_matchers.h"
@@ -61,6 +63,19 @@ std::vector<int32_t> SearchOne(const SearchEntry& e) {
   return out.empty() ? std::vector<int32_t>{} : out[0];
 }
 
+// A one-kv-head, group-1 build over all of `k` with scale 1 and the given prompt queries.
+BuildInput TinyInput(const Keys& k, const float* prompt, int num_prompt) {
+  BuildInput in;
+  in.keys = &k.rows;
+  in.token_begin = 0;
+  in.token_end = k.rows.num_tokens;
+  in.prompt_queries = prompt;
+  in.num_prompt_queries = num_prompt;
+  in.group = 1;
+  in.scale = 1.0f;
+  return in;
+}
+
 std::unique_ptr<SyntheticData> Data(int64_t tokens, uint64_t seed = 1) {
   return test_data::SmallSynthetic(tokens, 256, 4, seed);
 }
@@ -77,14 +92,7 @@ TEST(MethodTest, ParsesNamesAndRejectsUnknown) {
 TEST(IndexTest, EveryMethodFindsTheObviousTokensOnATinyCase) {
   Keys k({{0, 0}, {5, 0}, {1, 0}, {0, 9}, {4, 0}, {-3, 0}, {0, 0}, {4.5f, 0}}, 2);
   const float q[2] = {1, 0};
-  BuildInput in;
-  in.keys = &k.rows;
-  in.token_begin = 0;
-  in.token_end = 8;
-  in.prompt_queries = q;
-  in.num_prompt_queries = 1;
-  in.group = 1;
-  in.scale = 1.0f;
+  const BuildInput in = TinyInput(k, q, 1);
   IndexOptions opt;
   opt.ctkvr.list_size = 3;
   for (const char* method : {"exact", "ctkvr"}) {
@@ -100,18 +108,12 @@ TEST(IndexTest, EveryMethodFindsTheObviousTokensOnATinyCase) {
 TEST(IndexTest, CtkvrFillsTheBudgetWhenItsListsAreShort) {
   Keys k({{0, 0}, {5, 0}, {1, 0}, {0, 9}, {4, 0}, {-3, 0}, {0, 0}, {4.5f, 0}}, 2);
   const float prompt[4] = {1, 0, 0, 1};  // two prompt queries: two centroids
-  BuildInput in;
-  in.keys = &k.rows;
-  in.token_begin = 0;
-  in.token_end = 8;
-  in.prompt_queries = prompt;
-  in.num_prompt_queries = 2;
-  in.group = 1;
-  in.scale = 1.0f;
+  const BuildInput in = TinyInput(k, prompt, 2);
   IndexOptions opt;
   opt.ctkvr.list_size = 2;
   opt.ctkvr.centroids = 2;
   opt.ctkvr.probe = 1;
+  opt.ctkvr.neighbour_tokens = 0;  // the lists alone
   ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, in, opt, nullptr));
   ASSERT_OK_AND_ASSIGN(auto exact, BuildSegment(Method::kExact, in, opt, nullptr));
   const float q[2] = {1, 0};
@@ -123,6 +125,161 @@ TEST(IndexTest, CtkvrFillsTheBudgetWhenItsListsAreShort) {
             SearchOne(Entry(q, 1, &k.rows, 0, 8, 6, {exact.get()})));
   // A range that excludes the listed tokens still gets min(k, range) tokens.
   EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 2, 4, 3, {seg.get()})), ElementsAre(2, 3));
+}
+
+// Keys for the novel-query tests: tokens 0-3 strong along x, 4-7 along y, 8-11 weak.
+Keys XyKeys() {
+  return Keys({{9, 0}, {8, 0}, {7, 0}, {6, 0}, {0, 9}, {0, 8}, {0, 7}, {0, 6},
+               {1, 1}, {1, 1}, {1, 1}, {1, 1}},
+              2);
+}
+
+BuildInput XInput(const Keys& k, const float* prompt) {
+  return TinyInput(k, prompt, 1);  // one prompt query along x: one centroid
+}
+
+// The x centroid's list holds exactly the four x tokens; no neighbours.
+IndexOptions XyOptions() {
+  IndexOptions opt;
+  opt.ctkvr.list_size = 4;
+  opt.ctkvr.neighbour_tokens = 0;
+  return opt;
+}
+
+// A query unlike every centroid is scored exactly (the published method would answer from the
+// x-centroid's list and miss every y token), then joins the index: the next, similar query is
+// served from its list.
+TEST(IndexTest, CtkvrScoresANovelQueryExactlyAndAddsItAsACentroid) {
+  Keys k = XyKeys();
+  const float prompt[2] = {1, 0};
+  IndexOptions opt = XyOptions();
+  const float y[2] = {0, 1};        // cosine 0 with the centroid: novel
+  const float y2[2] = {0.2f, 1};    // cosine 0.98 with y
+  opt.ctkvr.min_similarity = 0;     // as published
+  ASSERT_OK_AND_ASSIGN(auto plain, BuildSegment(Method::kCtkvr, XInput(k, prompt), opt, nullptr));
+  // (the x list holds tokens 0-3, all scoring 0 for y: the lowest ids win the tie)
+  EXPECT_THAT(SearchOne(Entry(y, 1, &k.rows, 0, 12, 2, {plain.get()})), ElementsAre(0, 1));
+
+  opt.ctkvr.min_similarity = 0.5f;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, XInput(k, prompt), opt, nullptr));
+  const size_t bytes = seg->MemoryBytes();
+  const CtkvrCounters c0 = ReadCtkvrCounters();
+  EXPECT_THAT(SearchOne(Entry(y, 1, &k.rows, 0, 12, 2, {seg.get()})), ElementsAre(4, 5));
+  const CtkvrCounters c1 = ReadCtkvrCounters();
+  EXPECT_EQ(c1.searches - c0.searches, 1);
+  EXPECT_EQ(c1.novel - c0.novel, 1);
+  EXPECT_LE(seg->MemoryBytes(), bytes) << "the added centroid was reserved at build";
+  EXPECT_THAT(SearchOne(Entry(y2, 1, &k.rows, 0, 12, 2, {seg.get()})), ElementsAre(4, 5));
+  const CtkvrCounters c2 = ReadCtkvrCounters();
+  EXPECT_EQ(c2.novel - c1.novel, 0) << "served from the added centroid's list";
+  // The x query is still answered from the prompt centroid.
+  EXPECT_THAT(SearchOne(Entry(prompt, 1, &k.rows, 0, 12, 2, {seg.get()})), ElementsAre(0, 1));
+  EXPECT_EQ(ReadCtkvrCounters().novel - c2.novel, 0);
+}
+
+TEST(IndexTest, CtkvrReplacesTheOldestAddedCentroidBeyondTheCap) {
+  Keys k = XyKeys();
+  const float prompt[2] = {1, 0};
+  IndexOptions opt = XyOptions();
+  opt.ctkvr.max_added = 1;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, XInput(k, prompt), opt, nullptr));
+  const float y[2] = {0, 1}, minus_x[2] = {-1, 0.1f};
+  auto novel_of = [&](const float* q) {
+    const int64_t before = ReadCtkvrCounters().novel;
+    SearchOne(Entry(q, 1, &k.rows, 0, 12, 2, {seg.get()}));
+    return ReadCtkvrCounters().novel - before;
+  };
+  EXPECT_EQ(novel_of(y), 1);
+  EXPECT_EQ(novel_of(y), 0);
+  EXPECT_EQ(novel_of(minus_x), 1);  // replaces y
+  EXPECT_EQ(novel_of(minus_x), 0);
+  EXPECT_EQ(novel_of(y), 1) << "y was replaced";
+  // max_added = 0: novel queries are scored exactly, nothing is kept.
+  opt.ctkvr.max_added = 0;
+  ASSERT_OK_AND_ASSIGN(auto none, BuildSegment(Method::kCtkvr, XInput(k, prompt), opt, nullptr));
+  for (int i = 0; i < 2; ++i) {
+    const int64_t before = ReadCtkvrCounters().novel;
+    EXPECT_THAT(SearchOne(Entry(y, 1, &k.rows, 0, 12, 2, {none.get()})), ElementsAre(4, 5));
+    EXPECT_EQ(ReadCtkvrCounters().novel - before, 1);
+  }
+}
+
+// A copying head attends to the token after the one it attended last: the neighbours of a
+// list's best tokens are candidates even when the list is too short to hold them.
+TEST(IndexTest, CtkvrListsHoldTheNeighboursOfTheirBestTokens) {
+  // Token 5 is the prompt query's best; token 6, next to it, is what the next query wants.
+  std::vector<std::vector<float>> rows(16, std::vector<float>{0, 0});
+  rows[5] = {10, 0};
+  rows[6] = {0, 8};
+  rows[12] = {0, 7};
+  Keys k(rows, 2);
+  const float prompt[2] = {1, 0};
+  const BuildInput in = TinyInput(k, prompt, 1);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 2;  // token 5 and a zero key
+  opt.ctkvr.neighbour_tokens = 0;
+  opt.ctkvr.min_similarity = 0;  // the neighbours alone
+  const float next[2] = {0.6f, 1};
+  ASSERT_OK_AND_ASSIGN(auto bare, BuildSegment(Method::kCtkvr, in, opt, nullptr));
+  EXPECT_THAT(SearchOne(Entry(next, 1, &k.rows, 0, 16, 1, {bare.get()})), ElementsAre(5));
+  opt.ctkvr.neighbour_tokens = 1;
+  opt.ctkvr.neighbour_radius = 1;
+  ASSERT_OK_AND_ASSIGN(auto near, BuildSegment(Method::kCtkvr, in, opt, nullptr));
+  EXPECT_THAT(SearchOne(Entry(next, 1, &k.rows, 0, 16, 1, {near.get()})), ElementsAre(6));
+  EXPECT_THAT(SearchOne(Entry(next, 1, &k.rows, 0, 16, 1)), ElementsAre(6)) << "exact agrees";
+}
+
+// Searches add centroids to a shared, published segment: concurrent searches, clones and
+// serialisations must stay consistent (run under TSan in the sanitizer pass).
+TEST(IndexTest, CtkvrNovelQueriesAreSafeUnderConcurrentSearches) {
+  auto d = Data(4000);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 256;
+  opt.ctkvr.min_similarity = 1.0f;  // every query novel: every search adds
+  opt.ctkvr.max_added = 3;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 3968), opt, nullptr));
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int r = 0; r < 20; ++r) {
+        const int i = (t + r) % 8;
+        const float* q = d->decode_queries.data() + i * 4 * 32;
+        // Which centroids a search sees depends on the interleaving; its contract does not.
+        const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, 4, 3968, 64, {seg.get()}));
+        if (got.size() != 64 || !std::is_sorted(got.begin(), got.end()) || got.front() < 4 ||
+            got.back() >= 3968) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    for (int r = 0; r < 20; ++r) {
+      std::unique_ptr<Segment> c = seg->Clone();
+      absl::StatusOr<std::unique_ptr<Segment>> p = ParseSegment(SerializeSegment(*seg));
+      EXPECT_OK(p.status());
+      if (!p.ok() || c->MemoryBytes() == 0) ++wrong;
+    }
+  });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+TEST(IndexTest, CtkvrRejectsBadNovelQueryOptions) {
+  Keys k = XyKeys();
+  const float prompt[2] = {1, 0};
+  for (auto set : std::vector<void (*)(CtkvrOptions*)>{
+           [](CtkvrOptions* o) { o->min_similarity = 1.5f; },
+           [](CtkvrOptions* o) { o->min_similarity = -0.1f; },
+           [](CtkvrOptions* o) { o->max_added = -1; },
+           [](CtkvrOptions* o) { o->neighbour_tokens = -1; },
+           [](CtkvrOptions* o) { o->neighbour_radius = 5000; }}) {
+    IndexOptions opt;
+    set(&opt.ctkvr);
+    EXPECT_THAT(BuildSegment(Method::kCtkvr, XInput(k, prompt), opt, nullptr).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument));
+  }
 }
 
 TEST(IndexTest, ClusterTakesWholeClustersThenTruncatesByLowestId) {

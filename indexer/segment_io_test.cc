@@ -90,6 +90,35 @@ TEST(SegmentIoTest, ClusterRescoreFactorRoundTrips) {
   EXPECT_EQ(SearchAll(*d, parsed.get()), SearchAll(*d, seg.get()));
 }
 
+// Centroids that novel queries added are part of the segment: they round-trip, survive Append
+// and are copied by Clone; searching keeps adding (here every query is novel: min_similarity 1)
+// and replaces the oldest beyond max_added.
+TEST(SegmentIoTest, CtkvrAddedCentroidsRoundTripAndGrow) {
+  auto d = Data(4096);
+  IndexOptions o = SmallOptions();
+  o.ctkvr.min_similarity = 1.0f;
+  o.ctkvr.max_added = 3;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 3000), o, nullptr));
+  const std::string fresh = SerializeSegment(*seg);
+  const size_t reserved = seg->MemoryBytes();
+  const int64_t novel0 = ReadCtkvrCounters().novel;
+  const auto first = SearchAll(*d, seg.get());
+  EXPECT_EQ(ReadCtkvrCounters().novel - novel0, d->options.decode_queries);
+  EXPECT_EQ(first, SearchAll(*d, nullptr)) << "novel queries are scored exactly";
+  const std::string bytes = SerializeSegment(*seg);
+  EXPECT_GT(bytes.size(), fresh.size());
+  EXPECT_LE(seg->MemoryBytes(), reserved);
+  ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(bytes));
+  EXPECT_EQ(SerializeSegment(*parsed), bytes);
+  EXPECT_EQ(parsed->MemoryBytes(), seg->MemoryBytes());
+  std::unique_ptr<Segment> clone = seg->Clone();
+  EXPECT_EQ(SerializeSegment(*clone), bytes);
+  ASSERT_OK(seg->Append(d->keys, 3300, nullptr));
+  ASSERT_OK(parsed->Append(d->keys, 3300, nullptr));
+  EXPECT_EQ(SerializeSegment(*parsed), SerializeSegment(*seg));
+  EXPECT_EQ(SerializeSegment(*clone), bytes) << "the clone was not appended to";
+}
+
 TEST(SegmentIoTest, CloneIsIndependent) {
   auto d = Data(4096);
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
@@ -174,6 +203,15 @@ TEST(SegmentIoTest, CorruptInputIsDataLossNeverACrash) {
   std::vector<std::string> records;
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
     ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(m, InputOver(*d, 4, 2000), o, nullptr));
+    records.push_back(SerializeSegment(*seg));
+  }
+  {  // ctkvr with centroids added by novel queries
+    IndexOptions novel = o;
+    novel.ctkvr.min_similarity = 1.0f;
+    novel.ctkvr.max_added = 2;
+    ASSERT_OK_AND_ASSIGN(auto seg,
+                         BuildSegment(Method::kCtkvr, InputOver(*d, 4, 2000), novel, nullptr));
+    SearchAll(*d, seg.get());
     records.push_back(SerializeSegment(*seg));
   }
   {

@@ -92,6 +92,11 @@ struct NodeMetrics {
       "kvrecall_index_corrupt", "Index records found corrupt (dropped and rebuilt)");
   Gauge* index_refused = Metrics::Global().GetGauge(
       "kvrecall_index_refused", "Index builds, growth or reloads refused for lack of memory");
+  Gauge* ctkvr_searches = Metrics::Global().GetGauge(
+      "kvrecall_ctkvr_searches", "ctkvr segment searches since the process started");
+  Gauge* ctkvr_novel = Metrics::Global().GetGauge(
+      "kvrecall_ctkvr_novel_searches",
+      "ctkvr searches whose query was unlike every centroid: scored exactly, then added as one");
 };
 std::string ModelKey(absl::string_view model_id) { return absl::StrCat("m", model_id); }
 
@@ -667,6 +672,9 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   const int64_t search_ns = clock_->MonotonicNanos();
   RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
   out.search_micros = (clock_->MonotonicNanos() - search_ns) / 1000;
+  const indexer::CtkvrCounters ctkvr = indexer::ReadCtkvrCounters();
+  M().ctkvr_searches->Set(static_cast<double>(ctkvr.searches));
+  M().ctkvr_novel->Set(static_cast<double>(ctkvr.novel));
   out.slots.resize(n);
   out.fill_slots.resize(n);
   for (const auto& ids : out.token_ids) out.rows_selected += static_cast<int64_t>(ids.size());

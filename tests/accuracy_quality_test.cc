@@ -47,9 +47,10 @@ TEST(AccuracyQualityTest, RetrievalMatchesDenseOnPasskey4K) {
   double dense = 0;
   for (const auto& [d, a] : dense_by_depth) dense += a / 3;
   EXPECT_GE(dense, 0.9) << "the reference model itself no longer answers (dense)";
-  // Measured on this configuration (docs/benchmarks.md, 9 samples per cell): exact without
-  // lookahead 100% at 256 and 1024 (= dense); exact with lookahead 11% / 56%; ctkvr 44% / 44%;
-  // cluster 33% / 67%. With retrieval broken every needle lies outside sinks + window: 0%.
+  // Measured on this configuration (9 samples per cell, 2026-11-23): exact without lookahead
+  // 100% at 256 and 1024 (= dense); exact with lookahead 11% / 56%; ctkvr 100% / 100% (44% /
+  // 44% as published, before novel queries were scored exactly: docs/benchmarks.md); cluster
+  // 89% / 100%. With retrieval broken every needle lies outside sinks + window: 0%.
   // The run is deterministic (fixed seed, per-head attention on one thread each), so the floors
   // below only move when the code does.
   for (const auto& [key, a] : acc) {
@@ -63,7 +64,10 @@ TEST(AccuracyQualityTest, RetrievalMatchesDenseOnPasskey4K) {
   // Index methods and lookahead lose accuracy on this copy task (see docs/benchmarks.md), but
   // still recall the needle often; a floor catches them breaking outright.
   EXPECT_GE((acc[{"exact", 1024, true}]), 0.3);
-  EXPECT_GE((acc[{"ctkvr", 1024, false}]), 0.3);
+  // ctkvr scores novel queries exactly (CtkvrOptions::min_similarity): the copy steps that the
+  // published method misses. A floor above the published 44% keeps that from regressing.
+  EXPECT_GE((acc[{"ctkvr", 256, false}]), 0.85);
+  EXPECT_GE((acc[{"ctkvr", 1024, false}]), 0.85);
   EXPECT_GE((acc[{"cluster", 1024, false}]), 0.3);
 }
 
