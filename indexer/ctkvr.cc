@@ -46,8 +46,21 @@ float* ScratchFloats(size_t n) {
   return buf.p;
 }
 
+// Bounds that parsed records must respect (far beyond any real index): list lengths, and the
+// count of added centroids, which picks the ring slot to replace and must never overflow.
+constexpr int kMaxListSize = 1 << 24;
+constexpr int64_t kMaxAddedTotal = int64_t{1} << 62;
+
+template <typename T>
+bool AllFinite(const std::vector<T>& v) {
+  for (T x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
 bool OptionsValid(const CtkvrOptions& o) {
-  return o.centroids > 0 && o.list_size > 0 && o.probe > 0 && o.min_similarity >= 0 &&
+  return o.centroids > 0 && o.list_size > 0 && o.list_size <= kMaxListSize && o.probe > 0 &&
+         o.min_similarity >= 0 &&
          o.min_similarity <= 1 && o.max_added >= 0 && o.max_added <= 4096 &&
          o.neighbour_tokens >= 0 && o.neighbour_tokens <= 4096 && o.neighbour_radius >= 0 &&
          o.neighbour_radius <= 4096;
@@ -74,6 +87,7 @@ class CtkvrSegment final : public Segment {
     list_logits_ = o.list_logits_;
     neighbours_ = o.neighbours_;
     list_mass_ = o.list_mass_;
+    ReserveAdded();
   }
   CtkvrSegment& operator=(const CtkvrSegment&) = delete;
 
@@ -123,8 +137,8 @@ class CtkvrSegment final : public Segment {
     if (!r->ok() || !(min_similarity >= 0 && min_similarity <= 1) ||
         !OptionsValid(opt_) || group_ <= 0 || group_ > (1 << 16) || num_prompt_ <= 0 ||
         num_prompt_ > opt_.centroids || num_centroids_ < num_prompt_ ||
-        num_centroids_ - num_prompt_ > opt_.max_added ||
-        added_total_ < num_centroids_ - num_prompt_) {
+        num_centroids_ - num_prompt_ > opt_.max_added || opt_.list_size > kMaxListSize ||
+        added_total_ < num_centroids_ - num_prompt_ || added_total_ > kMaxAddedTotal) {
       return false;
     }
     opt_.min_similarity = static_cast<float>(min_similarity);
@@ -134,7 +148,8 @@ class CtkvrSegment final : public Segment {
     lse_ = r->Array<double>();
     const uint64_t nlists = r->U64();
     if (!r->ok() || scaled_.size() != c * g * static_cast<size_t>(head_dim_) ||
-        unit_.size() != scaled_.size() || lse_.size() != c * g || nlists != c) {
+        unit_.size() != scaled_.size() || lse_.size() != c * g || nlists != c ||
+        !AllFinite(scaled_) || !AllFinite(unit_) || !AllFinite(lse_)) {
       return false;
     }
     lists_.resize(c);
@@ -146,14 +161,17 @@ class CtkvrSegment final : public Segment {
       lists_[i] = r->Array<int32_t>();
       list_logits_[i] = r->Array<float>();
       neighbours_[i] = r->Array<int32_t>();
-      if (!r->ok() || list_logits_[i].size() != lists_[i].size() * g ||
+      if (!r->ok() || lists_[i].size() > static_cast<size_t>(opt_.list_size) ||
+          list_logits_[i].size() != lists_[i].size() * g ||
           neighbours_[i].size() > max_neighbours || !AscendingInSegment(lists_[i]) ||
-          !AscendingInSegment(neighbours_[i])) {
+          !AscendingInSegment(neighbours_[i]) || !AllFinite(list_logits_[i])) {
         return false;
       }
     }
     list_mass_ = r->Array<double>();
-    return r->ok() && list_mass_.size() == c * g;
+    if (!r->ok() || list_mass_.size() != c * g || !AllFinite(list_mass_)) return false;
+    ReserveAdded();
+    return true;
   }
 
   Method method() const override { return Method::kCtkvr; }
@@ -209,6 +227,7 @@ class CtkvrSegment final : public Segment {
     lists_.assign(static_cast<size_t>(c), {});
     list_logits_.assign(static_cast<size_t>(c), {});
     neighbours_.assign(static_cast<size_t>(c), {});
+    ReserveAdded();
     list_mass_.assign(static_cast<size_t>(nq), 1.0);
     auto build_one = [&](int64_t ci) {
       const float* l = all_logits + ci * g * n;
@@ -293,14 +312,16 @@ class CtkvrSegment final : public Segment {
   // node's accounting at install time stays an upper bound while searches add them.
   size_t MemoryBytes() const override {
     absl::ReaderMutexLock lock(&mu_);
-    size_t b = (scaled_.size() + unit_.size()) * 4 + lse_.size() * 8 + list_mass_.size() * 8;
-    for (size_t i = 0; i < lists_.size(); ++i)
-      b += (lists_[i].size() + list_logits_[i].size() + neighbours_[i].size()) * 4;
     const size_t g = static_cast<size_t>(group_), d = static_cast<size_t>(head_dim_);
+    const size_t per_centroid = g * d * 8 + g * 16;  // scaled_, unit_, lse_, list_mass_
+    size_t b = static_cast<size_t>(num_prompt_) * per_centroid;
+    for (int i = 0; i < num_prompt_; ++i)
+      b += (lists_[i].size() + list_logits_[i].size() + neighbours_[i].size()) * 4;
+    // Every added slot at its largest (a list of list_size, all neighbours), used or not.
     const size_t per_added =
-        g * d * 8 + g * 16 + static_cast<size_t>(opt_.list_size) * (4 + 4 * g) +
+        per_centroid + static_cast<size_t>(opt_.list_size) * (4 + 4 * g) +
         static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1) * 4;
-    return b + static_cast<size_t>(opt_.max_added - (num_centroids_ - num_prompt_)) * per_added;
+    return b + static_cast<size_t>(opt_.max_added) * per_added;
   }
 
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
@@ -357,7 +378,18 @@ class CtkvrSegment final : public Segment {
       g_novel.fetch_add(1, std::memory_order_relaxed);
       Hits* hits = out->Add();
       ExactHits(s, rb, re, hits);
-      if (opt_.max_added > 0 && hits->units > 0) AddCentroid(s, *hits);
+      if (opt_.max_added > 0) {
+        if (rb == begin_ && re == end_) {
+          if (hits->units > 0) AddCentroid(s, *hits);
+        } else {
+          // The range leaves part of the segment out (the recent window overlaps it early in
+          // decode): the new centroid's list and normalisers cover the whole segment, like
+          // the prompt centroids'.
+          Hits whole;
+          ExactHits(s, begin_, end_, &whole);
+          if (whole.units > 0) AddCentroid(s, whole);
+        }
+      }
       return absl::OkStatus();
     }
     if (static_cast<int64_t>(cand.size()) < need) {
@@ -409,9 +441,9 @@ class CtkvrSegment final : public Segment {
     return out;
   }
 
-  // Adds a novel query group as a centroid, from its exact hits over [rb, re) (contiguous,
-  // ascending): its list is its own top-ρ, its normalisers those of the searched range. Beyond
-  // max_added the oldest added centroid is replaced.
+  // Adds a novel query group as a centroid, from its exact hits over the segment (contiguous,
+  // ascending): its list is its own top-ρ, its normalisers the segment's. Beyond max_added the
+  // oldest added centroid is replaced.
   void AddCentroid(const SegmentSearch& s, const Hits& hits) const {
     const int g = group_, d = head_dim_;
     const int64_t n = hits.units;
@@ -450,6 +482,20 @@ class CtkvrSegment final : public Segment {
     list_logits_[ci] = std::move(ll);
     neighbours_[ci] = std::move(near);
     UpdateMass(ci);
+  }
+
+  // Room for every centroid that may be added, so adding never reallocates the per-centroid
+  // arrays (MemoryBytes counts that room).
+  void ReserveAdded() {
+    const size_t c = static_cast<size_t>(num_prompt_) + static_cast<size_t>(opt_.max_added);
+    const size_t g = static_cast<size_t>(group_), d = static_cast<size_t>(head_dim_);
+    scaled_.reserve(c * g * d);
+    unit_.reserve(c * g * d);
+    lse_.reserve(c * g);
+    list_mass_.reserve(c * g);
+    lists_.reserve(c);
+    list_logits_.reserve(c);
+    neighbours_.reserve(c);
   }
 
   bool AscendingInSegment(const std::vector<int32_t>& ids) const {

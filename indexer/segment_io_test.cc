@@ -1,5 +1,6 @@
 // Segment serialisation (SerializeSegment / ParseSegment), Clone and chains.
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -117,6 +118,31 @@ TEST(SegmentIoTest, CtkvrAddedCentroidsRoundTripAndGrow) {
   ASSERT_OK(parsed->Append(d->keys, 3300, nullptr));
   EXPECT_EQ(SerializeSegment(*parsed), SerializeSegment(*seg));
   EXPECT_EQ(SerializeSegment(*clone), bytes) << "the clone was not appended to";
+}
+
+// The count of added centroids picks the ring slot to replace: a record claiming an absurd
+// count (which would overflow and index before the arrays) is DATA_LOSS, as is a NaN centroid.
+TEST(SegmentIoTest, CtkvrRecordWithAbsurdAddedCountOrNanIsDataLoss) {
+  auto d = Data(2048);
+  IndexOptions o = SmallOptions();
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 2000), o, nullptr));
+  const std::string good = SerializeSegment(*seg);
+  ASSERT_OK(ParseSegment(good).status());
+  // Header (26 bytes), then centroids, list_size, probe (i32), min_similarity (f64), max_added,
+  // neighbour_tokens, neighbour_radius, group, prompt centroids, centroids (i32), added (i64).
+  constexpr size_t kAddedAt = 26 + 3 * 4 + 8 + 6 * 4;
+  std::string bad = good;
+  const int64_t huge = std::numeric_limits<int64_t>::max();
+  std::memcpy(&bad[kAddedAt], &huge, sizeof huge);
+  EXPECT_THAT(ParseSegment(bad).status(), StatusIs(absl::StatusCode::kDataLoss));
+  const int64_t zero = 0;
+  std::memcpy(&bad[kAddedAt], &zero, sizeof zero);
+  EXPECT_OK(ParseSegment(bad).status()) << "the offset above is the added count";
+  // The first scaled centroid value: after the added count, the array's u64 length.
+  bad = good;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(&bad[kAddedAt + 8 + 8], &nan, sizeof nan);
+  EXPECT_THAT(ParseSegment(bad).status(), StatusIs(absl::StatusCode::kDataLoss));
 }
 
 TEST(SegmentIoTest, CloneIsIndependent) {

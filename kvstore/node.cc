@@ -847,7 +847,10 @@ absl::Status Node::CloseSequence(const std::string& tenant, const std::string& s
   // Outside the node's lock: forgetting scans every mirror entry, and Forget waits for an index
   // job of this sequence to finish.
   for (const auto& worker : mirrors) worker->mirror.ForgetSequence(tenant, sequence_id);
-  if (victim != nullptr) indexes_->Forget(victim.get(), nullptr);
+  if (victim != nullptr) {
+    victim->ReleaseAccount();  // in-flight calls may hold the object: refund now, not at its end
+    indexes_->Forget(victim.get(), nullptr);
+  }
   return absl::OkStatus();
 }
 

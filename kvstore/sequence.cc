@@ -25,10 +25,15 @@ Sequence::Sequence(std::string tenant, std::string id, std::shared_ptr<const Mod
 Sequence::~Sequence() {
   table_->Unpin(txn_pins_);
   for (Block* b : blocks_) table_->Unref(b);
-  if (account_ != nullptr) {
-    account_->RefundBytes(committed_ * spec_->token_kv_bytes());
-    account_->RemoveSequence();
-  }
+  ReleaseAccount();
+}
+
+void Sequence::ReleaseAccount() {
+  absl::MutexLock lock(&mu_);
+  if (account_ == nullptr) return;
+  account_->RefundBytes(committed_ * spec_->token_kv_bytes());
+  account_->RemoveSequence();
+  account_.reset();
 }
 
 

@@ -82,6 +82,12 @@ class Sequence {
   // Renews the lease of every block (an access that reads no bytes).
   void Touch() const;
 
+  // Gives the sequence's quota charge (its committed bytes and its place in the tenant's
+  // sequence count) back now and charges nothing from here on. For a dropped sequence, whose
+  // object in-flight calls may keep alive a little longer: a drop's refund is visible as soon as
+  // the drop is acknowledged. The destructor does the same for a sequence not released.
+  void ReleaseAccount();
+
   int64_t committed_tokens() const;
   int64_t known_token_ids() const;
   std::vector<int32_t> token_ids() const;
@@ -192,9 +198,10 @@ class Sequence {
   BlockTable* const table_;
   const std::string namespace_;
   const bool durable_;
-  const std::shared_ptr<TenantAccount> account_;  // may be null
 
   mutable absl::Mutex mu_;
+  // The tenant's quota account (may be null); ReleaseAccount clears it.
+  std::shared_ptr<TenantAccount> account_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<const SequenceIndex> index_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<const IndexHooks> hooks_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> token_ids_ ABSL_GUARDED_BY(mu_);
