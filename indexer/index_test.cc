@@ -258,7 +258,7 @@ TEST(IndexTest, CtkvrNovelQueriesAreSafeUnderConcurrentSearches) {
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       for (int r = 0; r < 20; ++r) {
-        const int i = (t + r) % 8;
+        const int i = (t + r) % d->options.decode_queries;
         const float* q = d->decode_queries.data() + i * 4 * 32;
         // Which centroids a search sees depends on the interleaving; its contract does not.
         const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, 4, 3968, 64, {seg.get()}));
