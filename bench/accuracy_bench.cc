@@ -785,10 +785,10 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
                 std::vector<int32_t> out,
                 DecodeGreedy(engine.get(), id, logits, smp.answer.size(), cfg.vocab_size));
             decode_sparse_s += absl::ToDoubleSeconds(absl::Now() - t0);
-            const indexer::CtkvrCounters after = indexer::ReadCtkvrCounters();
+            const indexer::CtkvrCounters run = indexer::ReadCtkvrCounters().Since(before);
             indexer::CtkvrCounters& seen = ctkvr_seen[{task, L, static_cast<int>(di)}][static_cast<int>(ci)];
-            seen.searches += after.searches - before.searches;
-            seen.novel += after.novel - before.novel;
+            seen.searches += run.searches;
+            seen.novel += run.novel;
             index_build_s += engine->counters().index_build_seconds;
             RETURN_IF_ERROR(engine->RemoveSequence(id));
             ++runs;
@@ -838,9 +838,7 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
                           {"dense_accuracy", dense_acc},
                           {"samples", o.samples},
                           {"ctkvr_searches", seen.searches},
-                          {"ctkvr_novel_fraction",
-                           seen.searches > 0 ? static_cast<double>(seen.novel) / seen.searches
-                                             : 0.0}});
+                          {"ctkvr_novel_fraction", seen.novel_fraction()}});
         }
       }
     }

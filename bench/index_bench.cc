@@ -520,7 +520,7 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
     j["index_bytes"] = index_bytes / nh;
     const indexer::CtkvrCounters before = indexer::ReadCtkvrCounters();
     ASSIGN_OR_RETURN(Timing t, TimeSearch(entries_for(&segs), o.repeats, &pool));
-    const indexer::CtkvrCounters after = indexer::ReadCtkvrCounters();
+    const indexer::CtkvrCounters searched = indexer::ReadCtkvrCounters().Since(before);
     RETURN_IF_ERROR(quality(&j, t.ids, exact.ids));
     j["search_us_p50"] = t.p50;
     j["search_us_p99"] = t.p99;
@@ -568,10 +568,7 @@ absl::StatusOr<nlohmann::json> RunIndexBench(const std::vector<std::string>& arg
     if (m == Method::kCtkvr) {
       // Searches that found their query novel (scored exactly, then added as a centroid; the
       // repeats search the same queries again, so later repeats can use what the first added).
-      j["novel_fraction"] =
-          after.searches > before.searches
-              ? static_cast<double>(after.novel - before.novel) / (after.searches - before.searches)
-              : 0.0;
+      j["novel_fraction"] = searched.novel_fraction();
       j["parameters"] = {{"centroids", o.index.ctkvr.centroids},
                          {"list_size", o.index.ctkvr.list_size},
                          {"probe", o.index.ctkvr.probe},

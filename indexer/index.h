@@ -267,6 +267,13 @@ struct SearchEntry {
 struct CtkvrCounters {
   int64_t searches = 0;
   int64_t novel = 0;
+  // The counts between an `earlier` reading and this one.
+  CtkvrCounters Since(const CtkvrCounters& earlier) const {
+    return {searches - earlier.searches, novel - earlier.novel};
+  }
+  double novel_fraction() const {
+    return searches > 0 ? static_cast<double>(novel) / static_cast<double>(searches) : 0.0;
+  }
 };
 CtkvrCounters ReadCtkvrCounters();
 
