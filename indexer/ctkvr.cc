@@ -58,6 +58,18 @@ bool AllFinite(const std::vector<T>& v) {
   return true;
 }
 
+// Every |x| <= bound (NaN fails). Parsed centroids must stay far from overflow: a later Append
+// or search multiplies them with keys, and a logit of inf makes the normalisers NaN.
+bool AllWithin(const std::vector<float>& v, float bound) {
+  for (float x : v)
+    if (!(std::fabs(x) <= bound)) return false;
+  return true;
+}
+// Real scaled queries are below 1e3 (|q| / sqrt(head_dim)); unit ones below 1 (a little slack
+// for rounding).
+constexpr float kMaxScaledCentroid = 1e6f;
+constexpr float kMaxUnitCentroid = 1.001f;
+
 bool OptionsValid(const CtkvrOptions& o) {
   return o.centroids > 0 && o.list_size > 0 && o.list_size <= kMaxListSize && o.probe > 0 &&
          o.min_similarity >= 0 &&
@@ -149,7 +161,8 @@ class CtkvrSegment final : public Segment {
     const uint64_t nlists = r->U64();
     if (!r->ok() || scaled_.size() != c * g * static_cast<size_t>(head_dim_) ||
         unit_.size() != scaled_.size() || lse_.size() != c * g || nlists != c ||
-        !AllFinite(scaled_) || !AllFinite(unit_) || !AllFinite(lse_)) {
+        !AllWithin(scaled_, kMaxScaledCentroid) || !AllWithin(unit_, kMaxUnitCentroid) ||
+        !AllFinite(lse_)) {
       return false;
     }
     lists_.resize(c);

@@ -121,7 +121,8 @@ TEST(SegmentIoTest, CtkvrAddedCentroidsRoundTripAndGrow) {
 }
 
 // The count of added centroids picks the ring slot to replace: a record claiming an absurd
-// count (which would overflow and index before the arrays) is DATA_LOSS, as is a NaN centroid.
+// count (which would overflow and index before the arrays) is DATA_LOSS, as is a NaN or huge
+// centroid.
 TEST(SegmentIoTest, CtkvrRecordWithAbsurdAddedCountOrNanIsDataLoss) {
   auto d = Data(2048);
   IndexOptions o = SmallOptions();
@@ -142,6 +143,11 @@ TEST(SegmentIoTest, CtkvrRecordWithAbsurdAddedCountOrNanIsDataLoss) {
   bad = good;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::memcpy(&bad[kAddedAt + 8 + 8], &nan, sizeof nan);
+  EXPECT_THAT(ParseSegment(bad).status(), StatusIs(absl::StatusCode::kDataLoss));
+  // A finite centroid far past any real query: its logits would overflow on the next Append,
+  // leaving normalisers that no longer parse (found by fuzz_record).
+  const float huge_centroid = 3e37f;
+  std::memcpy(&bad[kAddedAt + 8 + 8], &huge_centroid, sizeof huge_centroid);
   EXPECT_THAT(ParseSegment(bad).status(), StatusIs(absl::StatusCode::kDataLoss));
 }
 
