@@ -309,7 +309,8 @@ class ClusterTierImpl final : public ClusterTier {
       for (auto& [name, group] : groups) {
         Node& n = *group.first;
         Call c{&n, std::move(group.second),
-               RetrieveBatch{batch.layer, batch.budget, batch.method, {}, batch.staging_area}, {}, {}};
+               RetrieveBatch{batch.layer, batch.budget, batch.method, {}, batch.staging_area, batch.successors},
+               {}, {}};
         for (size_t i : c.entries) {
           RetrieveEntry e = batch.entries[i];
           e.slot_epoch = EpochLocked(*seqs[i], e, batch.layer, n);

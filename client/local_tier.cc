@@ -62,6 +62,7 @@ class LocalTier final : public Tier {
     kvstore::RetrieveArgs args{options_.tenant, batch.layer, batch.budget, batch.method, options_.worker_id, {}};
     args.staging_area = static_cast<uint32_t>(batch.staging_area);
     args.call_seq = ++call_seq_[batch.staging_area];
+    args.successors = batch.successors;
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
       args.entries.push_back({e.sequence_id, e.kv_head, e.queries, e.token_begin, e.token_end,

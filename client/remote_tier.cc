@@ -323,6 +323,7 @@ class RemoteTier final : public Tier {
     req.set_layer(batch.layer);
     req.set_budget(static_cast<uint32_t>(batch.budget));
     req.set_method(proto::ToProto(batch.method));
+    req.set_successors(static_cast<uint32_t>(batch.successors));
     if (region_ != nullptr) {
       req.set_worker_id(options_.worker_id);
       req.set_staging_area(static_cast<uint32_t>(batch.staging_area));

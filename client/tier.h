@@ -76,6 +76,9 @@ struct RetrieveBatch {
   Method method = Method::kExact;
   std::vector<RetrieveEntry> entries;
   int staging_area = 0;  // in [0, TierOptions::staging_areas)
+  // Lookahead: the queries are the previous step's; the `successors` best selected tokens each
+  // bring the 2 tokens after them (proto RetrieveRequest.successors). In [0, budget].
+  int successors = 0;
 };
 // The selection for one entry and the rows it needs. The selected tokens token_ids (ascending)
 // live in slots[j] of the caller's slot cache. Rows of tokens that were not resident arrived

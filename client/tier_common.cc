@@ -27,6 +27,9 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, 
   if (batch.budget <= 0 || batch.budget > kvstore::kMaxBudget) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", batch.budget, " not in [1, ", kvstore::kMaxBudget, "]"));
   }
+  if (batch.successors < 0 || batch.successors > batch.budget) {
+    return absl::InvalidArgumentError(absl::StrCat("successors ", batch.successors, " not in [0, budget ", batch.budget, "]"));
+  }
   if (options.staging_areas < 1 || static_cast<uint32_t>(options.staging_areas) > kvstore::kMaxStagingAreas) {
     return absl::InvalidArgumentError(absl::StrCat("staging_areas ", options.staging_areas, " not in [1, ",
                                                    kvstore::kMaxStagingAreas, "]"));

@@ -80,6 +80,9 @@ ABSL_FLAG(int, window_tokens, 256, "recent tokens always attended");
 ABSL_FLAG(int, dense_layers, 2, "leading layers that stay dense");
 ABSL_FLAG(bool, lookahead, false,
           "issue every sparse layer's retrieval at the start of a step, from the previous step's queries");
+ABSL_FLAG(int, lookahead_successors, 16,
+          "with --lookahead, the tier also keeps the 2 tokens after each of the selection's best N (copying heads "
+          "move one token on per step); 0 = off, at most the budget");
 ABSL_FLAG(bool, delta_streaming, true, "the tier sends only rows not already in this worker's slot caches");
 ABSL_FLAG(int, retrieve_deadline_ms, 60000,
           "deadline of each Retrieve; a layer whose Retrieve misses it is decoded on sinks + window + resident rows");
@@ -277,6 +280,8 @@ absl::Status Generate() {
   eo.sparse = sparse;
   eo.budget = absl::GetFlag(FLAGS_budget);
   eo.lookahead = absl::GetFlag(FLAGS_lookahead);
+  eo.lookahead_successors = absl::GetFlag(FLAGS_lookahead_successors);
+  if (eo.lookahead_successors < 0) return absl::InvalidArgumentError("--lookahead_successors must be >= 0");
   eo.delta_streaming = absl::GetFlag(FLAGS_delta_streaming);
   eo.sink_tokens = absl::GetFlag(FLAGS_sink_tokens);
   eo.window_tokens = absl::GetFlag(FLAGS_window_tokens);

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -95,8 +96,9 @@ void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hit
 }
 
 void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
-                    std::vector<int32_t>* out) {
+                    std::vector<int32_t>* out, std::vector<float>* scores) {
   out->clear();
+  if (scores != nullptr) scores->clear();
   std::vector<const Hits*> hits;
   for (const Hits& h : hits_in)
     if (h.units > 0) hits.push_back(&h);
@@ -148,6 +150,7 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
     for (int32_t i : idx) {
       while (i >= base + hits[hi]->units) base += hits[hi++]->units;
       out->push_back(hits[hi]->token_data()[i - base]);
+      if (scores != nullptr) scores->push_back(v[i]);
     }
     return;
   }
@@ -180,10 +183,60 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
   while (end != units.begin() && static_cast<int64_t>(out->size()) < k) {
     std::pop_heap(units.begin(), end, worse);
     --end;
-    for (const int32_t* t = end->begin; t != end->end && static_cast<int64_t>(out->size()) < k; ++t)
+    for (const int32_t* t = end->begin; t != end->end && static_cast<int64_t>(out->size()) < k; ++t) {
       out->push_back(*t);
+      if (scores != nullptr) scores->push_back(end->v);
+    }
   }
-  std::sort(out->begin(), out->end());
+  if (scores == nullptr) {
+    std::sort(out->begin(), out->end());
+    return;
+  }
+  std::vector<size_t> order(out->size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return (*out)[a] < (*out)[b]; });
+  std::vector<int32_t> ids(out->size());
+  std::vector<float> sc(out->size());
+  for (size_t j = 0; j < order.size(); ++j) {
+    ids[j] = (*out)[order[j]];
+    sc[j] = (*scores)[order[j]];
+  }
+  *out = std::move(ids);
+  *scores = std::move(sc);
+}
+
+void AddSuccessors(const std::vector<float>& scores, int successors, int64_t range_begin,
+                   int64_t range_end, int64_t k, std::vector<int32_t>* ids) {
+  const size_t n = ids->size();
+  if (successors <= 0 || n == 0) return;
+  // Picks by score, best first (ties: lower id first).
+  std::vector<size_t> rank(n);
+  std::iota(rank.begin(), rank.end(), size_t{0});
+  std::sort(rank.begin(), rank.end(), [&](size_t a, size_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && (*ids)[a] < (*ids)[b]);
+  });
+  // At most max(k, n) tokens in all; the best picks and their successors take at most all of it.
+  const size_t cap = std::max(static_cast<size_t>(std::max<int64_t>(k, 0)), n);
+  const size_t best =
+      std::min({n, static_cast<size_t>(successors), cap / (1 + kSuccessorSpan)});
+  // Kept first: the best picks and their successors.
+  std::vector<int32_t> out;
+  for (size_t j = 0; j < best; ++j) {
+    const int64_t t0 = (*ids)[rank[j]];
+    out.push_back(static_cast<int32_t>(t0));
+    for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
+      out.push_back(static_cast<int32_t>(t));
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  const size_t protected_end = out.size();
+  // Then the other picks by score while there is room.
+  for (size_t j = best; j < n && out.size() < cap; ++j) {
+    const int32_t t = (*ids)[rank[j]];
+    if (!std::binary_search(out.begin(), out.begin() + protected_end, t)) out.push_back(t);
+  }
+  std::sort(out.begin(), out.end());
+  *ids = std::move(out);
 }
 
 namespace {
@@ -299,6 +352,7 @@ absl::Status ValidateEntry(const SearchEntry& e, std::vector<const Segment*>* so
   if (e.queries == nullptr) return absl::InvalidArgumentError("null queries");
   if (e.group <= 0) return absl::InvalidArgumentError("group must be > 0");
   if (e.k < 0) return absl::InvalidArgumentError("k must be >= 0");
+  if (e.successors < 0) return absl::InvalidArgumentError("successors must be >= 0");
   if (!(e.scale >= 0) || !std::isfinite(e.scale))
     return absl::InvalidArgumentError("scale must be finite and >= 0");
   if (e.token_begin < 0 || e.token_begin > e.token_end || e.token_end > e.keys->num_tokens) {
@@ -388,7 +442,13 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
       cursor = std::max(cursor, en);
     }
     if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, hits.Add());
-    internal::SelectFromHits(hits.view(), e.group, e.k, &result[i]);
+    if (e.successors > 0) {
+      thread_local std::vector<float> scores;
+      internal::SelectFromHits(hits.view(), e.group, e.k, &result[i], &scores);
+      internal::AddSuccessors(scores, e.successors, e.token_begin, e.token_end, e.k, &result[i]);
+    } else {
+      internal::SelectFromHits(hits.view(), e.group, e.k, &result[i]);
+    }
   };
   if (pool != nullptr && entries.size() > 1) {
     pool->ParallelFor(static_cast<int64_t>(entries.size()), one);

@@ -260,6 +260,12 @@ struct SearchEntry {
   int64_t token_end = 0;
   int k = 0;        // budget: tokens to select; more than the range holds selects the whole range
   float scale = 0;  // 0 means 1/sqrt(head_dim)
+  // Lookahead: the queries are the previous step's, and the selection serves the next one. A
+  // copying head attends, step after step, to the token after the one it attended last, which
+  // the previous query need not rate at all. The `successors` best selected tokens each bring
+  // the 2 tokens after them (inside the range); the lowest-scored other picks make room, so
+  // the selection stays within k. 0: the plain top-k.
+  int successors = 0;
 };
 
 // Process-wide ctkvr counters over every segment (monotonic; for metrics and benchmarks):

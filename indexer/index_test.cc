@@ -102,6 +102,33 @@ TEST(IndexTest, EveryMethodFindsTheObviousTokensOnATinyCase) {
   }
 }
 
+// Lookahead successors: the best picks keep the 2 tokens after them (inside the range) and the
+// lowest-scored other picks make room; the selection never exceeds k.
+TEST(IndexTest, SuccessorsFollowTheBestPicksWithinTheBudget) {
+  //            0       1       2       3       4       5       6       7       8       9
+  Keys k({{0, 0}, {9, 0}, {0, 0}, {0, 0}, {3, 0}, {2, 0}, {1, 0}, {0, 0}, {8, 0}, {0, 0}}, 2);
+  const float q[2] = {1, 0};
+  // Plain top-4 by the first coordinate: 1, 8, 4, 5.
+  EXPECT_THAT(SearchOne(Entry(q, 1, &k.rows, 0, 10, 4)), ElementsAre(1, 4, 5, 8));
+  // k = 6 and 1 successor: the best (1) keeps 2 and 3; then 8, 4, 5 fill the rest (6 dropped).
+  SearchEntry e = Entry(q, 1, &k.rows, 0, 10, 6);
+  e.successors = 1;
+  EXPECT_THAT(SearchOne(e), ElementsAre(1, 2, 3, 4, 5, 8));
+  // 2 successors at k = 6: 1 and 8 with theirs (9 only: 10 is past the range end).
+  e.successors = 2;
+  EXPECT_THAT(SearchOne(e), ElementsAre(1, 2, 3, 4, 8, 9));
+  // A budget of 2 has no room for a pick and its 2 successors: the plain top-2.
+  e.k = 2;
+  EXPECT_THAT(SearchOne(e), ElementsAre(1, 8));
+  // Successors stay inside the range: [0, 3) with k = 3 and 1 successor.
+  e = Entry(q, 1, &k.rows, 0, 3, 3);
+  e.successors = 1;
+  EXPECT_THAT(SearchOne(e), ElementsAre(0, 1, 2));
+  e.successors = -1;
+  std::vector<std::vector<int32_t>> out;
+  EXPECT_THAT(Search({&e, 1}, {}, nullptr, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 // Search's contract is min(k, range) tokens even when the probed lists are shorter than the
 // budget (found by fuzz_record on a parsed segment): further centroids are probed, then the range
 // is scored exactly.

@@ -561,6 +561,9 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   if (args.budget <= 0 || args.budget > kMaxBudget) {
     return absl::InvalidArgumentError(absl::StrCat("budget ", args.budget, " not in [1, ", kMaxBudget, "]"));
   }
+  if (args.successors < 0 || args.successors > args.budget) {
+    return absl::InvalidArgumentError(absl::StrCat("successors ", args.successors, " not in [0, budget ", args.budget, "]"));
+  }
   if (args.entries.empty() || args.entries.size() > static_cast<size_t>(kMaxRetrieveEntries)) {
     return absl::InvalidArgumentError(absl::StrCat("entries ", args.entries.size(), " not in [1, ", kMaxRetrieveEntries, "]"));
   }
@@ -647,6 +650,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     q.token_begin = e.token_begin;
     q.token_end = e.token_end;
     q.k = args.budget;
+    q.successors = args.successors;
     if (args.method != Method::kExact) {
       const indexer::Segment* seg =
           indexes[i] != nullptr && indexes[i]->method == args.method ? indexes[i]->segment(args.layer, e.kv_head) : nullptr;

@@ -130,6 +130,8 @@ struct RetrieveArgs {
   // at results_offset + i * RetrieveResultBytes(budget); see proto RetrieveRequest.
   bool results_in_region = false;
   uint64_t results_offset = 0;
+  // Lookahead: see proto RetrieveRequest.successors; in [0, budget].
+  int successors = 0;
 };
 inline constexpr uint32_t kMaxStagingAreas = 4096;
 // Bytes of one entry's result in the worker's region: u32 n, u32 m, int32 token_ids[n],

@@ -96,6 +96,11 @@ TEST_F(NodeTest, RetrieveSelectsPerGroupAndValidates) {
   a.budget = kMaxBudget + 1;
   EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
   a = Args(&q);
+  a.successors = a.budget + 1;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  a.successors = -1;
+  EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  a = Args(&q);
   a.worker_id = "w";
   EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition));
   a = Args(&q);

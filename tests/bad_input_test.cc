@@ -265,6 +265,13 @@ TEST_F(BadInputTest, Retrieve) {
   r.set_call_seq(3);
   EXPECT_EQ(Retrieve(r), StatusCode::OK);
   r = GoodRetrieve("r");
+  r.set_successors(4);  // lookahead successors: at most the budget
+  EXPECT_EQ(Retrieve(r), StatusCode::OK);
+  r.set_successors(5);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r.set_successors(0xFFFFFFFFu);
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
   r.set_results_in_region(true);  // results into a region, but no worker attached
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   r = GoodRetrieve("r");

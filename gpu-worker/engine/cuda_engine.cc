@@ -435,11 +435,12 @@ absl::Status CudaEngine::RemoveSequence(const std::string& id) {
 }
 
 absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
-                                  int staging_area, LayerRecall* out) {
+                                  int staging_area, bool lookahead, LayerRecall* out) {
   const int B = static_cast<int>(pos.size());
   const int Hkv = config_.num_kv_heads, G = config_.num_heads / Hkv, d = config_.head_dim;
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
-  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area};
+  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area,
+                              RetrieveSuccessors(options_, lookahead)};
   out->entries.clear();
   for (int i = 0; i < B; ++i) {
     const int64_t ws = std::max<int64_t>(S, pos[i] + 1 - W);
@@ -612,7 +613,8 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
       for (int l = options_.dense_layers; l < L; ++l) {
         to_f32(l);
         recall[l].status =
-            Retrieve(l, pos, queries[l].data(), l - options_.dense_layers, &recall[l]);
+            Retrieve(l, pos, queries[l].data(), l - options_.dense_layers, /*lookahead=*/true,
+                     &recall[l]);
         recall[l].done.Notify();
       }
     });
@@ -697,7 +699,7 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
         RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "q download"));
         const absl::Time t0 = absl::Now();
         to_f32(l);
-        recall[l].status = Retrieve(l, pos, queries[l].data(), 0, &recall[l]);
+        recall[l].status = Retrieve(l, pos, queries[l].data(), 0, /*lookahead=*/false, &recall[l]);
         times_.retrieve += Since(t0);
       }
       const absl::Status& got = recall[l].status;

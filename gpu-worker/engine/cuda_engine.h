@@ -123,8 +123,9 @@ class CudaEngine {
   absl::Status NewRow(const std::string& id, int64_t num_tokens);
   // Tier::Retrieve of sparse layer l for the batch from queries [batch][num_heads][head_dim]
   // fp32; on OK *out holds the selections (their rows valid until the next call in the area).
+  // `lookahead`: the queries are the previous step's (RetrieveSuccessors).
   absl::Status Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
-                        int staging_area, LayerRecall* out);
+                        int staging_area, bool lookahead, LayerRecall* out);
   // Uploads a successful retrieval's new rows and the slot maps of layer l (packed into pinned
   // staging on pool_), beginning a GPU segment once the host work is done.
   absl::Status ApplyRecall(int l, LayerRecall& r);

@@ -248,11 +248,12 @@ absl::Status Engine::RemoveSequence(const std::string& id) {
 
 absl::Status Engine::RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
                                    absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
-                                   int staging_area) {
+                                   int staging_area, bool lookahead) {
   const int B = static_cast<int>(seqs.size());
   const int Hkv = config_.num_kv_heads, G = config_.num_heads / Hkv, d = config_.head_dim;
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
-  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area};
+  client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area,
+                              RetrieveSuccessors(options_, lookahead)};
   std::vector<Seq::SlotCache*> caches;
   caches.reserve(static_cast<size_t>(B) * Hkv);
   batch.entries.reserve(static_cast<size_t>(B) * Hkv);
@@ -330,7 +331,7 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
     prefetcher = std::thread([&] {
       for (int l = options_.dense_layers; l < L; ++l) {
         prefetch[l].status = RetrieveLayer(l, seqs, ids, pos, [&](int i) { return seqs[i]->last_q[l].data(); },
-                                           l - options_.dense_layers);
+                                           l - options_.dense_layers, /*lookahead=*/true);
         prefetch[l].done.Notify();
       }
     });
@@ -376,7 +377,8 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
         prefetch[l].done.WaitForNotification();
         got = prefetch[l].status;
       } else {
-        got = RetrieveLayer(l, seqs, ids, pos, [&](int i) { return q.data() + static_cast<size_t>(i) * Hq * d; }, 0);
+        got = RetrieveLayer(l, seqs, ids, pos, [&](int i) { return q.data() + static_cast<size_t>(i) * Hq * d; }, 0,
+                          /*lookahead=*/false);
       }
       if (!got.ok()) {
         if (!IsTierMiss(got)) return got;

@@ -11,6 +11,7 @@
 #ifndef KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_
 #define KVRECALL_GPU_WORKER_ENGINE_ENGINE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -61,7 +62,19 @@ struct EngineOptions {
   // selected row is sent every step (the same rows, so the same logits, bit for bit).
   bool delta_streaming = true;
   QkvObserver* observer = nullptr;  // not owned; may be null
+  // With lookahead, the tier also keeps the 2 tokens after each of the selection's best this
+  // many (client::RetrieveBatch::successors): a copying head attends, step after step, to the
+  // token after the one it attended last, which the previous step's query does not rate. On
+  // the reference model lookahead without them missed every passkey at 32K, even exact at
+  // budget 2048 (docs/benchmarks.md). 0: the plain top-k of the previous step's queries.
+  int lookahead_successors = 16;
 };
+
+// RetrieveBatch::successors for a call of the engine: lookahead_successors (at most the budget)
+// for a lookahead call, 0 for one made with the step's own queries.
+inline int RetrieveSuccessors(const EngineOptions& o, bool lookahead) {
+  return lookahead ? std::max(0, std::min(o.lookahead_successors, o.budget)) : 0;
+}
 
 // K/V of a prompt for every layer, as the engine stores them (fp32 values rounded to kv_dtype).
 struct PromptKV {
@@ -147,10 +160,11 @@ class Engine {
   void RoundKv(float* x, size_t n) const;
   // One sparse layer's Retrieve for a batch; queries(i) is sequence i's [num_heads][head_dim].
   // On OK the new rows are in the slot caches and each cache's `selected` is the selection; on
-  // failure the caches keep their rows and last selection and move to new epochs.
+  // failure the caches keep their rows and last selection and move to new epochs. `lookahead`:
+  // the queries are the previous step's (RetrieveSuccessors).
   absl::Status RetrieveLayer(int l, absl::Span<Seq* const> seqs, absl::Span<const std::string> ids,
                              absl::Span<const int32_t> pos, const std::function<const float*(int)>& queries,
-                             int staging_area);
+                             int staging_area, bool lookahead);
 
   ModelBackend* const model_;
   client::Tier* const tier_;

@@ -84,8 +84,19 @@ double LogSumExp(const float* x, int64_t n, kernels::Isa isa);
 
 // Merges hits of all segments of an entry: one normaliser per head over all of them, units
 // ranked by max_h (logit - lse_h) (ties: lower first token), taken whole until k tokens (the last
-// one truncated, lowest ids first). *out: ascending ids.
-void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vector<int32_t>* out);
+// one truncated, lowest ids first). *out: ascending ids. With `scores`, (*scores)[j] is the rank
+// value of (*out)[j] (its unit's).
+void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vector<int32_t>* out,
+                    std::vector<float>* scores = nullptr);
+
+// SearchEntry::successors: the `successors` best of the selection `ids` (ascending, `scores`
+// parallel; at most a (1 + kSuccessorSpan)-th of max(k, ids.size()) of them) each bring the
+// kSuccessorSpan tokens after them that lie in [range_begin, range_end); room is made by
+// dropping the lowest-scored other picks, so the selection stays at most max(k, ids.size()).
+// Ascending on return.
+inline constexpr int kSuccessorSpan = 2;
+void AddSuccessors(const std::vector<float>& scores, int successors, int64_t range_begin,
+                   int64_t range_end, int64_t k, std::vector<int32_t>* ids);
 
 // Row pointers for tokens [begin, end) / for the listed tokens.
 void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
