@@ -78,6 +78,22 @@ bool OptionsValid(const CtkvrOptions& o) {
          o.neighbour_radius <= 4096;
 }
 
+// out = the units [from, to) of single-token hits `in`, with each head's normaliser over them.
+void SliceHits(const Hits& in, int64_t from, int64_t to, kernels::Isa isa, Hits* out) {
+  const int64_t n = to - from, total = in.units;
+  const size_t g = in.lse.size();
+  out->tokens.assign(in.tokens.begin() + from, in.tokens.begin() + to);
+  out->unit_end.clear();
+  out->units = n;
+  out->logits.resize(g * static_cast<size_t>(n));
+  out->lse.resize(g);
+  for (size_t h = 0; h < g; ++h) {
+    const float* src = in.logits.data() + h * static_cast<size_t>(total) + from;
+    std::copy(src, src + n, out->logits.begin() + h * static_cast<size_t>(n));
+    out->lse[h] = LogSumExp(src, n, isa);
+  }
+}
+
 class CtkvrSegment final : public Segment {
  public:
   CtkvrSegment(const BuildInput& in, const CtkvrOptions& o)
@@ -390,19 +406,19 @@ class CtkvrSegment final : public Segment {
     if (novel) {
       g_novel.fetch_add(1, std::memory_order_relaxed);
       Hits* hits = out->Add();
-      ExactHits(s, rb, re, hits);
-      if (opt_.max_added > 0) {
-        if (rb == begin_ && re == end_) {
-          if (hits->units > 0) AddCentroid(s, *hits);
-        } else {
-          // The range leaves part of the segment out (the recent window overlaps it early in
-          // decode): the new centroid's list and normalisers cover the whole segment, like
-          // the prompt centroids'.
-          Hits whole;
-          ExactHits(s, begin_, end_, &whole);
-          if (whole.units > 0) AddCentroid(s, whole);
-        }
+      if (opt_.max_added == 0 || (rb == begin_ && re == end_)) {
+        ExactHits(s, rb, re, hits);
+        if (opt_.max_added > 0 && hits->units > 0) AddCentroid(s, *hits);
+        return absl::OkStatus();
       }
+      // The range leaves part of the segment out (the recent window overlaps it early in
+      // decode): the new centroid's list and normalisers cover the whole segment, like the
+      // prompt centroids'. One exact pass over the segment serves both; the range's hits are
+      // its slice.
+      thread_local Hits whole;
+      ExactHits(s, begin_, end_, &whole);
+      SliceHits(whole, rb - begin_, re - begin_, s.isa, hits);
+      if (whole.units > 0) AddCentroid(s, whole);
       return absl::OkStatus();
     }
     if (static_cast<int64_t>(cand.size()) < need) {

@@ -458,6 +458,30 @@ TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
   }
 }
 
+// min_similarity 1 makes every search novel: scored exactly, over ranges narrower than the
+// segment too (one exact pass over the segment, the range's hits sliced from it).
+TEST(IndexTest, CtkvrNovelSearchesEqualExactOverAnyRange) {
+  auto d = Data(2000);
+  IndexOptions opt;
+  opt.ctkvr.min_similarity = 1.0f;
+  ASSERT_OK_AND_ASSIGN(auto seg,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 4, 1968), opt, nullptr));
+  const int64_t novel = ReadCtkvrCounters().novel;
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {{4, 1968}, {4, 900}, {300, 1968}, {500, 520}};
+  for (int i = 0; i < 4; ++i) {
+    for (size_t r = 0; r < ranges.size(); ++r) {
+      // A query of its own per search (an added centroid would otherwise serve its repeats).
+      std::vector<float> q(d->decode_queries.begin() + i * 4 * 32, d->decode_queries.begin() + (i + 1) * 4 * 32);
+      for (size_t j = 0; j < q.size(); ++j) q[j] += 0.3f * static_cast<float>(r) * d->decode_queries[(j * 7) % q.size()];
+      const auto [b, e] = ranges[r];
+      EXPECT_EQ(SearchOne(Entry(q.data(), 4, &d->keys, b, e, 64, {seg.get()})),
+                SearchOne(Entry(q.data(), 4, &d->keys, b, e, 64)))
+          << "query " << i << " range [" << b << ", " << e << ")";
+    }
+  }
+  EXPECT_EQ(ReadCtkvrCounters().novel, novel + 16);
+}
+
 TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
   auto d = Data(2000);
   IndexOptions opt;
