@@ -27,6 +27,7 @@
 #include "gpu-worker/engine/engine.h"
 #include "gpu-worker/model/tokenizer.h"
 #include "indexer/index.h"
+#include "zlib.h"
 
 namespace kvrecall::bench {
 namespace {
@@ -334,22 +335,7 @@ absl::StatusOr<std::vector<int32_t>> DecodeGreedy(Engine* engine, const std::str
   return out;
 }
 
-// ---- PNG (stored deflate blocks: no zlib needed) ----
-
-uint32_t Crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
-  static const std::array<uint32_t, 256> table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
-  return ~crc;
-}
+// ---- PNG ----
 
 void PutBe32(std::string* s, uint32_t v) {
   for (int i = 3; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
@@ -357,36 +343,27 @@ void PutBe32(std::string* s, uint32_t v) {
 
 void Chunk(std::string* png, const char* type, const std::string& data) {
   PutBe32(png, static_cast<uint32_t>(data.size()));
-  std::string body = std::string(type, 4) + data;
+  const std::string body = std::string(type, 4) + data;
   png->append(body);
-  PutBe32(png, Crc32(reinterpret_cast<const uint8_t*>(body.data()), body.size()));
+  PutBe32(png, static_cast<uint32_t>(
+                   crc32(0, reinterpret_cast<const Bytef*>(body.data()), static_cast<uInt>(body.size()))));
 }
 
-// rgb: [h][w][3].
-std::string EncodePng(int w, int h, const std::vector<uint8_t>& rgb) {
+// rgb: [h][w][3]. INTERNAL if zlib fails.
+absl::StatusOr<std::string> EncodePng(int w, int h, const std::vector<uint8_t>& rgb) {
   std::string raw;
   for (int y = 0; y < h; ++y) {
     raw.push_back(0);  // filter: none
     raw.append(reinterpret_cast<const char*>(rgb.data()) + static_cast<size_t>(y) * w * 3,
                static_cast<size_t>(w) * 3);
   }
-  std::string z = {0x78, 0x01};  // zlib header, no compression
-  uint32_t a = 1, b = 0;
-  for (unsigned char c : raw) {
-    a = (a + c) % 65521;
-    b = (b + a) % 65521;
+  uLongf zlen = compressBound(static_cast<uLong>(raw.size()));
+  std::string z(zlen, '\0');
+  if (compress2(reinterpret_cast<Bytef*>(z.data()), &zlen, reinterpret_cast<const Bytef*>(raw.data()),
+                static_cast<uLong>(raw.size()), Z_BEST_COMPRESSION) != Z_OK) {
+    return absl::InternalError("zlib could not compress the plot");
   }
-  for (size_t off = 0; off < raw.size() || off == 0; off += 65535) {
-    const size_t n = std::min<size_t>(65535, raw.size() - off);
-    z.push_back(off + n >= raw.size() ? 1 : 0);
-    z.push_back(static_cast<char>(n & 0xFF));
-    z.push_back(static_cast<char>(n >> 8));
-    z.push_back(static_cast<char>(~n & 0xFF));
-    z.push_back(static_cast<char>((~n >> 8) & 0xFF));
-    z.append(raw, off, n);
-    if (off + n >= raw.size()) break;
-  }
-  PutBe32(&z, (b << 16) | a);
+  z.resize(zlen);
   std::string png = "\x89PNG\r\n\x1a\n";
   std::string ihdr;
   PutBe32(&ihdr, static_cast<uint32_t>(w));
@@ -487,8 +464,8 @@ std::array<uint8_t, 3> MethodColor(const std::string& m) {
 
 // Accuracy (mean over depths) vs budget, one panel per (task, context); a line per method, dashed
 // with lookahead; dense as a grey line.
-std::string Plot(const AccuracyBenchOptions& o, const std::vector<std::string>& tasks,
-                 const nlohmann::json& rows) {
+absl::StatusOr<std::string> Plot(const AccuracyBenchOptions& o, const std::vector<std::string>& tasks,
+                                 const nlohmann::json& rows) {
   const int pw = 420, ph = 300, top = 60;
   const int cols = static_cast<int>(o.contexts.size()), nrows = static_cast<int>(tasks.size());
   Canvas cv(std::max(cols * pw, 900), top + nrows * ph);
@@ -603,6 +580,8 @@ absl::StatusOr<AccuracyBenchOptions> ParseAccuracyBenchFlags(const std::vector<s
   RETURN_IF_ERROR(f.Get("ctkvr_list_size", &o.ctkvr_list_size));
   RETURN_IF_ERROR(f.Get("ctkvr_centroids", &o.ctkvr_centroids));
   RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
+  RETURN_IF_ERROR(f.Get("ctkvr_neighbour_radius", &o.ctkvr_neighbour_radius));
+  RETURN_IF_ERROR(f.Get("ctkvr_max_added", &o.ctkvr_max_added));
   RETURN_IF_ERROR(f.Get("markdown", &o.markdown));
   RETURN_IF_ERROR(f.Get("plot", &o.plot));
   RETURN_IF_ERROR(f.Get("progress", &o.progress));
@@ -697,6 +676,9 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
   if (o.ctkvr_min_similarity >= 0) {
     no.index_options.ctkvr.min_similarity = static_cast<float>(o.ctkvr_min_similarity);
   }
+  if (o.ctkvr_neighbour_radius >= 0)
+    no.index_options.ctkvr.neighbour_radius = o.ctkvr_neighbour_radius;
+  if (o.ctkvr_max_added >= 0) no.index_options.ctkvr.max_added = o.ctkvr_max_added;
   client::TierOptions to;
   to.tenant = "accuracy";
   to.staging_areas = cfg.num_layers - o.dense_layers;  // lookahead: one per sparse layer
@@ -908,6 +890,8 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
       {"ctkvr_list_size", o.ctkvr_list_size},
       {"ctkvr_probe", o.ctkvr_probe},
       {"ctkvr_min_similarity", no.index_options.ctkvr.min_similarity},
+      {"ctkvr_neighbour_radius", no.index_options.ctkvr.neighbour_radius},
+      {"ctkvr_max_added", no.index_options.ctkvr.max_added},
       {"haystack_tokens", gen->corpus_tokens()},
       {"backend", o.backend},
       {"kv_dtype", std::string(DTypeName(spec.kv_dtype))},
@@ -968,8 +952,9 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
     if (!(f << md.str())) return absl::InternalError(absl::StrCat("cannot write ", o.markdown));
   }
   if (!o.plot.empty()) {
+    ASSIGN_OR_RETURN(const std::string png, Plot(o, o.tasks, rows));
     std::ofstream f(o.plot, std::ios::binary);
-    if (!(f << Plot(o, o.tasks, rows)))
+    if (!(f << png))
       return absl::InternalError(absl::StrCat("cannot write ", o.plot));
   }
   return out;

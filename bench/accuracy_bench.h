@@ -44,7 +44,7 @@ namespace kvrecall::bench {
 struct AccuracyBenchOptions {
   std::string model = "models/recall-tiny";  // config.json, safetensors, tokenizer.json
   std::string haystack = "models/recall-tiny/haystack.txt";  // documents separated by U+001E
-  std::string backend = "cpu";                               // model backend (gpu-worker/backends)
+  std::string backend = "cpu";  // model backend (gpu-worker/backends): cpu, or cuda in CUDA builds
   std::vector<std::string> tasks = {"passkey", "multikey"};  // passkey, multikey, ar
   std::vector<int> contexts = {4096, 8192, 16384, 32768};
   std::vector<double> depths = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9};
@@ -64,6 +64,10 @@ struct AccuracyBenchOptions {
   // ctkvr novel-query threshold (CtkvrOptions::min_similarity; 0 = off, CTKVR as published;
   // negative = the node's default)
   double ctkvr_min_similarity = -1;
+  // ctkvr neighbours (CtkvrOptions::neighbour_radius) and added centroids (max_added); negative =
+  // the node's default.
+  int ctkvr_neighbour_radius = -1;
+  int ctkvr_max_added = -1;
   std::string markdown;  // write markdown tables here
   std::string plot;      // write a PNG plot here
   bool progress = true;  // progress lines on stderr

@@ -14,8 +14,9 @@ mkdir -p "$OUT/bin" "$OUT/lib/ucx"
 if [ $# -eq 0 ]; then set -- "$BIN_DIR"/*; fi
 # ucx_perftest too, for the benchmarks that measure against it.
 if command -v ucx_perftest >/dev/null; then set -- "$@" "$(command -v ucx_perftest)"; fi
-# glibc and the compiler runtime come from the target system (newer there, backward compatible).
-SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia)[.-]'
+# glibc and the compiler runtime come from the target system (newer there, backward compatible);
+# so do the CUDA driver and cuBLAS (its /usr/local/cuda/lib64; libcublasLt alone is 540 MB).
+SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia|libcublas|libcublasLt)[.-]'
 for b in "$@"; do
   cp "$b" "$OUT/bin/"
   strip --strip-unneeded "$OUT/bin/$(basename "$b")" 2>/dev/null || true
@@ -38,6 +39,7 @@ strip --strip-unneeded "$OUT"/lib/*.so* "$OUT"/lib/ucx/*.so* 2>/dev/null || true
 cat >"$OUT/env.sh" <<'ENV'
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -d /usr/local/cuda/lib64 ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/cuda/lib64"; fi
 export UCX_MODULE_DIR="$here/lib/ucx"
 export PATH="$here/bin:$PATH"
 ENV

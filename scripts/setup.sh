@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config git
   libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   librocksdb-dev libucx-dev ucx-utils
-  libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev jq
+  libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev zlib1g-dev jq
   clang libclang-rt-dev llvm openssl
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 )
