@@ -188,27 +188,17 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
       if (scores != nullptr) scores->push_back(end->v);
     }
   }
-  if (scores == nullptr) {
-    std::sort(out->begin(), out->end());
-    return;
-  }
-  std::vector<size_t> order(out->size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return (*out)[a] < (*out)[b]; });
-  std::vector<int32_t> ids(out->size());
-  std::vector<float> sc(out->size());
-  for (size_t j = 0; j < order.size(); ++j) {
-    ids[j] = (*out)[order[j]];
-    sc[j] = (*scores)[order[j]];
-  }
-  *out = std::move(ids);
-  *scores = std::move(sc);
+  // With scores the caller ranks the picks itself (AddSuccessors): they stay as popped.
+  if (scores == nullptr) std::sort(out->begin(), out->end());
 }
 
 void AddSuccessors(const std::vector<float>& scores, int successors, int64_t range_begin,
                    int64_t range_end, int64_t k, std::vector<int32_t>* ids) {
   const size_t n = ids->size();
-  if (successors <= 0 || n == 0) return;
+  if (successors <= 0 || n == 0) {
+    std::sort(ids->begin(), ids->end());
+    return;
+  }
   // Picks by score, best first (ties: lower id first).
   std::vector<size_t> rank(n);
   std::iota(rank.begin(), rank.end(), size_t{0});

@@ -84,12 +84,12 @@ double LogSumExp(const float* x, int64_t n, kernels::Isa isa);
 
 // Merges hits of all segments of an entry: one normaliser per head over all of them, units
 // ranked by max_h (logit - lse_h) (ties: lower first token), taken whole until k tokens (the last
-// one truncated, lowest ids first). *out: ascending ids. With `scores`, (*scores)[j] is the rank
-// value of (*out)[j] (its unit's).
+// one truncated, lowest ids first). *out: ascending ids; with `scores`, in no particular order and
+// (*scores)[j] the rank value of (*out)[j] (its unit's), for the caller to rank (AddSuccessors).
 void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vector<int32_t>* out,
                     std::vector<float>* scores = nullptr);
 
-// SearchEntry::successors: the `successors` best of the selection `ids` (ascending, `scores`
+// SearchEntry::successors: the `successors` best of the selection `ids` (any order, `scores`
 // parallel; at most a (1 + kSuccessorSpan)-th of max(k, ids.size()) of them) each bring the
 // kSuccessorSpan tokens after them that lie in [range_begin, range_end); room is made by
 // dropping the lowest-scored other picks, so the selection stays at most max(k, ids.size()).
