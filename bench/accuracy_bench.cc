@@ -586,9 +586,6 @@ absl::StatusOr<AccuracyBenchOptions> ParseAccuracyBenchFlags(const std::vector<s
   RETURN_IF_ERROR(f.Get("plot", &o.plot));
   RETURN_IF_ERROR(f.Get("progress", &o.progress));
   RETURN_IF_ERROR(f.CheckAllUsed());
-  if (o.ctkvr_min_similarity > 1) {
-    return absl::InvalidArgumentError("--ctkvr_min_similarity must be at most 1 (a cosine)");
-  }
   for (const std::string& t : o.tasks) {
     if (t == "vartrack") {
       return absl::InvalidArgumentError(
@@ -673,9 +670,7 @@ absl::StatusOr<nlohmann::json> RunAccuracyBench(const AccuracyBenchOptions& o) {
   if (o.ctkvr_probe > 0) no.index_options.ctkvr.probe = o.ctkvr_probe;
   if (o.ctkvr_list_size > 0) no.index_options.ctkvr.list_size = o.ctkvr_list_size;
   if (o.ctkvr_centroids > 0) no.index_options.ctkvr.centroids = o.ctkvr_centroids;
-  if (o.ctkvr_min_similarity >= 0) {
-    no.index_options.ctkvr.min_similarity = static_cast<float>(o.ctkvr_min_similarity);
-  }
+  RETURN_IF_ERROR(indexer::ApplyMinSimilarityFlag(o.ctkvr_min_similarity, &no.index_options.ctkvr));
   if (o.ctkvr_neighbour_radius >= 0)
     no.index_options.ctkvr.neighbour_radius = o.ctkvr_neighbour_radius;
   if (o.ctkvr_max_added >= 0) no.index_options.ctkvr.max_added = o.ctkvr_max_added;

@@ -13,6 +13,7 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "indexer/index.h"
 #include "kvstore/node.h"
 
 namespace kvrecall::bench {
@@ -37,6 +38,7 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("delta", &o.delta));
   RETURN_IF_ERROR(f.Get("drift", &o.drift));
   RETURN_IF_ERROR(f.Get("bf16_queries", &o.bf16_queries));
+  RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
       o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
@@ -67,13 +69,18 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   spec.vocab_size = 1 << 20;
   const int64_t row = static_cast<int64_t>(spec.row_bytes());
   const int64_t seq_bytes = 2 * row * o.kv_heads * o.tokens;
-  const int64_t node_memory = seq_bytes * o.sequences + (int64_t{256} << 20);
+  kvstore::NodeOptions node_options;
+  RETURN_IF_ERROR(
+      indexer::ApplyMinSimilarityFlag(o.ctkvr_min_similarity, &node_options.index_options.ctkvr));
+  // K/V, each sequence's index at its largest (ctkvr's bound; cluster's is smaller at these
+  // sizes), and a margin.
+  const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(node_options.index_options.ctkvr,
+                                                              o.kv_heads, o.group, o.head_dim);
+  node_options.memory_bytes = (seq_bytes + index_bytes) * o.sequences + (int64_t{256} << 20);
   const int64_t entries = static_cast<int64_t>(o.sequences) * o.kv_heads;
   const int64_t call_bytes = entries * o.budget * 2 * row;
 
   // The server: a Node with UCX behind a gRPC service on loopback.
-  kvstore::NodeOptions node_options;
-  node_options.memory_bytes = node_memory;
   ASSIGN_OR_RETURN(std::unique_ptr<LoopbackServer> srv, StartLoopbackServer(node_options, o.ucx_tls));
   kvstore::Node& server_node = *srv->node;
 
@@ -161,7 +168,9 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   std::vector<client::Recalled> out_local, out_remote;
   std::vector<double> t_local, t_remote, t_node, t_wait, t_search, t_local_node, t_local_search;
   int64_t rows_selected = 0, rows_sent = 0;
+  indexer::CtkvrCounters ctkvr_before;
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
+    if (it == o.warmup) ctkvr_before = indexer::ReadCtkvrCounters();
     // Decode-like drift: each step's queries move a little from the last step's.
     if (it > 0 && o.drift > 0) {
       for (float& x : queries) x += o.drift * normal(rng);
@@ -215,6 +224,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   }
 
   const double rpc50 = Percentile(t_remote, 0.5), in50 = Percentile(t_local, 0.5);
+  const indexer::CtkvrCounters ctkvr_after = indexer::ReadCtkvrCounters();
   nlohmann::json j;
   j["bench"] = "rpc";
   j["method"] = o.method;
@@ -235,6 +245,9 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["rows_sent_per_call"] = static_cast<double>(rows_sent) / o.iterations;
   j["sent_fraction"] = rows_selected > 0 ? static_cast<double>(rows_sent) / static_cast<double>(rows_selected) : 0.0;
   j["setup_seconds"] = setup_s;
+  // Share of the timed ctkvr searches (both tiers) whose query was novel and scored exactly.
+  j["ctkvr_novel_fraction"] = ctkvr_after.Since(ctkvr_before).novel_fraction();
+  j["ctkvr_min_similarity"] = o.ctkvr_min_similarity;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what

@@ -39,6 +39,11 @@ struct RpcBenchOptions {
   // Queries rounded to bf16, as a bf16 model computes them (RemoteTier then sends them as bf16);
   // false: full fp32 queries on the wire.
   bool bf16_queries = true;
+  // ctkvr's novel-query threshold (CtkvrOptions::min_similarity) on both tiers; negative = the
+  // node's default. The bench's queries are random, unlike every prompt centroid, so with the
+  // default every search is novel and scored exactly; 0 serves each from the lists (CTKVR as
+  // published), the cost a real model's queries mostly see.
+  double ctkvr_min_similarity = -1;
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

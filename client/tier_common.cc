@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
+#include "common/status_macros.h"
 
 namespace kvrecall::client::internal {
 
@@ -24,12 +25,7 @@ uint64_t ResultsBytes(size_t entries, int budget) {
 
 absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
                              uint64_t* area_first_row, uint64_t* results_offset) {
-  if (batch.budget <= 0 || batch.budget > kvstore::kMaxBudget) {
-    return absl::InvalidArgumentError(absl::StrCat("budget ", batch.budget, " not in [1, ", kvstore::kMaxBudget, "]"));
-  }
-  if (batch.successors < 0 || batch.successors > batch.budget) {
-    return absl::InvalidArgumentError(absl::StrCat("successors ", batch.successors, " not in [0, budget ", batch.budget, "]"));
-  }
+  RETURN_IF_ERROR(kvstore::ValidateSelection(batch.budget, batch.successors));
   if (options.staging_areas < 1 || static_cast<uint32_t>(options.staging_areas) > kvstore::kMaxStagingAreas) {
     return absl::InvalidArgumentError(absl::StrCat("staging_areas ", options.staging_areas, " not in [1, ",
                                                    kvstore::kMaxStagingAreas, "]"));

@@ -89,6 +89,15 @@ Histogram* Metrics::GetHistogram(const std::string& name, const std::string& hel
   return e.histogram.get();
 }
 
+void Metrics::SetGaugeReader(const std::string& name, const std::string& help,
+                             std::function<double()> read) {
+  absl::MutexLock lock(&mu_);
+  Entry& e = entries_[name];
+  e.help = help;
+  e.type = "gauge";
+  e.reader = std::move(read);
+}
+
 std::string Metrics::RenderPrometheus() const {
   absl::MutexLock lock(&mu_);
   std::string out;
@@ -96,6 +105,7 @@ std::string Metrics::RenderPrometheus() const {
     absl::StrAppend(&out, "# HELP ", name, " ", e.help, "\n# TYPE ", name, " ", e.type, "\n");
     if (e.counter) absl::StrAppend(&out, name, " ", e.counter->value(), "\n");
     if (e.gauge) absl::StrAppend(&out, name, " ", e.gauge->value(), "\n");
+    if (e.reader) absl::StrAppend(&out, name, " ", e.reader(), "\n");
     if (e.histogram) out += e.histogram->Render(name);
   }
   return out;

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -63,12 +64,19 @@ class Metrics {
   // Default bounds: 50us .. 10s, roughly x2 apart.
   Histogram* GetHistogram(const std::string& name, const std::string& help,
                           std::vector<double> bounds = {});
+  // A gauge whose value `read` returns when the registry is rendered, for state that is kept
+  // elsewhere (hot-path counters sharded per thread): nothing is set per event. A second call
+  // with the same name replaces the reader. `read` must stay callable for the process's life
+  // and be thread-safe.
+  void SetGaugeReader(const std::string& name, const std::string& help,
+                      std::function<double()> read);
   std::string RenderPrometheus() const;
 
  private:
   struct Entry {
     std::string help;
     std::string type;
+    std::function<double()> reader;
     std::unique_ptr<Counter> counter;
     std::unique_ptr<Gauge> gauge;
     std::unique_ptr<Histogram> histogram;

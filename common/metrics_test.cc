@@ -26,5 +26,18 @@ TEST(MetricsTest, RendersPrometheusText) {
   EXPECT_EQ(m.GetCounter("x_total", "things")->value(), 3);
 }
 
+TEST(MetricsTest, GaugeReaderIsReadWhenRendered) {
+  Metrics m;
+  int64_t events = 2;
+  m.SetGaugeReader("w_events", "events kept elsewhere", [&events] { return static_cast<double>(events); });
+  EXPECT_THAT(m.RenderPrometheus(), HasSubstr("# TYPE w_events gauge\nw_events 2\n"));
+  events = 5;
+  EXPECT_THAT(m.RenderPrometheus(), HasSubstr("w_events 5\n"));
+  m.SetGaugeReader("w_events", "events kept elsewhere", [] { return 9.0; });  // replaces
+  const std::string text = m.RenderPrometheus();
+  EXPECT_THAT(text, HasSubstr("w_events 9\n"));
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("w_events 5\n")));
+}
+
 }  // namespace
 }  // namespace kvrecall

@@ -109,6 +109,14 @@ ABSL_FLAG(int, max_batch, 64, "bench: the largest batch of any row");
 ABSL_FLAG(double, host_memory_fraction, 0.7, "bench: share of MemAvailable the tier may use");
 ABSL_FLAG(bool, bench_dense, true, "bench: run the dense rows");
 ABSL_FLAG(bool, bench_sparse, true, "bench: run the kvrecall rows");
+ABSL_FLAG(std::string, bench_prompts, "private",
+          "bench: the kvrecall rows' prompts: private (each sequence its own; host memory bounds the "
+          "batch) or shared (one document stored once in the tier plus --bench_question_tokens of "
+          "each sequence's own; GPU memory bounds the batch)");
+ABSL_FLAG(int, bench_question_tokens, 64, "bench: each sequence's own prompt tokens with --bench_prompts=shared");
+ABSL_FLAG(double, ctkvr_min_similarity, -1,
+          "bench: ctkvr's novel-query threshold in the in-process tier node (0 = CTKVR as published; "
+          "negative = the node's default, 0.5)");
 
 namespace kvrecall::worker {
 namespace {
@@ -152,6 +160,9 @@ absl::Status Bench() {
   o.seed = absl::GetFlag(FLAGS_seed);
   o.dense = absl::GetFlag(FLAGS_bench_dense);
   o.sparse = absl::GetFlag(FLAGS_bench_sparse);
+  o.prompts = absl::GetFlag(FLAGS_bench_prompts);
+  o.question_tokens = absl::GetFlag(FLAGS_bench_question_tokens);
+  o.ctkvr_min_similarity = absl::GetFlag(FLAGS_ctkvr_min_similarity);
   nlohmann::json report;
   RETURN_IF_ERROR(RunDecodeBench(o, &report));
   const std::string path = absl::GetFlag(FLAGS_json);
@@ -496,6 +507,7 @@ int main(int argc, char** argv) {
       "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)\n"
       "  bench       [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]\n"
       "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] [--bench_tier=local|remote]\n"
+      "              [--bench_prompts=private|shared] [--ctkvr_min_similarity=X]\n"
       "              GPU decode throughput, dense vs kvrecall, Llama-3-8B shape, synthetic prompts");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2) {

@@ -21,8 +21,21 @@ namespace {
 
 constexpr int64_t kTileTokens = 512;
 
-std::atomic<int64_t> g_searches{0};
-std::atomic<int64_t> g_novel{0};
+// Process-wide search counters, sharded so that the search threads of a node do not contend
+// on one cache line; each thread adds to its own shard, readers sum them.
+struct alignas(64) CounterShard {
+  std::atomic<int64_t> searches{0};
+  std::atomic<int64_t> novel{0};
+};
+constexpr size_t kCounterShards = 64;
+CounterShard g_counters[kCounterShards];
+std::atomic<size_t> g_next_shard{0};
+
+CounterShard& MyCounters() {
+  thread_local CounterShard& shard =
+      g_counters[g_next_shard.fetch_add(1, std::memory_order_relaxed) % kCounterShards];
+  return shard;
+}
 
 // A per-thread scratch buffer of at least n floats, kept for later builds and backed by
 // transparent huge pages where the kernel allows: first-touch page faults are otherwise a large
@@ -78,6 +91,15 @@ bool OptionsValid(const CtkvrOptions& o) {
          o.neighbour_radius <= 4096;
 }
 
+// A centroid's own state: st_.scaled, st_.unit, st_.lse and st_.list_mass.
+size_t CentroidBytes(size_t group, size_t head_dim) { return group * head_dim * 8 + group * 16; }
+
+// A centroid at its largest: its state, a full list with logits, every neighbour.
+size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim) {
+  return CentroidBytes(group, head_dim) + static_cast<size_t>(o.list_size) * (4 + 4 * group) +
+         static_cast<size_t>(o.neighbour_tokens) * (2 * static_cast<size_t>(o.neighbour_radius) + 1) * 4;
+}
+
 // out = the units [from, to) of single-token hits `in`, with each head's normaliser over them.
 void SliceHits(const Hits& in, int64_t from, int64_t to, kernels::Isa isa, Hits* out) {
   const int64_t n = to - from, total = in.units;
@@ -105,16 +127,7 @@ class CtkvrSegment final : public Segment {
   // Searches may add centroids to `o` meanwhile: its state is copied under its lock.
   CtkvrSegment(const CtkvrSegment& o) : Segment(o), opt_(o.opt_), group_(o.group_) {
     absl::ReaderMutexLock lock(&o.mu_);
-    num_prompt_ = o.num_prompt_;
-    num_centroids_ = o.num_centroids_;
-    added_total_ = o.added_total_;
-    scaled_ = o.scaled_;
-    unit_ = o.unit_;
-    lse_ = o.lse_;
-    lists_ = o.lists_;
-    list_logits_ = o.list_logits_;
-    neighbours_ = o.neighbours_;
-    list_mass_ = o.list_mass_;
+    st_ = o.st_;
     ReserveAdded();
   }
   CtkvrSegment& operator=(const CtkvrSegment&) = delete;
@@ -133,19 +146,19 @@ class CtkvrSegment final : public Segment {
     w->I32(opt_.neighbour_tokens);
     w->I32(opt_.neighbour_radius);
     w->I32(group_);
-    w->I32(num_prompt_);
-    w->I32(num_centroids_);
-    w->I64(added_total_);
-    w->Array(scaled_);
-    w->Array(unit_);
-    w->Array(lse_);
-    w->U64(lists_.size());
-    for (size_t i = 0; i < lists_.size(); ++i) {
-      w->Array(lists_[i]);
-      w->Array(list_logits_[i]);
-      w->Array(neighbours_[i]);
+    w->I32(st_.num_prompt);
+    w->I32(st_.count());
+    w->I64(st_.added_total);
+    w->Array(st_.scaled);
+    w->Array(st_.unit);
+    w->Array(st_.lse);
+    w->U64(st_.lists.size());
+    for (size_t i = 0; i < st_.lists.size(); ++i) {
+      w->Array(st_.lists[i]);
+      w->Array(st_.list_logits[i]);
+      w->Array(st_.neighbours[i]);
     }
-    w->Array(list_mass_);
+    w->Array(st_.list_mass);
   }
 
   // Reads the body written by SerializeInternal; false when it is inconsistent.
@@ -159,46 +172,46 @@ class CtkvrSegment final : public Segment {
     opt_.neighbour_tokens = r->I32();
     opt_.neighbour_radius = r->I32();
     group_ = r->I32();
-    num_prompt_ = r->I32();
-    num_centroids_ = r->I32();
-    added_total_ = r->I64();
+    st_.num_prompt = r->I32();
+    const int num_centroids = r->I32();
+    st_.added_total = r->I64();
     if (!r->ok() || !(min_similarity >= 0 && min_similarity <= 1) ||
-        !OptionsValid(opt_) || group_ <= 0 || group_ > (1 << 16) || num_prompt_ <= 0 ||
-        num_prompt_ > opt_.centroids || num_centroids_ < num_prompt_ ||
-        num_centroids_ - num_prompt_ > opt_.max_added || opt_.list_size > kMaxListSize ||
-        added_total_ < num_centroids_ - num_prompt_ || added_total_ > kMaxAddedTotal) {
+        !OptionsValid(opt_) || group_ <= 0 || group_ > (1 << 16) || st_.num_prompt <= 0 ||
+        st_.num_prompt > opt_.centroids || num_centroids < st_.num_prompt ||
+        num_centroids - st_.num_prompt > opt_.max_added || opt_.list_size > kMaxListSize ||
+        st_.added_total < num_centroids - st_.num_prompt || st_.added_total > kMaxAddedTotal) {
       return false;
     }
     opt_.min_similarity = static_cast<float>(min_similarity);
-    const size_t c = static_cast<size_t>(num_centroids_), g = static_cast<size_t>(group_);
-    scaled_ = r->Array<float>();
-    unit_ = r->Array<float>();
-    lse_ = r->Array<double>();
+    const size_t c = static_cast<size_t>(num_centroids), g = static_cast<size_t>(group_);
+    st_.scaled = r->Array<float>();
+    st_.unit = r->Array<float>();
+    st_.lse = r->Array<double>();
     const uint64_t nlists = r->U64();
-    if (!r->ok() || scaled_.size() != c * g * static_cast<size_t>(head_dim_) ||
-        unit_.size() != scaled_.size() || lse_.size() != c * g || nlists != c ||
-        !AllWithin(scaled_, kMaxScaledCentroid) || !AllWithin(unit_, kMaxUnitCentroid) ||
-        !AllFinite(lse_)) {
+    if (!r->ok() || st_.scaled.size() != c * g * static_cast<size_t>(head_dim_) ||
+        st_.unit.size() != st_.scaled.size() || st_.lse.size() != c * g || nlists != c ||
+        !AllWithin(st_.scaled, kMaxScaledCentroid) || !AllWithin(st_.unit, kMaxUnitCentroid) ||
+        !AllFinite(st_.lse)) {
       return false;
     }
-    lists_.resize(c);
-    list_logits_.resize(c);
-    neighbours_.resize(c);
+    st_.lists.resize(c);
+    st_.list_logits.resize(c);
+    st_.neighbours.resize(c);
     const size_t max_neighbours =
         static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1);
     for (size_t i = 0; i < c; ++i) {
-      lists_[i] = r->Array<int32_t>();
-      list_logits_[i] = r->Array<float>();
-      neighbours_[i] = r->Array<int32_t>();
-      if (!r->ok() || lists_[i].size() > static_cast<size_t>(opt_.list_size) ||
-          list_logits_[i].size() != lists_[i].size() * g ||
-          neighbours_[i].size() > max_neighbours || !AscendingInSegment(lists_[i]) ||
-          !AscendingInSegment(neighbours_[i]) || !AllFinite(list_logits_[i])) {
+      st_.lists[i] = r->Array<int32_t>();
+      st_.list_logits[i] = r->Array<float>();
+      st_.neighbours[i] = r->Array<int32_t>();
+      if (!r->ok() || st_.lists[i].size() > static_cast<size_t>(opt_.list_size) ||
+          st_.list_logits[i].size() != st_.lists[i].size() * g ||
+          st_.neighbours[i].size() > max_neighbours || !AscendingInSegment(st_.lists[i]) ||
+          !AscendingInSegment(st_.neighbours[i]) || !AllFinite(st_.list_logits[i])) {
         return false;
       }
     }
-    list_mass_ = r->Array<double>();
-    if (!r->ok() || list_mass_.size() != c * g || !AllFinite(list_mass_)) return false;
+    st_.list_mass = r->Array<double>();
+    if (!r->ok() || st_.list_mass.size() != c * g || !AllFinite(st_.list_mass)) return false;
     ReserveAdded();
     return true;
   }
@@ -211,10 +224,9 @@ class CtkvrSegment final : public Segment {
     const int d = head_dim_, g = group_;
     const int q = in.num_prompt_queries;
     const int c = std::min(opt_.centroids, q);
-    num_prompt_ = c;
-    num_centroids_ = c;
-    scaled_.resize(static_cast<size_t>(c) * g * d);
-    unit_.resize(scaled_.size());
+    st_.num_prompt = c;
+    st_.scaled.resize(static_cast<size_t>(c) * g * d);
+    st_.unit.resize(st_.scaled.size());
     const float scale =
         in.scale > 0 ? in.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     for (int i = 0; i < c; ++i) {
@@ -224,8 +236,8 @@ class CtkvrSegment final : public Segment {
                  : (q - 1) - static_cast<int>((static_cast<int64_t>(i) * (q - 1)) / (c - 1));
       for (int h = 0; h < g; ++h) {
         const float* src = in.prompt_queries + (static_cast<size_t>(pos) * g + h) * d;
-        float* sd = scaled_.data() + (static_cast<size_t>(i) * g + h) * d;
-        float* ud = unit_.data() + (static_cast<size_t>(i) * g + h) * d;
+        float* sd = st_.scaled.data() + (static_cast<size_t>(i) * g + h) * d;
+        float* ud = st_.unit.data() + (static_cast<size_t>(i) * g + h) * d;
         double norm = 0;
         for (int j = 0; j < d; ++j) norm += static_cast<double>(src[j]) * src[j];
         const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
@@ -247,34 +259,34 @@ class CtkvrSegment final : public Segment {
       dots.resize(static_cast<size_t>(e - b) * nq);
       for (int64_t t = b; t < e; ++t)
         kernels::ToF32(dtype_, in.keys->row(begin_ + t), d, keys.data() + (t - b) * d);
-      kernels::DotsF32(keys.data(), e - b, scaled_.data(), nq, d, dots.data(), nq);
+      kernels::DotsF32(keys.data(), e - b, st_.scaled.data(), nq, d, dots.data(), nq);
       for (int64_t t = b; t < e; ++t)
         for (int r = 0; r < nq; ++r)
           all_logits[static_cast<size_t>(r) * n + t] = dots[(t - b) * nq + r];
     });
-    lse_.assign(static_cast<size_t>(nq), 0.0);
-    lists_.assign(static_cast<size_t>(c), {});
-    list_logits_.assign(static_cast<size_t>(c), {});
-    neighbours_.assign(static_cast<size_t>(c), {});
+    st_.lse.assign(static_cast<size_t>(nq), 0.0);
+    st_.lists.assign(static_cast<size_t>(c), {});
+    st_.list_logits.assign(static_cast<size_t>(c), {});
+    st_.neighbours.assign(static_cast<size_t>(c), {});
     ReserveAdded();
-    list_mass_.assign(static_cast<size_t>(nq), 1.0);
+    st_.list_mass.assign(static_cast<size_t>(nq), 1.0);
     auto build_one = [&](int64_t ci) {
       const float* l = all_logits + ci * g * n;
-      for (int h = 0; h < g; ++h) lse_[ci * g + h] = LogSumExp(l + h * n, n, kernels::BestIsa());
+      for (int h = 0; h < g; ++h) st_.lse[ci * g + h] = LogSumExp(l + h * n, n, kernels::BestIsa());
       thread_local std::vector<float> v;
       v.resize(static_cast<size_t>(n));
       Rank(ci, l, n, n, v.data());
       thread_local std::vector<int32_t> top;
       kernels::TopK(v.data(), n, opt_.list_size, &top);
-      auto& list = lists_[ci];
-      auto& ll = list_logits_[ci];
+      auto& list = st_.lists[ci];
+      auto& ll = st_.list_logits[ci];
       list.resize(top.size());
       ll.resize(top.size() * g);
       for (size_t j = 0; j < top.size(); ++j) {
         list[j] = static_cast<int32_t>(begin_ + top[j]);
         for (int h = 0; h < g; ++h) ll[j * g + h] = l[h * n + top[j]];
       }
-      neighbours_[ci] = Neighbours(v.data(), n, begin_);
+      st_.neighbours[ci] = Neighbours(v.data(), n, begin_);
       UpdateMass(ci);
     };
     if (pool != nullptr) {
@@ -292,21 +304,21 @@ class CtkvrSegment final : public Segment {
     const int64_t n = new_end - end_;
     if (n == 0) return absl::OkStatus();
     absl::MutexLock lock(&mu_);
-    const int g = group_, nq = num_centroids_ * g;
+    const int g = group_, nq = st_.count() * g;
     std::vector<float> logits(static_cast<size_t>(nq) * n);
     std::vector<const uint8_t*> rows;
     RowPointers(keys, end_, new_end, &rows);
-    kernels::QueryKeyDots(dtype_, rows.data(), n, head_dim_, scaled_.data(), nq, logits.data(), n);
+    kernels::QueryKeyDots(dtype_, rows.data(), n, head_dim_, st_.scaled.data(), nq, logits.data(), n);
     auto one = [&](int64_t ci) {
       const float* l = logits.data() + ci * g * n;
       for (int h = 0; h < g; ++h) {
-        const double a = lse_[ci * g + h], b = LogSumExp(l + h * n, n, kernels::BestIsa());
+        const double a = st_.lse[ci * g + h], b = LogSumExp(l + h * n, n, kernels::BestIsa());
         const double mx = std::max(a, b);
-        lse_[ci * g + h] = mx + std::log(std::exp(a - mx) + std::exp(b - mx));
+        st_.lse[ci * g + h] = mx + std::log(std::exp(a - mx) + std::exp(b - mx));
       }
       // Re-rank the old list under the new normalisers together with the new tokens.
-      auto& list = lists_[ci];
-      auto& ll = list_logits_[ci];
+      auto& list = st_.lists[ci];
+      auto& ll = st_.list_logits[ci];
       const int64_t old = static_cast<int64_t>(list.size());
       std::vector<float> v(static_cast<size_t>(old + n));
       std::vector<float> merged_logits(static_cast<size_t>(g) * (old + n));
@@ -329,9 +341,9 @@ class CtkvrSegment final : public Segment {
       UpdateMass(ci);
     };
     if (pool != nullptr) {
-      pool->ParallelFor(num_centroids_, one);
+      pool->ParallelFor(st_.count(), one);
     } else {
-      for (int i = 0; i < num_centroids_; ++i) one(i);
+      for (int i = 0; i < st_.count(); ++i) one(i);
     }
     end_ = new_end;
     return absl::OkStatus();
@@ -342,15 +354,11 @@ class CtkvrSegment final : public Segment {
   size_t MemoryBytes() const override {
     absl::ReaderMutexLock lock(&mu_);
     const size_t g = static_cast<size_t>(group_), d = static_cast<size_t>(head_dim_);
-    const size_t per_centroid = g * d * 8 + g * 16;  // scaled_, unit_, lse_, list_mass_
-    size_t b = static_cast<size_t>(num_prompt_) * per_centroid;
-    for (int i = 0; i < num_prompt_; ++i)
-      b += (lists_[i].size() + list_logits_[i].size() + neighbours_[i].size()) * 4;
+    size_t b = static_cast<size_t>(st_.num_prompt) * CentroidBytes(g, d);
+    for (int i = 0; i < st_.num_prompt; ++i)
+      b += (st_.lists[i].size() + st_.list_logits[i].size() + st_.neighbours[i].size()) * 4;
     // Every added slot at its largest (a list of list_size, all neighbours), used or not.
-    const size_t per_added =
-        per_centroid + static_cast<size_t>(opt_.list_size) * (4 + 4 * g) +
-        static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1) * 4;
-    return b + static_cast<size_t>(opt_.max_added) * per_added;
+    return b + static_cast<size_t>(opt_.max_added) * MaxCentroidBytes(opt_, g, d);
   }
 
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
@@ -358,7 +366,7 @@ class CtkvrSegment final : public Segment {
       return absl::InvalidArgumentError(
           absl::StrCat("query group ", s.group, " differs from the ctkvr segment's ", group_));
     }
-    g_searches.fetch_add(1, std::memory_order_relaxed);
+    MyCounters().searches.fetch_add(1, std::memory_order_relaxed);
     const int g = group_, d = head_dim_;
     const int64_t rb = std::max(begin_, s.range_begin), re = std::min(end_, s.range_end);
     const int64_t need = std::min<int64_t>(s.k, re - rb);
@@ -367,21 +375,21 @@ class CtkvrSegment final : public Segment {
     bool novel = false;
     {
       absl::ReaderMutexLock lock(&mu_);
-      const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, num_centroids_);
-      std::vector<float> sim(static_cast<size_t>(num_centroids_));
-      for (int c = 0; c < num_centroids_; ++c) {
+      const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, st_.count());
+      std::vector<float> sim(static_cast<size_t>(st_.count()));
+      for (int c = 0; c < st_.count(); ++c) {
         float acc = 0;
         for (int h = 0; h < g; ++h)
           acc += kernels::Dot(s.unit_queries + h * d,
-                              unit_.data() + (static_cast<size_t>(c) * g + h) * d, d, s.isa);
+                              st_.unit.data() + (static_cast<size_t>(c) * g + h) * d, d, s.isa);
         sim[c] = acc;
       }
       // Centroids by similarity; the best m are probed. When their lists (restricted to the
       // range) hold fewer tokens than the budget can take, further centroids are probed in
       // order, and if every list together still falls short the range is scored exactly:
       // Search's contract is min(k, range) tokens, whatever list_size was built with.
-      std::vector<int32_t> order(static_cast<size_t>(num_centroids_));
-      for (int c = 0; c < num_centroids_; ++c) order[c] = c;
+      std::vector<int32_t> order(static_cast<size_t>(st_.count()));
+      for (int c = 0; c < st_.count(); ++c) order[c] = c;
       std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
         return sim[a] > sim[b] || (sim[a] == sim[b] && a < b);
       });
@@ -394,17 +402,17 @@ class CtkvrSegment final : public Segment {
         std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
         cand.swap(merged);
       };
-      for (int probed = 0; !novel && probed < num_centroids_ &&
+      for (int probed = 0; !novel && probed < st_.count() &&
                            (probed < m || static_cast<int64_t>(cand.size()) < need);
            ++probed) {
-        add(lists_[order[probed]]);
-        add(neighbours_[order[probed]]);
+        add(st_.lists[order[probed]]);
+        add(st_.neighbours[order[probed]]);
       }
       for (int h = 0; h < g; ++h)
-        best_mass[h] = list_mass_[static_cast<size_t>(order[0]) * g + h];
+        best_mass[h] = st_.list_mass[static_cast<size_t>(order[0]) * g + h];
     }
     if (novel) {
-      g_novel.fetch_add(1, std::memory_order_relaxed);
+      MyCounters().novel.fetch_add(1, std::memory_order_relaxed);
       Hits* hits = out->Add();
       if (opt_.max_added == 0 || (rb == begin_ && re == end_)) {
         ExactHits(s, rb, re, hits);
@@ -439,7 +447,7 @@ class CtkvrSegment final : public Segment {
  private:
   // v[t] = max_h (l[h * ld + t] - lse_h(ci)) for t < n.
   void Rank(int64_t ci, const float* l, int64_t n, int64_t ld, float* v) const {
-    RankWith(lse_.data() + ci * group_, l, n, ld, v);
+    RankWith(st_.lse.data() + ci * group_, l, n, ld, v);
   }
   void RankWith(const double* lse, const float* l, int64_t n, int64_t ld, float* v) const {
     const int g = group_;
@@ -489,42 +497,42 @@ class CtkvrSegment final : public Segment {
     }
     std::vector<int32_t> near = Neighbours(v.data(), n, first);
     absl::MutexLock lock(&mu_);
-    const int added = num_centroids_ - num_prompt_;
+    const int added = st_.count() - st_.num_prompt;
     int ci;
     if (added < opt_.max_added) {
-      ci = num_centroids_++;
-      scaled_.resize(static_cast<size_t>(num_centroids_) * g * d);
-      unit_.resize(scaled_.size());
-      lse_.resize(static_cast<size_t>(num_centroids_) * g);
-      list_mass_.resize(lse_.size());
-      lists_.emplace_back();
-      list_logits_.emplace_back();
-      neighbours_.emplace_back();
+      ci = st_.count();
+      st_.scaled.resize(static_cast<size_t>(ci + 1) * g * d);
+      st_.unit.resize(st_.scaled.size());
+      st_.lse.resize(static_cast<size_t>(ci + 1) * g);
+      st_.list_mass.resize(st_.lse.size());
+      st_.lists.emplace_back();
+      st_.list_logits.emplace_back();
+      st_.neighbours.emplace_back();
     } else {
-      ci = num_prompt_ + static_cast<int>(added_total_ % opt_.max_added);
+      ci = st_.num_prompt + static_cast<int>(st_.added_total % opt_.max_added);
     }
-    ++added_total_;
-    std::copy(s.scaled_queries, s.scaled_queries + g * d, scaled_.begin() + static_cast<size_t>(ci) * g * d);
-    std::copy(s.unit_queries, s.unit_queries + g * d, unit_.begin() + static_cast<size_t>(ci) * g * d);
-    for (int h = 0; h < g; ++h) lse_[static_cast<size_t>(ci) * g + h] = hits.lse[h];
-    lists_[ci] = std::move(list);
-    list_logits_[ci] = std::move(ll);
-    neighbours_[ci] = std::move(near);
+    ++st_.added_total;
+    std::copy(s.scaled_queries, s.scaled_queries + g * d, st_.scaled.begin() + static_cast<size_t>(ci) * g * d);
+    std::copy(s.unit_queries, s.unit_queries + g * d, st_.unit.begin() + static_cast<size_t>(ci) * g * d);
+    for (int h = 0; h < g; ++h) st_.lse[static_cast<size_t>(ci) * g + h] = hits.lse[h];
+    st_.lists[ci] = std::move(list);
+    st_.list_logits[ci] = std::move(ll);
+    st_.neighbours[ci] = std::move(near);
     UpdateMass(ci);
   }
 
   // Room for every centroid that may be added, so adding never reallocates the per-centroid
   // arrays (MemoryBytes counts that room).
   void ReserveAdded() {
-    const size_t c = static_cast<size_t>(num_prompt_) + static_cast<size_t>(opt_.max_added);
+    const size_t c = static_cast<size_t>(st_.num_prompt) + static_cast<size_t>(opt_.max_added);
     const size_t g = static_cast<size_t>(group_), d = static_cast<size_t>(head_dim_);
-    scaled_.reserve(c * g * d);
-    unit_.reserve(c * g * d);
-    lse_.reserve(c * g);
-    list_mass_.reserve(c * g);
-    lists_.reserve(c);
-    list_logits_.reserve(c);
-    neighbours_.reserve(c);
+    st_.scaled.reserve(c * g * d);
+    st_.unit.reserve(c * g * d);
+    st_.lse.reserve(c * g);
+    st_.list_mass.reserve(c * g);
+    st_.lists.reserve(c);
+    st_.list_logits.reserve(c);
+    st_.neighbours.reserve(c);
   }
 
   bool AscendingInSegment(const std::vector<int32_t>& ids) const {
@@ -537,13 +545,13 @@ class CtkvrSegment final : public Segment {
   // Share of each head's softmax mass (over the segment) that centroid ci's list holds.
   void UpdateMass(int64_t ci) const {
     const int g = group_;
-    const auto& ll = list_logits_[ci];
-    const size_t n = lists_[ci].size();
+    const auto& ll = st_.list_logits[ci];
+    const size_t n = st_.lists[ci].size();
     for (int h = 0; h < g; ++h) {
       double z = 0;
       for (size_t j = 0; j < n; ++j)
-        z += std::exp(static_cast<double>(ll[j * g + h]) - lse_[ci * g + h]);
-      list_mass_[ci * g + h] = std::min(1.0, z);
+        z += std::exp(static_cast<double>(ll[j * g + h]) - st_.lse[ci * g + h]);
+      st_.list_mass[ci * g + h] = std::min(1.0, z);
     }
   }
 
@@ -555,22 +563,25 @@ class CtkvrSegment final : public Segment {
 
   CtkvrOptions opt_;
   int group_;
-  // The centroid state below: prompt centroids [0, num_prompt_), then those novel queries added
+  // The centroid state: prompt centroids [0, num_prompt), then those novel queries added
   // (searches add them through a const segment, so they are `mutable`). Searches read under a
   // shared lock; adding, Append, Build, Parse and copies take it exclusively or shared.
   mutable absl::Mutex mu_;
-  int num_prompt_ = 0;
-  mutable int num_centroids_ = 0;
-  mutable int64_t added_total_ = 0;     // centroids ever added (picks the one to replace)
-  mutable std::vector<float> scaled_;  // [c][g][d] centroid queries × scale
-  mutable std::vector<float> unit_;    // [c][g][d] normalised centroid queries
-  mutable std::vector<double> lse_;    // [c][g] log Σ exp(logit) over the segment
-  // [c] token ids, ascending: TopK returns ascending indices, and Append ranks the old list
-  // followed by the new (later) tokens.
-  mutable std::vector<std::vector<int32_t>> lists_;
-  mutable std::vector<std::vector<float>> list_logits_;  // [c] [len][g] logits of the list's tokens
-  mutable std::vector<std::vector<int32_t>> neighbours_;  // [c] ascending token ids (see options)
-  mutable std::vector<double> list_mass_;                 // [c][g]
+  struct Centroids {
+    int num_prompt = 0;
+    int64_t added_total = 0;     // centroids ever added (picks the one to replace)
+    std::vector<float> scaled;   // [c][g][d] centroid queries × scale
+    std::vector<float> unit;     // [c][g][d] normalised centroid queries
+    std::vector<double> lse;     // [c][g] log Σ exp(logit) over the segment
+    // [c] token ids, ascending: TopK returns ascending indices, and Append ranks the old list
+    // followed by the new (later) tokens.
+    std::vector<std::vector<int32_t>> lists;
+    std::vector<std::vector<float>> list_logits;  // [c] [len][g] logits of the list's tokens
+    std::vector<std::vector<int32_t>> neighbours;  // [c] ascending token ids (see options)
+    std::vector<double> list_mass;                 // [c][g]
+    int count() const { return static_cast<int>(lists.size()); }  // c
+  };
+  mutable Centroids st_;
 };
 
 
@@ -612,10 +623,27 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& inp
 
 namespace kvrecall::indexer {
 
+int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim) {
+  return (int64_t{options.centroids} + options.max_added) *
+         static_cast<int64_t>(internal::MaxCentroidBytes(options, static_cast<size_t>(group),
+                                                         static_cast<size_t>(head_dim)));
+}
+
+absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options) {
+  if (!(value <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ctkvr_min_similarity must be at most 1 (a cosine), not ", value));
+  }
+  if (value >= 0) options->min_similarity = static_cast<float>(value);
+  return absl::OkStatus();
+}
+
 CtkvrCounters ReadCtkvrCounters() {
   CtkvrCounters c;
-  c.searches = internal::g_searches.load(std::memory_order_relaxed);
-  c.novel = internal::g_novel.load(std::memory_order_relaxed);
+  for (const internal::CounterShard& shard : internal::g_counters) {
+    c.searches += shard.searches.load(std::memory_order_relaxed);
+    c.novel += shard.novel.load(std::memory_order_relaxed);
+  }
   return c;
 }
 

@@ -135,6 +135,15 @@ struct IndexOptions {
   ClusterOptions cluster;
 };
 
+// The most one ctkvr segment of one (layer, kv-head) ever holds (Segment::MemoryBytes), whatever
+// its token range: every prompt centroid and every centroid novel queries may add, each with a
+// full list, its logits and neighbours. For sizing a node's memory ahead of builds.
+int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim);
+
+// Applies a --ctkvr_min_similarity flag to *options: a negative value keeps the current
+// threshold, a value in [0, 1] replaces it; above 1 (or NaN) is INVALID_ARGUMENT (a cosine).
+absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options);
+
 // What a segment is built from.
 struct BuildInput {
   const PagedRows* keys = nullptr;  // [num_tokens][head_dim] of keys.dtype, post-RoPE

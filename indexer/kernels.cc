@@ -525,15 +525,52 @@ void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float*
 
 namespace {
 
-// Exact selection among candidate indices (ascending) by (value desc, index asc).
-void SelectAmong(const float* v, std::vector<int32_t>* cand, int64_t k, std::vector<int32_t>* out) {
-  auto better = [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+// Order-preserving key of (value descending, index ascending): the larger key is the better
+// element. NaN ranks below every number; -0 ties with +0.
+inline uint64_t RankKey(float x, int32_t i) {
+  if (x == 0) x = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+  if (std::isnan(x)) u = 0;
+  return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+}
+
+// ids (distinct, in [0, n)) sorted ascending in place: through a bitmap of n bits when that is
+// cheaper than a comparison sort.
+void SortDistinct(std::vector<int32_t>* ids, int64_t n) {
+  if (static_cast<int64_t>(ids->size()) * 32 < n) {
+    std::sort(ids->begin(), ids->end());
+    return;
+  }
+  thread_local std::vector<uint64_t> bits;
+  bits.assign(static_cast<size_t>((n + 63) / 64), 0);
+  for (int32_t i : *ids) bits[static_cast<size_t>(i) >> 6] |= uint64_t{1} << (i & 63);
+  size_t o = 0;
+  for (size_t w = 0; w < bits.size(); ++w) {
+    for (uint64_t x = bits[w]; x != 0; x &= x - 1) {
+      (*ids)[o++] = static_cast<int32_t>(w * 64 + static_cast<size_t>(__builtin_ctzll(x)));
+    }
+  }
+}
+
+// Exact selection among candidate indices (ascending, in [0, n)) by (value desc, index asc);
+// out is ascending.
+void SelectAmong(const float* v, int64_t n, std::vector<int32_t>* cand, int64_t k,
+                 std::vector<int32_t>* out) {
   if (static_cast<int64_t>(cand->size()) > k) {
-    std::nth_element(cand->begin(), cand->begin() + k, cand->end(), better);
+    // Packed keys: nth_element on plain integers instead of a comparator through v.
+    thread_local std::vector<uint64_t> keys;
+    keys.resize(cand->size());
+    for (size_t j = 0; j < cand->size(); ++j) keys[j] = RankKey(v[(*cand)[j]], (*cand)[j]);
+    std::nth_element(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
     cand->resize(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) {
+      (*cand)[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[j]));
+    }
+    SortDistinct(cand, n);
   }
   out->assign(cand->begin(), cand->end());
-  std::sort(out->begin(), out->end());
 }
 
 }  // namespace
@@ -563,12 +600,12 @@ void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out) {
     cand.reserve(static_cast<size_t>(3 * k));
     for (int64_t i = 0; i < n; ++i)
       if (v[i] >= threshold) cand.push_back(static_cast<int32_t>(i));
-    if (static_cast<int64_t>(cand.size()) >= k) return SelectAmong(v, &cand, k, out);
+    if (static_cast<int64_t>(cand.size()) >= k) return SelectAmong(v, n, &cand, k, out);
     cand.clear();
   }
   cand.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) cand[i] = static_cast<int32_t>(i);
-  SelectAmong(v, &cand, k, out);
+  SelectAmong(v, n, &cand, k, out);
 }
 
 }  // namespace kvrecall::indexer::kernels

@@ -154,6 +154,12 @@ TEST(KernelsTest, TopKMatchesBruteForceWithTiesAndClamping) {
   std::vector<int32_t> got;
   TopK(inc.data(), 20000, 1000, &got);
   EXPECT_EQ(got, BruteTopK(inc, 1000));
+  // Signed zeros tie (the lower index wins), negative values order below them.
+  std::vector<float> zeros = {-0.0f, 0.0f, -1.0f, -0.0f, 0.0f, -2.0f, 1.0f, -0.0f};
+  for (int64_t k = 0; k <= 8; ++k) {
+    TopK(zeros.data(), 8, k, &got);
+    EXPECT_EQ(got, BruteTopK(zeros, k)) << "k=" << k;
+  }
 }
 
 }  // namespace

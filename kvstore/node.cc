@@ -92,11 +92,16 @@ struct NodeMetrics {
       "kvrecall_index_corrupt", "Index records found corrupt (dropped and rebuilt)");
   Gauge* index_refused = Metrics::Global().GetGauge(
       "kvrecall_index_refused", "Index builds, growth or reloads refused for lack of memory");
-  Gauge* ctkvr_searches = Metrics::Global().GetGauge(
-      "kvrecall_ctkvr_searches", "ctkvr segment searches since the process started");
-  Gauge* ctkvr_novel = Metrics::Global().GetGauge(
-      "kvrecall_ctkvr_novel_searches",
-      "ctkvr searches whose query was unlike every centroid: scored exactly, then added as one");
+  // ctkvr's process-wide counters (sharded per thread in the indexer), read when rendered.
+  NodeMetrics() {
+    Metrics::Global().SetGaugeReader(
+        "kvrecall_ctkvr_searches", "ctkvr segment searches since the process started",
+        [] { return static_cast<double>(indexer::ReadCtkvrCounters().searches); });
+    Metrics::Global().SetGaugeReader(
+        "kvrecall_ctkvr_novel_searches",
+        "ctkvr searches whose query was unlike every centroid: scored exactly, then added as one",
+        [] { return static_cast<double>(indexer::ReadCtkvrCounters().novel); });
+  }
 };
 std::string ModelKey(absl::string_view model_id) { return absl::StrCat("m", model_id); }
 
@@ -558,12 +563,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   if (args.method == Method::kMerged) {
     return absl::UnimplementedError("merged replaces tokens instead of selecting them; it is not a Retrieve method");
   }
-  if (args.budget <= 0 || args.budget > kMaxBudget) {
-    return absl::InvalidArgumentError(absl::StrCat("budget ", args.budget, " not in [1, ", kMaxBudget, "]"));
-  }
-  if (args.successors < 0 || args.successors > args.budget) {
-    return absl::InvalidArgumentError(absl::StrCat("successors ", args.successors, " not in [0, budget ", args.budget, "]"));
-  }
+  RETURN_IF_ERROR(ValidateSelection(args.budget, args.successors));
   if (args.entries.empty() || args.entries.size() > static_cast<size_t>(kMaxRetrieveEntries)) {
     return absl::InvalidArgumentError(absl::StrCat("entries ", args.entries.size(), " not in [1, ", kMaxRetrieveEntries, "]"));
   }
@@ -676,9 +676,6 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   const int64_t search_ns = clock_->MonotonicNanos();
   RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
   out.search_micros = (clock_->MonotonicNanos() - search_ns) / 1000;
-  const indexer::CtkvrCounters ctkvr = indexer::ReadCtkvrCounters();
-  M().ctkvr_searches->Set(static_cast<double>(ctkvr.searches));
-  M().ctkvr_novel->Set(static_cast<double>(ctkvr.novel));
   out.slots.resize(n);
   out.fill_slots.resize(n);
   for (const auto& ids : out.token_ids) out.rows_selected += static_cast<int64_t>(ids.size());
@@ -1008,6 +1005,21 @@ std::string Node::RenderTenantMetrics() const {
     }
   }
   return out;
+}
+
+int64_t CtkvrIndexReserveBytes(const indexer::CtkvrOptions& options, int64_t segments, int group,
+                               int head_dim) {
+  return segments * indexer::CtkvrSegmentMaxBytes(options, group, head_dim) + (int64_t{1} << 20);
+}
+
+absl::Status ValidateSelection(int budget, int successors) {
+  if (budget <= 0 || budget > kMaxBudget) {
+    return absl::InvalidArgumentError(absl::StrCat("budget ", budget, " not in [1, ", kMaxBudget, "]"));
+  }
+  if (successors < 0 || successors > budget) {
+    return absl::InvalidArgumentError(absl::StrCat("successors ", successors, " not in [0, budget ", budget, "]"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvrecall::kvstore

@@ -52,6 +52,17 @@ inline constexpr size_t kMaxIdLength = 256;
 // Largest gRPC message a server or client accepts (an AppendKV chunk, a Retrieve batch).
 inline constexpr int kMaxMessageBytes = 64 << 20;
 
+// A Retrieve's selection size, checked the same way by the client before it sends and by the
+// node: INVALID_ARGUMENT unless budget is in [1, kMaxBudget] and successors in [0, budget].
+absl::Status ValidateSelection(int budget, int successors);
+
+// The most arena bytes one sequence's ctkvr index takes on a node: `segments` (layer, kv-head)
+// segments at their largest (indexer::CtkvrSegmentMaxBytes), plus 1 MiB for the rounding up to
+// whole arena slots (a slot, one layer of one block, is at most that for the models served).
+// For sizing --memory ahead of builds.
+int64_t CtkvrIndexReserveBytes(const indexer::CtkvrOptions& options, int64_t segments, int group,
+                               int head_dim);
+
 struct NodeOptions {
   int64_t memory_bytes = int64_t{1} << 30;  // --memory: the KV arena's size
   int block_tokens = 64;                    // tokens per KV block

@@ -2,7 +2,10 @@
 
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
+#include "common/metrics.h"
 #include "common/testing/status_matchers.h"
+#include "indexer/index.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -124,8 +127,14 @@ TEST_F(NodeTest, BuildIndexThenRetrieveWithCtkvrAndCluster) {
   std::vector<float> q = {1, 0, 0, 1};
   RetrieveArgs a = Args(&q);
   a.method = Method::kCtkvr;
+  const int64_t searches = indexer::ReadCtkvrCounters().searches;
   ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node_.Retrieve(a));
   EXPECT_THAT(out.token_ids[0], ElementsAre(2, 5)) << "every token is a candidate here, so ctkvr = exact";
+  // /metrics reads the process-wide ctkvr counters when rendered (this test's search included).
+  const int64_t now = indexer::ReadCtkvrCounters().searches;
+  EXPECT_GT(now, searches);
+  EXPECT_THAT(Metrics::Global().RenderPrometheus(),
+              ::testing::HasSubstr(absl::StrCat("kvrecall_ctkvr_searches ", now, "\n")));
   a.layer = 0;
   EXPECT_THAT(node_.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition)) << "layer 0 is not indexed";
   a.layer = 1;

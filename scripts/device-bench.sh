@@ -2,7 +2,7 @@
 # Runs the CPU-side benchmarks on the device machine's idle cores (16 on the H100 host), from a
 # bundle made by scripts/device-bundle.sh. Writes one JSON per benchmark under $OUT (or ./out).
 #   usage there: scripts/device-bench.sh [rpc] [stream] [index] [store] [ingest]
-#                [accuracy-short] [accuracy-passkey-32k] [accuracy-multikey-32k]
+#                [accuracy-short] [accuracy-passkey-32k] [accuracy-multikey-32k] [decode-shared-96k]
 #   (default: all but the accuracy runs, which use the GPU too; one call each)
 #   RPC_DELTAS="true false" picks the rpc runs' --delta values.
 set -uo pipefail
@@ -60,6 +60,15 @@ for b in "$@"; do
       tail -n 2 "$OUT"/accuracy-*.log ;;
     store) timeout 240 kvrecall-bench store --json >"$OUT/store.json" 2>>"$OUT/bench.log" \
              || echo "store failed (see bench.log)" ;;
+    decode-shared-96k)
+      # Issue 6 on the GPU (bundle kvrecall-worker): dense vs kvrecall at 96K with one shared
+      # document in the tier, so that GPU memory, not the host's, bounds the kvrecall batch;
+      # ctkvr as published (--ctkvr_min_similarity=0: random weights make every query novel).
+      timeout 560 kvrecall-worker bench --contexts=98304 --budgets=1024,2048 --bench_prompts=shared \
+        --ctkvr_min_similarity=0 --bench_lookahead=on --bench_tokens=repeat,greedy \
+        --json="$OUT/decode-shared-96k.json" >"$OUT/decode-shared-96k.log" 2>&1 \
+        || echo "decode-shared-96k failed (see decode-shared-96k.log)"
+      grep -E "tokens/s|batch" "$OUT/decode-shared-96k.log" | tail -n 12 ;;
   esac
 done
 ls -la "$OUT"

@@ -20,6 +20,8 @@
 #include "gpu-worker/engine/cuda_engine.h"
 #include "gpu-worker/model/config.h"
 #include "gpu-worker/model/make_model.h"
+#include "indexer/index.h"
+#include "kvstore/node.h"
 
 namespace kvrecall::worker {
 namespace {
@@ -98,6 +100,7 @@ absl::Status Decode(CudaEngine* engine, client::Tier* tier, const DecodeBenchOpt
       {"retrieve_wait_ms", ms(t0.retrieve, t1.retrieve)},
       {"retrieve_call_ms", ms(c0.retrieve_seconds, c1.retrieve_seconds)},
       {"tier_node_ms", (k1.tier_node_micros - k0.tier_node_micros) / steps / 1e3},
+      {"tier_search_ms", (k1.tier_search_micros - k0.tier_search_micros) / steps / 1e3},
       {"upload_ms", ms(t0.upload, t1.upload)},
       {"append_ms", ms(t0.append, t1.append)},
       {"retrieve_calls_per_step", (c1.retrieve_calls - c0.retrieve_calls) / steps},
@@ -145,6 +148,13 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     opt.warmup_steps = 1;
     opt.max_batch = std::min(o.max_batch, 4);
   }
+  if (opt.prompts != "private" && opt.prompts != "shared") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompts must be private or shared, not '", opt.prompts, "'"));
+  }
+  const bool shared = opt.prompts == "shared";
+  indexer::IndexOptions index_options;  // the tier node's
+  RETURN_IF_ERROR(indexer::ApplyMinSimilarityFlag(opt.ctkvr_min_similarity, &index_options.ctkvr));
   if (opt.tier != "local" && opt.tier != "remote") {
     return absl::InvalidArgumentError(
         absl::StrCat("tier must be local or remote, not '", opt.tier, "'"));
@@ -181,6 +191,10 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
   ASSIGN_OR_RETURN(const std::vector<Mode> modes, Modes(opt));
   const int kvd = cfg.num_kv_heads * cfg.head_dim;
   for (int context : opt.contexts) {
+    if (shared && (opt.question_tokens < 1 || opt.question_tokens >= context)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "question_tokens must be in [1, context) with shared prompts, not ", opt.question_tokens));
+    }
     const int max_context = context + static_cast<int>(1 + modes.size()) * per_row_steps + 1;
     auto gpu_batch = [&](const EngineOptions& eo) -> std::pair<int, int64_t> {
       size_t free = 0, total = 0;
@@ -229,10 +243,22 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
 
     // The tier holds every layer's K/V of every sequence in blocks of 64 tokens; its arena
     // needed ~8% more than that on the H100 host (2026-11-22), hence the margin.
-    const int64_t tier_per_seq = (int64_t{max_context} + 64) * cfg.num_layers * 2 * kvd * 2 * 5 / 4;
-    int batch = static_cast<int>(std::min<int64_t>(
-        opt.max_batch,
-        static_cast<int64_t>(opt.host_memory_fraction * host_available) / tier_per_seq));
+    const int64_t token_bytes = int64_t{cfg.num_layers} * 2 * kvd * 2;
+    const int64_t prompt_bytes = (int64_t{max_context} + 64) * token_bytes * 5 / 4;
+    // The tier's memory: tier_shared once (shared prompts: the document), then tier_per_seq per
+    // sequence (private: its whole prompt; shared: its question, its decode tokens and the blocks
+    // they round up to, and its index).
+    const int64_t tier_shared = shared ? prompt_bytes : 0;
+    const int64_t tier_per_seq =
+        shared ? (int64_t{opt.question_tokens} + (max_context - context) + 2 * 64) * token_bytes * 5 / 4 +
+                     kvstore::CtkvrIndexReserveBytes(
+                         index_options.ctkvr,
+                         int64_t{cfg.num_layers - opt.dense_layers} * cfg.num_kv_heads,
+                         cfg.num_heads / cfg.num_kv_heads, cfg.head_dim)
+               : prompt_bytes;
+    const int64_t tier_memory = static_cast<int64_t>(opt.host_memory_fraction * host_available);
+    int batch = static_cast<int>(
+        std::min<int64_t>(opt.max_batch, (tier_memory - tier_shared) / tier_per_seq));
     int64_t gpu_per_seq = 0;
     for (int budget : opt.budgets) {
       EngineOptions eo = base;
@@ -254,12 +280,14 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     to.recall_buffer_bytes = client::RecallBufferBytes(
         int64_t{batch} * cfg.num_kv_heads, max_budget, 2 * spec.row_bytes(), to.staging_areas);
     kvstore::NodeOptions no;
-    no.memory_bytes = tier_per_seq * batch + (int64_t{256} << 20);
+    no.memory_bytes = tier_shared + tier_per_seq * batch + (int64_t{256} << 20);
     no.search_threads = opt.threads;
+    no.index_options = index_options;
     Progress(absl::StrFormat(
-        "context %d, kvrecall: batch %d (host: %.1f GB of tier per sequence, %.1f GB arena; "
-        "device: %.2f GB per sequence)",
-        context, batch, tier_per_seq / 1e9, no.memory_bytes / 1e9, gpu_per_seq / 1e9));
+        "context %d, kvrecall (%s prompts): batch %d (host: %.1f GB of tier per sequence, "
+        "%.1f GB arena; device: %.2f GB per sequence)",
+        context, opt.prompts, batch, tier_per_seq / 1e9,
+        no.memory_bytes / 1e9, gpu_per_seq / 1e9));
     std::unique_ptr<bench::LoopbackServer> server;  // outlives `tier`
     std::unique_ptr<client::Tier> tier;
     if (opt.tier == "remote") {
@@ -280,10 +308,15 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     std::normal_distribution<float> normal;
     double index_seconds = 0;
     const absl::Time t_push = absl::Now();
+    std::vector<int32_t> document(static_cast<size_t>(shared ? context - opt.question_tokens : 0));
+    for (int32_t& t : document) t = static_cast<int32_t>(rng() % cfg.vocab_size);
     for (int i = 0; i < batch; ++i) {
       ids.push_back(absl::StrCat("kvrecall-", context, "-", i));
-      std::vector<int32_t> prompt(context);
-      for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % cfg.vocab_size);
+      std::vector<int32_t> prompt = document;
+      prompt.resize(static_cast<size_t>(context));
+      for (size_t j = document.size(); j < prompt.size(); ++j) {
+        prompt[j] = static_cast<int32_t>(rng() % cfg.vocab_size);
+      }
       const int nq = opt.index_queries;
       std::vector<std::vector<float>> q(sparse_layers);
       std::vector<absl::Span<const float>> qs;
@@ -315,7 +348,11 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
           {"lookahead", mode.lookahead},
           {"gpu_bytes_per_sequence", CudaEngine::DeviceBytesPerSequence(cfg, eo, max_context)},
           {"tier_bytes_per_sequence", tier_per_seq},
+          {"tier_shared_bytes", tier_shared},
           {"prompt", "synthetic"},
+          {"prompts", opt.prompts},
+          {"question_tokens", shared ? opt.question_tokens : 0},
+          {"ctkvr_min_similarity", opt.ctkvr_min_similarity},
           {"tier_fill_seconds", push_s},
           {"index_build_seconds", index_seconds}};
       Progress(absl::StrFormat("context %d, %s budget %d%s, %s tokens: batch %d", context,
@@ -350,6 +387,8 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
                           {"index_queries", opt.index_queries},
                           {"warmup_steps", opt.warmup_steps},
                           {"steps", opt.steps},
+                          {"prompts", opt.prompts},
+                          {"ctkvr_min_similarity", opt.ctkvr_min_similarity},
                           {"delta_streaming", true}};
   (*report)["rows"] = rows;
   return absl::OkStatus();

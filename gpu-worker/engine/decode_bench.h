@@ -63,6 +63,20 @@ struct DecodeBenchOptions {
   uint64_t seed = 1;
   bool dense = true;   // run the dense rows
   bool sparse = true;  // run the kvrecall rows
+  // The kvrecall rows' prompts. "private": every sequence its own context-token prompt, so the
+  // tier holds batch × every layer's K/V and host memory bounds the batch (on one host about
+  // dense's batch). "shared": one document of context - question_tokens tokens that every
+  // sequence shares (stored once in the tier by prefix matching, as sessions over one long
+  // document are), then its own question_tokens tokens; each sequence still has its own ctkvr
+  // index and is searched and streamed on its own, and the batch is bounded by GPU memory.
+  // The dense rows keep private prompts (the engine's dense caches are per sequence).
+  std::string prompts = "private";
+  int question_tokens = 64;
+  // ctkvr's novel-query threshold (CtkvrOptions::min_similarity) of the in-process tier node;
+  // negative = the node's default. Random weights make every decode query unlike every prompt
+  // centroid, so with the default each search is novel and scans the whole context; a trained
+  // model's are novel for 12-25 % of searches (docs/benchmarks.md). 0 = CTKVR as published.
+  double ctkvr_min_similarity = -1;
 };
 
 // Runs the benchmark and fills *report (the JSON of issue 6: "rows" with model, context,
