@@ -511,7 +511,11 @@ class CtkvrSegment final : public Segment {
     } else {
       ci = st_.num_prompt + static_cast<int>(st_.added_total % opt_.max_added);
     }
-    ++st_.added_total;
+    // The count only picks the ring slot (mod max_added) and bounds the added ones from above;
+    // at the cap it wraps to a value with the same residue, so the segment still parses.
+    if (++st_.added_total > kMaxAddedTotal) {
+      st_.added_total = opt_.max_added + st_.added_total % opt_.max_added;
+    }
     std::copy(s.scaled_queries, s.scaled_queries + g * d, st_.scaled.begin() + static_cast<size_t>(ci) * g * d);
     std::copy(s.unit_queries, s.unit_queries + g * d, st_.unit.begin() + static_cast<size_t>(ci) * g * d);
     for (int h = 0; h < g; ++h) st_.lse[static_cast<size_t>(ci) * g + h] = hits.lse[h];

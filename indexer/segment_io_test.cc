@@ -151,6 +151,31 @@ TEST(SegmentIoTest, CtkvrRecordWithAbsurdAddedCountOrNanIsDataLoss) {
   EXPECT_THAT(ParseSegment(bad).status(), StatusIs(absl::StatusCode::kDataLoss));
 }
 
+// A record may carry the largest added count Parse accepts; adding a centroid then wraps the
+// count (keeping its ring slot) rather than writing a record that no longer parses (found by
+// fuzz_record).
+TEST(SegmentIoTest, CtkvrAddedCountAtItsCapWrapsAndStillParses) {
+  auto d = Data(2048);
+  IndexOptions o = SmallOptions();
+  o.ctkvr.min_similarity = 1.0f;  // every query is novel and added
+  o.ctkvr.max_added = 3;
+  ASSERT_OK_AND_ASSIGN(auto seg, BuildSegment(Method::kCtkvr, InputOver(*d, 4, 2000), o, nullptr));
+  std::string bytes = SerializeSegment(*seg);
+  constexpr size_t kAddedAt = 26 + 3 * 4 + 8 + 6 * 4;  // as in the test above
+  const int64_t cap = int64_t{1} << 62;
+  std::memcpy(&bytes[kAddedAt], &cap, sizeof cap);
+  ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(bytes));
+  (void)SearchAll(*d, parsed.get());
+  const std::string grown = SerializeSegment(*parsed);
+  int64_t added = 0;
+  std::memcpy(&added, &grown[kAddedAt], sizeof added);
+  const int64_t searches = d->options.decode_queries;
+  EXPECT_LE(added, cap);
+  EXPECT_GE(added, 3);
+  EXPECT_EQ(added % 3, (cap + searches) % 3) << "the ring slot continues where it was";
+  EXPECT_OK(ParseSegment(grown).status());
+}
+
 TEST(SegmentIoTest, CloneIsIndependent) {
   auto d = Data(4096);
   for (Method m : {Method::kCtkvr, Method::kCluster}) {
