@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "gpu-worker/backends/cuda/internal/kv_cache.cuh"
 #include "gpu-worker/backends/cuda/internal/launch.h"
 
 namespace kvrecall::worker::cuda::internal {
@@ -50,21 +51,6 @@ __device__ __forceinline__ void Unpack8(const uint4& u, float (&f)[8]) {
 
 __device__ __forceinline__ uint16_t ToBf16Bits(float f) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-
-__device__ __forceinline__ int64_t CacheOffset(const KvCacheView& c, int page_shift, int b, int t,
-                                               int h) {
-  int64_t page;
-  int in_page;
-  if (c.page_table != nullptr) {
-    page = c.page_table[static_cast<int64_t>(b) * c.page_table_stride + (t >> page_shift)];
-    in_page = t & ((1 << page_shift) - 1);
-  } else {
-    page = b;
-    in_page = t;
-  }
-  return page * c.page_stride + static_cast<int64_t>(in_page) * c.token_stride +
-         static_cast<int64_t>(h) * c.head_stride;
 }
 
 // Row sources: which K/V rows a (sequence, kv-head) attends to. Begin() sets up a block's
@@ -349,13 +335,6 @@ __global__ void __launch_bounds__(D)
   out[qh * D + tid] = ToBf16Bits(den > 0.0f ? num / den : 0.0f);
 }
 
-int SmCount() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
-  return n;
-}
-
 template <int D, int GMAX>
 int Tile() {
   return Shape<D, GMAX>::kTile;
@@ -429,13 +408,6 @@ cudaError_t Run(int batch, int num_q_heads, int num_kv_heads, int head_dim, cons
   a.qscale = scale * kLog2e;
   return head_dim == 64 ? LaunchAttend<64>(a, src, batch, gmax, stream)
                         : LaunchAttend<128>(a, src, batch, gmax, stream);
-}
-
-int PageShift(const KvCacheView& c) {
-  if (c.page_table == nullptr) return 0;
-  int s = 0;
-  while ((1 << s) < c.page_size) ++s;
-  return s;
 }
 
 }  // namespace

@@ -73,6 +73,34 @@ void DecodeAttentionReference(const DecodeAttentionParams& p, float* out) {
       out);
 }
 
+void PrefillAttentionReference(const PrefillAttentionParams& p, float* out, float* abs_out) {
+  const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int kv_len = p.start + p.num_tokens;
+  const int64_t q_stride =
+      p.q_token_stride != 0 ? p.q_token_stride : static_cast<int64_t>(p.num_q_heads) * d;
+  std::vector<float> k, v, v_abs, qf(static_cast<size_t>(group) * d);
+  for (int h = 0; h < p.num_kv_heads; ++h) {
+    k.clear();
+    v.clear();
+    for (int t = 0; t < kv_len; ++t) {
+      const int64_t off = CacheOffset(p.cache, p.seq, t, h);
+      AppendRow(p.cache.k + off, p.cache.v + off, d, k, v);
+    }
+    v_abs.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) v_abs[i] = std::abs(v[i]);
+    for (int i = 0; i < p.num_tokens; ++i) {
+      const int64_t q0 = static_cast<int64_t>(h) * group * d;
+      const int64_t o0 = (static_cast<int64_t>(i) * p.num_q_heads + h * group) * d;
+      ToF32Row(p.q + i * q_stride + q0, group * d, qf.data());
+      const int m = p.start + i + 1;  // causal: positions [0, start + i]
+      AttendRows(qf.data(), group, d, k.data(), d, v.data(), d, m, p.scale, out + o0);
+      if (abs_out != nullptr) {
+        AttendRows(qf.data(), group, d, k.data(), d, v_abs.data(), d, m, p.scale, abs_out + o0);
+      }
+    }
+  }
+}
+
 std::vector<AttendedRow> SparseRowsReference(const SparseAttentionParams& p, int b, int h) {
   std::vector<AttendedRow> rows;
   const int len = std::min(std::max(p.lengths[b], 0), p.max_len);

@@ -25,6 +25,12 @@ std::vector<AttendedRow> SparseRowsReference(const SparseAttentionParams& p, int
 // out: [batch][num_q_heads][head_dim] fp32.
 void DecodeAttentionReference(const DecodeAttentionParams& p, float* out);
 void SparseAttentionReference(const SparseAttentionParams& p, float* out);
+// Every pointer in `p` is a host pointer; p.out, p.out_token_stride and p.block_rows are
+// ignored. out: [num_tokens][num_q_heads][head_dim] fp32. abs_out (if not null, same shape):
+// the same attention over |V|, i.e. sum_j p_j |v_j| / sum_j p_j, the scale of the error that
+// rounding the probabilities p_j to bf16 (as the kernel does for P.V) can cause.
+void PrefillAttentionReference(const PrefillAttentionParams& p, float* out,
+                               float* abs_out = nullptr);
 // Host pointers; *num_rejected (if set) is incremented as the kernel's.
 void SlotScatterReference(const SlotScatterParams& p);
 

@@ -1,9 +1,14 @@
-// Dense decode attention timings for Llama-3-8B shapes (32 q-heads, 8 kv-heads, head_dim 128,
-// contiguous bf16 cache), printed as JSON on stdout; sdpa_reference.py times PyTorch's
+// Attention timings for Llama-3-8B shapes (32 q-heads, 8 kv-heads, head_dim 128, contiguous
+// bf16 cache), printed as JSON on stdout; sdpa_reference.py times PyTorch's
 // scaled_dot_product_attention on the same shapes and compares.
-//   worker_cuda_kernel_bench [--quick]
-// Each configuration is timed as CUDA-graph replays of 20 back-to-back calls (so launch gaps
-// do not count), the median of 7 replays after a warm-up; inputs are random (never zeros).
+//   worker_cuda_kernel_bench [--quick] [--prefill]
+// Default: dense decode attention (DecodeAttention), batch x context. --prefill: causal prefill
+// attention (PrefillAttention) of one chunk of n query tokens at positions [start, start + n),
+// with the automatic block size and with each of 64 and 128 query tokens per block; achieved
+// TFLOP/s count the causal FLOPs 4 * n * (start + (n + 1) / 2) * head_dim * num_q_heads.
+// Each configuration is timed as CUDA-graph replays of back-to-back calls (20 for decode; for
+// prefill as many as fit in ~2 ms, 2 to 20), so launch gaps do not count, the median of 7
+// replays after a warm-up; inputs are random (never zeros).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -13,6 +18,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu-worker/backends/cuda/kernels.h"
@@ -50,10 +56,141 @@ void FillRandom(uint16_t* dst, size_t n, std::mt19937& rng) {
   }
 }
 
+constexpr int kReplays = 7;
+
+// The K/V cache view of `ctx` positions of kv_heads heads of d, contiguous (one sequence).
+KvCacheView ContiguousCache(const uint16_t* k, const uint16_t* v, int64_t ctx, int kv_heads, int d) {
+  KvCacheView c;
+  c.k = k;
+  c.v = v;
+  c.page_stride = ctx * kv_heads * d;
+  c.token_stride = kv_heads * d;
+  c.head_stride = d;
+  return c;
+}
+
+// Per-call times (ms) of `calls` back-to-back run()s captured in a CUDA graph: one entry per
+// replay, sorted. run() must only enqueue work on `stream`.
+template <class Run>
+std::vector<float> TimeGraph(const Run& run, int calls, cudaStream_t stream) {
+  for (int i = 0; i < 3; ++i) run();
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) run();
+  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  CHECK_CUDA(cudaGraphLaunch(exec, stream));
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int r = 0; r < kReplays; ++r) {
+    CHECK_CUDA(cudaEventRecord(e0, stream));
+    CHECK_CUDA(cudaGraphLaunch(exec, stream));
+    CHECK_CUDA(cudaEventRecord(e1, stream));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t / calls);
+  }
+  std::sort(ms.begin(), ms.end());
+  CHECK_CUDA(cudaGraphExecDestroy(exec));
+  CHECK_CUDA(cudaGraphDestroy(graph));
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  return ms;
+}
+
+// One prefill chunk per configuration: n query tokens at [start, start + n) over a contiguous
+// [1][start + n][kv][d] cache.
+int RunPrefill(bool quick, const cudaDeviceProp& prop, cudaStream_t stream, std::mt19937& rng) {
+  const int q_heads = 32, kv_heads = 8, d = 128;
+  std::vector<std::pair<int, int>> configs;  // (n, start)
+  for (int start : {0, 32768}) {
+    for (int n : {512, 2048, 8192}) configs.emplace_back(n, start);
+  }
+  configs.emplace_back(2048, 98304 - 2048);  // the last chunk of a 96K prompt
+  if (quick) configs = {{2048, 0}, {2048, 32768}};
+  std::printf(
+      "{\"mode\": \"prefill\", \"device\": \"%s\", \"sms\": %d, \"model\": \"llama3-8b\", "
+      "\"num_q_heads\": %d, \"num_kv_heads\": %d, \"head_dim\": %d, \"rows\": [",
+      prop.name, prop.multiProcessorCount, q_heads, kv_heads, d);
+  bool first = true;
+  for (const auto& [n, start] : configs) {
+    const int ctx = start + n;
+    const size_t kv_elems = static_cast<size_t>(ctx) * kv_heads * d;
+    const size_t q_elems = static_cast<size_t>(n) * q_heads * d;
+    uint16_t *k, *v, *q, *out;
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&k), kv_elems * 2));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&v), kv_elems * 2));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&q), q_elems * 2));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&out), q_elems * 2));
+    FillRandom(k, kv_elems, rng);
+    FillRandom(v, kv_elems, rng);
+    FillRandom(q, q_elems, rng);
+    PrefillAttentionParams p;
+    p.num_tokens = n;
+    p.start = start;
+    p.num_q_heads = q_heads;
+    p.num_kv_heads = kv_heads;
+    p.head_dim = d;
+    p.q = q;
+    p.cache = ContiguousCache(k, v, ctx, kv_heads, d);
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.out = out;
+    const double flops = 4.0 * n * (start + (n + 1) / 2.0) * d * q_heads;
+    std::vector<float> by_rows[3];  // block_rows 0 (auto), 64, 128
+    const int rows_choice[3] = {0, 64, 128};
+    for (int i = 0; i < 3; ++i) {
+      p.block_rows = rows_choice[i];
+      auto run = [&] {
+        const absl::Status s = PrefillAttention(p, stream);
+        if (!s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          std::exit(1);
+        }
+      };
+      // Calls per graph: as many as fit in ~2 ms by a first estimate.
+      const std::vector<float> est = TimeGraph(run, 1, stream);
+      const int calls = std::max(2, std::min(20, static_cast<int>(2.0 / std::max(est[0], 1e-3f))));
+      by_rows[i] = TimeGraph(run, calls, stream);
+    }
+    const std::vector<float>& ms = by_rows[0];
+    const double med = ms[kReplays / 2];
+    std::printf(
+        "%s\n  {\"n\": %d, \"start\": %d, \"context\": %d, \"ours_ms\": %.5f, \"min_ms\": %.5f, "
+        "\"max_ms\": %.5f, \"ms_block_rows_64\": %.5f, \"ms_block_rows_128\": %.5f, "
+        "\"flops\": %.4g, \"ours_tflops\": %.1f}",
+        first ? "" : ",", n, start, ctx, med, ms.front(), ms.back(), by_rows[1][kReplays / 2],
+        by_rows[2][kReplays / 2], flops, flops / med / 1e9);
+    std::fflush(stdout);
+    first = false;
+    CHECK_CUDA(cudaFree(k));
+    CHECK_CUDA(cudaFree(v));
+    CHECK_CUDA(cudaFree(q));
+    CHECK_CUDA(cudaFree(out));
+  }
+  std::printf("\n]}\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false, prefill = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else if (std::strcmp(argv[i], "--prefill") == 0) {
+      prefill = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick] [--prefill]\n", argv[0]);
+      return 2;
+    }
+  }
   const int q_heads = 32, kv_heads = 8, d = 128;
   std::vector<int> batches = {1, 8, 32}, contexts = {4096, 32768, 98304};
   if (quick) batches = {8}, contexts = {32768};
@@ -64,6 +201,7 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(1234);
+  if (prefill) return RunPrefill(quick, prop, stream, rng);
   std::printf(
       "{\"device\": \"%s\", \"sms\": %d, \"model\": \"llama3-8b\", \"num_q_heads\": %d, "
       "\"num_kv_heads\": %d, \"head_dim\": %d, \"rows\": [",
@@ -99,11 +237,7 @@ int main(int argc, char** argv) {
       p.max_len = ctx;
       p.q = q;
       p.lengths = lens;
-      p.cache.k = k;
-      p.cache.v = v;
-      p.cache.page_stride = static_cast<int64_t>(ctx) * kv_heads * d;
-      p.cache.token_stride = kv_heads * d;
-      p.cache.head_stride = d;
+      p.cache = ContiguousCache(k, v, ctx, kv_heads, d);
       p.scale = 1.0f / std::sqrt(static_cast<float>(d));
       p.out = out;
       auto ws_bytes = DecodeAttentionWorkspaceBytes(p);
@@ -120,31 +254,7 @@ int main(int argc, char** argv) {
           std::exit(1);
         }
       };
-      for (int i = 0; i < 3; ++i) run();
-      CHECK_CUDA(cudaStreamSynchronize(stream));
-      constexpr int kCalls = 20, kReplays = 7;
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int i = 0; i < kCalls; ++i) run();
-      CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
-      CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-      CHECK_CUDA(cudaGraphLaunch(exec, stream));
-      CHECK_CUDA(cudaStreamSynchronize(stream));
-      cudaEvent_t e0, e1;
-      CHECK_CUDA(cudaEventCreate(&e0));
-      CHECK_CUDA(cudaEventCreate(&e1));
-      std::vector<float> ms;
-      for (int r = 0; r < kReplays; ++r) {
-        CHECK_CUDA(cudaEventRecord(e0, stream));
-        CHECK_CUDA(cudaGraphLaunch(exec, stream));
-        CHECK_CUDA(cudaEventRecord(e1, stream));
-        CHECK_CUDA(cudaEventSynchronize(e1));
-        float t = 0;
-        CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-        ms.push_back(t / kCalls);
-      }
-      std::sort(ms.begin(), ms.end());
+      const std::vector<float> ms = TimeGraph(run, 20, stream);
       const double med = ms[kReplays / 2];
       const double bytes = 2.0 * kv_elems * 2 + 2.0 * batch * q_heads * d * 2;
       std::printf(
@@ -154,10 +264,6 @@ int main(int argc, char** argv) {
           *ws_bytes);
       std::fflush(stdout);
       first = false;
-      CHECK_CUDA(cudaGraphExecDestroy(exec));
-      CHECK_CUDA(cudaGraphDestroy(graph));
-      CHECK_CUDA(cudaEventDestroy(e0));
-      CHECK_CUDA(cudaEventDestroy(e1));
       CHECK_CUDA(cudaFree(k));
       CHECK_CUDA(cudaFree(v));
       CHECK_CUDA(cudaFree(q));

@@ -50,6 +50,30 @@ struct DecodeAttentionParams {
   int num_splits = 0;       // split-K partitions per (sequence, kv-head); 0 = chosen from the shape
 };
 
+// Causal prefill attention of one sequence's chunk (chunked prefill): num_tokens new query
+// tokens at positions [start, start + num_tokens); query i attends to the cache rows
+// [0, start + i] of sequence `seq`, which must already hold the chunk's own K/V rows (KvAppend
+// or the prefill's K/V write runs first). q-head h reads kv-head h / (num_q_heads / num_kv_heads).
+// The cache is addressed exactly as DecodeAttention's (KvCacheView with b = seq), so the
+// engine's dense cache is passed as it is.
+struct PrefillAttentionParams {
+  int num_tokens = 0;  // n >= 0 new query tokens (0 launches nothing)
+  int start = 0;       // position of the chunk's first token (>= 0); the cache holds start + n rows
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;  // 64 or 128
+  // Token i, q-head h at q + i * q_token_stride + h * head_dim, bf16, post-RoPE.
+  const uint16_t* q = nullptr;
+  int64_t q_token_stride = 0;  // a multiple of 8, >= num_q_heads * head_dim; 0 = packed
+  KvCacheView cache;
+  int seq = 0;         // the sequence's batch row in `cache` (contiguous) or page-table row (paged)
+  float scale = 0.0f;  // softmax scale, usually 1/sqrt(head_dim)
+  // Token i, q-head h at out + i * out_token_stride + h * head_dim, bf16.
+  uint16_t* out = nullptr;
+  int64_t out_token_stride = 0;  // a multiple of 8, >= num_q_heads * head_dim; 0 = packed
+  int block_rows = 0;            // query tokens per block: 64 or 128; 0 = chosen from the shape
+};
+
 // Per (sequence, kv-head) slot cache of recalled rows: entry e = b * num_kv_heads + h holds
 // `budget` K rows at k + e * entry_stride + slot * row_stride (V likewise).
 struct SlotCacheView {

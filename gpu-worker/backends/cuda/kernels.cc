@@ -16,6 +16,30 @@ absl::Status Invalid(absl::string_view fn, absl::string_view what) {
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Checks of a K/V cache view read for positions [0, max_len) (every attention launcher).
+absl::Status CheckCache(absl::string_view fn, const KvCacheView& c, int head_dim, int64_t max_len) {
+  if (c.k == nullptr || c.v == nullptr) return Invalid(fn, "null cache pointer");
+  if (!Aligned16(c.k) || !Aligned16(c.v)) {
+    return Invalid(fn, "cache rows must be 16-byte aligned");
+  }
+  if (c.page_stride % 8 != 0 || c.token_stride % 8 != 0 || c.head_stride % 8 != 0 ||
+      c.token_stride <= 0 || c.head_stride < head_dim) {
+    return Invalid(fn, absl::StrCat("cache strides (", c.page_stride, ", ", c.token_stride, ", ",
+                                    c.head_stride, ") must be multiples of 8 with rows apart"));
+  }
+  if (c.page_table != nullptr) {
+    if (c.page_size < 1 || (c.page_size & (c.page_size - 1)) != 0) {
+      return Invalid(fn, absl::StrCat("page_size ", c.page_size, " is not a power of two"));
+    }
+    const int64_t pages = (max_len + c.page_size - 1) / c.page_size;
+    if (c.page_table_stride < pages) {
+      return Invalid(fn, absl::StrCat("page_table_stride ", c.page_table_stride, " < ", pages,
+                                      " pages of ", max_len, " positions"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Checks shared by the dense and the sparse attention launchers.
 absl::Status CheckAttention(absl::string_view fn, int batch, int num_q_heads, int num_kv_heads,
                             int head_dim, int max_len, const uint16_t* q, const int32_t* lengths,
@@ -38,25 +62,8 @@ absl::Status CheckAttention(absl::string_view fn, int batch, int num_q_heads, in
   if (q == nullptr || lengths == nullptr || out == nullptr || c.k == nullptr || c.v == nullptr) {
     return Invalid(fn, "null q, lengths, out or cache pointer");
   }
-  if (!Aligned16(q) || !Aligned16(c.k) || !Aligned16(c.v)) {
-    return Invalid(fn, "q and cache rows must be 16-byte aligned");
-  }
-  if (c.page_stride % 8 != 0 || c.token_stride % 8 != 0 || c.head_stride % 8 != 0 ||
-      c.token_stride <= 0 || c.head_stride < head_dim) {
-    return Invalid(fn, absl::StrCat("cache strides (", c.page_stride, ", ", c.token_stride, ", ",
-                                    c.head_stride, ") must be multiples of 8 with rows apart"));
-  }
-  if (c.page_table != nullptr) {
-    if (c.page_size < 1 || (c.page_size & (c.page_size - 1)) != 0) {
-      return Invalid(fn, absl::StrCat("page_size ", c.page_size, " is not a power of two"));
-    }
-    const int64_t pages = (static_cast<int64_t>(max_len) + c.page_size - 1) / c.page_size;
-    if (c.page_table_stride < pages) {
-      return Invalid(fn, absl::StrCat("page_table_stride ", c.page_table_stride, " < ", pages,
-                                      " pages of max_len ", max_len));
-    }
-  }
-  return absl::OkStatus();
+  if (!Aligned16(q)) return Invalid(fn, "q rows must be 16-byte aligned");
+  return CheckCache(fn, c, head_dim, max_len);
 }
 
 absl::Status CheckSparse(const SparseAttentionParams& p) {
@@ -159,6 +166,47 @@ absl::Status SparseAttention(const SparseAttentionParams& p, void* workspace,
                                     plan.workspace_bytes, " needed"));
   }
   return CudaStatus(internal::LaunchSparseAttention(p, plan, workspace, stream), fn);
+}
+
+absl::Status PrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream) {
+  constexpr absl::string_view fn = "PrefillAttention";
+  if (p.num_tokens < 0 || p.start < 0 || static_cast<int64_t>(p.start) + p.num_tokens > INT32_MAX) {
+    return Invalid(fn, absl::StrCat("num_tokens ", p.num_tokens, ", start ", p.start));
+  }
+  if (p.num_kv_heads < 1 || p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0) {
+    return Invalid(fn,
+                   absl::StrCat("num_q_heads ", p.num_q_heads,
+                                " is not a positive multiple of num_kv_heads ", p.num_kv_heads));
+  }
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return Invalid(fn, absl::StrCat("head_dim ", p.head_dim, " (64 or 128 supported)"));
+  }
+  if (p.seq < 0) return Invalid(fn, absl::StrCat("seq ", p.seq));
+  if (p.block_rows != 0 && p.block_rows != 64 && p.block_rows != 128) {
+    return Invalid(fn, absl::StrCat("block_rows ", p.block_rows, " (0, 64 or 128)"));
+  }
+  const int64_t row = static_cast<int64_t>(p.num_q_heads) * p.head_dim;
+  for (const int64_t stride : {p.q_token_stride, p.out_token_stride}) {
+    if (stride != 0 && (stride % 8 != 0 || stride < row)) {
+      return Invalid(
+          fn, absl::StrCat("token stride ", stride, " is not 0 or a multiple of 8 >= ", row));
+    }
+  }
+  // One block per (q-head, 64 query tokens) at most.
+  if ((static_cast<int64_t>(p.num_tokens) + 63) / 64 * p.num_q_heads > INT32_MAX) {
+    return Invalid(fn, absl::StrCat("num_tokens ", p.num_tokens, " x num_q_heads ", p.num_q_heads,
+                                    " is too large"));
+  }
+  if (p.num_tokens == 0) return absl::OkStatus();
+  if (p.q == nullptr || p.out == nullptr) return Invalid(fn, "null q or out pointer");
+  if (!Aligned16(p.q) || !Aligned16(p.out)) {
+    return Invalid(fn, "q and out rows must be 16-byte aligned");
+  }
+  if (auto s = CheckCache(fn, p.cache, p.head_dim, static_cast<int64_t>(p.start) + p.num_tokens);
+      !s.ok()) {
+    return s;
+  }
+  return CudaStatus(internal::LaunchPrefillAttention(p, internal::PrefillBlockRows(p), stream), fn);
 }
 
 absl::Status SlotScatter(const SlotScatterParams& p, cudaStream_t stream) {

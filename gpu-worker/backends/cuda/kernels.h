@@ -1,6 +1,7 @@
 // Launchers of the decode worker's CUDA kernels. Plain C++: includes only the CUDA runtime API
 // header (for cudaStream_t), so the cuda backend compiles with g++ and the kernels stay in .cu
-// files (attention.cu, ops.cu). cpu_reference.h holds the CPU reference of each launcher.
+// files (attention.cu, prefill_attention.cu, ops.cu). cpu_reference.h holds the CPU reference of
+// each launcher.
 //
 // Every launcher
 //   - checks shapes and arguments on the host first and returns INVALID_ARGUMENT, launching
@@ -52,6 +53,20 @@ namespace kvrecall::worker::cuda {
 //   of an entry distinct, 0 <= counts[e] <= budget.
 [[nodiscard]] absl::Status SparseAttention(const SparseAttentionParams& p, void* workspace,
                                            size_t workspace_bytes, cudaStream_t stream);
+
+// Causal prefill attention of one sequence's chunk (kernel_params.h PrefillAttentionParams):
+//   out[i][h] = softmax(scale * q[i][h] . K[0..start+i][h / group]) . V[...],  0 <= i < n,
+// flash-attention style on the tensor cores: each block takes `block_rows` query tokens of one
+// q-head and streams the K/V rows [0, its last token's position] through shared memory in
+// tiles of 64, with an online softmax (fp32 scores, max and sum; probabilities rounded to bf16
+// for the P.V product, as FlashAttention does); output rounded to bf16. Cache rows at
+// positions >= start + n are never read. No workspace.
+// REQUIRES: num_tokens >= 0, start >= 0, start + num_tokens <= 2^31 - 1, num_kv_heads >= 1,
+//   num_q_heads a multiple of num_kv_heads, head_dim 64 or 128, seq >= 0, q / out token
+//   strides 0 or multiples of 8 >= num_q_heads * head_dim, 16-byte aligned q, out and cache,
+//   paged: page_size a power of two and page_table row `seq` holding
+//   ceil((start + n) / page_size) valid page ids, block_rows 0, 64 or 128.
+[[nodiscard]] absl::Status PrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream);
 
 // Streamed rows into slot caches (kernel_params.h SlotScatterParams).
 // REQUIRES: num_rows >= 0, head_dim a multiple of 8, batch, num_kv_heads, budget >= 1.

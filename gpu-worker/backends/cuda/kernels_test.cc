@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
@@ -348,6 +349,180 @@ INSTANTIATE_TEST_SUITE_P(
         SparseCase{"g4_d64_union_is_dense", 8, 2, 64, {1500, 260}, 4, 64, 1536, 32, true},
         SparseCase{"g8_d128_union_is_dense", 16, 2, 128, {2000}, 8, 100, 2048, 0, true}),
     [](const auto& info) { return info.param.name; });
+
+// Prefill attention output check. The kernel rounds the probabilities to bf16 for P.V (as
+// FlashAttention does), which the fp32 reference does not: with a[i] = sum_j p_j |v_j| / sum_j
+// p_j (PrefillAttentionReference's abs_out), that rounding moves an element by at most u * a[i],
+// so |o - r| <= u * (|r| + a) + 1e-5 * max(a) (output rounding, P rounding, fp32 order), and
+// the relative L2 error, two independent roundings of ~1.6e-3 each, <= 5e-3.
+void ExpectPrefillClose(const std::vector<uint16_t>& out, const std::vector<float>& ref,
+                        const std::vector<float>& abs_ref, const std::string& what) {
+  ASSERT_EQ(out.size(), ref.size());
+  ASSERT_EQ(abs_ref.size(), ref.size());
+  double max_a = 0.0, err2 = 0.0, ref2 = 0.0, worst = 0.0;
+  for (float a : abs_ref) max_a = std::max(max_a, static_cast<double>(a));
+  int bad = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double o = Bf16ToF32(out[i]), r = ref[i], a = abs_ref[i];
+    const double d = std::abs(o - r);
+    err2 += d * d;
+    ref2 += r * r;
+    const double tol = std::ldexp(1.0, -8) * (std::abs(r) + a) + 1e-5 * max_a;
+    if (!(d <= tol)) {
+      if (++bad <= 5) {
+        ADD_FAILURE() << what << ": element " << i << " got " << o << " want " << r << " (|v| " << a
+                      << ")";
+      }
+    }
+    worst = std::max(worst, d / tol);
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << out.size() << " elements off";
+  const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  EXPECT_LE(rel, 5e-3) << what;
+  std::printf("[ stats    ] %s: rel L2 %.3g, worst error / tolerance %.3g\n", what.c_str(), rel,
+              worst);
+}
+
+struct PrefillCase {
+  std::string name;
+  int q_heads, kv_heads, d;
+  int n, start;    // chunk of n tokens at positions [start, start + n)
+  int page_size;   // 0 = contiguous
+  int batch, seq;  // sequences in the cache, and the one attended to
+  bool strided;    // q and out rows with token strides above the packed width
+};
+
+void PrintTo(const PrefillCase& c, std::ostream* os) { *os << c.name; }
+
+class PrefillAttentionTest : public ::testing::TestWithParam<PrefillCase> {};
+
+// Every block size (auto, 64, 128) against the reference. Cache rows the kernel must not read
+// (other sequences, positions >= start + n) hold NaN, so reading one fails the comparison.
+TEST_P(PrefillAttentionTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const PrefillCase& c = GetParam();
+  std::mt19937 rng(std::hash<std::string>{}(c.name));
+  const int kv_len = c.start + c.n;
+  const int max_len = kv_len + 37;  // rows past the chunk's end exist but must not be read
+  TestCache cache(c.batch, max_len, c.kv_heads, c.d, c.page_size, rng);
+  constexpr uint16_t kNaN = 0x7fc0;
+  for (int b = 0; b < c.batch; ++b) {
+    for (int t = b == c.seq ? kv_len : 0; t < max_len; ++t) {
+      int64_t page = b, in_page = t;
+      if (c.page_size != 0) {
+        page = cache.page_table[b * cache.host.page_table_stride + t / c.page_size];
+        in_page = t % c.page_size;
+      }
+      for (int h = 0; h < c.kv_heads; ++h) {
+        const int64_t off = page * cache.host.page_stride + in_page * cache.host.token_stride +
+                            h * cache.host.head_stride;
+        std::fill_n(cache.k.begin() + off, c.d, kNaN);
+        std::fill_n(cache.v.begin() + off, c.d, kNaN);
+      }
+    }
+  }
+  cache.dk->Upload(cache.k);
+  cache.dv->Upload(cache.v);
+
+  const int64_t packed = static_cast<int64_t>(c.q_heads) * c.d;
+  const int64_t q_stride = c.strided ? packed + 2 * c.kv_heads * c.d : packed;  // fused q|k|v
+  const int64_t out_stride = c.strided ? packed + 8 : packed;
+  std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(c.n) * q_stride, rng);
+  DeviceBuffer<uint16_t> dq(q), dout(static_cast<size_t>(c.n) * out_stride);
+
+  PrefillAttentionParams p;
+  p.num_tokens = c.n;
+  p.start = c.start;
+  p.num_q_heads = c.q_heads;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = c.d;
+  p.q = dq.get();
+  p.q_token_stride = c.strided ? q_stride : 0;
+  p.cache = cache.dev;
+  p.seq = c.seq;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  p.out = dout.get();
+  p.out_token_stride = c.strided ? out_stride : 0;
+
+  PrefillAttentionParams hp = p;
+  hp.q = q.data();
+  hp.cache = cache.host;
+  const size_t on = static_cast<size_t>(c.n) * packed;
+  std::vector<float> ref(on), abs_ref(on);
+  PrefillAttentionReference(hp, ref.data(), abs_ref.data());
+
+  for (const int block_rows : {0, 64, 128}) {
+    const std::string what = absl::StrCat(c.name, "_rows", block_rows);
+    p.block_rows = block_rows;
+    dout.Poison();
+    ASSERT_OK(PrefillAttention(p, nullptr));
+    const std::vector<uint16_t> got = dout.Download();
+    std::vector<uint16_t> out(on);
+    for (int i = 0; i < c.n; ++i) {
+      std::copy_n(got.begin() + i * out_stride, packed, out.begin() + i * packed);
+      for (int64_t j = packed; j < out_stride; ++j) {
+        ASSERT_EQ(got[i * out_stride + j], 0xffff) << what << ": wrote past token " << i;
+      }
+    }
+    ExpectPrefillClose(out, ref, abs_ref, what);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PrefillAttentionTest,
+    ::testing::Values(
+        PrefillCase{"n1_start0_g1_d128", 8, 8, 128, 1, 0, 0, 1, 0, false},
+        PrefillCase{"n1_start777_g4_d64_paged16", 16, 4, 64, 1, 777, 16, 2, 1, false},
+        PrefillCase{"n100_start0_g4_d128", 32, 8, 128, 100, 0, 0, 1, 0, false},
+        PrefillCase{"n300_start0_g1_d64", 4, 4, 64, 300, 0, 0, 1, 0, false},
+        PrefillCase{"chunk_n200_start1000_g4_d128_paged64", 16, 4, 128, 200, 1000, 64, 1, 0, false},
+        PrefillCase{"chunk_n129_start63_g4_d64_strided_seq2", 8, 2, 64, 129, 63, 0, 3, 2, true},
+        PrefillCase{"n513_start0_g8_d128_paged16", 16, 2, 128, 513, 0, 16, 2, 0, false},
+        PrefillCase{"chunk_n64_start4032_g4_d128_seq1", 32, 8, 128, 64, 4032, 0, 2, 1, false},
+        PrefillCase{"chunk_n1000_start10_g2_d64_paged1", 4, 2, 64, 1000, 10, 1, 1, 0, false},
+        PrefillCase{"llama3_chunk_n512_start2048_strided", 32, 8, 128, 512, 2048, 0, 1, 0, true}),
+    [](const auto& info) { return info.param.name; });
+
+// Chunked prefill equals one-shot prefill: the chunks [0, 300) and [300, 700) of a sequence
+// give the rows of a single 700-token call.
+TEST(PrefillAttentionChunkTest, ChunksMatchOneCall) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(21);
+  const int hq = 8, hkv = 2, d = 128, n = 700, split = 300;
+  TestCache cache(1, n, hkv, d, 32, rng);
+  const int64_t row = static_cast<int64_t>(hq) * d;
+  std::vector<uint16_t> q = RandomBf16(n * row, rng);
+  DeviceBuffer<uint16_t> dq(q), whole(n * row), chunked(n * row);
+  PrefillAttentionParams p;
+  p.num_q_heads = hq;
+  p.num_kv_heads = hkv;
+  p.head_dim = d;
+  p.cache = cache.dev;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.num_tokens = n;
+  p.q = dq.get();
+  p.out = whole.get();
+  ASSERT_OK(PrefillAttention(p, nullptr));
+  chunked.Poison();
+  p.num_tokens = split;
+  p.out = chunked.get();
+  ASSERT_OK(PrefillAttention(p, nullptr));
+  p.start = split;
+  p.num_tokens = n - split;
+  p.q = dq.get() + split * row;
+  p.out = chunked.get() + split * row;
+  ASSERT_OK(PrefillAttention(p, nullptr));
+  const std::vector<uint16_t> a = whole.Download(), b = chunked.Download();
+  // Bit-identical: a row sees the same key tiles in the same order whichever query tile it is
+  // in (fully masked tiles change nothing: alpha = 1, p = 0).
+  int off = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i] && ++off <= 5) {
+      ADD_FAILURE() << "element " << i << ": " << Bf16ToF32(a[i]) << " vs " << Bf16ToF32(b[i]);
+    }
+  }
+  EXPECT_EQ(off, 0);
+}
 
 TEST(SlotScatterTest, MatchesReference) {
   SKIP_WITHOUT_GPU();
@@ -681,6 +856,17 @@ T* Fake(uintptr_t a) {
   return reinterpret_cast<T*>(a);
 }
 
+// A contiguous cache view of `tokens` positions, 8 kv-heads of 128, at fake addresses.
+KvCacheView FakeCache(int64_t tokens) {
+  KvCacheView c;
+  c.k = Fake<const uint16_t>(0x30000);
+  c.v = Fake<const uint16_t>(0x40000);
+  c.page_stride = tokens * 8 * 128;
+  c.token_stride = 8 * 128;
+  c.head_stride = 128;
+  return c;
+}
+
 DecodeAttentionParams ValidDense() {
   DecodeAttentionParams p;
   p.batch = 2;
@@ -690,11 +876,7 @@ DecodeAttentionParams ValidDense() {
   p.max_len = 100;
   p.q = Fake<const uint16_t>(0x10000);
   p.lengths = Fake<const int32_t>(0x20000);
-  p.cache.k = Fake<const uint16_t>(0x30000);
-  p.cache.v = Fake<const uint16_t>(0x40000);
-  p.cache.page_stride = 100 * 8 * 128;
-  p.cache.token_stride = 8 * 128;
-  p.cache.head_stride = 128;
+  p.cache = FakeCache(100);
   p.scale = 0.1f;
   p.out = Fake<uint16_t>(0x50000);
   return p;
@@ -762,6 +944,65 @@ TEST(ArgumentCheckTest, SparseAttentionAndScatterRejectBadShapes) {
   EXPECT_THAT(SlotScatter(s, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+PrefillAttentionParams ValidPrefill() {
+  PrefillAttentionParams p;
+  p.num_tokens = 100;
+  p.start = 50;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  p.head_dim = 128;
+  p.q = Fake<const uint16_t>(0x10000);
+  p.cache = FakeCache(150);
+  p.scale = 0.1f;
+  p.out = Fake<uint16_t>(0x50000);
+  return p;
+}
+
+TEST(ArgumentCheckTest, PrefillAttentionRejectsBadShapes) {
+  std::vector<PrefillAttentionParams> bad;
+  auto add = [&](auto mutate) {
+    PrefillAttentionParams p = ValidPrefill();
+    mutate(p);
+    bad.push_back(p);
+  };
+  add([](auto& p) { p.num_tokens = -1; });
+  add([](auto& p) { p.start = -5; });
+  add([](auto& p) { p.start = INT32_MAX - 10; });  // start + n overflows a position
+  add([](auto& p) { p.head_dim = 96; });
+  add([](auto& p) { p.num_q_heads = 30; });
+  add([](auto& p) { p.num_kv_heads = 0; });
+  add([](auto& p) { p.seq = -1; });
+  add([](auto& p) { p.block_rows = 32; });
+  add([](auto& p) { p.q_token_stride = 32 * 128 - 8; });    // rows overlap
+  add([](auto& p) { p.out_token_stride = 32 * 128 + 4; });  // not a multiple of 8
+  add([](auto& p) { p.q = nullptr; });
+  add([](auto& p) { p.out = Fake<uint16_t>(0x50008); });
+  add([](auto& p) { p.cache.v = nullptr; });
+  add([](auto& p) { p.cache.k = Fake<const uint16_t>(0x30002); });
+  add([](auto& p) { p.cache.token_stride = 1001; });
+  add([](auto& p) { p.cache.head_stride = 64; });
+  add([](auto& p) {
+    p.cache.page_table = Fake<const int32_t>(0x60000);
+    p.cache.page_size = 12;
+    p.cache.page_table_stride = 20;
+  });
+  add([](auto& p) {
+    p.cache.page_table = Fake<const int32_t>(0x60000);
+    p.cache.page_size = 16;
+    p.cache.page_table_stride = 9;  // positions [0, 150) need 10 pages
+  });
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_THAT(PrefillAttention(bad[i], nullptr), StatusIs(absl::StatusCode::kInvalidArgument))
+        << "case " << i;
+  }
+  // An empty chunk is fine and launches nothing, whatever the pointers.
+  PrefillAttentionParams empty = ValidPrefill();
+  empty.num_tokens = 0;
+  empty.q = nullptr;
+  empty.out = nullptr;
+  EXPECT_OK(PrefillAttention(empty, nullptr));
+}
+
 TEST(ArgumentCheckTest, PerTokenOpsRejectBadShapes) {
   const auto x = Fake<uint16_t>(0x10000);
   EXPECT_THAT(RmsNorm(x, x, 4, 100, 1e-5f, x, nullptr),
@@ -823,6 +1064,23 @@ TEST(ArgumentCheckTest, RejectedCallLaunchesNothing) {
   p.head_dim = 80;
   EXPECT_THAT(DecodeAttention(p, nullptr, ws_bytes, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  for (uint16_t v : out.Download()) ASSERT_EQ(v, 0xffff);
+
+  PrefillAttentionParams pp;
+  pp.num_tokens = 4;
+  pp.start = 1020;
+  pp.num_q_heads = 1;
+  pp.num_kv_heads = 1;
+  pp.head_dim = 128;
+  pp.q = q.get();
+  pp.cache = p.cache;
+  pp.scale = 0.1f;
+  pp.out = out.get();
+  pp.block_rows = 96;
+  EXPECT_THAT(PrefillAttention(pp, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  pp.block_rows = 0;
+  pp.out_token_stride = 100;
+  EXPECT_THAT(PrefillAttention(pp, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
   for (uint16_t v : out.Download()) ASSERT_EQ(v, 0xffff);
 }
 

@@ -5,6 +5,11 @@ worker_cuda_kernel_bench and writes the comparison (ours / torch) as JSON.
 Run on the GPU machine, in the same call as the bench:
   worker_cuda_kernel_bench > ours.json
   python3 sdpa_reference.py --ours ours.json --out compare.json
+The same with `worker_cuda_kernel_bench --prefill` compares the causal prefill attention
+(the JSON's "mode" says which): torch gets q [1, 32, n, 128] and K/V [1, 8, start + n, 128];
+the chunk's mask (query i sees keys [0, start + i]) is is_causal=True when start == 0, else the
+lower-right causal bias (torch.nn.attention.bias.causal_lower_right) or an explicit boolean
+mask; every (mask form, backend) that accepts the call is timed and the fastest is the baseline.
 
 Torch gets q [B, 32, 1, 128] and K/V [B, 8, L, 128] bf16 (its natural contiguous layout), with
 enable_gqa=True; every SDPA backend that accepts the call (flash, cuDNN, memory-efficient) is
@@ -52,6 +57,105 @@ def time_graph(fn):
     return times[REPLAYS // 2]
 
 
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def time_events(fn):
+    """Median per-call time without a CUDA graph (for calls that refuse capture)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        e0 = torch.cuda.Event(enable_timing=True)
+        e1 = torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    times.sort()
+    return times[REPLAYS // 2]
+
+
+def prefill(ours, args):
+    from torch.nn.attention.bias import causal_lower_right
+    hq, hkv, d = ours["num_q_heads"], ours["num_kv_heads"], ours["head_dim"]
+    rows = []
+    for r in ours["rows"]:
+        n, start = r["n"], r["start"]
+        ctx = start + n
+        torch.manual_seed(n * 100003 + start)
+        q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+        masks = {}
+        if start == 0:
+            masks["is_causal"] = dict(is_causal=True)
+        else:
+            masks["lower_right"] = dict(attn_mask=causal_lower_right(n, ctx))
+            pos = torch.arange(ctx, device="cuda")
+            masks["bool_mask"] = dict(attn_mask=pos[None, :] <= (start + torch.arange(
+                n, device="cuda"))[:, None])
+        ref = None
+        per = {}
+        for mname, kw in masks.items():
+            for bname, be in BACKENDS.items():
+                key = f"{bname}/{mname}"
+                fn = lambda kw=kw: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+                try:
+                    with sdpa_kernel([be]):
+                        out = fn()
+                        torch.cuda.synchronize()
+                        try:
+                            t = time_graph(fn)
+                        except Exception:  # a call that cannot be captured: plain launches
+                            torch.cuda.synchronize()
+                            t = time_events(fn)
+                    per[key] = t
+                    if ref is None:
+                        ref = out.float()
+                    else:
+                        err = (out.float() - ref).norm() / ref.norm()
+                        if err > 1e-2:
+                            print(f"warning: {key} differs by {err:.3g}", file=sys.stderr)
+                    del out
+                except Exception as e:
+                    per[key] = None
+                    print(f"n {n} start {start}: {key} unavailable: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
+                          file=sys.stderr)
+        ok = {kk: t for kk, t in per.items() if t is not None}
+        best = min(ok, key=ok.get) if ok else None
+        row = dict(r)
+        row.update({
+            "torch_ms": ok[best] if best else None,
+            "torch_variant": best,
+            "torch_ms_by_variant": per,
+            "torch_tflops": r["flops"] / ok[best] / 1e9 if best else None,
+            "ratio_ours_over_torch": (r["ours_ms"] / ok[best]) if best else None,
+        })
+        rows.append(row)
+        del q, k, v, ref, masks
+        torch.cuda.empty_cache()
+    result = {k_: v_ for k_, v_ in ours.items() if k_ != "rows"}
+    result["torch"] = torch.__version__
+    result["rows"] = rows
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'n':>5} {'start':>6} {'ours_ms':>9} {'rows64':>9} {'rows128':>9} {'torch_ms':>9} "
+          f"{'variant':>22} {'ratio':>6} {'ours_TF':>7} {'torch_TF':>8}")
+    for r in rows:
+        print(f"{r['n']:>5} {r['start']:>6} {r['ours_ms']:>9.4f} {r['ms_block_rows_64']:>9.4f} "
+              f"{r['ms_block_rows_128']:>9.4f} {(r['torch_ms'] or float('nan')):>9.4f} "
+              f"{str(r['torch_variant']):>22} {(r['ratio_ours_over_torch'] or float('nan')):>6.3f} "
+              f"{r['ours_tflops']:>7.1f} {(r['torch_tflops'] or float('nan')):>8.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", required=True)
@@ -59,12 +163,11 @@ def main():
     args = ap.parse_args()
     with open(args.ours) as f:
         ours = json.load(f)
+    if ours.get("mode") == "prefill":
+        prefill(ours, args)
+        return
     hq, hkv, d = ours["num_q_heads"], ours["num_kv_heads"], ours["head_dim"]
-    backends = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    }
+    backends = BACKENDS
     rows = []
     for r in ours["rows"]:
         b, L = r["batch"], r["context"]

@@ -27,6 +27,10 @@ cudaError_t LaunchDecodeAttention(const DecodeAttentionParams& p, const Attentio
                                   void* workspace, cudaStream_t stream);
 cudaError_t LaunchSparseAttention(const SparseAttentionParams& p, const AttentionPlan& plan,
                                   void* workspace, cudaStream_t stream);
+// block_rows: 64 or 128 (kernels.cc resolves 0 with PrefillBlockRows).
+int PrefillBlockRows(const PrefillAttentionParams& p);
+cudaError_t LaunchPrefillAttention(const PrefillAttentionParams& p, int block_rows,
+                                   cudaStream_t stream);
 cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream);
 cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
 cudaError_t LaunchFillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
