@@ -283,6 +283,11 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     no.memory_bytes = tier_shared + tier_per_seq * batch + (int64_t{256} << 20);
     no.search_threads = opt.threads;
     no.index_options = index_options;
+    // Each prompt's index is built explicitly after its push (PushPromptToTier); the node's
+    // automatic build (cluster by default) would first cluster every pushed prompt for nothing
+    // (~15 s per 96K prompt on 16 cores), as on a node whose workers build their own indexes
+    // (--auto-index=exact there).
+    no.auto_index = indexer::Method::kExact;
     Progress(absl::StrFormat(
         "context %d, kvrecall (%s prompts): batch %d (host: %.1f GB of tier per sequence, "
         "%.1f GB arena; device: %.2f GB per sequence)",
