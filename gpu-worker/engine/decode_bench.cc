@@ -286,7 +286,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     // Each prompt's index is built explicitly after its push (PushPromptToTier); the node's
     // automatic build (cluster by default) would first cluster every pushed prompt for nothing
     // (~15 s per 96K prompt on 16 cores), as on a node whose workers build their own indexes
-    // (--auto-index=exact there).
+    // (--auto_index=exact there).
     no.auto_index = indexer::Method::kExact;
     Progress(absl::StrFormat(
         "context %d, kvrecall (%s prompts): batch %d (host: %.1f GB of tier per sequence, "
