@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <new>
+#include <numeric>
 #include <thread>
 #include <utility>
 
@@ -41,6 +43,26 @@ uint64_t SyntheticStream(uint64_t seed, int layer, bool is_v) {
 double Since(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
 
 }  // namespace
+
+namespace internal {
+
+absl::Status ValidatePrefillPrompt(absl::Span<const int32_t> tokens, int vocab_size,
+                                   int max_context) {
+  if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", i, " (", tokens[i], ") is outside [0, ", vocab_size, ")"));
+    }
+  }
+  if (static_cast<int64_t>(tokens.size()) >= max_context) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a prompt of ", tokens.size(), " tokens does not fit max_context ", max_context));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
 
 void SyntheticKv(uint64_t seed, int layer, bool is_v, int num_kv_heads, int head_dim, int64_t t0,
                  int64_t n, int h, uint16_t* out) {
@@ -182,6 +204,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* 
   }
   if (options.observer != nullptr)
     return absl::InvalidArgumentError("the GPU engine has no QkvObserver");
+  if (options.prefill_chunk < 1) return absl::InvalidArgumentError("prefill_chunk must be >= 1");
   std::unique_ptr<CudaEngine> e(new CudaEngine(model, tier, std::move(spec), options, limits));
   RETURN_IF_ERROR(e->Allocate());
   return e;
@@ -386,6 +409,254 @@ absl::Status CudaEngine::AddSyntheticSequence(const std::string& id, int64_t num
   }
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "synthetic KV"));
   std::move(undo).Cancel();
+  return absl::OkStatus();
+}
+
+int64_t CudaEngine::PrefillDeviceBytes(const LlamaConfig& c, const EngineOptions& o,
+                                       int64_t num_tokens, int chunk_tokens) {
+  const int64_t kvd = int64_t{c.num_kv_heads} * c.head_dim, qd = int64_t{c.num_heads} * c.head_dim;
+  const int64_t T = std::max<int64_t>(num_tokens, 1);
+  const int64_t C = std::clamp<int64_t>(chunk_tokens, 1, T);
+  const int sparse_layers = o.sparse ? std::max(0, c.num_layers - o.dense_layers) : 0;
+  return T * c.hidden_size * 4 + 2 * T * 4 + C * (qd + 2 * kvd) * 2 + C * qd * 2 +
+         int64_t{c.vocab_size} * 4 + std::min(sparse_layers, 2) * 2 * T * kvd * 2;
+}
+
+int CudaEngine::PrefillChunk(const CudaPrefillOptions& o) const {
+  const int want = o.chunk_tokens > 0 ? o.chunk_tokens : options_.prefill_chunk;
+  return std::max(1, std::min(want, model_->max_rows()));
+}
+
+absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const int32_t> tokens,
+                                         const CudaPrefillOptions& prefill_options,
+                                         std::vector<float>* last_logits) {
+  const absl::Time t_start = absl::Now();
+  RETURN_IF_ERROR(internal::ValidatePrefillPrompt(tokens, config_.vocab_size, limits_.max_context));
+  if (prefill_options.chunk_tokens < 0) {
+    return absl::InvalidArgumentError("chunk_tokens must be >= 0");
+  }
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  RETURN_IF_ERROR(NewRow(id, T));
+  const size_t row = rows_.size() - 1;
+  absl::Cleanup undo = [&] { rows_.pop_back(); };
+
+  Device& d = *dev_;
+  const cudaStream_t st = model_->stream();
+  const int L = config_.num_layers, hd = config_.head_dim, Hkv = config_.num_kv_heads;
+  const int V = config_.vocab_size;
+  const int64_t hidden = config_.hidden_size, C = PrefillChunk(prefill_options);
+  const size_t qd = model_->q_dim(), kvd = model_->kv_dim(), width = model_->qkv_width();
+  const size_t Tz = static_cast<size_t>(T);
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  const int sparse_layers = options_.sparse ? std::max(0, L - options_.dense_layers) : 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  // Per-call buffers (the header comment lists them and their sizes).
+  DeviceMem x, io, qkv, attn, logits, scratch_k[2], scratch_v[2];
+  RETURN_IF_ERROR(x.Allocate(Tz * hidden * 4, "prefill residual stream"));
+  RETURN_IF_ERROR(io.Allocate(2 * Tz * 4, "prefill tokens and positions"));
+  RETURN_IF_ERROR(qkv.Allocate(C * width * 2, "prefill q|k|v"));
+  RETURN_IF_ERROR(attn.Allocate(C * qd * 2, "prefill attention output"));
+  if (last_logits != nullptr) RETURN_IF_ERROR(logits.Allocate(V * 4, "prefill logits"));
+  for (int i = 0; i < std::min(sparse_layers, 2); ++i) {
+    RETURN_IF_ERROR(scratch_k[i].Allocate(Tz * kvd * 2, "prefill K of a sparse layer"));
+    RETURN_IF_ERROR(scratch_v[i].Allocate(Tz * kvd * 2, "prefill V of a sparse layer"));
+  }
+  // Sparse mode: every layer's K/V on the host for the tier ([layer][K|V][T][kv_dim] bf16) and
+  // the sampled queries ([sparse layer][query][q_dim] bf16, pinned).
+  std::unique_ptr<uint16_t[]> host_kv;
+  PinnedMem q_h;
+  std::vector<int32_t> qpos;
+  std::vector<int32_t> inputs(2 * Tz);  // tokens | positions
+  cudaStream_t copy = nullptr;          // downloads layer l - 1 while layer l computes
+  cudaEvent_t layer_done[2] = {nullptr, nullptr};
+  absl::Cleanup release = [&] {  // nothing may use the buffers above once they are freed
+    (void)cudaStreamSynchronize(st);
+    if (copy != nullptr) {
+      (void)cudaStreamSynchronize(copy);
+      (void)cudaStreamDestroy(copy);
+    }
+    for (cudaEvent_t e : layer_done) {
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    }
+  };
+  if (options_.sparse) {
+    const size_t n = static_cast<size_t>(L) * 2 * Tz * kvd;
+    host_kv.reset(new (std::nothrow) uint16_t[n]);
+    if (host_kv == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("prefill: no ", n * 2, " bytes of host memory for the prompt's K/V"));
+    }
+    qpos = internal::IndexQueryPositions(options_, T);
+    if (sparse_layers > 0) {
+      RETURN_IF_ERROR(q_h.Allocate(sparse_layers * qpos.size() * qd * 2, "prompt queries"));
+    }
+    RETURN_IF_ERROR(
+        CudaStatus(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking), "cudaStreamCreate"));
+    for (cudaEvent_t& e : layer_done) {
+      RETURN_IF_ERROR(
+          CudaStatus(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate"));
+    }
+  }
+
+  std::copy(tokens.begin(), tokens.end(), inputs.begin());
+  std::iota(inputs.begin() + T, inputs.end(), 0);
+  RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(io.as<void>(), inputs.data(), 2 * Tz * 4, cudaMemcpyHostToDevice, st),
+      "prefill inputs upload"));
+  const int32_t* d_tokens = io.as<int32_t>();
+  const int32_t* d_pos = d_tokens + T;
+  float* const xp = x.as<float>();
+  for (int64_t c0 = 0; c0 < T; c0 += C) {
+    const int n = static_cast<int>(std::min(C, T - c0));
+    RETURN_IF_ERROR(model_->Embed(d_tokens + c0, n, xp + c0 * hidden));
+  }
+
+  // Layer l's K and V of the prompt, [T][kv_dim] each: the dense cache's row or a scratch.
+  std::vector<const uint16_t*> k_of(L), v_of(L);
+  // Layer l's K/V into host_kv once the model's stream has finished the layer (returns when
+  // they are there).
+  auto download = [&](int l) -> absl::Status {
+    RETURN_IF_ERROR(
+        CudaStatus(cudaStreamWaitEvent(copy, layer_done[l % 2], 0), "cudaStreamWaitEvent"));
+    for (int is_v = 0; is_v < 2; ++is_v) {
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(host_kv.get() + (static_cast<size_t>(l) * 2 + is_v) * Tz * kvd,
+                          is_v ? v_of[l] : k_of[l], Tz * kvd * 2, cudaMemcpyDeviceToHost, copy),
+          "prompt K/V download"));
+    }
+    return CudaStatus(cudaStreamSynchronize(copy), "prompt K/V download");
+  };
+  for (int l = 0; l < L; ++l) {
+    const bool sparse = IsSparse(l);
+    const int s = l - options_.dense_layers;  // sparse layers: index among them
+    uint16_t *k_dst, *v_dst;
+    cuda::KvCacheView view;
+    view.token_stride = static_cast<int64_t>(kvd);
+    view.head_stride = hd;
+    int seq = 0;
+    if (!sparse) {  // straight into the sequence's row of the dense cache
+      k_dst = d.k[l].as<uint16_t>() + row * limits_.max_context * kvd;
+      v_dst = d.v[l].as<uint16_t>() + row * limits_.max_context * kvd;
+      view.k = d.k[l].as<uint16_t>();
+      view.v = d.v[l].as<uint16_t>();
+      view.page_stride = static_cast<int64_t>(limits_.max_context) * kvd;
+      seq = static_cast<int>(row);
+    } else {
+      k_dst = scratch_k[s % 2].as<uint16_t>();
+      v_dst = scratch_v[s % 2].as<uint16_t>();
+      view.k = k_dst;
+      view.v = v_dst;
+      view.page_stride = T * static_cast<int64_t>(kvd);
+    }
+    k_of[l] = k_dst;
+    v_of[l] = v_dst;
+    size_t next_q = 0;  // qpos[next_q]: the next sampled query position
+    for (int64_t c0 = 0; c0 < T; c0 += C) {
+      const int n = static_cast<int>(std::min(C, T - c0));
+      float* xc = xp + c0 * hidden;
+      const uint16_t* q = qkv.as<uint16_t>();
+      RETURN_IF_ERROR(model_->Qkv(l, xc, n, d_pos + c0, qkv.as<uint16_t>()));
+      for (int is_v = 0; is_v < 2; ++is_v) {
+        RETURN_IF_ERROR(CudaStatus(
+            cudaMemcpy2DAsync((is_v ? v_dst : k_dst) + c0 * kvd, kvd * 2, q + qd + is_v * kvd,
+                              width * 2, kvd * 2, n, cudaMemcpyDeviceToDevice, st),
+            "prompt K/V write"));
+      }
+      for (; sparse && next_q < qpos.size() && qpos[next_q] < c0 + n; ++next_q) {
+        RETURN_IF_ERROR(CudaStatus(
+            cudaMemcpyAsync(q_h.as<uint16_t>() + (s * qpos.size() + next_q) * qd,
+                            q + (qpos[next_q] - c0) * width, qd * 2, cudaMemcpyDeviceToHost, st),
+            "prompt query download"));
+      }
+      cuda::PrefillAttentionParams p;
+      p.num_tokens = n;
+      p.start = static_cast<int>(c0);
+      p.num_q_heads = config_.num_heads;
+      p.num_kv_heads = Hkv;
+      p.head_dim = hd;
+      p.q = q;
+      p.q_token_stride = static_cast<int64_t>(width);
+      p.cache = view;
+      p.seq = seq;
+      p.scale = scale;
+      p.out = attn.as<uint16_t>();
+      RETURN_IF_ERROR(cuda::PrefillAttention(p, st));
+      RETURN_IF_ERROR(model_->FinishLayer(l, attn.as<uint16_t>(), n, xc));
+    }
+    if (sparse) {  // the sinks and the window into the sinks + window cache (header comment)
+      auto rows_to_ring = [&](int64_t p0, int64_t r0, int64_t count) -> absl::Status {
+        for (int is_v = 0; is_v < 2; ++is_v) {
+          uint16_t* ring = (is_v ? d.v[l] : d.k[l]).as<uint16_t>() + row * (S + W) * kvd;
+          RETURN_IF_ERROR(
+              CudaStatus(cudaMemcpyAsync(ring + r0 * kvd, (is_v ? v_dst : k_dst) + p0 * kvd,
+                                         count * kvd * 2, cudaMemcpyDeviceToDevice, st),
+                         "sinks + window copy"));
+        }
+        return absl::OkStatus();
+      };
+      if (const int64_t sinks = std::min(T, S); sinks > 0) {
+        RETURN_IF_ERROR(rows_to_ring(0, 0, sinks));
+      }
+      // The window's positions [max(S, T - W), T) in runs that do not wrap around the ring.
+      for (int64_t p = std::max(S, T - W); p < T;) {
+        const int64_t r = (p - S) % W;
+        const int64_t run = std::min(T - p, W - r);
+        RETURN_IF_ERROR(rows_to_ring(p, S + r, run));
+        p += run;
+      }
+    }
+    if (options_.sparse) {
+      // Downloading layer l - 1 now overlaps layer l's compute; the scratch layer l + 1 will
+      // write (layer l - 1's, if sparse) is only enqueued after the download has returned.
+      RETURN_IF_ERROR(CudaStatus(cudaEventRecord(layer_done[l % 2], st), "cudaEventRecord"));
+      if (l > 0) RETURN_IF_ERROR(download(l - 1));
+    }
+  }
+  if (options_.sparse) RETURN_IF_ERROR(download(L - 1));
+  if (last_logits != nullptr) {
+    RETURN_IF_ERROR(model_->Logits(xp + (T - 1) * hidden, 1, logits.as<float>()));
+    last_logits->resize(V);
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(last_logits->data(), logits.as<void>(), V * 4, cudaMemcpyDeviceToHost, st),
+        "logits download"));
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "prefill"));
+
+  if (options_.sparse) {
+    const size_t nq = qpos.size();
+    std::vector<std::vector<float>> queries(sparse_layers);
+    std::vector<absl::Span<const float>> layer_queries;
+    for (int s = 0; s < sparse_layers; ++s) {
+      const uint16_t* src = q_h.as<uint16_t>() + s * nq * qd;
+      queries[s].resize(nq * qd);
+      for (size_t j = 0; j < nq * qd; ++j) queries[s][j] = Bf16ToF32(src[j]);
+      layer_queries.push_back(queries[s]);
+    }
+    // host_kv's [T][kv_heads][head_dim] rows as the tier's [kv_heads][tokens][head_dim].
+    const uint16_t* kv = host_kv.get();
+    const size_t row_bytes = spec_.row_bytes();
+    auto source = [&](client::AppendBatch* b) {
+      const size_t n = static_cast<size_t>(b->num_tokens);
+      for (int l = 0; l < L; ++l) {
+        b->keys[l].resize(Hkv * n * row_bytes);
+        b->values[l].resize(Hkv * n * row_bytes);
+      }
+      pool_.ParallelFor(int64_t{L} * 2 * Hkv, [&](int64_t i) {
+        const int l = static_cast<int>(i / (2 * Hkv)), h = static_cast<int>(i % Hkv);
+        const int is_v = static_cast<int>((i / Hkv) % 2);
+        const uint16_t* src =
+            kv + ((static_cast<size_t>(l) * 2 + is_v) * Tz + b->token_start) * kvd + h * hd;
+        char* dst = (is_v ? b->values[l] : b->keys[l]).data() + h * n * row_bytes;
+        for (size_t t = 0; t < n; ++t) std::memcpy(dst + t * row_bytes, src + t * kvd, row_bytes);
+      });
+    };
+    RETURN_IF_ERROR(internal::PushPromptToTier(tier_, spec_, options_, id, tokens, source,
+                                               static_cast<int>(nq), layer_queries,
+                                               &counters_.index_build_seconds));
+  }
+  std::move(undo).Cancel();
+  times_.prefill += Since(t_start);
   return absl::OkStatus();
 }
 

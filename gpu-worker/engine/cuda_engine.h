@@ -29,9 +29,33 @@
 // sequence at once (ids in any order); sequences join (AddSequence) and leave (RemoveSequence,
 // which moves the last row into the freed one) between steps.
 //
-// Prefill: this engine has none (no prefill attention kernel yet). AddSequence takes a PromptKV
-// from the host Engine::Prefill and uploads it; AddSyntheticSequence fills a prompt's KV with
-// deterministic random rows (for benchmarks at contexts a host prefill cannot reach).
+// Prompts come in three ways: PrefillSequence runs the prompt through the model on the device
+// (chunked causal prefill, PrefillAttention); AddSequence uploads a PromptKV from the host
+// Engine::Prefill; AddSyntheticSequence fills a prompt's KV with deterministic random rows (for
+// benchmarks that need no real prompt).
+//
+// Prefill order and memory. PrefillSequence is layer-major: every chunk of the prompt goes
+// through layer l before any goes through layer l + 1. A dense layer's K/V rows go straight into
+// the sequence's row of the dense cache, which PrefillAttention reads; a sparse layer keeps only
+// sinks + window on the device, yet its prefill attends to the whole prompt, so its K/V rows go
+// into a scratch of the whole prompt, whose sinks and window are copied into the sinks + window
+// cache once the layer is done. Layer-major needs the residual stream of the whole prompt and one
+// sparse layer's scratch; chunk-major (every layer for one chunk) would need the scratch of
+// every sparse layer at once - as much as a dense sequence of the prompt's length keeps for
+// good, where the sparse mode exists to save device memory. Chosen for that. Per call, for T
+// prompt tokens in chunks of C (in brackets: Llama-3-8B, T = 96K, C = 2048, 30 sparse layers):
+//   device: x [T][hidden] fp32 (1.61 GB); tokens and positions [2][T] int32; q|k|v
+//     [C][q_dim + 2 kv_dim] bf16 and the attention output [C][q_dim] bf16 (42 MB); the logits
+//     [vocab] fp32 when asked for; sparse mode adds the scratch, double-buffered so that one
+//     layer's rows download while the next layer computes: [2][K|V][T][kv_heads][head_dim]
+//     bf16 (0.81 GB). About 2.5 GB in all (PrefillDeviceBytes), against 12.1 GB of scratch
+//     ([30][K|V][T][kv_heads][head_dim]) chunk-major. The model's scratch for C rows (CudaModel
+//     max_rows; 0.24 GB) is the model's.
+//   host, sparse mode only: every layer's K/V of the prompt, [layers][K|V][T][kv_heads]
+//     [head_dim] bf16 (12.9 GB), downloaded layer by layer and pushed to the tier once the last
+//     layer is done (an AppendBatch carries every layer of its tokens); the host path's fp32
+//     PromptKV is twice that. And the sampled ctkvr queries, pinned, [sparse layers]
+//     [IndexQueryPositions][q_dim] bf16.
 //
 // Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step).
 // The model and the tier must outlive the engine; the engine uses the model's stream.
@@ -66,6 +90,16 @@ struct CudaEngineTimes {
   double retrieve = 0;  // the engine thread inside Tier::Retrieve or waiting for lookahead's
   double upload = 0;    // packing (on the host) and enqueuing recalled rows and slot maps
   double append = 0;    // Tier::AppendKV of the new tokens
+  double prefill = 0;   // whole PrefillSequence calls (the tier push included)
+};
+
+// Per-call options of CudaEngine::PrefillSequence.
+struct CudaPrefillOptions {
+  // Prompt tokens per forward pass; 0 = EngineOptions::prefill_chunk. Capped at the model's
+  // max_rows (CudaModel sizes its scratch by it): a model loaded with max_rows = max_batch
+  // prefills in chunks of max_batch tokens, so load it with max(max_batch, chunk) rows for
+  // larger chunks (PrefillAttention was measured at 512-8192; gpu-worker/backends/cuda/NOTES.md).
+  int chunk_tokens = 0;
 };
 
 class CudaEngine {
@@ -87,6 +121,36 @@ class CudaEngine {
   // Engine::AddSequence does. ALREADY_EXISTS for an id in use, RESOURCE_EXHAUSTED when
   // max_batch sequences are resident, INVALID_ARGUMENT when the prompt does not fit max_context.
   absl::Status AddSequence(const std::string& id, const PromptKV& prompt);
+
+  // Runs the prompt `tokens` through the model on the device, in chunks of
+  // PrefillChunk(options) tokens (layer-major, header comment), and starts sequence `id` from
+  // it; returns once done (the model's stream idle). On OK:
+  //   - the sequence is resident and ready for Step exactly as after AddSequence(id,
+  //     Engine::Prefill(tokens)): same length and positions, the same cache contents (dense
+  //     layers: every prompt row; sparse layers: sinks and window; fresh slot caches and epochs)
+  //     up to the GPU's bf16 arithmetic;
+  //   - in sparse mode the tier holds the prompt as internal::PushPromptToTier leaves it (every
+  //     layer's K/V; for ctkvr / cluster the index, ctkvr's built from the queries of the
+  //     positions internal::IndexQueryPositions names, bf16 from the device, as fp32);
+  //   - *last_logits (when not null) holds the last prompt token's logits, [vocab] fp32.
+  // Errors: INVALID_ARGUMENT for an empty prompt, a token outside [0, vocab), a prompt of
+  // max_context tokens or more (internal::ValidatePrefillPrompt) or a negative chunk_tokens;
+  // ALREADY_EXISTS for an id in use; RESOURCE_EXHAUSTED when max_batch sequences are resident or
+  // the per-call buffers do not fit the device (PrefillDeviceBytes) or the host; the tier's
+  // errors, as AddSequence; INTERNAL for a CUDA error. On error the sequence is not resident
+  // and *last_logits is unspecified; a tier error may leave the sequence open on the tier, as
+  // AddSequence does.
+  absl::Status PrefillSequence(const std::string& id, absl::Span<const int32_t> tokens,
+                               const CudaPrefillOptions& options = {},
+                               std::vector<float>* last_logits = nullptr);
+  // Device bytes PrefillSequence allocates (at most) for a prompt of num_tokens tokens in
+  // chunks of chunk_tokens: the header comment's list. The model's own scratch for
+  // chunk_tokens rows (CudaModel sizes it by max_rows at load) is not included.
+  static int64_t PrefillDeviceBytes(const LlamaConfig& config, const EngineOptions& options,
+                                    int64_t num_tokens, int chunk_tokens);
+  // The prefill chunk PrefillSequence uses with `options`: options.chunk_tokens, or
+  // EngineOptions::prefill_chunk when 0, at most the model's max_rows.
+  int PrefillChunk(const CudaPrefillOptions& options) const;
 
   // A synthetic prompt of num_tokens tokens: every layer's K/V row of token t, kv-head h is
   // SyntheticKv(seed, layer, t, h), written on the device (dense layers whole, sparse layers
@@ -144,6 +208,13 @@ class CudaEngine {
   EngineCounters counters_;
   CudaEngineTimes times_;
 };
+
+namespace internal {
+// PrefillSequence's argument check: INVALID_ARGUMENT for an empty prompt, a token outside
+// [0, vocab_size) or more than max_context - 1 tokens (one position must stay free to decode).
+absl::Status ValidatePrefillPrompt(absl::Span<const int32_t> tokens, int vocab_size,
+                                   int max_context);
+}  // namespace internal
 
 // The synthetic K/V of AddSyntheticSequence: K (is_v false) or V of layer `layer`, tokens
 // [t0, t0 + n), kv-head h, as bf16 bits at out[i * head_dim + j] ([n][head_dim]).

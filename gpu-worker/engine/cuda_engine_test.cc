@@ -1,6 +1,6 @@
 // The GPU-resident engine against the host Engine on the cpu backend (fp32 everywhere but the
 // bf16 K/V), on the make-model preset "tiny" (4 layers, 4 q / 2 kv heads, head_dim 64): the
-// prompts are prefilled by the host Engine (the GPU engine has no prefill) and uploaded, then
+// prompts are prefilled by the host Engine and uploaded (AddSequence), then
 // both decode the same tokens (teacher-forced: the host's greedy choices) and their logits are
 // compared every step within bf16 tolerance (relative L2 <= 1e-2 and every element within
 // 4u|ref| + 0.05 rms(ref), u = 2^-8, as cuda_backend_test).
@@ -9,7 +9,17 @@
 //   attend to the same tokens as dense, so the logits must match the same dense reference;
 //   with and without lookahead (a full-budget exact selection does not depend on the query).
 // Three sequences decode together; one leaves mid-way (its batch row is refilled by the last).
-// GPU tests skip where no CUDA device is found.
+//
+// GPU prefill (PrefillSequence) against the host path (Engine::Prefill, then AddSequence), on a
+// 45-token prompt in chunks of 16, 7 and 8 (none divides 45: the last chunk is short):
+// the last prompt token's logits and every teacher-forced decode step's logits within the same
+// tolerance, the GPU's greedy token equal to the host's wherever the host's top-2 margin exceeds
+// the tolerance of those two logits; dense (and a sequence added by AddSequence decoding beside
+// the prefilled one), and sparse with a LocalTier behind a recording wrapper: the prompt K/V the
+// tier receives and, for ctkvr, the prompt queries its index is built from, against the host
+// path's.
+// GPU tests skip where no CUDA device is found; the argument checks that need no device run
+// everywhere.
 #include "gpu-worker/engine/cuda_engine.h"
 
 #include <cuda_runtime_api.h>
@@ -22,6 +32,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
 #include "gpu-worker/backends/backend.h"
@@ -67,6 +79,85 @@ Diff Compare(const float* a, const float* r, size_t n) {
 
 int Argmax(const float* x, int n) { return static_cast<int>(std::max_element(x, x + n) - x); }
 
+// Whether the greedy choice of reference logits r survives the tolerance of Compare: the top-2
+// margin exceeds the sum of the two logits' tolerances.
+bool Decisive(const float* r, int n) {
+  double den = 0;
+  for (int i = 0; i < n; ++i) den += double{r[i]} * r[i];
+  const double rms = std::sqrt(den / n);
+  const int top = Argmax(r, n);
+  int second = top == 0 ? 1 : 0;
+  for (int i = 0; i < n; ++i) {
+    if (i != top && r[i] > r[second]) second = i;
+  }
+  auto tol = [&](int i) { return 4.0 / 256 * std::fabs(r[i]) + 0.05 * rms; };
+  return double{r[top]} - r[second] > tol(top) + tol(second);
+}
+
+// A tier that forwards every call and records what PushPromptToTier sends: the prompt appends
+// (those without token ids) and the BuildIndex queries.
+class RecordingTier final : public client::Tier {
+ public:
+  explicit RecordingTier(client::Tier* inner) : inner_(inner) {}
+  absl::Status RegisterModel(const ModelSpec& spec) override { return inner_->RegisterModel(spec); }
+  absl::StatusOr<client::OpenResult> OpenSequence(const std::string& id, const std::string& model,
+                                                  absl::Span<const int32_t> tokens) override {
+    return inner_->OpenSequence(id, model, tokens);
+  }
+  absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override {
+    if (b.token_ids.empty()) prompt_appends[id].push_back(b);
+    return inner_->AppendKV(id, b);
+  }
+  absl::Status Retrieve(const client::RetrieveBatch& batch,
+                        std::vector<client::Recalled>* out) override {
+    return inner_->Retrieve(batch, out);
+  }
+  absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& id,
+                                                        kvstore::BuildIndexArgs a) override {
+    Queries& q = queries[id];
+    q.num_queries = a.num_queries;
+    q.layers.clear();
+    for (absl::Span<const float> l : a.layer_queries) q.layers.emplace_back(l.begin(), l.end());
+    return inner_->BuildIndex(id, std::move(a));
+  }
+  absl::Status CloseSequence(const std::string& id, bool drop) override {
+    return inner_->CloseSequence(id, drop);
+  }
+  absl::StatusOr<kvstore::NodeStats> Stats(bool s) override { return inner_->Stats(s); }
+  client::TierCounters counters() const override { return inner_->counters(); }
+  std::string Describe() const override { return "recording"; }
+
+  struct Queries {
+    int num_queries = 0;
+    std::vector<std::vector<float>> layers;  // [sparse layer][num_queries][heads][head_dim]
+  };
+  std::map<std::string, std::vector<client::AppendBatch>> prompt_appends;
+  std::map<std::string, Queries> queries;
+
+ private:
+  client::Tier* inner_;
+};
+
+// Layer l's K (or V) rows of tokens [0, num_tokens) in a list of prompt appends (AppendBatch
+// layout, bf16) as fp32 [token][kv_head][head_dim]; NaN where no append covered a token.
+std::vector<float> PromptRows(const std::vector<client::AppendBatch>& appends, int l, bool is_v,
+                              int64_t num_tokens, int num_kv_heads, int head_dim) {
+  std::vector<float> out(static_cast<size_t>(num_tokens) * num_kv_heads * head_dim, NAN);
+  for (const client::AppendBatch& b : appends) {
+    const std::string& src = is_v ? b.values[l] : b.keys[l];
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src.data());
+    for (int h = 0; h < num_kv_heads; ++h) {
+      for (int64_t i = 0; i < b.num_tokens; ++i) {
+        for (int j = 0; j < head_dim; ++j) {
+          out[((b.token_start + i) * num_kv_heads + h) * head_dim + j] =
+              Bf16ToF32(bits[(h * b.num_tokens + i) * head_dim + j]);
+        }
+      }
+    }
+  }
+  return out;
+}
+
 class CudaEngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -79,8 +170,37 @@ class CudaEngineTest : public ::testing::Test {
     ASSERT_OK(WriteRandomModel(dir_, config_, 7));
     spec_ = SpecOf(config_, "tiny");
     ASSERT_OK_AND_ASSIGN(cpu_, CreateBackend("cpu", dir_, 2));
-    ASSERT_OK_AND_ASSIGN(auto ckpt, SafetensorsCheckpoint::Open(dir_));
-    ASSERT_OK_AND_ASSIGN(gpu_model_, cuda::CudaModel::Load(config_, *ckpt, 8));
+    ASSERT_OK_AND_ASSIGN(gpu_model_, LoadGpuModel(8));
+  }
+
+  absl::StatusOr<std::unique_ptr<cuda::CudaModel>> LoadGpuModel(int max_rows) const {
+    ASSIGN_OR_RETURN(auto ckpt, SafetensorsCheckpoint::Open(dir_));
+    return cuda::CudaModel::Load(config_, *ckpt, max_rows);
+  }
+
+  // The prefill tests' prompt: 45 tokens, so that chunks of 16, 7 and 8 all leave a short last
+  // chunk, and longer than sinks + window (4 + 8) so that the tier serves the middle.
+  std::vector<int32_t> PrefillPrompt() const {
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 45; ++i) prompt.push_back((i * 53 + 5) % 256);
+    return prompt;
+  }
+
+  // Compares the GPU's logits of `what` with the host's (the reference); on a decisive
+  // reference also the GPU's greedy token (`gpu_next`, -1: take the argmax of `gpu`).
+  void ExpectClose(const float* gpu, const float* host, int32_t gpu_next, const std::string& what,
+                   double* worst_rel, int* near_ties) {
+    const int V = config_.vocab_size;
+    const Diff d = Compare(gpu, host, V);
+    EXPECT_LE(d.rel_l2, 1e-2) << what;
+    EXPECT_LE(d.worst, 1.0) << what << " rel L2 " << d.rel_l2;
+    *worst_rel = std::max(*worst_rel, d.rel_l2);
+    if (gpu_next < 0) gpu_next = Argmax(gpu, V);
+    if (Decisive(host, V)) {
+      EXPECT_EQ(gpu_next, Argmax(host, V)) << what << ": greedy tokens differ";
+    } else {
+      ++*near_ties;
+    }
   }
 
   EngineOptions Options() const {
@@ -183,6 +303,202 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Lookahead, CudaEngineSparseTest, ::testing::Bool());
+
+// GPU prefill in dense mode, by (the model's max_rows, CudaPrefillOptions::chunk_tokens): chunks
+// of prefill_chunk = 16, of 7, and of 8 where the model's 8 rows cap prefill_chunk.
+class CudaEnginePrefillDenseTest : public CudaEngineTest,
+                                   public ::testing::WithParamInterface<std::pair<int, int>> {};
+
+TEST_P(CudaEnginePrefillDenseTest, MatchesHostPrefill) {
+  const auto [max_rows, chunk] = GetParam();
+  ASSERT_OK_AND_ASSIGN(auto model, LoadGpuModel(max_rows));
+  EngineOptions o = Options();
+  o.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, o));
+  ASSERT_OK_AND_ASSIGN(auto gpu, CudaEngine::Create(model.get(), nullptr, spec_, o, {4, 128}));
+  CudaPrefillOptions po;
+  po.chunk_tokens = chunk;
+  EXPECT_EQ(gpu->PrefillChunk(po), chunk > 0 ? chunk : std::min(o.prefill_chunk, max_rows));
+  const std::vector<int32_t> prompt = PrefillPrompt();
+  std::vector<float> hl, gl;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, host->Prefill(prompt, &hl));
+  ASSERT_OK(host->AddSequence("p", kv));
+  // "h" takes the host path into the GPU engine and decodes beside the prefilled "p".
+  ASSERT_OK(gpu->AddSequence("h", kv));
+  ASSERT_OK(gpu->PrefillSequence("p", prompt, po, &gl));
+  EXPECT_EQ(gpu->batch(), 2);
+  EXPECT_GT(gpu->times().prefill, 0);
+  double worst_rel = 0;
+  int near_ties = 0;
+  ASSERT_EQ(gl.size(), hl.size());
+  ExpectClose(gl.data(), hl.data(), -1, "prefill logits", &worst_rel, &near_ties);
+  const int V = config_.vocab_size;
+  const std::vector<std::string> ids = {"p", "h"};
+  int32_t next = Argmax(hl.data(), V);  // teacher-forced: the host's greedy tokens
+  for (int step = 0; step < 6; ++step) {
+    std::vector<float> hs, gs;
+    std::vector<int32_t> gn;
+    ASSERT_OK(host->Step({"p"}, {next}, &hs));
+    ASSERT_OK(gpu->Step(ids, {next, next}, &gn, &gs));
+    for (int i = 0; i < 2; ++i) {
+      ExpectClose(gs.data() + i * V, hs.data(), gn[i], absl::StrCat("step ", step, " ", ids[i]),
+                  &worst_rel, &near_ties);
+    }
+    next = Argmax(hs.data(), V);
+  }
+  std::printf("[ stats    ] worst logits rel L2 vs host: %.3g, near ties %d\n", worst_rel,
+              near_ties);
+}
+
+INSTANTIATE_TEST_SUITE_P(Chunks, CudaEnginePrefillDenseTest,
+                         ::testing::Values(std::pair{32, 0}, std::pair{32, 7}, std::pair{8, 0}));
+
+// GPU prefill in sparse mode (a LocalTier behind RecordingTier), exact with a budget covering
+// every candidate (decoding must then match the dense host reference) and ctkvr (the index is
+// built from the prompt queries; decoding only has to run).
+class CudaEnginePrefillSparseTest : public CudaEngineTest,
+                                    public ::testing::WithParamInterface<client::Method> {};
+
+TEST_P(CudaEnginePrefillSparseTest, PushesThePromptAndMatchesHostPrefill) {
+  ASSERT_OK_AND_ASSIGN(auto model, LoadGpuModel(32));
+  EngineOptions o = Options();
+  o.method = GetParam();
+  o.index_queries = 16;  // 16 positions, every 2nd of the last 32 (index_query_window)
+  o.index_query_window = 32;
+  client::TierOptions to;
+  to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
+                                                     2 * spec_.row_bytes(), to.staging_areas);
+  ASSERT_OK_AND_ASSIGN(
+      auto local, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+  RecordingTier tier(local.get());
+  ASSERT_OK(tier.RegisterModel(spec_));
+  ASSERT_OK_AND_ASSIGN(auto gpu, CudaEngine::Create(model.get(), &tier, spec_, o, {4, 128}));
+  // The host reference: a sparse engine's Prefill (its PromptKV carries the sampled queries;
+  // Prefill does not touch the tier) decoded by a dense engine.
+  ASSERT_OK_AND_ASSIGN(auto unused_tier,
+                       client::CreateLocalTier(kvstore::NodeOptions{int64_t{64} << 20, 16, 2}, to));
+  ASSERT_OK_AND_ASSIGN(auto prefiller, Engine::Create(cpu_.get(), unused_tier.get(), spec_, o));
+  EngineOptions dense = Options();
+  dense.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, dense));
+  const std::vector<int32_t> prompt = PrefillPrompt();
+  const int64_t T = static_cast<int64_t>(prompt.size());
+  std::vector<float> hl, gl;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, prefiller->Prefill(prompt, &hl));
+  ASSERT_OK(host->AddSequence("p", kv));
+  ASSERT_OK(gpu->PrefillSequence("p", prompt, {}, &gl));
+  double worst_rel = 0;
+  int near_ties = 0;
+  ExpectClose(gl.data(), hl.data(), -1, "prefill logits", &worst_rel, &near_ties);
+
+  // What reached the tier: every layer's K/V of the whole prompt, as the host path sends it.
+  const int L = config_.num_layers, Hkv = config_.num_kv_heads, d = config_.head_dim;
+  ASSERT_EQ(tier.prompt_appends.count("p"), 1u);
+  client::AppendBatch ref;
+  ref.num_tokens = T;
+  ref.keys.resize(L);
+  ref.values.resize(L);
+  internal::PromptKvSourceOf(spec_, kv)(&ref);
+  for (int l = 0; l < L; ++l) {
+    for (bool is_v : {false, true}) {
+      const std::vector<float> got = PromptRows(tier.prompt_appends["p"], l, is_v, T, Hkv, d);
+      const std::vector<float> want = PromptRows({ref}, l, is_v, T, Hkv, d);
+      const Diff diff = Compare(got.data(), want.data(), got.size());
+      EXPECT_LE(diff.rel_l2, 1e-2) << "layer " << l << (is_v ? " V" : " K");
+      EXPECT_LE(diff.worst, 1.0) << "layer " << l << (is_v ? " V" : " K");  // NaN fails too
+    }
+  }
+  if (o.method == client::Method::kCtkvr) {
+    ASSERT_EQ(tier.queries.count("p"), 1u);
+    const RecordingTier::Queries& q = tier.queries["p"];
+    EXPECT_EQ(q.num_queries, static_cast<int>(kv.query_positions.size()));
+    EXPECT_EQ(kv.query_positions, internal::IndexQueryPositions(o, T));
+    ASSERT_EQ(static_cast<int>(q.layers.size()), L - o.dense_layers);
+    for (int l = o.dense_layers; l < L; ++l) {
+      const std::vector<float>& got = q.layers[l - o.dense_layers];
+      ASSERT_EQ(got.size(), kv.q[l].size()) << "layer " << l;
+      const Diff diff = Compare(got.data(), kv.q[l].data(), got.size());
+      EXPECT_LE(diff.rel_l2, 1e-2) << "queries of layer " << l;
+      EXPECT_LE(diff.worst, 1.0) << "queries of layer " << l;
+    }
+  } else {
+    EXPECT_EQ(tier.queries.count("p"), 0u);  // exact builds nothing
+  }
+
+  const int V = config_.vocab_size;
+  int32_t next = Argmax(hl.data(), V);
+  for (int step = 0; step < 6; ++step) {
+    std::vector<float> hs, gs;
+    std::vector<int32_t> gn;
+    ASSERT_OK(host->Step({"p"}, {next}, &hs));
+    ASSERT_OK(gpu->Step({"p"}, {next}, &gn, &gs));
+    if (o.method == client::Method::kExact) {
+      ExpectClose(gs.data(), hs.data(), gn[0], absl::StrCat("step ", step), &worst_rel, &near_ties);
+    }
+    next = Argmax(hs.data(), V);
+  }
+  EXPECT_GT(gpu->counters().retrieve_calls, 0);
+  EXPECT_EQ(gpu->counters().fallback_layers, 0);
+  std::printf("[ stats    ] worst logits rel L2 vs host: %.3g, near ties %d\n", worst_rel,
+              near_ties);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, CudaEnginePrefillSparseTest,
+                         ::testing::Values(client::Method::kExact, client::Method::kCtkvr));
+
+TEST_F(CudaEngineTest, PrefillRejectsBadPromptsAndFullBatch) {
+  EngineOptions o = Options();
+  o.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto gpu, CudaEngine::Create(gpu_model_.get(), nullptr, spec_, o, {2, 64}));
+  const int V = config_.vocab_size;
+  EXPECT_THAT(gpu->PrefillSequence("x", {}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(gpu->PrefillSequence("x", {1, V, 2}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(gpu->PrefillSequence("x", {1, -1}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(gpu->PrefillSequence("x", std::vector<int32_t>(64, 1)),
+              StatusIs(absl::StatusCode::kInvalidArgument));  // max_context
+  CudaPrefillOptions bad;
+  bad.chunk_tokens = -1;
+  EXPECT_THAT(gpu->PrefillSequence("x", {1, 2}, bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(gpu->batch(), 0);
+  ASSERT_OK(gpu->PrefillSequence("x", std::vector<int32_t>(63, 1)));  // the longest that fits
+  EXPECT_THAT(gpu->PrefillSequence("x", {1, 2}), StatusIs(absl::StatusCode::kAlreadyExists));
+  ASSERT_OK(gpu->PrefillSequence("y", {1, 2, 3}));
+  EXPECT_THAT(gpu->PrefillSequence("z", {1, 2}), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(gpu->batch(), 2);
+  std::vector<int32_t> next;
+  ASSERT_OK(gpu->Step({"x", "y"}, {3, 4}, &next));  // "x" at position 63, the last
+}
+
+// The argument checks of PrefillSequence, which need no device.
+TEST(CudaEnginePrefillArgs, ValidatePrefillPrompt) {
+  using internal::ValidatePrefillPrompt;
+  const std::vector<int32_t> ok = {0, 5, 255};
+  EXPECT_OK(ValidatePrefillPrompt(ok, 256, 4));
+  EXPECT_THAT(ValidatePrefillPrompt({}, 256, 4), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidatePrefillPrompt(std::vector<int32_t>{0, 256}, 256, 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidatePrefillPrompt(std::vector<int32_t>{-1}, 256, 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidatePrefillPrompt(ok, 256, 3),  // max_context - 1 tokens at most
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(CudaEnginePrefillArgs, DeviceBytesFollowTheHeaderComment) {
+  LlamaConfig c;
+  c.num_layers = 32;
+  c.hidden_size = 4096;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  EngineOptions o;  // sparse, 2 dense layers
+  const int64_t T = 98304;
+  const int64_t sparse = CudaEngine::PrefillDeviceBytes(c, o, T, 2048);
+  o.sparse = false;
+  const int64_t dense = CudaEngine::PrefillDeviceBytes(c, o, T, 2048);
+  EXPECT_EQ(sparse - dense, 2 * 2 * T * 1024 * 2);  // two layers' K/V scratch
+  EXPECT_NEAR(static_cast<double>(sparse), 2.46e9, 0.02e9);
+}
 
 TEST_F(CudaEngineTest, RejectsBadLimitsAndFullBatch) {
   EngineOptions o = Options();

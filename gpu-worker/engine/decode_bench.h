@@ -8,14 +8,15 @@
 // side (CudaEngine::DeviceBytesPerSequence), host memory for the tier (it holds every layer's
 // K/V of every sequence).
 //
-// The prompt is synthetic ("prompt": "synthetic" in the JSON): a prefill of 32K-96K tokens is out
-// of reach without a prefill attention kernel, so every sequence's prompt K/V are deterministic
-// random rows (SyntheticKv), written straight into the device caches and pushed to the tier (the
-// same rows), and the tier's ctkvr index is built from random prompt queries. Decoding then runs
-// the real step: every token through every layer, the tier's real search and row streaming for
-// every sparse layer, the new rows appended to the tier. Budgets of one context reuse the tier's
-// sequences (the window of the later rows starts from synthetic rows where the earlier row
-// decoded; the timing does not depend on the values).
+// The prompt is synthetic ("prompt": "synthetic" in the JSON): the bench measures decode and
+// predates the GPU prefill (CudaEngine::PrefillSequence; the host prefill cannot reach 32K-96K),
+// so every sequence's prompt K/V are deterministic random rows (SyntheticKv), written straight
+// into the device caches and pushed to the tier (the same rows), and the tier's ctkvr index is
+// built from random prompt queries. Decoding then runs the real step: every token through every
+// layer, the tier's real search and row streaming for every sparse layer, the new rows appended
+// to the tier. Budgets of one context reuse the tier's sequences (the window of the later rows
+// starts from synthetic rows where the earlier row decoded; the timing does not depend on the
+// values).
 //
 // Thread safety: not thread-safe (uses the current CUDA device).
 #ifndef KVRECALL_GPU_WORKER_ENGINE_DECODE_BENCH_H_

@@ -71,6 +71,17 @@ absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const E
   return absl::OkStatus();
 }
 
+std::vector<int32_t> IndexQueryPositions(const EngineOptions& options, int64_t num_tokens) {
+  const int64_t window = std::min<int64_t>(num_tokens, std::max(1, options.index_query_window));
+  const int64_t n = std::min<int64_t>(window, std::max(1, options.index_queries));
+  std::vector<int32_t> positions;
+  positions.reserve(static_cast<size_t>(n));
+  for (int64_t j = n - 1; j >= 0; --j) {
+    positions.push_back(static_cast<int32_t>(num_tokens - 1 - j * (window / n)));
+  }
+  return positions;
+}
+
 PromptKvSource PromptKvSourceOf(const ModelSpec& spec, const PromptKV& prompt) {
   return [&spec, &prompt](client::AppendBatch* b) {
     const int Hkv = spec.num_kv_heads, d = spec.head_dim;
@@ -136,13 +147,7 @@ absl::StatusOr<PromptKV> Engine::Prefill(absl::Span<const int32_t> tokens, std::
   p.k.assign(L, {});
   p.v.assign(L, {});
   p.q.assign(L, {});
-  {
-    const int64_t window = std::min<int64_t>(T, std::max(1, options_.index_query_window));
-    const int64_t n = std::min<int64_t>(window, std::max(1, options_.index_queries));
-    for (int64_t j = n - 1; j >= 0; --j) {
-      p.query_positions.push_back(static_cast<int32_t>(T - 1 - j * (window / n)));
-    }
-  }
+  p.query_positions = internal::IndexQueryPositions(options_, T);
   for (int l = 0; l < L; ++l) {
     p.k[l].resize(static_cast<size_t>(T) * rowf);
     p.v[l].resize(static_cast<size_t>(T) * rowf);

@@ -109,6 +109,12 @@ bool IsTierMiss(const absl::Status& s);
 // (AppendBatch layout, kv_dtype bytes).
 using PromptKvSource = std::function<void(client::AppendBatch* b)>;
 
+// The prompt positions whose queries ctkvr gets (PromptKV::query_positions; the GPU engine's
+// prefill samples the same): n = min(index_queries, window) positions, ascending, window / n
+// (rounded down) apart and ending at the last position, window = min(num_tokens,
+// index_query_window). REQUIRES: num_tokens >= 1.
+std::vector<int32_t> IndexQueryPositions(const EngineOptions& options, int64_t num_tokens);
+
 // The K/V of a prefilled prompt (fp32, rounded to spec.kv_dtype); refers to `prompt`, which must
 // outlive it.
 PromptKvSource PromptKvSourceOf(const ModelSpec& spec, const PromptKV& prompt);

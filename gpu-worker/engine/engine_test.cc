@@ -85,6 +85,16 @@ class EngineTest : public ::testing::Test {
 };
 std::string* EngineTest::dir_ = nullptr;
 
+// ctkvr's prompt queries: evenly spaced over the last index_query_window positions, ending at the
+// last one (the GPU engine's PrefillSequence samples the same positions).
+TEST(IndexQueryPositionsTest, EvenlySpacedOverTheWindowEndingAtTheLastToken) {
+  EngineOptions o;
+  o.index_queries = 4;
+  o.index_query_window = 16;
+  EXPECT_EQ(internal::IndexQueryPositions(o, 100), (std::vector<int32_t>{87, 91, 95, 99}));
+  EXPECT_EQ(internal::IndexQueryPositions(o, 3), (std::vector<int32_t>{0, 1, 2}));
+}
+
 TEST_F(EngineTest, SparseWithFullBudgetEqualsDenseExactly) {
   ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier_.get(), spec_, Options(4096)));
   ASSERT_OK_AND_ASSIGN(auto dense, Dense(4096));
