@@ -113,6 +113,9 @@ ABSL_FLAG(std::string, bench_prompts, "private",
           "bench: the kvrecall rows' prompts: private (each sequence its own; host memory bounds the "
           "batch) or shared (one document stored once in the tier plus --bench_question_tokens of "
           "each sequence's own; GPU memory bounds the batch)");
+ABSL_FLAG(int, bench_prefill_chunk, 0,
+          "bench: > 0 prefills the dense rows' prompts (random tokens) on the GPU in chunks of this "
+          "many tokens and reports the prefill time; 0 = synthetic K/V");
 ABSL_FLAG(int, bench_question_tokens, 64, "bench: each sequence's own prompt tokens with --bench_prompts=shared");
 ABSL_FLAG(double, ctkvr_min_similarity, -1,
           "bench: ctkvr's novel-query threshold in the in-process tier node (0 = CTKVR as published; "
@@ -162,6 +165,7 @@ absl::Status Bench() {
   o.sparse = absl::GetFlag(FLAGS_bench_sparse);
   o.prompts = absl::GetFlag(FLAGS_bench_prompts);
   o.question_tokens = absl::GetFlag(FLAGS_bench_question_tokens);
+  o.prefill_chunk = absl::GetFlag(FLAGS_bench_prefill_chunk);
   o.ctkvr_min_similarity = absl::GetFlag(FLAGS_ctkvr_min_similarity);
   nlohmann::json report;
   RETURN_IF_ERROR(RunDecodeBench(o, &report));
@@ -507,7 +511,7 @@ int main(int argc, char** argv) {
       "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)\n"
       "  bench       [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]\n"
       "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] [--bench_tier=local|remote]\n"
-      "              [--bench_prompts=private|shared] [--ctkvr_min_similarity=X]\n"
+      "              [--bench_prompts=private|shared] [--ctkvr_min_similarity=X] [--bench_prefill_chunk=N]\n"
       "              GPU decode throughput, dense vs kvrecall, Llama-3-8B shape, synthetic prompts");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2) {

@@ -155,6 +155,10 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
   const bool shared = opt.prompts == "shared";
   indexer::IndexOptions index_options;  // the tier node's
   RETURN_IF_ERROR(indexer::ApplyMinSimilarityFlag(opt.ctkvr_min_similarity, &index_options.ctkvr));
+  if (opt.prefill_chunk < 0 || opt.prefill_chunk > 8192) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill_chunk must be in [0, 8192], not ", opt.prefill_chunk));
+  }
   if (opt.tier != "local" && opt.tier != "remote") {
     return absl::InvalidArgumentError(
         absl::StrCat("tier must be local or remote, not '", opt.tier, "'"));
@@ -176,7 +180,8 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
   const ModelSpec spec = SpecOf(cfg, opt.quick ? "bench-quick" : "bench-llama-3-8b");
   Progress(absl::StrCat("random bf16 weights for ", model_name, " on the device ..."));
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaModel> model,
-                   cuda::CudaModel::Random(cfg, opt.seed, opt.max_batch));
+                   cuda::CudaModel::Random(cfg, opt.seed,
+                                           std::max(opt.max_batch, opt.prefill_chunk)));
   int device = 0;
   cudaDeviceProp prop{};
   RETURN_IF_ERROR(cuda::CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
@@ -219,7 +224,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
       nlohmann::json row = {{"model", model_name},  {"context", context},
                             {"method", "dense"},    {"budget", nullptr},
                             {"tier", "none"},       {"gpu_bytes_per_sequence", per_seq},
-                            {"prompt", "synthetic"}};
+                            {"prompt", opt.prefill_chunk > 0 ? "prefilled" : "synthetic"}};
       Progress(
           absl::StrFormat("context %d, dense: batch %d (%.2f GB of device memory per sequence)",
                           context, batch, per_seq / 1e9));
@@ -230,9 +235,28 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
       ASSIGN_OR_RETURN(auto engine,
                        CudaEngine::Create(model.get(), nullptr, spec, eo, {batch, max_context}));
       std::vector<std::string> ids;
+      std::mt19937 token_rng(static_cast<uint32_t>(opt.seed + context));
+      double prefill_s = 0;
       for (int i = 0; i < batch; ++i) {
         ids.push_back(absl::StrCat("dense-", context, "-", i));
-        RETURN_IF_ERROR(engine->AddSyntheticSequence(ids.back(), context, opt.seed + i));
+        if (opt.prefill_chunk == 0) {
+          RETURN_IF_ERROR(engine->AddSyntheticSequence(ids.back(), context, opt.seed + i));
+          continue;
+        }
+        std::vector<int32_t> prompt(static_cast<size_t>(context));
+        for (int32_t& t : prompt) t = static_cast<int32_t>(token_rng() % cfg.vocab_size);
+        const absl::Time t0 = absl::Now();
+        CudaPrefillOptions po;
+        po.chunk_tokens = opt.prefill_chunk;
+        RETURN_IF_ERROR(engine->PrefillSequence(ids.back(), prompt, po));
+        prefill_s += absl::ToDoubleSeconds(absl::Now() - t0);
+        Progress(absl::StrFormat("  prefilled %d / %d prompts on the GPU (%.1f s so far)", i + 1,
+                                 batch, prefill_s));
+      }
+      if (opt.prefill_chunk > 0) {
+        row["prefill_chunk"] = opt.prefill_chunk;
+        row["prefill_seconds"] = prefill_s / batch;
+        row["prefill_tokens_per_s"] = static_cast<double>(context) * batch / prefill_s;
       }
       RETURN_IF_ERROR(Decode(engine.get(), nullptr, opt, cfg.vocab_size, false, ids, &row));
       dense_tps = row["tokens_per_s"];
@@ -377,7 +401,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
   }
   (*report)["benchmark"] = "kvrecall-worker bench";
   (*report)["device"] = prop.name;
-  (*report)["prompt"] = "synthetic";
+  (*report)["prompt"] = opt.prefill_chunk > 0 ? "dense rows prefilled on the GPU, kvrecall rows synthetic" : "synthetic";
   (*report)["model_config"] = {{"num_layers", cfg.num_layers},
                                {"hidden_size", cfg.hidden_size},
                                {"intermediate_size", cfg.intermediate_size},

@@ -8,9 +8,9 @@
 // side (CudaEngine::DeviceBytesPerSequence), host memory for the tier (it holds every layer's
 // K/V of every sequence).
 //
-// The prompt is synthetic ("prompt": "synthetic" in the JSON): the bench measures decode and
-// predates the GPU prefill (CudaEngine::PrefillSequence; the host prefill cannot reach 32K-96K),
-// so every sequence's prompt K/V are deterministic random rows (SyntheticKv), written straight
+// The prompt is synthetic ("prompt": "synthetic" in the JSON) unless prefill_chunk > 0, which
+// prefills the dense rows' prompts (random tokens) on the GPU (CudaEngine::PrefillSequence) and
+// times it. Otherwise every sequence's prompt K/V are deterministic random rows (SyntheticKv), written straight
 // into the device caches and pushed to the tier (the same rows), and the tier's ctkvr index is
 // built from random prompt queries. Decoding then runs the real step: every token through every
 // layer, the tier's real search and row streaming for every sparse layer, the new rows appended
@@ -78,6 +78,10 @@ struct DecodeBenchOptions {
   // centroid, so with the default each search is novel and scans the whole context; a trained
   // model's are novel for 12-25 % of searches (docs/benchmarks.md). 0 = CTKVR as published.
   double ctkvr_min_similarity = -1;
+  // > 0: the dense rows' prompts are random tokens prefilled on the GPU
+  // (CudaEngine::PrefillSequence in chunks of this many tokens; the row's "prompt" is
+  // "prefilled", with prefill_seconds and prefill_tokens_per_s); 0: synthetic K/V rows.
+  int prefill_chunk = 0;
 };
 
 // Runs the benchmark and fills *report (the JSON of issue 6: "rows" with model, context,
