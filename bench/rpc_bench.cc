@@ -39,6 +39,7 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("drift", &o.drift));
   RETURN_IF_ERROR(f.Get("bf16_queries", &o.bf16_queries));
   RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
+  RETURN_IF_ERROR(f.Get("ctkvr_copy_list_rows", &o.ctkvr_copy_list_rows));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
       o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
@@ -72,10 +73,12 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   kvstore::NodeOptions node_options;
   RETURN_IF_ERROR(
       indexer::ApplyMinSimilarityFlag(o.ctkvr_min_similarity, &node_options.index_options.ctkvr));
+  node_options.index_options.ctkvr.copy_list_rows = o.ctkvr_copy_list_rows;
   // K/V, each sequence's index at its largest (ctkvr's bound; cluster's is smaller at these
   // sizes), and a margin.
   const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(node_options.index_options.ctkvr,
-                                                              o.kv_heads, o.group, o.head_dim);
+                                                              o.kv_heads, o.group, o.head_dim,
+                                                              spec.kv_dtype);
   node_options.memory_bytes = (seq_bytes + index_bytes) * o.sequences + (int64_t{256} << 20);
   const int64_t entries = static_cast<int64_t>(o.sequences) * o.kv_heads;
   const int64_t call_bytes = entries * o.budget * 2 * row;
@@ -248,6 +251,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   // Share of the timed ctkvr searches (both tiers) whose query was novel and scored exactly.
   j["ctkvr_novel_fraction"] = ctkvr_after.Since(ctkvr_before).novel_fraction();
   j["ctkvr_min_similarity"] = o.ctkvr_min_similarity;
+  j["ctkvr_copy_list_rows"] = o.ctkvr_copy_list_rows;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what

@@ -44,6 +44,9 @@ struct RpcBenchOptions {
   // default every search is novel and scored exactly; 0 serves each from the lists (CTKVR as
   // published), the cost a real model's queries mostly see.
   double ctkvr_min_similarity = -1;
+  // CtkvrOptions::copy_list_rows on both tiers: candidates streamed from per-centroid copies of
+  // their key rows (true) or gathered from the pages (false). The same selection either way.
+  bool ctkvr_copy_list_rows = true;
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

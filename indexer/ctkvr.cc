@@ -5,8 +5,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
+#include <memory>
 #include <new>
 #include <utility>
 
@@ -94,11 +96,28 @@ bool OptionsValid(const CtkvrOptions& o) {
 // A centroid's own state: st_.scaled, st_.unit, st_.lse and st_.list_mass.
 size_t CentroidBytes(size_t group, size_t head_dim) { return group * head_dim * 8 + group * 16; }
 
+size_t MaxNeighbours(const CtkvrOptions& o) {
+  return static_cast<size_t>(o.neighbour_tokens) * (2 * static_cast<size_t>(o.neighbour_radius) + 1);
+}
+
 // A centroid at its largest: its state, a full list with logits, every neighbour.
 size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim) {
   return CentroidBytes(group, head_dim) + static_cast<size_t>(o.list_size) * (4 + 4 * group) +
-         static_cast<size_t>(o.neighbour_tokens) * (2 * static_cast<size_t>(o.neighbour_radius) + 1) * 4;
+         MaxNeighbours(o) * 4;
 }
+
+// A prompt centroid's copy of its candidates' key rows at its largest (copy_list_rows).
+size_t MaxListRowsBytes(const CtkvrOptions& o, size_t row_bytes) {
+  if (!o.copy_list_rows) return 0;
+  return (static_cast<size_t>(o.list_size) + MaxNeighbours(o)) * (row_bytes + 4);
+}
+
+// The key rows of one centroid's candidates: its list ∪ its neighbours, ascending, and row j
+// (of the token tokens[j]) at rows[j * row_bytes].
+struct ListRows {
+  std::vector<int32_t> tokens;
+  std::vector<uint8_t> rows;
+};
 
 // out = the units [from, to) of single-token hits `in`, with each head's normaliser over them.
 void SliceHits(const Hits& in, int64_t from, int64_t to, kernels::Isa isa, Hits* out) {
@@ -128,7 +147,7 @@ class CtkvrSegment final : public Segment {
   CtkvrSegment(const CtkvrSegment& o) : Segment(o), opt_(o.opt_), group_(o.group_) {
     absl::ReaderMutexLock lock(&o.mu_);
     st_ = o.st_;
-    ReserveAdded();
+    ReserveAdded();  // copies_ start empty: searches make them again
   }
   CtkvrSegment& operator=(const CtkvrSegment&) = delete;
 
@@ -197,8 +216,7 @@ class CtkvrSegment final : public Segment {
     st_.lists.resize(c);
     st_.list_logits.resize(c);
     st_.neighbours.resize(c);
-    const size_t max_neighbours =
-        static_cast<size_t>(opt_.neighbour_tokens) * (2 * static_cast<size_t>(opt_.neighbour_radius) + 1);
+    const size_t max_neighbours = MaxNeighbours(opt_);
     for (size_t i = 0; i < c; ++i) {
       st_.lists[i] = r->Array<int32_t>();
       st_.list_logits[i] = r->Array<float>();
@@ -346,6 +364,8 @@ class CtkvrSegment final : public Segment {
       for (int i = 0; i < st_.count(); ++i) one(i);
     }
     end_ = new_end;
+    absl::MutexLock copies_lock(&copies_mu_);
+    copies_.clear();  // the lists changed
     return absl::OkStatus();
   }
 
@@ -357,7 +377,9 @@ class CtkvrSegment final : public Segment {
     size_t b = static_cast<size_t>(st_.num_prompt) * CentroidBytes(g, d);
     for (int i = 0; i < st_.num_prompt; ++i)
       b += (st_.lists[i].size() + st_.list_logits[i].size() + st_.neighbours[i].size()) * 4;
-    // Every added slot at its largest (a list of list_size, all neighbours), used or not.
+    // The prompt centroids' row copies as if all made, and every added slot at its largest (a
+    // list of list_size, all neighbours), used or not.
+    b += static_cast<size_t>(st_.num_prompt) * MaxListRowsBytes(opt_, RowBytes());
     return b + static_cast<size_t>(opt_.max_added) * MaxCentroidBytes(opt_, g, d);
   }
 
@@ -373,6 +395,7 @@ class CtkvrSegment final : public Segment {
     std::vector<int32_t> cand, merged;
     std::vector<double> best_mass(static_cast<size_t>(g));
     bool novel = false;
+    std::shared_ptr<const ListRows> copy;  // of the one centroid probed, when it has one
     {
       absl::ReaderMutexLock lock(&mu_);
       const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, st_.count());
@@ -402,11 +425,16 @@ class CtkvrSegment final : public Segment {
         std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
         cand.swap(merged);
       };
-      for (int probed = 0; !novel && probed < st_.count() &&
-                           (probed < m || static_cast<int64_t>(cand.size()) < need);
+      int probed = 0;
+      for (; !novel && probed < st_.count() &&
+             (probed < m || static_cast<int64_t>(cand.size()) < need);
            ++probed) {
         add(st_.lists[order[probed]]);
         add(st_.neighbours[order[probed]]);
+      }
+      if (probed == 1 && opt_.copy_list_rows && order[0] < st_.num_prompt &&
+          static_cast<int64_t>(cand.size()) >= need) {
+        copy = CopyOf(order[0], *s.keys);
       }
       for (int h = 0; h < g; ++h)
         best_mass[h] = st_.list_mass[static_cast<size_t>(order[0]) * g + h];
@@ -435,7 +463,15 @@ class CtkvrSegment final : public Segment {
     }
     if (cand.empty()) return absl::OkStatus();
     Hits& hits = *out->Add();
-    ScoreTokens(s, cand, &hits);
+    if (copy != nullptr) {
+      // The same tokens as `cand` (the copy's restricted to the range), their rows streamed.
+      const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
+      const auto hi = std::lower_bound(lo, copy->tokens.end(), re);
+      const int64_t first = lo - copy->tokens.begin();
+      ScoreRows(s, &*lo, copy->rows.data() + first * RowBytes(), hi - lo, &hits);
+    } else {
+      ScoreTokens(s, cand, &hits);
+    }
     // Each head's normaliser over the whole segment, estimated from the candidates and the share of
     // the best centroid's mass that its list holds.
     for (int h = 0; h < g; ++h) {
@@ -539,6 +575,29 @@ class CtkvrSegment final : public Segment {
     st_.neighbours.reserve(c);
   }
 
+  size_t RowBytes() const { return static_cast<size_t>(head_dim_) * DTypeSize(dtype_); }
+
+  // Prompt centroid ci's row copy, made now if it has none. REQUIRES: mu_ held (shared is
+  // enough: racing searches may both make one, the first installed wins).
+  std::shared_ptr<const ListRows> CopyOf(int ci, const PagedRows& keys) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    {
+      absl::MutexLock lock(&copies_mu_);
+      if (static_cast<size_t>(ci) < copies_.size() && copies_[ci] != nullptr) return copies_[ci];
+    }
+    auto made = std::make_shared<ListRows>();
+    std::set_union(st_.lists[ci].begin(), st_.lists[ci].end(), st_.neighbours[ci].begin(),
+                   st_.neighbours[ci].end(), std::back_inserter(made->tokens));
+    const size_t row = RowBytes();
+    made->rows.resize(made->tokens.size() * row);
+    for (size_t j = 0; j < made->tokens.size(); ++j)
+      std::memcpy(made->rows.data() + j * row, keys.row(made->tokens[j]), row);
+    absl::MutexLock lock(&copies_mu_);
+    if (copies_.size() < static_cast<size_t>(st_.num_prompt)) copies_.resize(st_.num_prompt);
+    if (copies_[ci] == nullptr) copies_[ci] = std::move(made);
+    return copies_[ci];
+  }
+
   bool AscendingInSegment(const std::vector<int32_t>& ids) const {
     for (size_t j = 0; j < ids.size(); ++j) {
       if (ids[j] < begin_ || ids[j] >= end_ || (j > 0 && ids[j] <= ids[j - 1])) return false;
@@ -586,6 +645,10 @@ class CtkvrSegment final : public Segment {
     int count() const { return static_cast<int>(lists.size()); }  // c
   };
   mutable Centroids st_;
+  // Row copies of the prompt centroids (copy_list_rows), [num_prompt] once any is made; null
+  // until made. Lock order: mu_, then copies_mu_.
+  mutable absl::Mutex copies_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  mutable std::vector<std::shared_ptr<const ListRows>> copies_ ABSL_GUARDED_BY(copies_mu_);
 };
 
 
@@ -627,10 +690,12 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& inp
 
 namespace kvrecall::indexer {
 
-int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim) {
+int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim, DType kv_dtype) {
+  const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeSize(kv_dtype);
   return (int64_t{options.centroids} + options.max_added) *
-         static_cast<int64_t>(internal::MaxCentroidBytes(options, static_cast<size_t>(group),
-                                                         static_cast<size_t>(head_dim)));
+             static_cast<int64_t>(internal::MaxCentroidBytes(options, static_cast<size_t>(group),
+                                                             static_cast<size_t>(head_dim))) +
+         int64_t{options.centroids} * static_cast<int64_t>(internal::MaxListRowsBytes(options, row_bytes));
 }
 
 absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options) {

@@ -95,6 +95,16 @@ void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hit
   FinishHits(s, rows, out);
 }
 
+void ScoreRows(const SegmentSearch& s, const int32_t* tokens, const uint8_t* rows, int64_t n,
+               Hits* out) {
+  const size_t row = static_cast<size_t>(s.keys->head_dim) * DTypeSize(s.keys->dtype);
+  thread_local std::vector<const uint8_t*> ptrs;
+  ptrs.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ptrs[i] = rows + static_cast<size_t>(i) * row;
+  out->tokens.assign(tokens, tokens + n);
+  FinishHits(s, ptrs, out);
+}
+
 void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
                     std::vector<int32_t>* out, std::vector<float>* scores) {
   out->clear();

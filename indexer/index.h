@@ -97,6 +97,14 @@ struct CtkvrOptions {
   // These neighbours are fixed when the list is made (Append re-ranks only the list itself).
   int neighbour_tokens = 8;
   int neighbour_radius = 8;
+  // Each prompt centroid keeps a contiguous copy of its candidates' key rows (its list and
+  // neighbours, ascending), made by the first search that probes it alone and dropped by
+  // Append. Such a search streams those rows instead of gathering them from the pages at
+  // random, which waits on memory once a node's keys outgrow the caches; its selection is the
+  // same bit for bit. Memory: up to C × (ρ + neighbours) key rows per segment (at the defaults
+  // and head_dim 128 in bf16, 4.4 MiB: 9% of the segment's K/V at 96K). Not serialised: a parsed
+  // segment has it on.
+  bool copy_list_rows = true;
 };
 
 struct ClusterOptions {
@@ -137,8 +145,9 @@ struct IndexOptions {
 
 // The most one ctkvr segment of one (layer, kv-head) ever holds (Segment::MemoryBytes), whatever
 // its token range: every prompt centroid and every centroid novel queries may add, each with a
-// full list, its logits and neighbours. For sizing a node's memory ahead of builds.
-int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim);
+// full list, its logits and neighbours, and the prompt centroids' copies of their key rows
+// (copy_list_rows). For sizing a node's memory ahead of builds.
+int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim, DType kv_dtype);
 
 // Applies a --ctkvr_min_similarity flag to *options: a negative value keeps the current
 // threshold, a value in [0, 1] replaces it; above 1 (or NaN) is INVALID_ARGUMENT (a cosine).

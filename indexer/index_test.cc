@@ -496,6 +496,49 @@ TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
   }
 }
 
+// The row copies change where a search reads its candidates from, never what it selects: the
+// same selection as the gather from the pages for ranges that cut the lists, after Append drops
+// the copies, and in a clone (which makes its own).
+TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
+  auto d = Data(4000);
+  PagedRows view = d->keys;
+  view.num_tokens = 3000;
+  BuildInput in = InputOver(*d, 0, 3000);
+  in.keys = &view;
+  IndexOptions with, without;
+  with.ctkvr.list_size = without.ctkvr.list_size = 256;  // partial lists: a probe sees a few
+  with.ctkvr.min_similarity = without.ctkvr.min_similarity = 0;
+  without.ctkvr.copy_list_rows = false;
+  ASSERT_OK_AND_ASSIGN(auto copied, BuildSegment(Method::kCtkvr, in, with, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto gathered, BuildSegment(Method::kCtkvr, in, without, nullptr));
+  // The copies are counted as if all made, whether made yet or not.
+  const size_t rows = static_cast<size_t>(with.ctkvr.centroids) *
+                      (256 + 8 * 17) * (static_cast<size_t>(d->keys.head_dim) * DTypeSize(d->keys.dtype) + 4);
+  EXPECT_EQ(copied->MemoryBytes(), gathered->MemoryBytes() + rows);
+  auto compare = [&](const Segment* a, const Segment* b, int64_t len) {
+    const std::vector<std::pair<int64_t, int64_t>> ranges = {{0, len}, {100, len - 64}, {700, 1500}, {0, 40}};
+    for (int i = 0; i < 8; ++i) {
+      const float* q = d->decode_queries.data() + i * 4 * 32;
+      for (const auto& [b0, e0] : ranges) {
+        for (int k : {16, 200}) {
+          const auto got = SearchOne(Entry(q, 4, &view, b0, e0, k, {a}));
+          EXPECT_EQ(got, SearchOne(Entry(q, 4, &view, b0, e0, k, {b})))
+              << "query " << i << " range [" << b0 << ", " << e0 << ") k " << k << " length " << len;
+          EXPECT_EQ(static_cast<int64_t>(got.size()), std::min<int64_t>(k, e0 - b0));
+        }
+      }
+    }
+  };
+  compare(copied.get(), gathered.get(), 3000);
+  compare(copied.get(), gathered.get(), 3000);  // now from the copies made above
+  view.num_tokens = 4000;
+  ASSERT_OK(copied->Append(view, 4000, nullptr));
+  ASSERT_OK(gathered->Append(view, 4000, nullptr));
+  compare(copied.get(), gathered.get(), 4000);
+  const std::unique_ptr<Segment> clone = copied->Clone();
+  compare(clone.get(), gathered.get(), 4000);
+}
+
 TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {
   auto d = Data(8192);
   const int64_t b = d->retrieval_begin, e = d->retrieval_end;

@@ -61,7 +61,7 @@ absl::Status ValidateSelection(int budget, int successors);
 // whole arena slots (a slot, one layer of one block, is at most that for the models served).
 // For sizing --memory ahead of builds.
 int64_t CtkvrIndexReserveBytes(const indexer::CtkvrOptions& options, int64_t segments, int group,
-                               int head_dim);
+                               int head_dim, DType kv_dtype);
 
 struct NodeOptions {
   int64_t memory_bytes = int64_t{1} << 30;  // --memory: the KV arena's size

@@ -278,7 +278,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
                      kvstore::CtkvrIndexReserveBytes(
                          index_options.ctkvr,
                          int64_t{cfg.num_layers - opt.dense_layers} * cfg.num_kv_heads,
-                         cfg.num_heads / cfg.num_kv_heads, cfg.head_dim)
+                         cfg.num_heads / cfg.num_kv_heads, cfg.head_dim, DType::kBF16)
                : prompt_bytes;
     const int64_t tier_memory = static_cast<int64_t>(opt.host_memory_fraction * host_available);
     int batch = static_cast<int>(

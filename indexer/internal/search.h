@@ -79,6 +79,10 @@ class HitsList {
 void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out);
 // Scores the given tokens (ascending, inside the range) exactly; lse over them only.
 void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out);
+// The same for n tokens (ascending, inside the range) whose key rows lie contiguously at `rows`
+// (row j, of tokens[j], at rows + j * head_dim * element size), e.g. a segment's copy of them.
+void ScoreRows(const SegmentSearch& s, const int32_t* tokens, const uint8_t* rows, int64_t n,
+               Hits* out);
 // log Σ_i exp(x[i]) (vectorised); -inf for n == 0.
 double LogSumExp(const float* x, int64_t n, kernels::Isa isa);
 
