@@ -83,6 +83,7 @@ class LocalTier final : public Tier {
     counters_.bytes_received += static_cast<int64_t>(r.bytes_streamed);
     counters_.tier_node_micros += r.node_micros;
     counters_.tier_search_micros += r.search_micros;
+    counters_.tier_stream_micros += r.stream_micros;
     return absl::OkStatus();
   }
 

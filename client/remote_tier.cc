@@ -405,6 +405,7 @@ class RemoteTier final : public Tier {
     counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
     counters_.tier_node_micros += static_cast<int64_t>(resp.node_micros());
     counters_.tier_search_micros += static_cast<int64_t>(resp.search_micros());
+    counters_.tier_stream_micros += static_cast<int64_t>(resp.stream_micros());
     counters_.retrieve_calls++;
     return absl::OkStatus();
   }

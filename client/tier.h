@@ -104,6 +104,7 @@ struct TierCounters {
   // the rest of Retrieve is the client's own work (request building, unpacking, checks).
   int64_t tier_wait_micros = 0;
   int64_t tier_search_micros = 0;  // of tier_node_micros: the index searches
+  int64_t tier_stream_micros = 0;  // of tier_node_micros: slot plans and rows sent
 
   TierCounters& operator+=(const TierCounters& b) {
     retrieve_calls += b.retrieve_calls;
@@ -115,6 +116,7 @@ struct TierCounters {
     tier_node_micros += b.tier_node_micros;
     tier_wait_micros += b.tier_wait_micros;
     tier_search_micros += b.tier_search_micros;
+    tier_stream_micros += b.tier_stream_micros;
     return *this;
   }
 };

@@ -147,7 +147,9 @@ class CtkvrSegment final : public Segment {
   CtkvrSegment(const CtkvrSegment& o) : Segment(o), opt_(o.opt_), group_(o.group_) {
     absl::ReaderMutexLock lock(&o.mu_);
     st_ = o.st_;
-    ReserveAdded();  // copies_ start empty: searches make them again
+    ReserveAdded();
+    absl::MutexLock copies_lock(&o.copies_mu_);
+    copies_ = o.copies_;  // immutable: shared until this one's lists change
   }
   CtkvrSegment& operator=(const CtkvrSegment&) = delete;
 
@@ -312,6 +314,7 @@ class CtkvrSegment final : public Segment {
     } else {
       for (int i = 0; i < c; ++i) build_one(i);
     }
+    MakeCopies(*in.keys, pool);
   }
 
   absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) override {
@@ -364,8 +367,7 @@ class CtkvrSegment final : public Segment {
       for (int i = 0; i < st_.count(); ++i) one(i);
     }
     end_ = new_end;
-    absl::MutexLock copies_lock(&copies_mu_);
-    copies_.clear();  // the lists changed
+    MakeCopies(keys, pool);  // the lists changed
     return absl::OkStatus();
   }
 
@@ -579,12 +581,23 @@ class CtkvrSegment final : public Segment {
 
   // Prompt centroid ci's row copy, made now if it has none. REQUIRES: mu_ held (shared is
   // enough: racing searches may both make one, the first installed wins).
+  // Build and Append make the copies; a parsed segment makes each on the first search that
+  // needs it.
   std::shared_ptr<const ListRows> CopyOf(int ci, const PagedRows& keys) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     {
       absl::MutexLock lock(&copies_mu_);
       if (static_cast<size_t>(ci) < copies_.size() && copies_[ci] != nullptr) return copies_[ci];
     }
+    std::shared_ptr<const ListRows> made = MakeCopy(ci, keys);
+    absl::MutexLock lock(&copies_mu_);
+    if (copies_.size() < static_cast<size_t>(st_.num_prompt)) copies_.resize(st_.num_prompt);
+    if (copies_[ci] == nullptr) copies_[ci] = std::move(made);
+    return copies_[ci];
+  }
+
+  std::shared_ptr<const ListRows> MakeCopy(int64_t ci, const PagedRows& keys) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     auto made = std::make_shared<ListRows>();
     std::set_union(st_.lists[ci].begin(), st_.lists[ci].end(), st_.neighbours[ci].begin(),
                    st_.neighbours[ci].end(), std::back_inserter(made->tokens));
@@ -592,10 +605,23 @@ class CtkvrSegment final : public Segment {
     made->rows.resize(made->tokens.size() * row);
     for (size_t j = 0; j < made->tokens.size(); ++j)
       std::memcpy(made->rows.data() + j * row, keys.row(made->tokens[j]), row);
+    return made;
+  }
+
+  // Every prompt centroid's copy, made now from `keys` (their lists changed or are new).
+  void MakeCopies(const PagedRows& keys, ThreadPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::shared_ptr<const ListRows>> made;
+    if (opt_.copy_list_rows) {
+      made.resize(static_cast<size_t>(st_.num_prompt));
+      auto one = [&](int64_t ci) { made[ci] = MakeCopy(ci, keys); };
+      if (pool != nullptr) {
+        pool->ParallelFor(st_.num_prompt, one);
+      } else {
+        for (int ci = 0; ci < st_.num_prompt; ++ci) one(ci);
+      }
+    }
     absl::MutexLock lock(&copies_mu_);
-    if (copies_.size() < static_cast<size_t>(st_.num_prompt)) copies_.resize(st_.num_prompt);
-    if (copies_[ci] == nullptr) copies_[ci] = std::move(made);
-    return copies_[ci];
+    copies_ = std::move(made);
   }
 
   bool AscendingInSegment(const std::vector<int32_t>& ids) const {

@@ -537,6 +537,10 @@ TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
   compare(copied.get(), gathered.get(), 4000);
   const std::unique_ptr<Segment> clone = copied->Clone();
   compare(clone.get(), gathered.get(), 4000);
+  // A parsed segment makes its copies on the first searches that need them.
+  ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(SerializeSegment(*copied)));
+  compare(parsed.get(), gathered.get(), 4000);
+  compare(parsed.get(), gathered.get(), 4000);
 }
 
 TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {

@@ -689,7 +689,9 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     }
     out.rows_sent = out.rows_selected;
   } else {
+    const int64_t stream_ns = clock_->MonotonicNanos();
     RETURN_IF_ERROR(StreamDeltas(args, *worker, seqs, snaps, &out));
+    out.stream_micros = (clock_->MonotonicNanos() - stream_ns) / 1000;
   }
   retrieve_calls_.fetch_add(1);
   retrieve_entries_.fetch_add(static_cast<int64_t>(n));
