@@ -82,6 +82,15 @@ def time_events(fn):
     return times[REPLAYS // 2]
 
 
+def write_result(ours, rows, path):
+    """Writes our run's fields with its rows replaced by `rows` (ours next to torch's)."""
+    result = {k: v for k, v in ours.items() if k != "rows"}
+    result["torch"] = torch.__version__
+    result["rows"] = rows
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def prefill(ours, args):
     from torch.nn.attention.bias import causal_lower_right
     hq, hkv, d = ours["num_q_heads"], ours["num_kv_heads"], ours["head_dim"]
@@ -142,11 +151,7 @@ def prefill(ours, args):
         rows.append(row)
         del q, k, v, ref, masks
         torch.cuda.empty_cache()
-    result = {k_: v_ for k_, v_ in ours.items() if k_ != "rows"}
-    result["torch"] = torch.__version__
-    result["rows"] = rows
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(ours, rows, args.out)
     print(f"{'n':>5} {'start':>6} {'ours_ms':>9} {'rows64':>9} {'rows128':>9} {'torch_ms':>9} "
           f"{'variant':>22} {'ratio':>6} {'ours_TF':>7} {'torch_TF':>8}")
     for r in rows:
@@ -215,11 +220,7 @@ def main():
         rows.append(row)
         del q, k, v, ref
         torch.cuda.empty_cache()
-    result = {k_: v_ for k_, v_ in ours.items() if k_ != "rows"}
-    result["torch"] = torch.__version__
-    result["rows"] = rows
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(ours, rows, args.out)
     print(f"{'batch':>5} {'ctx':>6} {'ours_ms':>9} {'torch_ms':>9} {'backend':>9} {'ratio':>6} "
           f"{'GB/s':>7} {'floor':>7}")
     for r in rows:
