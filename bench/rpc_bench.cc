@@ -76,9 +76,8 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   node_options.index_options.ctkvr.copy_list_rows = o.ctkvr_copy_list_rows;
   // K/V, each sequence's index at its largest (ctkvr's bound; cluster's is smaller at these
   // sizes), and a margin.
-  const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(node_options.index_options.ctkvr,
-                                                              o.kv_heads, o.group, o.head_dim,
-                                                              spec.kv_dtype);
+  const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(
+      node_options.index_options.ctkvr, o.kv_heads, o.group, o.head_dim, spec.kv_dtype);
   node_options.memory_bytes = (seq_bytes + index_bytes) * o.sequences + (int64_t{256} << 20);
   const int64_t entries = static_cast<int64_t>(o.sequences) * o.kv_heads;
   const int64_t call_bytes = entries * o.budget * 2 * row;

@@ -97,7 +97,8 @@ bool OptionsValid(const CtkvrOptions& o) {
 size_t CentroidBytes(size_t group, size_t head_dim) { return group * head_dim * 8 + group * 16; }
 
 size_t MaxNeighbours(const CtkvrOptions& o) {
-  return static_cast<size_t>(o.neighbour_tokens) * (2 * static_cast<size_t>(o.neighbour_radius) + 1);
+  return static_cast<size_t>(o.neighbour_tokens) *
+         (2 * static_cast<size_t>(o.neighbour_radius) + 1);
 }
 
 // A centroid at its largest: its state, a full list with logits, every neighbour.
@@ -470,7 +471,8 @@ class CtkvrSegment final : public Segment {
       const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
       const auto hi = std::lower_bound(lo, copy->tokens.end(), re);
       const int64_t first = lo - copy->tokens.begin();
-      ScoreRows(s, &*lo, copy->rows.data() + first * RowBytes(), hi - lo, &hits);
+      ScoreRows(s, copy->tokens.data() + first, copy->rows.data() + first * RowBytes(), hi - lo,
+                &hits);
     } else {
       ScoreTokens(s, cand, &hits);
     }
@@ -721,7 +723,8 @@ int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_di
   return (int64_t{options.centroids} + options.max_added) *
              static_cast<int64_t>(internal::MaxCentroidBytes(options, static_cast<size_t>(group),
                                                              static_cast<size_t>(head_dim))) +
-         int64_t{options.centroids} * static_cast<int64_t>(internal::MaxListRowsBytes(options, row_bytes));
+         int64_t{options.centroids} *
+             static_cast<int64_t>(internal::MaxListRowsBytes(options, row_bytes));
 }
 
 absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options) {

@@ -101,9 +101,9 @@ struct CtkvrOptions {
   // neighbours, ascending), made by Build and again by Append (a parsed segment makes each on
   // the first search that needs it). A search that probes one prompt centroid streams those
   // rows instead of gathering them from the pages at random, which waits on memory once a
-  // node's keys outgrow the caches; its selection is the same bit for bit. Memory: up to C × (ρ + neighbours) key rows per segment (at the defaults
-  // and head_dim 128 in bf16, 4.4 MiB: 9% of the segment's K/V at 96K). Not serialised: a parsed
-  // segment has it on.
+  // node's keys outgrow the caches; its selection is the same bit for bit. Memory: up to
+  // C × (ρ + neighbours) key rows per segment (at the defaults and head_dim 128 in bf16,
+  // 4.4 MiB: 9% of the segment's K/V at 96K). Not serialised: a parsed segment has it on.
   bool copy_list_rows = true;
 };
 

@@ -1011,7 +1011,8 @@ std::string Node::RenderTenantMetrics() const {
 
 int64_t CtkvrIndexReserveBytes(const indexer::CtkvrOptions& options, int64_t segments, int group,
                                int head_dim, DType kv_dtype) {
-  return segments * indexer::CtkvrSegmentMaxBytes(options, group, head_dim, kv_dtype) + (int64_t{1} << 20);
+  return segments * indexer::CtkvrSegmentMaxBytes(options, group, head_dim, kv_dtype) +
+         (int64_t{1} << 20);
 }
 
 absl::Status ValidateSelection(int budget, int successors) {

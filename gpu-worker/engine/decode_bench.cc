@@ -402,7 +402,9 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
   }
   (*report)["benchmark"] = "kvrecall-worker bench";
   (*report)["device"] = prop.name;
-  (*report)["prompt"] = opt.prefill_chunk > 0 ? "dense rows prefilled on the GPU, kvrecall rows synthetic" : "synthetic";
+  (*report)["prompt"] = opt.prefill_chunk > 0
+                            ? "dense rows prefilled on the GPU, kvrecall rows synthetic"
+                            : "synthetic";
   (*report)["model_config"] = {{"num_layers", cfg.num_layers},
                                {"hidden_size", cfg.hidden_size},
                                {"intermediate_size", cfg.intermediate_size},
