@@ -169,6 +169,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   std::vector<std::vector<uint8_t>> local_caches, remote_caches;
   std::vector<client::Recalled> out_local, out_remote;
   std::vector<double> t_local, t_remote, t_node, t_wait, t_search, t_local_node, t_local_search;
+  std::vector<double> t_local_stream, t_local_read;
   int64_t rows_selected = 0, rows_sent = 0;
   indexer::CtkvrCounters ctkvr_before;
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
@@ -209,6 +210,10 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
     t_search.push_back(static_cast<double>(remote->counters().tier_search_micros - remote_before.tier_search_micros));
     t_local_node.push_back(static_cast<double>(local->counters().tier_node_micros - before.tier_node_micros));
     t_local_search.push_back(static_cast<double>(local->counters().tier_search_micros - before.tier_search_micros));
+    t_local_stream.push_back(
+        static_cast<double>(local->counters().tier_stream_micros - before.tier_stream_micros));
+    t_local_read.push_back(
+        static_cast<double>(local->counters().tier_read_micros - before.tier_read_micros));
     rows_selected += local->counters().rows_selected - before.rows_selected;
     rows_sent += local->counters().rows_received - before.rows_received;
   }
@@ -263,6 +268,8 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["node_search_us_p50"] = Percentile(t_search, 0.5);
   j["inprocess_node_us_p50"] = Percentile(t_local_node, 0.5);
   j["inprocess_search_us_p50"] = Percentile(t_local_search, 0.5);
+  j["inprocess_stream_us_p50"] = Percentile(t_local_stream, 0.5);
+  j["inprocess_read_us_p50"] = Percentile(t_local_read, 0.5);
   j["inprocess_us_p50"] = in50;
   j["inprocess_us_p99"] = Percentile(t_local, 0.99);
   j["overhead_ratio"] = rpc50 / in50 - 1.0;

@@ -84,6 +84,7 @@ class LocalTier final : public Tier {
     counters_.tier_node_micros += r.node_micros;
     counters_.tier_search_micros += r.search_micros;
     counters_.tier_stream_micros += r.stream_micros;
+    counters_.tier_read_micros += r.read_micros;
     return absl::OkStatus();
   }
 

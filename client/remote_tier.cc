@@ -406,6 +406,7 @@ class RemoteTier final : public Tier {
     counters_.tier_node_micros += static_cast<int64_t>(resp.node_micros());
     counters_.tier_search_micros += static_cast<int64_t>(resp.search_micros());
     counters_.tier_stream_micros += static_cast<int64_t>(resp.stream_micros());
+    counters_.tier_read_micros += static_cast<int64_t>(resp.read_micros());
     counters_.retrieve_calls++;
     return absl::OkStatus();
   }

@@ -105,6 +105,7 @@ struct TierCounters {
   int64_t tier_wait_micros = 0;
   int64_t tier_search_micros = 0;  // of tier_node_micros: the index searches
   int64_t tier_stream_micros = 0;  // of tier_node_micros: slot plans and rows sent
+  int64_t tier_read_micros = 0;    // of tier_node_micros: block pins and page tables
 
   TierCounters& operator+=(const TierCounters& b) {
     retrieve_calls += b.retrieve_calls;
@@ -117,6 +118,7 @@ struct TierCounters {
     tier_wait_micros += b.tier_wait_micros;
     tier_search_micros += b.tier_search_micros;
     tier_stream_micros += b.tier_stream_micros;
+    tier_read_micros += b.tier_read_micros;
     return *this;
   }
 };

@@ -388,6 +388,7 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
     resp->set_search_micros(static_cast<uint64_t>(out.search_micros));
     resp->set_stream_micros(static_cast<uint64_t>(out.stream_micros));
+    resp->set_read_micros(static_cast<uint64_t>(out.read_micros));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {
       v1::RetrieveResult* r = resp->add_results();
       if (args.results_in_region) continue;  // they are in the worker's region

@@ -615,6 +615,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
       if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
     }
   }
+  const int64_t read_ns = clock_->MonotonicNanos();
   for (const std::vector<size_t>& members : groups) {
     std::vector<int> heads;
     for (size_t i : members) heads.push_back(args.entries[i].kv_head);
@@ -626,6 +627,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
       indexes[members[j]] = index;
     }
   }
+  int64_t read_elapsed_ns = clock_->MonotonicNanos() - read_ns;
   for (size_t i = 0; i < n; ++i) {
     const RetrieveEntryArgs& e = args.entries[i];
     const ModelSpec& spec = seqs[i]->spec();
@@ -693,6 +695,12 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     RETURN_IF_ERROR(StreamDeltas(args, *worker, seqs, snaps, &out));
     out.stream_micros = (clock_->MonotonicNanos() - stream_ns) / 1000;
   }
+  // The pins go with the snapshots (their release is part of the reads' cost).
+  const int64_t release_ns = clock_->MonotonicNanos();
+  queries.clear();
+  snaps.clear();
+  read_elapsed_ns += clock_->MonotonicNanos() - release_ns;
+  out.read_micros = read_elapsed_ns / 1000;
   retrieve_calls_.fetch_add(1);
   retrieve_entries_.fetch_add(static_cast<int64_t>(n));
   bytes_streamed_.fetch_add(static_cast<int64_t>(out.bytes_streamed));

@@ -179,11 +179,12 @@ struct RetrieveOutcome {
   uint64_t bytes_streamed = 0;
   int64_t rows_selected = 0;  // sum of the selections
   int64_t rows_sent = 0;      // rows put (or to be fetched): the deltas
-  // Where the call's time went (the node's clock): all of it, the search part and the delta
-  // streaming part (slot plans, row copies and puts); the rest is validation and block pins.
+  // Where the call's time went (the node's clock): all of it, the search part, the delta
+  // streaming part (slot plans, row copies and puts) and the reads; the rest is validation.
   int64_t node_micros = 0;
   int64_t search_micros = 0;
   int64_t stream_micros = 0;
+  int64_t read_micros = 0;  // the sequences' reads: block pins and page tables, and unpins
 };
 
 // Bulk ingest (proto AllocateBlocks / CommitBlocks): the client puts rows straight into arena

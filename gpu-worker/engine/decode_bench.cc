@@ -102,6 +102,7 @@ absl::Status Decode(CudaEngine* engine, client::Tier* tier, const DecodeBenchOpt
       {"tier_node_ms", (k1.tier_node_micros - k0.tier_node_micros) / steps / 1e3},
       {"tier_search_ms", (k1.tier_search_micros - k0.tier_search_micros) / steps / 1e3},
       {"tier_stream_ms", (k1.tier_stream_micros - k0.tier_stream_micros) / steps / 1e3},
+      {"tier_read_ms", (k1.tier_read_micros - k0.tier_read_micros) / steps / 1e3},
       {"upload_ms", ms(t0.upload, t1.upload)},
       {"append_ms", ms(t0.append, t1.append)},
       {"retrieve_calls_per_step", (c1.retrieve_calls - c0.retrieve_calls) / steps},
