@@ -82,6 +82,12 @@ def time_events(fn):
     return times[REPLAYS // 2]
 
 
+def fastest(times):
+    """The timings that ran ({name: ms}, None = unavailable) and the name of the fastest."""
+    ok = {name: t for name, t in times.items() if t is not None}
+    return ok, (min(ok, key=ok.get) if ok else None)
+
+
 def write_result(ours, rows, path):
     """Writes our run's fields with its rows replaced by `rows` (ours next to torch's)."""
     result = {k: v for k, v in ours.items() if k != "rows"}
@@ -138,8 +144,7 @@ def prefill(ours, args):
                     print(f"n {n} start {start}: {key} unavailable: "
                           f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
                           file=sys.stderr)
-        ok = {kk: t for kk, t in per.items() if t is not None}
-        best = min(ok, key=ok.get) if ok else None
+        ok, best = fastest(per)
         row = dict(r)
         row.update({
             "torch_ms": ok[best] if best else None,
@@ -206,8 +211,7 @@ def main():
             vr = v.repeat_interleave(hq // hkv, dim=1)
             rep_ms = time_graph(lambda: F.scaled_dot_product_attention(q, kr, vr))
             del kr, vr
-        ok = {n: t for n, t in per_backend.items() if t is not None}
-        best = min(ok, key=ok.get) if ok else None
+        ok, best = fastest(per_backend)
         row = dict(r)
         row.update({
             "torch_ms": ok[best] if best else None,
