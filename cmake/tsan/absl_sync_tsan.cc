@@ -27,6 +27,11 @@
 
 #include <sanitizer/tsan_interface.h>
 
+// Exported by the TSan runtime but not declared in its public header: between begin and end, the
+// calling thread's memory accesses (its own and those of intercepted calls) are not recorded.
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+
 #include <atomic>
 #include <cstdint>
 
@@ -223,17 +228,24 @@ bool WrapAwaitWithDeadline(Mutex* mu, const Condition& c, Time t) {
 // The inline constructor already calls __tsan_mutex_create in TSan-compiled code; the matching
 // destroy lives in mutex.cc, so it is made here. Without it a mutex whose memory is reused (stack,
 // placement) would keep its old TSan state.
-void WrapMutexDtor(Mutex* mu) KVRECALL_TSAN_WRAP("_ZN", "5MutexD1Ev");
-void WrapMutexDtor(Mutex* mu) {
+//
+// Debian's Abseil is built with deadlock detection on: the real destructor removes the mutex from
+// a process-wide lock graph (GraphCycles::RemoveNode) under an internal spin lock TSan cannot see,
+// and the graph's memmove (an intercepted call) then reads as a race between two threads that
+// destroy mutexes at once. The destructor's own accesses are therefore ignored, as the lock paths'
+// are between pre_lock and post_lock.
+void DestroyIgnoringAccesses(Mutex* mu, void (*real)(Mutex*)) {
   __tsan_mutex_destroy(mu, __tsan_mutex_not_static);
-  RealMutexDtor(mu);
+  __tsan_ignore_thread_begin();
+  real(mu);
+  __tsan_ignore_thread_end();
 }
 
+void WrapMutexDtor(Mutex* mu) KVRECALL_TSAN_WRAP("_ZN", "5MutexD1Ev");
+void WrapMutexDtor(Mutex* mu) { DestroyIgnoringAccesses(mu, RealMutexDtor); }
+
 void WrapMutexBaseDtor(Mutex* mu) KVRECALL_TSAN_WRAP("_ZN", "5MutexD2Ev");
-void WrapMutexBaseDtor(Mutex* mu) {
-  __tsan_mutex_destroy(mu, __tsan_mutex_not_static);
-  RealMutexBaseDtor(mu);
-}
+void WrapMutexBaseDtor(Mutex* mu) { DestroyIgnoringAccesses(mu, RealMutexBaseDtor); }
 
 // ReleasableMutexLock::Release() is out of line and unlocks inside the library; the lock's only
 // member is the Mutex*.
