@@ -28,7 +28,9 @@ struct Fixture {
       pages.back()[(t % 4) * 2] = keys[t].first;
       pages.back()[(t % 4) * 2 + 1] = keys[t].second;
     }
-    for (auto& p : pages) rows.pages.push_back(reinterpret_cast<const uint8_t*>(p.data()));
+    std::vector<const uint8_t*> table;
+    for (auto& p : pages) table.push_back(reinterpret_cast<const uint8_t*>(p.data()));
+    rows.SetPages(std::move(table));
   }
 };
 
@@ -73,8 +75,11 @@ TEST(ExactSearchTest, MatchesBruteForceOnRandomBf16KeysWithPool) {
   const int d = 16, n = 300, group = 4;
   std::vector<uint16_t> data(static_cast<size_t>(n) * d);
   for (auto& x : data) x = F32ToBf16(nd(rng));
-  PagedRows rows{{}, 64, d * 2, d, DType::kBF16, n};
-  for (int p = 0; p < (n + 63) / 64; ++p) rows.pages.push_back(reinterpret_cast<const uint8_t*>(data.data() + p * 64 * d));
+  PagedRows rows{nullptr, 0, 64, d * 2, d, DType::kBF16, n};
+  std::vector<const uint8_t*> table;
+  for (int p = 0; p < (n + 63) / 64; ++p)
+    table.push_back(reinterpret_cast<const uint8_t*>(data.data() + p * 64 * d));
+  rows.SetPages(std::move(table));
   std::vector<float> q(group * d);
   for (auto& x : q) x = nd(rng);
   SearchQuery sq{q.data(), group, &rows, 10, 290, 32, 0.25f};

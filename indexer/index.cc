@@ -336,9 +336,9 @@ absl::Status ValidateKeys(const PagedRows* keys) {
       return absl::InvalidArgumentError("row_stride smaller than a row");
     }
     const int64_t pages = (keys->num_tokens + keys->page_tokens - 1) / keys->page_tokens;
-    if (static_cast<int64_t>(keys->pages.size()) < pages) {
+    if (keys->num_pages() < pages) {
       return absl::InvalidArgumentError(absl::StrCat(keys->num_tokens, " tokens need ", pages,
-                                                     " pages, got ", keys->pages.size()));
+                                                     " pages, got ", keys->num_pages()));
     }
   }
   if (keys->num_tokens > std::numeric_limits<int32_t>::max()) {

@@ -39,7 +39,9 @@ struct Keys {
       std::copy(keys[t].begin(), keys[t].end(),
                 pages.back().begin() + static_cast<int64_t>(t % 4) * d);
     }
-    for (auto& p : pages) rows.pages.push_back(reinterpret_cast<const uint8_t*>(p.data()));
+    std::vector<const uint8_t*> table;
+    for (auto& p : pages) table.push_back(reinterpret_cast<const uint8_t*>(p.data()));
+    rows.SetPages(std::move(table));
   }
 };
 

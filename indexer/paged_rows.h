@@ -1,12 +1,16 @@
 // A read-only view of one (layer, kv-head)'s rows stored in fixed-size pages (the tier's blocks).
 //
-// Row t (token t) starts at pages[t / page_tokens] + (t % page_tokens) * row_stride and holds
-// head_dim elements of `dtype`. Pages are owned elsewhere and must outlive the view.
+// Row t (token t) starts at pages[t / page_tokens] + page_offset + (t % page_tokens) * row_stride
+// and holds head_dim elements of `dtype`. The page memory is owned elsewhere and must outlive the
+// view; the table of page pointers is shared: a tier read gives every kv-head's K and V of one
+// layer of a sequence the same table (the layer's slot in each block) at different offsets, so a
+// decode step's read builds one table per sequence instead of one per (kv-head, K/V).
 #ifndef KVRECALL_INDEXER_PAGED_ROWS_H_
 #define KVRECALL_INDEXER_PAGED_ROWS_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/dtype.h"
@@ -14,15 +18,22 @@
 namespace kvrecall::indexer {
 
 struct PagedRows {
-  std::vector<const uint8_t*> pages;
+  std::shared_ptr<const std::vector<const uint8_t*>> pages;
+  size_t page_offset = 0;  // bytes from each page pointer to the page's row 0
   int page_tokens = 0;
   size_t row_stride = 0;  // bytes between consecutive rows of a page
   int head_dim = 0;
   DType dtype = DType::kBF16;
   int64_t num_tokens = 0;  // rows [0, num_tokens) are valid
 
+  // Gives the view a table of its own.
+  void SetPages(std::vector<const uint8_t*> table) {
+    pages = std::make_shared<const std::vector<const uint8_t*>>(std::move(table));
+  }
+  int64_t num_pages() const { return pages == nullptr ? 0 : static_cast<int64_t>(pages->size()); }
+
   const uint8_t* row(int64_t t) const {
-    return pages[static_cast<size_t>(t / page_tokens)] +
+    return (*pages)[static_cast<size_t>(t / page_tokens)] + page_offset +
            static_cast<size_t>(t % page_tokens) * row_stride;
   }
 };

@@ -178,8 +178,8 @@ PagedRows DumpRows(const QkDumpHeader& h, const QkDumpLayer& layer, int kv_head,
   rows.head_dim = h.head_dim;
   rows.dtype = DType::kF32;
   rows.num_tokens = h.tokens;
-  rows.pages.push_back(reinterpret_cast<const uint8_t*>(src.data() + static_cast<size_t>(kv_head) *
-                                                                         h.tokens * h.head_dim));
+  rows.SetPages({reinterpret_cast<const uint8_t*>(src.data() + static_cast<size_t>(kv_head) *
+                                                                   h.tokens * h.head_dim)});
   return rows;
 }
 

@@ -33,7 +33,7 @@ struct Rows {
     rows.dtype = DType::kF32;
     rows.row_stride = static_cast<size_t>(head_dim) * 4;
     rows.num_tokens = static_cast<int64_t>(data.size()) / head_dim;
-    rows.pages.push_back(reinterpret_cast<const uint8_t*>(data.data()));
+    rows.SetPages({reinterpret_cast<const uint8_t*>(data.data())});
   }
 };
 

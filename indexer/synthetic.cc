@@ -150,8 +150,10 @@ absl::StatusOr<std::unique_ptr<SyntheticData>> GenerateSynthetic(const Synthetic
     view->head_dim = d;
     view->dtype = o.dtype;
     view->num_tokens = n;
+    std::vector<const uint8_t*> pages;
     for (int64_t t = 0; t < n; t += o.page_tokens)
-      view->pages.push_back(bytes.data() + static_cast<size_t>(t) * d * es);
+      pages.push_back(bytes.data() + static_cast<size_t>(t) * d * es);
+    view->SetPages(std::move(pages));
   }
 
   // Queries: a stable part (shared, per head, topics, slow drift) and, with query_token_weight,

@@ -615,16 +615,25 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
       if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
     }
   }
+  // One read of the layer for every sequence (one pin of their blocks, shared prefixes once).
   const int64_t read_ns = clock_->MonotonicNanos();
-  for (const std::vector<size_t>& members : groups) {
-    std::vector<int> heads;
-    for (size_t i : members) heads.push_back(args.entries[i].kv_head);
-    const Sequence& seq = *seqs[members.front()];
-    ASSIGN_OR_RETURN(std::vector<Sequence::Snapshot> read, seq.Read(args.layer, heads));
-    const std::shared_ptr<const SequenceIndex> index = args.method != Method::kExact ? seq.index() : nullptr;
-    for (size_t j = 0; j < members.size(); ++j) {
-      snaps[members[j]] = std::move(read[j]);
-      indexes[members[j]] = index;
+  {
+    std::vector<const Sequence*> read_seqs;
+    std::vector<std::vector<int>> read_heads;
+    for (const std::vector<size_t>& members : groups) {
+      read_seqs.push_back(seqs[members.front()].get());
+      std::vector<int>& heads = read_heads.emplace_back();
+      for (size_t i : members) heads.push_back(args.entries[i].kv_head);
+    }
+    ASSIGN_OR_RETURN(std::vector<std::vector<Sequence::Snapshot>> read,
+                     Sequence::ReadLayer(read_seqs, args.layer, read_heads));
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const std::shared_ptr<const SequenceIndex> index =
+          args.method != Method::kExact ? read_seqs[g]->index() : nullptr;
+      for (size_t j = 0; j < groups[g].size(); ++j) {
+        snaps[groups[g][j]] = std::move(read[g][j]);
+        indexes[groups[g][j]] = index;
+      }
     }
   }
   int64_t read_elapsed_ns = clock_->MonotonicNanos() - read_ns;

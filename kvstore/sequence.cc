@@ -48,37 +48,76 @@ absl::StatusOr<Sequence::Snapshot> Sequence::Read(int layer, int kv_head) const 
 }
 
 absl::StatusOr<std::vector<Sequence::Snapshot>> Sequence::Read(int layer, absl::Span<const int> kv_heads) const {
-  absl::ReaderMutexLock lock(&mu_);
-  const int64_t nblocks = (committed_ + block_tokens_ - 1) / block_tokens_;
-  std::vector<Block*> pinned(blocks_.begin(), blocks_.begin() + nblocks);
-  if (absl::Status st = table_->Pin(pinned); !st.ok()) {
-    return absl::Status(st.code(), absl::StrCat("sequence '", id_, "': ", st.message()));
-  }
-  BlockTable* table = table_;
-  const std::shared_ptr<const void> pin(new std::vector<Block*>(std::move(pinned)), [table](const void* p) {
-    const auto* v = static_cast<const std::vector<Block*>*>(p);
-    table->Unpin(*v);
-    delete v;
-  });
-  const size_t hb = head_bytes();
-  const size_t v_offset = static_cast<size_t>(spec_->num_kv_heads) * hb;
-  std::vector<Snapshot> out(kv_heads.size());
-  for (size_t i = 0; i < kv_heads.size(); ++i) {
-    Snapshot& s = out[i];
-    s.pin = pin;
-    for (auto* rows : {&s.keys, &s.values}) {
-      rows->page_tokens = block_tokens_;
-      rows->row_stride = spec_->row_bytes();
-      rows->head_dim = spec_->head_dim;
-      rows->dtype = spec_->kv_dtype;
-      rows->num_tokens = committed_;
-      rows->pages.reserve(static_cast<size_t>(nblocks));
+  const Sequence* self = this;
+  const std::vector<int> heads(kv_heads.begin(), kv_heads.end());
+  ASSIGN_OR_RETURN(std::vector<std::vector<Snapshot>> out,
+                   ReadLayer(absl::MakeConstSpan(&self, 1), layer, absl::MakeConstSpan(&heads, 1)));
+  return std::move(out[0]);
+}
+
+absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer(
+    absl::Span<const Sequence* const> seqs, int layer,
+    absl::Span<const std::vector<int>> kv_heads) {
+  std::vector<std::vector<Snapshot>> out(seqs.size());
+  if (seqs.empty()) return out;
+  BlockTable* const table = seqs[0]->table_;
+  // Each sequence's committed blocks and length, taken under its lock: committed blocks stay in
+  // place while the caller holds the sequence (only the destructor and the rollback of
+  // uncommitted rows release blocks), so they can be pinned after the lock is dropped.
+  std::vector<std::vector<Block*>> blocks(seqs.size());
+  std::vector<int64_t> committed(seqs.size());
+  std::vector<Block*> to_pin;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& seq = *seqs[i];
+    {
+      absl::ReaderMutexLock lock(&seq.mu_);
+      committed[i] = seq.committed_;
+      const int64_t nblocks = (seq.committed_ + seq.block_tokens_ - 1) / seq.block_tokens_;
+      blocks[i].assign(seq.blocks_.begin(), seq.blocks_.begin() + nblocks);
     }
-    const size_t k_offset = static_cast<size_t>(kv_heads[i]) * hb;
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const uint8_t* slot = blocks_[static_cast<size_t>(b)]->layer(layer);
-      s.keys.pages.push_back(slot + k_offset);
-      s.values.pages.push_back(slot + v_offset + k_offset);
+    size_t shared = 0;
+    if (i > 0) {
+      const std::vector<Block*>& prev = blocks[i - 1];
+      const size_t n = std::min(prev.size(), blocks[i].size());
+      while (shared < n && prev[shared] == blocks[i][shared]) ++shared;
+    }
+    to_pin.insert(to_pin.end(), blocks[i].begin() + static_cast<int64_t>(shared), blocks[i].end());
+  }
+  if (absl::Status st = table->Pin(to_pin); !st.ok()) {
+    return absl::Status(
+        st.code(), seqs.size() == 1 ? absl::StrCat("sequence '", seqs[0]->id_, "': ", st.message())
+                                    : absl::StrCat("reading ", seqs.size(), " sequences from '",
+                                                   seqs[0]->id_, "' on: ", st.message()));
+  }
+  const std::shared_ptr<const void> pin(
+      new std::vector<Block*>(std::move(to_pin)), [table](const void* p) {
+        const auto* v = static_cast<const std::vector<Block*>*>(p);
+        table->Unpin(*v);
+        delete v;
+      });
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& seq = *seqs[i];
+    const ModelSpec& spec = *seq.spec_;
+    // After the pin: a reload may have moved a spilled block's slots.
+    std::vector<const uint8_t*> slots(blocks[i].size());
+    for (size_t b = 0; b < slots.size(); ++b) slots[b] = blocks[i][b]->layer(layer);
+    const auto pages = std::make_shared<const std::vector<const uint8_t*>>(std::move(slots));
+    const size_t hb = seq.head_bytes();
+    const size_t v_offset = static_cast<size_t>(spec.num_kv_heads) * hb;
+    out[i].resize(kv_heads[i].size());
+    for (size_t j = 0; j < kv_heads[i].size(); ++j) {
+      Snapshot& s = out[i][j];
+      s.pin = pin;
+      for (auto* rows : {&s.keys, &s.values}) {
+        rows->pages = pages;
+        rows->page_tokens = seq.block_tokens_;
+        rows->row_stride = spec.row_bytes();
+        rows->head_dim = spec.head_dim;
+        rows->dtype = spec.kv_dtype;
+        rows->num_tokens = committed[i];
+      }
+      s.keys.page_offset = static_cast<size_t>(kv_heads[i][j]) * hb;
+      s.values.page_offset = v_offset + s.keys.page_offset;
     }
   }
   return out;

@@ -79,6 +79,16 @@ class Sequence {
   // the blocks (a decode step reads every kv-head of a sequence: pinning once per head would
   // take the block table's lock and touch every block that many times). REQUIRES: as Read.
   absl::StatusOr<std::vector<Snapshot>> Read(int layer, absl::Span<const int> kv_heads) const;
+  // One layer of several sequences under one pin (a Retrieve reads every sequence of a decode
+  // batch): out[i][j] is seqs[i]'s Snapshot of kv_heads[i][j]. The blocks are pinned in one call
+  // of the block table, and a prefix of blocks that seqs[i] shares with seqs[i - 1] is pinned
+  // once (sessions over one document share its blocks, so order them together). Each sequence's
+  // kv-heads, K and V, share one page table (the layer's slot of each block, at per-head
+  // offsets). REQUIRES: every sequence is of one BlockTable, kv_heads.size() == seqs.size(), and
+  // the layer and kv-heads are in range. Errors: as Read.
+  static absl::StatusOr<std::vector<std::vector<Snapshot>>> ReadLayer(
+      absl::Span<const Sequence* const> seqs, int layer,
+      absl::Span<const std::vector<int>> kv_heads);
   // Renews the lease of every block (an access that reads no bytes).
   void Touch() const;
 

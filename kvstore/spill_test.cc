@@ -386,6 +386,91 @@ TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
   EXPECT_EQ(node_->Stats(false).spilled_bytes, 0);
 }
 
+// Sequence::ReadLayer reads several sequences under one pin: x, y (sharing x's first two
+// blocks) and x again, all spilled. It reloads them, every (sequence, kv-head, K/V) view reads its
+// own rows, the blocks stay pinned (not evictable) while any view is held, and releasing the views
+// unpins each block exactly as often as it was pinned (then all of them can be evicted).
+TEST_F(NodeSpillTest, OneReadOfSharingSequencesPinsEachBlockAndReadsEveryView) {
+  Make(/*arena_blocks=*/6, absl::Seconds(10));
+  std::vector<int32_t> ids_x = Ids(12, 3), ids_y = ids_x;
+  for (int i = 8; i < 12; ++i) ids_y[static_cast<size_t>(i)] = 999 - i;
+  const Kv x = RandomKv(12, 3);
+  Kv y = RandomKv(12, 4);
+  for (int l = 0; l < 2 * kLayers; ++l) {  // same prefix KV
+    auto& dst = l % 2 ? y.v[l / 2] : y.k[l / 2];
+    const auto& src = l % 2 ? x.v[l / 2] : x.k[l / 2];
+    for (int h = 0; h < kHeads; ++h) {
+      dst.replace(static_cast<size_t>(h * 12) * kRow, 8 * kRow, src,
+                  static_cast<size_t>(h * 12) * kRow, 8 * kRow);
+    }
+  }
+  ASSERT_OK(Open("t", "x", ids_x));
+  ASSERT_OK(Append(node_.get(), "t", "x", ids_x, x, 0, 12));
+  ASSERT_OK(Open("t", "y", ids_y));
+  ASSERT_OK(Append(node_.get(), "t", "y", ids_y, y, 8, 4));
+  clock_.Advance(absl::Seconds(11));
+  const std::vector<int32_t> ids_z = Ids(24, 5);
+  const Kv z = RandomKv(24, 5);
+  ASSERT_OK(Open("t", "z", ids_z));
+  ASSERT_OK(Append(node_.get(), "t", "z", ids_z, z, 0, 24));  // x and y are spilled
+  ASSERT_EQ(node_->Stats(false).spilled_blocks, 4);
+  clock_.Advance(absl::Seconds(11));
+
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<Sequence> sx, node_->FindSequence("t", "x"));
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<Sequence> sy, node_->FindSequence("t", "y"));
+  const std::vector<const Sequence*> seqs = {sx.get(), sy.get(), sx.get()};
+  const std::vector<std::vector<int>> heads = {{1, 0}, {1}, {0}};
+  const std::vector<const Kv*> kvs = {&x, &y, &x};
+  for (int layer = 0; layer < kLayers; ++layer) {
+    const int64_t reloads = node_->Stats(false).reloads;
+    ASSERT_OK_AND_ASSIGN(auto read, Sequence::ReadLayer(seqs, layer, heads));
+    ASSERT_EQ(read.size(), 3u);
+    if (layer == 0) {
+      EXPECT_EQ(node_->Stats(false).reloads - reloads, 4) << "each block once";
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      ASSERT_EQ(read[i].size(), heads[i].size());
+      for (size_t j = 0; j < heads[i].size(); ++j) {
+        const int h = heads[i][j];
+        for (bool values : {false, true}) {
+          const indexer::PagedRows& rows = values ? read[i][j].values : read[i][j].keys;
+          ASSERT_EQ(rows.num_tokens, 12);
+          const std::string& all = values ? kvs[i]->v[layer] : kvs[i]->k[layer];
+          for (int64_t t = 0; t < 12; ++t) {
+            EXPECT_EQ(
+                std::memcmp(rows.row(t), all.data() + static_cast<size_t>(h * 12 + t) * kRow, kRow),
+                0)
+                << "sequence " << i << " head " << h << (values ? " V" : " K") << " token " << t;
+          }
+        }
+      }
+    }
+    // Held views keep the 4 blocks pinned: a 3-block sequence finds only z's 2 resident blocks
+    // evictable (their leases ran out), even after the views' leases run out too.
+    clock_.Advance(absl::Seconds(11));
+    const std::string w = absl::StrCat("w", layer);
+    const std::vector<int32_t> ids_w = Ids(12, 6 + layer);
+    const Kv kw = RandomKv(12, 6);
+    ASSERT_OK(Open("t", w, ids_w));
+    EXPECT_THAT(Append(node_.get(), "t", w, ids_w, kw, 0, 12),
+                StatusIs(absl::StatusCode::kResourceExhausted));
+    read.clear();  // unpins (and renews the leases)
+    clock_.Advance(absl::Seconds(11));
+    ASSERT_OK(Append(node_.get(), "t", w, ids_w, kw, 0, 12));
+    ASSERT_OK(node_->CloseSequence("t", w, true));
+    clock_.Advance(absl::Seconds(11));
+  }
+  // Balanced pins: a sequence that takes the whole arena can evict every block of x and y.
+  const std::vector<int32_t> ids_v = Ids(24, 9);
+  const Kv kv = RandomKv(24, 9);
+  ASSERT_OK(Open("t", "v", ids_v));
+  ASSERT_OK(Append(node_.get(), "t", "v", ids_v, kv, 0, 24));
+  clock_.Advance(absl::Seconds(11));
+  ASSERT_OK(Check(node_.get(), "t", "x", x, 12));
+  clock_.Advance(absl::Seconds(11));
+  ASSERT_OK(Check(node_.get(), "t", "y", y, 12));
+}
+
 TEST_F(NodeSpillTest, WithoutDataDirNothingIsEvicted) {
   Make(/*arena_blocks=*/2, absl::ZeroDuration(), /*data_dir=*/false);
   const std::vector<int32_t> ids = Ids(12, 6);

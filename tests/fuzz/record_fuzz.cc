@@ -96,7 +96,7 @@ struct Keys {
     }
     bytes.resize(f.size() * DTypeSize(dtype) + 1);
     FromF32(dtype, f.data(), f.size(), bytes.data());
-    rows.pages = {bytes.data()};
+    rows.SetPages({bytes.data()});
     rows.page_tokens = static_cast<int>(std::max<int64_t>(tokens, 1));
     rows.row_stride = static_cast<size_t>(head_dim) * DTypeSize(dtype);
     rows.head_dim = head_dim;
