@@ -428,16 +428,21 @@ class CtkvrSegment final : public Segment {
         std::set_union(cand.begin(), cand.end(), lo, hi, std::back_inserter(merged));
         cand.swap(merged);
       };
+      // One prompt centroid probed: its copy's tokens are its list and neighbours, ascending,
+      // i.e. the union below; when enough of them are in the range it is used without forming
+      // that union.
+      if (!novel && m == 1 && opt_.copy_list_rows && order[0] < st_.num_prompt) {
+        copy = CopyOf(order[0], *s.keys);
+        const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
+        const int64_t in_range = std::lower_bound(lo, copy->tokens.end(), re) - lo;
+        if (in_range == 0 || in_range < need) copy = nullptr;
+      }
       int probed = 0;
-      for (; !novel && probed < st_.count() &&
+      for (; copy == nullptr && !novel && probed < st_.count() &&
              (probed < m || static_cast<int64_t>(cand.size()) < need);
            ++probed) {
         add(st_.lists[order[probed]]);
         add(st_.neighbours[order[probed]]);
-      }
-      if (probed == 1 && opt_.copy_list_rows && order[0] < st_.num_prompt &&
-          static_cast<int64_t>(cand.size()) >= need) {
-        copy = CopyOf(order[0], *s.keys);
       }
       for (int h = 0; h < g; ++h)
         best_mass[h] = st_.list_mass[static_cast<size_t>(order[0]) * g + h];
@@ -460,11 +465,11 @@ class CtkvrSegment final : public Segment {
       if (whole.units > 0) AddCentroid(s, whole);
       return absl::OkStatus();
     }
-    if (static_cast<int64_t>(cand.size()) < need) {
+    if (copy == nullptr && static_cast<int64_t>(cand.size()) < need) {
       ExactHits(s, rb, re, out->Add());
       return absl::OkStatus();
     }
-    if (cand.empty()) return absl::OkStatus();
+    if (copy == nullptr && cand.empty()) return absl::OkStatus();
     Hits& hits = *out->Add();
     if (copy != nullptr) {
       // The same tokens as `cand` (the copy's restricted to the range), their rows streamed.

@@ -332,6 +332,9 @@ TEST_F(NodeSpillTest, SpillAndReloadAreBitExactAndAppendsContinueASpilledBlock) 
   EXPECT_GT(node_->Stats(false).evictions, 3);
   ASSERT_OK(node_->CloseSequence("t", "a", true));
   ASSERT_OK(node_->CloseSequence("t", "b", true));
+  // A background index sweep (started by the evictions) may still hold a dropped sequence, and
+  // with it its blocks, for a moment.
+  node_->WaitForIndexJobs();
   st = node_->Stats(false);
   EXPECT_EQ(st.spilled_bytes, 0);
   EXPECT_EQ(st.stored_bytes, 0);
@@ -383,6 +386,7 @@ TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
   clock_.Advance(absl::Seconds(11));
   ASSERT_OK(Check(node_.get(), "t", "z", z, 24));
   for (const char* id : {"w", "x", "y", "z"}) ASSERT_OK(node_->CloseSequence("t", id, true));
+  node_->WaitForIndexJobs();  // as above
   EXPECT_EQ(node_->Stats(false).spilled_bytes, 0);
 }
 
