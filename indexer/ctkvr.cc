@@ -430,7 +430,7 @@ class CtkvrSegment final : public Segment {
       };
       // One prompt centroid probed: its copy's tokens are its list and neighbours, ascending,
       // i.e. the union below; when enough of them are in the range it is used without forming
-      // that union.
+      // that union. (On a parsed segment CopyOf makes the copy even when it then falls short.)
       if (!novel && m == 1 && opt_.copy_list_rows && order[0] < st_.num_prompt) {
         copy = CopyOf(order[0], *s.keys);
         const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
@@ -472,7 +472,8 @@ class CtkvrSegment final : public Segment {
     if (copy == nullptr && cand.empty()) return absl::OkStatus();
     Hits& hits = *out->Add();
     if (copy != nullptr) {
-      // The same tokens as `cand` (the copy's restricted to the range), their rows streamed.
+      // The one probed centroid's list and neighbours restricted to the range (what the probe
+      // loop would have put in `cand`), their rows streamed.
       const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
       const auto hi = std::lower_bound(lo, copy->tokens.end(), re);
       const int64_t first = lo - copy->tokens.begin();

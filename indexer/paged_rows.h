@@ -32,6 +32,7 @@ struct PagedRows {
   }
   int64_t num_pages() const { return pages == nullptr ? 0 : static_cast<int64_t>(pages->size()); }
 
+  // REQUIRES: 0 <= t < num_tokens and a table of enough pages (indexer::Search validates views).
   const uint8_t* row(int64_t t) const {
     return (*pages)[static_cast<size_t>(t / page_tokens)] + page_offset +
            static_cast<size_t>(t % page_tokens) * row_stride;

@@ -578,7 +578,8 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   }
 
   // Validate every entry and take snapshots before doing any work: first the fields, then one
-  // read (one pin of its blocks) per sequence for all of its entries, then the ranges.
+  // read of the layer for every sequence (Sequence::ReadLayer: one pin), then the ranges.
+  // `seqs` is declared before `snaps`, which must go first.
   const size_t n = args.entries.size();
   std::vector<std::shared_ptr<Sequence>> seqs(n);
   std::vector<Sequence::Snapshot> snaps(n);

@@ -12,7 +12,8 @@
 // write into them.
 //
 // Eviction (block_table.h): a Snapshot pins the blocks it points into, so they stay resident
-// (spilled ones are reloaded by Read) until the last copy of the Snapshot is gone; an append
+// (spilled ones are reloaded by Read and ReadLayer) until the last copy of every Snapshot of the
+// same call is gone (a call's snapshots share one pin); an append
 // transaction pins the blocks it writes until it commits or aborts. Every access renews the
 // blocks' leases.
 //
@@ -72,7 +73,9 @@ class Sequence {
   struct Snapshot {
     indexer::PagedRows keys;
     indexer::PagedRows values;
-    std::shared_ptr<const void> pin;  // holds the blocks' pins; released with the last copy
+    // Holds the pins of every block the call read (all of its sequences' blocks, for
+    // ReadLayer); released with the last copy of the last Snapshot of that call.
+    std::shared_ptr<const void> pin;
   };
   absl::StatusOr<Snapshot> Read(int layer, int kv_head) const;
   // The same for several kv-heads of one layer at once, out[i] for kv_heads[i], under one pin of
@@ -85,7 +88,9 @@ class Sequence {
   // once (sessions over one document share its blocks, so order them together). Each sequence's
   // kv-heads, K and V, share one page table (the layer's slot of each block, at per-head
   // offsets). REQUIRES: every sequence is of one BlockTable, kv_heads.size() == seqs.size(), and
-  // the layer and kv-heads are in range. Errors: as Read.
+  // the layer and kv-heads are in range. The snapshots are valid while the caller holds every
+  // seqs[i] (their shared pin unpins all the call's blocks: destroy every Snapshot first).
+  // Errors: as Read; a reload failure fails the whole call.
   static absl::StatusOr<std::vector<std::vector<Snapshot>>> ReadLayer(
       absl::Span<const Sequence* const> seqs, int layer,
       absl::Span<const std::vector<int>> kv_heads);
