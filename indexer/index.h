@@ -47,8 +47,9 @@
 // keys as pending — scored exactly at search — until W have accumulated, then clusters those W
 // into `append_clusters` new clusters.
 //
-// Keys are never copied into an index: every call gets a PagedRows view of the sequence's keys of
-// that (layer, kv-head) (ids are positions in that view), which must cover the segments' ranges.
+// An index holds no copy of the keys it searches, except ctkvr's per-centroid candidate copies
+// (CtkvrOptions::copy_list_rows): every call gets a PagedRows view of the sequence's keys of that
+// (layer, kv-head) (ids are positions in that view), which must cover the segments' ranges.
 #ifndef KVRECALL_INDEXER_INDEX_H_
 #define KVRECALL_INDEXER_INDEX_H_
 
