@@ -399,6 +399,7 @@ class CtkvrSegment final : public Segment {
     std::vector<double> best_mass(static_cast<size_t>(g));
     bool novel = false;
     std::shared_ptr<const ListRows> copy;  // of the one centroid probed, when it has one
+    int64_t copy_first = 0, copy_count = 0;  // its tokens in the range
     {
       absl::ReaderMutexLock lock(&mu_);
       const int m = std::min(s.ctkvr_probe > 0 ? s.ctkvr_probe : opt_.probe, st_.count());
@@ -434,8 +435,9 @@ class CtkvrSegment final : public Segment {
       if (!novel && m == 1 && opt_.copy_list_rows && order[0] < st_.num_prompt) {
         copy = CopyOf(order[0], *s.keys);
         const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
-        const int64_t in_range = std::lower_bound(lo, copy->tokens.end(), re) - lo;
-        if (in_range == 0 || in_range < need) copy = nullptr;
+        copy_first = lo - copy->tokens.begin();
+        copy_count = std::lower_bound(lo, copy->tokens.end(), re) - lo;
+        if (copy_count == 0 || copy_count < need) copy = nullptr;
       }
       int probed = 0;
       for (; copy == nullptr && !novel && probed < st_.count() &&
@@ -474,11 +476,8 @@ class CtkvrSegment final : public Segment {
     if (copy != nullptr) {
       // The one probed centroid's list and neighbours restricted to the range (what the probe
       // loop would have put in `cand`), their rows streamed.
-      const auto lo = std::lower_bound(copy->tokens.begin(), copy->tokens.end(), rb);
-      const auto hi = std::lower_bound(lo, copy->tokens.end(), re);
-      const int64_t first = lo - copy->tokens.begin();
-      ScoreRows(s, copy->tokens.data() + first, copy->rows.data() + first * RowBytes(), hi - lo,
-                &hits);
+      ScoreRows(s, copy->tokens.data() + copy_first, copy->rows.data() + copy_first * RowBytes(),
+                copy_count, &hits);
     } else {
       ScoreTokens(s, cand, &hits);
     }

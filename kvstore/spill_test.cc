@@ -269,6 +269,29 @@ std::vector<int32_t> Ids(int64_t n, int32_t salt) {
   return ids;
 }
 
+// Two 12-token sequences that share a 2-block prefix (8 tokens, the same ids and KV), then have
+// 1 block of their own each.
+struct PrefixPair {
+  std::vector<int32_t> ids_x, ids_y;
+  Kv x, y;
+};
+PrefixPair SharedPrefixPair() {
+  PrefixPair p;
+  p.ids_x = p.ids_y = Ids(12, 3);
+  for (int i = 8; i < 12; ++i) p.ids_y[static_cast<size_t>(i)] = 999 - i;
+  p.x = RandomKv(12, 3);
+  p.y = RandomKv(12, 4);
+  for (int l = 0; l < 2 * kLayers; ++l) {  // same prefix KV
+    auto& dst = l % 2 ? p.y.v[l / 2] : p.y.k[l / 2];
+    const auto& src = l % 2 ? p.x.v[l / 2] : p.x.k[l / 2];
+    for (int h = 0; h < kHeads; ++h) {
+      dst.replace(static_cast<size_t>(h * 12) * kRow, 8 * kRow, src,
+                  static_cast<size_t>(h * 12) * kRow, 8 * kRow);
+    }
+  }
+  return p;
+}
+
 class NodeSpillTest : public ::testing::Test {
  protected:
   void Make(int64_t arena_blocks, absl::Duration lease, bool data_dir = true) {
@@ -343,19 +366,9 @@ TEST_F(NodeSpillTest, SpillAndReloadAreBitExactAndAppendsContinueASpilledBlock) 
 
 TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
   Make(/*arena_blocks=*/6, absl::Seconds(10));
-  // x and y share a 2-block prefix (8 tokens), then 1 block of their own each.
-  std::vector<int32_t> ids_x = Ids(12, 3), ids_y = ids_x;
-  for (int i = 8; i < 12; ++i) ids_y[static_cast<size_t>(i)] = 999 - i;
-  const Kv x = RandomKv(12, 3);
-  Kv y = RandomKv(12, 4);
-  for (int l = 0; l < 2 * kLayers; ++l) {  // same prefix KV
-    auto& dst = l % 2 ? y.v[l / 2] : y.k[l / 2];
-    const auto& src = l % 2 ? x.v[l / 2] : x.k[l / 2];
-    for (int h = 0; h < kHeads; ++h) {
-      dst.replace(static_cast<size_t>(h * 12) * kRow, 8 * kRow, src,
-                  static_cast<size_t>(h * 12) * kRow, 8 * kRow);
-    }
-  }
+  const PrefixPair p = SharedPrefixPair();
+  const std::vector<int32_t>&ids_x = p.ids_x, &ids_y = p.ids_y;
+  const Kv &x = p.x, &y = p.y;
   ASSERT_OK(Open("t", "x", ids_x));
   ASSERT_OK(Append(node_.get(), "t", "x", ids_x, x, 0, 12));
   int64_t matched = 0;
@@ -396,18 +409,9 @@ TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
 // unpins each block exactly as often as it was pinned (then all of them can be evicted).
 TEST_F(NodeSpillTest, OneReadOfSharingSequencesPinsEachBlockAndReadsEveryView) {
   Make(/*arena_blocks=*/6, absl::Seconds(10));
-  std::vector<int32_t> ids_x = Ids(12, 3), ids_y = ids_x;
-  for (int i = 8; i < 12; ++i) ids_y[static_cast<size_t>(i)] = 999 - i;
-  const Kv x = RandomKv(12, 3);
-  Kv y = RandomKv(12, 4);
-  for (int l = 0; l < 2 * kLayers; ++l) {  // same prefix KV
-    auto& dst = l % 2 ? y.v[l / 2] : y.k[l / 2];
-    const auto& src = l % 2 ? x.v[l / 2] : x.k[l / 2];
-    for (int h = 0; h < kHeads; ++h) {
-      dst.replace(static_cast<size_t>(h * 12) * kRow, 8 * kRow, src,
-                  static_cast<size_t>(h * 12) * kRow, 8 * kRow);
-    }
-  }
+  const PrefixPair p = SharedPrefixPair();
+  const std::vector<int32_t>&ids_x = p.ids_x, &ids_y = p.ids_y;
+  const Kv &x = p.x, &y = p.y;
   ASSERT_OK(Open("t", "x", ids_x));
   ASSERT_OK(Append(node_.get(), "t", "x", ids_x, x, 0, 12));
   ASSERT_OK(Open("t", "y", ids_y));
