@@ -419,6 +419,7 @@ class RemoteTier final : public Tier {
     req.set_method(proto::ToProto(args.method));
     req.set_first_layer(args.first_layer);
     req.set_token_begin(args.token_begin);
+    req.set_token_end(args.token_end);
     req.set_num_queries(args.num_queries);
     for (size_t i = 0; i < args.layer_queries.size(); ++i) {
       v1::LayerQueries* l = req.add_layers();
@@ -435,6 +436,7 @@ class RemoteTier final : public Tier {
     out.build_seconds = resp.build_seconds();
     out.index_bytes = resp.index_bytes();
     out.rebuilt = resp.rebuilt();
+    out.shared = resp.shared();
     return out;
   }
 

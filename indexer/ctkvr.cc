@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
@@ -101,16 +102,20 @@ size_t MaxNeighbours(const CtkvrOptions& o) {
          (2 * static_cast<size_t>(o.neighbour_radius) + 1);
 }
 
-// A centroid at its largest: its state, a full list with logits, every neighbour.
-size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim) {
-  return CentroidBytes(group, head_dim) + static_cast<size_t>(o.list_size) * (4 + 4 * group) +
+// A centroid at its largest in a segment of `tokens` tokens (any when SIZE_MAX): its state, a
+// full list with logits, every neighbour.
+size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim,
+                        size_t tokens = SIZE_MAX) {
+  return CentroidBytes(group, head_dim) +
+         std::min(static_cast<size_t>(o.list_size), tokens) * (4 + 4 * group) +
          MaxNeighbours(o) * 4;
 }
 
-// A prompt centroid's copy of its candidates' key rows at its largest (copy_list_rows).
-size_t MaxListRowsBytes(const CtkvrOptions& o, size_t row_bytes) {
+// A prompt centroid's copy of its candidates' key rows at its largest (copy_list_rows); it
+// never holds more rows than its segment's `tokens`.
+size_t MaxListRowsBytes(const CtkvrOptions& o, size_t row_bytes, size_t tokens = SIZE_MAX) {
   if (!o.copy_list_rows) return 0;
-  return (static_cast<size_t>(o.list_size) + MaxNeighbours(o)) * (row_bytes + 4);
+  return std::min(static_cast<size_t>(o.list_size) + MaxNeighbours(o), tokens) * (row_bytes + 4);
 }
 
 // The key rows of one centroid's candidates: its list ∪ its neighbours, ascending, and row j
@@ -242,6 +247,30 @@ class CtkvrSegment final : public Segment {
   // Picks the centroids and builds their lists over [begin_, end_).
   void Build(const BuildInput& in, ThreadPool* pool) {
     absl::MutexLock lock(&mu_);  // not yet shared; keeps the one rule for the state
+    SetCentroids(in);
+    BuildLists(*in.keys, pool);
+  }
+
+  // Builds over this segment's range with `base`'s prompt centroids (its added ones stay with
+  // it): the part after `base` of a chain whose earlier part is shared.
+  void BuildAfter(const CtkvrSegment& base, const PagedRows& keys, ThreadPool* pool) {
+    absl::MutexLock lock(&mu_);
+    {
+      absl::ReaderMutexLock base_lock(&base.mu_);
+      const size_t n = static_cast<size_t>(base.st_.num_prompt) * group_ * head_dim_;
+      st_.num_prompt = base.st_.num_prompt;
+      st_.scaled.assign(base.st_.scaled.begin(), base.st_.scaled.begin() + n);
+      st_.unit.assign(base.st_.unit.begin(), base.st_.unit.begin() + n);
+    }
+    BuildLists(keys, pool);
+  }
+
+  const CtkvrOptions& options() const { return opt_; }
+  int group() const { return group_; }
+
+ private:
+  // The prompt centroids: opt_.centroids of the input's queries, evenly spaced, scaled and unit.
+  void SetCentroids(const BuildInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const int d = head_dim_, g = group_;
     const int q = in.num_prompt_queries;
     const int c = std::min(opt_.centroids, q);
@@ -268,6 +297,11 @@ class CtkvrSegment final : public Segment {
         }
       }
     }
+  }
+
+  // Every prompt centroid's normalisers, list, neighbours and row copies over [begin_, end_).
+  void BuildLists(const PagedRows& rows, ThreadPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int d = head_dim_, g = group_, c = st_.num_prompt;
     const int64_t n = end_ - begin_;
     const int nq = c * g;
     // [c*g][n] logits, in a per-thread scratch buffer reused across builds (see ScratchFloats).
@@ -279,7 +313,7 @@ class CtkvrSegment final : public Segment {
       keys.resize(static_cast<size_t>(e - b) * d);
       dots.resize(static_cast<size_t>(e - b) * nq);
       for (int64_t t = b; t < e; ++t)
-        kernels::ToF32(dtype_, in.keys->row(begin_ + t), d, keys.data() + (t - b) * d);
+        kernels::ToF32(dtype_, rows.row(begin_ + t), d, keys.data() + (t - b) * d);
       kernels::DotsF32(keys.data(), e - b, st_.scaled.data(), nq, d, dots.data(), nq);
       for (int64_t t = b; t < e; ++t)
         for (int r = 0; r < nq; ++r)
@@ -315,9 +349,10 @@ class CtkvrSegment final : public Segment {
     } else {
       for (int i = 0; i < c; ++i) build_one(i);
     }
-    MakeCopies(*in.keys, pool);
+    MakeCopies(rows, pool);
   }
 
+ public:
   absl::Status Append(const PagedRows& keys, int64_t new_end, ThreadPool* pool) override {
     if (keys.head_dim != head_dim_ || keys.dtype != dtype_ || new_end < end_ ||
         new_end > keys.num_tokens) {
@@ -382,8 +417,11 @@ class CtkvrSegment final : public Segment {
       b += (st_.lists[i].size() + st_.list_logits[i].size() + st_.neighbours[i].size()) * 4;
     // The prompt centroids' row copies as if all made, and every added slot at its largest (a
     // list of list_size, all neighbours), used or not.
-    b += static_cast<size_t>(st_.num_prompt) * MaxListRowsBytes(opt_, RowBytes());
-    return b + static_cast<size_t>(opt_.max_added) * MaxCentroidBytes(opt_, g, d);
+    // Lists and copies hold tokens of the segment, so a short one (a sequence's own part after
+    // a shared prompt segment) reserves little; Append re-charges as it grows.
+    const size_t n = static_cast<size_t>(end_ - begin_);
+    b += static_cast<size_t>(st_.num_prompt) * MaxListRowsBytes(opt_, RowBytes(), n);
+    return b + static_cast<size_t>(opt_.max_added) * MaxCentroidBytes(opt_, g, d, n);
   }
 
   absl::Status SearchInternal(const SegmentSearch& s, HitsList* out) const override {
@@ -716,6 +754,27 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& inp
   }
   auto seg = std::make_unique<CtkvrSegment>(input, options);
   seg->Build(input, pool);
+  return std::unique_ptr<Segment>(std::move(seg));
+}
+
+absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegmentAfter(const Segment& base,
+                                                                const BuildInput& input,
+                                                                const CtkvrOptions& options,
+                                                                ThreadPool* pool) {
+  const auto* prev = dynamic_cast<const CtkvrSegment*>(&base);
+  if (prev == nullptr) {
+    return absl::InvalidArgumentError("a ctkvr continuation needs a ctkvr segment to follow");
+  }
+  if (!OptionsValid(options)) {
+    return absl::InvalidArgumentError("ctkvr: invalid options for a continuation");
+  }
+  if (input.group != prev->group() || input.token_begin != base.token_end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a ctkvr continuation must start at its base's end (", base.token_end(), ", not ",
+        input.token_begin, ") with its group (", prev->group(), ", not ", input.group, ")"));
+  }
+  auto seg = std::make_unique<CtkvrSegment>(input, options);
+  seg->BuildAfter(*prev, *input.keys, pool);
   return std::unique_ptr<Segment>(std::move(seg));
 }
 

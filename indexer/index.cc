@@ -487,6 +487,27 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(Method method, const Build
   return absl::InvalidArgumentError("unknown method");
 }
 
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegmentAfter(
+    const std::shared_ptr<const Segment>& base, const BuildInput& input,
+    const IndexOptions& options, ThreadPool* pool) {
+  if (base == nullptr) return absl::InvalidArgumentError("no segment to continue");
+  if (base->method() != Method::kCtkvr) return BuildSegment(base->method(), input, options, pool);
+  RETURN_IF_ERROR(ValidateKeys(input.keys));
+  if (input.token_end <= input.token_begin || input.token_end > input.keys->num_tokens ||
+      input.keys->head_dim != base->head_dim() || input.keys->dtype != base->dtype()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("continuation range [", input.token_begin, ", ", input.token_end,
+                     ") empty or outside the keys, or keys unlike its base's"));
+  }
+  const std::shared_ptr<const Segment> last = SegmentParts(base).back();
+  if (input.token_begin != base->token_end()) {
+    return absl::InvalidArgumentError(absl::StrCat("a continuation starts at its base's end (",
+                                                   base->token_end(), "), not at ",
+                                                   input.token_begin));
+  }
+  return internal::BuildCtkvrSegmentAfter(*last, input, options.ctkvr, pool);
+}
+
 std::unique_ptr<Segment> NewUnindexedSegment(int head_dim, DType dtype) {
   return internal::NewExactSegment(0, 0, head_dim, dtype);
 }

@@ -232,6 +232,16 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,
                                                       const IndexOptions& options,
                                                       ThreadPool* pool);
 
+// A segment over input's range [token_begin, token_end) that continues `base` (which ends at
+// token_begin): the next part of a chain whose earlier parts are shared, e.g. a sequence's own
+// tokens after a prompt segment that every sequence over one document uses. ctkvr keeps base's
+// prompt centroids (input's prompt queries are ignored) and builds their lists over the new
+// range; other methods build as BuildSegment does. INVALID_ARGUMENT as BuildSegment, for a null
+// base, a range that does not start at base's end, and keys or a group unlike base's.
+absl::StatusOr<std::unique_ptr<Segment>> BuildSegmentAfter(
+    const std::shared_ptr<const Segment>& base, const BuildInput& input,
+    const IndexOptions& options, ThreadPool* pool);
+
 // An exact segment over no tokens ([0, 0)): a placeholder that makes Search scan the whole
 // range exactly (what an index that is still being built answers with).
 std::unique_ptr<Segment> NewUnindexedSegment(int head_dim, DType dtype);

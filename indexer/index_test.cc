@@ -501,6 +501,51 @@ TEST(IndexTest, CtkvrWithCompleteListsEqualsExact) {
 // The row copies change where a search reads its candidates from, never what it selects: the
 // same selection as the gather from the pages for ranges that cut the lists, after Append drops
 // the copies, and in a clone (which makes its own).
+// A sequence's own tokens after a shared prompt segment get a part of their own that keeps the
+// prompt segment's centroids: it selects what a fresh build of that range with the same prompt
+// queries selects, alone and chained after the shared part.
+TEST(IndexTest, CtkvrContinuationSearchesLikeAFreshBuildWithItsBaseCentroids) {
+  auto d = Data(4096);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 128;
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Segment> base,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 4, 3072), opt, nullptr));
+  BuildInput rest = InputOver(*d, 3072, 3968);
+  rest.prompt_queries = nullptr;  // ignored: the centroids are base's
+  rest.num_prompt_queries = 0;
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Segment> after,
+                       BuildSegmentAfter(base, rest, opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(auto fresh,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 3072, 3968), opt, nullptr));
+  EXPECT_EQ(after->token_begin(), 3072);
+  EXPECT_EQ(after->token_end(), 3968);
+  EXPECT_EQ(after->MemoryBytes(), fresh->MemoryBytes());
+  ASSERT_OK_AND_ASSIGN(auto chain, NewSegmentChain({base, after}));
+  ThreadPool pool(2);
+  for (int i = 0; i < d->options.decode_queries; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 3072, 3968, 64, {after.get()})),
+              SearchOne(Entry(q, 4, &d->keys, 3072, 3968, 64, {fresh.get()})))
+        << "query " << i;
+    EXPECT_EQ(SearchOne(Entry(q, 4, &d->keys, 4, 3968, 64, {chain.get()})),
+              SearchOne(Entry(q, 4, &d->keys, 4, 3968, 64, {base.get(), fresh.get()})))
+        << "query " << i;
+  }
+  // A continuation may be grown like any segment.
+  std::unique_ptr<Segment> grown = after->Clone();
+  EXPECT_OK(grown->Append(d->keys, 4000, &pool));
+  EXPECT_EQ(grown->token_end(), 4000);
+
+  BuildInput gap = InputOver(*d, 3100, 3968);
+  EXPECT_THAT(BuildSegmentAfter(base, gap, opt, nullptr).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(BuildSegmentAfter(nullptr, rest, opt, nullptr).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  rest.group = 2;
+  EXPECT_THAT(BuildSegmentAfter(base, rest, opt, nullptr).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
   auto d = Data(4000);
   PagedRows view = d->keys;

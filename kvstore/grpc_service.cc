@@ -410,6 +410,7 @@ grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* c
     ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
     args.first_layer = req->first_layer();
     args.token_begin = req->token_begin();
+    args.token_end = req->token_end();
     args.num_queries = req->num_queries();
     for (int i = 0; i < req->layers_size(); ++i) {
       const v1::LayerQueries& l = req->layers(i);
@@ -425,6 +426,7 @@ grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* c
     resp->set_build_seconds(out.build_seconds);
     resp->set_index_bytes(out.index_bytes);
     resp->set_rebuilt(out.rebuilt);
+    resp->set_shared(out.shared);
     return absl::OkStatus();
   });
 }

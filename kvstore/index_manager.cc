@@ -1,6 +1,8 @@
 #include "kvstore/index_manager.h"
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +15,9 @@ namespace kvrecall::kvstore {
 namespace {
 
 constexpr uint32_t kHeaderIndex = 0xffffffffu;
+// SipHash key of the query digests in shared-index keys.
+constexpr std::array<uint8_t, 16> kQueryDigestKey = {'k', 'v', 'r', 'e', 'c', 'a', 'l', 'l',
+                                                     '-', 'i', 'd', 'x', '-', 'q', '1', 0};
 
 void AppendLe32(std::string* s, uint32_t v) {
   for (int i = 0; i < 4; ++i) s->push_back(static_cast<char>(v >> (8 * i)));
@@ -26,12 +31,125 @@ int64_t SlotsFor(int64_t bytes, size_t slot_bytes) {
   return (bytes + static_cast<int64_t>(slot_bytes) - 1) / static_cast<int64_t>(slot_bytes);
 }
 
+// The bytes a sequence's own reservation covers: its index less what a shared charge holds.
 int64_t ResidentBytes(const SequenceIndex* index) {
   if (index == nullptr || index->on_disk || !index->complete) return 0;
-  return static_cast<int64_t>(index->MemoryBytes());
+  return static_cast<int64_t>(index->MemoryBytes()) - index->shared_bytes;
+}
+
+void AppendBytes(std::string* s, const void* p, size_t n) {
+  s->append(static_cast<const char*>(p), n);
+}
+template <typename T>
+void AppendPod(std::string* s, T v) {
+  AppendBytes(s, &v, sizeof(v));
 }
 
 }  // namespace
+
+// Shared indices by key, and the arena slots each one's charge holds. Its lock is a leaf (only
+// the block table's is taken under it): a charge is released wherever the last index holding it
+// is dropped, under whatever locks that caller holds.
+class IndexManager::SharedRegistry : public std::enable_shared_from_this<SharedRegistry> {
+ public:
+  explicit SharedRegistry(BlockTable* table) : table_(table) {}
+
+  // The live index registered under `key`, or null.
+  std::shared_ptr<const SequenceIndex> Find(const std::string& key) {
+    absl::MutexLock lock(&mu_);
+    auto it = by_key_.find(key);
+    return it == by_key_.end() ? nullptr : it->second.index.lock();
+  }
+
+  // Charges `index` (whose every segment becomes shared) to slots of its own and registers it
+  // under `key`, unless a live index is registered there already: then that one is returned and
+  // `index` is left as it was. RESOURCE_EXHAUSTED when the slots cannot be had.
+  absl::StatusOr<std::shared_ptr<const SequenceIndex>> Register(
+      const std::string& key, std::shared_ptr<SequenceIndex> index) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = by_key_.find(key); it != by_key_.end()) {
+      if (auto live = it->second.index.lock()) return live;
+    }
+    const int64_t bytes = static_cast<int64_t>(index->MemoryBytes());
+    std::vector<uint8_t*> slots;
+    const size_t slot = table_->arena()->slot_bytes();
+    RETURN_IF_ERROR(table_->ReserveSlots(
+        static_cast<int>((bytes + static_cast<int64_t>(slot) - 1) / static_cast<int64_t>(slot)),
+        &slots));
+    const uint64_t id = ++next_id_;
+    reserved_slots_ += static_cast<int64_t>(slots.size());
+    bytes_ += bytes;
+    slots_[id] = {std::move(slots), bytes};
+    index->shared_bytes = bytes;
+    index->shared = std::make_shared<Charge>(shared_from_this(), key, id);
+    by_key_[key] = {id, index};
+    return std::shared_ptr<const SequenceIndex>(std::move(index));
+  }
+
+  // Releases every charge now (the manager is going away with its block table's users); charges
+  // released later do nothing.
+  void Close() {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, charged] : slots_) table_->ReleaseSlots(charged.slots);
+    slots_.clear();
+    by_key_.clear();
+    reserved_slots_ = 0;
+    bytes_ = 0;
+    closed_ = true;
+  }
+
+  // Live shared indices, their bytes and the slots their charges hold.
+  struct Usage {
+    int64_t indices = 0;
+    int64_t bytes = 0;
+    int64_t slots = 0;
+  };
+  Usage usage() {
+    absl::MutexLock lock(&mu_);
+    return {static_cast<int64_t>(slots_.size()), bytes_, reserved_slots_};
+  }
+
+ private:
+  // Held by SequenceIndex::shared of every index sharing the segments.
+  struct Charge {
+    Charge(std::shared_ptr<SharedRegistry> r, std::string k, uint64_t i)
+        : registry(std::move(r)), key(std::move(k)), id(i) {}
+    ~Charge() { registry->Release(key, id); }
+    const std::shared_ptr<SharedRegistry> registry;
+    const std::string key;
+    const uint64_t id;
+  };
+  struct Registered {
+    uint64_t id = 0;
+    std::weak_ptr<const SequenceIndex> index;
+  };
+  struct Charged {
+    std::vector<uint8_t*> slots;
+    int64_t bytes = 0;
+  };
+
+  void Release(const std::string& key, uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    if (closed_) return;
+    if (auto it = slots_.find(id); it != slots_.end()) {
+      table_->ReleaseSlots(it->second.slots);
+      reserved_slots_ -= static_cast<int64_t>(it->second.slots.size());
+      bytes_ -= it->second.bytes;
+      slots_.erase(it);
+    }
+    // A later registration under the same key may have replaced this one meanwhile.
+    if (auto it = by_key_.find(key); it != by_key_.end() && it->second.id == id) by_key_.erase(it);
+  }
+
+  BlockTable* const table_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, Registered> by_key_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Charged> slots_ ABSL_GUARDED_BY(mu_);
+  int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
 
 std::string IndexManager::KeyPrefix(absl::string_view tenant, absl::string_view id) {
   std::string k = "x";
@@ -53,14 +171,15 @@ std::string IndexManager::RecordsEnd(absl::string_view prefix) {
   return absl::StrCat(prefix, std::string(5, '\xff'));
 }
 
-IndexManager::IndexManager(const IndexManagerOptions& options, BlockTable* table,
-                           BlockStore* store, ThreadPool* pool, Clock* clock)
+IndexManager::IndexManager(const IndexManagerOptions& options, BlockTable* table, BlockStore* store,
+                           ThreadPool* pool, Clock* clock)
     : options_(options),
       table_(table),
       store_(store),
       pool_(pool),
       clock_(clock),
       persist_(options.durable && store != nullptr),
+      shared_(std::make_shared<SharedRegistry>(table)),
       hooks_([this] {
         auto hooks = std::make_shared<Sequence::IndexHooks>();
         hooks->load = [this](const Sequence* s, std::shared_ptr<const SequenceIndex> stub) {
@@ -77,6 +196,7 @@ IndexManager::~IndexManager() {
   absl::MutexLock lock(&mu_);
   for (auto& [seq, e] : entries_) table_->ReleaseSlots(e.slots);
   entries_.clear();
+  shared_->Close();
 }
 
 void IndexManager::Track(const std::shared_ptr<Sequence>& seq, bool recovered) {
@@ -158,9 +278,13 @@ IndexStats IndexManager::stats() const {
       ++s.placeholders;
     } else {
       ++s.indices;
-      s.bytes += static_cast<int64_t>(idx->MemoryBytes());
+      s.bytes += ResidentBytes(idx.get());
     }
   }
+  const SharedRegistry::Usage shared = shared_->usage();
+  s.shared = shared.indices;
+  s.bytes += shared.bytes;
+  s.reserved_bytes += shared.slots * static_cast<int64_t>(table_->arena()->slot_bytes());
   return s;
 }
 
@@ -333,21 +457,34 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
     absl::MutexLock lock(&mu_);
     AwaitIdleLocked(seq.get());
   }
+  const int64_t end = args.token_end > 0 ? args.token_end : committed;
   BuildIndexOutcome outcome;
-  outcome.indexed_tokens = committed - args.token_begin;
+  outcome.indexed_tokens = end - args.token_begin;
   if (std::shared_ptr<const SequenceIndex> cur = seq->index();
       cur != nullptr && cur->complete && cur->method == args.method &&
       cur->first_layer <= args.first_layer && cur->token_begin <= args.token_begin &&
-      cur->token_end >= committed) {
+      cur->token_end >= end) {
     outcome.segments = static_cast<int>(cur->segments.size());
     outcome.build_seconds = cur->build_seconds;
     outcome.index_bytes = static_cast<int64_t>(cur->MemoryBytes());
+    outcome.shared = cur->shared != nullptr;
     return outcome;
   }
-  ASSIGN_OR_RETURN(std::shared_ptr<SequenceIndex> index,
-                   BuildSegments(*seq, args.method, args.first_layer, args.token_begin, committed,
-                                 args.num_queries, &args.layer_queries));
-  index->explicit_build = true;
+  const std::string key = ShareKey(*seq, args, end);
+  std::shared_ptr<const SequenceIndex> index = key.empty() ? nullptr : shared_->Find(key);
+  const bool reused = index != nullptr;
+  if (!reused) {
+    ASSIGN_OR_RETURN(std::shared_ptr<SequenceIndex> built,
+                     BuildSegments(*seq, args.method, args.first_layer, args.token_begin, end,
+                                   args.num_queries, &args.layer_queries));
+    built->explicit_build = true;
+    if (key.empty()) {
+      index = std::move(built);
+    } else {
+      // Another sequence over the document may have registered the same build meanwhile.
+      ASSIGN_OR_RETURN(index, shared_->Register(key, std::move(built)));
+    }
+  }
   if (persist_) RETURN_IF_ERROR(Persist(*seq, *index));
   {
     absl::MutexLock lock(&mu_);
@@ -357,13 +494,42 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
     RETURN_IF_ERROR(InstallLocked(seq.get(), &it->second, cur.get(), index));
     it->second.auto_failed = false;
     it->second.persisted = persist_ ? index.get() : nullptr;
-    ++counters_.builds;
+    ++(reused ? counters_.shared_installs : counters_.builds);
   }
   outcome.segments = static_cast<int>(index->segments.size());
-  outcome.build_seconds = index->build_seconds;
+  outcome.build_seconds = reused ? 0 : index->build_seconds;
   outcome.index_bytes = static_cast<int64_t>(index->MemoryBytes());
-  outcome.rebuilt = true;
+  outcome.rebuilt = !reused;
+  outcome.shared = index->shared != nullptr;
   return outcome;
+}
+
+std::string IndexManager::ShareKey(const Sequence& seq, const BuildIndexArgs& args,
+                                   int64_t token_end) const {
+  const std::optional<ContentKey> prefix = seq.PrefixKey(token_end);
+  if (!prefix.has_value()) return "";
+  std::string key;
+  for (const std::string* s : {&seq.share_namespace(), &seq.spec().model_id}) {
+    AppendLe32(&key, static_cast<uint32_t>(s->size()));
+    key.append(*s);
+  }
+  AppendPod(&key, prefix->lo);
+  AppendPod(&key, prefix->hi);
+  AppendPod(&key, static_cast<uint8_t>(args.method));
+  AppendPod(&key, args.first_layer);
+  AppendPod(&key, args.token_begin);
+  AppendPod(&key, token_end);
+  if (args.method == indexer::Method::kCtkvr) {
+    // Queries of the same document positions are the same whichever session computed them; a
+    // 128-bit digest of each layer's queries stands for them (content_hash.h's SipHash).
+    AppendPod(&key, args.num_queries);
+    for (const auto& q : args.layer_queries) {
+      const std::array<uint8_t, 16> digest =
+          SipHash24_128(kQueryDigestKey, q.data(), q.size() * sizeof(float));
+      AppendBytes(&key, digest.data(), digest.size());
+    }
+  }
+  return key;
 }
 
 void IndexManager::AutoBuildJob(const std::shared_ptr<Sequence>& seq) {
@@ -421,9 +587,12 @@ void IndexManager::GrowJob(const std::shared_ptr<Sequence>& seq) {
     std::vector<std::shared_ptr<const indexer::Segment>> parts =
         indexer::SegmentParts(cur->segments[j]);
     const indexer::Segment& last = *parts.back();
-    const bool new_part = cur->method == indexer::Method::kCluster &&
-                          (parts.size() == 1 ||
-                           last.token_end() - last.token_begin() >= options_.suffix_part_tokens);
+    // A shared index's segments are never copied to grow: the sequence's tokens go into a part
+    // of its own after them (ctkvr's keeps the shared centroids).
+    const bool new_part = (cur->method == indexer::Method::kCluster &&
+                           (parts.size() == 1 || last.token_end() - last.token_begin() >=
+                                                     options_.suffix_part_tokens)) ||
+                          (cur->shared != nullptr && parts.size() == 1);
     if (new_part) {
       indexer::BuildInput in;
       in.keys = &read->keys;
@@ -431,7 +600,7 @@ void IndexManager::GrowJob(const std::shared_ptr<Sequence>& seq) {
       in.token_end = new_end;
       in.group = spec.group_size();
       absl::StatusOr<std::unique_ptr<indexer::Segment>> part =
-          indexer::BuildSegment(cur->method, in, suffix, nullptr);
+          indexer::BuildSegmentAfter(parts.back(), in, suffix, nullptr);
       if (!part.ok()) {
         status[j] = part.status();
         return;

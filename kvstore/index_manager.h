@@ -27,6 +27,15 @@
 //   durable with --durable every build is persisted (synced) before it is installed, and a
 //           restarted node loads it lazily on first use; growth is not persisted on its own
 //           (after a restart the tail is grown again).
+//   share  an explicit build whose range lies in the sequence's published blocks is registered
+//           under (namespace, model, Sequence::PrefixKey of its end, method, first layer, token
+//           range, a digest of its queries). The same build of another sequence over that
+//           document installs the registered SequenceIndex instead of building: the sessions
+//           over one document search one set of segments (their shared prefix is stored and
+//           indexed once), charged to the arena once, by a reservation released with the last
+//           index that holds it. Growth adds a part of the sequence's own after the shared
+//           segments (indexer::BuildSegmentAfter: ctkvr keeps the shared centroids), never a
+//           copy of them. A spilled and reloaded index is the sequence's own again.
 //   corrupt a record that fails its CRC or does not parse (or is missing) is never DATA_LOSS:
 //           the index is derived from the KV, which is intact, so the node drops it, logs it,
 //           counts it (stats().corrupt) and rebuilds it with auto_method (placeholder first:
@@ -83,6 +92,8 @@ struct IndexStats {
   int64_t corrupt = 0;         // records found corrupt (dropped and rebuilt), ever
   int64_t refused = 0;         // automatic builds / growth / reloads refused for memory, ever
   int64_t pending_jobs = 0;    // background jobs queued or running
+  int64_t shared = 0;          // shared indices alive (each charged once, in bytes/reserved)
+  int64_t shared_installs = 0;  // builds answered with a shared index instead of building, ever
 };
 
 class IndexManager {
@@ -122,6 +133,7 @@ class IndexManager {
   static std::string RecordsEnd(absl::string_view prefix);
 
  private:
+  class SharedRegistry;
   struct Entry {
     std::weak_ptr<Sequence> seq;
     std::vector<uint8_t*> slots;  // reserved for its resident index
@@ -149,6 +161,10 @@ class IndexManager {
   absl::Status Persist(const Sequence& seq, const SequenceIndex& index);
   absl::StatusOr<std::shared_ptr<SequenceIndex>> LoadRecords(const Sequence& seq) const;
 
+  // The registry key of an explicit build over [args.token_begin, token_end), or "" when its
+  // range is not all in published blocks (nothing else can hold the same tokens).
+  std::string ShareKey(const Sequence& seq, const BuildIndexArgs& args, int64_t token_end) const;
+
   void OnCommit(const Sequence* seq, int64_t committed);
   // Blocks until no job of `seq` is queued or running (or it is not tracked).
   void AwaitIdleLocked(const Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -167,6 +183,8 @@ class IndexManager {
   ThreadPool* const pool_;
   Clock* const clock_;
   const bool persist_;  // options_.durable with a store: builds are persisted
+  // Shared indices (see "share" above); outlives this object while an index holds a charge.
+  const std::shared_ptr<SharedRegistry> shared_;
   // The hooks every tracked sequence gets (they hold no per-sequence state).
   const std::shared_ptr<const Sequence::IndexHooks> hooks_;
 

@@ -211,6 +211,121 @@ TEST_F(IndexLifecycleTest, RetrieveWhileTheIndexIsPendingScansExactly) {
   EXPECT_TRUE(seq->index()->explicit_build);
 }
 
+// Sessions over one document: a build over the adopted prefix with the document's queries is
+// built once, held by every session and charged once; a session's own tokens grow a part of its
+// own after it; the charge goes with the last session.
+TEST_F(IndexLifecycleTest, SessionsOverOneDocumentShareOneIndexChargedOnce) {
+  NodeOptions o = Options();
+  o.auto_index = Method::kExact;
+  o.memory_bytes *= 4;  // room for two ctkvr indices
+  std::unique_ptr<Node> node = Start(o);
+  ASSERT_OK(Open(node.get(), "a"));
+  ASSERT_OK(Append(node.get(), "a", 0, 1300));  // the document is [0, 1280): 20 full blocks
+  ASSERT_OK(
+      node->OpenSequence(OpenSequenceArgs{"t", "m", "b", std::vector<int32_t>(1280, 5)}).status());
+  ASSERT_OK(Append(node.get(), "b", 1280, 1300));
+  ASSERT_OK_AND_ASSIGN(auto a, node->FindSequence("t", "a"));
+  ASSERT_OK_AND_ASSIGN(auto b, node->FindSequence("t", "b"));
+  ASSERT_EQ(b->usage().adopted_tokens, 1280);
+
+  std::vector<float> q(static_cast<size_t>(8) * kQHeads * kDim);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = Unit(i);
+  BuildIndexArgs args = CtkvrArgs(q);
+  args.token_end = 1280;
+  args.sequence_id = "a";
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome built_a, node->BuildIndex(args));
+  EXPECT_TRUE(built_a.rebuilt);
+  EXPECT_TRUE(built_a.shared);
+  EXPECT_EQ(built_a.indexed_tokens, 1280 - 16);
+  const int64_t used_one = node->arena().used_bytes();
+  args.sequence_id = "b";
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome built_b, node->BuildIndex(args));
+  EXPECT_FALSE(built_b.rebuilt) << "answered by a's build";
+  EXPECT_TRUE(built_b.shared);
+  EXPECT_EQ(a->index(), b->index()) << "one index object";
+  EXPECT_EQ(b->index()->token_end, 1280);
+  NodeStats s = node->Stats(false);
+  EXPECT_EQ(s.index.builds, 1);
+  EXPECT_EQ(s.index.shared_installs, 1);
+  EXPECT_EQ(s.index.shared, 1);
+  EXPECT_EQ(s.index.bytes, built_a.index_bytes) << "counted once";
+  EXPECT_EQ(node->arena().used_bytes(), used_one) << "charged once";
+  EXPECT_EQ(s.stored_bytes + s.index.reserved_bytes, node->arena().used_bytes());
+  // Both search it, over their own tails too (scanned exactly): the same tokens, same answer.
+  ASSERT_OK_AND_ASSIGN(auto from_a, Retrieve(node.get(), "a", Method::kCtkvr, 1300));
+  ASSERT_OK_AND_ASSIGN(auto from_b, Retrieve(node.get(), "b", Method::kCtkvr, 1300));
+  EXPECT_EQ(from_a, from_b);
+  EXPECT_EQ(from_a[0].size(), 64u);
+
+  // Other queries (another document position, or another model's) are another index.
+  std::vector<float> q2 = q;
+  q2[3] += 1;
+  args.layer_queries = {q2, q2};
+  ASSERT_OK(
+      node->OpenSequence(OpenSequenceArgs{"t", "m", "c", std::vector<int32_t>(1280, 5)}).status());
+  args.sequence_id = "c";
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome built_c, node->BuildIndex(args));
+  EXPECT_TRUE(built_c.rebuilt);
+  ASSERT_OK_AND_ASSIGN(auto c, node->FindSequence("t", "c"));
+  EXPECT_NE(c->index(), a->index());
+  EXPECT_EQ(node->Stats(false).index.shared, 2);
+  ASSERT_OK(node->CloseSequence("t", "c", true));
+  c.reset();
+
+  // b's decode tokens: growth adds b's own part after the shared segment, which a still holds.
+  const indexer::Segment* shared_segment = a->index()->segment(2, 1);
+  int64_t end = 1300;
+  for (; end < 1280 + 320; ++end) ASSERT_OK(Append(node.get(), "b", end, end + 1));
+  node->WaitForIndexJobs();
+  std::shared_ptr<const SequenceIndex> grown = b->index();
+  EXPECT_EQ(grown->token_end, 1600);
+  auto parts = indexer::SegmentParts(grown->segments[static_cast<size_t>(kKvHeads) + 1]);
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].get(), shared_segment);
+  EXPECT_EQ(parts[1]->token_begin(), 1280);
+  EXPECT_EQ(parts[1]->method(), Method::kCtkvr);
+  EXPECT_EQ(a->index()->token_end, 1280);
+  s = node->Stats(false);
+  EXPECT_EQ(s.index.growths, 1);
+  EXPECT_EQ(s.stored_bytes + s.index.reserved_bytes, node->arena().used_bytes());
+  EXPECT_LT(s.index.bytes, 2 * built_a.index_bytes) << "b's own part is small";
+  ASSERT_OK_AND_ASSIGN(auto grown_ids, Retrieve(node.get(), "b", Method::kCtkvr, end));
+  EXPECT_EQ(grown_ids[0].size(), 64u);
+
+  // The charge goes with the last index that holds it.
+  ASSERT_OK(node->CloseSequence("t", "a", true));
+  EXPECT_EQ(node->Stats(false).index.shared, 1) << "b still holds it";
+  grown.reset();
+  ASSERT_OK(node->CloseSequence("t", "b", true));
+  a.reset();
+  b.reset();
+  node->WaitForIndexJobs();
+  s = node->Stats(false);
+  EXPECT_EQ(s.index.shared, 0);
+  EXPECT_EQ(s.index.reserved_bytes, 0);
+  EXPECT_EQ(s.stored_bytes, node->arena().used_bytes());
+}
+
+// token_end is validated before anything is built.
+TEST_F(IndexLifecycleTest, BuildIndexRejectsABadTokenEnd) {
+  std::unique_ptr<Node> node = Start(Options());
+  ASSERT_OK(Open(node.get(), "s"));
+  ASSERT_OK(Append(node.get(), "s", 0, 1300));
+  std::vector<float> q(static_cast<size_t>(8) * kQHeads * kDim, 0.5f);
+  BuildIndexArgs args = CtkvrArgs(q);
+  for (int64_t bad : {int64_t{-1}, int64_t{16}, int64_t{10}}) {
+    args.token_end = bad;
+    EXPECT_THAT(node->BuildIndex(args).status(), StatusIs(absl::StatusCode::kInvalidArgument))
+        << bad;
+  }
+  args.token_end = 1301;
+  EXPECT_THAT(node->BuildIndex(args).status(), StatusIs(absl::StatusCode::kFailedPrecondition));
+  args.token_end = 1300;  // the last block is partial: built, but nobody else can hold it
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome out, node->BuildIndex(args));
+  EXPECT_TRUE(out.rebuilt);
+  EXPECT_FALSE(out.shared);
+}
+
 TEST_F(IndexLifecycleTest, DecodeTokensAreIndexedEveryWTokens) {
   std::unique_ptr<Node> node = Start(Options());
   ASSERT_OK(Open(node.get(), "s"));

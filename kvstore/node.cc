@@ -738,8 +738,17 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
     return absl::FailedPreconditionError(absl::StrCat("nothing to index: token_begin ", args.token_begin, " but ",
                                                       committed, " tokens committed"));
   }
+  if (args.token_end < 0 || (args.token_end > 0 && args.token_end <= args.token_begin)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token_end ", args.token_end,
+                     " must be 0 (every committed token) or above token_begin ", args.token_begin));
+  }
+  if (args.token_end > committed) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("token_end ", args.token_end, " beyond the ", committed, " tokens committed"));
+  }
   BuildIndexOutcome outcome;
-  outcome.indexed_tokens = committed - args.token_begin;
+  outcome.indexed_tokens = (args.token_end > 0 ? args.token_end : committed) - args.token_begin;
   if (args.method == Method::kExact) return outcome;  // exact scans; nothing to build
   const indexer::Method method = args.method;
   const int sparse_layers = spec.num_layers - args.first_layer;

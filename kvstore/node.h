@@ -160,6 +160,11 @@ struct BuildIndexArgs {
   // first_layer): [num_queries][num_q_heads][head_dim] fp32 post-RoPE, in position order.
   int num_queries = 0;
   std::vector<absl::Span<const float>> layer_queries;
+  // The indexed range's end; 0 = every committed token. A worker whose prompt adopted a shared
+  // document's prefix indexes just that prefix, with queries of the document's last positions,
+  // so that every session over the document gets the same index, built and stored once
+  // (index_manager.h "share"); its own tokens after it are scanned exactly until growth.
+  int64_t token_end = 0;
 };
 struct BuildIndexOutcome {
   int64_t indexed_tokens = 0;
@@ -167,6 +172,7 @@ struct BuildIndexOutcome {
   double build_seconds = 0;
   int64_t index_bytes = 0;
   bool rebuilt = false;  // false: an index of this method over the same tokens existed
+  bool shared = false;   // the index is one other sequences over the same document hold too
 };
 inline constexpr int kMaxIndexQueries = 4096;
 

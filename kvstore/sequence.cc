@@ -127,6 +127,13 @@ int64_t Sequence::committed_tokens() const {
   absl::ReaderMutexLock lock(&mu_);
   return committed_;
 }
+std::optional<ContentKey> Sequence::PrefixKey(int64_t tokens) const {
+  absl::ReaderMutexLock lock(&mu_);
+  if (tokens <= 0 || tokens > committed_) return std::nullopt;
+  const size_t b = static_cast<size_t>((tokens - 1) / block_tokens_);
+  if (b >= keys_.size()) return std::nullopt;
+  return keys_[b];
+}
 int64_t Sequence::known_token_ids() const {
   absl::ReaderMutexLock lock(&mu_);
   return static_cast<int64_t>(token_ids_.size());

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,11 @@ class Sequence {
   void ReleaseAccount();
 
   int64_t committed_tokens() const;
+  // The content key (content_hash.h) of the published block that holds token `tokens - 1`: it
+  // names this sequence's first `tokens` tokens (and the rest of that block) within its
+  // namespace and model, so two sequences with the same PrefixKey(n) hold the same KV for
+  // tokens [0, n). nullopt when that token is not committed or its block is not yet full.
+  std::optional<ContentKey> PrefixKey(int64_t tokens) const;
   int64_t known_token_ids() const;
   std::vector<int32_t> token_ids() const;
   // Arena bytes referenced by this sequence (shared blocks counted in full).

@@ -33,6 +33,11 @@ struct SequenceIndex {
   bool on_disk = false;
   // Made by an explicit BuildIndex (an automatic build never replaces it).
   bool explicit_build = false;
+  // Sharing (index_manager.h): segments built once for every sequence over one document and
+  // charged to the arena once. `shared` holds that charge (it is released with the last index
+  // that holds it); shared_bytes of MemoryBytes() are charged there, not to this sequence.
+  std::shared_ptr<const void> shared;
+  int64_t shared_bytes = 0;
   // [(layer - first_layer) * num_kv_heads + kv_head]; a segment may be a chain (prompt segment
   // plus suffix parts of decode tokens).
   std::vector<std::shared_ptr<const indexer::Segment>> segments;

@@ -271,16 +271,17 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     // needed ~8% more than that on the H100 host (2026-11-22), hence the margin.
     const int64_t token_bytes = int64_t{cfg.num_layers} * 2 * kvd * 2;
     const int64_t prompt_bytes = (int64_t{max_context} + 64) * token_bytes * 5 / 4;
-    // The tier's memory: tier_shared once (shared prompts: the document), then tier_per_seq per
-    // sequence (private: its whole prompt; shared: its question, its decode tokens and the blocks
-    // they round up to, and its index).
-    const int64_t tier_shared = shared ? prompt_bytes : 0;
+    // The tier's memory: tier_shared once (shared prompts: the document and its index, which
+    // every session over it holds), then tier_per_seq per sequence (private: its whole prompt;
+    // shared: its question, its decode tokens and the blocks they round up to; its index grows
+    // into a small part of its own, not reserved here).
+    const int64_t index_reserve = kvstore::CtkvrIndexReserveBytes(
+        index_options.ctkvr, int64_t{cfg.num_layers - opt.dense_layers} * cfg.num_kv_heads,
+        cfg.num_heads / cfg.num_kv_heads, cfg.head_dim, DType::kBF16);
+    const int64_t tier_shared = shared ? prompt_bytes + index_reserve : 0;
     const int64_t tier_per_seq =
-        shared ? (int64_t{opt.question_tokens} + (max_context - context) + 2 * 64) * token_bytes * 5 / 4 +
-                     kvstore::CtkvrIndexReserveBytes(
-                         index_options.ctkvr,
-                         int64_t{cfg.num_layers - opt.dense_layers} * cfg.num_kv_heads,
-                         cfg.num_heads / cfg.num_kv_heads, cfg.head_dim, DType::kBF16)
+        shared ? (int64_t{opt.question_tokens} + (max_context - context) + 2 * 64) * token_bytes *
+                     5 / 4
                : prompt_bytes;
     const int64_t tier_memory = static_cast<int64_t>(opt.host_memory_fraction * host_available);
     int batch = static_cast<int>(
@@ -341,6 +342,19 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     const absl::Time t_push = absl::Now();
     std::vector<int32_t> document(static_cast<size_t>(shared ? context - opt.question_tokens : 0));
     for (int32_t& t : document) t = static_cast<int32_t>(rng() % cfg.vocab_size);
+    // Shared prompts: every session indexes the document's full blocks with the document's
+    // queries (what a worker asks for once its prompt adopted the document's prefix), so the
+    // tier builds that index once and every session holds it.
+    const int nq = opt.index_queries;
+    const int64_t document_end =
+        static_cast<int64_t>(document.size()) / no.block_tokens * no.block_tokens;
+    std::vector<std::vector<float>> document_q(shared ? sparse_layers : 0);
+    std::vector<absl::Span<const float>> document_qs;
+    for (auto& lq : document_q) {
+      lq.resize(static_cast<size_t>(nq) * cfg.num_heads * cfg.head_dim);
+      for (float& x : lq) x = normal(rng);
+      document_qs.push_back(lq);
+    }
     for (int i = 0; i < batch; ++i) {
       ids.push_back(absl::StrCat("kvrecall-", context, "-", i));
       std::vector<int32_t> prompt = document;
@@ -348,18 +362,22 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
       for (size_t j = document.size(); j < prompt.size(); ++j) {
         prompt[j] = static_cast<int32_t>(rng() % cfg.vocab_size);
       }
-      const int nq = opt.index_queries;
-      std::vector<std::vector<float>> q(sparse_layers);
+      std::vector<std::vector<float>> q(shared ? 0 : sparse_layers);
       std::vector<absl::Span<const float>> qs;
       for (auto& lq : q) {
         lq.resize(static_cast<size_t>(nq) * cfg.num_heads * cfg.head_dim);
         for (float& x : lq) x = normal(rng);
         qs.push_back(lq);
       }
+      const internal::IndexQuerySource queries =
+          [&](int64_t) -> absl::StatusOr<internal::IndexQueries> {
+        if (shared) return internal::IndexQueries{document_end, nq, document_qs};
+        return internal::IndexQueries{context, nq, qs};
+      };
       EngineOptions eo = base;
       RETURN_IF_ERROR(internal::PushPromptToTier(tier.get(), spec, eo, ids.back(), prompt,
-                                                 SyntheticKvSource(opt.seed + i, spec, &pool), nq,
-                                                 qs, &index_seconds));
+                                                 SyntheticKvSource(opt.seed + i, spec, &pool),
+                                                 queries, &index_seconds));
       Progress(absl::StrFormat("  pushed %d / %d prompts to the tier (index build %.1f s so far)",
                                i + 1, batch, index_seconds));
     }

@@ -44,6 +44,19 @@ absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const E
                               const std::string& id, absl::Span<const int32_t> tokens, const PromptKvSource& kv,
                               int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
                               double* index_build_seconds) {
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  return PushPromptToTier(
+      tier, spec, options, id, tokens, kv,
+      [&](int64_t) -> absl::StatusOr<IndexQueries> {
+        return IndexQueries{T, num_queries, layer_queries};
+      },
+      index_build_seconds);
+}
+
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
+                              const EngineOptions& options, const std::string& id,
+                              absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              const IndexQuerySource& queries, double* index_build_seconds) {
   constexpr int64_t kPushTokens = 2048;  // prompt tokens per AppendKV transaction
   const int L = spec.num_layers;
   const int64_t T = static_cast<int64_t>(tokens.size());
@@ -63,8 +76,14 @@ absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const E
   args.first_layer = options.dense_layers;
   args.token_begin = std::min<int64_t>(options.sink_tokens, T - 1);
   if (options.method == client::Method::kCtkvr) {
-    args.num_queries = num_queries;
-    args.layer_queries = layer_queries;
+    ASSIGN_OR_RETURN(IndexQueries q, queries(open.stored_tokens));
+    if (q.end <= args.token_begin || q.end > T) {
+      return absl::InvalidArgumentError(absl::StrCat("index queries end at ", q.end, ", outside (",
+                                                     args.token_begin, ", ", T, "]"));
+    }
+    args.token_end = q.end < T ? q.end : 0;
+    args.num_queries = q.num;
+    args.layer_queries = std::move(q.layers);
   }
   ASSIGN_OR_RETURN(kvstore::BuildIndexOutcome built, tier->BuildIndex(id, std::move(args)));
   *index_build_seconds += built.build_seconds;

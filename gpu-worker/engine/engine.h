@@ -130,6 +130,28 @@ absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const E
                               int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
                               double* index_build_seconds);
 
+// The ctkvr queries an index over [sinks, end) is built with: `num` per sparse layer, taken at
+// IndexQueryPositions(options, end), layers[l - dense_layers] = [num][num_heads][head_dim] fp32.
+struct IndexQueries {
+  int64_t end = 0;
+  int num = 0;
+  std::vector<absl::Span<const float>> layers;
+};
+// Given how many of the prompt's tokens the tier already held when it was opened (a shared
+// document's prefix that the sequence adopted), the queries to index with: the prompt's own (end
+// = its length), or the adopted prefix's (end = the adopted count) so that every session over
+// the document asks for the same index, which the tier then builds and stores once and shares
+// (kvstore/index_manager.h "share"); the session's own tokens are scanned exactly until the
+// tier's growth indexes them in a part of their own.
+using IndexQuerySource = std::function<absl::StatusOr<IndexQueries>(int64_t adopted_tokens)>;
+// The same, with the index's queries chosen once the adopted prefix is known. The spans a source
+// returns must stay valid until this returns. INVALID_ARGUMENT when its end is not in
+// (sinks, prompt length].
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
+                              const EngineOptions& options, const std::string& id,
+                              absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              const IndexQuerySource& queries, double* index_build_seconds);
+
 }  // namespace internal
 
 class Engine {

@@ -95,6 +95,58 @@ TEST(IndexQueryPositionsTest, EvenlySpacedOverTheWindowEndingAtTheLastToken) {
   EXPECT_EQ(internal::IndexQueryPositions(o, 3), (std::vector<int32_t>{0, 1, 2}));
 }
 
+// Sessions over one document: a source that answers with the document's queries once the
+// prompt adopted its prefix makes the tier build the index once for both.
+TEST_F(EngineTest, PromptsOverOneDocumentAskForOneSharedIndex) {
+  EngineOptions o = Options(64);
+  o.method = client::Method::kCtkvr;
+  const internal::PromptKvSource zeros = [&](client::AppendBatch* b) {
+    for (int l = 0; l < spec_.num_layers; ++l) {
+      for (auto* rows : {&b->keys[l], &b->values[l]}) {
+        rows->assign(static_cast<size_t>(spec_.num_kv_heads * b->num_tokens) * spec_.row_bytes(),
+                     0);
+        for (size_t i = 0; i < rows->size(); i += 7)
+          (*rows)[i] = static_cast<uint8_t>(b->token_start + i);
+      }
+    }
+  };
+  const int nq = 4, sparse_layers = spec_.num_layers - o.dense_layers;
+  auto queries = [&](float v) {
+    return std::vector<float>(static_cast<size_t>(nq) * spec_.num_q_heads * spec_.head_dim, v);
+  };
+  const std::vector<float> document_q = queries(0.5f), own_q = queries(0.25f);
+  std::vector<int64_t> adopted;
+  const internal::IndexQuerySource source =
+      [&](int64_t a) -> absl::StatusOr<internal::IndexQueries> {
+    adopted.push_back(a);
+    internal::IndexQueries q{256, nq, {}};
+    for (int l = 0; l < sparse_layers; ++l) q.layers.push_back(document_q);
+    return q;
+  };
+  std::vector<int32_t> a(prompt_.begin(), prompt_.begin() + 256), b = a;
+  for (int i = 0; i < 44; ++i) {
+    a.push_back(1 + i);
+    b.push_back(100 + i);
+  }
+  double seconds = 0;
+  ASSERT_OK(internal::PushPromptToTier(tier_.get(), spec_, o, "a", a, zeros, source, &seconds));
+  ASSERT_OK(internal::PushPromptToTier(tier_.get(), spec_, o, "b", b, zeros, source, &seconds));
+  EXPECT_EQ(adopted, (std::vector<int64_t>{0, 256}));
+  ASSERT_OK_AND_ASSIGN(kvstore::NodeStats stats, tier_->Stats(false));
+  EXPECT_EQ(stats.index.builds, 1);
+  EXPECT_EQ(stats.index.shared_installs, 1);
+  EXPECT_EQ(stats.index.shared, 1);
+
+  // A source whose range leaves the prompt is refused before anything is built.
+  const internal::IndexQuerySource beyond = [&](int64_t) -> absl::StatusOr<internal::IndexQueries> {
+    internal::IndexQueries q{301, nq, {}};
+    for (int l = 0; l < sparse_layers; ++l) q.layers.push_back(own_q);
+    return q;
+  };
+  EXPECT_THAT(internal::PushPromptToTier(tier_.get(), spec_, o, "c", a, zeros, beyond, &seconds),
+              testing::StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST_F(EngineTest, SparseWithFullBudgetEqualsDenseExactly) {
   ASSERT_OK_AND_ASSIGN(auto sparse, Engine::Create(model_.get(), tier_.get(), spec_, Options(4096)));
   ASSERT_OK_AND_ASSIGN(auto dense, Dense(4096));

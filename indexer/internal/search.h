@@ -119,6 +119,12 @@ std::unique_ptr<Segment> ParseClusterSegment(ByteReader* r, int64_t begin, int64
 absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& input,
                                                            const CtkvrOptions& options,
                                                            ThreadPool* pool);
+// A ctkvr segment over input's range with `base`'s prompt centroids (index.h BuildSegmentAfter);
+// base must be a ctkvr segment (not a chain) ending where input begins, of input's group.
+absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegmentAfter(const Segment& base,
+                                                                const BuildInput& input,
+                                                                const CtkvrOptions& options,
+                                                                ThreadPool* pool);
 absl::StatusOr<std::unique_ptr<Segment>> BuildClusterSegment(const BuildInput& input,
                                                              const ClusterOptions& options,
                                                              ThreadPool* pool);
