@@ -47,9 +47,10 @@ void AppendPod(std::string* s, T v) {
 
 }  // namespace
 
-// Shared indices by key, and the arena slots each one's charge holds. Its lock is a leaf (only
-// the block table's is taken under it): a charge is released wherever the last index holding it
-// is dropped, under whatever locks that caller holds.
+// Shared indices by key, and the arena slots each one's charge holds. A charge is released
+// wherever the last index holding it is dropped, under whatever locks that caller holds, so its
+// lock comes after Sequence::mu_ and IndexManager::mu_; under it Register takes the block
+// table's (reserving) and the new index's segment locks (MemoryBytes), Release the block table's.
 class IndexManager::SharedRegistry : public std::enable_shared_from_this<SharedRegistry> {
  public:
   explicit SharedRegistry(BlockTable* table) : table_(table) {}

@@ -42,7 +42,7 @@
 //           searches stay exact and correct meanwhile). A ctkvr index needs BuildIndex again.
 //
 // Thread safety: all methods are thread-safe. Lock order: Node::mu_ → IndexManager::mu_ →
-// Sequence::mu_ → BlockTable::mu_; builds, growth and store I/O of jobs run without mu_.
+// Sequence::mu_ → the shared-index registry's lock → BlockTable::mu_; builds, growth and store I/O of jobs run without mu_.
 #ifndef KVRECALL_KVSTORE_INDEX_MANAGER_H_
 #define KVRECALL_KVSTORE_INDEX_MANAGER_H_
 
