@@ -499,13 +499,8 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegmentAfter(
         absl::StrCat("continuation range [", input.token_begin, ", ", input.token_end,
                      ") empty or outside the keys, or keys unlike its base's"));
   }
-  const std::shared_ptr<const Segment> last = SegmentParts(base).back();
-  if (input.token_begin != base->token_end()) {
-    return absl::InvalidArgumentError(absl::StrCat("a continuation starts at its base's end (",
-                                                   base->token_end(), "), not at ",
-                                                   input.token_begin));
-  }
-  return internal::BuildCtkvrSegmentAfter(*last, input, options.ctkvr, pool);
+  // The last part ends where the chain does; it checks that input starts there.
+  return internal::BuildCtkvrSegmentAfter(*SegmentParts(base).back(), input, options.ctkvr, pool);
 }
 
 std::unique_ptr<Segment> NewUnindexedSegment(int head_dim, DType dtype) {

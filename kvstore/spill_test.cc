@@ -315,6 +315,14 @@ class NodeSpillTest : public ::testing::Test {
     if (matched != nullptr) *matched = r.matched_tokens;
     return absl::OkStatus();
   }
+  // Stores the pair as tenant t's sequences x and y: y adopts x's shared prefix (its matched
+  // token count in *matched) and appends its own block.
+  absl::Status StorePair(const PrefixPair& p, int64_t* matched = nullptr) {
+    RETURN_IF_ERROR(Open("t", "x", p.ids_x));
+    RETURN_IF_ERROR(Append(node_.get(), "t", "x", p.ids_x, p.x, 0, 12));
+    RETURN_IF_ERROR(Open("t", "y", p.ids_y, matched));
+    return Append(node_.get(), "t", "y", p.ids_y, p.y, 8, 4);
+  }
 
   FakeClock clock_;
   std::unique_ptr<Node> node_;
@@ -367,14 +375,11 @@ TEST_F(NodeSpillTest, SpillAndReloadAreBitExactAndAppendsContinueASpilledBlock) 
 TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
   Make(/*arena_blocks=*/6, absl::Seconds(10));
   const PrefixPair p = SharedPrefixPair();
-  const std::vector<int32_t>&ids_x = p.ids_x, &ids_y = p.ids_y;
+  const std::vector<int32_t>& ids_x = p.ids_x;
   const Kv &x = p.x, &y = p.y;
-  ASSERT_OK(Open("t", "x", ids_x));
-  ASSERT_OK(Append(node_.get(), "t", "x", ids_x, x, 0, 12));
   int64_t matched = 0;
-  ASSERT_OK(Open("t", "y", ids_y, &matched));
+  ASSERT_OK(StorePair(p, &matched));
   ASSERT_EQ(matched, 8);
-  ASSERT_OK(Append(node_.get(), "t", "y", ids_y, y, 8, 4));
   ASSERT_EQ(node_->Stats(false).blocks, 4);
 
   // z fills the arena: everything of x and y goes, the shared blocks once.
@@ -410,12 +415,8 @@ TEST_F(NodeSpillTest, SharedPrefixBlocksSpillOnceAndAreSharedWhileSpilled) {
 TEST_F(NodeSpillTest, OneReadOfSharingSequencesPinsEachBlockAndReadsEveryView) {
   Make(/*arena_blocks=*/6, absl::Seconds(10));
   const PrefixPair p = SharedPrefixPair();
-  const std::vector<int32_t>&ids_x = p.ids_x, &ids_y = p.ids_y;
   const Kv &x = p.x, &y = p.y;
-  ASSERT_OK(Open("t", "x", ids_x));
-  ASSERT_OK(Append(node_.get(), "t", "x", ids_x, x, 0, 12));
-  ASSERT_OK(Open("t", "y", ids_y));
-  ASSERT_OK(Append(node_.get(), "t", "y", ids_y, y, 8, 4));
+  ASSERT_OK(StorePair(p));
   clock_.Advance(absl::Seconds(11));
   const std::vector<int32_t> ids_z = Ids(24, 5);
   const Kv z = RandomKv(24, 5);

@@ -346,15 +346,20 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     // queries (what a worker asks for once its prompt adopted the document's prefix), so the
     // tier builds that index once and every session holds it.
     const int nq = opt.index_queries;
+    // Random prompt queries of every sparse layer, [nq][num_heads][head_dim] each.
+    auto random_queries = [&] {
+      std::vector<std::vector<float>> q(sparse_layers);
+      for (auto& lq : q) {
+        lq.resize(static_cast<size_t>(nq) * cfg.num_heads * cfg.head_dim);
+        for (float& x : lq) x = normal(rng);
+      }
+      return q;
+    };
     const int64_t document_end =
         static_cast<int64_t>(document.size()) / no.block_tokens * no.block_tokens;
-    std::vector<std::vector<float>> document_q(shared ? sparse_layers : 0);
-    std::vector<absl::Span<const float>> document_qs;
-    for (auto& lq : document_q) {
-      lq.resize(static_cast<size_t>(nq) * cfg.num_heads * cfg.head_dim);
-      for (float& x : lq) x = normal(rng);
-      document_qs.push_back(lq);
-    }
+    const std::vector<std::vector<float>> document_q =
+        shared ? random_queries() : std::vector<std::vector<float>>{};
+    const std::vector<absl::Span<const float>> document_qs(document_q.begin(), document_q.end());
     for (int i = 0; i < batch; ++i) {
       ids.push_back(absl::StrCat("kvrecall-", context, "-", i));
       std::vector<int32_t> prompt = document;
@@ -362,13 +367,9 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
       for (size_t j = document.size(); j < prompt.size(); ++j) {
         prompt[j] = static_cast<int32_t>(rng() % cfg.vocab_size);
       }
-      std::vector<std::vector<float>> q(shared ? 0 : sparse_layers);
-      std::vector<absl::Span<const float>> qs;
-      for (auto& lq : q) {
-        lq.resize(static_cast<size_t>(nq) * cfg.num_heads * cfg.head_dim);
-        for (float& x : lq) x = normal(rng);
-        qs.push_back(lq);
-      }
+      const std::vector<std::vector<float>> q =
+          shared ? std::vector<std::vector<float>>{} : random_queries();
+      const std::vector<absl::Span<const float>> qs(q.begin(), q.end());
       const internal::IndexQuerySource queries =
           [&](int64_t) -> absl::StatusOr<internal::IndexQueries> {
         if (shared) return internal::IndexQueries{document_end, nq, document_qs};
