@@ -115,11 +115,13 @@ size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim,
 // never holds more rows than its segment's `tokens`.
 size_t MaxListRowsBytes(const CtkvrOptions& o, size_t row_bytes, size_t tokens = SIZE_MAX) {
   if (!o.copy_list_rows) return 0;
-  return std::min(static_cast<size_t>(o.list_size) + MaxNeighbours(o), tokens) * (row_bytes + 4);
+  const size_t rows = std::min(static_cast<size_t>(o.list_size) + MaxNeighbours(o), tokens);
+  const size_t tile = kernels::kPackRows;  // rows are packed in whole tiles
+  return rows * 4 + (rows + tile - 1) / tile * tile * row_bytes;
 }
 
-// The key rows of one centroid's candidates: its list ∪ its neighbours, ascending, and row j
-// (of the token tokens[j]) at rows[j * row_bytes].
+// The key rows of one centroid's candidates: its list ∪ its neighbours, ascending, and their
+// rows packed (kernels::PackRows: row j, of the token tokens[j], is packed row j).
 struct ListRows {
   std::vector<int32_t> tokens;
   std::vector<uint8_t> rows;
@@ -510,19 +512,21 @@ class CtkvrSegment final : public Segment {
       return absl::OkStatus();
     }
     if (copy == nullptr && cand.empty()) return absl::OkStatus();
-    Hits& hits = *out->Add();
+    // Each head's normaliser over the whole segment, estimated from the candidates and the share
+    // of the best centroid's mass that its list holds.
+    std::vector<double> lse_add(static_cast<size_t>(g));
+    for (int h = 0; h < g; ++h)
+      lse_add[h] = -std::log(std::max(best_mass[h], 1e-6)) * FractionInRange(rb, re);
     if (copy != nullptr) {
       // The one probed centroid's list and neighbours restricted to the range (what the probe
       // loop would have put in `cand`), their rows streamed.
-      ScoreRows(s, copy->tokens.data() + copy_first, copy->rows.data() + copy_first * RowBytes(),
-                copy_count, &hits);
+      const ListRows* c = copy.get();
+      ScorePackedRows(s, std::move(copy), c->tokens.data(), c->rows.data(), copy_first, copy_count,
+                      lse_add.data(), out);
     } else {
+      Hits& hits = *out->Add();
       ScoreTokens(s, cand, &hits);
-    }
-    // Each head's normaliser over the whole segment, estimated from the candidates and the share of
-    // the best centroid's mass that its list holds.
-    for (int h = 0; h < g; ++h) {
-      hits.lse[h] -= std::log(std::max(best_mass[h], 1e-6)) * FractionInRange(rb, re);
+      for (int h = 0; h < g; ++h) hits.lse[h] += lse_add[h];
     }
     return absl::OkStatus();
   }
@@ -646,10 +650,11 @@ class CtkvrSegment final : public Segment {
     auto made = std::make_shared<ListRows>();
     std::set_union(st_.lists[ci].begin(), st_.lists[ci].end(), st_.neighbours[ci].begin(),
                    st_.neighbours[ci].end(), std::back_inserter(made->tokens));
-    const size_t row = RowBytes();
-    made->rows.resize(made->tokens.size() * row);
-    for (size_t j = 0; j < made->tokens.size(); ++j)
-      std::memcpy(made->rows.data() + j * row, keys.row(made->tokens[j]), row);
+    const int64_t n = static_cast<int64_t>(made->tokens.size());
+    std::vector<const uint8_t*> rows(made->tokens.size());
+    for (size_t j = 0; j < rows.size(); ++j) rows[j] = keys.row(made->tokens[j]);
+    made->rows.resize(kernels::PackedRowsBytes(dtype_, n, head_dim_));
+    kernels::PackRows(dtype_, rows.data(), n, head_dim_, made->rows.data());
     return made;
   }
 

@@ -1,8 +1,9 @@
 #include "indexer/index.h"
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -63,6 +64,12 @@ double LogSumExp(const float* x, int64_t n, kernels::Isa isa) {
   return static_cast<double>(mx) + std::log(kernels::SumExp(x, n, mx, isa));
 }
 
+void FinishLse(const SegmentSearch& s, Hits* out) {
+  const int64_t n = out->units;
+  out->lse.resize(static_cast<size_t>(s.group));
+  for (int h = 0; h < s.group; ++h) out->lse[h] = LogSumExp(out->logits.data() + h * n, n, s.isa);
+}
+
 namespace {
 
 void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows, Hits* out) {
@@ -73,8 +80,7 @@ void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows,
   out->logits.resize(static_cast<size_t>(n) * s.group);
   kernels::QueryKeyDots(s.keys->dtype, rows.data(), n, d, s.scaled_queries, s.group,
                         out->logits.data(), n, s.isa);
-  out->lse.resize(static_cast<size_t>(s.group));
-  for (int h = 0; h < s.group; ++h) out->lse[h] = LogSumExp(out->logits.data() + h * n, n, s.isa);
+  FinishLse(s, out);
 }
 
 }  // namespace
@@ -87,22 +93,54 @@ void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out) {
   FinishHits(s, rows, out);
 }
 
-void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out) {
-  thread_local std::vector<const uint8_t*> rows;
-  rows.resize(tokens.size());
-  for (size_t i = 0; i < tokens.size(); ++i) rows[i] = s.keys->row(tokens[i]);
-  out->tokens.assign(tokens.begin(), tokens.end());
-  FinishHits(s, rows, out);
+namespace {
+
+// out's logits over rows [first, first + units) of `packed`, then its normalisers.
+void ScorePackedNow(const SegmentSearch& s, const uint8_t* packed, int64_t first, Hits* out) {
+  const int64_t n = out->units;
+  out->logits.resize(static_cast<size_t>(n) * s.group);
+  kernels::PackedQueryDots(s.keys->dtype, packed, first, n, s.keys->head_dim, s.scaled_queries,
+                           s.group, out->logits.data(), n, s.isa);
+  FinishLse(s, out);
 }
 
-void ScoreRows(const SegmentSearch& s, const int32_t* tokens, const uint8_t* rows, int64_t n,
-               Hits* out) {
-  const size_t row = static_cast<size_t>(s.keys->head_dim) * DTypeSize(s.keys->dtype);
-  thread_local std::vector<const uint8_t*> ptrs;
-  ptrs.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) ptrs[i] = rows + static_cast<size_t>(i) * row;
-  out->tokens.assign(tokens, tokens + n);
-  FinishHits(s, ptrs, out);
+}  // namespace
+
+void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out) {
+  // Packed like a segment's row copy, so that scoring a copy selects what this gather does.
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int d = s.keys->head_dim;
+  thread_local std::vector<const uint8_t*> rows;
+  thread_local std::vector<uint8_t> packed;
+  rows.resize(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) rows[i] = s.keys->row(tokens[i]);
+  packed.resize(kernels::PackedRowsBytes(s.keys->dtype, n, d));
+  kernels::PackRows(s.keys->dtype, rows.data(), n, d, packed.data());
+  out->tokens.assign(tokens.begin(), tokens.end());
+  out->units = n;
+  out->unit_end.clear();
+  ScorePackedNow(s, packed.data(), 0, out);
+}
+
+void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,
+                     const int32_t* tokens, const uint8_t* packed, int64_t first, int64_t n,
+                     const double* lse_add, HitsList* out) {
+  Hits* hits = out->Add();
+  hits->tokens.assign(tokens + first, tokens + first + n);
+  hits->units = n;
+  if (s.deferred != nullptr) {
+    DeferredScore d;
+    d.keep = std::move(keep);
+    d.packed = packed;
+    d.first = first;
+    d.count = n;
+    d.hits = out->size() - 1;
+    d.lse_add.assign(lse_add, lse_add + s.group);
+    s.deferred->push_back(std::move(d));
+    return;
+  }
+  ScorePackedNow(s, packed, first, hits);
+  for (int h = 0; h < s.group; ++h) hits->lse[h] += lse_add[h];
 }
 
 void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
@@ -389,6 +427,87 @@ absl::Status ValidateEntry(const SearchEntry& e, std::vector<const Segment*>* so
 
 }  // namespace
 
+namespace {
+
+// One entry's search across Search's phases.
+struct EntrySearch {
+  std::vector<float> scaled, unit;  // [group][head_dim]
+  internal::SegmentSearch s;
+  internal::HitsList hits;
+  std::vector<internal::DeferredScore> deferred;
+  absl::Status status;
+};
+
+// Rows a scoring job of Search's second phase reads before the next entry's queries take them:
+// a few tiles, so that they stay in the L1 cache across the entries that deferred them.
+constexpr int64_t kSubRows = 4 * kernels::kPackRows;
+// A scoring job (a unit of parallel work): up to this many rows for up to this many entries.
+constexpr int64_t kJobRows = 32 * kernels::kPackRows;
+constexpr size_t kJobEntries = 16;
+
+// Scores every deferred row range of the batch: all ranges over one copy together, the copy
+// read tile by tile and each tile scored for every entry whose range holds it.
+void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
+  struct Ref {
+    const uint8_t* packed;
+    uint32_t entry, item;
+  };
+  std::vector<Ref> refs;
+  for (size_t i = 0; i < n; ++i)
+    for (size_t k = 0; k < st[i].deferred.size(); ++k)
+      refs.push_back(
+          {st[i].deferred[k].packed, static_cast<uint32_t>(i), static_cast<uint32_t>(k)});
+  if (refs.empty()) return;
+  std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) {
+    return std::less<const uint8_t*>()(a.packed, b.packed) ||
+           (a.packed == b.packed && (a.entry < b.entry || (a.entry == b.entry && a.item < b.item)));
+  });
+  struct Job {
+    size_t ref_begin, ref_end;
+    int64_t row_begin, row_end;
+  };
+  std::vector<Job> jobs;
+  for (size_t b = 0; b < refs.size();) {
+    size_t e = b;
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    for (; e < refs.size() && refs[e].packed == refs[b].packed; ++e) {
+      const internal::DeferredScore& d = st[refs[e].entry].deferred[refs[e].item];
+      lo = std::min(lo, d.first);
+      hi = std::max(hi, d.first + d.count);
+    }
+    for (int64_t r = lo; r < hi;) {
+      const int64_t next = std::min(hi, (r / kJobRows + 1) * kJobRows);
+      for (size_t x = b; x < e; x += kJobEntries) jobs.push_back({x, std::min(e, x + kJobEntries), r, next});
+      r = next;
+    }
+    b = e;
+  }
+  auto run = [&](int64_t j) {
+    const Job& job = jobs[j];
+    for (int64_t r0 = job.row_begin; r0 < job.row_end;) {
+      const int64_t r1 = std::min(job.row_end, (r0 / kSubRows + 1) * kSubRows);
+      for (size_t x = job.ref_begin; x < job.ref_end; ++x) {
+        EntrySearch& es = st[refs[x].entry];
+        const internal::DeferredScore& d = es.deferred[refs[x].item];
+        const int64_t lo = std::max(r0, d.first), hi = std::min(r1, d.first + d.count);
+        if (lo >= hi) continue;
+        internal::Hits* h = es.hits.at(d.hits);
+        kernels::PackedQueryDots(es.s.keys->dtype, d.packed, lo, hi - lo, es.s.keys->head_dim,
+                                 es.s.scaled_queries, es.s.group, h->logits.data() + (lo - d.first),
+                                 d.count, es.s.isa);
+      }
+      r0 = r1;
+    }
+  };
+  if (pool != nullptr && jobs.size() > 1) {
+    pool->ParallelFor(static_cast<int64_t>(jobs.size()), run);
+  } else {
+    for (size_t j = 0; j < jobs.size(); ++j) run(static_cast<int64_t>(j));
+  }
+}
+
+}  // namespace
+
 absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& options,
                     ThreadPool* pool, std::vector<std::vector<int32_t>>* out) {
   std::vector<std::vector<const Segment*>> sorted(entries.size());
@@ -399,27 +518,44 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
   }
   if (options.ctkvr_probe < 0) return absl::InvalidArgumentError("ctkvr_probe must be >= 0");
   std::vector<std::vector<int32_t>> result(entries.size());
-  std::vector<absl::Status> status(entries.size());
   const kernels::Isa isa = kernels::BestIsa();
-  auto one = [&](int64_t i) {
+  // Per-entry state, reused across this thread's calls (pool threads reach it through `st`).
+  thread_local std::vector<EntrySearch> states;
+  if (states.size() < entries.size()) states.resize(entries.size());
+  std::vector<EntrySearch>& st = states;
+  auto parallel = [&](const std::function<void(int64_t)>& fn) {
+    if (pool != nullptr && entries.size() > 1) {
+      pool->ParallelFor(static_cast<int64_t>(entries.size()), fn);
+    } else {
+      for (size_t i = 0; i < entries.size(); ++i) fn(static_cast<int64_t>(i));
+    }
+  };
+  // 1. Each entry searches its segments; scoring over row copies is deferred to 2.
+  parallel([&](int64_t i) {
     const SearchEntry& e = entries[i];
+    EntrySearch& es = st[i];
+    es.status = absl::OkStatus();
+    es.hits.Reset();
+    es.deferred.clear();
     const int d = e.keys->head_dim;
     const float scale =
         e.scale > 0 ? e.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-    std::vector<float> scaled(static_cast<size_t>(e.group) * d), unit(scaled.size());
+    es.scaled.resize(static_cast<size_t>(e.group) * d);
+    es.unit.resize(es.scaled.size());
     for (int h = 0; h < e.group; ++h) {
       const float* q = e.queries + static_cast<size_t>(h) * d;
       double norm = 0;
       for (int j = 0; j < d; ++j) norm += static_cast<double>(q[j]) * q[j];
       const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
       for (int j = 0; j < d; ++j) {
-        scaled[static_cast<size_t>(h) * d + j] = q[j] * scale;
-        unit[static_cast<size_t>(h) * d + j] = q[j] * inv;
+        es.scaled[static_cast<size_t>(h) * d + j] = q[j] * scale;
+        es.unit[static_cast<size_t>(h) * d + j] = q[j] * inv;
       }
     }
-    internal::SegmentSearch s;
-    s.scaled_queries = scaled.data();
-    s.unit_queries = unit.data();
+    internal::SegmentSearch& s = es.s;
+    s = internal::SegmentSearch();
+    s.scaled_queries = es.scaled.data();
+    s.unit_queries = es.unit.data();
     s.group = e.group;
     s.keys = e.keys;
     s.range_begin = e.token_begin;
@@ -427,35 +563,51 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     s.k = e.k;
     s.ctkvr_probe = options.ctkvr_probe;
     s.isa = isa;
-    thread_local internal::HitsList hits;
-    hits.Reset();
+    s.deferred = &es.deferred;
     int64_t cursor = e.token_begin;
     for (const Segment* seg : sorted[i]) {
       const int64_t b = std::max(seg->token_begin(), e.token_begin),
                     en = std::min(seg->token_end(), e.token_end);
       if (b >= en) continue;
-      if (cursor < b) internal::ExactHits(s, cursor, b, hits.Add());
-      if (absl::Status st = seg->SearchInternal(s, &hits); !st.ok()) {
-        status[i] = st;
+      if (cursor < b) internal::ExactHits(s, cursor, b, es.hits.Add());
+      if (absl::Status status = seg->SearchInternal(s, &es.hits); !status.ok()) {
+        es.status = status;
         return;
       }
       cursor = std::max(cursor, en);
     }
-    if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, hits.Add());
+    if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, es.hits.Add());
+    for (const internal::DeferredScore& ds : es.deferred)
+      es.hits.at(ds.hits)->logits.resize(static_cast<size_t>(ds.count) * e.group);
+  });
+  // 2. The deferred scoring, copy by copy.
+  ScoreDeferred(st, entries.size(), pool);
+  // 3. Each entry's normalisers and selection.
+  parallel([&](int64_t i) {
+    const SearchEntry& e = entries[i];
+    EntrySearch& es = st[i];
+    if (!es.status.ok()) return;
+    for (internal::DeferredScore& ds : es.deferred) {
+      internal::Hits* h = es.hits.at(ds.hits);
+      internal::FinishLse(es.s, h);
+      for (int g = 0; g < e.group; ++g) h->lse[g] += ds.lse_add[g];
+      ds.keep.reset();
+    }
     if (e.successors > 0) {
       thread_local std::vector<float> scores;
-      internal::SelectFromHits(hits.view(), e.group, e.k, &result[i], &scores);
+      internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i], &scores);
       internal::AddSuccessors(scores, e.successors, e.token_begin, e.token_end, e.k, &result[i]);
     } else {
-      internal::SelectFromHits(hits.view(), e.group, e.k, &result[i]);
+      internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i]);
     }
-  };
-  if (pool != nullptr && entries.size() > 1) {
-    pool->ParallelFor(static_cast<int64_t>(entries.size()), one);
-  } else {
-    for (size_t i = 0; i < entries.size(); ++i) one(static_cast<int64_t>(i));
+  });
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (!st[i].status.ok()) {
+      absl::Status failed = st[i].status;
+      for (size_t j = 0; j < entries.size(); ++j) st[j].deferred.clear();
+      return failed;
+    }
   }
-  for (const absl::Status& st : status) RETURN_IF_ERROR(st);
   *out = std::move(result);
   return absl::OkStatus();
 }

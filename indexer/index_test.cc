@@ -559,9 +559,11 @@ TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
   ASSERT_OK_AND_ASSIGN(auto copied, BuildSegment(Method::kCtkvr, in, with, nullptr));
   ASSERT_OK_AND_ASSIGN(auto gathered, BuildSegment(Method::kCtkvr, in, without, nullptr));
   ASSERT_EQ(SerializeSegment(*copied), SerializeSegment(*gathered));  // the same index
-  // The copies are counted as if all made, whether made yet or not.
-  const size_t rows = static_cast<size_t>(with.ctkvr.centroids) * (256 + 8 * 17) *
-                      (static_cast<size_t>(d->keys.head_dim) * DTypeSize(d->keys.dtype) + 4);
+  // The copies are counted as if all made, whether made yet or not: 392 tokens, their rows packed
+  // in 25 tiles of 16.
+  const size_t rows = static_cast<size_t>(with.ctkvr.centroids) *
+                      ((256 + 8 * 17) * 4 +
+                       25 * 16 * static_cast<size_t>(d->keys.head_dim) * DTypeSize(d->keys.dtype));
   EXPECT_EQ(copied->MemoryBytes(), gathered->MemoryBytes() + rows);
   auto compare = [&](const Segment* a, const Segment* b, int64_t len) {
     const std::vector<std::pair<int64_t, int64_t>> ranges = {
@@ -591,6 +593,40 @@ TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
   ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(SerializeSegment(*copied)));
   compare(parsed.get(), gathered.get(), 4000);
   compare(parsed.get(), gathered.get(), 4000);
+}
+
+TEST(IndexTest, BatchedSearchesOverOneRowCopySelectWhatEachSelectsAlone) {
+  // Many entries probing the same centroids of one segment: Search scores each copy once for all
+  // of them, over ranges that differ by entry (some end inside the copy, some before it).
+  auto d = Data(4000);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 256;
+  opt.ctkvr.min_similarity = 0;
+  ASSERT_OK_AND_ASSIGN(auto seg,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 0, 4000), opt, nullptr));
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {{0, 4000}, {100, 3936},  {700, 1500},
+                                                           {0, 40},   {2000, 4000}, {0, 4000}};
+  std::vector<SearchEntry> batch;
+  for (int i = 0; i < 4; ++i) {
+    const float* q = d->decode_queries.data() + i * 4 * 32;
+    for (const auto& [b, e] : ranges)
+      for (int k : {16, 200}) batch.push_back(Entry(q, 4, &d->keys, b, e, k, {seg.get()}));
+  }
+  ThreadPool pool(2);
+  for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+    std::vector<std::vector<int32_t>> together;
+    ASSERT_OK(Search(batch, {}, p, &together));
+    ASSERT_EQ(together.size(), batch.size());
+    for (size_t i = 0; i < batch.size(); ++i)
+      EXPECT_EQ(together[i], SearchOne(batch[i])) << "entry " << i;
+  }
+  // A failing entry fails the batch and leaves no work behind: the next batch is whole.
+  std::vector<SearchEntry> bad = batch;
+  bad.back().group = 2;
+  EXPECT_THAT(Search(bad, {}, &pool, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  std::vector<std::vector<int32_t>> again;
+  ASSERT_OK(Search(batch, {}, &pool, &again));
+  EXPECT_EQ(again[3], SearchOne(batch[3]));
 }
 
 TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {

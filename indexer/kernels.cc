@@ -339,6 +339,94 @@ KV_TARGET_AVX2 void GemmRowsAvx2(const float* a, int64_t lda, const float* bp, i
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Packed rows (PackRows): one lane per row, each dot a fused multiply-add chain in j order.
+
+constexpr int kMaxPackedQueries = 4;  // queries per kernel call: 2 × 4 accumulators (AVX2)
+
+inline size_t PackedTileBytes(DType type, int d) {
+  return static_cast<size_t>(d) * kPackRows * DTypeSize(type);
+}
+
+// acc[h * kPackRows + r] = q_h · row r of the tile, for h < nh.
+void PackedTileScalar(DType type, const uint8_t* tile, int d, const float* q, int nh, float* acc) {
+  for (int h = 0; h < nh; ++h) {
+    for (int r = 0; r < kPackRows; ++r) {
+      float a = 0;
+      for (int j = 0; j < d; ++j)
+        a = std::fma(q[static_cast<size_t>(h) * d + j], LoadOne(type, tile, j * kPackRows + r), a);
+      acc[h * kPackRows + r] = a;
+    }
+  }
+}
+
+template <DType type, int NH>
+KV_TARGET_AVX2 void PackedTileAvx2(const uint8_t* tile, int d, const float* q, float* out) {
+  const size_t es = DTypeSize(type);
+  __m256 acc[NH][2];
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+  for (int j = 0; j < d; ++j) {
+    const uint8_t* p = tile + static_cast<size_t>(j) * kPackRows * es;
+    const __m256 b0 = Load8(type, p), b1 = Load8(type, p + 8 * es);
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      const __m256 qb = _mm256_broadcast_ss(q + static_cast<size_t>(h) * d + j);
+      acc[h][0] = _mm256_fmadd_ps(qb, b0, acc[h][0]);
+      acc[h][1] = _mm256_fmadd_ps(qb, b1, acc[h][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) {
+    _mm256_storeu_ps(out + h * kPackRows, acc[h][0]);
+    _mm256_storeu_ps(out + h * kPackRows + 8, acc[h][1]);
+  }
+}
+
+// The same for NT consecutive tiles: out[(t * NH + h) * kPackRows + r].
+template <DType type, int NH, int NT>
+KV_TARGET_AVX512 void PackedTilesAvx512(const uint8_t* tile, int d, const float* q, float* out) {
+  const size_t es = DTypeSize(type), tile_bytes = static_cast<size_t>(d) * kPackRows * es;
+  __m512 acc[NT][NH];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  for (int j = 0; j < d; ++j) {
+    __m512 b[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      b[t] = Load16(type, tile + t * tile_bytes + static_cast<size_t>(j) * kPackRows * es, 0xffff);
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      const __m512 qb = _mm512_set1_ps(q[static_cast<size_t>(h) * d + j]);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) acc[t][h] = _mm512_fmadd_ps(qb, b[t], acc[t][h]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+}
+
+using PackedKernel = void (*)(const uint8_t*, int, const float*, float*);
+
+// The kernel for nh (1..kMaxPackedQueries) queries over nt (1, or 2 on AVX-512) tiles.
+template <DType T>
+PackedKernel PackedKernelFor(Isa isa, int nh, int nt) {
+  static constexpr PackedKernel kAvx2[] = {&PackedTileAvx2<T, 1>, &PackedTileAvx2<T, 2>,
+                                           &PackedTileAvx2<T, 3>, &PackedTileAvx2<T, 4>};
+  static constexpr PackedKernel kAvx512One[] = {
+      &PackedTilesAvx512<T, 1, 1>, &PackedTilesAvx512<T, 2, 1>, &PackedTilesAvx512<T, 3, 1>,
+      &PackedTilesAvx512<T, 4, 1>};
+  static constexpr PackedKernel kAvx512Two[] = {
+      &PackedTilesAvx512<T, 1, 2>, &PackedTilesAvx512<T, 2, 2>, &PackedTilesAvx512<T, 3, 2>,
+      &PackedTilesAvx512<T, 4, 2>};
+  if (isa == Isa::kAvx512) return nt == 2 ? kAvx512Two[nh - 1] : kAvx512One[nh - 1];
+  return kAvx2[nh - 1];
+}
+
 Isa DetectBest() {
   Isa best = Isa::kScalar;
   __builtin_cpu_init();
@@ -471,6 +559,74 @@ void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int d, cons
         QkTyped<DType::kF16>(rows, n, d, qh, nh, oh, ld, isa);
         break;
     }
+  }
+}
+
+size_t PackedRowsBytes(DType type, int64_t n, int head_dim) {
+  return static_cast<size_t>((n + kPackRows - 1) / kPackRows) * PackedTileBytes(type, head_dim);
+}
+
+void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, uint8_t* out) {
+  const size_t es = DTypeSize(type), tile_bytes = PackedTileBytes(type, head_dim);
+  for (int64_t t0 = 0; t0 < n; t0 += kPackRows) {
+    uint8_t* tile = out + static_cast<size_t>(t0 / kPackRows) * tile_bytes;
+    const int rn = static_cast<int>(std::min<int64_t>(kPackRows, n - t0));
+    if (rn < kPackRows) std::memset(tile, 0, tile_bytes);
+    if (es == 2) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(tile);
+      for (int r = 0; r < rn; ++r) {
+        const uint8_t* src = rows[t0 + r];
+        for (int j = 0; j < head_dim; ++j) std::memcpy(dst + j * kPackRows + r, src + 2 * j, 2);
+      }
+    } else {
+      for (int r = 0; r < rn; ++r)
+        for (int j = 0; j < head_dim; ++j)
+          std::memcpy(tile + (static_cast<size_t>(j) * kPackRows + r) * es, rows[t0 + r] + j * es,
+                      es);
+    }
+  }
+}
+
+void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n, int head_dim,
+                     const float* q, int nq, float* out, int64_t ld, Isa isa) {
+  if (n <= 0 || nq <= 0) return;
+  const int d = head_dim;
+  const size_t tile_bytes = PackedTileBytes(type, d);
+  alignas(64) float tmp[2 * kMaxPackedQueries * kPackRows];
+  const int64_t t_end = (first + n - 1) / kPackRows + 1;
+  for (int64_t t = first / kPackRows; t < t_end;) {
+    const int nt = isa == Isa::kAvx512 && t + 1 < t_end ? 2 : 1;
+    const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
+    for (int h0 = 0; h0 < nq; h0 += kMaxPackedQueries) {
+      const int nh = std::min(kMaxPackedQueries, nq - h0);
+      const float* qh = q + static_cast<size_t>(h0) * d;
+      if (isa == Isa::kScalar) {
+        PackedTileScalar(type, tile, d, qh, nh, tmp);
+      } else {
+        PackedKernel k = nullptr;
+        switch (type) {
+          case DType::kF32:
+            k = PackedKernelFor<DType::kF32>(isa, nh, nt);
+            break;
+          case DType::kBF16:
+            k = PackedKernelFor<DType::kBF16>(isa, nh, nt);
+            break;
+          case DType::kF16:
+            k = PackedKernelFor<DType::kF16>(isa, nh, nt);
+            break;
+        }
+        k(tile, d, qh, tmp);
+      }
+      for (int u = 0; u < nt; ++u) {
+        const int64_t base = (t + u) * kPackRows;
+        const int64_t lo = std::max(first, base), hi = std::min(first + n, base + kPackRows);
+        for (int h = 0; h < nh; ++h)
+          std::memcpy(out + (h0 + h) * ld + (lo - first),
+                      tmp + (u * nh + h) * kPackRows + (lo - base),
+                      static_cast<size_t>(hi - lo) * sizeof(float));
+      }
+    }
+    t += nt;
   }
 }
 

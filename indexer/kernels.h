@@ -12,6 +12,7 @@
 #ifndef KVRECALL_INDEXER_KERNELS_H_
 #define KVRECALL_INDEXER_KERNELS_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -40,6 +41,23 @@ float Dot(const float* a, const float* b, int64_t n, Isa isa = BestIsa());
 // q:    [nq][head_dim] fp32; out: nq rows of stride ld (>= n) floats, unscaled.
 void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int head_dim, const float* q,
                   int nq, float* out, int64_t ld, Isa isa = BestIsa());
+
+// Key rows packed for PackedQueryDots: tiles of kPackRows rows, a tile holding [head_dim]
+// [kPackRows] elements of the rows' dtype (element j of the tile's row r at j * kPackRows + r),
+// the last tile zero-padded. Queries then read a tile with whole-vector loads, one lane per row,
+// and need no horizontal sums.
+inline constexpr int kPackRows = 16;
+// Bytes of n packed rows of head_dim elements of `type` (whole tiles).
+size_t PackedRowsBytes(DType type, int64_t n, int head_dim);
+// Packs rows[i] (head_dim elements of `type` each) as packed row i, i < n, into `out`
+// (PackedRowsBytes(type, n, head_dim) bytes; the padding is zeroed).
+void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, uint8_t* out);
+// Query-key dots over packed rows [first, first + n):
+//   out[h * ld + i] = Σ_j q[h * head_dim + j] * float(row_{first+i}[j])   for h < nq, i < n
+// Each dot is one fused multiply-add chain in j order, so every Isa gives the same bits.
+// packed: rows packed by PackRows (at least first + n of them); q: [nq][head_dim] fp32.
+void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n, int head_dim,
+                     const float* q, int nq, float* out, int64_t ld, Isa isa = BestIsa());
 
 // Dense fp32 dot matrix: c[i * ldc + j] = a_i . b_j for i < m, j < n; a: [m][d], b: [n][d] fp32,
 // ldc >= n. Packs b (allocates n * d floats); meant for many-by-many products (k-means).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -79,6 +80,58 @@ TEST(KernelsTest, DotAndQueryKeyDotsMatchDoubleReference) {
             mag += std::abs(static_cast<double>(q[j]) * ref[j]);
           }
           EXPECT_NEAR(dot, want, 1e-5 * mag + 1e-6);
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReference) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd;
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int d : {1, 5, 64, 128}) {
+      const int n = 70;  // 4 full tiles and a partial one
+      std::vector<float> ref;
+      std::vector<uint8_t> bytes = RandomRows(t, n, d, &rng, &ref);
+      std::vector<const uint8_t*> rows(n);
+      for (int i = 0; i < n; ++i)
+        rows[i] = bytes.data() + static_cast<size_t>(i) * d * DTypeSize(t);
+      std::vector<uint8_t> packed(PackedRowsBytes(t, n, d), 0xAB);
+      ASSERT_EQ(packed.size(), static_cast<size_t>(5 * kPackRows) * d * DTypeSize(t));
+      PackRows(t, rows.data(), n, d, packed.data());
+      for (int nq : {1, 4, 6, 9}) {
+        std::vector<float> q(static_cast<size_t>(nq) * d);
+        for (float& x : q) x = nd(rng);
+        // Row ranges: all, inside one tile, across tiles from mid-tile, the padded tail.
+        for (auto [first, count] :
+             std::vector<std::pair<int, int>>{{0, n}, {3, 9}, {13, 40}, {64, 6}, {17, 1}}) {
+          const int64_t ld = count + 2;
+          std::vector<float> scalar;
+          for (Isa isa : SupportedIsas()) {
+            std::vector<float> out(static_cast<size_t>(nq) * ld, 7.0f);
+            PackedQueryDots(t, packed.data(), first, count, d, q.data(), nq, out.data(), ld, isa);
+            for (int h = 0; h < nq; ++h) {
+              for (int i = 0; i < count; ++i) {
+                double want = 0, mag = 0;
+                for (int j = 0; j < d; ++j) {
+                  const double p = static_cast<double>(q[h * d + j]) *
+                                   ref[static_cast<size_t>(first + i) * d + j];
+                  want += p;
+                  mag += std::abs(p);
+                }
+                ASSERT_NEAR(out[h * ld + i], want, 1e-5 * mag + 1e-6)
+                    << IsaName(isa) << " " << DTypeName(t) << " d=" << d << " nq=" << nq;
+              }
+              EXPECT_EQ(out[h * ld + count], 7.0f) << "wrote past n";
+            }
+            if (isa == Isa::kScalar) {
+              scalar = out;
+            } else {
+              EXPECT_EQ(out, scalar) << IsaName(isa) << " " << DTypeName(t) << " d=" << d
+                                     << " nq=" << nq << " rows [" << first << ", +" << count << ")";
+            }
+          }
         }
       }
     }

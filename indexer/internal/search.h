@@ -19,6 +19,8 @@
 
 namespace kvrecall::indexer::internal {
 
+struct DeferredScore;
+
 struct SegmentSearch {
   const float* scaled_queries = nullptr;  // [group][head_dim], already multiplied by the scale
   const float* unit_queries = nullptr;    // [group][head_dim], each head L2-normalised (0 if zero)
@@ -29,6 +31,21 @@ struct SegmentSearch {
   int64_t k = 0;
   int ctkvr_probe = 0;  // 0 = build default
   kernels::Isa isa = kernels::Isa::kScalar;
+  // When set, ScorePackedRows leaves its scoring here for Search, which scores all deferred rows
+  // of one copy together, for every entry of its batch (the rows are read from memory once).
+  std::vector<DeferredScore>* deferred = nullptr;
+};
+
+// Rows of a segment's packed copy that one entry's search scores later (SegmentSearch::deferred):
+// its Hits number `hits` in the entry's HitsList has tokens and units set; Search fills its
+// logits from the rows [first, first + count) of `packed`, then its normalisers plus lse_add.
+struct DeferredScore {
+  std::shared_ptr<const void> keep;  // owns `packed` (and the Hits' tokens' source)
+  const uint8_t* packed = nullptr;
+  int64_t first = 0;
+  int64_t count = 0;
+  size_t hits = 0;
+  std::vector<double> lse_add;  // [group]
 };
 
 // Scored units of one segment (or gap). A unit is one token or a group of tokens (a cluster)
@@ -61,13 +78,16 @@ class HitsList {
     h->external = nullptr;
     h->external_size = 0;
     h->unit_end.clear();
-    h->logits.clear();
+    // logits keeps its old size: every producer resizes it and writes all of it, and a resize
+    // within the old size does not zero-fill tens of KiB per search.
     h->units = 0;
     h->lse.clear();
     return h;
   }
   void PopBack() { --n_; }
   void Reset() { n_ = 0; }
+  size_t size() const { return n_; }
+  Hits* at(size_t i) { return &items_[i]; }
   absl::Span<const Hits> view() const { return {items_.data(), n_}; }
 
  private:
@@ -79,10 +99,16 @@ class HitsList {
 void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out);
 // Scores the given tokens (ascending, inside the range) exactly; lse over them only.
 void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out);
-// The same for n tokens (ascending, inside the range) whose key rows lie contiguously at `rows`
-// (row j, of tokens[j], at rows + j * head_dim * element size), e.g. a segment's copy of them.
-void ScoreRows(const SegmentSearch& s, const int32_t* tokens, const uint8_t* rows, int64_t n,
-               Hits* out);
+// Adds to `out` the hits of tokens[first, first + n) (ascending, inside the range) whose key
+// rows are packed (kernels::PackRows) as rows [first, first + n) of `packed`, e.g. a segment's
+// copy of them, each head's normaliser plus lse_add[h] (group values). `keep` owns tokens and
+// packed. With s.deferred set the logits and normalisers come later (DeferredScore).
+// ScoreTokens packs its gathered rows and scores them the same way: both give the same bits.
+void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,
+                     const int32_t* tokens, const uint8_t* packed, int64_t first, int64_t n,
+                     const double* lse_add, HitsList* out);
+// out->lse: each head's normaliser over out's logits ([group][units]).
+void FinishLse(const SegmentSearch& s, Hits* out);
 // log Σ_i exp(x[i]) (vectorised); -inf for n == 0.
 double LogSumExp(const float* x, int64_t n, kernels::Isa isa);
 
