@@ -59,8 +59,16 @@ void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
 
 double LogSumExp(const float* x, int64_t n, kernels::Isa isa) {
   if (n <= 0) return -std::numeric_limits<double>::infinity();
-  float mx = x[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  // Eight running maxima: no loop-carried dependency per element (max is exact, so this is the
+  // same value as one running maximum).
+  float m[8];
+  std::fill_n(m, 8, x[0]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) m[j] = std::max(m[j], x[i + j]);
+  for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
+  float mx = m[0];
+  for (int j = 1; j < 8; ++j) mx = std::max(mx, m[j]);
   return static_cast<double>(mx) + std::log(kernels::SumExp(x, n, mx, isa));
 }
 

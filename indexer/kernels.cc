@@ -710,6 +710,33 @@ void SortDistinct(std::vector<int32_t>* ids, int64_t n) {
   }
 }
 
+// Moves the k largest of n distinct keys to keys[0, k), in no order: most significant byte
+// first, each pass keeping the bytes above the k-th key's and narrowing to its byte's bucket
+// (a few passes over a shrinking range; no comparisons that mispredict like nth_element's).
+void SelectLargestKeys(uint64_t* keys, size_t n, size_t k) {
+  size_t lo = 0, hi = n, need = k;  // keys[0, lo) are taken; need more from [lo, hi)
+  for (int shift = 56; need > 0 && hi - lo > need; shift -= 8) {
+    if (hi - lo <= 64 || shift < 0) {
+      std::nth_element(keys + lo, keys + lo + need, keys + hi, std::greater<uint64_t>());
+      return;
+    }
+    uint32_t count[256] = {};
+    for (size_t i = lo; i < hi; ++i) ++count[(keys[i] >> shift) & 0xFF];
+    int b = 255;
+    size_t above = 0;
+    for (; above + count[b] < need; --b) above += count[b];
+    size_t w = lo;
+    for (size_t i = lo; i < hi; ++i)
+      if (static_cast<int>((keys[i] >> shift) & 0xFF) > b) std::swap(keys[w++], keys[i]);
+    const size_t bucket = w;
+    for (size_t i = w; i < hi; ++i)
+      if (static_cast<int>((keys[i] >> shift) & 0xFF) == b) std::swap(keys[w++], keys[i]);
+    need -= above;
+    lo = bucket;
+    hi = w;
+  }
+}
+
 // Exact selection among candidate indices (ascending, in [0, n)) by (value desc, index asc);
 // out is ascending.
 void SelectAmong(const float* v, int64_t n, std::vector<int32_t>* cand, int64_t k,
@@ -719,7 +746,7 @@ void SelectAmong(const float* v, int64_t n, std::vector<int32_t>* cand, int64_t 
     thread_local std::vector<uint64_t> keys;
     keys.resize(cand->size());
     for (size_t j = 0; j < cand->size(); ++j) keys[j] = RankKey(v[(*cand)[j]], (*cand)[j]);
-    std::nth_element(keys.begin(), keys.begin() + k, keys.end(), std::greater<uint64_t>());
+    SelectLargestKeys(keys.data(), keys.size(), static_cast<size_t>(k));
     cand->resize(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) {
       (*cand)[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[j]));
