@@ -346,11 +346,7 @@ class CtkvrSegment final : public Segment {
       st_.neighbours[ci] = Neighbours(v.data(), n, begin_);
       UpdateMass(ci);
     };
-    if (pool != nullptr) {
-      pool->ParallelFor(c, build_one);
-    } else {
-      for (int i = 0; i < c; ++i) build_one(i);
-    }
+    ForEach(pool, c, build_one);
     MakeCopies(rows, pool);
   }
 
@@ -399,11 +395,7 @@ class CtkvrSegment final : public Segment {
       ll = std::move(new_ll);
       UpdateMass(ci);
     };
-    if (pool != nullptr) {
-      pool->ParallelFor(st_.count(), one);
-    } else {
-      for (int i = 0; i < st_.count(); ++i) one(i);
-    }
+    ForEach(pool, st_.count(), one);
     end_ = new_end;
     MakeCopies(keys, pool);  // the lists changed
     return absl::OkStatus();
@@ -663,12 +655,7 @@ class CtkvrSegment final : public Segment {
     std::vector<std::shared_ptr<const ListRows>> made;
     if (opt_.copy_list_rows) {
       made.resize(static_cast<size_t>(st_.num_prompt));
-      auto one = [&](int64_t ci) { made[ci] = MakeCopy(ci, keys); };
-      if (pool != nullptr) {
-        pool->ParallelFor(st_.num_prompt, one);
-      } else {
-        for (int ci = 0; ci < st_.num_prompt; ++ci) one(ci);
-      }
+      ForEach(pool, st_.num_prompt, [&](int64_t ci) { made[ci] = MakeCopy(ci, keys); });
     }
     absl::MutexLock lock(&copies_mu_);
     copies_ = std::move(made);

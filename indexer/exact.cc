@@ -77,11 +77,7 @@ absl::Status ExactSearch(absl::Span<const SearchQuery> queries, ThreadPool* pool
     RangeHits(q, hits);
     internal::SelectFromHits(list.view(), q.group, q.k, &(*out)[i]);
   };
-  if (pool != nullptr) {
-    pool->ParallelFor(static_cast<int64_t>(queries.size()), one);
-  } else {
-    for (size_t i = 0; i < queries.size(); ++i) one(static_cast<int64_t>(i));
-  }
+  internal::ForEach(pool, static_cast<int64_t>(queries.size()), one);
   return absl::OkStatus();
 }
 

@@ -39,6 +39,14 @@ absl::StatusOr<Method> ParseMethod(absl::string_view name) {
 
 namespace internal {
 
+void ForEach(ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  if (pool != nullptr) {
+    pool->ParallelFor(n, fn);
+  } else {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+  }
+}
+
 void ForChunks(ThreadPool* pool, int64_t n, int64_t chunk,
                const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
@@ -101,19 +109,6 @@ void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out) {
   FinishHits(s, rows, out);
 }
 
-namespace {
-
-// out's logits over rows [first, first + units) of `packed`, then its normalisers.
-void ScorePackedNow(const SegmentSearch& s, const uint8_t* packed, int64_t first, Hits* out) {
-  const int64_t n = out->units;
-  out->logits.resize(static_cast<size_t>(n) * s.group);
-  kernels::PackedQueryDots(s.keys->dtype, packed, first, n, s.keys->head_dim, s.scaled_queries,
-                           s.group, out->logits.data(), n, s.isa);
-  FinishLse(s, out);
-}
-
-}  // namespace
-
 void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out) {
   // Packed like a segment's row copy, so that scoring a copy selects what this gather does.
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -127,28 +122,28 @@ void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hit
   out->tokens.assign(tokens.begin(), tokens.end());
   out->units = n;
   out->unit_end.clear();
-  ScorePackedNow(s, packed.data(), 0, out);
+  out->logits.resize(static_cast<size_t>(n) * s.group);
+  kernels::PackedQueryDots(s.keys->dtype, packed.data(), 0, n, d, s.scaled_queries, s.group,
+                           out->logits.data(), n, s.isa);
+  FinishLse(s, out);
 }
 
 void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,
                      const int32_t* tokens, const uint8_t* packed, int64_t first, int64_t n,
                      const double* lse_add, HitsList* out) {
   Hits* hits = out->Add();
-  hits->tokens.assign(tokens + first, tokens + first + n);
+  hits->external = tokens + first;  // alive while `keep` is, i.e. until Search has selected
+  hits->external_size = n;
   hits->units = n;
-  if (s.deferred != nullptr) {
-    DeferredScore d;
-    d.keep = std::move(keep);
-    d.packed = packed;
-    d.first = first;
-    d.count = n;
-    d.hits = out->size() - 1;
-    d.lse_add.assign(lse_add, lse_add + s.group);
-    s.deferred->push_back(std::move(d));
-    return;
-  }
-  ScorePackedNow(s, packed, first, hits);
-  for (int h = 0; h < s.group; ++h) hits->lse[h] += lse_add[h];
+  hits->logits.resize(static_cast<size_t>(n) * s.group);
+  DeferredScore d;
+  d.keep = std::move(keep);
+  d.packed = packed;
+  d.first = first;
+  d.count = n;
+  d.hits = out->size() - 1;
+  d.lse_add.assign(lse_add, lse_add + s.group);
+  s.deferred->push_back(std::move(d));
 }
 
 void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
@@ -466,9 +461,9 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
       refs.push_back(
           {st[i].deferred[k].packed, static_cast<uint32_t>(i), static_cast<uint32_t>(k)});
   if (refs.empty()) return;
-  std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) {
-    return std::less<const uint8_t*>()(a.packed, b.packed) ||
-           (a.packed == b.packed && (a.entry < b.entry || (a.entry == b.entry && a.item < b.item)));
+  // Grouped by copy; within a copy in entry order, as collected.
+  std::stable_sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) {
+    return std::less<const uint8_t*>()(a.packed, b.packed);
   });
   struct Job {
     size_t ref_begin, ref_end;
@@ -507,11 +502,7 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
       r0 = r1;
     }
   };
-  if (pool != nullptr && jobs.size() > 1) {
-    pool->ParallelFor(static_cast<int64_t>(jobs.size()), run);
-  } else {
-    for (size_t j = 0; j < jobs.size(); ++j) run(static_cast<int64_t>(j));
-  }
+  internal::ForEach(pool, static_cast<int64_t>(jobs.size()), run);
 }
 
 }  // namespace
@@ -531,15 +522,9 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
   thread_local std::vector<EntrySearch> states;
   if (states.size() < entries.size()) states.resize(entries.size());
   std::vector<EntrySearch>& st = states;
-  auto parallel = [&](const std::function<void(int64_t)>& fn) {
-    if (pool != nullptr && entries.size() > 1) {
-      pool->ParallelFor(static_cast<int64_t>(entries.size()), fn);
-    } else {
-      for (size_t i = 0; i < entries.size(); ++i) fn(static_cast<int64_t>(i));
-    }
-  };
+  const int64_t n = static_cast<int64_t>(entries.size());
   // 1. Each entry searches its segments; scoring over row copies is deferred to 2.
-  parallel([&](int64_t i) {
+  internal::ForEach(pool, n, [&](int64_t i) {
     const SearchEntry& e = entries[i];
     EntrySearch& es = st[i];
     es.status = absl::OkStatus();
@@ -585,37 +570,30 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
       cursor = std::max(cursor, en);
     }
     if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, es.hits.Add());
-    for (const internal::DeferredScore& ds : es.deferred)
-      es.hits.at(ds.hits)->logits.resize(static_cast<size_t>(ds.count) * e.group);
   });
   // 2. The deferred scoring, copy by copy.
   ScoreDeferred(st, entries.size(), pool);
-  // 3. Each entry's normalisers and selection.
-  parallel([&](int64_t i) {
+  // 3. Each entry's normalisers and selection; then the copies its hits point into are released.
+  internal::ForEach(pool, n, [&](int64_t i) {
     const SearchEntry& e = entries[i];
     EntrySearch& es = st[i];
-    if (!es.status.ok()) return;
-    for (internal::DeferredScore& ds : es.deferred) {
-      internal::Hits* h = es.hits.at(ds.hits);
-      internal::FinishLse(es.s, h);
-      for (int g = 0; g < e.group; ++g) h->lse[g] += ds.lse_add[g];
-      ds.keep.reset();
+    if (es.status.ok()) {
+      for (const internal::DeferredScore& ds : es.deferred) {
+        internal::Hits* h = es.hits.at(ds.hits);
+        internal::FinishLse(es.s, h);
+        for (int g = 0; g < e.group; ++g) h->lse[g] += ds.lse_add[g];
+      }
+      if (e.successors > 0) {
+        thread_local std::vector<float> scores;
+        internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i], &scores);
+        internal::AddSuccessors(scores, e.successors, e.token_begin, e.token_end, e.k, &result[i]);
+      } else {
+        internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i]);
+      }
     }
-    if (e.successors > 0) {
-      thread_local std::vector<float> scores;
-      internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i], &scores);
-      internal::AddSuccessors(scores, e.successors, e.token_begin, e.token_end, e.k, &result[i]);
-    } else {
-      internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i]);
-    }
+    es.deferred.clear();
   });
-  for (size_t i = 0; i < entries.size(); ++i) {
-    if (!st[i].status.ok()) {
-      absl::Status failed = st[i].status;
-      for (size_t j = 0; j < entries.size(); ++j) st[j].deferred.clear();
-      return failed;
-    }
-  }
+  for (int64_t i = 0; i < n; ++i) RETURN_IF_ERROR(st[i].status);
   *out = std::move(result);
   return absl::OkStatus();
 }

@@ -31,16 +31,17 @@ struct SegmentSearch {
   int64_t k = 0;
   int ctkvr_probe = 0;  // 0 = build default
   kernels::Isa isa = kernels::Isa::kScalar;
-  // When set, ScorePackedRows leaves its scoring here for Search, which scores all deferred rows
-  // of one copy together, for every entry of its batch (the rows are read from memory once).
+  // Where ScorePackedRows leaves its scoring for Search, which scores all deferred rows of one
+  // copy together, for every entry of its batch (the rows are read from memory once).
   std::vector<DeferredScore>* deferred = nullptr;
 };
 
 // Rows of a segment's packed copy that one entry's search scores later (SegmentSearch::deferred):
-// its Hits number `hits` in the entry's HitsList has tokens and units set; Search fills its
-// logits from the rows [first, first + count) of `packed`, then its normalisers plus lse_add.
+// its Hits number `hits` in the entry's HitsList has its tokens (external, in the copy), units
+// and logits' size set; Search fills the logits from the rows [first, first + count) of
+// `packed`, then the normalisers plus lse_add, and selects before it drops `keep`.
 struct DeferredScore {
-  std::shared_ptr<const void> keep;  // owns `packed` (and the Hits' tokens' source)
+  std::shared_ptr<const void> keep;  // owns `packed` and the Hits' tokens
   const uint8_t* packed = nullptr;
   int64_t first = 0;
   int64_t count = 0;
@@ -102,7 +103,7 @@ void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hit
 // Adds to `out` the hits of tokens[first, first + n) (ascending, inside the range) whose key
 // rows are packed (kernels::PackRows) as rows [first, first + n) of `packed`, e.g. a segment's
 // copy of them, each head's normaliser plus lse_add[h] (group values). `keep` owns tokens and
-// packed. With s.deferred set the logits and normalisers come later (DeferredScore).
+// packed. The logits and normalisers come later, in Search (s.deferred; DeferredScore).
 // ScoreTokens packs its gathered rows and scores them the same way: both give the same bits.
 void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,
                      const int32_t* tokens, const uint8_t* packed, int64_t first, int64_t n,
@@ -178,6 +179,8 @@ struct ClusterInfo {
 // False (*info untouched) if `segment` is not a cluster segment.
 bool GetClusterInfo(const Segment& segment, ClusterInfo* info);
 
+// Runs fn(i) for every i in [0, n): on `pool` (ThreadPool::ParallelFor) if not null, else here.
+void ForEach(ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& fn);
 // Runs fn(begin, end) over [0, n) in chunks of `chunk`, on `pool` if not null.
 void ForChunks(ThreadPool* pool, int64_t n, int64_t chunk,
                const std::function<void(int64_t, int64_t)>& fn);
