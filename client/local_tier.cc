@@ -1,8 +1,11 @@
 // LocalTier: the tier node in this process. Rows reach the engine through the in-process
 // transport, i.e. through exactly the Node::Retrieve delivery path a remote worker gets.
-#include <map>
+#include <algorithm>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/tier.h"
 #include "common/status_macros.h"
 #include "transport/transport.h"
@@ -20,6 +23,7 @@ class LocalTier final : public Tier {
   absl::Status Init() {
     if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
     ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
+    call_seq_.assign(static_cast<size_t>(std::max(1, options_.staging_areas)), 0);
     return node_.AttachWorker(options_.tenant, options_.worker_id, region_->Describe());
   }
 
@@ -48,6 +52,7 @@ class LocalTier final : public Tier {
       seq->AbortAppend();
       return s;
     }
+    absl::MutexLock lock(&counters_mu_);
     for (int l = 0; l < layers; ++l) counters_.bytes_appended += static_cast<int64_t>(batch.keys[l].size() * 2);
     return absl::OkStatus();
   }
@@ -70,21 +75,24 @@ class LocalTier final : public Tier {
     }
     ASSIGN_OR_RETURN(kvstore::RetrieveOutcome r, node_.Retrieve(args));
     out->resize(batch.entries.size());
+    TierCounters got;
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       Recalled& rec = (*out)[i];
       rec.token_ids = std::move(r.token_ids[i]);
       rec.slots = std::move(r.slots[i]);
       rec.fill_slots = std::move(r.fill_slots[i]);
       rec.rows = region_->data() + (first_row + i * batch.budget) * pair;
-      counters_.rows_received += static_cast<int64_t>(rec.fill_slots.size());
-      counters_.rows_selected += static_cast<int64_t>(rec.token_ids.size());
+      got.rows_received += static_cast<int64_t>(rec.fill_slots.size());
+      got.rows_selected += static_cast<int64_t>(rec.token_ids.size());
     }
-    counters_.retrieve_calls++;
-    counters_.bytes_received += static_cast<int64_t>(r.bytes_streamed);
-    counters_.tier_node_micros += r.node_micros;
-    counters_.tier_search_micros += r.search_micros;
-    counters_.tier_stream_micros += r.stream_micros;
-    counters_.tier_read_micros += r.read_micros;
+    got.retrieve_calls = 1;
+    got.bytes_received = static_cast<int64_t>(r.bytes_streamed);
+    got.tier_node_micros = r.node_micros;
+    got.tier_search_micros = r.search_micros;
+    got.tier_stream_micros = r.stream_micros;
+    got.tier_read_micros = r.read_micros;
+    absl::MutexLock lock(&counters_mu_);
+    counters_ += got;
     return absl::OkStatus();
   }
 
@@ -99,7 +107,10 @@ class LocalTier final : public Tier {
     return node_.CloseSequence(options_.tenant, sequence_id, drop);
   }
   absl::StatusOr<kvstore::NodeStats> Stats(bool include_sequences) override { return node_.Stats(include_sequences); }
-  TierCounters counters() const override { return counters_; }
+  TierCounters counters() const override {
+    absl::MutexLock lock(&counters_mu_);
+    return counters_;
+  }
   std::string Describe() const override { return "local (in-process node)"; }
 
  private:
@@ -111,8 +122,10 @@ class LocalTier final : public Tier {
   std::unique_ptr<transport::Transport> transport_;
   kvstore::Node node_;
   std::unique_ptr<transport::RegisteredRegion> region_;
-  TierCounters counters_;
-  std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number
+  mutable absl::Mutex counters_mu_;
+  TierCounters counters_ ABSL_GUARDED_BY(counters_mu_);
+  // Per staging area: the last call's number (each touched only by that area's calls).
+  std::vector<uint64_t> call_seq_;
 };
 
 }  // namespace

@@ -1,6 +1,12 @@
 #include <cstring>
+#include <latch>
+#include <random>
+#include <thread>
 
+#include "absl/strings/str_cat.h"
+#include "bench/loopback_server.h"
 #include "client/tier.h"
+#include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -70,6 +76,152 @@ TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   EXPECT_THAT(tier->AppendKV("s", bad), StatusIs(absl::StatusCode::kInvalidArgument));
   ASSERT_OK_AND_ASSIGN(auto stats, tier->Stats(true));
   EXPECT_EQ(stats.sequences[0].stored_tokens, 4);
+}
+
+// Concurrent Retrieve calls in different staging areas (CudaEngine's lookahead issues several
+// layers at once) answer exactly what the same calls answer one after another, over both the
+// in-process tier and a RemoteTier to a loopback server with UCX: same selections, slots and
+// rows, same counters.
+struct LayerAnswer {
+  std::vector<int32_t> token_ids, slots, fill_slots;
+  std::string rows;  // the fill rows, copied out of the staging area
+};
+using StepAnswers = std::vector<std::vector<LayerAnswer>>;  // [step][layer * entries + entry]
+
+constexpr int kLayers = 4, kSeqs = 3, kKvHeads = 2, kGroup = 2, kDim = 8, kTokens = 200,
+              kBudget = 16;
+
+ModelSpec WideSpec() {
+  ModelSpec s = Spec();
+  s.num_layers = kLayers;
+  s.num_q_heads = kKvHeads * kGroup;
+  s.num_kv_heads = kKvHeads;
+  s.head_dim = kDim;
+  return s;
+}
+
+TierOptions AreaOptions() {
+  TierOptions o;
+  o.staging_areas = kLayers;
+  o.recall_buffer_bytes = RecallBufferBytes(kSeqs * kKvHeads, kBudget, 2 * kDim * 4, kLayers);
+  return o;
+}
+
+absl::StatusOr<StepAnswers> RunSteps(Tier* tier, bool concurrent) {
+  RETURN_IF_ERROR(tier->RegisterModel(WideSpec()));
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (int s = 0; s < kSeqs; ++s) {
+    const std::string id = absl::StrCat("seq", s);
+    std::vector<int32_t> ids(kTokens);
+    for (int t = 0; t < kTokens; ++t) ids[t] = (t * 7 + s) % 10;
+    RETURN_IF_ERROR(tier->OpenSequence(id, "m", ids).status());
+    AppendBatch b;
+    b.num_tokens = kTokens;
+    for (int l = 0; l < kLayers; ++l) {
+      std::vector<float> k(kKvHeads * kTokens * kDim), v(k.size());
+      for (float& x : k) x = normal(rng);
+      for (float& x : v) x = normal(rng);
+      b.keys.push_back(Floats(k));
+      b.values.push_back(Floats(v));
+    }
+    RETURN_IF_ERROR(tier->AppendKV(id, b));
+  }
+  StepAnswers answers;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<std::vector<float>> queries(kLayers * kSeqs * kKvHeads,
+                                            std::vector<float>(kGroup * kDim));
+    for (auto& q : queries) {
+      for (float& x : q) x = normal(rng);
+    }
+    std::vector<LayerAnswer> got(kLayers * kSeqs * kKvHeads);
+    std::vector<absl::Status> status(kLayers);
+    auto layer = [&](int l) {
+      RetrieveBatch rb{l, kBudget, Method::kExact, {}, /*staging_area=*/l};
+      for (int s = 0; s < kSeqs; ++s) {
+        for (int h = 0; h < kKvHeads; ++h) {
+          const int e = (l * kSeqs + s) * kKvHeads + h;
+          rb.entries.push_back(
+              {absl::StrCat("seq", s), h, queries[e], 0, kTokens, static_cast<uint64_t>(1 + e)});
+        }
+      }
+      std::vector<Recalled> out;
+      status[l] = tier->Retrieve(rb, &out);
+      if (!status[l].ok()) return;
+      for (size_t i = 0; i < out.size(); ++i) {
+        LayerAnswer& a = got[l * rb.entries.size() + i];
+        a.token_ids = out[i].token_ids;
+        a.slots = out[i].slots;
+        a.fill_slots = out[i].fill_slots;
+        a.rows.assign(reinterpret_cast<const char*>(out[i].rows),
+                      out[i].fill_slots.size() * 2 * kDim * 4);
+      }
+    };
+    if (concurrent) {
+      std::latch start(kLayers);
+      std::vector<std::thread> threads;
+      for (int l = 0; l < kLayers; ++l) {
+        threads.emplace_back([&, l] {
+          start.arrive_and_wait();
+          layer(l);
+        });
+      }
+      for (std::thread& t : threads) t.join();
+    } else {
+      for (int l = 0; l < kLayers; ++l) layer(l);
+    }
+    for (const absl::Status& st : status) RETURN_IF_ERROR(st);
+    answers.push_back(std::move(got));
+  }
+  return answers;
+}
+
+void ExpectSameAnswers(const StepAnswers& a, const StepAnswers& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t step = 0; step < a.size(); ++step) {
+    ASSERT_EQ(a[step].size(), b[step].size());
+    for (size_t e = 0; e < a[step].size(); ++e) {
+      SCOPED_TRACE(absl::StrCat("step ", step, " entry ", e));
+      EXPECT_EQ(a[step][e].token_ids, b[step][e].token_ids);
+      EXPECT_EQ(a[step][e].slots, b[step][e].slots);
+      EXPECT_EQ(a[step][e].fill_slots, b[step][e].fill_slots);
+      EXPECT_EQ(a[step][e].rows, b[step][e].rows);
+      EXPECT_EQ(a[step][e].token_ids.size(), static_cast<size_t>(kBudget));
+    }
+  }
+}
+
+TEST(ConcurrentRetrieveTest, LocalTierCallsInDifferentAreasMatchSerialCalls) {
+  StepAnswers answers[2];
+  TierCounters counters[2];
+  for (int concurrent : {0, 1}) {
+    ASSERT_OK_AND_ASSIGN(auto tier,
+                         CreateLocalTier(kvstore::NodeOptions{8 << 20, 16, 4}, AreaOptions()));
+    ASSERT_OK_AND_ASSIGN(answers[concurrent], RunSteps(tier.get(), concurrent == 1));
+    counters[concurrent] = tier->counters();
+  }
+  ExpectSameAnswers(answers[0], answers[1]);
+  EXPECT_EQ(counters[1].retrieve_calls, 3 * kLayers);
+  EXPECT_EQ(counters[0].rows_received, counters[1].rows_received);
+  EXPECT_EQ(counters[0].rows_selected, counters[1].rows_selected);
+  EXPECT_EQ(counters[0].bytes_received, counters[1].bytes_received);
+  // Delta streaming sent fewer rows than were selected (later steps reuse resident rows).
+  EXPECT_LT(counters[1].rows_received, counters[1].rows_selected);
+}
+
+TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
+  StepAnswers answers[2];
+  for (int concurrent : {0, 1}) {
+    ASSERT_OK_AND_ASSIGN(auto server,
+                         bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
+    RemoteTierOptions r;
+    r.target = server->target;
+    r.ucx_tls = "tcp";
+    ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, AreaOptions()));
+    ASSERT_OK_AND_ASSIGN(answers[concurrent], RunSteps(tier.get(), concurrent == 1));
+    EXPECT_EQ(tier->counters().retrieve_calls, 3 * kLayers);
+  }
+  ExpectSameAnswers(answers[0], answers[1]);
 }
 
 // RecallBufferBytes makes exactly enough room: rows of every area, then its results at the end.

@@ -2,15 +2,20 @@
 // worker registered (AttachWorker), or, with transport "grpc", by FetchKV streams.
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <thread>
+#include <vector>
 
+#include "absl/base/call_once.h"
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/channel.h"
 #include "client/tier.h"
-#include "kvstore/internal/crc32c.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "grpcpp/grpcpp.h"
+#include "kvstore/internal/crc32c.h"
 #include "proto/convert.h"
 #include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
 #include "transport/transport.h"
@@ -38,6 +43,9 @@ class RemoteTier final : public Tier {
       return absl::UnavailableError(absl::StrCat("cannot reach kvrecall-server at ", remote_.target));
     }
     stub_ = v1::KvRecall::NewStub(channel_);
+    const size_t areas = static_cast<size_t>(std::max(1, options_.staging_areas));
+    call_seq_.assign(areas, 0);
+    retrieve_resps_.resize(areas);
     if (remote_.transport == "grpc") {
       fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
       return absl::OkStatus();
@@ -147,6 +155,7 @@ class RemoteTier final : public Tier {
     }
     writer->WritesDone();
     RETURN_IF_ERROR(FromGrpc(writer->Finish()));
+    absl::MutexLock lock(&counters_mu_);
     counters_.bytes_appended += resp.bytes_written();
     return absl::OkStatus();
   }
@@ -186,6 +195,7 @@ class RemoteTier final : public Tier {
     const absl::Status c = FromGrpc(stub_->CommitBlocks(&ctx, commit, &resp));
     RETURN_IF_ERROR(s);
     RETURN_IF_ERROR(c);
+    absl::MutexLock lock(&counters_mu_);
     counters_.bytes_appended += resp.bytes_written();
     counters_.ingests++;
     return absl::OkStatus();
@@ -347,15 +357,17 @@ class RemoteTier final : public Tier {
       pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
       pe->set_slot_epoch(e.slot_epoch);
     }
-    v1::RetrieveResponse& resp = retrieve_resp_;  // reused: its buffers keep their capacity
+    // The area's response, reused: its buffers keep their capacity.
+    v1::RetrieveResponse& resp = retrieve_resps_[static_cast<size_t>(batch.staging_area)];
     resp.Clear();
+    TierCounters got;
     {
       grpc::ClientContext ctx;
       SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
                                                                            : options_.deadline);
       const absl::Time sent = absl::Now();
       const grpc::Status st = stub_->Retrieve(&ctx, req, &resp);
-      counters_.tier_wait_micros += absl::ToInt64Microseconds(absl::Now() - sent);
+      got.tier_wait_micros = absl::ToInt64Microseconds(absl::Now() - sent);
       RETURN_IF_ERROR(FromGrpc(st));
     }
     if (resp.results_size() != req.entries_size()) {
@@ -395,19 +407,21 @@ class RemoteTier final : public Tier {
         r.rows = rows;
         RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head,
                               internal::FillTokens(r), spec->row_bytes(), rows));
-        counters_.bytes_received += static_cast<int64_t>(r.fill_slots.size() * pair);
+        got.bytes_received += static_cast<int64_t>(r.fill_slots.size() * pair);
       }
     }
     for (const Recalled& r : *out) {
-      counters_.rows_received += static_cast<int64_t>(r.fill_slots.size());
-      counters_.rows_selected += static_cast<int64_t>(r.token_ids.size());
+      got.rows_received += static_cast<int64_t>(r.fill_slots.size());
+      got.rows_selected += static_cast<int64_t>(r.token_ids.size());
     }
-    counters_.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
-    counters_.tier_node_micros += static_cast<int64_t>(resp.node_micros());
-    counters_.tier_search_micros += static_cast<int64_t>(resp.search_micros());
-    counters_.tier_stream_micros += static_cast<int64_t>(resp.stream_micros());
-    counters_.tier_read_micros += static_cast<int64_t>(resp.read_micros());
-    counters_.retrieve_calls++;
+    got.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
+    got.tier_node_micros = static_cast<int64_t>(resp.node_micros());
+    got.tier_search_micros = static_cast<int64_t>(resp.search_micros());
+    got.tier_stream_micros = static_cast<int64_t>(resp.stream_micros());
+    got.tier_read_micros = static_cast<int64_t>(resp.read_micros());
+    got.retrieve_calls = 1;
+    absl::MutexLock lock(&counters_mu_);
+    counters_ += got;
     return absl::OkStatus();
   }
 
@@ -497,7 +511,10 @@ class RemoteTier final : public Tier {
     return s;
   }
 
-  TierCounters counters() const override { return counters_; }
+  TierCounters counters() const override {
+    absl::MutexLock lock(&counters_mu_);
+    return counters_;
+  }
   std::string Describe() const override {
     return absl::StrCat("remote ", remote_.target, " via ", region_ != nullptr ? "ucx" : "grpc");
   }
@@ -550,12 +567,14 @@ class RemoteTier final : public Tier {
   }
 
   ThreadPool& UnpackPool() {
-    if (unpack_pool_ == nullptr) unpack_pool_ = std::make_unique<ThreadPool>(kUnpackThreads);
+    absl::call_once(unpack_pool_once_,
+                    [this] { unpack_pool_ = std::make_unique<ThreadPool>(kUnpackThreads); });
     return *unpack_pool_;
   }
 
   const RemoteTierOptions remote_;
   TierOptions options_;
+  absl::once_flag unpack_pool_once_;
   std::unique_ptr<ThreadPool> unpack_pool_;  // made on first use
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvRecall::Stub> stub_;
@@ -564,13 +583,15 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
   std::vector<uint32_t> ingest_checksums_;
   std::vector<std::vector<uint8_t>> ingest_packs_;  // per lane: rows packed in slot layout for the puts
-  v1::RetrieveResponse retrieve_resp_;
+  std::vector<v1::RetrieveResponse> retrieve_resps_;  // per staging area
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   std::string fallback_buffer_;
-  std::map<int, uint64_t> call_seq_;  // per staging area: the last call's number
+  // Per staging area: the last call's number (each touched only by that area's calls).
+  std::vector<uint64_t> call_seq_;
   std::map<std::string, ModelSpec> specs_;
   std::map<std::string, const ModelSpec*> seq_model_;
-  TierCounters counters_;
+  mutable absl::Mutex counters_mu_;
+  TierCounters counters_ ABSL_GUARDED_BY(counters_mu_);
 };
 
 }  // namespace

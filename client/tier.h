@@ -4,8 +4,10 @@
 // LocalTier (the same kvstore::Node in-process, rows delivered through the in-process transport),
 // so the decode engine cannot tell where its tier lives.
 //
-// A Tier acts for one tenant and one worker. Thread safety: calls may come from one thread at a
-// time (the engine's); the rows returned by Retrieve stay valid until the next Retrieve.
+// A Tier acts for one tenant and one worker. Thread safety: calls come from one thread at a time
+// (the engine's), except that Retrieve calls in different staging areas may run at once on
+// different threads (lookahead issues several layers together; ClusterTier serialises them). The
+// rows returned by Retrieve stay valid until the next Retrieve in the same staging area.
 #ifndef KVRECALL_CLIENT_TIER_H_
 #define KVRECALL_CLIENT_TIER_H_
 

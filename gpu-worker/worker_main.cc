@@ -83,6 +83,10 @@ ABSL_FLAG(bool, lookahead, false,
 ABSL_FLAG(int, lookahead_successors, 16,
           "with --lookahead, the tier also keeps the 2 tokens after each of the selection's best N (copying heads "
           "move one token on per step); 0 = off, at most the budget");
+ABSL_FLAG(int, lookahead_calls, 4,
+          "with --lookahead (and bench rows with lookahead), sparse layers whose Retrieve calls "
+          "are in flight at "
+          "once (CUDA engine)");
 ABSL_FLAG(bool, delta_streaming, true, "the tier sends only rows not already in this worker's slot caches");
 ABSL_FLAG(int, retrieve_deadline_ms, 60000,
           "deadline of each Retrieve; a layer whose Retrieve misses it is decoded on sinks + window + resident rows");
@@ -155,6 +159,7 @@ absl::Status Bench() {
   } else {
     return absl::InvalidArgumentError("--bench_lookahead is off, on or both");
   }
+  o.lookahead_calls = absl::GetFlag(FLAGS_lookahead_calls);
   o.tokens = absl::GetFlag(FLAGS_bench_tokens);
   o.tier = absl::GetFlag(FLAGS_bench_tier);
   if (!absl::GetFlag(FLAGS_ucx_tls).empty()) o.ucx_tls = absl::GetFlag(FLAGS_ucx_tls);
@@ -296,6 +301,7 @@ absl::Status Generate() {
   eo.budget = absl::GetFlag(FLAGS_budget);
   eo.lookahead = absl::GetFlag(FLAGS_lookahead);
   eo.lookahead_successors = absl::GetFlag(FLAGS_lookahead_successors);
+  eo.lookahead_calls = absl::GetFlag(FLAGS_lookahead_calls);
   if (eo.lookahead_successors < 0) return absl::InvalidArgumentError("--lookahead_successors must be >= 0");
   eo.delta_streaming = absl::GetFlag(FLAGS_delta_streaming);
   eo.sink_tokens = absl::GetFlag(FLAGS_sink_tokens);

@@ -113,11 +113,11 @@ size_t MaxCentroidBytes(const CtkvrOptions& o, size_t group, size_t head_dim,
 
 // A prompt centroid's copy of its candidates' key rows at its largest (copy_list_rows); it
 // never holds more rows than its segment's `tokens`.
-size_t MaxListRowsBytes(const CtkvrOptions& o, size_t row_bytes, size_t tokens = SIZE_MAX) {
+size_t MaxListRowsBytes(const CtkvrOptions& o, DType dtype, int head_dim,
+                        size_t tokens = SIZE_MAX) {
   if (!o.copy_list_rows) return 0;
   const size_t rows = std::min(static_cast<size_t>(o.list_size) + MaxNeighbours(o), tokens);
-  const size_t tile = kernels::kPackRows;  // rows are packed in whole tiles
-  return rows * 4 + (rows + tile - 1) / tile * tile * row_bytes;
+  return rows * 4 + kernels::PackedRowsBytes(dtype, static_cast<int64_t>(rows), head_dim);
 }
 
 // The key rows of one centroid's candidates: its list ∪ its neighbours, ascending, and their
@@ -414,7 +414,7 @@ class CtkvrSegment final : public Segment {
     // Lists and copies hold tokens of the segment, so a short one (a sequence's own part after
     // a shared prompt segment) reserves little; Append re-charges as it grows.
     const size_t n = static_cast<size_t>(end_ - begin_);
-    b += static_cast<size_t>(st_.num_prompt) * MaxListRowsBytes(opt_, RowBytes(), n);
+    b += static_cast<size_t>(st_.num_prompt) * MaxListRowsBytes(opt_, dtype_, head_dim_, n);
     return b + static_cast<size_t>(opt_.max_added) * MaxCentroidBytes(opt_, g, d, n);
   }
 
@@ -618,8 +618,6 @@ class CtkvrSegment final : public Segment {
     st_.neighbours.reserve(c);
   }
 
-  size_t RowBytes() const { return static_cast<size_t>(head_dim_) * DTypeSize(dtype_); }
-
   // Prompt centroid ci's row copy, made now if it has none. REQUIRES: mu_ held (shared is
   // enough: racing searches may both make one, the first installed wins).
   // Build and Append make the copies; a parsed segment makes each on the first search that
@@ -775,12 +773,11 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegmentAfter(const Segment& b
 namespace kvrecall::indexer {
 
 int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim, DType kv_dtype) {
-  const size_t row_bytes = static_cast<size_t>(head_dim) * DTypeSize(kv_dtype);
   return (int64_t{options.centroids} + options.max_added) *
              static_cast<int64_t>(internal::MaxCentroidBytes(options, static_cast<size_t>(group),
                                                              static_cast<size_t>(head_dim))) +
          int64_t{options.centroids} *
-             static_cast<int64_t>(internal::MaxListRowsBytes(options, row_bytes));
+             static_cast<int64_t>(internal::MaxListRowsBytes(options, kv_dtype, head_dim));
 }
 
 absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options) {

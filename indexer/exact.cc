@@ -32,13 +32,9 @@ absl::Status ValidateQuery(const SearchQuery& q) {
 
 // Hits of the whole range for one query (queries scaled by q.scale).
 void RangeHits(const SearchQuery& q, internal::Hits* hits) {
-  const int d = q.keys->head_dim;
-  std::vector<float> scaled(static_cast<size_t>(q.group) * d);
-  for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = q.queries[i] * q.scale;
+  internal::QueryForms forms;
   internal::SegmentSearch s;
-  s.scaled_queries = scaled.data();
-  s.group = q.group;
-  s.keys = q.keys;
+  forms.Set(q.queries, q.group, *q.keys, q.scale, &s);
   s.range_begin = q.token_begin;
   s.range_end = q.token_end;
   s.k = q.k;

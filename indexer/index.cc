@@ -88,18 +88,71 @@ void FinishLse(const SegmentSearch& s, Hits* out) {
 
 namespace {
 
+// bf16 rows are packed a few tiles at a time and scored as a segment's copies are, so that an
+// exact scan and an index whose candidates hold every token give the same logits.
 void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows, Hits* out) {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int d = s.keys->head_dim;
   out->units = n;
   out->unit_end.clear();
   out->logits.resize(static_cast<size_t>(n) * s.group);
-  kernels::QueryKeyDots(s.keys->dtype, rows.data(), n, d, s.scaled_queries, s.group,
-                        out->logits.data(), n, s.isa);
+  if (s.keys->dtype == DType::kBF16) {
+    constexpr int64_t kChunk = 8 * kernels::kPackRows;
+    thread_local std::vector<uint8_t> packed;
+    packed.resize(kernels::PackedRowsBytes(DType::kBF16, kChunk, d));
+    for (int64_t i = 0; i < n; i += kChunk) {
+      const int64_t m = std::min(kChunk, n - i);
+      kernels::PackRows(DType::kBF16, rows.data() + i, m, d, packed.data());
+      PackedDots(s, packed.data(), 0, m, out->logits.data() + i, n);
+    }
+  } else {
+    kernels::QueryKeyDots(s.keys->dtype, rows.data(), n, d, s.scaled_queries, s.group,
+                          out->logits.data(), n, s.isa);
+  }
   FinishLse(s, out);
 }
 
 }  // namespace
+
+void QueryForms::Set(const float* q, int group, const PagedRows& keys, float scale,
+                     SegmentSearch* s) {
+  const int d = keys.head_dim;
+  scaled.resize(static_cast<size_t>(group) * d);
+  unit.resize(scaled.size());
+  for (int h = 0; h < group; ++h) {
+    const float* qh = q + static_cast<size_t>(h) * d;
+    double norm = 0;
+    for (int j = 0; j < d; ++j) norm += static_cast<double>(qh[j]) * qh[j];
+    const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
+    for (int j = 0; j < d; ++j) {
+      scaled[static_cast<size_t>(h) * d + j] = qh[j] * scale;
+      unit[static_cast<size_t>(h) * d + j] = qh[j] * inv;
+    }
+  }
+  s->scaled_queries = scaled.data();
+  s->unit_queries = unit.data();
+  s->bf16_query_pairs = nullptr;
+  if (keys.dtype == DType::kBF16) {
+    bf16_pairs.resize(static_cast<size_t>(group) * kernels::Bf16Pairs(d));
+    kernels::PackQueriesBf16(q, group, d, bf16_pairs.data());
+    s->bf16_query_pairs = bf16_pairs.data();
+  }
+  s->scale = scale;
+  s->group = group;
+  s->keys = &keys;
+}
+
+void PackedDots(const SegmentSearch& s, const uint8_t* packed, int64_t first, int64_t n, float* out,
+                int64_t ld) {
+  const int d = s.keys->head_dim;
+  if (s.keys->dtype == DType::kBF16) {
+    kernels::PackedQueryDotsBf16(packed, first, n, d, s.bf16_query_pairs, s.group, s.scale, out, ld,
+                                 s.isa);
+  } else {
+    kernels::PackedQueryDots(s.keys->dtype, packed, first, n, d, s.scaled_queries, s.group, out, ld,
+                             s.isa);
+  }
+}
 
 void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out) {
   out->tokens.resize(static_cast<size_t>(end - begin));
@@ -123,8 +176,7 @@ void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hit
   out->units = n;
   out->unit_end.clear();
   out->logits.resize(static_cast<size_t>(n) * s.group);
-  kernels::PackedQueryDots(s.keys->dtype, packed.data(), 0, n, d, s.scaled_queries, s.group,
-                           out->logits.data(), n, s.isa);
+  PackedDots(s, packed.data(), 0, n, out->logits.data(), n);
   FinishLse(s, out);
 }
 
@@ -434,7 +486,7 @@ namespace {
 
 // One entry's search across Search's phases.
 struct EntrySearch {
-  std::vector<float> scaled, unit;  // [group][head_dim]
+  internal::QueryForms forms;
   internal::SegmentSearch s;
   internal::HitsList hits;
   std::vector<internal::DeferredScore> deferred;
@@ -495,9 +547,8 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
         const int64_t lo = std::max(r0, d.first), hi = std::min(r1, d.first + d.count);
         if (lo >= hi) continue;
         internal::Hits* h = es.hits.at(d.hits);
-        kernels::PackedQueryDots(es.s.keys->dtype, d.packed, lo, hi - lo, es.s.keys->head_dim,
-                                 es.s.scaled_queries, es.s.group, h->logits.data() + (lo - d.first),
-                                 d.count, es.s.isa);
+        internal::PackedDots(es.s, d.packed, lo, hi - lo, h->logits.data() + (lo - d.first),
+                             d.count);
       }
       r0 = r1;
     }
@@ -533,24 +584,9 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     const int d = e.keys->head_dim;
     const float scale =
         e.scale > 0 ? e.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-    es.scaled.resize(static_cast<size_t>(e.group) * d);
-    es.unit.resize(es.scaled.size());
-    for (int h = 0; h < e.group; ++h) {
-      const float* q = e.queries + static_cast<size_t>(h) * d;
-      double norm = 0;
-      for (int j = 0; j < d; ++j) norm += static_cast<double>(q[j]) * q[j];
-      const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
-      for (int j = 0; j < d; ++j) {
-        es.scaled[static_cast<size_t>(h) * d + j] = q[j] * scale;
-        es.unit[static_cast<size_t>(h) * d + j] = q[j] * inv;
-      }
-    }
     internal::SegmentSearch& s = es.s;
     s = internal::SegmentSearch();
-    s.scaled_queries = es.scaled.data();
-    s.unit_queries = es.unit.data();
-    s.group = e.group;
-    s.keys = e.keys;
+    es.forms.Set(e.queries, e.group, *e.keys, scale, &s);
     s.range_begin = e.token_begin;
     s.range_end = e.token_end;
     s.k = e.k;

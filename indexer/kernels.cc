@@ -20,6 +20,8 @@
 
 #define KV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KV_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define KV_TARGET_AVX512BF16 \
+  __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 namespace kvrecall::indexer::kernels {
 namespace {
@@ -345,7 +347,8 @@ KV_TARGET_AVX2 void GemmRowsAvx2(const float* a, int64_t lda, const float* bp, i
 constexpr int kMaxPackedQueries = 4;  // queries per kernel call: 2 × 4 accumulators (AVX2)
 
 inline size_t PackedTileBytes(DType type, int d) {
-  return static_cast<size_t>(d) * kPackRows * DTypeSize(type);
+  const int elements = type == DType::kBF16 ? 2 * Bf16Pairs(d) : d;
+  return static_cast<size_t>(elements) * kPackRows * DTypeSize(type);
 }
 
 // acc[h * kPackRows + r] = q_h · row r of the tile, for h < nh.
@@ -427,6 +430,183 @@ PackedKernel PackedKernelFor(Isa isa, int nh, int nt) {
   return kAvx2[nh - 1];
 }
 
+// bf16 pair tiles (PackRows' bf16 layout) with bf16 query pairs (PackQueriesBf16): per pair p,
+// acc += q[2p+1] k[2p+1], then acc += q[2p] k[2p] (exact products, one rounding each), which is
+// vdpbf16ps' order. tile: [pairs][kPackRows] words; q: [NH][pairs] words.
+// acc[h * kPackRows + r] = the chain of query h and row r, unscaled.
+void PairTileScalar(const uint8_t* tile, int pairs, const uint32_t* q, int nh, float* acc) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(tile);
+  for (int h = 0; h < nh; ++h) {
+    for (int r = 0; r < kPackRows; ++r) {
+      float a = 0;
+      for (int p = 0; p < pairs; ++p) {
+        const uint32_t k = w[p * kPackRows + r], qp = q[static_cast<size_t>(h) * pairs + p];
+        a = std::fma(Bf16ToF32(static_cast<uint16_t>(qp >> 16)),
+                     Bf16ToF32(static_cast<uint16_t>(k >> 16)), a);
+        a = std::fma(Bf16ToF32(static_cast<uint16_t>(qp)), Bf16ToF32(static_cast<uint16_t>(k)), a);
+      }
+      acc[h * kPackRows + r] = a;
+    }
+  }
+}
+
+// The high and low bf16 halves of each 32-bit lane as fp32.
+KV_TARGET_AVX2 inline __m256 HighBf16(__m256i w) {
+  return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+KV_TARGET_AVX2 inline __m256 LowBf16(__m256i w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <int NH>
+KV_TARGET_AVX2 void PairTileAvx2(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
+  __m256 acc[NH][2];
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    const uint8_t* t = tile + static_cast<size_t>(p) * kPackRows * 4;
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32));
+    const __m256 hi0 = HighBf16(w0), lo0 = LowBf16(w0), hi1 = HighBf16(w1), lo1 = LowBf16(w1);
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      const __m256i qp = _mm256_set1_epi32(static_cast<int>(q[static_cast<size_t>(h) * pairs + p]));
+      const __m256 qh = HighBf16(qp), ql = LowBf16(qp);
+      acc[h][0] = _mm256_fmadd_ps(ql, lo0, _mm256_fmadd_ps(qh, hi0, acc[h][0]));
+      acc[h][1] = _mm256_fmadd_ps(ql, lo1, _mm256_fmadd_ps(qh, hi1, acc[h][1]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) {
+    _mm256_storeu_ps(out + h * kPackRows, acc[h][0]);
+    _mm256_storeu_ps(out + h * kPackRows + 8, acc[h][1]);
+  }
+}
+
+KV_TARGET_AVX512 inline __m512 HighBf16x16(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+KV_TARGET_AVX512 inline __m512 LowBf16x16(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// NT consecutive tiles: out[(t * NH + h) * kPackRows + r].
+template <int NH, int NT>
+KV_TARGET_AVX512 void PairTilesAvx512(const uint8_t* tile, int pairs, const uint32_t* q,
+                                      float* out) {
+  const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
+  __m512 acc[NT][NH];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    __m512 hi[NT], lo[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512i w = _mm512_loadu_si512(tile + t * tile_bytes + static_cast<size_t>(p) * 64);
+      hi[t] = HighBf16x16(w);
+      lo[t] = LowBf16x16(w);
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      const __m512i qp = _mm512_set1_epi32(static_cast<int>(q[static_cast<size_t>(h) * pairs + p]));
+      const __m512 qh = HighBf16x16(qp), ql = LowBf16x16(qp);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t)
+        acc[t][h] = _mm512_fmadd_ps(ql, lo[t], _mm512_fmadd_ps(qh, hi[t], acc[t][h]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+}
+
+// The same with vdpbf16ps: one instruction per pair, query and tile.
+template <int NH, int NT>
+KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, const uint32_t* q,
+                                              float* out) {
+  const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
+  __m512 acc[NT][NH];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    __m512bh w[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      w[t] = reinterpret_cast<__m512bh>(
+          _mm512_loadu_si512(tile + t * tile_bytes + static_cast<size_t>(p) * 64));
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      const __m512bh qp = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(q[static_cast<size_t>(h) * pairs + p])));
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) acc[t][h] = _mm512_dpbf16_ps(acc[t][h], w[t], qp);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+}
+
+using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
+
+// The pair kernel for nh (1..kMaxPackedQueries) queries over nt (1, or 2 on AVX-512) tiles.
+PairKernel PairKernelFor(Isa isa, int nh, int nt) {
+  static constexpr PairKernel kAvx2[] = {&PairTileAvx2<1>, &PairTileAvx2<2>, &PairTileAvx2<3>,
+                                         &PairTileAvx2<4>};
+  static constexpr PairKernel kAvx512[2][4] = {{&PairTilesAvx512<1, 1>, &PairTilesAvx512<2, 1>,
+                                                &PairTilesAvx512<3, 1>, &PairTilesAvx512<4, 1>},
+                                               {&PairTilesAvx512<1, 2>, &PairTilesAvx512<2, 2>,
+                                                &PairTilesAvx512<3, 2>, &PairTilesAvx512<4, 2>}};
+  static constexpr PairKernel kBf16[2][4] = {
+      {&PairTilesAvx512Bf16<1, 1>, &PairTilesAvx512Bf16<2, 1>, &PairTilesAvx512Bf16<3, 1>,
+       &PairTilesAvx512Bf16<4, 1>},
+      {&PairTilesAvx512Bf16<1, 2>, &PairTilesAvx512Bf16<2, 2>, &PairTilesAvx512Bf16<3, 2>,
+       &PairTilesAvx512Bf16<4, 2>}};
+  if (isa == Isa::kAvx512Bf16) return kBf16[nt - 1][nh - 1];
+  if (isa == Isa::kAvx512) return kAvx512[nt - 1][nh - 1];
+  return kAvx2[nh - 1];
+}
+
+// Runs kernel(tile, first tile's index t, nt, h0, nh, tmp) over the tiles of rows
+// [first, first + n), in steps of two tiles on AVX-512, and copies tmp's rows of the range to
+// out (times `scale`). tmp: [nt][nh][kPackRows].
+template <typename Kernel>
+void ForPackedTiles(int64_t first, int64_t n, int nq, bool two_tiles, float scale, float* out,
+                    int64_t ld, const Kernel& kernel) {
+  alignas(64) float tmp[2 * kMaxPackedQueries * kPackRows];
+  const int64_t t_end = (first + n - 1) / kPackRows + 1;
+  for (int64_t t = first / kPackRows; t < t_end;) {
+    const int nt = two_tiles && t + 1 < t_end ? 2 : 1;
+    for (int h0 = 0; h0 < nq; h0 += kMaxPackedQueries) {
+      const int nh = std::min(kMaxPackedQueries, nq - h0);
+      kernel(t, nt, h0, nh, tmp);
+      for (int u = 0; u < nt; ++u) {
+        const int64_t base = (t + u) * kPackRows;
+        const int64_t lo = std::max(first, base), hi = std::min(first + n, base + kPackRows);
+        for (int h = 0; h < nh; ++h) {
+          const float* src = tmp + (u * nh + h) * kPackRows + (lo - base);
+          float* dst = out + (h0 + h) * ld + (lo - first);
+          if (scale == 1.0f) {
+            std::memcpy(dst, src, static_cast<size_t>(hi - lo) * sizeof(float));
+          } else {
+            for (int64_t i = 0; i < hi - lo; ++i) dst[i] = src[i] * scale;
+          }
+        }
+      }
+    }
+    t += nt;
+  }
+}
+
+// The Isa whose bodies the kernels other than PackedQueryDotsBf16 run.
+inline Isa Base(Isa isa) { return isa == Isa::kAvx512Bf16 ? Isa::kAvx512 : isa; }
+
 Isa DetectBest() {
   Isa best = Isa::kScalar;
   __builtin_cpu_init();
@@ -438,6 +618,11 @@ Isa DetectBest() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       best = Isa::kAvx512;
+      // AVX512-BF16: cpuid leaf 7, subleaf 1, eax bit 5.
+      unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0;
+      if (__get_cpuid_count(7, 1, &a7, &b7, &c7, &d7) != 0 && (a7 & (1u << 5)) != 0) {
+        best = Isa::kAvx512Bf16;
+      }
     }
   }
   return best;
@@ -458,6 +643,8 @@ absl::string_view IsaName(Isa isa) {
       return "avx2";
     case Isa::kAvx512:
       return "avx512";
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
   }
   return "?";
 }
@@ -473,6 +660,7 @@ Isa BestIsa() {
       if (e == "scalar") want = Isa::kScalar;
       if (e == "avx2") want = Isa::kAvx2;
       if (e == "avx512") want = Isa::kAvx512;
+      if (e == "avx512bf16") want = Isa::kAvx512Bf16;
       if (IsaSupported(want)) b = want;
     }
     return b;
@@ -482,7 +670,7 @@ Isa BestIsa() {
 
 std::vector<Isa> SupportedIsas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (IsaSupported(i)) out.push_back(i);
   return out;
 }
@@ -492,8 +680,9 @@ void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
     std::memcpy(dst, src, static_cast<size_t>(n) * 4);
     return;
   }
-  switch (isa) {
+  switch (Base(isa)) {
     case Isa::kAvx512:
+    case Isa::kAvx512Bf16:
       return ToF32Avx512(type, src, n, dst);
     case Isa::kAvx2:
       return ToF32Avx2(type, src, n, dst);
@@ -503,8 +692,9 @@ void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
 }
 
 float Dot(const float* a, const float* b, int64_t n, Isa isa) {
-  switch (isa) {
+  switch (Base(isa)) {
     case Isa::kAvx512:
+    case Isa::kAvx512Bf16:
       return DotAvx512(a, b, n);
     case Isa::kAvx2:
       return DotAvx2(a, b, n);
@@ -543,6 +733,7 @@ void QkTyped(const uint8_t* const* rows, int64_t n, int d, const float* qh, int 
 
 void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int d, const float* q, int nq,
                   float* out, int64_t ld, Isa isa) {
+  isa = Base(isa);
   if (isa == Isa::kScalar) return QueryKeyDotsScalar(type, rows, n, d, q, nq, out, ld);
   for (int h0 = 0; h0 < nq; h0 += 8) {
     const int nh = std::min(8, nq - h0);
@@ -571,8 +762,17 @@ void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, u
   for (int64_t t0 = 0; t0 < n; t0 += kPackRows) {
     uint8_t* tile = out + static_cast<size_t>(t0 / kPackRows) * tile_bytes;
     const int rn = static_cast<int>(std::min<int64_t>(kPackRows, n - t0));
-    if (rn < kPackRows) std::memset(tile, 0, tile_bytes);
-    if (es == 2) {
+    if (rn < kPackRows || (type == DType::kBF16 && head_dim % 2 != 0)) {
+      std::memset(tile, 0, tile_bytes);
+    }
+    if (type == DType::kBF16) {  // pairs: element j of row r at (j / 2 * kPackRows + r) * 2 + j % 2
+      uint16_t* dst = reinterpret_cast<uint16_t*>(tile);
+      for (int r = 0; r < rn; ++r) {
+        const uint8_t* src = rows[t0 + r];
+        for (int j = 0; j < head_dim; ++j)
+          std::memcpy(dst + (j / 2 * kPackRows + r) * 2 + j % 2, src + 2 * j, 2);
+      }
+    } else if (es == 2) {
       uint16_t* dst = reinterpret_cast<uint16_t*>(tile);
       for (int r = 0; r < rn; ++r) {
         const uint8_t* src = rows[t0 + r];
@@ -591,48 +791,56 @@ void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n
                      const float* q, int nq, float* out, int64_t ld, Isa isa) {
   if (n <= 0 || nq <= 0) return;
   const int d = head_dim;
-  const size_t tile_bytes = PackedTileBytes(type, d);
-  alignas(64) float tmp[2 * kMaxPackedQueries * kPackRows];
-  const int64_t t_end = (first + n - 1) / kPackRows + 1;
-  for (int64_t t = first / kPackRows; t < t_end;) {
-    const int nt = isa == Isa::kAvx512 && t + 1 < t_end ? 2 : 1;
-    const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
-    for (int h0 = 0; h0 < nq; h0 += kMaxPackedQueries) {
-      const int nh = std::min(kMaxPackedQueries, nq - h0);
-      const float* qh = q + static_cast<size_t>(h0) * d;
-      if (isa == Isa::kScalar) {
-        PackedTileScalar(type, tile, d, qh, nh, tmp);
-      } else {
-        PackedKernel k = nullptr;
-        switch (type) {
-          case DType::kF32:
-            k = PackedKernelFor<DType::kF32>(isa, nh, nt);
-            break;
-          case DType::kBF16:
-            k = PackedKernelFor<DType::kBF16>(isa, nh, nt);
-            break;
-          case DType::kF16:
-            k = PackedKernelFor<DType::kF16>(isa, nh, nt);
-            break;
-        }
-        k(tile, d, qh, tmp);
-      }
-      for (int u = 0; u < nt; ++u) {
-        const int64_t base = (t + u) * kPackRows;
-        const int64_t lo = std::max(first, base), hi = std::min(first + n, base + kPackRows);
-        for (int h = 0; h < nh; ++h)
-          std::memcpy(out + (h0 + h) * ld + (lo - first),
-                      tmp + (u * nh + h) * kPackRows + (lo - base),
-                      static_cast<size_t>(hi - lo) * sizeof(float));
-      }
-    }
-    t += nt;
+  if (type == DType::kBF16) {
+    std::vector<uint32_t> pairs(static_cast<size_t>(nq) * Bf16Pairs(d));
+    PackQueriesBf16(q, nq, d, pairs.data());
+    return PackedQueryDotsBf16(packed, first, n, d, pairs.data(), nq, 1.0f, out, ld, isa);
   }
+  isa = Base(isa);
+  const size_t tile_bytes = PackedTileBytes(type, d);
+  ForPackedTiles(first, n, nq, isa == Isa::kAvx512, 1.0f, out, ld,
+                 [&](int64_t t, int nt, int h0, int nh, float* tmp) {
+                   const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
+                   const float* qh = q + static_cast<size_t>(h0) * d;
+                   if (isa == Isa::kScalar) return PackedTileScalar(type, tile, d, qh, nh, tmp);
+                   const PackedKernel k = type == DType::kF32
+                                              ? PackedKernelFor<DType::kF32>(isa, nh, nt)
+                                              : PackedKernelFor<DType::kF16>(isa, nh, nt);
+                   k(tile, d, qh, tmp);
+                 });
+}
+
+void PackQueriesBf16(const float* q, int nq, int head_dim, uint32_t* out) {
+  const int pairs = Bf16Pairs(head_dim);
+  for (int h = 0; h < nq; ++h) {
+    const float* qh = q + static_cast<size_t>(h) * head_dim;
+    for (int p = 0; p < pairs; ++p) {
+      const uint32_t lo = F32ToBf16(qh[2 * p]);
+      const uint32_t hi = 2 * p + 1 < head_dim ? F32ToBf16(qh[2 * p + 1]) : 0;
+      out[static_cast<size_t>(h) * pairs + p] = lo | hi << 16;
+    }
+  }
+}
+
+void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int head_dim,
+                         const uint32_t* q_pairs, int nq, float scale, float* out, int64_t ld,
+                         Isa isa) {
+  if (n <= 0 || nq <= 0) return;
+  const int pairs = Bf16Pairs(head_dim);
+  const size_t tile_bytes = PackedTileBytes(DType::kBF16, head_dim);
+  ForPackedTiles(first, n, nq, isa >= Isa::kAvx512, scale, out, ld,
+                 [&](int64_t t, int nt, int h0, int nh, float* tmp) {
+                   const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
+                   const uint32_t* qh = q_pairs + static_cast<size_t>(h0) * pairs;
+                   if (isa == Isa::kScalar) return PairTileScalar(tile, pairs, qh, nh, tmp);
+                   PairKernelFor(isa, nh, nt)(tile, pairs, qh, tmp);
+                 });
 }
 
 double SumExp(const float* x, int64_t n, float shift, Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
+    case Isa::kAvx512Bf16:
       return SumExpAvx512(x, n, shift);
     case Isa::kAvx2:
       return SumExpAvx2(x, n, shift);
@@ -645,6 +853,7 @@ double SumExp(const float* x, int64_t n, float shift, Isa isa) {
 void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float* c, int64_t ldc,
              Isa isa) {
   if (m <= 0 || n <= 0) return;
+  isa = Base(isa);
   if (isa == Isa::kScalar) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = DotScalar(a + i * d, b + j * d, d);

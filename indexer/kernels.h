@@ -3,9 +3,11 @@
 //
 // Every vector kernel exists for three instruction sets, chosen at run time (the binary is built
 // for baseline x86-64; the AVX2 and AVX-512 bodies are compiled with target attributes):
-//   kScalar  — portable C++, the reference the others are tested against;
-//   kAvx2    — AVX2 + FMA + F16C;
-//   kAvx512  — AVX-512 F/BW/VL (+ F16C).
+//   kScalar      — portable C++, the reference the others are tested against;
+//   kAvx2        — AVX2 + FMA + F16C;
+//   kAvx512      — AVX-512 F/BW/VL/DQ (+ F16C);
+//   kAvx512Bf16  — kAvx512 plus AVX512-BF16, whose vdpbf16ps PackedQueryDotsBf16 uses (every
+//                  other kernel runs its kAvx512 body).
 // Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is the
 // widest one this CPU supports (the environment variable KVRECALL_ISA=scalar|avx2|avx512 can lower
 // it, e.g. to compare paths). All functions are pure: thread-safe, no allocation unless stated.
@@ -21,9 +23,9 @@
 
 namespace kvrecall::indexer::kernels {
 
-enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-absl::string_view IsaName(Isa isa);  // "scalar" | "avx2" | "avx512"
+absl::string_view IsaName(Isa isa);  // "scalar" | "avx2" | "avx512" | "avx512bf16"
 bool IsaSupported(Isa isa);
 Isa BestIsa();
 // The supported ones, narrowest first (for tests and benchmarks).
@@ -42,22 +44,39 @@ float Dot(const float* a, const float* b, int64_t n, Isa isa = BestIsa());
 void QueryKeyDots(DType type, const uint8_t* const* rows, int64_t n, int head_dim, const float* q,
                   int nq, float* out, int64_t ld, Isa isa = BestIsa());
 
-// Key rows packed for PackedQueryDots: tiles of kPackRows rows, a tile holding [head_dim]
-// [kPackRows] elements of the rows' dtype (element j of the tile's row r at j * kPackRows + r),
-// the last tile zero-padded. Queries then read a tile with whole-vector loads, one lane per row,
-// and need no horizontal sums.
+// Key rows packed for PackedQueryDots: tiles of kPackRows rows, the last tile zero-padded.
+// Queries read a tile with whole-vector loads, one lane per row, and need no horizontal sums.
+//   fp32, fp16: [head_dim][kPackRows] elements (element j of row r at j * kPackRows + r);
+//   bf16: [Bf16Pairs(head_dim)][kPackRows][2] elements: elements 2p and 2p + 1 of row r side by
+//     side, as one 32-bit word (2p in the low half; an odd head_dim's last pair padded with 0),
+//     the operand layout of vdpbf16ps.
 inline constexpr int kPackRows = 16;
+inline int Bf16Pairs(int head_dim) { return (head_dim + 1) / 2; }
 // Bytes of n packed rows of head_dim elements of `type` (whole tiles).
 size_t PackedRowsBytes(DType type, int64_t n, int head_dim);
 // Packs rows[i] (head_dim elements of `type` each) as packed row i, i < n, into `out`
 // (PackedRowsBytes(type, n, head_dim) bytes; the padding is zeroed).
 void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, uint8_t* out);
-// Query-key dots over packed rows [first, first + n):
+// Query-key dots over packed rows [first, first + n) of fp32 or fp16:
 //   out[h * ld + i] = Σ_j q[h * head_dim + j] * float(row_{first+i}[j])   for h < nq, i < n
 // Each dot is one fused multiply-add chain in j order, so every Isa gives the same bits.
 // packed: rows packed by PackRows (at least first + n of them); q: [nq][head_dim] fp32.
+// bf16 rows: PackedQueryDotsBf16 with q rounded to bf16 and scale 1 (allocates).
 void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n, int head_dim,
                      const float* q, int nq, float* out, int64_t ld, Isa isa = BestIsa());
+
+// Queries for PackedQueryDotsBf16: q [nq][head_dim] fp32, each element rounded to bf16 (to
+// nearest even), as pairs: out[h * Bf16Pairs(head_dim) + p] = bf16(q[2p]) | bf16(q[2p+1]) << 16
+// (an odd head_dim's last high half 0). A bf16 model's queries are rounded without loss.
+void PackQueriesBf16(const float* q, int nq, int head_dim, uint32_t* out);
+// Dots of bf16 queries (PackQueriesBf16) with packed bf16 rows [first, first + n), scaled:
+//   out[h * ld + i] = scale * (chain over p of (+ q[2p+1] k[2p+1]) then (+ q[2p] k[2p]))
+// Each product of two bf16 values is exact in fp32, so each step of the fp32 chain rounds once:
+// what AVX512-BF16's vdpbf16ps computes, and what every other Isa computes too (same bits; a
+// result that underflows to a denormal may differ, as vdpbf16ps flushes it to zero).
+void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int head_dim,
+                         const uint32_t* q_pairs, int nq, float scale, float* out, int64_t ld,
+                         Isa isa = BestIsa());
 
 // Dense fp32 dot matrix: c[i * ldc + j] = a_i . b_j for i < m, j < n; a: [m][d], b: [n][d] fp32,
 // ldc >= n. Packs b (allocates n * d floats); meant for many-by-many products (k-means).

@@ -98,11 +98,20 @@ TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReferenc
       for (int i = 0; i < n; ++i)
         rows[i] = bytes.data() + static_cast<size_t>(i) * d * DTypeSize(t);
       std::vector<uint8_t> packed(PackedRowsBytes(t, n, d), 0xAB);
-      ASSERT_EQ(packed.size(), static_cast<size_t>(5 * kPackRows) * d * DTypeSize(t));
+      const int padded = t == DType::kBF16 ? 2 * Bf16Pairs(d) : d;  // bf16 packs pairs
+      ASSERT_EQ(packed.size(), static_cast<size_t>(5 * kPackRows) * padded * DTypeSize(t));
       PackRows(t, rows.data(), n, d, packed.data());
       for (int nq : {1, 4, 6, 9}) {
         std::vector<float> q(static_cast<size_t>(nq) * d);
         for (float& x : q) x = nd(rng);
+        // bf16 rows: the queries are rounded to bf16 (exact products), and scaled at the end.
+        const float scale = t == DType::kBF16 ? 0.0883883f : 1.0f;
+        std::vector<uint32_t> pairs(static_cast<size_t>(nq) * Bf16Pairs(d));
+        PackQueriesBf16(q.data(), nq, d, pairs.data());
+        std::vector<float> qr = q;
+        if (t == DType::kBF16) {
+          for (float& x : qr) x = Bf16ToF32(F32ToBf16(x));
+        }
         // Row ranges: all, inside one tile, across tiles from mid-tile, the padded tail.
         for (auto [first, count] :
              std::vector<std::pair<int, int>>{{0, n}, {3, 9}, {13, 40}, {64, 6}, {17, 1}}) {
@@ -110,18 +119,33 @@ TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReferenc
           std::vector<float> scalar;
           for (Isa isa : SupportedIsas()) {
             std::vector<float> out(static_cast<size_t>(nq) * ld, 7.0f);
-            PackedQueryDots(t, packed.data(), first, count, d, q.data(), nq, out.data(), ld, isa);
+            if (t == DType::kBF16) {
+              PackedQueryDotsBf16(packed.data(), first, count, d, pairs.data(), nq, scale,
+                                  out.data(), ld, isa);
+            } else {
+              PackedQueryDots(t, packed.data(), first, count, d, q.data(), nq, out.data(), ld, isa);
+            }
             for (int h = 0; h < nq; ++h) {
               for (int i = 0; i < count; ++i) {
                 double want = 0, mag = 0;
                 for (int j = 0; j < d; ++j) {
-                  const double p = static_cast<double>(q[h * d + j]) *
+                  const double p = static_cast<double>(qr[h * d + j]) * scale *
                                    ref[static_cast<size_t>(first + i) * d + j];
                   want += p;
                   mag += std::abs(p);
                 }
                 ASSERT_NEAR(out[h * ld + i], want, 1e-5 * mag + 1e-6)
                     << IsaName(isa) << " " << DTypeName(t) << " d=" << d << " nq=" << nq;
+                if (t == DType::kBF16) {  // vdpbf16ps' chain: per pair, odd element then even
+                  float a = 0;
+                  const float* k = ref.data() + static_cast<size_t>(first + i) * d;
+                  const float* qh = qr.data() + static_cast<size_t>(h) * d;
+                  for (int j = 0; j < d; j += 2) {
+                    if (j + 1 < d) a = std::fma(qh[j + 1], k[j + 1], a);
+                    a = std::fma(qh[j], k[j], a);
+                  }
+                  ASSERT_EQ(out[h * ld + i], a * scale) << IsaName(isa) << " d=" << d;
+                }
               }
               EXPECT_EQ(out[h * ld + count], 7.0f) << "wrote past n";
             }

@@ -35,15 +35,11 @@ double AttentionMassRecall(absl::Span<const float> scores, int64_t range_begin,
 
 double HeadMeanMass(const float* queries, int group, const PagedRows& keys, int64_t range_begin,
                     int64_t range_end, float scale, absl::Span<const int32_t> ids) {
-  const int d = keys.head_dim;
   const int64_t n = range_end - range_begin;
   if (n <= 0 || group <= 0) return 0;
-  std::vector<float> scaled(static_cast<size_t>(group) * d);
-  for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = queries[i] * scale;
+  internal::QueryForms forms;
   internal::SegmentSearch s;
-  s.scaled_queries = scaled.data();
-  s.group = group;
-  s.keys = &keys;
+  forms.Set(queries, group, keys, scale, &s);
   s.isa = kernels::BestIsa();
   internal::Hits hits;
   internal::ExactHits(s, range_begin, range_end, &hits);

@@ -49,7 +49,8 @@ TraceStats ComputeTraceStats(const TraceStatsInput& in) {
   std::vector<bool> have(in.positions.size(), false);
   double m1 = 0, m10 = 0;
   int64_t heads = 0;
-  std::vector<float> scaled(static_cast<size_t>(g) * d), p;
+  internal::QueryForms forms;
+  std::vector<float> p;
   for (size_t i = 0; i < in.positions.size(); ++i) {
     const float* q = in.query(in.positions[i]);
     if (q == nullptr) continue;
@@ -57,11 +58,8 @@ TraceStats ComputeTraceStats(const TraceStatsInput& in) {
     SearchQuery sq{q, g, in.keys, in.range_begin, in.range_end, in.k, scale};
     std::vector<std::vector<int32_t>> one;
     if (ExactSearch({&sq, 1}, nullptr, &one).ok()) sel[i] = std::move(one[0]);
-    for (size_t j = 0; j < scaled.size(); ++j) scaled[j] = q[j] * scale;
     internal::SegmentSearch s;
-    s.scaled_queries = scaled.data();
-    s.group = g;
-    s.keys = in.keys;
+    forms.Set(q, g, *in.keys, scale, &s);
     s.isa = kernels::BestIsa();
     internal::Hits hits;
     internal::ExactHits(s, in.range_begin, in.range_end, &hits);

@@ -91,8 +91,10 @@ fi
 # A TSan tree names each test after its binary (cmake/kvrecall.cmake), which selects the tests of
 # the binaries built here. A TSan report makes the test's process exit with 66, failing the test.
 # libucm's mmap/madvise hooks (installed once UCX is loaded) crash under TSan; these tests do not
-# need UCX's memory events, so the hooks stay off.
-read -r -a tsan_tests <<<"${KVRECALL_TSAN_TESTS:-kvstore_test common_test}"
+# need UCX's memory events, so the hooks stay off. Tests through gRPC's client library (the
+# RemoteTier ones) are left out: Debian's gRPC is not instrumented, so TSan reports its own
+# synchronisation as races.
+read -r -a tsan_tests <<<"${KVRECALL_TSAN_TESTS:-kvstore_test common_test client_test}"
 echo "== build (TSan: ${tsan_tests[*]})"
 time BUILD_DIR=build-tsan KVRECALL_CUDA=OFF CMAKE_ARGS="-DKVRECALL_TSAN=ON" \
   scripts/build.sh "${tsan_tests[@]}"
@@ -101,5 +103,5 @@ echo "== tests (TSan)"
   UCX_MEM_MMAP_HOOK_MODE=none UCX_MEM_MALLOC_HOOKS=no UCX_MEM_EVENTS=no \
   TSAN_OPTIONS="second_deadlock_stack=1 ${TSAN_OPTIONS:-}" \
     ctest --output-on-failure -j "$(nproc)" --timeout 900 \
-      -R "^($(IFS='|'; echo "${tsan_tests[*]}"))\\.")
+      -R "^($(IFS='|'; echo "${tsan_tests[*]}"))\\." -E "RemoteTier")
 fuzz_pass

@@ -103,7 +103,9 @@ struct CudaEngine::LayerRecall {
   absl::Status status;
   std::vector<std::pair<int, int>> entries;  // (batch row, kv-head) of recalled[e]
   std::vector<client::Recalled> recalled;
-  absl::Notification done;  // lookahead: set once status and recalled are final
+  bool called = false;      // Tier::Retrieve was called (not for a batch of no entries)
+  double seconds = 0;       // inside it (counted by the engine thread)
+  absl::Notification done;  // lookahead: set once status, recalled and seconds are final
 };
 
 struct CudaEngine::Device {
@@ -197,9 +199,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* 
   if (options.sparse) {
     if (tier == nullptr) return absl::InvalidArgumentError("sparse mode needs a tier");
     if (options.window_tokens < 2 || options.sink_tokens < 0 || options.budget < 1 ||
-        options.dense_layers < 0) {
+        options.dense_layers < 0 || options.lookahead_calls < 1) {
       return absl::InvalidArgumentError(
-          "need window_tokens >= 2, sink_tokens >= 0, budget >= 1, dense_layers >= 0");
+          "need window_tokens >= 2, sink_tokens >= 0, budget >= 1, dense_layers >= 0, "
+          "lookahead_calls >= 1");
     }
   }
   if (options.observer != nullptr)
@@ -726,11 +729,12 @@ absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const fl
     }
   }
   out->recalled.clear();
-  if (batch.entries.empty()) return absl::OkStatus();
+  out->called = !batch.entries.empty();
+  out->seconds = 0;
+  if (!out->called) return absl::OkStatus();
   const absl::Time t0 = absl::Now();
   absl::Status st = tier_->Retrieve(batch, &out->recalled);
-  counters_.retrieve_seconds += Since(t0);
-  counters_.retrieve_calls++;
+  out->seconds = Since(t0);
   if (!st.ok()) {
     // Whatever the tier put or remembers for this call is unknown: new epochs make it resend.
     for (auto [i, h] : out->entries) rows_[i]->epochs[l][h] = next_epoch.fetch_add(1);
@@ -866,8 +870,9 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
                  "step inputs upload"));
   RETURN_IF_ERROR(model_->Embed(d_tokens, B, d.x.as<float>()));
 
-  // Lookahead: every sparse layer's retrieval from the last step's queries, issued now on a
-  // thread of its own (one staging area per layer).
+  // Lookahead: every sparse layer's retrieval from the last step's queries, issued now in layer
+  // order by lookahead_calls threads of their own (one staging area per layer), so that up to
+  // that many calls are in flight.
   const bool lookahead =
       options_.sparse && options_.lookahead &&
       std::all_of(rows_.begin(), rows_.end(), [](const auto& s) { return s->has_queries; });
@@ -878,20 +883,23 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
     queries[l].resize(B * qd);
     for (size_t j = 0; j < B * qd; ++j) queries[l][j] = Bf16ToF32(q[j]);
   };
-  std::thread prefetcher;
+  std::vector<std::thread> prefetchers;
+  std::atomic<int> next_layer{options_.dense_layers};
   if (lookahead) {
-    prefetcher = std::thread([&] {
-      for (int l = options_.dense_layers; l < L; ++l) {
-        to_f32(l);
-        recall[l].status =
-            Retrieve(l, pos, queries[l].data(), l - options_.dense_layers, /*lookahead=*/true,
-                     &recall[l]);
-        recall[l].done.Notify();
-      }
-    });
+    const int calls = std::min(options_.lookahead_calls, L - options_.dense_layers);
+    for (int t = 0; t < calls; ++t) {
+      prefetchers.emplace_back([&] {
+        for (int l; (l = next_layer.fetch_add(1)) < L;) {
+          to_f32(l);
+          recall[l].status = Retrieve(l, pos, queries[l].data(), l - options_.dense_layers,
+                                      /*lookahead=*/true, &recall[l]);
+          recall[l].done.Notify();
+        }
+      });
+    }
   }
   absl::Cleanup join = [&] {
-    if (prefetcher.joinable()) prefetcher.join();
+    for (std::thread& t : prefetchers) t.join();
   };
 
   for (int l = 0; l < L; ++l) {
@@ -972,6 +980,10 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
         to_f32(l);
         recall[l].status = Retrieve(l, pos, queries[l].data(), 0, /*lookahead=*/false, &recall[l]);
         times_.retrieve += Since(t0);
+      }
+      if (recall[l].called) {
+        counters_.retrieve_seconds += recall[l].seconds;
+        counters_.retrieve_calls++;
       }
       const absl::Status& got = recall[l].status;
       // A tier that misses (deadline, unavailable, a stale call) costs accuracy, not the step:

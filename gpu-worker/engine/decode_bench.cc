@@ -217,6 +217,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     base.method = method;
     base.index_queries = opt.index_queries;
     base.num_threads = opt.threads;
+    base.lookahead_calls = opt.lookahead_calls;
 
     double dense_tps = 0;
     if (opt.dense) {

@@ -48,6 +48,7 @@ struct DecodeBenchOptions {
   // EngineOptions::lookahead of the kvrecall rows: one row per mode and budget (the rows of a
   // context share the tier's sequences).
   std::vector<bool> lookahead = {false};
+  int lookahead_calls = 4;  // EngineOptions::lookahead_calls
   // The decode input of each step: "greedy" feeds each sequence its own argmax (with random
   // weights the queries then jump from step to step, so nearly every selected row is new),
   // "repeat" feeds every step the same token (consecutive queries stay close, as real decoding's

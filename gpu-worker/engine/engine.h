@@ -58,6 +58,10 @@ struct EngineOptions {
   // queries and issued at the start of the step, so retrieval overlaps compute. The tier needs
   // one staging area per sparse layer (TierOptions::staging_areas >= num_layers - dense_layers).
   bool lookahead = false;
+  // With lookahead on the CUDA engine, up to this many sparse layers' Retrieve calls are in
+  // flight at once, issued in layer order: one layer's rows stream while the next layers search
+  // (the tier's pool is shared, so more than a few only queue). The host engine issues one.
+  int lookahead_calls = 4;
   // Delta streaming: the tier sends only rows not already in this engine's slot caches. Off, every
   // selected row is sent every step (the same rows, so the same logits, bit for bit).
   bool delta_streaming = true;

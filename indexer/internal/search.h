@@ -24,6 +24,10 @@ struct DeferredScore;
 struct SegmentSearch {
   const float* scaled_queries = nullptr;  // [group][head_dim], already multiplied by the scale
   const float* unit_queries = nullptr;    // [group][head_dim], each head L2-normalised (0 if zero)
+  // bf16 keys: the queries, unscaled, rounded to bf16 (kernels::PackQueriesBf16), for PackedDots;
+  // [group][kernels::Bf16Pairs(head_dim)]. `scale` is what scaled_queries are multiplied by.
+  const uint32_t* bf16_query_pairs = nullptr;
+  float scale = 1;
   int group = 0;
   const PagedRows* keys = nullptr;
   int64_t range_begin = 0;  // retrieval range; hits must lie inside it
@@ -34,6 +38,15 @@ struct SegmentSearch {
   // Where ScorePackedRows leaves its scoring for Search, which scores all deferred rows of one
   // copy together, for every entry of its batch (the rows are read from memory once).
   std::vector<DeferredScore>* deferred = nullptr;
+};
+
+// The forms of one entry's queries that a SegmentSearch points to, computed once per search.
+// Set fills them from q ([group][keys.head_dim] fp32) and points s at them (scaled_queries,
+// unit_queries, bf16_query_pairs for bf16 keys, scale, group, keys); buffers are reused.
+struct QueryForms {
+  std::vector<float> scaled, unit;   // [group][head_dim]
+  std::vector<uint32_t> bf16_pairs;  // bf16 keys: [group][kernels::Bf16Pairs(head_dim)]
+  void Set(const float* q, int group, const PagedRows& keys, float scale, SegmentSearch* s);
 };
 
 // Rows of a segment's packed copy that one entry's search scores later (SegmentSearch::deferred):
@@ -96,6 +109,11 @@ class HitsList {
   size_t n_ = 0;
 };
 
+// Scaled logits of the packed rows [first, first + n) (kernels::PackRows of s.keys' dtype):
+// out[h * ld + i], h < s.group. bf16 keys: PackedQueryDotsBf16 of s.bf16_query_pairs times
+// s.scale; otherwise PackedQueryDots of s.scaled_queries.
+void PackedDots(const SegmentSearch& s, const uint8_t* packed, int64_t first, int64_t n, float* out,
+                int64_t ld);
 // Scores tokens [begin, end) of s.keys exactly (one unit per token).
 void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out);
 // Scores the given tokens (ascending, inside the range) exactly; lse over them only.
