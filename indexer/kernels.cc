@@ -653,7 +653,9 @@ bool IsaSupported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(Ha
 
 Isa BestIsa() {
   static const Isa best = [] {
-    Isa b = HardwareBest();
+    // kAvx512Bf16 only on request: on the H100 host (Xeon with AVX512-BF16) its vdpbf16ps body
+    // searched 1.6x slower than kAvx512's FMA body (docs/benchmarks.md).
+    Isa b = std::min(HardwareBest(), Isa::kAvx512);
     if (const char* env = std::getenv("KVRECALL_ISA"); env != nullptr) {
       const absl::string_view e(env);
       Isa want = b;
@@ -661,7 +663,7 @@ Isa BestIsa() {
       if (e == "avx2") want = Isa::kAvx2;
       if (e == "avx512") want = Isa::kAvx512;
       if (e == "avx512bf16") want = Isa::kAvx512Bf16;
-      if (IsaSupported(want)) b = want;
+      if (IsaSupported(want)) b = want;  // may name kAvx512Bf16
     }
     return b;
   }();
@@ -766,11 +768,13 @@ void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, u
       std::memset(tile, 0, tile_bytes);
     }
     if (type == DType::kBF16) {  // pairs: element j of row r at (j / 2 * kPackRows + r) * 2 + j % 2
-      uint16_t* dst = reinterpret_cast<uint16_t*>(tile);
+      const int whole = head_dim / 2;  // pairs copied as 32-bit words; an odd tail's pair after
       for (int r = 0; r < rn; ++r) {
         const uint8_t* src = rows[t0 + r];
-        for (int j = 0; j < head_dim; ++j)
-          std::memcpy(dst + (j / 2 * kPackRows + r) * 2 + j % 2, src + 2 * j, 2);
+        for (int p = 0; p < whole; ++p)
+          std::memcpy(tile + (static_cast<size_t>(p) * kPackRows + r) * 4, src + 4 * p, 4);
+        if (head_dim % 2 != 0)
+          std::memcpy(tile + (static_cast<size_t>(whole) * kPackRows + r) * 4, src + 4 * whole, 2);
       }
     } else if (es == 2) {
       uint16_t* dst = reinterpret_cast<uint16_t*>(tile);

@@ -9,8 +9,9 @@
 //   kAvx512Bf16  — kAvx512 plus AVX512-BF16, whose vdpbf16ps PackedQueryDotsBf16 uses (every
 //                  other kernel runs its kAvx512 body).
 // Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is the
-// widest one this CPU supports (the environment variable KVRECALL_ISA=scalar|avx2|avx512 can lower
-// it, e.g. to compare paths). All functions are pure: thread-safe, no allocation unless stated.
+// widest one this CPU supports up to kAvx512 (kAvx512Bf16 measured slower on the H100 host);
+// the environment variable KVRECALL_ISA=scalar|avx2|avx512|avx512bf16 picks another supported
+// one, e.g. to compare paths. All functions are pure: thread-safe, no allocation unless stated.
 #ifndef KVRECALL_INDEXER_KERNELS_H_
 #define KVRECALL_INDEXER_KERNELS_H_
 
