@@ -506,7 +506,8 @@ class CtkvrSegment final : public Segment {
     if (copy == nullptr && cand.empty()) return absl::OkStatus();
     // Each head's normaliser over the whole segment, estimated from the candidates and the share
     // of the best centroid's mass that its list holds.
-    std::vector<double> lse_add(static_cast<size_t>(g));
+    thread_local std::vector<double> lse_add;
+    lse_add.resize(static_cast<size_t>(g));
     for (int h = 0; h < g; ++h)
       lse_add[h] = -std::log(std::max(best_mass[h], 1e-6)) * FractionInRange(rb, re);
     if (copy != nullptr) {

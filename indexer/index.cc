@@ -88,22 +88,26 @@ void FinishLse(const SegmentSearch& s, Hits* out) {
 
 namespace {
 
-// bf16 rows are packed a few tiles at a time and scored as a segment's copies are, so that an
-// exact scan and an index whose candidates hold every token give the same logits.
-void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows, Hits* out) {
+// out's units are `rows` (one token each), scored with their normalisers. `packed`: the rows
+// are packed a few tiles at a time and scored as a segment's copies are (PackedDots), so the
+// result equals scoring a copy of them; else by the row-wise kernel (fp32 and fp16 only; bf16
+// keys always take the packed path, so that an exact scan and an index whose candidates hold
+// every token give the same logits).
+void FinishHits(const SegmentSearch& s, const std::vector<const uint8_t*>& rows, bool packed,
+                Hits* out) {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int d = s.keys->head_dim;
   out->units = n;
   out->unit_end.clear();
   out->logits.resize(static_cast<size_t>(n) * s.group);
-  if (s.keys->dtype == DType::kBF16) {
+  if (packed || s.keys->dtype == DType::kBF16) {
     constexpr int64_t kChunk = 8 * kernels::kPackRows;
-    thread_local std::vector<uint8_t> packed;
-    packed.resize(kernels::PackedRowsBytes(DType::kBF16, kChunk, d));
+    thread_local std::vector<uint8_t> tiles;
+    tiles.resize(kernels::PackedRowsBytes(s.keys->dtype, kChunk, d));
     for (int64_t i = 0; i < n; i += kChunk) {
       const int64_t m = std::min(kChunk, n - i);
-      kernels::PackRows(DType::kBF16, rows.data() + i, m, d, packed.data());
-      PackedDots(s, packed.data(), 0, m, out->logits.data() + i, n);
+      kernels::PackRows(s.keys->dtype, rows.data() + i, m, d, tiles.data());
+      PackedDots(s, tiles.data(), 0, m, out->logits.data() + i, n);
     }
   } else {
     kernels::QueryKeyDots(s.keys->dtype, rows.data(), n, d, s.scaled_queries, s.group,
@@ -159,25 +163,16 @@ void ExactHits(const SegmentSearch& s, int64_t begin, int64_t end, Hits* out) {
   for (int64_t t = begin; t < end; ++t) out->tokens[t - begin] = static_cast<int32_t>(t);
   thread_local std::vector<const uint8_t*> rows;
   RowPointers(*s.keys, begin, end, &rows);
-  FinishHits(s, rows, out);
+  FinishHits(s, rows, /*packed=*/false, out);
 }
 
 void ScoreTokens(const SegmentSearch& s, const std::vector<int32_t>& tokens, Hits* out) {
-  // Packed like a segment's row copy, so that scoring a copy selects what this gather does.
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  const int d = s.keys->head_dim;
   thread_local std::vector<const uint8_t*> rows;
-  thread_local std::vector<uint8_t> packed;
   rows.resize(tokens.size());
   for (size_t i = 0; i < tokens.size(); ++i) rows[i] = s.keys->row(tokens[i]);
-  packed.resize(kernels::PackedRowsBytes(s.keys->dtype, n, d));
-  kernels::PackRows(s.keys->dtype, rows.data(), n, d, packed.data());
   out->tokens.assign(tokens.begin(), tokens.end());
-  out->units = n;
-  out->unit_end.clear();
-  out->logits.resize(static_cast<size_t>(n) * s.group);
-  PackedDots(s, packed.data(), 0, n, out->logits.data(), n);
-  FinishLse(s, out);
+  // Packed like a segment's row copy, so that scoring a copy selects what this gather does.
+  FinishHits(s, rows, /*packed=*/true, out);
 }
 
 void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,

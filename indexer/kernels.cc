@@ -386,15 +386,29 @@ KV_TARGET_AVX2 void PackedTileAvx2(const uint8_t* tile, int d, const float* q, f
   }
 }
 
+// Accumulators of the AVX-512 tile kernels: acc[t][h] for NT tiles and NH queries, stored as
+// out[(t * NH + h) * kPackRows + r].
+template <int NT, int NH>
+KV_TARGET_AVX512 inline void ZeroTiles(__m512 (&acc)[NT][NH]) {
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+}
+template <int NT, int NH>
+KV_TARGET_AVX512 inline void StoreTiles(const __m512 (&acc)[NT][NH], float* out) {
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+}
+
 // The same for NT consecutive tiles: out[(t * NH + h) * kPackRows + r].
 template <DType type, int NH, int NT>
 KV_TARGET_AVX512 void PackedTilesAvx512(const uint8_t* tile, int d, const float* q, float* out) {
   const size_t es = DTypeSize(type), tile_bytes = static_cast<size_t>(d) * kPackRows * es;
   __m512 acc[NT][NH];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  ZeroTiles<NT, NH>(acc);
   for (int j = 0; j < d; ++j) {
     __m512 b[NT];
 #pragma GCC unroll 8
@@ -407,10 +421,7 @@ KV_TARGET_AVX512 void PackedTilesAvx512(const uint8_t* tile, int d, const float*
       for (int t = 0; t < NT; ++t) acc[t][h] = _mm512_fmadd_ps(qb, b[t], acc[t][h]);
     }
   }
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+  StoreTiles<NT, NH>(acc, out);
 }
 
 using PackedKernel = void (*)(const uint8_t*, int, const float*, float*);
@@ -496,10 +507,7 @@ KV_TARGET_AVX512 void PairTilesAvx512(const uint8_t* tile, int pairs, const uint
                                       float* out) {
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   __m512 acc[NT][NH];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  ZeroTiles<NT, NH>(acc);
   for (int p = 0; p < pairs; ++p) {
     __m512 hi[NT], lo[NT];
 #pragma GCC unroll 8
@@ -517,10 +525,7 @@ KV_TARGET_AVX512 void PairTilesAvx512(const uint8_t* tile, int pairs, const uint
         acc[t][h] = _mm512_fmadd_ps(ql, lo[t], _mm512_fmadd_ps(qh, hi[t], acc[t][h]));
     }
   }
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+  StoreTiles<NT, NH>(acc, out);
 }
 
 // The same with vdpbf16ps: one instruction per pair, query and tile.
@@ -529,10 +534,7 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
                                               float* out) {
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   __m512 acc[NT][NH];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) acc[t][h] = _mm512_setzero_ps();
+  ZeroTiles<NT, NH>(acc);
   for (int p = 0; p < pairs; ++p) {
     __m512bh w[NT];
 #pragma GCC unroll 8
@@ -547,10 +549,7 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
       for (int t = 0; t < NT; ++t) acc[t][h] = _mm512_dpbf16_ps(acc[t][h], w[t], qp);
     }
   }
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; ++h) _mm512_storeu_ps(out + (t * NH + h) * kPackRows, acc[t][h]);
+  StoreTiles<NT, NH>(acc, out);
 }
 
 using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
@@ -682,7 +681,7 @@ void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
     std::memcpy(dst, src, static_cast<size_t>(n) * 4);
     return;
   }
-  switch (Base(isa)) {
+  switch (isa) {
     case Isa::kAvx512:
     case Isa::kAvx512Bf16:
       return ToF32Avx512(type, src, n, dst);
@@ -694,7 +693,7 @@ void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
 }
 
 float Dot(const float* a, const float* b, int64_t n, Isa isa) {
-  switch (Base(isa)) {
+  switch (isa) {
     case Isa::kAvx512:
     case Isa::kAvx512Bf16:
       return DotAvx512(a, b, n);
