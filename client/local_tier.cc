@@ -23,6 +23,7 @@ class LocalTier final : public Tier {
   absl::Status Init() {
     if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
     ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
+    RETURN_IF_ERROR(pin_.Pin(options_, region_->data(), region_->size()));
     call_seq_.assign(static_cast<size_t>(std::max(1, options_.staging_areas)), 0);
     return node_.AttachWorker(options_.tenant, options_.worker_id, region_->Describe());
   }
@@ -122,6 +123,7 @@ class LocalTier final : public Tier {
   std::unique_ptr<transport::Transport> transport_;
   kvstore::Node node_;
   std::unique_ptr<transport::RegisteredRegion> region_;
+  internal::RegionPin pin_;  // of region_
   mutable absl::Mutex counters_mu_;
   TierCounters counters_ ABSL_GUARDED_BY(counters_mu_);
   // Per staging area: the last call's number (each touched only by that area's calls).

@@ -78,6 +78,52 @@ TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   EXPECT_EQ(stats.sequences[0].stored_tokens, 4);
 }
 
+// The recall buffer goes through the pin hooks: pinned whole once allocated, the rows Retrieve
+// returns lie in it, unpinned when the tier goes; a pin that fails fails the tier's creation.
+TEST(LocalTierTest, RecallBufferIsPinnedForTheTiersLifetime) {
+  uint8_t* pinned = nullptr;
+  size_t pinned_bytes = 0;
+  std::vector<uint8_t*> unpinned;
+  TierOptions options;
+  options.recall_buffer_bytes = 4096;
+  options.pin_region = [&](uint8_t* data, size_t bytes) {
+    pinned = data;
+    pinned_bytes = bytes;
+    return absl::OkStatus();
+  };
+  options.unpin_region = [&](uint8_t* data) { unpinned.push_back(data); };
+  {
+    ASSERT_OK_AND_ASSIGN(auto tier, CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options));
+    ASSERT_NE(pinned, nullptr);
+    EXPECT_EQ(pinned_bytes, 4096u);
+    ASSERT_OK(tier->RegisterModel(Spec()));
+    ASSERT_OK(tier->OpenSequence("s", "m", {1, 2}).status());
+    AppendBatch b;
+    b.token_start = 0;
+    b.num_tokens = 2;
+    for (int l = 0; l < 2; ++l) {
+      b.keys.push_back(Floats({1, 0, 2, 0}));
+      b.values.push_back(Floats({10, 11, 20, 21}));
+    }
+    ASSERT_OK(tier->AppendKV("s", b));
+    std::vector<float> q = {1, 0, 1, 0};
+    RetrieveBatch rb{0, 2, Method::kExact, {{"s", 0, q, 0, 2}}};
+    std::vector<Recalled> out;
+    ASSERT_OK(tier->Retrieve(rb, &out));
+    ASSERT_EQ(out[0].fill_slots.size(), 2u);
+    EXPECT_GE(out[0].rows, pinned);
+    EXPECT_LE(out[0].rows + 2 * 16, pinned + pinned_bytes);
+    EXPECT_TRUE(unpinned.empty());
+  }
+  EXPECT_THAT(unpinned, ElementsAre(pinned));
+
+  unpinned.clear();
+  options.pin_region = [](uint8_t*, size_t) { return absl::ResourceExhaustedError("no pins"); };
+  EXPECT_THAT(CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options).status(),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_TRUE(unpinned.empty());
+}
+
 // Concurrent Retrieve calls in different staging areas (CudaEngine's lookahead issues several
 // layers at once) answer exactly what the same calls answer one after another, over both the
 // in-process tier and a RemoteTier to a loopback server with UCX: same selections, slots and

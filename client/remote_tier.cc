@@ -48,13 +48,15 @@ class RemoteTier final : public Tier {
     retrieve_resps_.resize(areas);
     if (remote_.transport == "grpc") {
       fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
-      return absl::OkStatus();
+      return pin_.Pin(options_, reinterpret_cast<uint8_t*>(fallback_buffer_.data()),
+                      fallback_buffer_.size());
     }
     if (remote_.transport != "ucx") {
       return absl::InvalidArgumentError(absl::StrCat("transport must be ucx or grpc, not '", remote_.transport, "'"));
     }
     ASSIGN_OR_RETURN(transport_, transport::CreateUcxTransport({remote_.ucx_tls}));
     ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
+    RETURN_IF_ERROR(pin_.Pin(options_, region_->data(), region_->size()));
     const transport::RemoteRegion d = region_->Describe();
     v1::AttachWorkerRequest req;
     req.set_tenant(options_.tenant);
@@ -586,6 +588,7 @@ class RemoteTier final : public Tier {
   std::vector<v1::RetrieveResponse> retrieve_resps_;  // per staging area
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   std::string fallback_buffer_;
+  internal::RegionPin pin_;  // of region_ or fallback_buffer_
   // Per staging area: the last call's number (each touched only by that area's calls).
   std::vector<uint64_t> call_seq_;
   std::map<std::string, ModelSpec> specs_;

@@ -12,6 +12,7 @@
 #define KVRECALL_CLIENT_TIER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,6 +41,11 @@ struct TierOptions {
   // layer together); calls in one area are ordered by the tier, so a late reply's rows can never
   // land on top of a newer call's rows.
   int staging_areas = 1;
+  // Called with the recall buffer once it is allocated (an error fails the tier's creation) and
+  // before it is freed. The GPU worker page-locks it here (cuda::PinnedHostRanges), so its kernels
+  // read recalled rows where they land. Unset: nothing.
+  std::function<absl::Status(uint8_t* data, size_t bytes)> pin_region;
+  std::function<void(uint8_t* data)> unpin_region;
 };
 
 struct OpenResult {
@@ -211,6 +217,21 @@ std::vector<int32_t> FillTokens(const Recalled& r);
 // Copies r's new rows into a slot cache of [budget][row_pair_bytes] at slot_rows.
 void ApplyFills(const Recalled& r, size_t row_pair_bytes, uint8_t* slot_rows);
 std::string DefaultWorkerId();
+
+// The recall buffer's pin (TierOptions::pin_region): Pin calls the hook, destruction unpins.
+// Declare it after the buffer so that it is destroyed first.
+class RegionPin {
+ public:
+  RegionPin() = default;
+  ~RegionPin();
+  RegionPin(const RegionPin&) = delete;
+  RegionPin& operator=(const RegionPin&) = delete;
+  absl::Status Pin(const TierOptions& options, uint8_t* data, size_t bytes);
+
+ private:
+  std::function<void(uint8_t*)> unpin_;
+  uint8_t* data_ = nullptr;
+};
 }  // namespace internal
 
 }  // namespace kvrecall::client

@@ -139,6 +139,18 @@ std::string DefaultWorkerId() {
   return absl::StrCat(host, "-", ::getpid());
 }
 
+RegionPin::~RegionPin() {
+  if (data_ != nullptr && unpin_) unpin_(data_);
+}
+
+absl::Status RegionPin::Pin(const TierOptions& options, uint8_t* data, size_t bytes) {
+  if (!options.pin_region) return absl::OkStatus();
+  RETURN_IF_ERROR(options.pin_region(data, bytes));
+  unpin_ = options.unpin_region;
+  data_ = data;
+  return absl::OkStatus();
+}
+
 }  // namespace kvrecall::client::internal
 
 namespace kvrecall::client {

@@ -4,7 +4,8 @@
 #   .bundle/bin/<binaries>   .bundle/lib/*.so*   .bundle/lib/ucx/*.so* (UCX transport modules)
 #   .bundle/env.sh           source it there: sets LD_LIBRARY_PATH and UCX_MODULE_DIR
 # Usage: scripts/device-bundle.sh [BINARY ...]   (default: every binary in build/bin; ucx_perftest
-# is always added when installed)
+# is always added when installed). BUNDLE_PACK=1 packs bin/ and lib/ into .bundle/bundle.tar.xz
+# (a third of the size, for the 64 MiB carry limit); env.sh unpacks it on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=${BUILD_DIR:-build}/bin
@@ -38,9 +39,17 @@ done
 strip --strip-unneeded "$OUT"/lib/*.so* "$OUT"/lib/ucx/*.so* 2>/dev/null || true
 cat >"$OUT/env.sh" <<'ENV'
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -f "$here/bundle.tar.xz" ] && [ ! -d "$here/bin" ]; then
+  mkdir -p /tmp/kvrecall-bundle && tar -C /tmp/kvrecall-bundle -xJf "$here/bundle.tar.xz"
+  here=/tmp/kvrecall-bundle
+fi
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ -d /usr/local/cuda/lib64 ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/cuda/lib64"; fi
 export UCX_MODULE_DIR="$here/lib/ucx"
 export PATH="$here/bin:$PATH"
 ENV
+if [ "${BUNDLE_PACK:-0}" = 1 ]; then
+  tar -C "$OUT" -cf - bin lib | xz -T0 -6 >"$OUT/bundle.tar.xz"
+  rm -rf "$OUT/bin" "$OUT/lib"
+fi
 du -sh "$OUT"

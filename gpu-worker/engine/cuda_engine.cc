@@ -105,6 +105,9 @@ struct CudaEngine::LayerRecall {
   std::vector<client::Recalled> recalled;
   bool called = false;      // Tier::Retrieve was called (not for a batch of no entries)
   double seconds = 0;       // inside it (counted by the engine thread)
+  int64_t selected_rows = 0;  // rows the selections name (StageRecall)
+  int64_t streamed_rows = 0;  // of them, the new rows scattered into slots
+  double stage_seconds = 0;   // in StageRecall
   absl::Notification done;  // lookahead: set once status, recalled and seconds are final
 };
 
@@ -124,8 +127,6 @@ struct CudaEngine::Device {
   // Per sparse layer: slot caches and their slot -> token maps.
   std::vector<DeviceMem> slot_k, slot_v, slot_map;
   DeviceMem counts;  // [max_batch * kv_heads] int32, every entry = budget
-  // Recalled rows on their way up, double-buffered: fills [rows][K | V] bf16, dest [rows][3].
-  DeviceMem fill_rows[2], fill_dest[2];
 
   // Pinned host memory.
   PinnedMem io_h;      // [3][max_batch] int32
@@ -134,24 +135,30 @@ struct CudaEngine::Device {
   PinnedMem q_h;       // [layer][max_batch][q_dim] bf16: each sparse layer's last queries
   PinnedMem newkv_h;   // [layer][max_batch][K kv_dim | V kv_dim] bf16: the step's new rows
   PinnedMem map_h;     // [sparse layer][max_batch * kv_heads][budget] int32
-  PinnedMem fill_rows_h[2], fill_dest_h[2];
-  cudaEvent_t staged[2] = {nullptr, nullptr};  // the upload from fill_*_h[i] is done
-  int flip = 0;                                // the fill_*_h the last ApplyRecall used
-  std::vector<cudaEvent_t> segments;           // GPU busy segments of a step: begin, end, ...
+  // A sparse layer's SlotScatter plan, read by the kernel in place: fills_h [sparse layer]
+  // [max_batch * kv_heads] cuda::SlotFill (whose rows point into the tier's recall region) and
+  // fill_slots_h [sparse layer][max_batch * kv_heads * budget] int32.
+  PinnedMem fills_h, fill_slots_h;
+  // StageRecall's work (scatter, slot map up) runs here; applied[sparse layer] marks its end,
+  // which the model's stream waits for before the layer's attention.
+  cudaStream_t recall_stream = nullptr;
+  std::vector<cudaEvent_t> applied;
+  std::vector<cudaEvent_t> segments;  // GPU busy segments of a step: begin, end, ...
   int open_segments = 0;
 
   ~Device() {
-    for (cudaEvent_t e : staged) {
-      if (e != nullptr) cudaEventDestroy(e);
-    }
+    for (cudaEvent_t e : applied) cudaEventDestroy(e);
     for (cudaEvent_t e : segments) cudaEventDestroy(e);
+    if (recall_stream != nullptr) cudaStreamDestroy(recall_stream);
   }
 };
 
 CudaEngine::CudaEngine(cuda::CudaModel* model, client::Tier* tier, ModelSpec spec,
-                       const EngineOptions& options, const CudaEngineLimits& limits)
+                       const EngineOptions& options, const CudaEngineLimits& limits,
+                       const cuda::PinnedHostRanges* pinned)
     : model_(model),
       tier_(tier),
+      pinned_(pinned),
       spec_(std::move(spec)),
       options_(options),
       limits_(limits),
@@ -161,6 +168,7 @@ CudaEngine::CudaEngine(cuda::CudaModel* model, client::Tier* tier, ModelSpec spe
 
 CudaEngine::~CudaEngine() {
   if (model_ != nullptr) (void)cudaStreamSynchronize(model_->stream());
+  if (dev_->recall_stream != nullptr) (void)cudaStreamSynchronize(dev_->recall_stream);
 }
 
 int64_t CudaEngine::DeviceBytesPerSequence(const LlamaConfig& c, const EngineOptions& o,
@@ -173,8 +181,7 @@ int64_t CudaEngine::DeviceBytesPerSequence(const LlamaConfig& c, const EngineOpt
     const int64_t slots = int64_t{c.num_kv_heads} * o.budget;
     b += sparse_layers * (2 * int64_t{o.sink_tokens + o.window_tokens} * kvd * 2 +
                           2 * slots * c.head_dim * 2 + slots * 4);
-    b += 2 * (slots * 2 * c.head_dim * 2 + slots * 3 * 4) + c.num_kv_heads * 4 +
-         int64_t{max_context} * 4;
+    b += c.num_kv_heads * 4 + int64_t{max_context} * 4;
   }
   b += c.hidden_size * 4 + (qd + 2 * kvd) * 2 + 2 * qd * 2 + int64_t{c.vocab_size} * 4 + 4 * 4;
   return b;
@@ -183,7 +190,8 @@ int64_t CudaEngine::DeviceBytesPerSequence(const LlamaConfig& c, const EngineOpt
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* model,
                                                                client::Tier* tier, ModelSpec spec,
                                                                const EngineOptions& options,
-                                                               const CudaEngineLimits& limits) {
+                                                               const CudaEngineLimits& limits,
+                                                               const cuda::PinnedHostRanges* pinned) {
   const LlamaConfig& c = model->config();
   if (spec.num_layers != c.num_layers || spec.num_q_heads != c.num_heads ||
       spec.num_kv_heads != c.num_kv_heads || spec.head_dim != c.head_dim) {
@@ -208,7 +216,8 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* 
   if (options.observer != nullptr)
     return absl::InvalidArgumentError("the GPU engine has no QkvObserver");
   if (options.prefill_chunk < 1) return absl::InvalidArgumentError("prefill_chunk must be >= 1");
-  std::unique_ptr<CudaEngine> e(new CudaEngine(model, tier, std::move(spec), options, limits));
+  std::unique_ptr<CudaEngine> e(
+      new CudaEngine(model, tier, std::move(spec), options, limits, pinned));
   RETURN_IF_ERROR(e->Allocate());
   return e;
 }
@@ -265,13 +274,15 @@ absl::Status CudaEngine::Allocate() {
     RETURN_IF_ERROR(CudaStatus(
         cudaMemcpy(d.counts.as<void>(), counts.data(), counts.size() * 4, cudaMemcpyHostToDevice),
         "slot counts"));
-    const size_t fills = B * Hkv * budget;
-    for (int i = 0; i < 2; ++i) {
-      RETURN_IF_ERROR(d.fill_rows[i].Allocate(fills * 2 * hd * 2, "recalled rows"));
-      RETURN_IF_ERROR(d.fill_dest[i].Allocate(fills * 3 * 4, "recalled rows' slots"));
-      RETURN_IF_ERROR(d.fill_rows_h[i].Allocate(fills * 2 * hd * 2, "recalled rows"));
-      RETURN_IF_ERROR(d.fill_dest_h[i].Allocate(fills * 3 * 4, "recalled rows' slots"));
-      RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&d.staged[i], cudaEventDisableTiming),
+    RETURN_IF_ERROR(
+        d.fills_h.Allocate(sparse_layers * B * Hkv * sizeof(cuda::SlotFill), "slot fills"));
+    RETURN_IF_ERROR(
+        d.fill_slots_h.Allocate(sparse_layers * B * Hkv * budget * 4, "recalled rows' slots"));
+    RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&d.recall_stream, cudaStreamNonBlocking),
+                               "cudaStreamCreate"));
+    d.applied.resize(sparse_layers);
+    for (cudaEvent_t& e : d.applied) {
+      RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
                                  "cudaEventCreate"));
     }
     RETURN_IF_ERROR(d.map_h.Allocate(sparse_layers * B * Hkv * budget * 4, "slot maps"));
@@ -742,66 +753,52 @@ absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const fl
   return st;
 }
 
-absl::Status CudaEngine::ApplyRecall(int l, LayerRecall& r) {
+absl::Status CudaEngine::StageRecall(int l, LayerRecall& r) {
   Device& d = *dev_;
-  const cudaStream_t st = model_->stream();
-  const int Hkv = config_.num_kv_heads, hd = config_.head_dim, budget = options_.budget;
+  const int Hkv = config_.num_kv_heads, budget = options_.budget;
   const size_t pair = 2 * spec_.row_bytes(), slots = static_cast<size_t>(Hkv) * budget;
-  const int k = d.flip ^= 1;
-  RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(d.staged[k]), "staging wait"));
-  uint8_t* rows = d.fill_rows_h[k].as<uint8_t>();
-  int32_t* dest = d.fill_dest_h[k].as<int32_t>();
-  int32_t* maps = d.map_h.as<int32_t>() +
-                  static_cast<size_t>(l - options_.dense_layers) * limits_.max_batch * slots;
-  // Entry e's fill rows go to staging rows [first[e], first[e + 1]); packed on the pool.
-  std::vector<size_t> first(r.entries.size() + 1, 0);
+  const size_t sl = static_cast<size_t>(l - options_.dense_layers), B = limits_.max_batch;
+  cuda::SlotFill* fills = d.fills_h.as<cuda::SlotFill>() + sl * B * Hkv;
+  int32_t* fill_slots = d.fill_slots_h.as<int32_t>() + sl * B * slots;
+  int32_t* maps = d.map_h.as<int32_t>() + sl * B * slots;
+  int32_t next = 0;
+  r.selected_rows = r.streamed_rows = 0;
   for (size_t e = 0; e < r.entries.size(); ++e) {
-    first[e + 1] = first[e] + r.recalled[e].fill_slots.size();
-    counters_.recalled_rows += static_cast<int64_t>(r.recalled[e].token_ids.size());
-  }
-  const int n = static_cast<int>(first.back());
-  counters_.streamed_rows += n;
-  pool_.ParallelFor(static_cast<int64_t>(r.entries.size()), [&](int64_t e) {
     const auto [i, h] = r.entries[e];
     const client::Recalled& rec = r.recalled[e];
-    std::memcpy(rows + first[e] * pair, rec.rows, rec.fill_slots.size() * pair);
-    for (size_t j = 0, m = first[e]; j < rec.fill_slots.size(); ++j, ++m) {
-      dest[3 * m] = i;
-      dest[3 * m + 1] = h;
-      dest[3 * m + 2] = rec.fill_slots[j];
+    const int32_t n = static_cast<int32_t>(rec.fill_slots.size());
+    if (n > 0 && (pinned_ == nullptr || !pinned_->Contains(rec.rows, n * pair))) {
+      return absl::FailedPreconditionError(
+          "recalled rows are not in page-locked memory: the tier must pin its recall buffer "
+          "with the engine's PinnedHostRanges (TierOptions::pin_region)");
     }
+    fills[e] = {reinterpret_cast<const uint16_t*>(rec.rows), i, h, next, n};
+    std::copy(rec.fill_slots.begin(), rec.fill_slots.end(), fill_slots + next);
+    next += n;
     int32_t* map = maps + (static_cast<size_t>(i) * Hkv + h) * budget;
     std::fill_n(map, budget, -1);
     for (size_t j = 0; j < rec.slots.size(); ++j) map[rec.slots[j]] = rec.token_ids[j];
-  });
-  RETURN_IF_ERROR(BeginGpuSegment());
-  if (n > 0) {
-    RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(d.fill_rows[k].as<void>(), rows, n * pair, cudaMemcpyHostToDevice, st),
-        "recalled rows upload"));
-    RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(d.fill_dest[k].as<void>(), dest, n * 12, cudaMemcpyHostToDevice, st),
-        "slots upload"));
-    cuda::SlotScatterParams p;
-    p.num_rows = n;
-    p.head_dim = hd;
-    p.batch = batch();
-    p.num_kv_heads = Hkv;
-    p.budget = budget;
-    p.k_rows = d.fill_rows[k].as<uint16_t>();
-    p.v_rows = d.fill_rows[k].as<uint16_t>() + hd;
-    p.src_row_stride = 2 * hd;
-    p.dest = d.fill_dest[k].as<int32_t>();
-    p.k_slots = d.slot_k[l].as<uint16_t>();
-    p.v_slots = d.slot_v[l].as<uint16_t>();
-    p.entry_stride = static_cast<int64_t>(budget) * hd;
-    p.row_stride = hd;
-    RETURN_IF_ERROR(cuda::SlotScatter(p, st));
+    r.selected_rows += static_cast<int64_t>(rec.token_ids.size());
+    r.streamed_rows += n;
   }
+  cuda::SlotScatterParams p;
+  p.num_entries = static_cast<int>(r.entries.size());
+  p.head_dim = config_.head_dim;
+  p.batch = batch();
+  p.num_kv_heads = Hkv;
+  p.budget = budget;
+  p.entries = fills;
+  p.fill_slots = fill_slots;
+  p.num_fill_slots = next;
+  p.k_slots = d.slot_k[l].as<uint16_t>();
+  p.v_slots = d.slot_v[l].as<uint16_t>();
+  p.entry_stride = static_cast<int64_t>(budget) * config_.head_dim;
+  p.row_stride = config_.head_dim;
+  RETURN_IF_ERROR(cuda::SlotScatter(p, d.recall_stream));
   RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d.slot_map[l].as<void>(), maps, batch() * slots * 4,
-                                             cudaMemcpyHostToDevice, st),
+                                             cudaMemcpyHostToDevice, d.recall_stream),
                              "slot map upload"));
-  return CudaStatus(cudaEventRecord(d.staged[k], st), "cudaEventRecord");
+  return CudaStatus(cudaEventRecord(d.applied[sl], d.recall_stream), "cudaEventRecord");
 }
 
 absl::Status CudaEngine::BeginGpuSegment() {
@@ -883,16 +880,34 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
     queries[l].resize(B * qd);
     for (size_t j = 0; j < B * qd; ++j) queries[l][j] = Bf16ToF32(q[j]);
   };
+  // Layer l's Retrieve and, when it succeeds, its StageRecall (on the caller's thread).
+  auto recall_layer = [&](int l, int staging_area, bool from_last_step) {
+    to_f32(l);
+    LayerRecall& r = recall[l];
+    r.status = Retrieve(l, pos, queries[l].data(), staging_area, from_last_step, &r);
+    if (r.status.ok() && r.called) {
+      const absl::Time t0 = absl::Now();
+      r.status = StageRecall(l, r);
+      r.stage_seconds = Since(t0);
+      // The tier believes these rows are in their slots now: new epochs make it resend them.
+      if (!r.status.ok()) {
+        for (auto [i, h] : r.entries) rows_[i]->epochs[l][h] = next_epoch.fetch_add(1);
+      }
+    }
+  };
   std::vector<std::thread> prefetchers;
   std::atomic<int> next_layer{options_.dense_layers};
+  if (options_.sparse) {
+    // A failed step may have left the last step's scatters in flight, reading recall areas that
+    // this step's calls overwrite.
+    RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(d.recall_stream), "recall stream"));
+  }
   if (lookahead) {
     const int calls = std::min(options_.lookahead_calls, L - options_.dense_layers);
     for (int t = 0; t < calls; ++t) {
       prefetchers.emplace_back([&] {
         for (int l; (l = next_layer.fetch_add(1)) < L;) {
-          to_f32(l);
-          recall[l].status = Retrieve(l, pos, queries[l].data(), l - options_.dense_layers,
-                                      /*lookahead=*/true, &recall[l]);
+          recall_layer(l, l - options_.dense_layers, /*from_last_step=*/true);
           recall[l].done.Notify();
         }
       });
@@ -977,8 +992,7 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
         RETURN_IF_ERROR(EndGpuSegment());
         RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(st), "q download"));
         const absl::Time t0 = absl::Now();
-        to_f32(l);
-        recall[l].status = Retrieve(l, pos, queries[l].data(), 0, /*lookahead=*/false, &recall[l]);
+        recall_layer(l, 0, /*from_last_step=*/false);
         times_.retrieve += Since(t0);
       }
       if (recall[l].called) {
@@ -997,13 +1011,14 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
                           << "resident rows (" << counters_.fallback_layers << " so far)";
         }
       }
-      if (got.ok()) {
-        const absl::Time t0 = absl::Now();
-        RETURN_IF_ERROR(ApplyRecall(l, recall[l]));  // begins the next GPU segment
-        times_.upload += Since(t0);
-      } else {
-        RETURN_IF_ERROR(BeginGpuSegment());
+      if (got.ok() && recall[l].called) {
+        counters_.recalled_rows += recall[l].selected_rows;
+        counters_.streamed_rows += recall[l].streamed_rows;
+        times_.upload += recall[l].stage_seconds;
+        RETURN_IF_ERROR(CudaStatus(
+            cudaStreamWaitEvent(st, d.applied[l - options_.dense_layers], 0), "recall wait"));
       }
+      RETURN_IF_ERROR(BeginGpuSegment());
       cuda::SparseAttentionParams p;
       p.batch = B;
       p.num_q_heads = config_.num_heads;
@@ -1103,6 +1118,11 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
   counters_.tokens_decoded += B;
   times_.step += Since(t_step);
   return absl::OkStatus();
+}
+
+void PinRecallBuffer(cuda::PinnedHostRanges* pinned, client::TierOptions* options) {
+  options->pin_region = [pinned](uint8_t* data, size_t bytes) { return pinned->Pin(data, bytes); };
+  options->unpin_region = [pinned](uint8_t* data) { pinned->Unpin(data); };
 }
 
 }  // namespace kvrecall::worker

@@ -10,9 +10,11 @@
 // the MLP; the logits and their argmax; the sampled ids (and the logits, on request) come down.
 // A sparse layer adds the tier round trip: the layer's q ([batch][num_heads][head_dim] bf16)
 // comes down to pinned memory, client::Tier::Retrieve (any Tier: LocalTier, RemoteTier) selects
-// the rows, the rows not yet resident (Recalled::rows, in the order of fill_slots) go up and
-// SlotScatter writes them into the slot cache, and the slot -> token map of the selection goes
-// up. With lookahead, every sparse layer's Retrieve is issued at the start of the step from the
+// the rows, and StageRecall, on the thread that called Retrieve, enqueues on a second stream
+// SlotScatter, which reads the rows not yet resident (Recalled::rows, in the order of
+// fill_slots) straight from the tier's recall buffer - page-locked through PinnedHostRanges, so
+// rows cross host memory once, as the tier put them - into the slot cache, and the upload of
+// the selection's slot -> token map; the layer's attention waits for that. With lookahead, every sparse layer's Retrieve is issued at the start of the step from the
 // previous step's queries on a thread of its own, so the tier works while the GPU computes. In
 // sparse mode each step also appends the new tokens' K/V of every layer to the tier (they come
 // down once per step).
@@ -88,7 +90,7 @@ struct CudaEngineTimes {
   double step = 0;      // whole Step calls
   double gpu = 0;       // GPU busy segments of the steps (CUDA events between host waits)
   double retrieve = 0;  // the engine thread inside Tier::Retrieve or waiting for lookahead's
-  double upload = 0;    // packing (on the host) and enqueuing recalled rows and slot maps
+  double upload = 0;    // StageRecall (planning and enqueuing the scatter, on the call threads)
   double append = 0;    // Tier::AppendKV of the new tokens
   double prefill = 0;   // whole PrefillSequence calls (the tier push included)
 };
@@ -105,14 +107,16 @@ struct CudaPrefillOptions {
 class CudaEngine {
  public:
   // `tier` may be null only when !options.sparse. spec: the model's KV spec as registered with
-  // the tier (kv_dtype must be bf16). INVALID_ARGUMENT for bad options or limits,
-  // RESOURCE_EXHAUSTED when the caches do not fit the device.
-  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(cuda::CudaModel* model,
-                                                            client::Tier* tier, ModelSpec spec,
-                                                            const EngineOptions& options,
-                                                            const CudaEngineLimits& limits);
-  // Device bytes Create allocates per batch row (caches, slot caches and maps, the staging of
-  // recalled rows, the page table's row, activations); the attention workspace and the model's
+  // the tier (kv_dtype must be bf16). `pinned` (not owned; outlives the engine): in sparse mode,
+  // the ranges the tier's recall buffer was pinned into (TierOptions::pin_region calling
+  // pinned->Pin); a step whose recalled rows lie outside them fails with FAILED_PRECONDITION.
+  // INVALID_ARGUMENT for bad options or limits, RESOURCE_EXHAUSTED when the caches do not fit
+  // the device.
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(
+      cuda::CudaModel* model, client::Tier* tier, ModelSpec spec, const EngineOptions& options,
+      const CudaEngineLimits& limits, const cuda::PinnedHostRanges* pinned = nullptr);
+  // Device bytes Create allocates per batch row (caches, slot caches and maps, the page table's
+  // row, activations); the attention workspace and the model's
   // own scratch come on top.
   static int64_t DeviceBytesPerSequence(const LlamaConfig& config, const EngineOptions& options,
                                         int max_context);
@@ -179,7 +183,8 @@ class CudaEngine {
   struct Device;
   struct LayerRecall;
   CudaEngine(cuda::CudaModel* model, client::Tier* tier, ModelSpec spec,
-             const EngineOptions& options, const CudaEngineLimits& limits);
+             const EngineOptions& options, const CudaEngineLimits& limits,
+             const cuda::PinnedHostRanges* pinned);
   bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
   absl::Status Allocate();
   int FindRow(const std::string& id) const;  // -1 when not resident
@@ -190,19 +195,21 @@ class CudaEngine {
   // `lookahead`: the queries are the previous step's (RetrieveSuccessors).
   absl::Status Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
                         int staging_area, bool lookahead, LayerRecall* out);
-  // Uploads a successful retrieval's new rows and the slot maps of layer l (packed into pinned
-  // staging on pool_), beginning a GPU segment once the host work is done.
-  absl::Status ApplyRecall(int l, LayerRecall& r);
+  // Enqueues a successful retrieval of sparse layer l on the recall stream: SlotScatter of its
+  // new rows from the tier's recall buffer, the layer's slot map up, then applied[l]. Runs on
+  // the thread that called Retrieve; FAILED_PRECONDITION when the rows are not in pinned_.
+  absl::Status StageRecall(int l, LayerRecall& r);
   absl::Status BeginGpuSegment();
   absl::Status EndGpuSegment();
 
   cuda::CudaModel* const model_;
   client::Tier* const tier_;
+  const cuda::PinnedHostRanges* const pinned_;  // the tier's recall buffer, page-locked
   const ModelSpec spec_;
   const EngineOptions options_;
   const CudaEngineLimits limits_;
   const LlamaConfig config_;
-  ThreadPool pool_;  // packs recalled rows
+  ThreadPool pool_;  // prompt work (SyntheticKvSource, the prompt's K/V push)
   std::unique_ptr<Device> dev_;
   std::vector<std::unique_ptr<Seq>> rows_;  // batch row i = rows_[i]
   EngineCounters counters_;
@@ -215,6 +222,10 @@ namespace internal {
 absl::Status ValidatePrefillPrompt(absl::Span<const int32_t> tokens, int vocab_size,
                                    int max_context);
 }  // namespace internal
+
+// Sets options' recall-buffer hooks (pin_region, unpin_region) to page-lock the buffer through
+// `pinned` (not owned; outlives the tier and the engine), as CudaEngine::Create's `pinned` needs.
+void PinRecallBuffer(cuda::PinnedHostRanges* pinned, client::TierOptions* options);
 
 // The synthetic K/V of AddSyntheticSequence: K (is_v false) or V of layer `layer`, tokens
 // [t0, t0 + n), kv-head h, as bf16 bits at out[i * head_dim + j] ([n][head_dim]).

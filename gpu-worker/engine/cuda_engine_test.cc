@@ -289,11 +289,13 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
   to.staging_areas = o.lookahead ? config_.num_layers - o.dense_layers : 1;
   to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
                                                      2 * spec_.row_bytes(), to.staging_areas);
+  cuda::PinnedHostRanges pinned;
+  PinRecallBuffer(&pinned, &to);
   ASSERT_OK_AND_ASSIGN(
       auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
   ASSERT_OK(tier->RegisterModel(spec_));
-  ASSERT_OK_AND_ASSIGN(auto gpu,
-                       CudaEngine::Create(gpu_model_.get(), tier.get(), spec_, o, {4, 128}));
+  ASSERT_OK_AND_ASSIGN(auto gpu, CudaEngine::Create(gpu_model_.get(), tier.get(), spec_, o,
+                                                    {4, 128}, &pinned));
   Run(gpu.get(), 8);
   const EngineCounters& c = gpu->counters();
   EXPECT_GT(c.retrieve_calls, 0);
@@ -303,6 +305,32 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Lookahead, CudaEngineSparseTest, ::testing::Bool());
+
+// Rows in a recall buffer the device cannot read (not pinned): the step fails with
+// FAILED_PRECONDITION before any kernel reads them, and the engine keeps working.
+TEST_F(CudaEngineTest, UnpinnedRecallBufferFailsTheStep) {
+  EngineOptions o = Options();
+  client::TierOptions to;
+  to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
+                                                     2 * spec_.row_bytes(), to.staging_areas);
+  ASSERT_OK_AND_ASSIGN(
+      auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+  ASSERT_OK(tier->RegisterModel(spec_));
+  ASSERT_OK_AND_ASSIGN(auto gpu,
+                       CudaEngine::Create(gpu_model_.get(), tier.get(), spec_, o, {4, 128}));
+  EngineOptions ho = Options();
+  ho.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, ho));
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 60; ++i) prompt.push_back((i * 37 + 11) % 256);
+  std::vector<float> logits;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, host->Prefill(prompt, &logits));
+  ASSERT_OK(gpu->AddSequence("a", kv));
+  std::vector<int32_t> next;
+  EXPECT_THAT(gpu->Step({"a"}, {1}, &next), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(gpu->Step({"a"}, {1}, &next), StatusIs(absl::StatusCode::kFailedPrecondition));
+  ASSERT_OK(gpu->RemoveSequence("a"));
+}
 
 // GPU prefill in dense mode, by (the model's max_rows, CudaPrefillOptions::chunk_tokens): chunks
 // of prefill_chunk = 16, of 7, and of 8 where the model's 8 rows cap prefill_chunk.
@@ -368,11 +396,15 @@ TEST_P(CudaEnginePrefillSparseTest, PushesThePromptAndMatchesHostPrefill) {
   client::TierOptions to;
   to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
                                                      2 * spec_.row_bytes(), to.staging_areas);
-  ASSERT_OK_AND_ASSIGN(
-      auto local, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+  cuda::PinnedHostRanges pinned;
+  client::TierOptions pinned_to = to;
+  PinRecallBuffer(&pinned, &pinned_to);
+  ASSERT_OK_AND_ASSIGN(auto local, client::CreateLocalTier(
+                                       kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, pinned_to));
   RecordingTier tier(local.get());
   ASSERT_OK(tier.RegisterModel(spec_));
-  ASSERT_OK_AND_ASSIGN(auto gpu, CudaEngine::Create(model.get(), &tier, spec_, o, {4, 128}));
+  ASSERT_OK_AND_ASSIGN(auto gpu,
+                       CudaEngine::Create(model.get(), &tier, spec_, o, {4, 128}, &pinned));
   // The host reference: a sparse engine's Prefill (its PromptKV carries the sampled queries;
   // Prefill does not touch the tier) decoded by a dense engine.
   ASSERT_OK_AND_ASSIGN(auto unused_tier,

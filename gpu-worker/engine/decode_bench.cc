@@ -307,6 +307,8 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
     to.staging_areas = any_lookahead ? sparse_layers : 1;
     to.recall_buffer_bytes = client::RecallBufferBytes(
         int64_t{batch} * cfg.num_kv_heads, max_budget, 2 * spec.row_bytes(), to.staging_areas);
+    cuda::PinnedHostRanges pinned;  // outlives `tier`
+    PinRecallBuffer(&pinned, &to);
     kvstore::NodeOptions no;
     no.memory_bytes = tier_shared + tier_per_seq * batch + (int64_t{256} << 20);
     no.search_threads = opt.threads;
@@ -410,7 +412,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
                                opt.method, mode.budget, mode.lookahead ? " lookahead" : "",
                                mode.repeat ? "repeated" : "greedy", batch));
       ASSIGN_OR_RETURN(auto engine,
-                       CudaEngine::Create(model.get(), tier.get(), spec, eo, {batch, max_context}));
+                       CudaEngine::Create(model.get(), tier.get(), spec, eo, {batch, max_context}, &pinned));
       for (int i = 0; i < batch; ++i) {
         RETURN_IF_ERROR(engine->AddSyntheticSequence(ids[i], lens[i], opt.seed + i));
       }

@@ -477,30 +477,39 @@ cudaError_t LaunchSparseAttention(const SparseAttentionParams& p, const Attentio
 
 namespace {
 
-// One warp per row: K and V rows copied with 16-byte accesses.
+// One block per entry, one warp per row: the row's K | V (2 * head_dim bf16) read with 16-byte
+// accesses, so a warp moves 512 bytes of a head_dim 128 row at once (over PCIe when the rows are
+// in page-locked host memory: many warps in flight keep the link busy).
 __global__ void SlotScatterKernel(SlotScatterParams p) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= p.num_rows) return;
-  const int32_t* d = p.dest + 3 * static_cast<int64_t>(row);
-  const int seq = d[0], head = d[1], slot = d[2];
-  if (seq < 0 || seq >= p.batch || head < 0 || head >= p.num_kv_heads || slot < 0 ||
-      slot >= p.budget) {
-    if (lane == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, 1);
+  const SlotFill f = p.entries[blockIdx.x];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+  const bool bad_entry = f.seq < 0 || f.seq >= p.batch || f.kv_head < 0 ||
+                         f.kv_head >= p.num_kv_heads || f.num_rows < 0 || f.first < 0 ||
+                         static_cast<int64_t>(f.first) + f.num_rows > p.num_fill_slots ||
+                         (reinterpret_cast<uintptr_t>(f.rows) & 15) != 0 ||
+                         (f.rows == nullptr && f.num_rows > 0);
+  if (bad_entry) {
+    if (threadIdx.x == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, max(f.num_rows, 1));
     return;
   }
-  const int64_t entry = static_cast<int64_t>(seq) * p.num_kv_heads + head;
-  const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-  const int64_t src =
-      static_cast<int64_t>(row) * (p.src_row_stride > 0 ? p.src_row_stride : p.head_dim);
-  for (int i = lane; i < p.head_dim / 8; i += 32) {
-    reinterpret_cast<uint4*>(p.k_slots + dst)[i] =
-        __ldg(reinterpret_cast<const uint4*>(p.k_rows + src) + i);
-    reinterpret_cast<uint4*>(p.v_slots + dst)[i] =
-        __ldg(reinterpret_cast<const uint4*>(p.v_rows + src) + i);
-  }
-  if (lane == 0 && p.slot_token_ids != nullptr && p.row_token_ids != nullptr) {
-    p.slot_token_ids[entry * p.budget + slot] = p.row_token_ids[row];
+  const int64_t entry = static_cast<int64_t>(f.seq) * p.num_kv_heads + f.kv_head;
+  const int chunks = p.head_dim / 8;  // 16-byte chunks of K (and of V)
+  for (int j = warp; j < f.num_rows; j += warps) {
+    const int slot = p.fill_slots[f.first + j];
+    if (slot < 0 || slot >= p.budget) {
+      if (lane == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, 1);
+      continue;
+    }
+    const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
+    const uint4* src = reinterpret_cast<const uint4*>(f.rows + static_cast<int64_t>(j) * 2 * p.head_dim);
+    for (int c = lane; c < 2 * chunks; c += 32) {
+      const uint4 x = src[c];
+      if (c < chunks) {
+        reinterpret_cast<uint4*>(p.k_slots + dst)[c] = x;
+      } else {
+        reinterpret_cast<uint4*>(p.v_slots + dst)[c - chunks] = x;
+      }
+    }
   }
 }
 
@@ -548,10 +557,9 @@ cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
 }
 
 cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream) {
-  if (p.num_rows == 0) return cudaSuccess;
-  constexpr int kRowsPerBlock = 8;
-  SlotScatterKernel<<<(p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock * 32, 0,
-                      stream>>>(p);
+  if (p.num_entries == 0) return cudaSuccess;
+  constexpr int kWarpsPerBlock = 8;
+  SlotScatterKernel<<<p.num_entries, kWarpsPerBlock * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

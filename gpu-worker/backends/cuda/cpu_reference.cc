@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -138,21 +139,26 @@ void SparseAttentionReference(const SparseAttentionParams& p, float* out) {
 }
 
 void SlotScatterReference(const SlotScatterParams& p) {
-  for (int i = 0; i < p.num_rows; ++i) {
-    const int seq = p.dest[3 * i], head = p.dest[3 * i + 1], slot = p.dest[3 * i + 2];
-    if (seq < 0 || seq >= p.batch || head < 0 || head >= p.num_kv_heads || slot < 0 ||
-        slot >= p.budget) {
-      if (p.num_rejected != nullptr) ++*p.num_rejected;
+  for (int e = 0; e < p.num_entries; ++e) {
+    const SlotFill& f = p.entries[e];
+    if (f.seq < 0 || f.seq >= p.batch || f.kv_head < 0 || f.kv_head >= p.num_kv_heads ||
+        f.num_rows < 0 || f.first < 0 ||
+        static_cast<int64_t>(f.first) + f.num_rows > p.num_fill_slots ||
+        reinterpret_cast<uintptr_t>(f.rows) % 16 != 0 || (f.rows == nullptr && f.num_rows > 0)) {
+      if (p.num_rejected != nullptr) *p.num_rejected += std::max(f.num_rows, 1);
       continue;
     }
-    const int64_t e = static_cast<int64_t>(seq) * p.num_kv_heads + head;
-    const int64_t dst = e * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-    const int64_t src =
-        static_cast<int64_t>(i) * (p.src_row_stride > 0 ? p.src_row_stride : p.head_dim);
-    std::copy_n(p.k_rows + src, p.head_dim, p.k_slots + dst);
-    std::copy_n(p.v_rows + src, p.head_dim, p.v_slots + dst);
-    if (p.slot_token_ids != nullptr && p.row_token_ids != nullptr) {
-      p.slot_token_ids[e * p.budget + slot] = p.row_token_ids[i];
+    const int64_t entry = static_cast<int64_t>(f.seq) * p.num_kv_heads + f.kv_head;
+    for (int j = 0; j < f.num_rows; ++j) {
+      const int slot = p.fill_slots[f.first + j];
+      if (slot < 0 || slot >= p.budget) {
+        if (p.num_rejected != nullptr) ++*p.num_rejected;
+        continue;
+      }
+      const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
+      const uint16_t* src = f.rows + static_cast<int64_t>(j) * 2 * p.head_dim;
+      std::copy_n(src, p.head_dim, p.k_slots + dst);
+      std::copy_n(src + p.head_dim, p.head_dim, p.v_slots + dst);
     }
   }
 }

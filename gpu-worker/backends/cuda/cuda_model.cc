@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -106,8 +107,54 @@ absl::Status PinnedMem::Allocate(size_t bytes, absl::string_view what) {
   if (p_ != nullptr) cudaFreeHost(p_);
   p_ = nullptr;
   bytes_ = bytes;
-  return CudaStatus(cudaHostAlloc(&p_, std::max<size_t>(bytes, 16), cudaHostAllocDefault),
+  return CudaStatus(cudaHostAlloc(&p_, std::max<size_t>(bytes, 16),
+                                  cudaHostAllocPortable | cudaHostAllocMapped),
                     absl::StrCat("cudaHostAlloc ", bytes, " bytes for ", what));
+}
+
+PinnedHostRanges::~PinnedHostRanges() {
+  for (const auto& [start, bytes] : ranges_) cudaHostUnregister(reinterpret_cast<void*>(start));
+}
+
+absl::Status PinnedHostRanges::Pin(void* data, size_t bytes) {
+  if (data == nullptr || bytes == 0) return absl::InvalidArgumentError("pin: null or empty range");
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto next = ranges_.lower_bound(start);
+  if ((next != ranges_.end() && next->first < start + bytes) ||
+      (next != ranges_.begin() && std::prev(next)->first + std::prev(next)->second > start)) {
+    return absl::InvalidArgumentError("pin: the range overlaps a pinned range");
+  }
+  RETURN_IF_ERROR(CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterPortable |
+                                                               cudaHostRegisterMapped),
+                             absl::StrCat("cudaHostRegister of ", bytes, " bytes")));
+  void* device = nullptr;
+  const cudaError_t e = cudaHostGetDevicePointer(&device, data, 0);
+  if (e != cudaSuccess || device != data) {
+    cudaHostUnregister(data);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pin: the device reads registered host memory at another address than the host's (",
+        e == cudaSuccess ? "no shared address" : cudaGetErrorString(e), ")"));
+  }
+  ranges_.emplace(start, bytes);
+  return absl::OkStatus();
+}
+
+void PinnedHostRanges::Unpin(void* data) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = ranges_.find(reinterpret_cast<uintptr_t>(data));
+  if (it == ranges_.end()) return;
+  cudaHostUnregister(data);
+  ranges_.erase(it);
+}
+
+bool PinnedHostRanges::Contains(const void* data, size_t bytes) const {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = ranges_.upper_bound(start);
+  if (it == ranges_.begin()) return false;
+  --it;
+  return start >= it->first && start + bytes <= it->first + it->second && start + bytes >= start;
 }
 
 absl::Status CheckCudaDevice(absl::string_view who) {

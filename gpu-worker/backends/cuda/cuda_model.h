@@ -22,7 +22,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -56,7 +58,8 @@ class DeviceMem {
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory (cudaHostAlloc) freed on destruction.
+// Page-locked host memory (cudaHostAlloc, portable and mapped: kernels may read it at its host
+// address) freed on destruction.
 class PinnedMem {
  public:
   PinnedMem() = default;
@@ -74,6 +77,31 @@ class PinnedMem {
  private:
   void* p_ = nullptr;
   size_t bytes_ = 0;
+};
+
+// Host ranges page-locked for the devices (cudaHostRegister, portable and mapped) that kernels read
+// at their host addresses: the tier's recall regions, so that SlotScatter reads streamed rows
+// where they landed instead of after a staging copy. Pin and Unpin are the tier's region hooks
+// (client::TierOptions). Thread-safe; unpins whatever is left on destruction.
+class PinnedHostRanges {
+ public:
+  PinnedHostRanges() = default;
+  ~PinnedHostRanges();
+  PinnedHostRanges(const PinnedHostRanges&) = delete;
+  PinnedHostRanges& operator=(const PinnedHostRanges&) = delete;
+
+  // INVALID_ARGUMENT for a null or empty range or one overlapping a pinned range;
+  // FAILED_PRECONDITION when the device would read it at another address than the host's;
+  // RESOURCE_EXHAUSTED / INTERNAL for cudaHostRegister's errors.
+  [[nodiscard]] absl::Status Pin(void* data, size_t bytes);
+  // Unpins the range that starts at `data` (nothing when none does).
+  void Unpin(void* data);
+  // True when [data, data + bytes) lies inside one pinned range.
+  bool Contains(const void* data, size_t bytes) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<uintptr_t, size_t> ranges_;  // start -> bytes
 };
 
 // OK when a usable CUDA device is present; FAILED_PRECONDITION when none (or no driver),

@@ -109,30 +109,38 @@ struct SparseAttentionParams {
   int num_splits = 0;       // 0 = chosen from the shape
 };
 
-// Writes streamed rows into slot caches: row i goes to entry dest[i].seq * num_kv_heads +
-// dest[i].kv_head, slot dest[i].slot. Rows whose destination is out of range are skipped and
-// counted in *num_rejected (when not null; the kernel adds to it, the caller zeroes it).
-// REQUIRES: no two rows share a destination.
+// One (sequence, kv-head) entry's streamed rows: rows[j] (K[head_dim] then V[head_dim] bf16,
+// adjacent; 16-byte aligned) goes to slot fill_slots[first + j] of entry (seq, kv_head), for
+// j < num_rows. `rows` is any address the device can read: the tier's recall region, page-locked
+// and read by the kernel where the rows landed (PinnedHostRanges), or device memory.
+struct SlotFill {
+  const uint16_t* rows = nullptr;
+  int32_t seq = 0;
+  int32_t kv_head = 0;
+  int32_t first = 0;
+  int32_t num_rows = 0;
+};
+
+// Writes streamed rows into slot caches, one block per entry. Invalid input is skipped, never
+// read or written out of bounds, and counted in *num_rejected (when not null; the kernel adds to
+// it, the caller zeroes it): a row whose slot is outside [0, budget) counts 1; an entry whose
+// seq / kv_head is out of range, whose rows are misaligned or whose [first, first + num_rows) is
+// not inside [0, num_fill_slots) counts max(num_rows, 1).
+// REQUIRES: no two rows share a destination; `entries` and `fill_slots` are device-readable.
 struct SlotScatterParams {
-  int num_rows = 0;
+  int num_entries = 0;
   int head_dim = 0;  // a multiple of 8
   int batch = 0;
   int num_kv_heads = 0;
   int budget = 0;
-  const uint16_t* k_rows = nullptr;        // [num_rows] rows of head_dim bf16 (src_row_stride)
-  const uint16_t* v_rows = nullptr;        // likewise
-  const int32_t* dest = nullptr;           // [num_rows][3]: (seq, kv_head, slot)
-  const int32_t* row_token_ids = nullptr;  // [num_rows] or nullptr: stored in slot_token_ids
-  uint16_t* k_slots = nullptr;             // bf16, layout as SlotCacheView
+  const SlotFill* entries = nullptr;     // [num_entries]
+  const int32_t* fill_slots = nullptr;   // [num_fill_slots]
+  int64_t num_fill_slots = 0;
+  uint16_t* k_slots = nullptr;  // bf16, layout as SlotCacheView
   uint16_t* v_slots = nullptr;
   int64_t entry_stride = 0;
   int64_t row_stride = 0;
-  int32_t* slot_token_ids = nullptr;  // [batch * num_kv_heads][budget] or nullptr
-  int32_t* num_rejected = nullptr;    // or nullptr
-  // Row i of k_rows / v_rows starts at i * src_row_stride elements; 0 means head_dim (packed).
-  // The tier's fill rows (K then V of one token, adjacent) scatter as they arrive with k_rows =
-  // rows, v_rows = rows + head_dim and src_row_stride = 2 * head_dim.
-  int64_t src_row_stride = 0;  // a multiple of 8, >= head_dim, or 0
+  int32_t* num_rejected = nullptr;  // or nullptr
 };
 
 // Writes the K and V rows of one new token per sequence into a cache: token b's row of kv-head h

@@ -211,7 +211,10 @@ absl::Status PrefillAttention(const PrefillAttentionParams& p, cudaStream_t stre
 
 absl::Status SlotScatter(const SlotScatterParams& p, cudaStream_t stream) {
   constexpr absl::string_view fn = "SlotScatter";
-  if (p.num_rows < 0) return Invalid(fn, absl::StrCat("num_rows ", p.num_rows));
+  if (p.num_entries < 0 || p.num_fill_slots < 0) {
+    return Invalid(fn, absl::StrCat("num_entries ", p.num_entries, ", num_fill_slots ",
+                                    p.num_fill_slots));
+  }
   if (p.head_dim < 8 || p.head_dim % 8 != 0) {
     return Invalid(fn, absl::StrCat("head_dim ", p.head_dim, " is not a positive multiple of 8"));
   }
@@ -219,15 +222,14 @@ absl::Status SlotScatter(const SlotScatterParams& p, cudaStream_t stream) {
     return Invalid(fn, absl::StrCat("batch ", p.batch, ", num_kv_heads ", p.num_kv_heads,
                                     ", budget ", p.budget));
   }
-  if (p.num_rows == 0) return absl::OkStatus();
-  if (p.k_rows == nullptr || p.v_rows == nullptr || p.dest == nullptr || p.k_slots == nullptr ||
-      p.v_slots == nullptr) {
+  if (p.num_entries == 0) return absl::OkStatus();
+  if (p.entries == nullptr || (p.fill_slots == nullptr && p.num_fill_slots > 0) ||
+      p.k_slots == nullptr || p.v_slots == nullptr) {
     return Invalid(fn, "null pointer");
   }
-  if (!Aligned16(p.k_rows) || !Aligned16(p.v_rows) || !Aligned16(p.k_slots) ||
-      !Aligned16(p.v_slots) || p.entry_stride % 8 != 0 || p.row_stride % 8 != 0 ||
-      p.row_stride < p.head_dim || p.entry_stride < p.row_stride * p.budget ||
-      (p.src_row_stride != 0 && (p.src_row_stride % 8 != 0 || p.src_row_stride < p.head_dim))) {
+  if (!Aligned16(p.k_slots) || !Aligned16(p.v_slots) || p.entry_stride % 8 != 0 ||
+      p.row_stride % 8 != 0 || p.row_stride < p.head_dim ||
+      p.entry_stride < p.row_stride * p.budget) {
     return Invalid(fn, "slot strides or alignment");
   }
   return CudaStatus(internal::LaunchSlotScatter(p, stream), fn);

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <numeric>
 #include <ostream>
@@ -524,92 +525,100 @@ TEST(PrefillAttentionChunkTest, ChunksMatchOneCall) {
   EXPECT_EQ(off, 0);
 }
 
+// Every entry's rows ([n][K | V] bf16) in one of three places the kernel must read: device
+// memory, page-locked host memory (over the bus, as the engine reads the tier's recall buffer),
+// and pinned memory again for the last entries. Invalid entries and slots are skipped and
+// counted, the way the reference does.
 TEST(SlotScatterTest, MatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(7);
-  const int batch = 3, kv = 4, budget = 50, d = 128, rows = 300;
-  const int64_t row_stride = d, entry_stride = static_cast<int64_t>(budget) * d;
-  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
-  std::vector<uint16_t> k = RandomBf16(rows * d, rng), v = RandomBf16(rows * d, rng);
-  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
-  std::vector<int32_t> slot_ids(static_cast<size_t>(batch) * kv * budget, -7);
-  // Distinct destinations, plus some out of range.
-  std::vector<int32_t> all(batch * kv * budget);
-  std::iota(all.begin(), all.end(), 0);
-  std::shuffle(all.begin(), all.end(), rng);
-  std::vector<int32_t> dest(3 * rows), tok(rows);
-  for (int i = 0; i < rows; ++i) {
-    int seq = all[i] / (kv * budget), head = (all[i] / budget) % kv, slot = all[i] % budget;
-    if (i % 41 == 3) seq = batch;
-    if (i % 43 == 4) slot = -1;
-    if (i % 47 == 5) head = kv + 2;
-    dest[3 * i] = seq;
-    dest[3 * i + 1] = head;
-    dest[3 * i + 2] = slot;
-    tok[i] = 1000 + i;
-  }
-  DeviceBuffer<uint16_t> dk(k), dv(v), dks(ks), dvs(vs);
-  DeviceBuffer<int32_t> dslot_ids(slot_ids), ddest(dest), dtok(tok), drej(std::vector<int32_t>{0});
-  SlotScatterParams p{
-      rows,        d,          batch,     kv,        budget,       dk.get(),   dv.get(),
-      ddest.get(), dtok.get(), dks.get(), dvs.get(), entry_stride, row_stride, dslot_ids.get(),
-      drej.get()};
-  ASSERT_OK(SlotScatter(p, nullptr));
-  int32_t rejected = 0;
-  SlotScatterParams hp{
-      rows,        d,          batch,     kv,        budget,       k.data(),   v.data(),
-      dest.data(), tok.data(), ks.data(), vs.data(), entry_stride, row_stride, slot_ids.data(),
-      &rejected};
-  SlotScatterReference(hp);
-  EXPECT_GT(rejected, 0);
-  EXPECT_EQ(drej.Download()[0], rejected);
-  EXPECT_EQ(dks.Download(), ks);
-  EXPECT_EQ(dvs.Download(), vs);
-  EXPECT_EQ(dslot_ids.Download(), slot_ids);
-}
-
-// The tier's fill rows arrive as [row][K | V]: scattered in place with src_row_stride 2d.
-TEST(SlotScatterTest, InterleavedRowsMatchReference) {
-  SKIP_WITHOUT_GPU();
-  std::mt19937 rng(8);
-  const int batch = 2, kv = 2, budget = 16, d = 64, rows = 20;
+  const int batch = 3, kv = 4, budget = 50, d = 128;
   const int64_t entry_stride = static_cast<int64_t>(budget) * d;
   const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
-  std::vector<uint16_t> pairs = RandomBf16(static_cast<size_t>(rows) * 2 * d, rng);
-  std::vector<uint16_t> ks(slot_elems, 0), vs(slot_elems, 0);
-  std::vector<int32_t> dest(3 * rows);
-  for (int i = 0; i < rows; ++i) {
-    dest[3 * i] = i % batch;
-    dest[3 * i + 1] = (i / batch) % kv;
-    dest[3 * i + 2] = i / (batch * kv);
+  const int valid = batch * kv;
+  std::vector<int> counts(valid);
+  size_t total = 0;
+  for (int& n : counts) total += n = static_cast<int>(rng() % (budget + 1));
+  // Host copies (the reference reads these) and the kernel's copies.
+  std::vector<uint16_t> rows = RandomBf16(total * 2 * d, rng);
+  DeviceBuffer<uint16_t> drows(rows);
+  uint16_t* pinned = nullptr;
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), rows.size() * 2, cudaHostAllocMapped),
+            cudaSuccess);
+  std::unique_ptr<uint16_t, decltype(&cudaFreeHost)> free_pinned(pinned, &cudaFreeHost);
+  std::copy(rows.begin(), rows.end(), pinned);
+  std::vector<SlotFill> host_fills, dev_fills;
+  std::vector<int32_t> fill_slots;
+  size_t row = 0;
+  for (int e = 0; e < valid; ++e) {
+    std::vector<int32_t> slots(budget);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    slots.resize(counts[e]);
+    if (e == 5 && !slots.empty()) slots[0] = budget;  // one bad slot: that row only is skipped
+    const int32_t first = static_cast<int32_t>(fill_slots.size());
+    fill_slots.insert(fill_slots.end(), slots.begin(), slots.end());
+    SlotFill f{rows.data() + row * 2 * d, e / kv, e % kv, first, counts[e]};
+    host_fills.push_back(f);
+    f.rows = (e % 2 == 0 ? drows.get() : pinned) + row * 2 * d;
+    dev_fills.push_back(f);
+    row += counts[e];
   }
-  DeviceBuffer<uint16_t> dpairs(pairs), dks(ks), dvs(vs);
-  DeviceBuffer<int32_t> ddest(dest);
+  // Invalid entries: sequence, kv-head, fill range, misaligned rows.
+  const int32_t n_slots = static_cast<int32_t>(fill_slots.size());
+  const SlotFill bad[] = {{nullptr, batch, 0, 0, 3},
+                          {nullptr, 0, -1, 0, 2},
+                          {nullptr, 1, 1, n_slots - 1, 2},
+                          {nullptr, 2, 2, -1, 1},
+                          {nullptr, 0, 0, 0, 0}};  // valid: no rows, so no pointer needed
+  for (size_t b = 0; b < std::size(bad); ++b) {
+    SlotFill f = bad[b];
+    if (f.num_rows > 0) f.rows = rows.data();
+    host_fills.push_back(f);
+    if (f.num_rows > 0) f.rows = drows.get();
+    dev_fills.push_back(f);
+  }
+  SlotFill misaligned{rows.data() + 1, 0, 1, 0, 1};
+  host_fills.push_back(misaligned);
+  misaligned.rows = drows.get() + 1;
+  dev_fills.push_back(misaligned);
+
+  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
+  DeviceBuffer<uint16_t> dks(ks), dvs(vs);
+  DeviceBuffer<SlotFill> dfills(dev_fills);
+  DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
   SlotScatterParams p;
-  p.num_rows = rows;
+  p.num_entries = static_cast<int>(dev_fills.size());
   p.head_dim = d;
   p.batch = batch;
   p.num_kv_heads = kv;
   p.budget = budget;
-  p.k_rows = dpairs.get();
-  p.v_rows = dpairs.get() + d;
-  p.src_row_stride = 2 * d;
-  p.dest = ddest.get();
+  p.entries = dfills.get();
+  p.fill_slots = dslots.get();
+  p.num_fill_slots = n_slots;
   p.k_slots = dks.get();
   p.v_slots = dvs.get();
   p.entry_stride = entry_stride;
   p.row_stride = d;
+  p.num_rejected = drej.get();
   ASSERT_OK(SlotScatter(p, nullptr));
+  int32_t rejected = 0;
   SlotScatterParams hp = p;
-  hp.k_rows = pairs.data();
-  hp.v_rows = pairs.data() + d;
-  hp.dest = dest.data();
+  hp.entries = host_fills.data();
+  hp.fill_slots = fill_slots.data();
   hp.k_slots = ks.data();
   hp.v_slots = vs.data();
+  hp.num_rejected = &rejected;
   SlotScatterReference(hp);
+  EXPECT_EQ(rejected, (counts[5] > 0 ? 1 : 0) + 3 + 2 + 2 + 1 + 1);
+  EXPECT_EQ(drej.Download()[0], rejected);
   EXPECT_EQ(dks.Download(), ks);
   EXPECT_EQ(dvs.Download(), vs);
-  p.src_row_stride = d + 4;  // not a multiple of 8
+
+  p.row_stride = d + 4;  // not a multiple of 8
+  EXPECT_THAT(SlotScatter(p, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  p.row_stride = d;
+  p.num_fill_slots = -1;
   EXPECT_THAT(SlotScatter(p, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -938,7 +947,7 @@ TEST(ArgumentCheckTest, SparseAttentionAndScatterRejectBadShapes) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 
   SlotScatterParams s;
-  s.num_rows = 1;
+  s.num_entries = 1;
   s.head_dim = 100;
   s.batch = s.num_kv_heads = s.budget = 1;
   EXPECT_THAT(SlotScatter(s, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
