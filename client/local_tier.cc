@@ -92,6 +92,10 @@ class LocalTier final : public Tier {
     got.tier_search_micros = r.search_micros;
     got.tier_stream_micros = r.stream_micros;
     got.tier_read_micros = r.read_micros;
+    got.tier_search_select_micros = r.search_select_micros;
+    got.tier_search_score_micros = r.search_score_micros;
+    got.tier_search_finish_micros = r.search_finish_micros;
+    got.tier_stream_plan_micros = r.stream_plan_micros;
     absl::MutexLock lock(&counters_mu_);
     counters_ += got;
     return absl::OkStatus();

@@ -421,6 +421,10 @@ class RemoteTier final : public Tier {
     got.tier_search_micros = static_cast<int64_t>(resp.search_micros());
     got.tier_stream_micros = static_cast<int64_t>(resp.stream_micros());
     got.tier_read_micros = static_cast<int64_t>(resp.read_micros());
+    got.tier_search_select_micros = static_cast<int64_t>(resp.search_select_micros());
+    got.tier_search_score_micros = static_cast<int64_t>(resp.search_score_micros());
+    got.tier_search_finish_micros = static_cast<int64_t>(resp.search_finish_micros());
+    got.tier_stream_plan_micros = static_cast<int64_t>(resp.stream_plan_micros());
     got.retrieve_calls = 1;
     absl::MutexLock lock(&counters_mu_);
     counters_ += got;

@@ -114,6 +114,12 @@ struct TierCounters {
   int64_t tier_search_micros = 0;  // of tier_node_micros: the index searches
   int64_t tier_stream_micros = 0;  // of tier_node_micros: slot plans and rows sent
   int64_t tier_read_micros = 0;    // of tier_node_micros: block pins and page tables
+  // Of tier_search_micros, the search's phases (kvstore::RetrieveOutcome); of
+  // tier_stream_micros, the slot plans.
+  int64_t tier_search_select_micros = 0;
+  int64_t tier_search_score_micros = 0;
+  int64_t tier_search_finish_micros = 0;
+  int64_t tier_stream_plan_micros = 0;
 
   TierCounters& operator+=(const TierCounters& b) {
     retrieve_calls += b.retrieve_calls;
@@ -127,6 +133,10 @@ struct TierCounters {
     tier_search_micros += b.tier_search_micros;
     tier_stream_micros += b.tier_stream_micros;
     tier_read_micros += b.tier_read_micros;
+    tier_search_select_micros += b.tier_search_select_micros;
+    tier_search_score_micros += b.tier_search_score_micros;
+    tier_search_finish_micros += b.tier_search_finish_micros;
+    tier_stream_plan_micros += b.tier_stream_plan_micros;
     return *this;
   }
 };

@@ -6,9 +6,12 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "indexer/internal/search.h"
 #include "indexer/kernels.h"
@@ -290,41 +293,92 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
   if (scores == nullptr) std::sort(out->begin(), out->end());
 }
 
-void AddSuccessors(const std::vector<float>& scores, int successors, int64_t range_begin,
+void AddSuccessors(const std::vector<float>& scores_in, int successors, int64_t range_begin,
                    int64_t range_end, int64_t k, std::vector<int32_t>* ids) {
   const size_t n = ids->size();
   if (successors <= 0 || n == 0) {
     std::sort(ids->begin(), ids->end());
     return;
   }
-  // Picks by score, best first (ties: lower id first).
-  std::vector<size_t> rank(n);
-  std::iota(rank.begin(), rank.end(), size_t{0});
-  std::sort(rank.begin(), rank.end(), [&](size_t a, size_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && (*ids)[a] < (*ids)[b]);
-  });
+  // The picks ascending by id, with their scores (SelectFromHits' single path already gives
+  // them so; its unit path gives them as popped).
+  const float* score = scores_in.data();
+  thread_local std::vector<float> sorted_scores;
+  if (!std::is_sorted(ids->begin(), ids->end())) {
+    thread_local std::vector<std::pair<int32_t, float>> pairs;
+    pairs.resize(n);
+    for (size_t j = 0; j < n; ++j) pairs[j] = {(*ids)[j], scores_in[j]};
+    std::sort(pairs.begin(), pairs.end());
+    sorted_scores.resize(n);
+    for (size_t j = 0; j < n; ++j) std::tie((*ids)[j], sorted_scores[j]) = pairs[j];
+    score = sorted_scores.data();
+  }
+  const int32_t* id = ids->data();
+  // Rank: score descending, then id ascending - a strict total order, as ids are distinct.
+  auto better = [&](uint32_t a, uint32_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && id[a] < id[b]);
+  };
   // At most max(k, n) tokens in all; the best picks and their successors take at most all of it.
   const size_t cap = std::max(static_cast<size_t>(std::max<int64_t>(k, 0)), n);
   const size_t best =
       std::min({n, static_cast<size_t>(successors), cap / (1 + kSuccessorSpan)});
-  // Kept first: the best picks and their successors.
-  std::vector<int32_t> out;
-  for (size_t j = 0; j < best; ++j) {
-    const int64_t t0 = (*ids)[rank[j]];
-    out.push_back(static_cast<int32_t>(t0));
+  // The `count` positions that rank highest (`keep_better`) or lowest, by one pass with a heap
+  // whose top is the weakest kept.
+  thread_local std::vector<uint32_t> heap;
+  auto extreme = [&](size_t count, bool keep_better, auto&& eligible) {
+    heap.clear();
+    if (count == 0) return;
+    auto weaker = [&](uint32_t a, uint32_t b) { return keep_better ? better(a, b) : better(b, a); };
+    for (uint32_t j = 0; j < n; ++j) {
+      if (!eligible(j)) continue;
+      if (heap.size() < count) {
+        heap.push_back(j);
+        std::push_heap(heap.begin(), heap.end(), weaker);
+      } else if (weaker(j, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), weaker);
+        heap.back() = j;
+        std::push_heap(heap.begin(), heap.end(), weaker);
+      }
+    }
+  };
+  // Kept first: the best picks and their successors (ascending).
+  extreme(best, /*keep_better=*/true, [](uint32_t) { return true; });
+  thread_local std::vector<int32_t> kept;
+  kept.clear();
+  for (uint32_t j : heap) {
+    const int64_t t0 = id[j];
+    kept.push_back(static_cast<int32_t>(t0));
     for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
-      out.push_back(static_cast<int32_t>(t));
+      kept.push_back(static_cast<int32_t>(t));
   }
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
-  const size_t protected_end = out.size();
-  // Then the other picks by score while there is room.
-  for (size_t j = best; j < n && out.size() < cap; ++j) {
-    const int32_t t = (*ids)[rank[j]];
-    if (!std::binary_search(out.begin(), out.begin() + protected_end, t)) out.push_back(t);
+  std::sort(kept.begin(), kept.end());
+  kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+  // The other picks stay while there is room: the lowest-ranked `drop` of them go.
+  thread_local std::vector<char> in_kept;
+  in_kept.assign(n, 0);
+  size_t others = n;
+  for (size_t j = 0, r = 0; j < n && r < kept.size(); ++j) {
+    while (r < kept.size() && kept[r] < id[j]) ++r;
+    if (r < kept.size() && kept[r] == id[j]) {
+      in_kept[j] = 1;
+      --others;
+    }
   }
-  std::sort(out.begin(), out.end());
-  *ids = std::move(out);
+  const size_t room = cap - std::min(cap, kept.size());
+  const size_t drop = others > room ? others - room : 0;
+  extreme(drop, /*keep_better=*/false, [&](uint32_t j) { return !in_kept[j]; });
+  for (uint32_t j : heap) in_kept[j] = 2;  // dropped
+  // Merged ascending: the kept tokens and the other picks that stay.
+  thread_local std::vector<int32_t> out;
+  out.clear();
+  size_t r = 0;
+  for (size_t j = 0; j < n; ++j) {
+    if (in_kept[j] != 0) continue;  // kept: merged from `kept`; dropped: gone
+    while (r < kept.size() && kept[r] < id[j]) out.push_back(kept[r++]);
+    out.push_back(id[j]);
+  }
+  out.insert(out.end(), kept.begin() + static_cast<int64_t>(r), kept.end());
+  ids->assign(out.begin(), out.end());
 }
 
 namespace {
@@ -569,6 +623,13 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
   if (states.size() < entries.size()) states.resize(entries.size());
   std::vector<EntrySearch>& st = states;
   const int64_t n = static_cast<int64_t>(entries.size());
+  absl::Time t = absl::Now();
+  auto lap = [&](int64_t SearchTimes::*field) {
+    if (options.times == nullptr) return;
+    const absl::Time now = absl::Now();
+    options.times->*field += absl::ToInt64Nanoseconds(now - t);
+    t = now;
+  };
   // 1. Each entry searches its segments; scoring over row copies is deferred to 2.
   internal::ForEach(pool, n, [&](int64_t i) {
     const SearchEntry& e = entries[i];
@@ -602,8 +663,10 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     }
     if (cursor < e.token_end) internal::ExactHits(s, cursor, e.token_end, es.hits.Add());
   });
+  lap(&SearchTimes::select_nanos);
   // 2. The deferred scoring, copy by copy.
   ScoreDeferred(st, entries.size(), pool);
+  lap(&SearchTimes::score_nanos);
   // 3. Each entry's normalisers and selection; then the copies its hits point into are released.
   internal::ForEach(pool, n, [&](int64_t i) {
     const SearchEntry& e = entries[i];
@@ -624,6 +687,7 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     }
     es.deferred.clear();
   });
+  lap(&SearchTimes::finish_nanos);
   for (int64_t i = 0; i < n; ++i) RETURN_IF_ERROR(st[i].status);
   *out = std::move(result);
   return absl::OkStatus();

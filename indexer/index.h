@@ -313,8 +313,18 @@ struct CtkvrCounters {
 CtkvrCounters ReadCtkvrCounters();
 
 // Per-call search knobs; 0 keeps the segment's build-time value.
+// Wall time of Search's phases: 1. each entry searches its segments (centroid choice, tail and
+// gap scans), 2. the deferred scoring over shared row copies, batched across entries, 3. each
+// entry's normalisers and selection.
+struct SearchTimes {
+  int64_t select_nanos = 0;
+  int64_t score_nanos = 0;
+  int64_t finish_nanos = 0;
+};
+
 struct SearchOptions {
   int ctkvr_probe = 0;  // m
+  SearchTimes* times = nullptr;  // when not null, Search adds its phases' times
 };
 
 // Runs every entry (spread over `pool`, may be null). On OK, (*out)[i] holds the min(k, range

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
@@ -129,6 +130,70 @@ TEST(IndexTest, SuccessorsFollowTheBestPicksWithinTheBudget) {
   e.successors = -1;
   std::vector<std::vector<int32_t>> out;
   EXPECT_THAT(Search({&e, 1}, {}, nullptr, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// AddSuccessors partitions instead of sorting by score; its result is the one of the plain
+// definition (every pick ranked; the best ones with their successors, then the others by rank
+// while there is room), on random picks with tied scores, at every successor count.
+TEST(IndexTest, SuccessorsMatchTheirDefinitionOnRandomPicks) {
+  auto reference = [](const std::vector<float>& scores, int successors, int64_t begin,
+                      int64_t end, int64_t k, std::vector<int32_t> ids) {
+    const size_t n = ids.size();
+    std::vector<size_t> rank(n);
+    std::iota(rank.begin(), rank.end(), size_t{0});
+    std::sort(rank.begin(), rank.end(), [&](size_t a, size_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] < ids[b]);
+    });
+    const size_t cap = std::max(static_cast<size_t>(k), n);
+    const size_t best = std::min({n, static_cast<size_t>(successors), cap / 3});
+    std::vector<int32_t> out;
+    for (size_t j = 0; j < best; ++j) {
+      const int32_t t0 = ids[rank[j]];
+      out.push_back(t0);
+      for (int64_t t = std::max<int64_t>(t0 + 1, begin); t <= t0 + 2 && t < end; ++t)
+        out.push_back(static_cast<int32_t>(t));
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    const size_t kept = out.size();
+    for (size_t j = best; j < n && out.size() < cap; ++j) {
+      if (!std::binary_search(out.begin(), out.begin() + kept, ids[rank[j]]))
+        out.push_back(ids[rank[j]]);
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t end = 50 + static_cast<int64_t>(rng() % 3000);
+    std::vector<int32_t> all(static_cast<size_t>(end));
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    const size_t n = 1 + rng() % std::min<size_t>(all.size(), 1100);
+    std::vector<int32_t> ids(all.begin(), all.begin() + static_cast<int64_t>(n));
+    std::vector<float> scores(n);
+    for (float& x : scores) x = static_cast<float>(rng() % 64);  // many ties
+    const int64_t k = static_cast<int64_t>(n) - static_cast<int64_t>(rng() % (n / 2 + 1));
+    // As SelectFromHits' unit path gives them (any order), and ascending as its single path.
+    std::vector<std::pair<int32_t, float>> pairs;
+    for (size_t j = 0; j < n; ++j) pairs.emplace_back(ids[j], scores[j]);
+    std::sort(pairs.begin(), pairs.end());
+    std::vector<int32_t> ascending;
+    std::vector<float> ascending_scores;
+    for (const auto& [t, x] : pairs) {
+      ascending.push_back(t);
+      ascending_scores.push_back(x);
+    }
+    for (int successors : {1, 3, 16, 1000}) {
+      std::vector<int32_t> got = ids;
+      internal::AddSuccessors(scores, successors, 0, end, k, &got);
+      const std::vector<int32_t> want = reference(scores, successors, 0, end, k, ids);
+      ASSERT_EQ(got, want) << "trial " << trial << " successors " << successors;
+      got = ascending;
+      internal::AddSuccessors(ascending_scores, successors, 0, end, k, &got);
+      ASSERT_EQ(got, want) << "trial " << trial << " successors " << successors << " ascending";
+    }
+  }
 }
 
 // Search's contract is min(k, range) tokens even when the probed lists are shorter than the
@@ -627,6 +692,20 @@ TEST(IndexTest, BatchedSearchesOverOneRowCopySelectWhatEachSelectsAlone) {
   std::vector<std::vector<int32_t>> again;
   ASSERT_OK(Search(batch, {}, &pool, &again));
   EXPECT_EQ(again[3], SearchOne(batch[3]));
+  // Timed phases: the same selections, and every phase's time accumulates across calls.
+  SearchTimes times;
+  SearchOptions timed;
+  timed.times = &times;
+  std::vector<std::vector<int32_t>> with_times;
+  ASSERT_OK(Search(batch, timed, &pool, &with_times));
+  EXPECT_EQ(with_times, again);
+  const SearchTimes first = times;
+  EXPECT_GT(first.select_nanos, 0);
+  EXPECT_GT(first.score_nanos, 0);  // the row copies' scoring is deferred to phase 2
+  EXPECT_GT(first.finish_nanos, 0);
+  ASSERT_OK(Search(batch, timed, &pool, &with_times));
+  EXPECT_GT(times.select_nanos, first.select_nanos);
+  EXPECT_GT(times.finish_nanos, first.finish_nanos);
 }
 
 TEST(IndexTest, CtkvrFindsPlantedNeedlesAndMostOfExact) {

@@ -387,6 +387,10 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
     resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
     resp->set_search_micros(static_cast<uint64_t>(out.search_micros));
+    resp->set_search_select_micros(static_cast<uint64_t>(out.search_select_micros));
+    resp->set_search_score_micros(static_cast<uint64_t>(out.search_score_micros));
+    resp->set_search_finish_micros(static_cast<uint64_t>(out.search_finish_micros));
+    resp->set_stream_plan_micros(static_cast<uint64_t>(out.stream_plan_micros));
     resp->set_stream_micros(static_cast<uint64_t>(out.stream_micros));
     resp->set_read_micros(static_cast<uint64_t>(out.read_micros));
     for (size_t i = 0; i < out.token_ids.size(); ++i) {

@@ -449,6 +449,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     area->last_call = args.call_seq;
   }
 
+  const int64_t plan_ns = clock_->MonotonicNanos();
   std::vector<SlotKey> keys(n);
   std::vector<absl::Status> status(n);
   std::vector<SlotPlan> plans(n);
@@ -475,6 +476,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
       return status[i];
     }
   }
+  out->stream_plan_micros = (clock_->MonotonicNanos() - plan_ns) / 1000;
 
   // Entry i's new rows go at row dest_row of the worker's region as [K row | V row] per token,
   // and (results_in_region) its result at results_offset + i * RetrieveResultBytes(budget).
@@ -686,8 +688,14 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
 
   RetrieveOutcome out;
   const int64_t search_ns = clock_->MonotonicNanos();
-  RETURN_IF_ERROR(indexer::Search(queries, indexer::SearchOptions{}, &pool_, &out.token_ids));
+  indexer::SearchTimes phases;
+  indexer::SearchOptions search_options;
+  search_options.times = &phases;
+  RETURN_IF_ERROR(indexer::Search(queries, search_options, &pool_, &out.token_ids));
   out.search_micros = (clock_->MonotonicNanos() - search_ns) / 1000;
+  out.search_select_micros = phases.select_nanos / 1000;
+  out.search_score_micros = phases.score_nanos / 1000;
+  out.search_finish_micros = phases.finish_nanos / 1000;
   out.slots.resize(n);
   out.fill_slots.resize(n);
   for (const auto& ids : out.token_ids) out.rows_selected += static_cast<int64_t>(ids.size());

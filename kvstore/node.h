@@ -191,6 +191,11 @@ struct RetrieveOutcome {
   int64_t search_micros = 0;
   int64_t stream_micros = 0;
   int64_t read_micros = 0;  // the sequences' reads: block pins and page tables, and unpins
+  // Of search_micros, its phases (indexer::SearchTimes); of stream_micros, the slot plans.
+  int64_t search_select_micros = 0;
+  int64_t search_score_micros = 0;
+  int64_t search_finish_micros = 0;
+  int64_t stream_plan_micros = 0;
 };
 
 // Bulk ingest (proto AllocateBlocks / CommitBlocks): the client puts rows straight into arena
