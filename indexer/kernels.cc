@@ -792,13 +792,8 @@ void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, u
 
 void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n, int head_dim,
                      const float* q, int nq, float* out, int64_t ld, Isa isa) {
-  if (n <= 0 || nq <= 0) return;
+  if (n <= 0 || nq <= 0 || type == DType::kBF16) return;  // bf16: PackedQueryDotsBf16
   const int d = head_dim;
-  if (type == DType::kBF16) {
-    std::vector<uint32_t> pairs(static_cast<size_t>(nq) * Bf16Pairs(d));
-    PackQueriesBf16(q, nq, d, pairs.data());
-    return PackedQueryDotsBf16(packed, first, n, d, pairs.data(), nq, 1.0f, out, ld, isa);
-  }
   isa = Base(isa);
   const size_t tile_bytes = PackedTileBytes(type, d);
   ForPackedTiles(first, n, nq, isa == Isa::kAvx512, 1.0f, out, ld,

@@ -62,7 +62,7 @@ void PackRows(DType type, const uint8_t* const* rows, int64_t n, int head_dim, u
 //   out[h * ld + i] = Σ_j q[h * head_dim + j] * float(row_{first+i}[j])   for h < nq, i < n
 // Each dot is one fused multiply-add chain in j order, so every Isa gives the same bits.
 // packed: rows packed by PackRows (at least first + n of them); q: [nq][head_dim] fp32.
-// bf16 rows: PackedQueryDotsBf16 with q rounded to bf16 and scale 1 (allocates).
+// REQUIRES: type is fp32 or fp16 (bf16 rows: PackedQueryDotsBf16; a bf16 call writes nothing).
 void PackedQueryDots(DType type, const uint8_t* packed, int64_t first, int64_t n, int head_dim,
                      const float* q, int nq, float* out, int64_t ld, Isa isa = BestIsa());
 
