@@ -70,16 +70,7 @@ void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
 
 double LogSumExp(const float* x, int64_t n, kernels::Isa isa) {
   if (n <= 0) return -std::numeric_limits<double>::infinity();
-  // Eight running maxima: no loop-carried dependency per element (max is exact, so this is the
-  // same value as one running maximum).
-  float m[8];
-  std::fill_n(m, 8, x[0]);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) m[j] = std::max(m[j], x[i + j]);
-  for (; i < n; ++i) m[0] = std::max(m[0], x[i]);
-  float mx = m[0];
-  for (int j = 1; j < 8; ++j) mx = std::max(mx, m[j]);
+  const float mx = kernels::MaxValue(x, n, isa);
   return static_cast<double>(mx) + std::log(kernels::SumExp(x, n, mx, isa));
 }
 
@@ -196,52 +187,72 @@ void ScorePackedRows(const SegmentSearch& s, std::shared_ptr<const void> keep,
   s.deferred->push_back(std::move(d));
 }
 
-void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
-                    std::vector<int32_t>* out, std::vector<float>* scores) {
-  out->clear();
-  if (scores != nullptr) scores->clear();
+namespace {
+
+// Hits of one entry ranked: the non-empty ones in token order, and v[u] = max_h (logit_h - lse_h)
+// over all units in that order, with one normaliser per head over all hits.
+struct RankedHits {
   std::vector<const Hits*> hits;
+  bool single = true;  // every unit is one token
+  int64_t total_units = 0, total_tokens = 0;
+  std::vector<float>* v = nullptr;  // thread-local scratch, total_units values
+};
+
+void RankHits(absl::Span<const Hits> hits_in, int group, RankedHits* r) {
+  const kernels::Isa isa = kernels::BestIsa();
+  r->hits.clear();
   for (const Hits& h : hits_in)
-    if (h.units > 0) hits.push_back(&h);
+    if (h.units > 0) r->hits.push_back(&h);
+  std::vector<const Hits*>& hits = r->hits;
   std::sort(hits.begin(), hits.end(),
             [](const Hits* a, const Hits* b) { return a->token_data()[0] < b->token_data()[0]; });
-  std::vector<double> lse(static_cast<size_t>(group), -std::numeric_limits<double>::infinity());
+  thread_local std::vector<float> shift;
+  shift.assign(static_cast<size_t>(group), -std::numeric_limits<float>::infinity());
   for (int h = 0; h < group; ++h) {
     double mx = -std::numeric_limits<double>::infinity();
     for (const Hits* x : hits) mx = std::max(mx, x->lse[h]);
     if (!std::isfinite(mx)) continue;
     double z = 0;
     for (const Hits* x : hits) z += std::exp(x->lse[h] - mx);
-    lse[h] = mx + std::log(z);
+    shift[h] = static_cast<float>(mx + std::log(z));
   }
-  bool single = true;
-  int64_t total_units = 0, total_tokens = 0;
+  r->single = true;
+  r->total_units = r->total_tokens = 0;
   for (const Hits* x : hits) {
-    single = single && x->unit_end.empty();
-    total_units += x->units;
-    total_tokens += x->token_count();
+    r->single = r->single && x->unit_end.empty();
+    r->total_units += x->units;
+    r->total_tokens += x->token_count();
   }
-  if (k <= 0 || total_tokens == 0) return;
-  std::vector<float> shift(static_cast<size_t>(group));
-  for (int h = 0; h < group; ++h) shift[h] = static_cast<float>(lse[h]);
-  auto rank = [&](const Hits& x, std::vector<float>* v, size_t at) {
-    const int64_t u = x.units;
-    float* dst = v->data() + at;
-    for (int64_t i = 0; i < u; ++i) dst[i] = x.logits[i] - shift[0];
-    for (int h = 1; h < group; ++h) {
-      const float* l = x.logits.data() + h * u;
-      const float sh = shift[h];
-      for (int64_t i = 0; i < u; ++i) dst[i] = std::max(dst[i], l[i] - sh);
-    }
-  };
   thread_local std::vector<float> v;
-  v.resize(static_cast<size_t>(total_units));
-  size_t at = 0;
+  v.resize(static_cast<size_t>(r->total_units));
+  r->v = &v;
+  float* dst = v.data();
   for (const Hits* x : hits) {
-    rank(*x, &v, at);
-    at += static_cast<size_t>(x->units);
+    kernels::MaxShifted(x->logits.data(), x->units, group, shift.data(), x->units, dst, isa);
+    dst += x->units;
   }
-  if (single) {
+}
+
+// The token of each position of a single (one token per unit) ranking: ascending.
+const int32_t* PositionTokens(const RankedHits& r) {
+  if (r.hits.size() == 1) return r.hits[0]->token_data();
+  thread_local std::vector<int32_t> tokens;
+  tokens.clear();
+  for (const Hits* x : r.hits)
+    tokens.insert(tokens.end(), x->token_data(), x->token_data() + x->units);
+  return tokens.data();
+}
+
+// SelectFromHits' selection from the ranking.
+void SelectRanked(const RankedHits& ranked, int64_t k, std::vector<int32_t>* out,
+                  std::vector<float>* scores) {
+  out->clear();
+  if (scores != nullptr) scores->clear();
+  if (k <= 0 || ranked.total_tokens == 0) return;
+  const std::vector<const Hits*>& hits = ranked.hits;
+  const std::vector<float>& v = *ranked.v;
+  const int64_t total_units = ranked.total_units;
+  if (ranked.single) {
     thread_local std::vector<int32_t> idx;
     kernels::TopK(v.data(), total_units, k, &idx);
     // idx is ascending and hits are ordered by token, so mapping keeps ascending order.
@@ -255,6 +266,7 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
     }
     return;
   }
+  size_t at = 0;
   struct Unit {
     float v;
     int32_t first;
@@ -264,7 +276,6 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
   thread_local std::vector<Unit> units;
   units.clear();
   units.reserve(static_cast<size_t>(total_units));
-  at = 0;
   for (const Hits* x : hits) {
     const int32_t* tok = x->token_data();
     for (int64_t u = 0; u < x->units; ++u) {
@@ -291,6 +302,15 @@ void SelectFromHits(absl::Span<const Hits> hits_in, int group, int64_t k,
   }
   // With scores the caller ranks the picks itself (AddSuccessors): they stay as popped.
   if (scores == nullptr) std::sort(out->begin(), out->end());
+}
+
+}  // namespace
+
+void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vector<int32_t>* out,
+                    std::vector<float>* scores) {
+  thread_local RankedHits ranked;
+  RankHits(hits, group, &ranked);
+  SelectRanked(ranked, k, out, scores);
 }
 
 void AddSuccessors(const std::vector<float>& scores_in, int successors, int64_t range_begin,
@@ -379,6 +399,61 @@ void AddSuccessors(const std::vector<float>& scores_in, int successors, int64_t 
   }
   out.insert(out.end(), kept.begin() + static_cast<int64_t>(r), kept.end());
   ids->assign(out.begin(), out.end());
+}
+
+void SelectWithSuccessors(absl::Span<const Hits> hits_in, int group, int64_t k, int successors,
+                          int64_t range_begin, int64_t range_end, std::vector<int32_t>* out) {
+  thread_local RankedHits ranked;
+  RankHits(hits_in, group, &ranked);
+  if (!ranked.single || successors <= 0 || k <= 0 || ranked.total_tokens == 0) {
+    thread_local std::vector<float> scores;
+    SelectRanked(ranked, k, out, &scores);
+    AddSuccessors(scores, successors, range_begin, range_end, k, out);
+    return;
+  }
+  // AddSuccessors over the top k, in two selections: the picks P are the top min(k, n) of the n
+  // tokens; the kept K are the `best` top tokens with their successors; the rest of the result
+  // is the top min(k - |K|, |P \ K|) of P \ K, which is the top min(k - |K|, n - |C ∩ K|) of the
+  // candidates C outside K (each of those has fewer than k - |K| + |K| better ones, so it is in
+  // P). Ties fall as in AddSuccessors: both rank by (value desc, token asc), and positions are in
+  // token order.
+  const int64_t n = ranked.total_units;
+  std::vector<float>& v = *ranked.v;
+  const int32_t* tok = PositionTokens(ranked);
+  const int64_t picks = std::min(k, n);
+  const int64_t best = std::min<int64_t>({picks, successors, k / (1 + kSuccessorSpan)});
+  thread_local std::vector<int32_t> top, kept;
+  kernels::TopK(v.data(), n, best, &top);
+  kept.clear();
+  for (int32_t p : top) {
+    const int64_t t0 = tok[p];
+    kept.push_back(static_cast<int32_t>(t0));
+    for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
+      kept.push_back(static_cast<int32_t>(t));
+  }
+  std::sort(kept.begin(), kept.end());
+  kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+  // Candidates in K leave the second selection (lowest value; at most k' of the others exist).
+  int64_t in_kept = 0;
+  for (int32_t t : kept) {
+    const int32_t* at = std::lower_bound(tok, tok + n, t);
+    if (at != tok + n && *at == t) {
+      v[at - tok] = -std::numeric_limits<float>::infinity();
+      ++in_kept;
+    }
+  }
+  const int64_t room = k - std::min<int64_t>(k, static_cast<int64_t>(kept.size()));
+  kernels::TopK(v.data(), n, std::min(room, n - in_kept), &top);
+  // Merged ascending (a kept token that -inf ties still brought back appears once).
+  out->clear();
+  out->reserve(kept.size() + top.size());
+  size_t r = 0;
+  for (int32_t p : top) {
+    while (r < kept.size() && kept[r] < tok[p]) out->push_back(kept[r++]);
+    if (r < kept.size() && kept[r] == tok[p]) ++r;
+    out->push_back(tok[p]);
+  }
+  out->insert(out->end(), kept.begin() + static_cast<int64_t>(r), kept.end());
 }
 
 namespace {
@@ -678,9 +753,8 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
         for (int g = 0; g < e.group; ++g) h->lse[g] += ds.lse_add[g];
       }
       if (e.successors > 0) {
-        thread_local std::vector<float> scores;
-        internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i], &scores);
-        internal::AddSuccessors(scores, e.successors, e.token_begin, e.token_end, e.k, &result[i]);
+        internal::SelectWithSuccessors(es.hits.view(), e.group, e.k, e.successors, e.token_begin,
+                                       e.token_end, &result[i]);
       } else {
         internal::SelectFromHits(es.hits.view(), e.group, e.k, &result[i]);
       }

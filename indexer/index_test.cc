@@ -196,6 +196,45 @@ TEST(IndexTest, SuccessorsMatchTheirDefinitionOnRandomPicks) {
   }
 }
 
+// SelectWithSuccessors selects twice from the ranking instead of ranking the picks; it gives what
+// SelectFromHits then AddSuccessors give, on random single-token hits (one list or several,
+// many ties, ranges that cut successors off, budgets below, at and above the candidates).
+TEST(IndexTest, SelectWithSuccessorsMatchesSelectThenAddSuccessors) {
+  std::mt19937 rng(11);
+  const int group = 4;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int lists = 1 + static_cast<int>(rng() % 3);
+    std::vector<internal::Hits> hits(static_cast<size_t>(lists));
+    int32_t next = static_cast<int32_t>(rng() % 5);
+    for (internal::Hits& h : hits) {
+      const int64_t units = 1 + static_cast<int64_t>(rng() % 900);
+      for (int64_t u = 0; u < units; ++u) {
+        h.tokens.push_back(next);
+        next += 1 + static_cast<int32_t>(rng() % 3);  // neighbours are often candidates too
+      }
+      h.units = units;
+      h.logits.resize(static_cast<size_t>(units * group));
+      for (float& x : h.logits) x = static_cast<float>(rng() % 32) * 0.25f;  // many ties
+      h.lse.resize(group);
+      for (double& l : h.lse) l = 5.0 + static_cast<double>(rng() % 7);
+    }
+    std::shuffle(hits.begin(), hits.end(), rng);  // both order the lists by token
+    const int64_t begin = rng() % 4, end = next - static_cast<int64_t>(rng() % 3);
+    int64_t total = 0;
+    for (const internal::Hits& h : hits) total += h.units;
+    for (int64_t k : {int64_t{1}, int64_t{2}, int64_t{5}, total / 2 + 1, total, total + 40}) {
+      for (int successors : {1, 3, 16, 1000}) {
+        std::vector<int32_t> want, got;
+        std::vector<float> scores;
+        internal::SelectFromHits(hits, group, k, &want, &scores);
+        internal::AddSuccessors(scores, successors, begin, end, k, &want);
+        internal::SelectWithSuccessors(hits, group, k, successors, begin, end, &got);
+        ASSERT_EQ(got, want) << "trial " << trial << " k " << k << " successors " << successors;
+      }
+    }
+  }
+}
+
 // Search's contract is min(k, range) tokens even when the probed lists are shorter than the
 // budget (found by fuzz_record on a parsed segment): further centroids are probed, then the range
 // is scored exactly.

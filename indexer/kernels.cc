@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/string_view.h"
@@ -888,97 +889,342 @@ void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float*
 
 namespace {
 
-// Order-preserving key of (value descending, index ascending): the larger key is the better
-// element. NaN ranks below every number; -0 ties with +0.
-inline uint64_t RankKey(float x, int32_t i) {
-  if (x == 0) x = 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
-  if (std::isnan(x)) u = 0;
-  return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+// ---------------------------------------------------------------------------------------------
+// Maxima.
+
+float MaxValueScalar(const float* x, int64_t n) {
+  float m = x[0];
+  for (int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
 }
 
-// ids (distinct, in [0, n)) sorted ascending in place: through a bitmap of n bits when that is
-// cheaper than a comparison sort.
-void SortDistinct(std::vector<int32_t>* ids, int64_t n) {
-  if (static_cast<int64_t>(ids->size()) * 32 < n) {
-    std::sort(ids->begin(), ids->end());
-    return;
-  }
-  thread_local std::vector<uint64_t> bits;
-  bits.assign(static_cast<size_t>((n + 63) / 64), 0);
-  for (int32_t i : *ids) bits[static_cast<size_t>(i) >> 6] |= uint64_t{1} << (i & 63);
-  size_t o = 0;
-  for (size_t w = 0; w < bits.size(); ++w) {
-    for (uint64_t x = bits[w]; x != 0; x &= x - 1) {
-      (*ids)[o++] = static_cast<int32_t>(w * 64 + static_cast<size_t>(__builtin_ctzll(x)));
+void MaxShiftedScalar(const float* x, int64_t ld, int rows, const float* shift, int64_t n,
+                      float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] - shift[0];
+  for (int r = 1; r < rows; ++r) {
+    const float* xr = x + r * ld;
+    for (int64_t i = 0; i < n; ++i) {
+      const float y = xr[i] - shift[r];
+      out[i] = y > out[i] ? y : out[i];
     }
   }
 }
 
-// Moves the k largest of n distinct keys to keys[0, k), in no order: most significant byte
-// first, each pass keeping the bytes above the k-th key's and narrowing to its byte's bucket
-// (a few passes over a shrinking range; no comparisons that mispredict like nth_element's).
-void SelectLargestKeys(uint64_t* keys, size_t n, size_t k) {
-  size_t lo = 0, hi = n, need = k;  // keys[0, lo) are taken; need more from [lo, hi)
-  for (int shift = 56; need > 0 && hi - lo > need; shift -= 8) {
-    if (hi - lo <= 64 || shift < 0) {
-      std::nth_element(keys + lo, keys + lo + need, keys + hi, std::greater<uint64_t>());
-      return;
+KV_TARGET_AVX2 float MaxValueAvx2(const float* x, int64_t n) {
+  __m256 m0 = _mm256_set1_ps(x[0]), m1 = m0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+  }
+  alignas(32) float a[8];
+  _mm256_store_ps(a, _mm256_max_ps(m0, m1));
+  float m = a[0];
+  for (int j = 1; j < 8; ++j) m = a[j] > m ? a[j] : m;
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+KV_TARGET_AVX2 void MaxShiftedAvx2(const float* x, int64_t ld, int rows, const float* shift,
+                                   int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 m = _mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(shift[0]));
+    for (int r = 1; r < rows; ++r)
+      m = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + r * ld + i), _mm256_set1_ps(shift[r])),
+                        m);
+    _mm256_storeu_ps(out + i, m);
+  }
+  if (i < n) MaxShiftedScalar(x + i, ld, rows, shift, n - i, out + i);
+}
+
+KV_TARGET_AVX512 float MaxValueAvx512(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(x[0]);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = TailMask(n - i);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+KV_TARGET_AVX512 void MaxShiftedAvx512(const float* x, int64_t ld, int rows, const float* shift,
+                                       int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = TailMask(n - i);
+    __m512 m = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), _mm512_set1_ps(shift[0]));
+    for (int r = 1; r < rows; ++r)
+      m = _mm512_max_ps(
+          _mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + r * ld + i), _mm512_set1_ps(shift[r])), m);
+    _mm512_mask_storeu_ps(out + i, k, m);
+  }
+}
+
+// Signed 32-bit key in the order of the float x: x + 0 folds -0 into +0; a negative value's
+// magnitude bits are flipped so that a larger magnitude gives a smaller key.
+inline int32_t SortKey(float x) {
+  x += 0.0f;
+  int32_t s;
+  std::memcpy(&s, &x, sizeof s);
+  return s ^ ((s >> 31) & 0x7FFFFFFF);
+}
+
+// keys[i] = SortKey(v[i]) for i < n; *lo / *hi: their minimum and maximum. REQUIRES n >= 1.
+void SortKeysScalar(const float* v, int64_t n, int32_t* keys, int32_t* lo, int32_t* hi) {
+  int32_t mn = SortKey(v[0]), mx = mn;
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = SortKey(v[i]);
+    mn = std::min(mn, keys[i]);
+    mx = std::max(mx, keys[i]);
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+int64_t CountAtLeastScalar(const int32_t* keys, int64_t n, int32_t t) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t ? 1 : 0;
+  return c;
+}
+
+KV_TARGET_AVX2 inline __m256i SortKey8(__m256 x) {
+  const __m256i s = _mm256_castps_si256(_mm256_add_ps(x, _mm256_setzero_ps()));
+  return _mm256_xor_si256(
+      s, _mm256_and_si256(_mm256_srai_epi32(s, 31), _mm256_set1_epi32(0x7FFFFFFF)));
+}
+
+KV_TARGET_AVX2 void SortKeysAvx2(const float* v, int64_t n, int32_t* keys, int32_t* lo,
+                                 int32_t* hi) {
+  __m256i mn = _mm256_set1_epi32(SortKey(v[0])), mx = mn;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = SortKey8(_mm256_loadu_ps(v + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i), k);
+    mn = _mm256_min_epi32(mn, k);
+    mx = _mm256_max_epi32(mx, k);
+  }
+  alignas(32) int32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), mn);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
+  int32_t l = a[0], h = b[0];
+  for (int j = 1; j < 8; ++j) l = std::min(l, a[j]), h = std::max(h, b[j]);
+  for (; i < n; ++i) {
+    keys[i] = SortKey(v[i]);
+    l = std::min(l, keys[i]);
+    h = std::max(h, keys[i]);
+  }
+  *lo = l;
+  *hi = h;
+}
+
+KV_TARGET_AVX2 int64_t CountAtLeastAvx2(const int32_t* keys, int64_t n, int32_t t) {
+  // keys >= t  <=>  keys > t - 1 (t > INT32_MIN here: the search never counts at its minimum).
+  const __m256i tm1 = _mm256_set1_epi32(t - 1);
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // A true compare is -1: subtracting it counts.
+    acc0 = _mm256_sub_epi32(
+        acc0,
+        _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i)), tm1));
+    acc1 = _mm256_sub_epi32(
+        acc1, _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i + 8)),
+                                 tm1));
+  }
+  alignas(32) int32_t a[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), _mm256_add_epi32(acc0, acc1));
+  int64_t c = 0;
+  for (int j = 0; j < 8; ++j) c += a[j];
+  for (; i < n; ++i) c += keys[i] >= t ? 1 : 0;
+  return c;
+}
+
+KV_TARGET_AVX512 void SortKeysAvx512(const float* v, int64_t n, int32_t* keys, int32_t* lo,
+                                     int32_t* hi) {
+  __m512i mn = _mm512_set1_epi32(SortKey(v[0])), mx = mn;
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    const __m512i s =
+        _mm512_castps_si512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), _mm512_setzero_ps()));
+    const __m512i k = _mm512_xor_si512(s, _mm512_and_si512(_mm512_srai_epi32(s, 31), magnitude));
+    _mm512_mask_storeu_epi32(keys + i, m, k);
+    mn = _mm512_mask_min_epi32(mn, m, mn, k);
+    mx = _mm512_mask_max_epi32(mx, m, mx, k);
+  }
+  *lo = _mm512_reduce_min_epi32(mn);
+  *hi = _mm512_reduce_max_epi32(mx);
+}
+
+KV_TARGET_AVX512 int64_t CountAtLeastAvx512(const int32_t* keys, int64_t n, int32_t t) {
+  const __m512i tv = _mm512_set1_epi32(t);
+  int64_t c0 = 0, c1 = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    c0 += __builtin_popcount(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + i), tv));
+    c1 += __builtin_popcount(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + i + 16), tv));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    c0 += __builtin_popcount(
+        _mm512_mask_cmpge_epi32_mask(m, _mm512_maskz_loadu_epi32(m, keys + i), tv));
+  }
+  return c0 + c1;
+}
+
+// out[0, k) = the positions i < n with keys[i] > key and the first `ties` with keys[i] == key,
+// ascending (the caller's k is their number). Branch-free: the tests would mispredict.
+void EmitSelected(const int32_t* keys, int64_t n, int32_t key, int64_t ties, int64_t k,
+                  int32_t* out) {
+  int64_t o = 0, eq = 0;
+  for (int64_t i = 0; i < n && o < k; ++i) {
+    const int64_t is_eq = keys[i] == key ? 1 : 0;
+    out[o] = static_cast<int32_t>(i);
+    o += (keys[i] > key ? 1 : 0) | (is_eq & (eq < ties ? 1 : 0));
+    eq += is_eq;
+  }
+}
+
+// The positions i < n with keys[i] >= key, ascending, into out, which has room for kEmitSlack
+// more (whole-vector stores).
+// Eight lanes at a time: the lanes that pass are moved to the front by a permutation looked up
+// from their mask.
+constexpr int64_t kEmitSlack = 8;
+
+struct LanePermutations {
+  uint64_t lanes[256];  // for each 8-bit mask, its set lanes' numbers as bytes, lowest first
+  LanePermutations() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t p = 0;
+      int o = 0;
+      for (int l = 0; l < 8; ++l)
+        if ((m >> l) & 1) p |= static_cast<uint64_t>(l) << (8 * o++);
+      lanes[m] = p;
     }
-    uint32_t count[256] = {};
-    for (size_t i = lo; i < hi; ++i) ++count[(keys[i] >> shift) & 0xFF];
-    int b = 255;
-    size_t above = 0;
-    for (; above + count[b] < need; --b) above += count[b];
-    // Two branchless partitions (the byte tests would mispredict half the time): [lo, w) holds
-    // the keys whose byte is above b, then [bucket, w) those whose byte is b.
-    auto partition = [&](size_t from, auto&& pred) {
-      size_t w = from;
-      for (size_t i = from; i < hi; ++i) {
-        const uint64_t x = keys[i];
-        keys[i] = keys[w];
-        keys[w] = x;
-        w += pred(static_cast<int>((x >> shift) & 0xFF)) ? 1 : 0;
+  }
+};
+
+KV_TARGET_AVX2 void EmitAtLeastAvx2(const int32_t* keys, int64_t n, int32_t key, int32_t* out) {
+  static const LanePermutations kPerm;
+  const __m256i tm1 = _mm256_set1_epi32(key - 1);  // key > INT32_MIN (see CountAtLeastAvx2)
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t o = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, tm1)));
+    const __m256i perm =
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPerm.lanes[m])));
+    // Writes 8 lanes; only the first popcount(m) are kept (out has room: see SelectTop).
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + o),
+                        _mm256_permutevar8x32_epi32(idx, perm));
+    o += __builtin_popcount(static_cast<unsigned>(m));
+    idx = _mm256_add_epi32(idx, step);
+  }
+  for (; i < n; ++i) {
+    out[o] = static_cast<int32_t>(i);
+    o += keys[i] >= key ? 1 : 0;
+  }
+}
+
+KV_TARGET_AVX512 void EmitAtLeastAvx512(const int32_t* keys, int64_t n, int32_t key, int32_t* out) {
+  const __m512i kv = _mm512_set1_epi32(key);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t o = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    const __mmask16 take =
+        _mm512_mask_cmpge_epi32_mask(m, _mm512_maskz_loadu_epi32(m, keys + i), kv);
+    _mm512_mask_compressstoreu_epi32(out + o, take, idx);
+    o += __builtin_popcount(take);
+    idx = _mm512_add_epi32(idx, step);
+  }
+}
+
+// The k largest of v[0, n) (ties: the lower position wins), their positions ascending in out[0, k).
+// REQUIRES 1 <= k < n; out has room for k + kEmitSlack values (beyond k they are scratch). The k-th
+// largest key is found by bisection over the keys' range, each step one vectorised count over all
+// n; no data-dependent branches or swaps.
+void SelectTop(const float* v, int64_t n, int64_t k, Isa isa, int32_t* out) {
+  thread_local std::vector<int32_t> keys;
+  keys.resize(static_cast<size_t>(n));
+  int32_t lo32, hi32;
+  isa = Base(isa);
+  auto count = [&](int32_t t) {
+    switch (isa) {
+      case Isa::kAvx512:
+        return CountAtLeastAvx512(keys.data(), n, t);
+      case Isa::kAvx2:
+        return CountAtLeastAvx2(keys.data(), n, t);
+      default:
+        return CountAtLeastScalar(keys.data(), n, t);
+    }
+  };
+  switch (isa) {
+    case Isa::kAvx512:
+      SortKeysAvx512(v, n, keys.data(), &lo32, &hi32);
+      break;
+    case Isa::kAvx2:
+      SortKeysAvx2(v, n, keys.data(), &lo32, &hi32);
+      break;
+    default:
+      SortKeysScalar(v, n, keys.data(), &lo32, &hi32);
+  }
+  // Invariant: count(>= lo) >= k and count(>= hi + 1) = above < k, so the k-th key is in [lo, hi].
+  int64_t lo = lo32, hi = hi32, above = 0;
+  bool exact = false;  // count(>= lo) == k: the keys >= lo are the answer, ties and all
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    const int64_t c = count(static_cast<int32_t>(mid));
+    if (c >= k) {
+      lo = mid;
+      if (c == k) {
+        exact = true;
+        break;
       }
-      return w;
-    };
-    const size_t bucket = partition(lo, [b](int byte) { return byte > b; });
-    const size_t w = partition(bucket, [b](int byte) { return byte == b; });
-    need -= above;
-    lo = bucket;
-    hi = w;
-  }
-}
-
-// Exact selection among candidate indices (ascending, in [0, n)) by (value desc, index asc);
-// out is ascending.
-void SelectAmong(const float* v, int64_t n, std::vector<int32_t>* cand, int64_t k,
-                 std::vector<int32_t>* out) {
-  if (static_cast<int64_t>(cand->size()) > k) {
-    // Packed keys: nth_element on plain integers instead of a comparator through v.
-    thread_local std::vector<uint64_t> keys;
-    keys.resize(cand->size());
-    for (size_t j = 0; j < cand->size(); ++j) keys[j] = RankKey(v[(*cand)[j]], (*cand)[j]);
-    SelectLargestKeys(keys.data(), keys.size(), static_cast<size_t>(k));
-    cand->resize(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) {
-      (*cand)[j] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[j]));
+    } else {
+      hi = mid - 1;
+      above = c;
     }
-    SortDistinct(cand, n);
   }
-  out->assign(cand->begin(), cand->end());
+  if (exact && isa == Isa::kAvx512)
+    return EmitAtLeastAvx512(keys.data(), n, static_cast<int32_t>(lo), out);
+  if (exact && isa == Isa::kAvx2 && lo > std::numeric_limits<int32_t>::min()) {
+    return EmitAtLeastAvx2(keys.data(), n, static_cast<int32_t>(lo), out);
+  }
+  EmitSelected(keys.data(), n, static_cast<int32_t>(lo), exact ? n : k - above, k, out);
 }
 
 }  // namespace
 
-void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out) {
+float MaxValue(const float* x, int64_t n, Isa isa) {
+  switch (Base(isa)) {
+    case Isa::kAvx512:
+      return MaxValueAvx512(x, n);
+    case Isa::kAvx2:
+      return MaxValueAvx2(x, n);
+    default:
+      return MaxValueScalar(x, n);
+  }
+}
+
+void MaxShifted(const float* x, int64_t ld, int rows, const float* shift, int64_t n, float* out,
+                Isa isa) {
+  if (n <= 0) return;
+  switch (Base(isa)) {
+    case Isa::kAvx512:
+      return MaxShiftedAvx512(x, ld, rows, shift, n, out);
+    case Isa::kAvx2:
+      return MaxShiftedAvx2(x, ld, rows, shift, n, out);
+    default:
+      return MaxShiftedScalar(x, ld, rows, shift, n, out);
+  }
+}
+
+void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out, Isa isa) {
   out->clear();
   k = std::clamp<int64_t>(k, 0, n);
   if (k == 0) return;
-  thread_local std::vector<int32_t> cand;
-  cand.clear();
   if (k == n) {
     out->resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) (*out)[i] = static_cast<int32_t>(i);
@@ -995,15 +1241,29 @@ void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out) {
     const int64_t r = std::min<int64_t>(kSample - 1, (k * kSample) / n * 3 / 2 + 16);
     std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<float>());
     const float threshold = sample[r];
-    cand.reserve(static_cast<size_t>(3 * k));
-    for (int64_t i = 0; i < n; ++i)
-      if (v[i] >= threshold) cand.push_back(static_cast<int32_t>(i));
-    if (static_cast<int64_t>(cand.size()) >= k) return SelectAmong(v, n, &cand, k, out);
+    thread_local std::vector<int32_t> cand;
+    thread_local std::vector<float> cand_v;
     cand.clear();
+    cand_v.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (v[i] >= threshold) {
+        cand.push_back(static_cast<int32_t>(i));
+        cand_v.push_back(v[i]);
+      }
+    }
+    const int64_t m = static_cast<int64_t>(cand.size());
+    if (m >= k) {
+      // Candidates keep their order, so positions among them map to ascending indices.
+      out->resize(static_cast<size_t>(k + kEmitSlack));
+      if (m > k) SelectTop(cand_v.data(), m, k, isa, out->data());
+      for (int64_t j = 0; j < k; ++j) (*out)[j] = cand[m > k ? (*out)[j] : j];
+      out->resize(static_cast<size_t>(k));
+      return;
+    }
   }
-  cand.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) cand[i] = static_cast<int32_t>(i);
-  SelectAmong(v, n, &cand, k, out);
+  out->resize(static_cast<size_t>(k + kEmitSlack));
+  SelectTop(v, n, k, isa, out->data());
+  out->resize(static_cast<size_t>(k));
 }
 
 }  // namespace kvrecall::indexer::kernels

@@ -88,9 +88,18 @@ void DotsF32(const float* a, int64_t m, const float* b, int64_t n, int d, float*
 // double per block. Relative error <= 1e-6 against std::exp.
 double SumExp(const float* x, int64_t n, float shift, Isa isa = BestIsa());
 
-// Indices of the k largest values of v[0, n) (ties: the lower index wins), returned in ascending
-// index order in *out. k is clamped to [0, n]. REQUIRES: no NaN in v. Allocates O(k).
-void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out);
+// The largest of x[0, n). REQUIRES: n >= 1 and no NaN in x (a NaN's effect depends on the Isa).
+float MaxValue(const float* x, int64_t n, Isa isa = BestIsa());
+
+// out[i] = max over r < rows of (x[r * ld + i] - shift[r]), for i < n (ld >= n, rows >= 1). Every
+// Isa gives the same bits (one rounding per difference; max is exact). REQUIRES: no NaN.
+void MaxShifted(const float* x, int64_t ld, int rows, const float* shift, int64_t n, float* out,
+                Isa isa = BestIsa());
+
+// Indices of the k largest values of v[0, n) (ties: the lower index wins; -0 ties with +0),
+// returned in ascending index order in *out. k is clamped to [0, n]. REQUIRES: no NaN in v.
+// Keeps O(n) thread-local scratch.
+void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out, Isa isa = BestIsa());
 
 }  // namespace kvrecall::indexer::kernels
 

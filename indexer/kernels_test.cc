@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <utility>
 #include <vector>
@@ -201,6 +202,36 @@ TEST(KernelsTest, SumExpMatchesStdExp) {
   }
 }
 
+// MaxValue and MaxShifted against plain loops, at sizes around the vector widths, every Isa.
+TEST(KernelsTest, MaximaMatchPlainLoops) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0, 3);
+  for (int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 2184}) {
+    for (int rows : {1, 2, 4, 5}) {
+      const int64_t ld = n + 3;
+      std::vector<float> x(static_cast<size_t>(ld * rows));
+      for (float& e : x) e = nd(rng);
+      std::vector<float> shift(static_cast<size_t>(rows));
+      for (float& e : shift) e = nd(rng);
+      std::vector<float> want(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        want[i] = x[i] - shift[0];
+        for (int r = 1; r < rows; ++r) want[i] = std::max(want[i], x[r * ld + i] - shift[r]);
+      }
+      const float want_max = *std::max_element(x.begin(), x.begin() + n);
+      for (Isa isa : SupportedIsas()) {
+        std::vector<float> got(static_cast<size_t>(n) + 1, -7.0f);
+        MaxShifted(x.data(), ld, rows, shift.data(), n, got.data(), isa);
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_EQ(got[i], want[i])
+              << IsaName(isa) << " n=" << n << " rows=" << rows << " i=" << i;
+        EXPECT_EQ(got[n], -7.0f) << "wrote past n";
+        EXPECT_EQ(MaxValue(x.data(), n, isa), want_max) << IsaName(isa) << " n=" << n;
+      }
+    }
+  }
+}
+
 std::vector<int32_t> BruteTopK(const std::vector<float>& v, int64_t k) {
   std::vector<int32_t> idx(v.size());
   for (size_t i = 0; i < v.size(); ++i) idx[i] = static_cast<int32_t>(i);
@@ -214,28 +245,42 @@ TEST(KernelsTest, TopKMatchesBruteForceWithTiesAndClamping) {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int> small(0, 20);
   std::normal_distribution<float> nd;
-  for (int64_t n : {0, 1, 10, 100, 5000, 50000}) {
+  for (int64_t n : {0, 1, 10, 37, 100, 2184, 5000, 50000}) {
     for (int64_t k : {0, 1, 7, 64, 1024, 100000}) {
       for (bool ties : {false, true}) {
         std::vector<float> v(static_cast<size_t>(n));
         for (float& x : v) x = ties ? static_cast<float>(small(rng)) : nd(rng);
-        std::vector<int32_t> got;
-        TopK(v.data(), n, k, &got);
-        ASSERT_EQ(got, BruteTopK(v, k)) << "n=" << n << " k=" << k << " ties=" << ties;
+        const std::vector<int32_t> want = BruteTopK(v, k);
+        for (Isa isa : SupportedIsas()) {
+          std::vector<int32_t> got;
+          TopK(v.data(), n, k, &got, isa);
+          ASSERT_EQ(got, want) << IsaName(isa) << " n=" << n << " k=" << k << " ties=" << ties;
+        }
       }
     }
   }
   // Increasing values (worst case for a heap / a sampled threshold).
   std::vector<float> inc(20000);
   for (size_t i = 0; i < inc.size(); ++i) inc[i] = static_cast<float>(i);
-  std::vector<int32_t> got;
-  TopK(inc.data(), 20000, 1000, &got);
-  EXPECT_EQ(got, BruteTopK(inc, 1000));
-  // Signed zeros tie (the lower index wins), negative values order below them.
+  // Signed zeros tie (the lower index wins), negative values order below them; infinities and
+  // the extremes of the float range order at the ends.
   std::vector<float> zeros = {-0.0f, 0.0f, -1.0f, -0.0f, 0.0f, -2.0f, 1.0f, -0.0f};
-  for (int64_t k = 0; k <= 8; ++k) {
-    TopK(zeros.data(), 8, k, &got);
-    EXPECT_EQ(got, BruteTopK(zeros, k)) << "k=" << k;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> extremes = {inf,    -inf, std::numeric_limits<float>::max(),    -1e-40f,
+                                 1e-40f, -inf, std::numeric_limits<float>::lowest(), 0.0f,
+                                 inf,    -0.0f};
+  for (Isa isa : SupportedIsas()) {
+    std::vector<int32_t> got;
+    TopK(inc.data(), 20000, 1000, &got, isa);
+    EXPECT_EQ(got, BruteTopK(inc, 1000)) << IsaName(isa);
+    for (int64_t k = 0; k <= 8; ++k) {
+      TopK(zeros.data(), 8, k, &got, isa);
+      EXPECT_EQ(got, BruteTopK(zeros, k)) << IsaName(isa) << " k=" << k;
+    }
+    for (int64_t k = 0; k <= 10; ++k) {
+      TopK(extremes.data(), 10, k, &got, isa);
+      EXPECT_EQ(got, BruteTopK(extremes, k)) << IsaName(isa) << " k=" << k;
+    }
   }
 }
 

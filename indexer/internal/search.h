@@ -147,6 +147,11 @@ inline constexpr int kSuccessorSpan = 2;
 void AddSuccessors(const std::vector<float>& scores, int successors, int64_t range_begin,
                    int64_t range_end, int64_t k, std::vector<int32_t>* ids);
 
+// SelectFromHits then AddSuccessors (same arguments): the same ids, ascending. When every unit
+// is one token (ctkvr, exact) it selects twice from the ranking instead of ranking the picks.
+void SelectWithSuccessors(absl::Span<const Hits> hits, int group, int64_t k, int successors,
+                          int64_t range_begin, int64_t range_end, std::vector<int32_t>* out);
+
 // Row pointers for tokens [begin, end) / for the listed tokens.
 void RowPointers(const PagedRows& keys, int64_t begin, int64_t end,
                  std::vector<const uint8_t*>* out);
