@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -32,12 +33,33 @@ struct PagedRows {
   }
   int64_t num_pages() const { return pages == nullptr ? 0 : static_cast<int64_t>(pages->size()); }
 
+  size_t row_bytes() const { return static_cast<size_t>(head_dim) * DTypeSize(dtype); }
+
   // REQUIRES: 0 <= t < num_tokens and a table of enough pages (indexer::Search validates views).
   const uint8_t* row(int64_t t) const {
     return (*pages)[static_cast<size_t>(t / page_tokens)] + page_offset +
            static_cast<size_t>(t % page_tokens) * row_stride;
   }
 };
+
+// Copies rows tokens[0, n) of `rows` to dst + j * dst_stride, j < n (row_bytes() each). Scattered
+// rows of a large store miss the caches one by one; the copy asks for the rows a few tokens ahead
+// (software prefetch), so that their misses overlap instead of queueing behind each copy.
+// REQUIRES: every token in [0, rows.num_tokens).
+inline void GatherRows(const PagedRows& rows, const int32_t* tokens, size_t n, uint8_t* dst,
+                       size_t dst_stride) {
+  constexpr size_t kAhead = 8;
+  const size_t bytes = rows.row_bytes();
+  auto prefetch = [&](size_t j) {
+    const uint8_t* p = rows.row(tokens[j]);
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  };
+  for (size_t j = 0; j < n && j < kAhead; ++j) prefetch(j);
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) prefetch(j + kAhead);
+    std::memcpy(dst + j * dst_stride, rows.row(tokens[j]), bytes);
+  }
+}
 
 }  // namespace kvrecall::indexer
 

@@ -488,10 +488,8 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   auto write_rows = [&](size_t i, uint8_t* dst) {
     const size_t row = seqs[i]->spec().row_bytes();
     const auto& tokens = plans[i].fill_tokens;
-    for (size_t j = 0; j < tokens.size(); ++j) {
-      std::memcpy(dst + 2 * j * row, snaps[i].keys.row(tokens[j]), row);
-      std::memcpy(dst + (2 * j + 1) * row, snaps[i].values.row(tokens[j]), row);
-    }
+    indexer::GatherRows(snaps[i].keys, tokens.data(), tokens.size(), dst, 2 * row);
+    indexer::GatherRows(snaps[i].values, tokens.data(), tokens.size(), dst + row, 2 * row);
   };
   auto write_result = [&](size_t i, uint8_t* p) {
     const std::vector<int32_t>& ids = out->token_ids[i];
@@ -810,10 +808,10 @@ absl::Status Node::ReadRows(const std::string& tenant, const std::string& sequen
   const size_t row = spec.row_bytes();
   keys->resize(token_ids.size() * row);
   values->resize(token_ids.size() * row);
-  for (size_t j = 0; j < token_ids.size(); ++j) {
-    std::memcpy(keys->data() + j * row, snap.keys.row(token_ids[j]), row);
-    std::memcpy(values->data() + j * row, snap.values.row(token_ids[j]), row);
-  }
+  indexer::GatherRows(snap.keys, token_ids.data(), token_ids.size(),
+                      reinterpret_cast<uint8_t*>(keys->data()), row);
+  indexer::GatherRows(snap.values, token_ids.data(), token_ids.size(),
+                      reinterpret_cast<uint8_t*>(values->data()), row);
   return absl::OkStatus();
 }
 

@@ -47,29 +47,46 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
     e.slots.clear();
   }
 
-  // Merge the two ascending lists: resident tokens keep their slots.
+  // Merge the two ascending lists: resident tokens keep their slots. Branch-free steps (which
+  // list advances, and whether a token is resident, are data: a branch would mispredict often).
+  // used[budget] is a sink for the writes of non-resident steps.
+  const size_t n = selection.size(), resident = e.tokens.size();
   SlotPlan plan;
-  plan.slots.assign(selection.size(), -1);
+  plan.slots.assign(n, -1);
   thread_local std::vector<char> used;  // per call; kept to spare an allocation per entry
-  used.assign(static_cast<size_t>(budget), 0);
-  size_t r = 0;
-  for (size_t j = 0; j < selection.size(); ++j) {
-    while (r < e.tokens.size() && e.tokens[r] < selection[j]) ++r;
-    if (r < e.tokens.size() && e.tokens[r] == selection[j]) {
-      plan.slots[j] = e.slots[r];
-      used[static_cast<size_t>(e.slots[r])] = 1;
-    }
+  used.assign(static_cast<size_t>(budget) + 1, 0);
+  for (size_t j = 0, r = 0; j < n && r < resident;) {
+    const int32_t a = selection[j], b = e.tokens[r];
+    const bool same = a == b;
+    const int32_t slot = e.slots[r];
+    plan.slots[j] = same ? slot : plan.slots[j];
+    used[same ? static_cast<size_t>(slot) : static_cast<size_t>(budget)] = 1;
+    j += a <= b ? 1 : 0;
+    r += b <= a ? 1 : 0;
   }
   // New tokens take the free slots, lowest first (both in ascending order).
-  int32_t next_free = 0;
-  for (size_t j = 0; j < selection.size(); ++j) {
-    if (plan.slots[j] >= 0) continue;
-    while (used[static_cast<size_t>(next_free)]) ++next_free;
-    used[static_cast<size_t>(next_free)] = 1;
-    plan.slots[j] = next_free;
-    plan.fill_slots.push_back(next_free);
-    plan.fill_tokens.push_back(selection[j]);
+  thread_local std::vector<int32_t> free_slots;
+  free_slots.resize(static_cast<size_t>(budget));
+  size_t nfree = 0;
+  for (int32_t s = 0; s < budget; ++s) {
+    free_slots[nfree] = s;
+    nfree += used[static_cast<size_t>(s)] ? 0 : 1;
   }
+  plan.fill_slots.resize(n);
+  plan.fill_tokens.resize(n);
+  size_t fills = 0;
+  for (size_t j = 0; j < n; ++j) {
+    const bool fresh = plan.slots[j] < 0;
+    // At most nfree selections are fresh (the selection fits the budget), so fills < nfree here
+    // whenever `fresh`; otherwise the index is only read and the value discarded.
+    const int32_t slot = free_slots[std::min(fills, nfree - (nfree > 0 ? 1 : 0))];
+    plan.fill_slots[fills] = slot;
+    plan.fill_tokens[fills] = selection[j];
+    plan.slots[j] = fresh ? slot : plan.slots[j];
+    fills += fresh ? 1 : 0;
+  }
+  plan.fill_slots.resize(fills);
+  plan.fill_tokens.resize(fills);
   e.tokens.assign(selection.begin(), selection.end());
   e.slots = plan.slots;
   return plan;
