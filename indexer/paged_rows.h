@@ -44,39 +44,12 @@ struct PagedRows {
   }
 };
 
-// Copies rows tokens[0, n) of `rows` to dst + j * dst_stride, j < n (row_bytes() each). Scattered
-// rows of a large store miss the caches one by one; the copy asks for the rows a few tokens ahead
-// (software prefetch), so that their misses overlap instead of queueing behind each copy.
-// `streaming`: dst is memory this CPU will not read back soon (a buffer a GPU or NIC reads): the
-// rows are written with non-temporal stores, which skip reading each destination line first and
-// leave the caches to the reads, and are fenced before returning. REQUIRES: every token in
-// [0, rows.num_tokens).
+// Copies rows tokens[0, n) of `rows` to dst + j * dst_stride, j < n (row_bytes() each).
+// REQUIRES: every token in [0, rows.num_tokens).
 inline void GatherRows(const PagedRows& rows, const int32_t* tokens, size_t n, uint8_t* dst,
-                       size_t dst_stride, bool streaming = false) {
-  constexpr size_t kAhead = 8;
+                       size_t dst_stride) {
   const size_t bytes = rows.row_bytes();
-  auto prefetch = [&](size_t j) {
-    const uint8_t* p = rows.row(tokens[j]);
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-  };
-  // Non-temporal stores need 16-byte aligned rows of whole 16-byte pieces.
-  streaming = streaming && bytes % 16 == 0 && dst_stride % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(dst) % 16 == 0;
-  for (size_t j = 0; j < n && j < kAhead; ++j) prefetch(j);
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) prefetch(j + kAhead);
-    const uint8_t* src = rows.row(tokens[j]);
-    uint8_t* out = dst + j * dst_stride;
-    if (streaming) {
-      for (size_t off = 0; off < bytes; off += 16) {
-        _mm_stream_si128(reinterpret_cast<__m128i*>(out + off),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + off)));
-      }
-    } else {
-      std::memcpy(out, src, bytes);
-    }
-  }
-  if (streaming) _mm_sfence();
+  for (size_t j = 0; j < n; ++j) std::memcpy(dst + j * dst_stride, rows.row(tokens[j]), bytes);
 }
 
 }  // namespace kvrecall::indexer

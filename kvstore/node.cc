@@ -485,13 +485,11 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   for (size_t i = 0; i < n; ++i) {
     offset[i + 1] = offset[i] + plans[i].fill_tokens.size() * 2 * seqs[i]->spec().row_bytes();
   }
-  // `streaming`: dst is the worker's region, which only the worker (its GPU) reads.
-  auto write_rows = [&](size_t i, uint8_t* dst, bool streaming) {
+  auto write_rows = [&](size_t i, uint8_t* dst) {
     const size_t row = seqs[i]->spec().row_bytes();
     const auto& tokens = plans[i].fill_tokens;
-    indexer::GatherRows(snaps[i].keys, tokens.data(), tokens.size(), dst, 2 * row, streaming);
-    indexer::GatherRows(snaps[i].values, tokens.data(), tokens.size(), dst + row, 2 * row,
-                        streaming);
+    indexer::GatherRows(snaps[i].keys, tokens.data(), tokens.size(), dst, 2 * row);
+    indexer::GatherRows(snaps[i].values, tokens.data(), tokens.size(), dst + row, 2 * row);
   };
   auto write_result = [&](size_t i, uint8_t* p) {
     const std::vector<int32_t>& ids = out->token_ids[i];
@@ -516,7 +514,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   // after the call.
   absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
     pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      write_rows(i, base + dest(i), /*streaming=*/true);
+      write_rows(i, base + dest(i));
       if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
     });
     return absl::OkStatus();
@@ -539,7 +537,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     uint8_t* const results = packed + offset[n];
     std::vector<transport::PutOp> ops(n);
     pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      write_rows(i, packed + offset[i], /*streaming=*/false);
+      write_rows(i, packed + offset[i]);
       ops[i] = transport::PutOp{packed + offset[i], offset[i + 1] - offset[i], dest(i)};
       if (args.results_in_region) write_result(i, results + i * result_bytes);
     });
