@@ -8,8 +8,6 @@
 #ifndef KVRECALL_INDEXER_PAGED_ROWS_H_
 #define KVRECALL_INDEXER_PAGED_ROWS_H_
 
-#include <emmintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
