@@ -313,6 +313,26 @@ void SelectFromHits(absl::Span<const Hits> hits, int group, int64_t k, std::vect
   SelectRanked(ranked, k, out, scores);
 }
 
+namespace {
+
+// *kept = the tokens token_of(p) for p in `picks` and the kSuccessorSpan tokens after each that
+// lie in [range_begin, range_end), ascending and distinct.
+template <typename Picks, typename TokenOf>
+void WithSuccessors(const Picks& picks, TokenOf token_of, int64_t range_begin, int64_t range_end,
+                    std::vector<int32_t>* kept) {
+  kept->clear();
+  for (const auto p : picks) {
+    const int64_t t0 = token_of(p);
+    kept->push_back(static_cast<int32_t>(t0));
+    for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
+      kept->push_back(static_cast<int32_t>(t));
+  }
+  std::sort(kept->begin(), kept->end());
+  kept->erase(std::unique(kept->begin(), kept->end()), kept->end());
+}
+
+}  // namespace
+
 void AddSuccessors(const std::vector<float>& scores_in, int successors, int64_t range_begin,
                    int64_t range_end, int64_t k, std::vector<int32_t>* ids) {
   const size_t n = ids->size();
@@ -364,15 +384,8 @@ void AddSuccessors(const std::vector<float>& scores_in, int successors, int64_t 
   // Kept first: the best picks and their successors (ascending).
   extreme(best, /*keep_better=*/true, [](uint32_t) { return true; });
   thread_local std::vector<int32_t> kept;
-  kept.clear();
-  for (uint32_t j : heap) {
-    const int64_t t0 = id[j];
-    kept.push_back(static_cast<int32_t>(t0));
-    for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
-      kept.push_back(static_cast<int32_t>(t));
-  }
-  std::sort(kept.begin(), kept.end());
-  kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+  WithSuccessors(
+      heap, [&](uint32_t j) { return id[j]; }, range_begin, range_end, &kept);
   // The other picks stay while there is room: the lowest-ranked `drop` of them go.
   thread_local std::vector<char> in_kept;
   in_kept.assign(n, 0);
@@ -424,15 +437,8 @@ void SelectWithSuccessors(absl::Span<const Hits> hits_in, int group, int64_t k, 
   const int64_t best = std::min<int64_t>({picks, successors, k / (1 + kSuccessorSpan)});
   thread_local std::vector<int32_t> top, kept;
   kernels::TopK(v.data(), n, best, &top);
-  kept.clear();
-  for (int32_t p : top) {
-    const int64_t t0 = tok[p];
-    kept.push_back(static_cast<int32_t>(t0));
-    for (int64_t t = std::max(t0 + 1, range_begin); t <= t0 + kSuccessorSpan && t < range_end; ++t)
-      kept.push_back(static_cast<int32_t>(t));
-  }
-  std::sort(kept.begin(), kept.end());
-  kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+  WithSuccessors(
+      top, [&](int32_t p) { return tok[p]; }, range_begin, range_end, &kept);
   // Candidates in K leave the second selection (lowest value; at most k' of the others exist).
   int64_t in_kept = 0;
   for (int32_t t : kept) {
