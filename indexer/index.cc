@@ -431,7 +431,7 @@ void SelectWithSuccessors(absl::Span<const Hits> hits_in, int group, int64_t k, 
   // P). Ties fall as in AddSuccessors: both rank by (value desc, token asc), and positions are in
   // token order.
   const int64_t n = ranked.total_units;
-  std::vector<float>& v = *ranked.v;
+  const std::vector<float>& v = *ranked.v;
   const int32_t* tok = PositionTokens(ranked);
   const int64_t picks = std::min(k, n);
   const int64_t best = std::min<int64_t>({picks, successors, k / (1 + kSuccessorSpan)});
@@ -439,24 +439,28 @@ void SelectWithSuccessors(absl::Span<const Hits> hits_in, int group, int64_t k, 
   kernels::TopK(v.data(), n, best, &top);
   WithSuccessors(
       top, [&](int32_t p) { return tok[p]; }, range_begin, range_end, &kept);
-  // Candidates in K leave the second selection (lowest value; at most k' of the others exist).
-  int64_t in_kept = 0;
-  for (int32_t t : kept) {
-    const int32_t* at = std::lower_bound(tok, tok + n, t);
-    if (at != tok + n && *at == t) {
-      v[at - tok] = -std::numeric_limits<float>::infinity();
-      ++in_kept;
-    }
+  // The second selection is over the candidates outside K, copied out (a marker value could tie
+  // with a real one, e.g. -inf).
+  thread_local std::vector<float> rest_v;
+  thread_local std::vector<int32_t> rest_p;
+  rest_v.clear();
+  rest_p.clear();
+  for (int64_t p = 0, r = 0; p < n; ++p) {
+    while (r < static_cast<int64_t>(kept.size()) && kept[r] < tok[p]) ++r;
+    if (r < static_cast<int64_t>(kept.size()) && kept[r] == tok[p]) continue;
+    rest_v.push_back(v[p]);
+    rest_p.push_back(static_cast<int32_t>(p));
   }
   const int64_t room = k - std::min<int64_t>(k, static_cast<int64_t>(kept.size()));
-  kernels::TopK(v.data(), n, std::min(room, n - in_kept), &top);
-  // Merged ascending (a kept token that -inf ties still brought back appears once).
+  const int64_t rest = static_cast<int64_t>(rest_v.size());
+  kernels::TopK(rest_v.data(), rest, std::min(room, rest), &top);
+  for (int32_t& p : top) p = rest_p[p];
+  // Merged ascending (disjoint: `top` holds no token of K).
   out->clear();
   out->reserve(kept.size() + top.size());
   size_t r = 0;
   for (int32_t p : top) {
     while (r < kept.size() && kept[r] < tok[p]) out->push_back(kept[r++]);
-    if (r < kept.size() && kept[r] == tok[p]) ++r;
     out->push_back(tok[p]);
   }
   out->insert(out->end(), kept.begin() + static_cast<int64_t>(r), kept.end());

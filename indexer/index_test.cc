@@ -234,6 +234,13 @@ TEST(IndexTest, SelectWithSuccessorsMatchesSelectThenAddSuccessors) {
       h.units = units;
       h.logits.resize(static_cast<size_t>(units * group));
       for (float& x : h.logits) x = static_cast<float>(rng() % 32) * 0.25f;  // many ties
+      if (trial % 3 == 0) {  // units whose every head is -inf rank -inf (and tie among themselves)
+        for (int64_t u = 0; u < units; ++u) {
+          if (rng() % 3 != 0) continue;
+          for (int g = 0; g < group; ++g)
+            h.logits[g * units + u] = -std::numeric_limits<float>::infinity();
+        }
+      }
       h.lse.resize(group);
       for (double& l : h.lse) l = 5.0 + static_cast<double>(rng() % 7);
     }
@@ -252,6 +259,19 @@ TEST(IndexTest, SelectWithSuccessorsMatchesSelectThenAddSuccessors) {
       }
     }
   }
+}
+
+// A review's case: kept tokens and -inf candidates must not be confused (the budget stays full).
+TEST(IndexTest, SelectWithSuccessorsKeepsTheBudgetWithInfiniteLogits) {
+  internal::Hits h;
+  for (int32_t t = 0; t < 10; ++t) h.tokens.push_back(t);
+  h.units = 10;
+  h.logits.assign(10, -std::numeric_limits<float>::infinity());
+  h.logits[0] = 10;
+  h.lse = {0.0};
+  std::vector<int32_t> got;
+  internal::SelectWithSuccessors({&h, 1}, 1, 6, 1, 0, 10, &got);
+  EXPECT_THAT(got, ElementsAre(0, 1, 2, 3, 4, 5));
 }
 
 // Search's contract is min(k, range) tokens even when the probed lists are shorter than the

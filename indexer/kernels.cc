@@ -959,12 +959,13 @@ KV_TARGET_AVX512 void MaxShiftedAvx512(const float* x, int64_t ld, int rows, con
   }
 }
 
-// Signed 32-bit key in the order of the float x: x + 0 folds -0 into +0; a negative value's
-// magnitude bits are flipped so that a larger magnitude gives a smaller key.
+// Signed 32-bit key in the order of the float x: -0 (the bits of INT32_MIN) is folded into +0 on
+// the bits, whatever the rounding mode; a negative value's magnitude bits are flipped so that a
+// larger magnitude gives a smaller key.
 inline int32_t SortKey(float x) {
-  x += 0.0f;
   int32_t s;
   std::memcpy(&s, &x, sizeof s);
+  s = s == std::numeric_limits<int32_t>::min() ? 0 : s;
   return s ^ ((s >> 31) & 0x7FFFFFFF);
 }
 
@@ -987,7 +988,9 @@ int64_t CountAtLeastScalar(const int32_t* keys, int64_t n, int32_t t) {
 }
 
 KV_TARGET_AVX2 inline __m256i SortKey8(__m256 x) {
-  const __m256i s = _mm256_castps_si256(_mm256_add_ps(x, _mm256_setzero_ps()));
+  __m256i s = _mm256_castps_si256(x);
+  s = _mm256_andnot_si256(
+      _mm256_cmpeq_epi32(s, _mm256_set1_epi32(std::numeric_limits<int32_t>::min())), s);
   return _mm256_xor_si256(
       s, _mm256_and_si256(_mm256_srai_epi32(s, 31), _mm256_set1_epi32(0x7FFFFFFF)));
 }
@@ -1042,10 +1045,11 @@ KV_TARGET_AVX512 void SortKeysAvx512(const float* v, int64_t n, int32_t* keys, i
                                      int32_t* hi) {
   __m512i mn = _mm512_set1_epi32(SortKey(v[0])), mx = mn;
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i negative_zero = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = TailMask(n - i);
-    const __m512i s =
-        _mm512_castps_si512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), _mm512_setzero_ps()));
+    __m512i s = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, v + i));
+    s = _mm512_mask_mov_epi32(s, _mm512_cmpeq_epi32_mask(s, negative_zero), _mm512_setzero_si512());
     const __m512i k = _mm512_xor_si512(s, _mm512_and_si512(_mm512_srai_epi32(s, 31), magnitude));
     _mm512_mask_storeu_epi32(keys + i, m, k);
     mn = _mm512_mask_min_epi32(mn, m, mn, k);

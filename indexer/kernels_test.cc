@@ -1,6 +1,7 @@
 #include "indexer/kernels.h"
 
 #include <algorithm>
+#include <cfenv>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -276,6 +277,11 @@ TEST(KernelsTest, TopKMatchesBruteForceWithTiesAndClamping) {
     for (int64_t k = 0; k <= 8; ++k) {
       TopK(zeros.data(), 8, k, &got, isa);
       EXPECT_EQ(got, BruteTopK(zeros, k)) << IsaName(isa) << " k=" << k;
+      // The same under another rounding mode (-0 + 0 is -0 when rounding down).
+      std::fesetround(FE_DOWNWARD);
+      TopK(zeros.data(), 8, k, &got, isa);
+      std::fesetround(FE_TONEAREST);
+      EXPECT_EQ(got, BruteTopK(zeros, k)) << IsaName(isa) << " k=" << k << " rounding down";
     }
     for (int64_t k = 0; k <= 10; ++k) {
       TopK(extremes.data(), 10, k, &got, isa);
