@@ -255,13 +255,10 @@ void SelectRanked(const RankedHits& ranked, int64_t k, std::vector<int32_t>* out
   if (ranked.single) {
     thread_local std::vector<int32_t> idx;
     kernels::TopK(v.data(), total_units, k, &idx);
-    // idx is ascending and hits are ordered by token, so mapping keeps ascending order.
+    const int32_t* tok = PositionTokens(ranked);  // ascending, like idx
     out->reserve(idx.size());
-    size_t hi = 0;
-    int64_t base = 0;
     for (int32_t i : idx) {
-      while (i >= base + hits[hi]->units) base += hits[hi++]->units;
-      out->push_back(hits[hi]->token_data()[i - base]);
+      out->push_back(tok[i]);
       if (scores != nullptr) scores->push_back(v[i]);
     }
     return;

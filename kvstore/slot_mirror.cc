@@ -77,9 +77,9 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
   size_t fills = 0;
   for (size_t j = 0; j < n; ++j) {
     const bool fresh = plan.slots[j] < 0;
-    // At most nfree selections are fresh (the selection fits the budget), so fills < nfree here
-    // whenever `fresh`; otherwise the index is only read and the value discarded.
-    const int32_t slot = free_slots[std::min(fills, nfree - (nfree > 0 ? 1 : 0))];
+    // fills <= j < n <= budget indexes free_slots; at most nfree selections are fresh (the
+    // selection fits the budget), so a fresh one reads a free slot, others discard the value.
+    const int32_t slot = free_slots[fills];
     plan.fill_slots[fills] = slot;
     plan.fill_tokens[fills] = selection[j];
     plan.slots[j] = fresh ? slot : plan.slots[j];
