@@ -172,6 +172,9 @@ class UcxCore {
   // Progresses the worker until *done or `deadline`. Returns *done.
   bool ProgressUntilLocked(const bool* done, absl::Time deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Flushes every endpoint of the worker, including ones UCX opened for peers; bounded by
+  // kCloseTimeout.
+  void FlushWorkerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Duration put_timeout_;
   // UCX 1.13's shared-memory transports (posix, sysv, cma, self) cannot report peer failure, so
@@ -286,6 +289,7 @@ UcxCore::~UcxCore() {
       CloseEndpointLocked(*endpoint, absl::UnavailableError("transport destroyed"),
                           /*force=*/!endpoint->error.ok());
     }
+    FlushWorkerLocked();
     ucp_worker_destroy(worker_);
   }
   if (context_ != nullptr) ucp_cleanup(context_);
@@ -346,6 +350,27 @@ void UcxCore::CloseFailedEndpointsLocked() {
 bool UcxCore::ProgressUntilLocked(const bool* done, absl::Time deadline) {
   while (!*done && absl::Now() < deadline) ucp_worker_progress(worker_);
   return *done;
+}
+
+void UcxCore::FlushWorkerLocked() {
+  // Endpoints UCX created on its own to answer peers' wireup (not in endpoints_) may still hold a
+  // pending reply. UCX 1.13 asserts when worker destruction purges such a reply
+  // (ucp_request_send_state_ff, "got REP message"; removed upstream in openucx/ucx#8175), so let
+  // the worker drain first. A dead peer cannot block this past kCloseTimeout.
+  auto state = std::make_unique<FlushState>();
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = OnRequestDone;
+  param.user_data = state.get();
+  ucs_status_ptr_t request = ucp_worker_flush_nbx(worker_, &param);
+  if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
+  if (!ProgressUntilLocked(&state->done, absl::Now() + kCloseTimeout)) {
+    KV_LOG(WARNING) << "ucx transport: worker flush did not complete in "
+                    << absl::FormatDuration(kCloseTimeout) << "; destroying anyway";
+    (void)state.release();  // worker destruction may still complete the request into it
+    return;
+  }
+  ucp_request_free(request);
 }
 
 void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool force) {
