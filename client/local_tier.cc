@@ -24,6 +24,14 @@ class LocalTier final : public Tier {
     if (options_.worker_id.empty()) options_.worker_id = internal::DefaultWorkerId();
     ASSIGN_OR_RETURN(region_, transport_->AllocateRegion(static_cast<size_t>(options_.recall_buffer_bytes)));
     RETURN_IF_ERROR(pin_.Pin(options_, region_->data(), region_->size()));
+    if (options_.row_addresses) {
+      // The GPU reads rows where the node keeps them. The arena outlives this pin (node_ is
+      // declared first).
+      RETURN_IF_ERROR(node_.arena_status());
+      uint8_t* arena = const_cast<uint8_t*>(node_.arena().base());
+      RETURN_IF_ERROR(
+          arena_pin_.Pin(options_, arena, static_cast<size_t>(node_.arena().capacity_bytes())));
+    }
     call_seq_.assign(static_cast<size_t>(std::max(1, options_.staging_areas)), 0);
     return node_.AttachWorker(options_.tenant, options_.worker_id, region_->Describe());
   }
@@ -69,6 +77,7 @@ class LocalTier final : public Tier {
     args.staging_area = static_cast<uint32_t>(batch.staging_area);
     args.call_seq = ++call_seq_[batch.staging_area];
     args.successors = batch.successors;
+    args.row_addresses = options_.row_addresses;
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
       args.entries.push_back({e.sequence_id, e.kv_head, e.queries, e.token_begin, e.token_end,
@@ -82,7 +91,13 @@ class LocalTier final : public Tier {
       rec.token_ids = std::move(r.token_ids[i]);
       rec.slots = std::move(r.slots[i]);
       rec.fill_slots = std::move(r.fill_slots[i]);
-      rec.rows = region_->data() + (first_row + i * batch.budget) * pair;
+      if (options_.row_addresses) {
+        rec.rows = nullptr;
+        rec.row_addresses = std::move(r.row_addresses[i]);
+      } else {
+        rec.rows = region_->data() + (first_row + i * batch.budget) * pair;
+        rec.row_addresses.clear();
+      }
       got.rows_received += static_cast<int64_t>(rec.fill_slots.size());
       got.rows_selected += static_cast<int64_t>(rec.token_ids.size());
     }
@@ -116,7 +131,10 @@ class LocalTier final : public Tier {
     absl::MutexLock lock(&counters_mu_);
     return counters_;
   }
-  std::string Describe() const override { return "local (in-process node)"; }
+  std::string Describe() const override {
+    return options_.row_addresses ? "local (in-process node; rows gathered from its pinned arena)"
+                                  : "local (in-process node)";
+  }
 
  private:
   static absl::Span<const uint8_t> AsBytes(const std::string& s) {
@@ -128,6 +146,7 @@ class LocalTier final : public Tier {
   kvstore::Node node_;
   std::unique_ptr<transport::RegisteredRegion> region_;
   internal::RegionPin pin_;  // of region_
+  internal::RegionPin arena_pin_;  // of the node's arena, with row_addresses
   mutable absl::Mutex counters_mu_;
   TierCounters counters_ ABSL_GUARDED_BY(counters_mu_);
   // Per staging area: the last call's number (each touched only by that area's calls).

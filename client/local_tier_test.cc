@@ -124,6 +124,56 @@ TEST(LocalTierTest, RecallBufferIsPinnedForTheTiersLifetime) {
   EXPECT_TRUE(unpinned.empty());
 }
 
+// row_addresses: the arena is pinned next to the recall buffer, and each fill row comes as the
+// addresses of its K and V rows there, holding the bytes a copying tier delivers.
+TEST(LocalTierTest, RowAddressesPointAtTheRowsInThePinnedArena) {
+  std::vector<std::pair<uint8_t*, size_t>> pinned;
+  std::vector<uint8_t*> unpinned;
+  TierOptions options;
+  options.recall_buffer_bytes = 1024;
+  options.row_addresses = true;
+  options.pin_region = [&](uint8_t* data, size_t bytes) {
+    pinned.emplace_back(data, bytes);
+    return absl::OkStatus();
+  };
+  options.unpin_region = [&](uint8_t* data) { unpinned.push_back(data); };
+  {
+    ASSERT_OK_AND_ASSIGN(auto tier, CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options));
+    ASSERT_EQ(pinned.size(), 2u);  // the recall buffer, then the arena
+    EXPECT_EQ(pinned[1].second, size_t{1} << 20);
+    ASSERT_OK(tier->RegisterModel(Spec()));
+    ASSERT_OK(tier->OpenSequence("s", "m", {1, 2, 3}).status());
+    AppendBatch b;
+    b.token_start = 0;
+    b.num_tokens = 3;
+    for (int l = 0; l < 2; ++l) {
+      b.keys.push_back(Floats({1, 0, 5, 0, 2, 0}));
+      b.values.push_back(Floats({10, 11, 50, 51, 20, 21}));
+    }
+    ASSERT_OK(tier->AppendKV("s", b));
+    std::vector<float> q = {1, 0, 1, 0};
+    RetrieveBatch rb{1, 2, Method::kExact, {{"s", 0, q, 0, 3, /*slot_epoch=*/1}}};
+    std::vector<Recalled> out;
+    ASSERT_OK(tier->Retrieve(rb, &out));
+    ASSERT_THAT(out[0].token_ids, ElementsAre(1, 2));
+    EXPECT_EQ(out[0].rows, nullptr);
+    ASSERT_EQ(out[0].row_addresses.size(), 2 * out[0].fill_slots.size());
+    std::vector<float> got;
+    for (const uint8_t* p : out[0].row_addresses) {
+      EXPECT_GE(p, pinned[1].first);
+      EXPECT_LE(p + 8, pinned[1].first + pinned[1].second);
+      got.insert(got.end(), reinterpret_cast<const float*>(p),
+                 reinterpret_cast<const float*>(p) + 2);
+    }
+    EXPECT_THAT(got, ElementsAre(5, 0, 50, 51, 2, 0, 20, 21));
+    EXPECT_EQ(tier->counters().rows_received, 2);
+    // The same selection again: every row is resident, nothing to gather.
+    ASSERT_OK(tier->Retrieve(rb, &out));
+    EXPECT_TRUE(out[0].row_addresses.empty());
+  }
+  ASSERT_EQ(unpinned.size(), 2u);
+}
+
 // Concurrent Retrieve calls in different staging areas (CudaEngine's lookahead issues several
 // layers at once) answer exactly what the same calls answer one after another, over both the
 // in-process tier and a RemoteTier to a loopback server with UCX: same selections, slots and

@@ -46,6 +46,11 @@ struct TierOptions {
   // read recalled rows where they land. Unset: nothing.
   std::function<absl::Status(uint8_t* data, size_t bytes)> pin_region;
   std::function<void(uint8_t* data)> unpin_region;
+  // LocalTier only (others ignore it): Retrieve gives the addresses of the rows to fill
+  // (Recalled::row_addresses) where they lie in the node's arena instead of copying them into the
+  // recall buffer, and the arena is pinned with pin_region too. A GPU worker then gathers the rows
+  // itself, over the bus, and the node's threads copy nothing.
+  bool row_addresses = false;
 };
 
 struct OpenResult {
@@ -93,11 +98,15 @@ struct RetrieveBatch {
 // packed at `rows`: row j (K[head_dim] then V[head_dim] in kv_dtype, 2 * row_bytes bytes) belongs
 // in slot fill_slots[j]; the caller copies them into its slots before the next call in the same
 // staging area. With slot_epoch 0: slots[j] = j, fill_slots = slots, rows in token order.
+// With TierOptions::row_addresses (LocalTier), `rows` is null and row_addresses[2j] and
+// [2j + 1] are where the K and V row of fill_slots[j] lie (row_bytes each, in memory pinned
+// through TierOptions::pin_region), valid as long as `rows` would be.
 struct Recalled {
   std::vector<int32_t> token_ids;
   std::vector<int32_t> slots;
   std::vector<int32_t> fill_slots;
   const uint8_t* rows = nullptr;
+  std::vector<const uint8_t*> row_addresses;
 };
 
 struct TierCounters {
@@ -224,7 +233,8 @@ absl::Status CheckRecalled(const Recalled& r, int budget);
 // The token of each fill row (fill_tokens[j] goes to slot fill_slots[j]); r must have passed
 // CheckRecalled.
 std::vector<int32_t> FillTokens(const Recalled& r);
-// Copies r's new rows into a slot cache of [budget][row_pair_bytes] at slot_rows.
+// Copies r's new rows (packed at r.rows, or at r.row_addresses) into a slot cache of
+// [budget][row_pair_bytes] at slot_rows. REQUIRES: r.rows, or two row_addresses per fill.
 void ApplyFills(const Recalled& r, size_t row_pair_bytes, uint8_t* slot_rows);
 std::string DefaultWorkerId();
 

@@ -127,9 +127,15 @@ std::vector<int32_t> FillTokens(const Recalled& r) {
 }
 
 void ApplyFills(const Recalled& r, size_t row_pair_bytes, uint8_t* slot_rows) {
+  const size_t row = row_pair_bytes / 2;
   for (size_t j = 0; j < r.fill_slots.size(); ++j) {
-    std::memcpy(slot_rows + static_cast<size_t>(r.fill_slots[j]) * row_pair_bytes, r.rows + j * row_pair_bytes,
-                row_pair_bytes);
+    uint8_t* dst = slot_rows + static_cast<size_t>(r.fill_slots[j]) * row_pair_bytes;
+    if (r.rows != nullptr) {
+      std::memcpy(dst, r.rows + j * row_pair_bytes, row_pair_bytes);
+    } else {
+      std::memcpy(dst, r.row_addresses[2 * j], row);
+      std::memcpy(dst + row, r.row_addresses[2 * j + 1], row);
+    }
   }
 }
 

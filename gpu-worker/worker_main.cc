@@ -108,6 +108,10 @@ ABSL_FLAG(std::vector<std::string>, bench_tokens, std::vector<std::string>({"gre
 ABSL_FLAG(std::string, bench_tier, "local",
           "bench: the kvrecall rows' tier: local (in-process) or remote (a server in this process on "
           "127.0.0.1, reached over gRPC + UCX with --ucx_tls, default posix,sysv,cma,self)");
+ABSL_FLAG(
+    bool, bench_row_addresses, true,
+    "bench: with --bench_tier=local, the GPU gathers recalled rows from the tier's page-locked "
+    "arena instead of the node copying them into the recall buffer");
 ABSL_FLAG(int, bench_steps, 8, "bench: timed decode steps per row (after 2 warm-up steps)");
 ABSL_FLAG(int, max_batch, 64, "bench: the largest batch of any row");
 ABSL_FLAG(double, host_memory_fraction, 0.7, "bench: share of MemAvailable the tier may use");
@@ -162,6 +166,7 @@ absl::Status Bench() {
   o.lookahead_calls = absl::GetFlag(FLAGS_lookahead_calls);
   o.tokens = absl::GetFlag(FLAGS_bench_tokens);
   o.tier = absl::GetFlag(FLAGS_bench_tier);
+  o.row_addresses = absl::GetFlag(FLAGS_bench_row_addresses);
   if (!absl::GetFlag(FLAGS_ucx_tls).empty()) o.ucx_tls = absl::GetFlag(FLAGS_ucx_tls);
   o.host_memory_fraction = absl::GetFlag(FLAGS_host_memory_fraction);
   o.threads = absl::GetFlag(FLAGS_threads);
@@ -512,13 +517,17 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "kvrecall-worker <command> [flags]\n"
       "  make-model  --preset=tiny --out=DIR        write a random-weight Llama model\n"
-      "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F|--prompt=TEXT [--prompt_tokens=N]\n"
+      "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F|--prompt=TEXT "
+      "[--prompt_tokens=N]\n"
       "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]\n"
       "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)\n"
       "  bench       [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]\n"
-      "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] [--bench_tier=local|remote]\n"
-      "              [--bench_prompts=private|shared] [--ctkvr_min_similarity=X] [--bench_prefill_chunk=N]\n"
-      "              GPU decode throughput, dense vs kvrecall, Llama-3-8B shape, synthetic prompts");
+      "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] "
+      "[--bench_tier=local|remote] [--bench_row_addresses]\n"
+      "              [--bench_prompts=private|shared] [--ctkvr_min_similarity=X] "
+      "[--bench_prefill_chunk=N]\n"
+      "              GPU decode throughput, dense vs kvrecall, Llama-3-8B shape, synthetic "
+      "prompts");
   std::vector<std::string> args = kvrecall::ParseFlags(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";

@@ -448,6 +448,8 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     }
     area->last_call = args.call_seq;
   }
+  // The worker is done with the previous call's rows: its blocks may go.
+  area->ReleaseHeld();
 
   const int64_t plan_ns = clock_->MonotonicNanos();
   std::vector<SlotKey> keys(n);
@@ -506,19 +508,67 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   };
   auto dest = [&](size_t i) { return args.entries[i].dest_row * 2 * seqs[i]->spec().row_bytes(); };
 
+  if (args.row_addresses) {
+    // Addresses instead of copies. A row in the arena is given where it lies; an entry with a
+    // row anywhere else (none today: reads reload spilled blocks into the arena) is copied to
+    // its dest_row as usual, and its addresses point there.
+    const uintptr_t arena_lo = reinterpret_cast<uintptr_t>(arena_->base());
+    const uintptr_t arena_hi = arena_lo + static_cast<uintptr_t>(arena_->capacity_bytes());
+    out->row_addresses.assign(n, {});
+    absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
+      pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+        const size_t row = seqs[i]->spec().row_bytes();
+        const std::vector<int32_t>& tokens = plans[i].fill_tokens;
+        std::vector<const uint8_t*>& addr = out->row_addresses[i];
+        addr.resize(2 * tokens.size());
+        bool in_arena = true;
+        for (size_t j = 0; j < tokens.size(); ++j) {
+          const uint8_t* k = snaps[i].keys.row(tokens[j]);
+          const uint8_t* v = snaps[i].values.row(tokens[j]);
+          addr[2 * j] = k;
+          addr[2 * j + 1] = v;
+          const uintptr_t lo =
+              std::min(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
+          const uintptr_t hi =
+              std::max(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
+          in_arena &= lo >= arena_lo && hi <= arena_hi - row;
+        }
+        if (!in_arena) {
+          uint8_t* dst = base + dest(i);
+          write_rows(i, dst);
+          for (size_t j = 0; j < 2 * tokens.size(); ++j) addr[j] = dst + j * row;
+        }
+        if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
+      });
+      return absl::OkStatus();
+    });
+    if (!direct.ok() || !*direct) {
+      forget_all();
+      out->row_addresses.clear();
+      return direct.ok()
+                 ? absl::FailedPreconditionError(
+                       "row_addresses needs a worker whose region is mapped in this process")
+                 : direct.status();
+    }
+    area->held_seqs = seqs;
+    area->held_snaps = snaps;
+  }
+
   // A worker whose region is mapped here (same-host shared memory, in-process) gets the rows and
   // results written straight into it by the pool: one copy. Otherwise they are packed into the
   // area's pack buffer and put with one op per entry. The pack buffer is reused across calls (a
   // fresh zero-filled allocation per call cost more than the copies for MiB-sized puts, as glibc
   // returns it to the kernel on free; kvrecall-bench stream); beyond kMaxRetainedPack it is freed
   // after the call.
-  absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
-    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      write_rows(i, base + dest(i));
-      if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
-    });
-    return absl::OkStatus();
-  });
+  absl::StatusOr<bool> direct =
+      args.row_addresses ? true : worker.writer->WriteDirect([&](uint8_t* base) {
+        pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+          write_rows(i, base + dest(i));
+          if (args.results_in_region)
+            write_result(i, base + args.results_offset + i * result_bytes);
+        });
+        return absl::OkStatus();
+      });
   if (direct.ok() && !*direct) {
     constexpr size_t kMaxRetainedPack = size_t{16} << 20;
     const size_t pack_bytes = offset[n] + (args.results_in_region ? n * result_bytes : 0);
@@ -573,8 +623,10 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   std::shared_ptr<Worker> worker;
   if (!args.worker_id.empty()) {
     ASSIGN_OR_RETURN(worker, FindWorker(args.tenant, args.worker_id));
-  } else if (args.results_in_region) {
-    return absl::InvalidArgumentError("results_in_region needs an attached worker (worker_id)");
+  } else if (args.results_in_region || args.row_addresses) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(args.results_in_region ? "results_in_region" : "row_addresses",
+                     " needs an attached worker (worker_id)"));
   }
 
   // Validate every entry and take snapshots before doing any work: first the fields, then one

@@ -143,6 +143,13 @@ struct RetrieveArgs {
   uint64_t results_offset = 0;
   // Lookahead: see proto RetrieveRequest.successors; in [0, budget].
   int successors = 0;
+  // In-process workers only (a region WriteDirect reaches): instead of copying each entry's new
+  // rows to dest_row, give their addresses (RetrieveOutcome::row_addresses), so that the worker
+  // gathers them itself (a GPU straight from the page-locked arena). The rows' blocks stay pinned
+  // until the next call in the same staging area, or the worker's detach. An address lies in the
+  // arena (arena().base(), capacity_bytes()) or, for a row held anywhere else, in the worker's
+  // region at the entry's dest_row, where the node copied it. Not in the proto.
+  bool row_addresses = false;
 };
 inline constexpr uint32_t kMaxStagingAreas = 4096;
 // Bytes of one entry's result in the worker's region: u32 n, u32 m, int32 token_ids[n],
@@ -182,6 +189,9 @@ struct RetrieveOutcome {
   // the order they were put at dest_row); see proto RetrieveResult.
   std::vector<std::vector<int32_t>> slots;
   std::vector<std::vector<int32_t>> fill_slots;
+  // With RetrieveArgs::row_addresses, per entry: [2 * fill_slots.size()] the K and V row of
+  // each fill slot's token (row_bytes each, 16-byte aligned); else empty.
+  std::vector<std::vector<const uint8_t*>> row_addresses;
   uint64_t bytes_streamed = 0;
   int64_t rows_selected = 0;  // sum of the selections
   int64_t rows_sent = 0;      // rows put (or to be fetched): the deltas
@@ -382,6 +392,18 @@ class Node {
     uint64_t last_call ABSL_GUARDED_BY(mu) = 0;
     std::unique_ptr<uint8_t[]> pack ABSL_GUARDED_BY(mu);  // rows packed for the puts
     size_t pack_capacity ABSL_GUARDED_BY(mu) = 0;
+    // The last row_addresses call's reads: they keep its rows' blocks pinned until the next call
+    // here. The snapshots go before their sequences (ReleaseHeld).
+    std::vector<std::shared_ptr<Sequence>> held_seqs ABSL_GUARDED_BY(mu);
+    std::vector<Sequence::Snapshot> held_snaps ABSL_GUARDED_BY(mu);
+    void ReleaseHeld() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      held_snaps.clear();
+      held_seqs.clear();
+    }
+    ~StagingArea() {
+      absl::MutexLock lock(&mu);
+      ReleaseHeld();
+    }
   };
   struct Worker {
     std::unique_ptr<transport::RemoteWriter> writer;

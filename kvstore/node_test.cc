@@ -276,6 +276,69 @@ TEST_F(NodeTest, DeltaStreamingSendsMissingRowsInCallOrder) {
   EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// row_addresses: the outcome points at the stored K and V rows in the arena instead of copying
+// them, and those rows' blocks stay pinned until the next call in the staging area: a dropped
+// sequence's memory returns to the arena only then.
+TEST_F(NodeTest, RowAddressesPointIntoTheArenaAndPinUntilTheNextCall) {
+  std::unique_ptr<transport::Transport> t = transport::CreateInProcessTransport();
+  Node node(NodeOptions{1 << 20, 4, 1}, t.get(), &clock_);
+  ASSERT_OK(node.RegisterModel(Spec()).status());
+  std::vector<float> k = {1, 0, 2, 0, 3, 0, 4, 0}, v = {7, 7, 8, 8, 9, 9, 6, 6};
+  for (const char* id : {"s", "s2"}) {  // different tokens: no shared prefix
+    ASSERT_OK(
+        node.OpenSequence({"t", "m", id, std::vector<int32_t>(4, id[1] == 0 ? 1 : 2)}).status());
+    ASSERT_OK_AND_ASSIGN(auto seq, node.FindSequence("t", id));
+    ASSERT_OK(seq->BeginAppend());
+    for (int layer = 0; layer < 2; ++layer) {
+      ASSERT_OK(seq->AppendChunk(layer, 0, 4, {reinterpret_cast<uint8_t*>(k.data()), 32},
+                                 {reinterpret_cast<uint8_t*>(v.data()), 32}));
+    }
+    ASSERT_OK(seq->CommitAppend().status());
+  }
+  ASSERT_OK_AND_ASSIGN(auto region, t->AllocateRegion(4 * 16));
+  std::vector<float> right = {1, 0, 1, 0};
+  RetrieveArgs a{"t", 1, 2, Method::kExact, "w", {{"s", 0, right, 0, 4, 0, /*slot_epoch=*/5}}};
+  a.row_addresses = true;
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kFailedPrecondition));  // not attached
+  ASSERT_OK(node.AttachWorker("t", "w", region->Describe()));
+  a.call_seq = 1;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node.Retrieve(a));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(2, 3));
+  EXPECT_THAT(out.fill_slots[0], ElementsAre(0, 1));
+  ASSERT_EQ(out.row_addresses.size(), 1u);
+  ASSERT_EQ(out.row_addresses[0].size(), 4u);  // K, V of token 2, then of token 3
+  const uint8_t* lo = node.arena().base();
+  const uint8_t* hi = lo + node.arena().capacity_bytes();
+  std::vector<float> got;
+  for (const uint8_t* p : out.row_addresses[0]) {
+    EXPECT_TRUE(p >= lo && p + 8 <= hi);
+    const float* f = reinterpret_cast<const float*>(p);
+    got.insert(got.end(), f, f + 2);
+  }
+  EXPECT_THAT(got, ElementsAre(3, 0, 9, 9, 4, 0, 6, 6));
+  const float* rows = reinterpret_cast<const float*>(region->data());
+  EXPECT_THAT(std::vector<float>(rows, rows + 8), ::testing::Each(0.0f));  // nothing copied
+
+  // The dropped sequence's blocks stay while the worker may still read them.
+  const int64_t both = node.arena().used_bytes();
+  ASSERT_OK(node.CloseSequence("t", "s", true));
+  EXPECT_EQ(node.arena().used_bytes(), both);
+  EXPECT_EQ(reinterpret_cast<const float*>(out.row_addresses[0][3])[0], 6.0f);
+  // The next call in another staging area keeps them; one in this area lets them go.
+  a.entries[0].sequence_id = "s2";
+  a.staging_area = 1;
+  ASSERT_OK(node.Retrieve(a).status());
+  EXPECT_EQ(node.arena().used_bytes(), both);
+  a.staging_area = 0;
+  a.call_seq = 2;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome next, node.Retrieve(a));
+  EXPECT_LT(node.arena().used_bytes(), both);
+  // The call in area 1 sent s2's rows (the mirror is per sequence, layer and kv-head).
+  EXPECT_TRUE(next.fill_slots[0].empty());
+  a.worker_id.clear();
+  EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST_F(NodeTest, CloseAndDropFreeMemory) {
   EXPECT_GT(node_.Stats(false).stored_bytes, 0);
   ASSERT_OK(node_.CloseSequence("t", "s", false));

@@ -139,6 +139,10 @@ struct CudaEngine::Device {
   // [max_batch * kv_heads] cuda::SlotFill (whose rows point into the tier's recall region) and
   // fill_slots_h [sparse layer][max_batch * kv_heads * budget] int32.
   PinnedMem fills_h, fill_slots_h;
+  // [sparse layer]: the row addresses of a tier that gives them (TierOptions::row_addresses),
+  // [max_batch * kv_heads * budget][2] pointers, allocated by the layer's first such call
+  // (StageRecall never runs for one layer on two threads at once).
+  std::vector<PinnedMem> fill_addresses_h;
   // StageRecall's work (scatter, slot map up) runs here; applied[sparse layer] marks its end,
   // which the model's stream waits for before the layer's attention.
   cudaStream_t recall_stream = nullptr;
@@ -278,6 +282,7 @@ absl::Status CudaEngine::Allocate() {
         d.fills_h.Allocate(sparse_layers * B * Hkv * sizeof(cuda::SlotFill), "slot fills"));
     RETURN_IF_ERROR(
         d.fill_slots_h.Allocate(sparse_layers * B * Hkv * budget * 4, "recalled rows' slots"));
+    d.fill_addresses_h = std::vector<PinnedMem>(sparse_layers);
     RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&d.recall_stream, cudaStreamNonBlocking),
                                "cudaStreamCreate"));
     d.applied.resize(sparse_layers);
@@ -763,16 +768,37 @@ absl::Status CudaEngine::StageRecall(int l, LayerRecall& r) {
   int32_t* maps = d.map_h.as<int32_t>() + sl * B * slots;
   int32_t next = 0;
   r.selected_rows = r.streamed_rows = 0;
+  const uint16_t** addresses = nullptr;  // this layer's, once an entry comes with addresses
   for (size_t e = 0; e < r.entries.size(); ++e) {
     const auto [i, h] = r.entries[e];
     const client::Recalled& rec = r.recalled[e];
     const int32_t n = static_cast<int32_t>(rec.fill_slots.size());
-    if (n > 0 && (pinned_ == nullptr || !pinned_->Contains(rec.rows, n * pair))) {
-      return absl::FailedPreconditionError(
-          "recalled rows are not in page-locked memory: the tier must pin its recall buffer "
-          "with the engine's PinnedHostRanges (TierOptions::pin_region)");
+    if (n > 0 && rec.rows == nullptr) {
+      // Gathered where the tier keeps them: the tier pinned that memory with pin_region.
+      if (pinned_ == nullptr || rec.row_addresses.size() != 2 * static_cast<size_t>(n)) {
+        return absl::FailedPreconditionError(
+            "row addresses need the engine's PinnedHostRanges (TierOptions::pin_region) and two "
+            "per fill row");
+      }
+      if (addresses == nullptr) {
+        PinnedMem& table = d.fill_addresses_h[sl];
+        if (table.bytes() == 0) {
+          RETURN_IF_ERROR(
+              table.Allocate(B * slots * 2 * sizeof(void*), "recalled rows' addresses"));
+        }
+        addresses = table.as<const uint16_t*>();
+      }
+      std::memcpy(addresses + 2 * static_cast<size_t>(next), rec.row_addresses.data(),
+                  2 * static_cast<size_t>(n) * sizeof(void*));
+      fills[e] = {nullptr, i, h, next, n, addresses + 2 * static_cast<size_t>(next)};
+    } else {
+      if (n > 0 && (pinned_ == nullptr || !pinned_->Contains(rec.rows, n * pair))) {
+        return absl::FailedPreconditionError(
+            "recalled rows are not in page-locked memory: the tier must pin its recall buffer "
+            "with the engine's PinnedHostRanges (TierOptions::pin_region)");
+      }
+      fills[e] = {reinterpret_cast<const uint16_t*>(rec.rows), i, h, next, n};
     }
-    fills[e] = {reinterpret_cast<const uint16_t*>(rec.rows), i, h, next, n};
     std::copy(rec.fill_slots.begin(), rec.fill_slots.end(), fill_slots + next);
     next += n;
     int32_t* map = maps + (static_cast<size_t>(i) * Hkv + h) * budget;

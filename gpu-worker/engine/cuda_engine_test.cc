@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -280,12 +281,16 @@ TEST_F(CudaEngineTest, DenseMatchesHostEngine) {
   EXPECT_EQ(gpu->counters().retrieve_calls, 0);
 }
 
-class CudaEngineSparseTest : public CudaEngineTest, public ::testing::WithParamInterface<bool> {};
+// Parameters: lookahead, and whether the tier gives row addresses in its arena (the kernel
+// gathers the rows) instead of copying them into the recall buffer.
+class CudaEngineSparseTest : public CudaEngineTest,
+                             public ::testing::WithParamInterface<std::tuple<bool, bool>> {};
 
 TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
   EngineOptions o = Options();
-  o.lookahead = GetParam();
+  o.lookahead = std::get<0>(GetParam());
   client::TierOptions to;
+  to.row_addresses = std::get<1>(GetParam());
   to.staging_areas = o.lookahead ? config_.num_layers - o.dense_layers : 1;
   to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
                                                      2 * spec_.row_bytes(), to.staging_areas);
@@ -304,7 +309,8 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
   EXPECT_EQ(c.fallback_layers, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Lookahead, CudaEngineSparseTest, ::testing::Bool());
+INSTANTIATE_TEST_SUITE_P(LookaheadAndRowAddresses, CudaEngineSparseTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()));
 
 // Rows in a recall buffer the device cannot read (not pinned): the step fails with
 // FAILED_PRECONDITION before any kernel reads them, and the engine keeps working.

@@ -316,6 +316,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
         int64_t{batch} * cfg.num_kv_heads, max_budget, 2 * spec.row_bytes(), to.staging_areas);
     cuda::PinnedHostRanges pinned;  // outlives `tier`
     PinRecallBuffer(&pinned, &to);
+    to.row_addresses = opt.row_addresses && opt.tier == "local";
     kvstore::NodeOptions no;
     no.memory_bytes = tier_shared + tier_per_seq * batch + (int64_t{256} << 20);
     no.search_threads = opt.threads;
@@ -405,6 +406,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
           {"tokens", mode.repeat ? "repeat" : "greedy"},
           {"tier", opt.tier},
           {"tier_describe", tier->Describe()},
+          {"row_addresses", to.row_addresses},
           {"lookahead", mode.lookahead},
           {"gpu_bytes_per_sequence", CudaEngine::DeviceBytesPerSequence(cfg, eo, max_context)},
           {"tier_bytes_per_sequence", tier_per_seq},

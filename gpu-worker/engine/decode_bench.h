@@ -60,6 +60,9 @@ struct DecodeBenchOptions {
   // transports, "" = UCX's default) to a kvrecall server started inside this process on
   // 127.0.0.1 (bench/loopback_server.h), the same node behind the wire.
   std::string tier = "local";
+  // With tier "local": the GPU gathers recalled rows from the tier's page-locked arena
+  // (TierOptions::row_addresses) instead of the node copying them into the recall buffer.
+  bool row_addresses = true;
   std::string ucx_tls = "posix,sysv,cma,self";
   int threads = 0;  // tier search threads (0 = every core)
   uint64_t seed = 1;

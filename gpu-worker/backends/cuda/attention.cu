@@ -483,31 +483,89 @@ namespace {
 __global__ void SlotScatterKernel(SlotScatterParams p) {
   const SlotFill f = p.entries[blockIdx.x];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+  const bool by_address = f.row_addresses != nullptr;
   const bool bad_entry = f.seq < 0 || f.seq >= p.batch || f.kv_head < 0 ||
                          f.kv_head >= p.num_kv_heads || f.num_rows < 0 || f.first < 0 ||
                          static_cast<int64_t>(f.first) + f.num_rows > p.num_fill_slots ||
-                         (reinterpret_cast<uintptr_t>(f.rows) & 15) != 0 ||
-                         (f.rows == nullptr && f.num_rows > 0);
+                         (by_address ? (reinterpret_cast<uintptr_t>(f.row_addresses) & 7) != 0
+                                     : (reinterpret_cast<uintptr_t>(f.rows) & 15) != 0 ||
+                                           (f.rows == nullptr && f.num_rows > 0));
   if (bad_entry) {
     if (threadIdx.x == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, max(f.num_rows, 1));
     return;
   }
   const int64_t entry = static_cast<int64_t>(f.seq) * p.num_kv_heads + f.kv_head;
   const int chunks = p.head_dim / 8;  // 16-byte chunks of K (and of V)
-  for (int j = warp; j < f.num_rows; j += warps) {
-    const int slot = p.fill_slots[f.first + j];
-    if (slot < 0 || slot >= p.budget) {
-      if (lane == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, 1);
-      continue;
+  if (!by_address) {
+    for (int j = warp; j < f.num_rows; j += warps) {
+      const int slot = p.fill_slots[f.first + j];
+      if (slot < 0 || slot >= p.budget) {
+        if (lane == 0 && p.num_rejected != nullptr) atomicAdd(p.num_rejected, 1);
+        continue;
+      }
+      const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
+      const uint4* src =
+          reinterpret_cast<const uint4*>(f.rows + static_cast<int64_t>(j) * 2 * p.head_dim);
+      for (int c = lane; c < 2 * chunks; c += 32) {
+        const uint4 x = src[c];
+        if (c < chunks) {
+          reinterpret_cast<uint4*>(p.k_slots + dst)[c] = x;
+        } else {
+          reinterpret_cast<uint4*>(p.v_slots + dst)[c - chunks] = x;
+        }
+      }
     }
-    const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-    const uint4* src = reinterpret_cast<const uint4*>(f.rows + static_cast<int64_t>(j) * 2 * p.head_dim);
-    for (int c = lane; c < 2 * chunks; c += 32) {
-      const uint4 x = src[c];
-      if (c < chunks) {
-        reinterpret_cast<uint4*>(p.k_slots + dst)[c] = x;
-      } else {
-        reinterpret_cast<uint4*>(p.v_slots + dst)[c - chunks] = x;
+    return;
+  }
+  // Gathered rows (each a bus round trip when they lie in host memory): a warp takes 16 rows,
+  // reads their 32 addresses and slots with one load per lane, and keeps kRows rows' loads in
+  // flight before it stores them.
+  constexpr int kGroup = 16, kRows = 4;
+  for (int j0 = warp * kGroup; j0 < f.num_rows; j0 += warps * kGroup) {
+    const int count = min(kGroup, f.num_rows - j0);
+    const uint16_t* mine = lane < 2 * count ? f.row_addresses[2 * j0 + lane] : nullptr;
+    const int my_slot = lane < count ? p.fill_slots[f.first + j0 + lane] : -1;
+    for (int r0 = 0; r0 < count; r0 += kRows) {
+      const uint16_t* k[kRows];
+      const uint16_t* v[kRows];
+      int slot[kRows];
+      bool ok[kRows];
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int r = min(r0 + u, count - 1);  // shuffles need every lane: clamp, then mask
+        k[u] = reinterpret_cast<const uint16_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine), 2 * r));
+        v[u] = reinterpret_cast<const uint16_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine), 2 * r + 1));
+        slot[u] = __shfl_sync(0xffffffffu, my_slot, r);
+        const bool in_slots = slot[u] >= 0 && slot[u] < p.budget;
+        const bool aligned =
+            k[u] != nullptr && v[u] != nullptr &&
+            ((reinterpret_cast<uintptr_t>(k[u]) | reinterpret_cast<uintptr_t>(v[u])) & 15) == 0;
+        ok[u] = r0 + u < count && in_slots && aligned;
+        if (r0 + u < count && !ok[u] && lane == 0 && p.num_rejected != nullptr) {
+          atomicAdd(p.num_rejected, 1);
+        }
+      }
+      for (int c = lane; c < 2 * chunks; c += 32) {
+        uint4 x[kRows];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          if (ok[u]) {
+            x[u] = c < chunks ? reinterpret_cast<const uint4*>(k[u])[c]
+                              : reinterpret_cast<const uint4*>(v[u])[c - chunks];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          if (!ok[u]) continue;
+          const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot[u]) * p.row_stride;
+          if (c < chunks) {
+            reinterpret_cast<uint4*>(p.k_slots + dst)[c] = x[u];
+          } else {
+            reinterpret_cast<uint4*>(p.v_slots + dst)[c - chunks] = x[u];
+          }
+        }
       }
     }
   }

@@ -144,7 +144,9 @@ void SlotScatterReference(const SlotScatterParams& p) {
     if (f.seq < 0 || f.seq >= p.batch || f.kv_head < 0 || f.kv_head >= p.num_kv_heads ||
         f.num_rows < 0 || f.first < 0 ||
         static_cast<int64_t>(f.first) + f.num_rows > p.num_fill_slots ||
-        reinterpret_cast<uintptr_t>(f.rows) % 16 != 0 || (f.rows == nullptr && f.num_rows > 0)) {
+        (f.row_addresses != nullptr ? reinterpret_cast<uintptr_t>(f.row_addresses) % 8 != 0
+                                    : reinterpret_cast<uintptr_t>(f.rows) % 16 != 0 ||
+                                          (f.rows == nullptr && f.num_rows > 0))) {
       if (p.num_rejected != nullptr) *p.num_rejected += std::max(f.num_rows, 1);
       continue;
     }
@@ -156,9 +158,19 @@ void SlotScatterReference(const SlotScatterParams& p) {
         continue;
       }
       const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-      const uint16_t* src = f.rows + static_cast<int64_t>(j) * 2 * p.head_dim;
-      std::copy_n(src, p.head_dim, p.k_slots + dst);
-      std::copy_n(src + p.head_dim, p.head_dim, p.v_slots + dst);
+      const uint16_t* k = f.rows + static_cast<int64_t>(j) * 2 * p.head_dim;
+      const uint16_t* v = k + p.head_dim;
+      if (f.row_addresses != nullptr) {
+        k = f.row_addresses[2 * j];
+        v = f.row_addresses[2 * j + 1];
+        if (k == nullptr || v == nullptr ||
+            (reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16 != 0) {
+          if (p.num_rejected != nullptr) ++*p.num_rejected;
+          continue;
+        }
+      }
+      std::copy_n(k, p.head_dim, p.k_slots + dst);
+      std::copy_n(v, p.head_dim, p.v_slots + dst);
     }
   }
 }

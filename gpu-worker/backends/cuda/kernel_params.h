@@ -113,19 +113,24 @@ struct SparseAttentionParams {
 // adjacent; 16-byte aligned) goes to slot fill_slots[first + j] of entry (seq, kv_head), for
 // j < num_rows. `rows` is any address the device can read: the tier's recall region, page-locked
 // and read by the kernel where the rows landed (PinnedHostRanges), or device memory.
+// With row_addresses (non-null; then `rows` is unused), row j's K is at row_addresses[2j] and its
+// V at row_addresses[2j + 1], each head_dim bf16, 16-byte aligned, device-readable: the kernel
+// gathers the rows where the tier keeps them (LocalTier's page-locked arena).
 struct SlotFill {
   const uint16_t* rows = nullptr;
   int32_t seq = 0;
   int32_t kv_head = 0;
   int32_t first = 0;
   int32_t num_rows = 0;
+  const uint16_t* const* row_addresses = nullptr;  // [2 * num_rows] or null
 };
 
 // Writes streamed rows into slot caches, one block per entry. Invalid input is skipped, never
 // read or written out of bounds, and counted in *num_rejected (when not null; the kernel adds to
-// it, the caller zeroes it): a row whose slot is outside [0, budget) counts 1; an entry whose
-// seq / kv_head is out of range, whose rows are misaligned or whose [first, first + num_rows) is
-// not inside [0, num_fill_slots) counts max(num_rows, 1).
+// it, the caller zeroes it): a row whose slot is outside [0, budget), or whose address (given by
+// row_addresses) is null or misaligned, counts 1; an entry whose seq / kv_head is out of range,
+// whose rows (or row_addresses array) are misaligned or whose [first, first + num_rows) is not
+// inside [0, num_fill_slots) counts max(num_rows, 1).
 // REQUIRES: no two rows share a destination; `entries` and `fill_slots` are device-readable.
 struct SlotScatterParams {
   int num_entries = 0;

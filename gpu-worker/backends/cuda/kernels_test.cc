@@ -622,6 +622,113 @@ TEST(SlotScatterTest, MatchesReference) {
   EXPECT_THAT(SlotScatter(p, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// Rows gathered by address (SlotFill::row_addresses), as LocalTier gives them: each K and V row
+// anywhere in page-locked host memory or device memory, in no order. Null, misaligned and
+// out-of-budget rows are skipped and counted, and so is an entry whose address array is
+// misaligned; everything else lands as the reference puts it.
+TEST(SlotScatterTest, GathersRowsByAddress) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  const int batch = 2, kv = 3, budget = 40, d = 128;
+  const int64_t entry_stride = static_cast<int64_t>(budget) * d;
+  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
+  const size_t pool_rows = 500;  // K and V rows are drawn from here at random
+  std::vector<uint16_t> pool = RandomBf16(pool_rows * d, rng);
+  DeviceBuffer<uint16_t> dpool(pool);
+  uint16_t* pinned = nullptr;
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), pool.size() * 2, cudaHostAllocMapped),
+            cudaSuccess);
+  std::unique_ptr<uint16_t, decltype(&cudaFreeHost)> free_pinned(pinned, &cudaFreeHost);
+  std::copy(pool.begin(), pool.end(), pinned);
+  // Host addresses for the reference, device-readable ones for the kernel; both address arrays
+  // live in page-locked memory, as CudaEngine keeps them.
+  std::vector<const uint16_t*> host_addr;
+  std::vector<const uint16_t*> dev_addr_v;
+  std::vector<SlotFill> host_fills, dev_fills;
+  std::vector<int32_t> fill_slots;
+  int expected_rejects = 0;
+  for (int e = 0; e < batch * kv; ++e) {
+    std::vector<int32_t> slots(budget);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    const int n = e == 1 ? budget : static_cast<int>(rng() % (budget + 1));
+    slots.resize(n);
+    const int32_t first = static_cast<int32_t>(fill_slots.size());
+    const size_t at = host_addr.size();
+    for (int j = 0; j < n; ++j) {
+      for (int kv_part = 0; kv_part < 2; ++kv_part) {
+        const size_t r = rng() % pool_rows;
+        host_addr.push_back(pool.data() + r * d);
+        dev_addr_v.push_back(((e + j) % 3 == 0 ? dpool.get() : pinned) + r * d);
+      }
+    }
+    if (e == 1) {
+      slots[0] = budget;                                 // a bad slot
+      host_addr[at + 2] = dev_addr_v[at + 2] = nullptr;  // row 1's K is null
+      host_addr[at + 5] = host_addr[at + 5] + 1;         // row 2's V is misaligned
+      dev_addr_v[at + 5] = dev_addr_v[at + 5] + 1;
+      expected_rejects += 3;
+    }
+    fill_slots.insert(fill_slots.end(), slots.begin(), slots.end());
+    host_fills.push_back({nullptr, e / kv, e % kv, first, n, nullptr});
+    dev_fills.push_back({nullptr, e / kv, e % kv, first, n, nullptr});
+  }
+  const size_t addr_bytes = dev_addr_v.size() * sizeof(uint16_t*) + 8;
+  const uint16_t** dev_addr = nullptr;
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&dev_addr), addr_bytes, cudaHostAllocMapped),
+            cudaSuccess);
+  std::unique_ptr<const uint16_t*, void (*)(const uint16_t**)> free_addr(
+      dev_addr, [](const uint16_t** p) { cudaFreeHost(p); });
+  std::copy(dev_addr_v.begin(), dev_addr_v.end(), dev_addr);
+  size_t at = 0;
+  for (size_t e = 0; e < host_fills.size(); ++e) {
+    host_fills[e].row_addresses = host_addr.data() + at;
+    dev_fills[e].row_addresses = dev_addr + at;
+    at += 2 * static_cast<size_t>(host_fills[e].num_rows);
+  }
+  // An entry whose address array is misaligned: all of its rows are skipped.
+  SlotFill skewed{nullptr, 0, 0, 0, 2, nullptr};
+  skewed.row_addresses = reinterpret_cast<const uint16_t* const*>(
+      reinterpret_cast<const uint8_t*>(host_addr.data()) + 4);
+  host_fills.push_back(skewed);
+  skewed.row_addresses =
+      reinterpret_cast<const uint16_t* const*>(reinterpret_cast<const uint8_t*>(dev_addr) + 4);
+  dev_fills.push_back(skewed);
+  expected_rejects += 2;
+
+  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
+  DeviceBuffer<uint16_t> dks(ks), dvs(vs);
+  DeviceBuffer<SlotFill> dfills(dev_fills);
+  DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
+  SlotScatterParams p;
+  p.num_entries = static_cast<int>(dev_fills.size());
+  p.head_dim = d;
+  p.batch = batch;
+  p.num_kv_heads = kv;
+  p.budget = budget;
+  p.entries = dfills.get();
+  p.fill_slots = dslots.get();
+  p.num_fill_slots = static_cast<int64_t>(fill_slots.size());
+  p.k_slots = dks.get();
+  p.v_slots = dvs.get();
+  p.entry_stride = entry_stride;
+  p.row_stride = d;
+  p.num_rejected = drej.get();
+  ASSERT_OK(SlotScatter(p, nullptr));
+  int32_t rejected = 0;
+  SlotScatterParams hp = p;
+  hp.entries = host_fills.data();
+  hp.fill_slots = fill_slots.data();
+  hp.k_slots = ks.data();
+  hp.v_slots = vs.data();
+  hp.num_rejected = &rejected;
+  SlotScatterReference(hp);
+  EXPECT_EQ(rejected, expected_rejects);
+  EXPECT_EQ(drej.Download()[0], rejected);
+  EXPECT_EQ(dks.Download(), ks);
+  EXPECT_EQ(dvs.Download(), vs);
+}
+
 // New K/V rows appended into a contiguous cache and into a paged one (page size 1 and 16, the
 // page table of a ring), from a fused q|k|v buffer; negative positions write nothing.
 TEST(KvAppendTest, MatchesReference) {
