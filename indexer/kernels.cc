@@ -8,6 +8,8 @@
 #endif
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +25,7 @@
 #define KV_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define KV_TARGET_AVX512BF16 \
   __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define KV_TARGET_AMX __attribute__((target("amx-tile,amx-bf16")))
 
 namespace kvrecall::indexer::kernels {
 namespace {
@@ -553,6 +556,51 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
   StoreTiles<NT, NH>(acc, out);
 }
 
+// AMX: the tiles of one thread's TDPBF16PS kernel. tmm0, tmm1: the accumulators of two
+// consecutive tiles (kAmxQueries queries x kPackRows rows, fp32); tmm2: the queries' next 16
+// pairs (A, kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs][kPackRows] words:
+// PackRows' bf16 layout is TDPBF16PS' B layout).
+constexpr int kAmxQueries = 4;
+constexpr int kAmxPairs = 16;  // pairs per TDPBF16PS (64-byte tile rows)
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64};
+  uint8_t rows[16] = {kAmxQueries, kAmxQueries, kAmxQueries, kAmxPairs};
+};
+static_assert(sizeof(AmxTileConfig) == 64);
+static_assert(kPackRows * 4 == 64, "a packed tile's pair row is one 64-byte AMX tile row");
+
+// NT (1 or 2) consecutive tiles for kAmxQueries queries: out[(t * kAmxQueries + h) * kPackRows
+// + r]. TDPBF16PS accumulates per pair the even element's product, then the odd one's, in fp32
+// with round-to-nearest-even and denormals flushed: close to, not bit-equal with, the other
+// bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
+template <int NT>
+KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
+  thread_local bool configured = false;
+  if (!configured) {
+    static const AmxTileConfig config;
+    _tile_loadconfig(&config);
+    configured = true;
+  }
+  const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
+  const long q_stride = static_cast<long>(pairs) * 4;
+  _tile_zero(0);
+  if (NT == 2) _tile_zero(1);
+  for (int p = 0; p < pairs; p += kAmxPairs) {
+    _tile_loadd(2, q + p, q_stride);
+    _tile_loadd(3, tile + static_cast<size_t>(p) * 64, 64);
+    _tile_dpbf16ps(0, 2, 3);
+    if (NT == 2) {
+      _tile_loadd(3, tile + tile_bytes + static_cast<size_t>(p) * 64, 64);
+      _tile_dpbf16ps(1, 2, 3);
+    }
+  }
+  _tile_stored(0, out, 64);
+  if (NT == 2) _tile_stored(1, out + kAmxQueries * kPackRows, 64);
+}
+
 using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
 
 // The pair kernel for nh (1..kMaxPackedQueries) queries over nt (1, or 2 on AVX-512) tiles.
@@ -568,7 +616,7 @@ PairKernel PairKernelFor(Isa isa, int nh, int nt) {
        &PairTilesAvx512Bf16<4, 1>},
       {&PairTilesAvx512Bf16<1, 2>, &PairTilesAvx512Bf16<2, 2>, &PairTilesAvx512Bf16<3, 2>,
        &PairTilesAvx512Bf16<4, 2>}};
-  if (isa == Isa::kAvx512Bf16) return kBf16[nt - 1][nh - 1];
+  if (isa >= Isa::kAvx512Bf16) return kBf16[nt - 1][nh - 1];
   if (isa == Isa::kAvx512) return kAvx512[nt - 1][nh - 1];
   return kAvx2[nh - 1];
 }
@@ -605,7 +653,18 @@ void ForPackedTiles(int64_t first, int64_t n, int nq, bool two_tiles, float scal
 }
 
 // The Isa whose bodies the kernels other than PackedQueryDotsBf16 run.
-inline Isa Base(Isa isa) { return isa == Isa::kAvx512Bf16 ? Isa::kAvx512 : isa; }
+inline Isa Base(Isa isa) { return isa >= Isa::kAvx512Bf16 ? Isa::kAvx512 : isa; }
+
+// Whether this CPU has AMX-TILE and AMX-BF16 (cpuid leaf 7, edx bits 24 and 22) and the kernel
+// lets this process use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+bool AmxUsable() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+  if ((d & (1u << 24)) == 0 || (d & (1u << 22)) == 0) return false;
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
 
 Isa DetectBest() {
   Isa best = Isa::kScalar;
@@ -622,6 +681,7 @@ Isa DetectBest() {
       unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0;
       if (__get_cpuid_count(7, 1, &a7, &b7, &c7, &d7) != 0 && (a7 & (1u << 5)) != 0) {
         best = Isa::kAvx512Bf16;
+        if (AmxUsable()) best = Isa::kAmxBf16;
       }
     }
   }
@@ -645,6 +705,8 @@ absl::string_view IsaName(Isa isa) {
       return "avx512";
     case Isa::kAvx512Bf16:
       return "avx512bf16";
+    case Isa::kAmxBf16:
+      return "amxbf16";
   }
   return "?";
 }
@@ -654,8 +716,10 @@ bool IsaSupported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(Ha
 Isa BestIsa() {
   static const Isa best = [] {
     // kAvx512Bf16 only on request: on the H100 host (Xeon with AVX512-BF16) its vdpbf16ps body
-    // searched 1.6x slower than kAvx512's FMA body (docs/benchmarks.md).
-    Isa b = std::min(HardwareBest(), Isa::kAvx512);
+    // searched 1.6x slower than kAvx512's FMA body. kAmxBf16 where the CPU has it: its decode
+    // steps ran 19-20 % faster there (docs/benchmarks.md).
+    Isa b =
+        HardwareBest() == Isa::kAmxBf16 ? Isa::kAmxBf16 : std::min(HardwareBest(), Isa::kAvx512);
     if (const char* env = std::getenv("KVRECALL_ISA"); env != nullptr) {
       const absl::string_view e(env);
       Isa want = b;
@@ -663,6 +727,7 @@ Isa BestIsa() {
       if (e == "avx2") want = Isa::kAvx2;
       if (e == "avx512") want = Isa::kAvx512;
       if (e == "avx512bf16") want = Isa::kAvx512Bf16;
+      if (e == "amxbf16") want = Isa::kAmxBf16;
       if (IsaSupported(want)) b = want;  // may name kAvx512Bf16
     }
     return b;
@@ -672,7 +737,7 @@ Isa BestIsa() {
 
 std::vector<Isa> SupportedIsas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmxBf16})
     if (IsaSupported(i)) out.push_back(i);
   return out;
 }
@@ -685,6 +750,7 @@ void ToF32(DType type, const void* src, int64_t n, float* dst, Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
     case Isa::kAvx512Bf16:
+    case Isa::kAmxBf16:
       return ToF32Avx512(type, src, n, dst);
     case Isa::kAvx2:
       return ToF32Avx2(type, src, n, dst);
@@ -697,6 +763,7 @@ float Dot(const float* a, const float* b, int64_t n, Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
     case Isa::kAvx512Bf16:
+    case Isa::kAmxBf16:
       return DotAvx512(a, b, n);
     case Isa::kAvx2:
       return DotAvx2(a, b, n);
@@ -832,6 +899,10 @@ void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int he
                    const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
                    const uint32_t* qh = q_pairs + static_cast<size_t>(h0) * pairs;
                    if (isa == Isa::kScalar) return PairTileScalar(tile, pairs, qh, nh, tmp);
+                   if (isa == Isa::kAmxBf16 && nh == kAmxQueries && pairs % kAmxPairs == 0) {
+                     return nt == 2 ? PairTilesAmx<2>(tile, pairs, qh, tmp)
+                                    : PairTilesAmx<1>(tile, pairs, qh, tmp);
+                   }
                    PairKernelFor(isa, nh, nt)(tile, pairs, qh, tmp);
                  });
 }
@@ -840,6 +911,7 @@ double SumExp(const float* x, int64_t n, float shift, Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
     case Isa::kAvx512Bf16:
+    case Isa::kAmxBf16:
       return SumExpAvx512(x, n, shift);
     case Isa::kAvx2:
       return SumExpAvx2(x, n, shift);

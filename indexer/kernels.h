@@ -7,11 +7,16 @@
 //   kAvx2        — AVX2 + FMA + F16C;
 //   kAvx512      — AVX-512 F/BW/VL/DQ (+ F16C);
 //   kAvx512Bf16  — kAvx512 plus AVX512-BF16, whose vdpbf16ps PackedQueryDotsBf16 uses (every
-//                  other kernel runs its kAvx512 body).
-// Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is the
-// widest one this CPU supports up to kAvx512 (kAvx512Bf16 measured slower on the H100 host);
-// the environment variable KVRECALL_ISA=scalar|avx2|avx512|avx512bf16 picks another supported
-// one, e.g. to compare paths. All functions are pure: thread-safe, no allocation unless stated.
+//                  other kernel runs its kAvx512 body);
+//   kAmxBf16     — kAvx512Bf16 plus AMX-BF16: PackedQueryDotsBf16 scores 4 queries at a time
+//                  with TDPBF16PS (even element first, denormals flushed: within rounding of
+//                  the others, not bit-equal), other query counts as kAvx512Bf16.
+// Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is
+// kAmxBf16 where supported, else the widest one up to kAvx512 (kAvx512Bf16 measured slower on the
+// H100 host);
+// the environment variable KVRECALL_ISA=scalar|avx2|avx512|avx512bf16|amxbf16 picks another
+// supported one, e.g. to compare paths. All functions are pure: thread-safe, no allocation unless
+// stated.
 #ifndef KVRECALL_INDEXER_KERNELS_H_
 #define KVRECALL_INDEXER_KERNELS_H_
 
@@ -24,9 +29,9 @@
 
 namespace kvrecall::indexer::kernels {
 
-enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmxBf16 = 4 };
 
-absl::string_view IsaName(Isa isa);  // "scalar" | "avx2" | "avx512" | "avx512bf16"
+absl::string_view IsaName(Isa isa);  // "scalar" | "avx2" | "avx512" | "avx512bf16" | "amxbf16"
 bool IsaSupported(Isa isa);
 Isa BestIsa();
 // The supported ones, narrowest first (for tests and benchmarks).

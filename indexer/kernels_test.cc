@@ -138,7 +138,8 @@ TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReferenc
                 }
                 ASSERT_NEAR(out[h * ld + i], want, 1e-5 * mag + 1e-6)
                     << IsaName(isa) << " " << DTypeName(t) << " d=" << d << " nq=" << nq;
-                if (t == DType::kBF16) {  // vdpbf16ps' chain: per pair, odd element then even
+                // vdpbf16ps' chain: per pair, odd element then even (TDPBF16PS's differs).
+                if (t == DType::kBF16 && isa != Isa::kAmxBf16) {
                   float a = 0;
                   const float* k = ref.data() + static_cast<size_t>(first + i) * d;
                   const float* qh = qr.data() + static_cast<size_t>(h) * d;
@@ -153,7 +154,7 @@ TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReferenc
             }
             if (isa == Isa::kScalar) {
               scalar = out;
-            } else {
+            } else if (isa != Isa::kAmxBf16) {
               EXPECT_EQ(out, scalar) << IsaName(isa) << " " << DTypeName(t) << " d=" << d
                                      << " nq=" << nq << " rows [" << first << ", +" << count << ")";
             }
