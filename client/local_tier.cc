@@ -48,19 +48,14 @@ class LocalTier final : public Tier {
     ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, node_.FindSequence(options_.tenant, sequence_id));
     const int layers = seq->spec().num_layers;
     RETURN_IF_ERROR(internal::CheckAppendBatch(seq->spec(), batch));
-    RETURN_IF_ERROR(seq->BeginAppend());
-    absl::Status s = [&]() -> absl::Status {
-      if (!batch.token_ids.empty()) RETURN_IF_ERROR(seq->AddTokenIds(batch.token_start, batch.token_ids));
-      for (int l = 0; l < layers; ++l) {
-        RETURN_IF_ERROR(seq->AppendChunk(l, batch.token_start, batch.num_tokens, AsBytes(batch.keys[l]),
-                                         AsBytes(batch.values[l])));
-      }
-      return seq->CommitAppend().status();
-    }();
-    if (!s.ok()) {
-      seq->AbortAppend();
-      return s;
+    std::vector<absl::Span<const uint8_t>> keys, values;
+    for (int l = 0; l < layers; ++l) {
+      keys.push_back(AsBytes(batch.keys[l]));
+      values.push_back(AsBytes(batch.values[l]));
     }
+    RETURN_IF_ERROR(
+        seq->AppendTokens(batch.token_start, batch.num_tokens, batch.token_ids, keys, values)
+            .status());
     absl::MutexLock lock(&counters_mu_);
     for (int l = 0; l < layers; ++l) counters_.bytes_appended += static_cast<int64_t>(batch.keys[l].size() * 2);
     return absl::OkStatus();

@@ -1,5 +1,6 @@
 #include <cstring>
 #include <latch>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -318,6 +319,73 @@ TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
     EXPECT_EQ(tier->counters().retrieve_calls, 3 * kLayers);
   }
   ExpectSameAnswers(answers[0], answers[1]);
+}
+
+// AppendKVBatch through both tiers (RemoteTier sends one AppendKVBatch RPC): each append is
+// stored or refused on its own, the first refusal is the result, and what was stored is what a
+// Retrieve reads back.
+TEST(AppendKVBatchTest, EachAppendIsStoredOrRefusedOnItsOwn) {
+  ASSERT_OK_AND_ASSIGN(auto server,
+                       bench::StartLoopbackServer(kvstore::NodeOptions{1 << 20, 2, 1}, "tcp"));
+  RemoteTierOptions r;
+  r.target = server->target;
+  r.ucx_tls = "tcp";
+  TierOptions options;
+  options.recall_buffer_bytes = 1024;
+  ASSERT_OK_AND_ASSIGN(auto local, CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options));
+  ASSERT_OK_AND_ASSIGN(auto remote, CreateRemoteTier(r, options));
+  for (Tier* tier : {local.get(), remote.get()}) {
+    SCOPED_TRACE(tier->Describe());
+    ASSERT_OK(tier->RegisterModel(Spec()));
+    for (const char* id : {"s1", "s2", "s3"})
+      ASSERT_OK(tier->OpenSequence(id, "m", {1, 2, 3}).status());
+    auto append = [](const std::string& id, int64_t start, std::vector<float> k,
+                     std::vector<int32_t> ids = {}) {
+      SequenceAppend a{id, {}};
+      a.batch.token_start = start;
+      a.batch.num_tokens = static_cast<int64_t>(k.size() / 2);
+      a.batch.token_ids = std::move(ids);
+      for (int l = 0; l < 2; ++l) {
+        a.batch.keys.push_back(Floats(k));
+        std::vector<float> v = k;
+        for (float& x : v) x += 100 * (l + 1);
+        a.batch.values.push_back(Floats(v));
+      }
+      return a;
+    };
+    std::vector<bool> stored;
+    std::vector<SequenceAppend> batch = {append("s1", 0, {1, 0, 5, 0, 2, 0}),
+                                         append("s2", 0, {0, 1, 0, 2, 0, 3}),
+                                         append("s3", 1, {1, 1, 1, 1}), append("s1", 3, {9, 9})};
+    EXPECT_THAT(tier->AppendKVBatch(batch, &stored), StatusIs(absl::StatusCode::kInvalidArgument))
+        << "s1 twice";
+    batch.pop_back();
+    EXPECT_THAT(tier->AppendKVBatch(batch, &stored),
+                StatusIs(absl::StatusCode::kFailedPrecondition));
+    EXPECT_THAT(stored, ElementsAre(true, true, false));
+    // Decode tokens, their ids with them; an unknown sequence fails alone.
+    batch = {append("s1", 3, {3, 0}, {4}), append("nope", 0, {1, 1}), append("s3", 0, {7, 7}),
+             append("s2", 3, {0, 4}, {4})};
+    // LocalTier asks the node; RemoteTier knows it never opened the sequence.
+    EXPECT_THAT(tier->AppendKVBatch(batch, &stored),
+                StatusIs(tier == local.get() ? absl::StatusCode::kNotFound
+                                             : absl::StatusCode::kFailedPrecondition));
+    EXPECT_THAT(stored, ElementsAre(true, false, true, true));
+    ASSERT_OK_AND_ASSIGN(auto stats, tier->Stats(true));
+    std::map<std::string, int64_t> tokens;
+    for (const auto& seq : stats.sequences) tokens[seq.sequence_id] = seq.stored_tokens;
+    EXPECT_EQ(tokens["s1"], 4);
+    EXPECT_EQ(tokens["s2"], 4);
+    EXPECT_EQ(tokens["s3"], 1);
+    // s1's layer 1 as stored: the best two of keys (1,0) (5,0) (2,0) (3,0) for query (1, 0).
+    std::vector<float> q = {1, 0, 1, 0};
+    RetrieveBatch rb{1, 2, Method::kExact, {{"s1", 0, q, 0, 4}}};
+    std::vector<Recalled> out;
+    ASSERT_OK(tier->Retrieve(rb, &out));
+    ASSERT_THAT(out[0].token_ids, ElementsAre(1, 3));
+    const float* rows = reinterpret_cast<const float*>(out[0].rows);
+    EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(5, 0, 205, 200, 3, 0, 203, 200));
+  }
 }
 
 // RecallBufferBytes makes exactly enough room: rows of every area, then its results at the end.

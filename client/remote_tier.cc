@@ -27,6 +27,8 @@ namespace v1 = ::kvrecall::v1;
 using proto::FromGrpc;
 
 constexpr size_t kAppendChunkBytes = 4 << 20;
+// The most K/V bytes of one AppendKVBatch request (well inside kMaxMessageBytes).
+constexpr size_t kAppendBatchBytes = 16 << 20;
 constexpr size_t kIngestPackBytes = 16 << 20;  // bulk ingest: bytes packed per round of puts
 constexpr int kIngestLanes = 4;  // bulk ingest: most threads packing and putting
 constexpr int kUnpackThreads = 3;  // Retrieve: pool threads unpacking results (with the caller: 4)
@@ -115,6 +117,90 @@ class RemoteTier final : public Tier {
       ingest_unsupported_ = true;  // the node has no registered arena: AppendKV from now on
     }
     return AppendOverGrpc(sequence_id, *spec, batch);
+  }
+
+  // Small appends (a decode step's tokens) go in AppendKVBatch requests of up to
+  // kAppendBatchBytes, one round trip for the batch; large ones (prompts) as AppendKV does them.
+  // A node without AppendKVBatch (UNIMPLEMENTED) gets AppendKV calls from then on.
+  absl::Status AppendKVBatch(absl::Span<const SequenceAppend> appends,
+                             std::vector<bool>* stored) override {
+    RETURN_IF_ERROR(internal::CheckDistinctSequences(appends));
+    if (batch_unsupported_) return Tier::AppendKVBatch(appends, stored);
+    std::vector<bool> done(appends.size(), false);
+    absl::Status first;
+    v1::AppendKVBatchRequest req;
+    std::vector<size_t> in_req;  // the appends in req, in order
+    size_t req_bytes = 0;
+    auto send = [&] {
+      if (in_req.empty()) return;
+      req.set_tenant(options_.tenant);
+      v1::AppendKVBatchResponse resp;
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      absl::Status s = FromGrpc(stub_->AppendKVBatch(&ctx, req, &resp));
+      if (absl::IsUnimplemented(s)) {
+        batch_unsupported_ = true;
+        for (size_t i : in_req) {
+          absl::Status one = AppendKV(appends[i].sequence_id, appends[i].batch);
+          done[i] = one.ok();
+          first.Update(one);
+        }
+      } else if (s.ok() && resp.results_size() != static_cast<int>(in_req.size())) {
+        first.Update(
+            absl::InternalError(absl::StrCat("AppendKVBatch answered ", resp.results_size(),
+                                             " results for ", in_req.size(), " appends")));
+      } else if (!s.ok()) {
+        first.Update(s);  // none of them is acknowledged
+      } else {
+        for (size_t j = 0; j < in_req.size(); ++j) {
+          const v1::AppendResult& r = resp.results(static_cast<int>(j));
+          done[in_req[j]] = r.code() == 0;
+          if (r.code() != 0) {
+            first.Update(absl::Status(
+                static_cast<absl::StatusCode>(r.code()),
+                absl::StrCat("sequence '", appends[in_req[j]].sequence_id, "': ", r.message())));
+          }
+        }
+        absl::MutexLock lock(&counters_mu_);
+        counters_.bytes_appended += resp.bytes_written();
+      }
+      req.Clear();
+      in_req.clear();
+      req_bytes = 0;
+    };
+    for (size_t i = 0; i < appends.size(); ++i) {
+      const SequenceAppend& a = appends[i];
+      absl::StatusOr<const ModelSpec*> spec = SpecOf(a.sequence_id);
+      absl::Status valid = spec.ok() ? internal::CheckAppendBatch(**spec, a.batch) : spec.status();
+      if (!valid.ok()) {
+        first.Update(valid);
+        continue;
+      }
+      const size_t bytes = static_cast<size_t>((*spec)->token_kv_bytes() * a.batch.num_tokens);
+      if (bytes >= static_cast<size_t>(remote_.ingest_min_bytes) || bytes > kAppendBatchBytes) {
+        absl::Status one = AppendKV(a.sequence_id, a.batch);
+        done[i] = one.ok();
+        first.Update(one);
+        continue;
+      }
+      if (req_bytes + bytes > kAppendBatchBytes) send();
+      v1::SequenceAppend* m = req.add_appends();
+      m->set_sequence_id(a.sequence_id);
+      m->set_token_start(a.batch.token_start);
+      m->set_num_tokens(static_cast<int32_t>(a.batch.num_tokens));
+      m->mutable_token_ids()->Add(a.batch.token_ids.begin(), a.batch.token_ids.end());
+      std::string* k = m->mutable_keys();
+      std::string* v = m->mutable_values();
+      k->reserve(bytes / 2);
+      v->reserve(bytes / 2);
+      for (const std::string& layer : a.batch.keys) k->append(layer);
+      for (const std::string& layer : a.batch.values) v->append(layer);
+      in_req.push_back(i);
+      req_bytes += bytes;
+    }
+    send();
+    if (stored != nullptr) *stored = std::move(done);
+    return first;
   }
 
   absl::Status AppendOverGrpc(const std::string& sequence_id, const ModelSpec& spec, const AppendBatch& batch) {
@@ -591,6 +677,7 @@ class RemoteTier final : public Tier {
   std::vector<std::vector<uint8_t>> ingest_packs_;  // per lane: rows packed in slot layout for the puts
   std::vector<v1::RetrieveResponse> retrieve_resps_;  // per staging area
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
+  bool batch_unsupported_ = false;   // the node answered UNIMPLEMENTED to AppendKVBatch
   std::string fallback_buffer_;
   internal::RegionPin pin_;  // of region_ or fallback_buffer_
   // Per staging area: the last call's number (each touched only by that area's calls).

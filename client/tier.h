@@ -69,6 +69,11 @@ struct AppendBatch {
   std::vector<std::string> values;
 };
 
+struct SequenceAppend {
+  std::string sequence_id;
+  AppendBatch batch;
+};
+
 struct RetrieveEntry {
   std::string sequence_id;
   int kv_head = 0;
@@ -158,6 +163,13 @@ class Tier {
                                                   absl::Span<const int32_t> token_ids) = 0;
   // All-or-nothing: when it returns OK the tokens are stored and acknowledged.
   virtual absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) = 0;
+  // Several sequences' appends (a decode step's new tokens), each all-or-nothing on its own as
+  // AppendKV: OK when every one is stored; else the first failure's error, and stored[i] (when
+  // given; resized to appends.size()) says which were stored and acknowledged. The sequence ids
+  // must differ (INVALID_ARGUMENT). This default calls AppendKV for each; RemoteTier sends one
+  // RPC for small appends.
+  virtual absl::Status AppendKVBatch(absl::Span<const SequenceAppend> appends,
+                                     std::vector<bool>* stored = nullptr);
   // out->size() == batch.entries.size() on OK. INVALID_ARGUMENT when entries * budget rows do
   // not fit one staging area of the recall buffer. The rows stay valid until the next call in
   // the same staging area.
@@ -226,6 +238,8 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, 
 absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r);
 // The shape checks of an AppendBatch against its model (layers, bytes per layer).
 absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch);
+// INVALID_ARGUMENT when two appends name one sequence.
+absl::Status CheckDistinctSequences(absl::Span<const SequenceAppend> appends);
 // Checks a reply's slot map against the request (budget, ascending ids, slots distinct and in
 // range, every fill slot among the selection's) so a confused server cannot make the caller
 // write outside its slot cache.

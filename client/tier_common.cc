@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
 #include "common/status_macros.h"
@@ -66,6 +67,17 @@ absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r)
   for (size_t j = 0; j < n; ++j, s += 2) r->slots[j] = s[0] | (s[1] << 8);
   r->fill_slots.resize(m);
   for (size_t j = 0; j < m; ++j, s += 2) r->fill_slots[j] = s[0] | (s[1] << 8);
+  return absl::OkStatus();
+}
+
+absl::Status CheckDistinctSequences(absl::Span<const SequenceAppend> appends) {
+  absl::flat_hash_set<absl::string_view> seen;
+  for (const SequenceAppend& a : appends) {
+    if (!seen.insert(a.sequence_id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence '", a.sequence_id, "' appears twice in one batch"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -160,6 +172,19 @@ absl::Status RegionPin::Pin(const TierOptions& options, uint8_t* data, size_t by
 }  // namespace kvrecall::client::internal
 
 namespace kvrecall::client {
+
+absl::Status Tier::AppendKVBatch(absl::Span<const SequenceAppend> appends,
+                                 std::vector<bool>* stored) {
+  RETURN_IF_ERROR(internal::CheckDistinctSequences(appends));
+  if (stored != nullptr) stored->assign(appends.size(), false);
+  absl::Status first;
+  for (size_t i = 0; i < appends.size(); ++i) {
+    absl::Status s = AppendKV(appends[i].sequence_id, appends[i].batch);
+    if (s.ok() && stored != nullptr) (*stored)[i] = true;
+    first.Update(s);
+  }
+  return first;
+}
 
 int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas) {
   const uint64_t rows_bytes = static_cast<uint64_t>(entries) * static_cast<uint64_t>(budget) * row_pair_bytes;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
@@ -302,6 +303,66 @@ grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext*
 grpc::ServerReadReactor<v1::AppendKVRequest>* GrpcService::AppendKV(grpc::CallbackServerContext* ctx,
                                                                     v1::AppendKVResponse* resp) {
   return new AppendReactor(ctx, node_, auth_, resp);
+}
+
+grpc::ServerUnaryReactor* GrpcService::AppendKVBatch(grpc::CallbackServerContext* ctx,
+                                                     const v1::AppendKVBatchRequest* req,
+                                                     v1::AppendKVBatchResponse* resp) {
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx, req->tenant()));
+    if (req->appends_size() < 1 || req->appends_size() > kMaxRetrieveEntries) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("appends ", req->appends_size(), " not in [1, ", kMaxRetrieveEntries, "]"));
+    }
+    absl::flat_hash_set<absl::string_view> seen;
+    for (const v1::SequenceAppend& a : req->appends()) {
+      if (!seen.insert(a.sequence_id()).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence '", a.sequence_id(), "' appears twice in one batch"));
+      }
+    }
+    auto apply = [&](const v1::SequenceAppend& a) -> absl::StatusOr<int64_t> {
+      ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(tenant, a.sequence_id()));
+      const ModelSpec& spec = seq->spec();
+      if (a.num_tokens() < 0 || a.token_start() < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("append of ", a.num_tokens(), " tokens at ", a.token_start()));
+      }
+      const size_t layer_bytes = static_cast<size_t>(spec.num_kv_heads) *
+                                 static_cast<size_t>(a.num_tokens()) * spec.row_bytes();
+      const size_t want = layer_bytes * static_cast<size_t>(spec.num_layers);
+      if (a.keys().size() != want || a.values().size() != want) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("keys and values must be [", spec.num_layers, "][", spec.num_kv_heads,
+                         "][", a.num_tokens(), "][", spec.head_dim, "] = ", want,
+                         " bytes each, got ", a.keys().size(), " and ", a.values().size()));
+      }
+      std::vector<absl::Span<const uint8_t>> keys, values;
+      for (int l = 0; l < spec.num_layers; ++l) {
+        keys.emplace_back(reinterpret_cast<const uint8_t*>(a.keys().data()) + l * layer_bytes,
+                          layer_bytes);
+        values.emplace_back(reinterpret_cast<const uint8_t*>(a.values().data()) + l * layer_bytes,
+                            layer_bytes);
+      }
+      return seq->AppendTokens(a.token_start(), a.num_tokens(),
+                               absl::MakeConstSpan(a.token_ids().data(), a.token_ids_size()), keys,
+                               values);
+    };
+    int64_t bytes = 0;
+    for (const v1::SequenceAppend& a : req->appends()) {
+      v1::AppendResult* r = resp->add_results();
+      absl::StatusOr<int64_t> stored = apply(a);
+      if (stored.ok()) {
+        r->set_stored_tokens(*stored);
+        bytes += static_cast<int64_t>(a.keys().size() + a.values().size());
+      } else {
+        r->set_code(static_cast<int32_t>(stored.status().code()));
+        r->set_message(std::string(stored.status().message()));
+      }
+    }
+    resp->set_bytes_written(bytes);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* GrpcService::AllocateBlocks(grpc::CallbackServerContext* ctx,

@@ -44,6 +44,9 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
                                          v1::OpenSequenceResponse* resp) override;
   grpc::ServerReadReactor<v1::AppendKVRequest>* AppendKV(grpc::CallbackServerContext* ctx,
                                                          v1::AppendKVResponse* resp) override;
+  grpc::ServerUnaryReactor* AppendKVBatch(grpc::CallbackServerContext* ctx,
+                                          const v1::AppendKVBatchRequest* req,
+                                          v1::AppendKVBatchResponse* resp) override;
   grpc::ServerUnaryReactor* AllocateBlocks(grpc::CallbackServerContext* ctx, const v1::AllocateBlocksRequest* req,
                                            v1::AllocateBlocksResponse* resp) override;
   grpc::ServerUnaryReactor* CommitBlocks(grpc::CallbackServerContext* ctx, const v1::CommitBlocksRequest* req,

@@ -435,6 +435,27 @@ void Sequence::AbortAppend() {
   token_ids_.resize(static_cast<size_t>(token_ids_at_begin_));
 }
 
+absl::StatusOr<int64_t> Sequence::AppendTokens(int64_t token_start, int64_t n,
+                                               absl::Span<const int32_t> token_ids,
+                                               absl::Span<const absl::Span<const uint8_t>> keys,
+                                               absl::Span<const absl::Span<const uint8_t>> values) {
+  const int layers = spec().num_layers;
+  if (static_cast<int>(keys.size()) != layers || static_cast<int>(values.size()) != layers) {
+    return absl::InvalidArgumentError(absl::StrCat("append has keys/values for ", keys.size(), "/",
+                                                   values.size(), " layers; the model has ",
+                                                   layers));
+  }
+  RETURN_IF_ERROR(BeginAppend());
+  absl::StatusOr<int64_t> stored = [&]() -> absl::StatusOr<int64_t> {
+    if (!token_ids.empty()) RETURN_IF_ERROR(AddTokenIds(token_start, token_ids));
+    for (int l = 0; l < layers; ++l)
+      RETURN_IF_ERROR(AppendChunk(l, token_start, n, keys[l], values[l]));
+    return CommitAppend();
+  }();
+  if (!stored.ok()) AbortAppend();  // CommitAppend's own failure already ended the transaction
+  return stored;
+}
+
 void Sequence::UnpinTxnLocked() {
   table_->Unpin(txn_pins_);
   txn_pins_.clear();

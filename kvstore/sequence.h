@@ -198,6 +198,14 @@ class Sequence {
   absl::StatusOr<int64_t> CommitAppend();
   // Drops everything written since BeginAppend.
   void AbortAppend();
+  // One whole append as its own transaction: BeginAppend, the ids of tokens [token_start, ...)
+  // if given, every layer's chunk of tokens [token_start, token_start + n), CommitAppend; any
+  // error aborts it and keeps nothing. keys[l], values[l]: layer l as AppendChunk takes it.
+  // INVALID_ARGUMENT unless there is one span per layer. Returns the committed token count.
+  absl::StatusOr<int64_t> AppendTokens(int64_t token_start, int64_t n,
+                                       absl::Span<const int32_t> token_ids,
+                                       absl::Span<const absl::Span<const uint8_t>> keys,
+                                       absl::Span<const absl::Span<const uint8_t>> values);
 
  private:
   // CommitAppend under mu_; on success *hooks is hooks_ (called after mu_ is released).

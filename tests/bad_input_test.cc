@@ -224,6 +224,84 @@ TEST_F(BadInputTest, AppendKV) {
   EXPECT_EQ(StoredTokens("a"), 10);
 }
 
+// AppendKVBatch: malformed requests fail whole; each append succeeds or fails on its own with
+// its own code, a failed one keeps nothing, and the others are stored.
+TEST_F(BadInputTest, AppendKVBatch) {
+  ASSERT_EQ(Open("b1", 12).error_code(), StatusCode::OK);
+  ASSERT_EQ(Open("b2", 12, 2).error_code(), StatusCode::OK);
+  ASSERT_EQ(Open("b3", 12, 3).error_code(), StatusCode::OK);
+  ASSERT_EQ(Open("b4", 12, 4).error_code(), StatusCode::OK);
+  ASSERT_EQ(Open("b5", 12, 5).error_code(), StatusCode::OK);
+  auto one = [](const std::string& id, int64_t start, int n) {
+    v1::SequenceAppend a;
+    a.set_sequence_id(id);
+    a.set_token_start(start);
+    a.set_num_tokens(n);
+    a.set_keys(std::string(kLayers * kKvHeads * n * kRow, '\x01'));
+    a.set_values(std::string(kLayers * kKvHeads * n * kRow, '\x02'));
+    return a;
+  };
+  v1::AppendKVBatchRequest req;
+  req.set_tenant("t");
+  v1::AppendKVBatchResponse resp;
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::AppendKVBatch, req, &resp).error_code(),
+            StatusCode::INVALID_ARGUMENT)
+      << "no appends";
+  *req.add_appends() = one("b1", 0, 4);
+  *req.add_appends() = one("b1", 0, 4);
+  EXPECT_EQ(Call(&v1::KvRecall::Stub::AppendKVBatch, req, &resp).error_code(),
+            StatusCode::INVALID_ARGUMENT)
+      << "one sequence twice";
+  EXPECT_EQ(StoredTokens("b1"), 0);
+
+  req.clear_appends();
+  *req.add_appends() = one("b1", 0, 4);  // stored
+  v1::SequenceAppend short_keys = one("b2", 0, 4);
+  short_keys.mutable_keys()->resize(short_keys.keys().size() - 1);
+  *req.add_appends() = short_keys;         // INVALID_ARGUMENT
+  *req.add_appends() = one("nope", 0, 4);  // NOT_FOUND
+  *req.add_appends() = one("b3", 2, 4);    // a gap: FAILED_PRECONDITION
+  v1::SequenceAppend huge = one("b4", 0, 4);
+  huge.set_num_tokens(1 << 30);  // counts far beyond the bytes
+  *req.add_appends() = huge;
+  *req.add_appends() = one("b5", 0, 13);  // ids unknown past 12
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::AppendKVBatch, req, &resp).error_code(), StatusCode::OK);
+  ASSERT_EQ(resp.results_size(), 6);
+  EXPECT_EQ(resp.results(0).code(), 0);
+  EXPECT_EQ(resp.results(0).stored_tokens(), 4);
+  EXPECT_EQ(resp.results(1).code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(resp.results(2).code(), static_cast<int>(absl::StatusCode::kNotFound));
+  EXPECT_EQ(resp.results(3).code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(resp.results(4).code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(resp.results(5).code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_FALSE(resp.results(5).message().empty());
+  EXPECT_EQ(resp.bytes_written(), 2 * kLayers * kKvHeads * 4 * kRow);
+  EXPECT_EQ(StoredTokens("b1"), 4);
+  EXPECT_EQ(StoredTokens("b2"), 0);
+  for (const char* id : {"b3", "b4", "b5"}) EXPECT_EQ(StoredTokens(id), 0) << id;
+
+  // The next batch continues where each sequence is; decode-style appends carry their ids
+  // (from token_start), which must agree with the ids already known.
+  req.clear_appends();
+  *req.add_appends() = one("b1", 4, 8);
+  v1::SequenceAppend wrong_id = one("b2", 0, 1);
+  wrong_id.add_token_ids(7);  // token 0 of b2 is 2
+  *req.add_appends() = wrong_id;
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::AppendKVBatch, req, &resp).error_code(), StatusCode::OK);
+  ASSERT_EQ(resp.results_size(), 2);
+  EXPECT_EQ(resp.results(0).code(), 0) << resp.results(0).message();
+  EXPECT_EQ(resp.results(1).code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  req.clear_appends();
+  v1::SequenceAppend decode = one("b1", 12, 1);
+  decode.add_token_ids(7);
+  *req.add_appends() = decode;
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::AppendKVBatch, req, &resp).error_code(), StatusCode::OK);
+  EXPECT_EQ(resp.results(0).code(), 0) << resp.results(0).message();
+  EXPECT_EQ(resp.results(0).stored_tokens(), 13);
+  EXPECT_EQ(StoredTokens("b1"), 13);
+  EXPECT_EQ(StoredTokens("b2"), 0);
+}
+
 TEST_F(BadInputTest, Retrieve) {
   MakeSequence("r");
   EXPECT_EQ(Retrieve(GoodRetrieve("r")), StatusCode::OK);

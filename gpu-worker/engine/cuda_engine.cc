@@ -1116,8 +1116,10 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
     // The new tokens join the tier's copy of each sequence (their ids travel with their KV).
     const absl::Time t0 = absl::Now();
     const size_t row = spec_.row_bytes();
+    std::vector<client::SequenceAppend> appends(B);
     for (int r = 0; r < B; ++r) {
-      client::AppendBatch b;
+      appends[r].sequence_id = rows_[r]->id;
+      client::AppendBatch& b = appends[r].batch;
       b.token_start = pos[r];
       b.num_tokens = 1;
       b.token_ids = {io[r]};
@@ -1130,8 +1132,8 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
         b.values[l].assign(reinterpret_cast<const char*>(src) + kvd * 2,
                            config_.num_kv_heads * row);
       }
-      RETURN_IF_ERROR(tier_->AppendKV(rows_[r]->id, b));
     }
+    RETURN_IF_ERROR(tier_->AppendKVBatch(appends));
     const double s = Since(t0);
     counters_.append_seconds += s;
     times_.append += s;

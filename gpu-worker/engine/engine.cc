@@ -459,8 +459,10 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
     // The new tokens join the tier's copy of each sequence (their ids travel with their KV).
     const absl::Time t0 = absl::Now();
     const size_t row = spec_.row_bytes();
+    std::vector<client::SequenceAppend> appends(B);
     for (int i = 0; i < B; ++i) {
-      client::AppendBatch b;
+      appends[i].sequence_id = ids[i];
+      client::AppendBatch& b = appends[i].batch;
       b.token_start = pos[i];
       b.num_tokens = 1;
       b.token_ids = {tokens[i]};
@@ -472,8 +474,8 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
         FromF32(spec_.kv_dtype, new_k[l].data() + i * rowf, rowf, b.keys[l].data());
         FromF32(spec_.kv_dtype, new_v[l].data() + i * rowf, rowf, b.values[l].data());
       }
-      RETURN_IF_ERROR(tier_->AppendKV(ids[i], b));
     }
+    RETURN_IF_ERROR(tier_->AppendKVBatch(appends));
     counters_.append_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
   }
   for (int i = 0; i < B; ++i) seqs[i]->len++;

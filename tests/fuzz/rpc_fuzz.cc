@@ -12,7 +12,7 @@
 // t's bearer token until a call 13 changes it.
 //
 // Input: calls, each [u8 selector][u16 LE length][payload]; the payload is the request message
-// (calls whose payload does not parse are skipped). selector & 0x0f picks the call, modulo 13:
+// (calls whose payload does not parse are skipped). selector & 0x0f picks the call:
 //   0 RegisterModel  1 OpenSequence  2 AppendKV  3 AllocateBlocks  4 CommitBlocks  5 Retrieve
 //   6 BuildIndex  7 FetchKV  8 AttachWorker  9 CloseSequence  10 Stats  11 Drain
 //   12 advance the node's (fake) clock by the payload's first u32 (LE) milliseconds
@@ -20,6 +20,7 @@
 //      token, "2" the admin's, anything else the payload itself (printable ASCII only; other
 //      bytes are dropped, as gRPC refuses them before sending)
 //   14 parse the payload as a token file (ParseTokenTable), without applying it
+//   15 AppendKVBatch
 // AppendKV's payload is its stream: chunks [u16 LE length][AppendKVRequest]; selector bit 0x80
 // cancels the stream after the last chunk instead of half-closing it. A CommitBlocks with
 // ingest_id 0 names the last ingest an AllocateBlocks of this input was granted.
@@ -51,7 +52,7 @@
 namespace kvrecall::kvstore {
 namespace {
 
-constexpr int kRpcs = 15;
+constexpr int kRpcs = 16;
 constexpr char kTenantToken[] = "Bearer fuzz-tenant-t-token-0123";
 constexpr char kAdminToken[] = "Bearer fuzz-admin-token-01234567";
 constexpr int kBlockTokens = 4;
@@ -283,6 +284,12 @@ void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest, 
     case 14:
       (void)ParseTokenTable(payload);
       break;
+    case 15: {
+      v1::AppendKVBatchRequest req;
+      v1::AppendKVBatchResponse resp;
+      if (Parse(payload, &req)) (void)stub.AppendKVBatch(&ctx, req, &resp);
+      break;
+    }
   }
 }
 
@@ -381,6 +388,25 @@ void WriteSeeds(const std::string& dir) {
     decode.push_back(c);
   }
   w.Raw(2, Chunks(decode)).Write(dir, "append_decode_s");
+  // The same decode token through AppendKVBatch, with "o"'s prompt in the same request.
+  v1::AppendKVBatchRequest batch;
+  batch.set_tenant("t");
+  v1::SequenceAppend* one = batch.add_appends();
+  one->set_sequence_id("s");
+  one->set_token_start(kSeqTokens);
+  one->set_num_tokens(1);
+  one->add_token_ids(5);
+  v1::SequenceAppend* prompt = batch.add_appends();
+  prompt->set_sequence_id("o");
+  prompt->set_token_start(0);
+  prompt->set_num_tokens(6);
+  for (int l = 0; l < 3; ++l) {
+    one->mutable_keys()->append(SeedRows(1, l));
+    one->mutable_values()->append(SeedRows(1, l));
+    prompt->mutable_keys()->append(SeedRows(6, l));
+    prompt->mutable_values()->append(SeedRows(6, l + 7));
+  }
+  w.Add(15, batch).Write(dir, "append_batch");
 
   v1::AllocateBlocksRequest alloc;
   alloc.set_tenant("t");
