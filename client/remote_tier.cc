@@ -183,7 +183,10 @@ class RemoteTier final : public Tier {
         first.Update(one);
         continue;
       }
-      if (req_bytes + bytes > kAppendBatchBytes) send();
+      if (req_bytes + bytes > kAppendBatchBytes ||
+          in_req.size() == static_cast<size_t>(kvstore::kMaxRetrieveEntries)) {
+        send();  // the server takes at most kMaxRetrieveEntries appends per request
+      }
       v1::SequenceAppend* m = req.add_appends();
       m->set_sequence_id(a.sequence_id);
       m->set_token_start(a.batch.token_start);

@@ -576,6 +576,8 @@ static_assert(kPackRows * 4 == 64, "a packed tile's pair row is one 64-byte AMX 
 // + r]. TDPBF16PS accumulates per pair the even element's product, then the odd one's, in fp32
 // with round-to-nearest-even and denormals flushed: close to, not bit-equal with, the other
 // bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
+// The tile configuration is loaded once per thread and never released: nothing else in this
+// process uses AMX (code that does would have to reload its own, and this one per call).
 template <int NT>
 KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
   thread_local bool configured = false;
@@ -899,9 +901,13 @@ void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int he
                    const uint8_t* tile = packed + static_cast<size_t>(t) * tile_bytes;
                    const uint32_t* qh = q_pairs + static_cast<size_t>(h0) * pairs;
                    if (isa == Isa::kScalar) return PairTileScalar(tile, pairs, qh, nh, tmp);
-                   if (isa == Isa::kAmxBf16 && nh == kAmxQueries && pairs % kAmxPairs == 0) {
-                     return nt == 2 ? PairTilesAmx<2>(tile, pairs, qh, tmp)
-                                    : PairTilesAmx<1>(tile, pairs, qh, tmp);
+                   if (isa == Isa::kAmxBf16) {
+                     if (nh == kAmxQueries && pairs % kAmxPairs == 0) {
+                       return nt == 2 ? PairTilesAmx<2>(tile, pairs, qh, tmp)
+                                      : PairTilesAmx<1>(tile, pairs, qh, tmp);
+                     }
+                     // Other shapes: the FMA body (vdpbf16ps' measured slower).
+                     return PairKernelFor(Isa::kAvx512, nh, nt)(tile, pairs, qh, tmp);
                    }
                    PairKernelFor(isa, nh, nt)(tile, pairs, qh, tmp);
                  });

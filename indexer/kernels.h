@@ -10,7 +10,7 @@
 //                  other kernel runs its kAvx512 body);
 //   kAmxBf16     — kAvx512Bf16 plus AMX-BF16: PackedQueryDotsBf16 scores 4 queries at a time
 //                  with TDPBF16PS (even element first, denormals flushed: within rounding of
-//                  the others, not bit-equal), other query counts as kAvx512Bf16.
+//                  the others, not bit-equal), other query counts with kAvx512's FMA body.
 // Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is
 // kAmxBf16 where supported, else the widest one up to kAvx512 (kAvx512Bf16 measured slower on the
 // H100 host);

@@ -145,10 +145,13 @@ struct RetrieveArgs {
   int successors = 0;
   // In-process workers only (a region WriteDirect reaches): instead of copying each entry's new
   // rows to dest_row, give their addresses (RetrieveOutcome::row_addresses), so that the worker
-  // gathers them itself (a GPU straight from the page-locked arena). The rows' blocks stay pinned
-  // until the next call in the same staging area, or the worker's detach. An address lies in the
-  // arena (arena().base(), capacity_bytes()) or, for a row held anywhere else, in the worker's
-  // region at the entry's dest_row, where the node copied it. Not in the proto.
+  // gathers them itself (a GPU straight from the page-locked arena). The blocks the call read
+  // (every block of its sequences' layer) stay pinned until the next call in the same staging
+  // area, or until the worker is replaced (AttachWorker again) or revoked: with one area per
+  // layer (lookahead) that is the decode batch's working set, which its reads pin anyway, and a
+  // sequence dropped meanwhile returns its memory only then. An address lies in the arena
+  // (arena().base(), capacity_bytes()) or, for a row held anywhere else, in the worker's region
+  // at the entry's dest_row, where the node copied it. Not in the proto.
   bool row_addresses = false;
 };
 inline constexpr uint32_t kMaxStagingAreas = 4096;
@@ -190,7 +193,8 @@ struct RetrieveOutcome {
   std::vector<std::vector<int32_t>> slots;
   std::vector<std::vector<int32_t>> fill_slots;
   // With RetrieveArgs::row_addresses, per entry: [2 * fill_slots.size()] the K and V row of
-  // each fill slot's token (row_bytes each, 16-byte aligned); else empty.
+  // each fill slot's token (row_bytes each; 16-byte aligned when row_bytes is a multiple of
+  // 16, as bf16 rows of a head_dim multiple of 8 are); else empty.
   std::vector<std::vector<const uint8_t*>> row_addresses;
   uint64_t bytes_streamed = 0;
   int64_t rows_selected = 0;  // sum of the selections

@@ -446,14 +446,18 @@ absl::StatusOr<int64_t> Sequence::AppendTokens(int64_t token_start, int64_t n,
                                                    layers));
   }
   RETURN_IF_ERROR(BeginAppend());
-  absl::StatusOr<int64_t> stored = [&]() -> absl::StatusOr<int64_t> {
+  absl::Status written = [&]() -> absl::Status {
     if (!token_ids.empty()) RETURN_IF_ERROR(AddTokenIds(token_start, token_ids));
     for (int l = 0; l < layers; ++l)
       RETURN_IF_ERROR(AppendChunk(l, token_start, n, keys[l], values[l]));
-    return CommitAppend();
+    return absl::OkStatus();
   }();
-  if (!stored.ok()) AbortAppend();  // CommitAppend's own failure already ended the transaction
-  return stored;
+  if (!written.ok()) {
+    AbortAppend();
+    return written;
+  }
+  // CommitAppend ends the transaction either way: aborting after it could end another writer's.
+  return CommitAppend();
 }
 
 void Sequence::UnpinTxnLocked() {

@@ -774,11 +774,18 @@ absl::Status CudaEngine::StageRecall(int l, LayerRecall& r) {
     const client::Recalled& rec = r.recalled[e];
     const int32_t n = static_cast<int32_t>(rec.fill_slots.size());
     if (n > 0 && rec.rows == nullptr) {
-      // Gathered where the tier keeps them: the tier pinned that memory with pin_region.
+      // Gathered where the tier keeps them, which must be memory pinned with pin_region: one
+      // check of the span of the entry's rows (a stray address would fault the context).
       if (pinned_ == nullptr || rec.row_addresses.size() != 2 * static_cast<size_t>(n)) {
         return absl::FailedPreconditionError(
             "row addresses need the engine's PinnedHostRanges (TierOptions::pin_region) and two "
             "per fill row");
+      }
+      const auto [lo, hi] = std::minmax_element(rec.row_addresses.begin(), rec.row_addresses.end());
+      if (!pinned_->Contains(*lo, static_cast<size_t>(*hi - *lo) + pair / 2)) {
+        return absl::FailedPreconditionError(
+            "recalled row addresses are not in page-locked memory: the tier must pin its arena "
+            "with the engine's PinnedHostRanges (TierOptions::pin_region)");
       }
       if (addresses == nullptr) {
         PinnedMem& table = d.fill_addresses_h[sl];

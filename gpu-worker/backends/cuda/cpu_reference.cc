@@ -158,9 +158,12 @@ void SlotScatterReference(const SlotScatterParams& p) {
         continue;
       }
       const int64_t dst = entry * p.entry_stride + static_cast<int64_t>(slot) * p.row_stride;
-      const uint16_t* k = f.rows + static_cast<int64_t>(j) * 2 * p.head_dim;
-      const uint16_t* v = k + p.head_dim;
-      if (f.row_addresses != nullptr) {
+      const uint16_t* k = nullptr;
+      const uint16_t* v = nullptr;
+      if (f.row_addresses == nullptr) {
+        k = f.rows + static_cast<int64_t>(j) * 2 * p.head_dim;
+        v = k + p.head_dim;
+      } else {
         k = f.row_addresses[2 * j];
         v = f.row_addresses[2 * j + 1];
         if (k == nullptr || v == nullptr ||
