@@ -32,19 +32,24 @@ ModelSpec Spec() {
 
 std::string Floats(std::vector<float> v) { return std::string(reinterpret_cast<char*>(v.data()), v.size() * 4); }
 
+// Tokens [0, n) of Spec()'s two layers, both layers the same: keys k and values v, [n][2] each.
+AppendBatch PromptBatch(const std::vector<float>& k, const std::vector<float>& v) {
+  AppendBatch b;
+  b.num_tokens = static_cast<int64_t>(k.size() / 2);
+  for (int l = 0; l < 2; ++l) {
+    b.keys.push_back(Floats(k));
+    b.values.push_back(Floats(v));
+  }
+  return b;
+}
+
 TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   TierOptions options;
   options.recall_buffer_bytes = 1024;
   ASSERT_OK_AND_ASSIGN(auto tier, CreateLocalTier(kvstore::NodeOptions{1 << 20, 2, 1}, options));
   ASSERT_OK(tier->RegisterModel(Spec()));
   ASSERT_OK(tier->OpenSequence("s", "m", {1, 2, 3}).status());
-  AppendBatch b;
-  b.token_start = 0;
-  b.num_tokens = 3;
-  for (int l = 0; l < 2; ++l) {
-    b.keys.push_back(Floats({1, 0, 5, 0, 2, 0}));
-    b.values.push_back(Floats({10, 11, 50, 51, 20, 21}));
-  }
+  AppendBatch b = PromptBatch({1, 0, 5, 0, 2, 0}, {10, 11, 50, 51, 20, 21});
   ASSERT_OK(tier->AppendKV("s", b));
   // A decode token: its id travels with its KV.
   AppendBatch d;
@@ -99,13 +104,7 @@ TEST(LocalTierTest, RecallBufferIsPinnedForTheTiersLifetime) {
     EXPECT_EQ(pinned_bytes, 4096u);
     ASSERT_OK(tier->RegisterModel(Spec()));
     ASSERT_OK(tier->OpenSequence("s", "m", {1, 2}).status());
-    AppendBatch b;
-    b.token_start = 0;
-    b.num_tokens = 2;
-    for (int l = 0; l < 2; ++l) {
-      b.keys.push_back(Floats({1, 0, 2, 0}));
-      b.values.push_back(Floats({10, 11, 20, 21}));
-    }
+    AppendBatch b = PromptBatch({1, 0, 2, 0}, {10, 11, 20, 21});
     ASSERT_OK(tier->AppendKV("s", b));
     std::vector<float> q = {1, 0, 1, 0};
     RetrieveBatch rb{0, 2, Method::kExact, {{"s", 0, q, 0, 2}}};
@@ -144,13 +143,7 @@ TEST(LocalTierTest, RowAddressesPointAtTheRowsInThePinnedArena) {
     EXPECT_EQ(pinned[1].second, size_t{1} << 20);
     ASSERT_OK(tier->RegisterModel(Spec()));
     ASSERT_OK(tier->OpenSequence("s", "m", {1, 2, 3}).status());
-    AppendBatch b;
-    b.token_start = 0;
-    b.num_tokens = 3;
-    for (int l = 0; l < 2; ++l) {
-      b.keys.push_back(Floats({1, 0, 5, 0, 2, 0}));
-      b.values.push_back(Floats({10, 11, 50, 51, 20, 21}));
-    }
+    AppendBatch b = PromptBatch({1, 0, 5, 0, 2, 0}, {10, 11, 50, 51, 20, 21});
     ASSERT_OK(tier->AppendKV("s", b));
     std::vector<float> q = {1, 0, 1, 0};
     RetrieveBatch rb{1, 2, Method::kExact, {{"s", 0, q, 0, 3, /*slot_epoch=*/1}}};

@@ -525,6 +525,44 @@ TEST(PrefillAttentionChunkTest, ChunksMatchOneCall) {
   EXPECT_EQ(off, 0);
 }
 
+// SlotScatterParams of a batch x kv_heads slot cache of `budget` rows of head_dim d.
+SlotScatterParams ScatterParams(int batch, int kv, int budget, int d) {
+  SlotScatterParams p;
+  p.head_dim = d;
+  p.batch = batch;
+  p.num_kv_heads = kv;
+  p.budget = budget;
+  p.entry_stride = static_cast<int64_t>(budget) * d;
+  p.row_stride = d;
+  return p;
+}
+
+// Runs SlotScatter with `p` (device buffers: entries, fill_slots, k/v slots initialised to ks /
+// vs, num_rejected zeroed) and the reference with `host` (p with host_fills, fill_slots and
+// host copies of ks / vs); expects the same slot caches and `want_rejected` rows rejected by both.
+void ExpectScatterAsReference(const SlotScatterParams& p, const std::vector<SlotFill>& host_fills,
+                              const std::vector<int32_t>& fill_slots, std::vector<uint16_t> ks,
+                              std::vector<uint16_t> vs, int want_rejected) {
+  ASSERT_OK(SlotScatter(p, nullptr));
+  int32_t rejected = 0;
+  SlotScatterParams hp = p;
+  hp.entries = host_fills.data();
+  hp.fill_slots = fill_slots.data();
+  hp.k_slots = ks.data();
+  hp.v_slots = vs.data();
+  hp.num_rejected = &rejected;
+  SlotScatterReference(hp);
+  EXPECT_EQ(rejected, want_rejected);
+  int32_t device_rejected = -1;
+  ASSERT_EQ(cudaMemcpy(&device_rejected, p.num_rejected, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(device_rejected, rejected);
+  std::vector<uint16_t> got(ks.size());
+  ASSERT_EQ(cudaMemcpy(got.data(), p.k_slots, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(got, ks);
+  ASSERT_EQ(cudaMemcpy(got.data(), p.v_slots, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(got, vs);
+}
+
 // Every entry's rows ([n][K | V] bf16) in one of three places the kernel must read: device
 // memory, page-locked host memory (over the bus, as the engine reads the tier's recall buffer),
 // and pinned memory again for the last entries. Invalid entries and slots are skipped and
@@ -587,33 +625,16 @@ TEST(SlotScatterTest, MatchesReference) {
   DeviceBuffer<uint16_t> dks(ks), dvs(vs);
   DeviceBuffer<SlotFill> dfills(dev_fills);
   DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
-  SlotScatterParams p;
+  SlotScatterParams p = ScatterParams(batch, kv, budget, d);
   p.num_entries = static_cast<int>(dev_fills.size());
-  p.head_dim = d;
-  p.batch = batch;
-  p.num_kv_heads = kv;
-  p.budget = budget;
   p.entries = dfills.get();
   p.fill_slots = dslots.get();
   p.num_fill_slots = n_slots;
   p.k_slots = dks.get();
   p.v_slots = dvs.get();
-  p.entry_stride = entry_stride;
-  p.row_stride = d;
   p.num_rejected = drej.get();
-  ASSERT_OK(SlotScatter(p, nullptr));
-  int32_t rejected = 0;
-  SlotScatterParams hp = p;
-  hp.entries = host_fills.data();
-  hp.fill_slots = fill_slots.data();
-  hp.k_slots = ks.data();
-  hp.v_slots = vs.data();
-  hp.num_rejected = &rejected;
-  SlotScatterReference(hp);
-  EXPECT_EQ(rejected, (counts[5] > 0 ? 1 : 0) + 3 + 2 + 2 + 1 + 1);
-  EXPECT_EQ(drej.Download()[0], rejected);
-  EXPECT_EQ(dks.Download(), ks);
-  EXPECT_EQ(dvs.Download(), vs);
+  ExpectScatterAsReference(p, host_fills, fill_slots, ks, vs,
+                           (counts[5] > 0 ? 1 : 0) + 3 + 2 + 2 + 1 + 1);
 
   p.row_stride = d + 4;  // not a multiple of 8
   EXPECT_THAT(SlotScatter(p, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
@@ -700,33 +721,15 @@ TEST(SlotScatterTest, GathersRowsByAddress) {
   DeviceBuffer<uint16_t> dks(ks), dvs(vs);
   DeviceBuffer<SlotFill> dfills(dev_fills);
   DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
-  SlotScatterParams p;
+  SlotScatterParams p = ScatterParams(batch, kv, budget, d);
   p.num_entries = static_cast<int>(dev_fills.size());
-  p.head_dim = d;
-  p.batch = batch;
-  p.num_kv_heads = kv;
-  p.budget = budget;
   p.entries = dfills.get();
   p.fill_slots = dslots.get();
   p.num_fill_slots = static_cast<int64_t>(fill_slots.size());
   p.k_slots = dks.get();
   p.v_slots = dvs.get();
-  p.entry_stride = entry_stride;
-  p.row_stride = d;
   p.num_rejected = drej.get();
-  ASSERT_OK(SlotScatter(p, nullptr));
-  int32_t rejected = 0;
-  SlotScatterParams hp = p;
-  hp.entries = host_fills.data();
-  hp.fill_slots = fill_slots.data();
-  hp.k_slots = ks.data();
-  hp.v_slots = vs.data();
-  hp.num_rejected = &rejected;
-  SlotScatterReference(hp);
-  EXPECT_EQ(rejected, expected_rejects);
-  EXPECT_EQ(drej.Download()[0], rejected);
-  EXPECT_EQ(dks.Download(), ks);
-  EXPECT_EQ(dvs.Download(), vs);
+  ExpectScatterAsReference(p, host_fills, fill_slots, ks, vs, expected_rejects);
 }
 
 // New K/V rows appended into a contiguous cache and into a paged one (page size 1 and 16, the
