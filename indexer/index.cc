@@ -631,13 +631,79 @@ constexpr int64_t kSubRows = 4 * kernels::kPackRows;
 constexpr int64_t kJobRows = 32 * kernels::kPackRows;
 constexpr size_t kJobEntries = 16;
 
+struct DeferredRef {  // entry `entry`'s deferred scoring number `item`
+  const uint8_t* packed;
+  uint32_t entry, item;
+};
+
+// Entries of a scoring job stacked kStack at a time (consecutive refs, all over one copy) so that
+// one AMX instruction scores a tile for all their queries (kernels::StackedQueryDotsBf16).
+constexpr size_t kStack = kernels::kStackedQueries / 4;
+class StackedScoring {
+ public:
+  // Stacks the queries of refs [begin, end): stack k holds refs begin + kStack * k onward.
+  void Prepare(std::vector<EntrySearch>& st, const DeferredRef* refs, size_t begin, size_t end) {
+    st_ = &st;
+    refs_ = refs + begin;
+    n_ = end - begin;
+    const EntrySearch& first = st[refs_[0].entry];
+    const internal::SegmentSearch& s = first.s;
+    head_dim_ = s.keys->head_dim;
+    enabled_ =
+        s.keys->dtype == DType::kBF16 && s.group == 4 && kernels::CanStackQueries(s.isa, head_dim_);
+    for (size_t i = 1; enabled_ && i < n_; ++i) {
+      const internal::SegmentSearch& o = st[refs_[i].entry].s;
+      enabled_ = o.group == 4 && o.keys->dtype == DType::kBF16 && o.keys->head_dim == head_dim_ &&
+                 o.isa == s.isa;
+    }
+    if (!enabled_) return;
+    const size_t pairs = static_cast<size_t>(kernels::Bf16Pairs(head_dim_));
+    const size_t stacks = (n_ + kStack - 1) / kStack;
+    queries_.assign(stacks * kernels::kStackedQueries * pairs, 0);  // absent entries: zero rows
+    for (size_t i = 0; i < n_; ++i) {
+      const internal::SegmentSearch& o = st[refs_[i].entry].s;
+      std::memcpy(queries_.data() + i * 4 * pairs, o.bf16_query_pairs, 4 * pairs * 4);
+    }
+  }
+  bool Stackable(size_t first) const { return enabled_ && n_ - first > 1; }
+  // Logits of tiles [t0, t1) for the refs of the stack at `first` whose range meets [r0, r1):
+  // every such range holds the tiles whole.
+  void Score(size_t first, int64_t t0, int64_t t1, int64_t r0, int64_t r1) {
+    constexpr int64_t kLd = kSubRows;
+    alignas(64) float out[kernels::kStackedQueries * kLd];
+    const size_t pairs = static_cast<size_t>(kernels::Bf16Pairs(head_dim_));
+    const DeferredRef& any = refs_[first];
+    const internal::DeferredScore& d0 = (*st_)[any.entry].deferred[any.item];
+    kernels::StackedQueryDotsBf16(d0.packed, t0, t1 - t0, head_dim_,
+                                  queries_.data() + first * 4 * pairs, out, kLd);
+    const int64_t rows = (t1 - t0) * kernels::kPackRows;
+    for (size_t i = first; i < std::min(n_, first + kStack); ++i) {
+      EntrySearch& es = (*st_)[refs_[i].entry];
+      const internal::DeferredScore& d = es.deferred[refs_[i].item];
+      if (std::max(r0, d.first) >= std::min(r1, d.first + d.count)) continue;
+      float* logits = es.hits.at(d.hits)->logits.data() + (t0 * kernels::kPackRows - d.first);
+      const float scale = es.s.scale;
+      for (int h = 0; h < 4; ++h) {
+        const float* src = out + ((i - first) * 4 + h) * kLd;
+        float* dst = logits + h * d.count;
+        for (int64_t r = 0; r < rows; ++r) dst[r] = src[r] * scale;
+      }
+    }
+  }
+
+ private:
+  std::vector<EntrySearch>* st_ = nullptr;
+  const DeferredRef* refs_ = nullptr;
+  size_t n_ = 0;
+  int head_dim_ = 0;
+  bool enabled_ = false;
+  std::vector<uint32_t> queries_;  // [stacks][kStackedQueries][pairs]
+};
+
 // Scores every deferred row range of the batch: all ranges over one copy together, the copy
 // read tile by tile and each tile scored for every entry whose range holds it.
 void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
-  struct Ref {
-    const uint8_t* packed;
-    uint32_t entry, item;
-  };
+  using Ref = DeferredRef;
   std::vector<Ref> refs;
   for (size_t i = 0; i < n; ++i)
     for (size_t k = 0; k < st[i].deferred.size(); ++k)
@@ -668,18 +734,45 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
     }
     b = e;
   }
+  // Scores rows [lo, hi) of ref x's range.
+  auto score = [&](size_t x, int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
+    EntrySearch& es = st[refs[x].entry];
+    const internal::DeferredScore& d = es.deferred[refs[x].item];
+    internal::Hits* h = es.hits.at(d.hits);
+    internal::PackedDots(es.s, d.packed, lo, hi - lo, h->logits.data() + (lo - d.first), d.count);
+  };
   auto run = [&](int64_t j) {
     const Job& job = jobs[j];
+    thread_local StackedScoring stacked;  // its buffer reused across jobs
+    stacked.Prepare(st, refs.data(), job.ref_begin, job.ref_end);
     for (int64_t r0 = job.row_begin; r0 < job.row_end;) {
       const int64_t r1 = std::min(job.row_end, (r0 / kSubRows + 1) * kSubRows);
-      for (size_t x = job.ref_begin; x < job.ref_end; ++x) {
-        EntrySearch& es = st[refs[x].entry];
-        const internal::DeferredScore& d = es.deferred[refs[x].item];
-        const int64_t lo = std::max(r0, d.first), hi = std::min(r1, d.first + d.count);
-        if (lo >= hi) continue;
-        internal::Hits* h = es.hits.at(d.hits);
-        internal::PackedDots(es.s, d.packed, lo, hi - lo, h->logits.data() + (lo - d.first),
-                             d.count);
+      for (size_t x0 = job.ref_begin; x0 < job.ref_end; x0 += kStack) {
+        const size_t x1 = std::min(job.ref_end, x0 + kStack);
+        // Tiles whole inside every range of the stack that meets [r0, r1); the rest one by one.
+        int64_t t0 = 0, t1 = 0;
+        if (stacked.Stackable(x0 - job.ref_begin)) {
+          t0 = (r0 + kernels::kPackRows - 1) / kernels::kPackRows;
+          t1 = r1 / kernels::kPackRows;
+          for (size_t x = x0; x < x1; ++x) {
+            const internal::DeferredScore& d = st[refs[x].entry].deferred[refs[x].item];
+            if (std::max(r0, d.first) >= std::min(r1, d.first + d.count)) continue;
+            t0 = std::max(t0, (d.first + kernels::kPackRows - 1) / kernels::kPackRows);
+            t1 = std::min(t1, (d.first + d.count) / kernels::kPackRows);
+          }
+        }
+        if (t0 < t1) stacked.Score(x0 - job.ref_begin, t0, t1, r0, r1);
+        for (size_t x = x0; x < x1; ++x) {
+          const internal::DeferredScore& d = st[refs[x].entry].deferred[refs[x].item];
+          const int64_t lo = std::max(r0, d.first), hi = std::min(r1, d.first + d.count);
+          if (t0 < t1) {
+            score(x, lo, std::min(hi, t0 * kernels::kPackRows));
+            score(x, std::max(lo, t1 * kernels::kPackRows), hi);
+          } else {
+            score(x, lo, hi);
+          }
+        }
       }
       r0 = r1;
     }

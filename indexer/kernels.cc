@@ -556,36 +556,42 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
   StoreTiles<NT, NH>(acc, out);
 }
 
-// AMX: the tiles of one thread's TDPBF16PS kernel. tmm0, tmm1: the accumulators of two
-// consecutive tiles (kAmxQueries queries x kPackRows rows, fp32); tmm2: the queries' next 16
-// pairs (A, kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs][kPackRows] words:
-// PackRows' bf16 layout is TDPBF16PS' B layout).
+// AMX: the tiles of one thread's TDPBF16PS kernels. PairTilesAmx (one group): tmm0, tmm1: the
+// accumulators of two consecutive tiles (kAmxQueries queries x kPackRows rows, fp32); tmm2: the
+// queries' next 16 pairs (A, kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs]
+// [kPackRows] words: PackRows' bf16 layout is TDPBF16PS' B layout). StackedTilesAmx (16 queries):
+// tmm4, tmm5 its accumulators, tmm6 its A, tmm7 its B, all 16 x 64 bytes.
 constexpr int kAmxQueries = 4;
 constexpr int kAmxPairs = 16;  // pairs per TDPBF16PS (64-byte tile rows)
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64};
-  uint8_t rows[16] = {kAmxQueries, kAmxQueries, kAmxQueries, kAmxPairs};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {kAmxQueries,     kAmxQueries,     kAmxQueries,     kAmxPairs,
+                      kStackedQueries, kStackedQueries, kStackedQueries, kAmxPairs};
 };
 static_assert(sizeof(AmxTileConfig) == 64);
 static_assert(kPackRows * 4 == 64, "a packed tile's pair row is one 64-byte AMX tile row");
 
-// NT (1 or 2) consecutive tiles for kAmxQueries queries: out[(t * kAmxQueries + h) * kPackRows
-// + r]. TDPBF16PS accumulates per pair the even element's product, then the odd one's, in fp32
-// with round-to-nearest-even and denormals flushed: close to, not bit-equal with, the other
-// bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
-// The tile configuration is loaded once per thread and never released: nothing else in this
+// Loads the tile configuration once per thread. It is never released: nothing else in this
 // process uses AMX (code that does would have to reload its own, and this one per call).
-template <int NT>
-KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
+KV_TARGET_AMX inline void ConfigureAmx() {
   thread_local bool configured = false;
   if (!configured) {
     static const AmxTileConfig config;
     _tile_loadconfig(&config);
     configured = true;
   }
+}
+
+// NT (1 or 2) consecutive tiles for kAmxQueries queries: out[(t * kAmxQueries + h) * kPackRows
+// + r]. TDPBF16PS accumulates per pair the even element's product, then the odd one's, in fp32
+// with round-to-nearest-even and denormals flushed: close to, not bit-equal with, the other
+// bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
+template <int NT>
+KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
+  ConfigureAmx();
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   const long q_stride = static_cast<long>(pairs) * 4;
   _tile_zero(0);
@@ -601,6 +607,31 @@ KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* 
   }
   _tile_stored(0, out, 64);
   if (NT == 2) _tile_stored(1, out + kAmxQueries * kPackRows, 64);
+}
+
+// NT (1 or 2) consecutive tiles for kStackedQueries queries (q: [16][pairs]):
+// out[q * ld + u * kPackRows + r] for tile u < NT. Each result row is what PairTilesAmx gives
+// that query. REQUIRES: as PairTilesAmx.
+template <int NT>
+KV_TARGET_AMX void StackedTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out,
+                                   int64_t ld) {
+  ConfigureAmx();
+  const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
+  const long q_stride = static_cast<long>(pairs) * 4;
+  _tile_zero(4);
+  if (NT == 2) _tile_zero(5);
+  for (int p = 0; p < pairs; p += kAmxPairs) {
+    _tile_loadd(6, q + p, q_stride);
+    _tile_loadd(7, tile + static_cast<size_t>(p) * 64, 64);
+    _tile_dpbf16ps(4, 6, 7);
+    if (NT == 2) {
+      _tile_loadd(7, tile + tile_bytes + static_cast<size_t>(p) * 64, 64);
+      _tile_dpbf16ps(5, 6, 7);
+    }
+  }
+  const long out_stride = static_cast<long>(ld) * 4;
+  _tile_stored(4, out, out_stride);
+  if (NT == 2) _tile_stored(5, out + kPackRows, out_stride);
 }
 
 using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
@@ -911,6 +942,25 @@ void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int he
                    }
                    PairKernelFor(isa, nh, nt)(tile, pairs, qh, tmp);
                  });
+}
+
+bool CanStackQueries(Isa isa, int head_dim) {
+  return isa == Isa::kAmxBf16 && head_dim % (2 * kAmxPairs) == 0;
+}
+
+void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, int head_dim,
+                          const uint32_t* q_pairs, float* out, int64_t ld) {
+  const int pairs = Bf16Pairs(head_dim);
+  const size_t tile_bytes = PackedTileBytes(DType::kBF16, head_dim);
+  for (int64_t u = 0; u < tiles; u += 2) {
+    const uint8_t* t = packed + static_cast<size_t>(tile + u) * tile_bytes;
+    float* o = out + u * kPackRows;
+    if (u + 1 < tiles) {
+      StackedTilesAmx<2>(t, pairs, q_pairs, o, ld);
+    } else {
+      StackedTilesAmx<1>(t, pairs, q_pairs, o, ld);
+    }
+  }
 }
 
 double SumExp(const float* x, int64_t n, float shift, Isa isa) {

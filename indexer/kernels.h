@@ -10,7 +10,8 @@
 //                  other kernel runs its kAvx512 body);
 //   kAmxBf16     — kAvx512Bf16 plus AMX-BF16: PackedQueryDotsBf16 scores 4 queries at a time
 //                  with TDPBF16PS (even element first, denormals flushed: within rounding of
-//                  the others, not bit-equal), other query counts with kAvx512's FMA body.
+//                  the others, not bit-equal), other query counts with kAvx512's FMA body;
+//                  StackedQueryDotsBf16 scores 16 (four groups) per instruction.
 // Functions that take an `Isa` use the given one (REQUIRES: IsaSupported(isa)); BestIsa() is
 // kAmxBf16 where supported, else the widest one up to kAvx512 (kAvx512Bf16 measured slower on the
 // H100 host);
@@ -83,6 +84,21 @@ void PackQueriesBf16(const float* q, int nq, int head_dim, uint32_t* out);
 void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int head_dim,
                          const uint32_t* q_pairs, int nq, float scale, float* out, int64_t ld,
                          Isa isa = BestIsa());
+
+// AMX scores up to four groups' queries against a tile in one instruction: the batch's entries
+// that share a row copy stack their queries (Search's scoring pass).
+inline constexpr int kStackedQueries = 16;
+// Whether StackedQueryDotsBf16 runs for head_dim under isa: kAmxBf16 and whole 16-pair steps.
+bool CanStackQueries(Isa isa, int head_dim);
+// Dots of kStackedQueries bf16 queries (q_pairs: [16][Bf16Pairs(head_dim)], rows of
+// PackQueriesBf16) with the whole packed tiles [tile, tile + tiles), unscaled:
+//   out[q * ld + (t - tile) * kPackRows + r] for q < 16, t in the tiles, r < kPackRows.
+// Query q's values are the bits PackedQueryDotsBf16 gives it under kAmxBf16 with scale 1
+// (TDPBF16PS computes each result row on its own, whatever the rows beside it hold).
+// REQUIRES: CanStackQueries(kAmxBf16, head_dim) and BestIsa() may be kAmxBf16 on this thread
+// (IsaSupported), tiles >= 0, ld >= tiles * kPackRows.
+void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, int head_dim,
+                          const uint32_t* q_pairs, float* out, int64_t ld);
 
 // Dense fp32 dot matrix: c[i * ldc + j] = a_i . b_j for i < m, j < n; a: [m][d], b: [n][d] fp32,
 // ldc >= n. Packs b (allocates n * d floats); meant for many-by-many products (k-means).

@@ -165,6 +165,44 @@ TEST(KernelsTest, PackedQueryDotsGiveTheSameBitsOnEveryIsaAndMatchDoubleReferenc
   }
 }
 
+TEST(KernelsTest, StackedQueriesGiveEachGroupTheBitsOfItsOwnAmxCall) {
+  if (!IsaSupported(Isa::kAmxBf16)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  EXPECT_FALSE(CanStackQueries(Isa::kAvx512, 128));
+  EXPECT_FALSE(CanStackQueries(Isa::kAmxBf16, 48));
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd;
+  for (int d : {32, 128}) {
+    ASSERT_TRUE(CanStackQueries(Isa::kAmxBf16, d));
+    const int n = 5 * kPackRows;
+    std::vector<float> ref;
+    std::vector<uint8_t> bytes = RandomRows(DType::kBF16, n, d, &rng, &ref);
+    std::vector<const uint8_t*> rows(n);
+    for (int i = 0; i < n; ++i) rows[i] = bytes.data() + static_cast<size_t>(i) * d * 2;
+    std::vector<uint8_t> packed(PackedRowsBytes(DType::kBF16, n, d));
+    PackRows(DType::kBF16, rows.data(), n, d, packed.data());
+    std::vector<float> q(static_cast<size_t>(kStackedQueries) * d);
+    for (float& x : q) x = nd(rng);
+    std::vector<uint32_t> pairs(static_cast<size_t>(kStackedQueries) * Bf16Pairs(d));
+    PackQueriesBf16(q.data(), kStackedQueries, d, pairs.data());
+    // Tiles [1, 4): an odd count, so both the two-tile and the one-tile body run.
+    const int64_t tile = 1, tiles = 3, ld = tiles * kPackRows + 5;
+    std::vector<float> out(static_cast<size_t>(kStackedQueries) * ld, 7.0f);
+    StackedQueryDotsBf16(packed.data(), tile, tiles, d, pairs.data(), out.data(), ld);
+    for (int g = 0; g < kStackedQueries / 4; ++g) {
+      const int64_t count = tiles * kPackRows;
+      std::vector<float> alone(static_cast<size_t>(4) * count);
+      PackedQueryDotsBf16(packed.data(), tile * kPackRows, count, d,
+                          pairs.data() + static_cast<size_t>(g) * 4 * Bf16Pairs(d), 4, 1.0f,
+                          alone.data(), count, Isa::kAmxBf16);
+      for (int h = 0; h < 4; ++h) {
+        for (int64_t i = 0; i < count; ++i)
+          ASSERT_EQ(out[(g * 4 + h) * ld + i], alone[h * count + i]) << "d=" << d << " g=" << g;
+        EXPECT_EQ(out[(g * 4 + h) * ld + count], 7.0f) << "wrote past the tiles";
+      }
+    }
+  }
+}
+
 TEST(KernelsTest, DotsF32MatchesReference) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd;
