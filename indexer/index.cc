@@ -436,31 +436,43 @@ void SelectWithSuccessors(absl::Span<const Hits> hits_in, int group, int64_t k, 
   kernels::TopK(v.data(), n, best, &top);
   WithSuccessors(
       top, [&](int32_t p) { return tok[p]; }, range_begin, range_end, &kept);
-  // The second selection is over the candidates outside K, copied out (a marker value could tie
-  // with a real one, e.g. -inf).
-  thread_local std::vector<float> rest_v;
-  thread_local std::vector<int32_t> rest_p;
-  rest_v.clear();
-  rest_p.clear();
-  for (int64_t p = 0, r = 0; p < n; ++p) {
-    while (r < static_cast<int64_t>(kept.size()) && kept[r] < tok[p]) ++r;
-    if (r < static_cast<int64_t>(kept.size()) && kept[r] == tok[p]) continue;
-    rest_v.push_back(v[p]);
-    rest_p.push_back(static_cast<int32_t>(p));
+  // The second selection is over the candidates outside K, copied out between K's positions
+  // (a marker value could tie with a real one, e.g. -inf). K is a few dozen tokens, the
+  // candidates thousands: K's positions are found by search, the rest copied in runs.
+  thread_local std::vector<int64_t> k_pos;  // ascending
+  k_pos.clear();
+  for (const int32_t* lo = tok; int32_t t : kept) {
+    lo = std::lower_bound(lo, tok + n, t);
+    if (lo == tok + n) break;
+    if (*lo == t) k_pos.push_back(lo - tok);
   }
+  thread_local std::vector<float> rest_v;
+  rest_v.resize(static_cast<size_t>(n) - k_pos.size());
+  float* dst = rest_v.data();
+  int64_t from = 0;
+  for (int64_t p : k_pos) {
+    dst = std::copy(v.data() + from, v.data() + p, dst);
+    from = p + 1;
+  }
+  std::copy(v.data() + from, v.data() + n, dst);
   const int64_t room = k - std::min<int64_t>(k, static_cast<int64_t>(kept.size()));
   const int64_t rest = static_cast<int64_t>(rest_v.size());
   kernels::TopK(rest_v.data(), rest, std::min(room, rest), &top);
-  for (int32_t& p : top) p = rest_p[p];
+  // Back to positions (`top` ascending): rest index i is position i + the K positions before it.
+  for (size_t q = 0; int32_t & p : top) {
+    while (q < k_pos.size() && k_pos[q] <= p + static_cast<int64_t>(q)) ++q;
+    p += static_cast<int32_t>(q);
+  }
   // Merged ascending (disjoint: `top` holds no token of K).
-  out->clear();
-  out->reserve(kept.size() + top.size());
+  out->resize(kept.size() + top.size());
+  int32_t* o = out->data();
   size_t r = 0;
   for (int32_t p : top) {
-    while (r < kept.size() && kept[r] < tok[p]) out->push_back(kept[r++]);
-    out->push_back(tok[p]);
+    const int32_t t = tok[p];
+    while (r < kept.size() && kept[r] < t) *o++ = kept[r++];
+    *o++ = t;
   }
-  out->insert(out->end(), kept.begin() + static_cast<int64_t>(r), kept.end());
+  std::copy(kept.begin() + static_cast<int64_t>(r), kept.end(), o);
 }
 
 namespace {
