@@ -1,5 +1,6 @@
 #include "kvstore/slot_mirror.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -47,22 +48,39 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
     e.slots.clear();
   }
 
-  // Merge the two ascending lists: resident tokens keep their slots. Branch-free steps (which
-  // list advances, and whether a token is resident, are data: a branch would mispredict often).
-  // used[budget] is a sink for the writes of non-resident steps.
+  // Resident tokens keep their slots. used[budget] is a sink for the writes of non-resident
+  // selections.
   const size_t n = selection.size(), resident = e.tokens.size();
   SlotPlan plan;
   plan.slots.assign(n, -1);
   thread_local std::vector<char> used;  // per call; kept to spare an allocation per entry
   used.assign(static_cast<size_t>(budget) + 1, 0);
-  for (size_t j = 0, r = 0; j < n && r < resident;) {
-    const int32_t a = selection[j], b = e.tokens[r];
-    const bool same = a == b;
-    const int32_t slot = e.slots[r];
-    plan.slots[j] = same ? slot : plan.slots[j];
-    used[same ? static_cast<size_t>(slot) : static_cast<size_t>(budget)] = 1;
-    j += a <= b ? 1 : 0;
-    r += b <= a ? 1 : 0;
+  const int32_t max_token =
+      std::max(n > 0 ? selection[n - 1] : 0, resident > 0 ? e.tokens[resident - 1] : 0);
+  if (max_token < kDirectTokens) {
+    // Through a table of every token's slot: independent lookups instead of a merge whose every
+    // step waits for the previous one (which list advances is data, and mispredicts).
+    thread_local std::vector<int32_t> slot_of;  // -1 everywhere between calls
+    if (slot_of.size() <= static_cast<size_t>(max_token))
+      slot_of.resize(static_cast<size_t>(max_token) + 1, -1);
+    for (size_t r = 0; r < resident; ++r) slot_of[e.tokens[r]] = e.slots[r];
+    for (size_t j = 0; j < n; ++j) {
+      const int32_t slot = slot_of[selection[j]];
+      plan.slots[j] = slot;
+      used[slot >= 0 ? static_cast<size_t>(slot) : static_cast<size_t>(budget)] = 1;
+    }
+    for (size_t r = 0; r < resident; ++r) slot_of[e.tokens[r]] = -1;
+  } else {
+    // Merge the two ascending lists, branch-free.
+    for (size_t j = 0, r = 0; j < n && r < resident;) {
+      const int32_t a = selection[j], b = e.tokens[r];
+      const bool same = a == b;
+      const int32_t slot = e.slots[r];
+      plan.slots[j] = same ? slot : plan.slots[j];
+      used[same ? static_cast<size_t>(slot) : static_cast<size_t>(budget)] = 1;
+      j += a <= b ? 1 : 0;
+      r += b <= a ? 1 : 0;
+    }
   }
   // New tokens take the free slots, lowest first (both in ascending order).
   thread_local std::vector<int32_t> free_slots;
@@ -76,14 +94,16 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
   plan.fill_tokens.resize(n);
   size_t fills = 0;
   for (size_t j = 0; j < n; ++j) {
-    const bool fresh = plan.slots[j] < 0;
     // fills <= j < n <= budget indexes free_slots; at most nfree selections are fresh (the
     // selection fits the budget), so a fresh one reads a free slot, others discard the value.
+    // Masks, not a branch: which selections are fresh is data.
+    const int32_t old = plan.slots[j];
+    const int32_t fresh = old >> 31;  // all ones when fresh (old == -1)
     const int32_t slot = free_slots[fills];
     plan.fill_slots[fills] = slot;
     plan.fill_tokens[fills] = selection[j];
-    plan.slots[j] = fresh ? slot : plan.slots[j];
-    fills += fresh ? 1 : 0;
+    plan.slots[j] = (slot & fresh) | (old & ~fresh);
+    fills += static_cast<size_t>(fresh & 1);
   }
   plan.fill_slots.resize(fills);
   plan.fill_tokens.resize(fills);
