@@ -22,6 +22,7 @@
 #include "bench/store_bench.h"
 #include "bench/stream_bench.h"
 #include "bench/transport_bench.h"
+#include "common/flags.h"
 
 namespace {
 
@@ -81,6 +82,7 @@ int Transport(const std::vector<std::string>& args, bool compact) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvrecall::SetMutexDeadlockDetection(false);  // subcommands parse their own flags (flag_map.h)
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cerr << kUsage;
     return argc < 2 ? 2 : 0;

@@ -1,6 +1,13 @@
 #include "common/flags.h"
 
+#include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/synchronization/mutex.h"
+
+ABSL_FLAG(bool, mutex_deadlock_detection, false,
+          "Track the lock order of every absl::Mutex and abort on a cycle. Debian's Abseil is a "
+          "debug build, where this is on by default and every lock updates one process-wide "
+          "graph under one spinlock; kvrecall binaries leave it off unless asked.");
 
 namespace kvrecall {
 
@@ -21,7 +28,13 @@ std::vector<std::string> ParseFlags(int argc, char** argv) {
   std::vector<char*> ptrs;
   for (auto& s : storage) ptrs.push_back(s.data());
   std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(ptrs.size()), ptrs.data());
+  SetMutexDeadlockDetection(absl::GetFlag(FLAGS_mutex_deadlock_detection));
   return std::vector<std::string>(rest.begin(), rest.end());
+}
+
+void SetMutexDeadlockDetection(bool on) {
+  absl::SetMutexDeadlockDetectionMode(on ? absl::OnDeadlockCycle::kAbort
+                                         : absl::OnDeadlockCycle::kIgnore);
 }
 
 }  // namespace kvrecall
