@@ -556,32 +556,49 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
   StoreTiles<NT, NH>(acc, out);
 }
 
-// AMX: the tiles of one thread's TDPBF16PS kernels. PairTilesAmx (one group): tmm0, tmm1: the
-// accumulators of two consecutive tiles (kAmxQueries queries x kPackRows rows, fp32); tmm2: the
-// queries' next 16 pairs (A, kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs]
-// [kPackRows] words: PackRows' bf16 layout is TDPBF16PS' B layout). StackedTilesAmx (16 queries):
-// tmm4, tmm5 its accumulators, tmm6 its A, tmm7 its B, all 16 x 64 bytes.
+// AMX: the tiles of one thread's TDPBF16PS kernels, in one of two configurations.
+// kGroupTiles (PairTilesAmx, one group): tmm0, tmm1: the accumulators of two consecutive tiles
+// (kAmxQueries queries x kPackRows rows, fp32); tmm2: the queries' next 16 pairs (A,
+// kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs][kPackRows] words: PackRows'
+// bf16 layout is TDPBF16PS' B layout). kStackTiles (StackedTilesAmx, 16 queries): tmm0..tmm3
+// the accumulators of four tiles, tmm4 the queries, tmm5 a tile's pairs, all 16 x 64 bytes.
 constexpr int kAmxQueries = 4;
 constexpr int kAmxPairs = 16;  // pairs per TDPBF16PS (64-byte tile rows)
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {kAmxQueries,     kAmxQueries,     kAmxQueries,     kAmxPairs,
-                      kStackedQueries, kStackedQueries, kStackedQueries, kAmxPairs};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
 };
 static_assert(sizeof(AmxTileConfig) == 64);
 static_assert(kPackRows * 4 == 64, "a packed tile's pair row is one 64-byte AMX tile row");
+enum class AmxTiles : uint8_t { kNone, kGroupTiles, kStackTiles };
 
-// Loads the tile configuration once per thread. It is never released: nothing else in this
-// process uses AMX (code that does would have to reload its own, and this one per call).
-KV_TARGET_AMX inline void ConfigureAmx() {
-  thread_local bool configured = false;
-  if (!configured) {
-    static const AmxTileConfig config;
-    _tile_loadconfig(&config);
-    configured = true;
+constexpr AmxTileConfig MakeAmxConfig(AmxTiles tiles) {
+  AmxTileConfig c;
+  const bool group = tiles == AmxTiles::kGroupTiles;
+  const int used = group ? 4 : 6;
+  for (int t = 0; t < used; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = kStackedQueries;
+  }
+  if (group) c.rows[0] = c.rows[1] = c.rows[2] = kAmxQueries;
+  c.rows[group ? 3 : 5] = kAmxPairs;
+  return c;
+}
+
+// Loads the configuration `tiles` unless this thread has it loaded. It is never released:
+// nothing else in this process uses AMX (code that does would have to reload its own, and these
+// kernels theirs, per call). Switching costs one LDTILECFG; a search's scoring pass mostly stays
+// in one.
+KV_TARGET_AMX inline void ConfigureAmx(AmxTiles tiles) {
+  thread_local AmxTiles loaded = AmxTiles::kNone;
+  if (loaded != tiles) {
+    static constexpr AmxTileConfig kGroup = MakeAmxConfig(AmxTiles::kGroupTiles);
+    static constexpr AmxTileConfig kStack = MakeAmxConfig(AmxTiles::kStackTiles);
+    _tile_loadconfig(tiles == AmxTiles::kGroupTiles ? &kGroup : &kStack);
+    loaded = tiles;
   }
 }
 
@@ -591,7 +608,7 @@ KV_TARGET_AMX inline void ConfigureAmx() {
 // bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
 template <int NT>
 KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
-  ConfigureAmx();
+  ConfigureAmx(AmxTiles::kGroupTiles);
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   const long q_stride = static_cast<long>(pairs) * 4;
   _tile_zero(0);
@@ -609,29 +626,44 @@ KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* 
   if (NT == 2) _tile_stored(1, out + kAmxQueries * kPackRows, 64);
 }
 
-// NT (1 or 2) consecutive tiles for kStackedQueries queries (q: [16][pairs]):
+// NT (1 to 4) consecutive tiles for kStackedQueries queries (q: [16][pairs]):
 // out[q * ld + u * kPackRows + r] for tile u < NT. Each result row is what PairTilesAmx gives
-// that query. REQUIRES: as PairTilesAmx.
+// that query. Four accumulators keep four TDPBF16PS chains in flight (one chain waits for each
+// instruction's latency). REQUIRES: as PairTilesAmx.
 template <int NT>
 KV_TARGET_AMX void StackedTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out,
                                    int64_t ld) {
-  ConfigureAmx();
+  static_assert(NT >= 1 && NT <= 4);
+  ConfigureAmx(AmxTiles::kStackTiles);
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   const long q_stride = static_cast<long>(pairs) * 4;
-  _tile_zero(4);
-  if (NT == 2) _tile_zero(5);
+  _tile_zero(0);
+  if constexpr (NT > 1) _tile_zero(1);
+  if constexpr (NT > 2) _tile_zero(2);
+  if constexpr (NT > 3) _tile_zero(3);
   for (int p = 0; p < pairs; p += kAmxPairs) {
-    _tile_loadd(6, q + p, q_stride);
-    _tile_loadd(7, tile + static_cast<size_t>(p) * 64, 64);
-    _tile_dpbf16ps(4, 6, 7);
-    if (NT == 2) {
-      _tile_loadd(7, tile + tile_bytes + static_cast<size_t>(p) * 64, 64);
-      _tile_dpbf16ps(5, 6, 7);
+    const uint8_t* b = tile + static_cast<size_t>(p) * 64;
+    _tile_loadd(4, q + p, q_stride);
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NT > 1) {
+      _tile_loadd(5, b + tile_bytes, 64);
+      _tile_dpbf16ps(1, 4, 5);
+    }
+    if constexpr (NT > 2) {
+      _tile_loadd(5, b + 2 * tile_bytes, 64);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if constexpr (NT > 3) {
+      _tile_loadd(5, b + 3 * tile_bytes, 64);
+      _tile_dpbf16ps(3, 4, 5);
     }
   }
   const long out_stride = static_cast<long>(ld) * 4;
-  _tile_stored(4, out, out_stride);
-  if (NT == 2) _tile_stored(5, out + kPackRows, out_stride);
+  _tile_stored(0, out, out_stride);
+  if constexpr (NT > 1) _tile_stored(1, out + kPackRows, out_stride);
+  if constexpr (NT > 2) _tile_stored(2, out + 2 * kPackRows, out_stride);
+  if constexpr (NT > 3) _tile_stored(3, out + 3 * kPackRows, out_stride);
 }
 
 using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
@@ -952,13 +984,21 @@ void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, in
                           const uint32_t* q_pairs, float* out, int64_t ld) {
   const int pairs = Bf16Pairs(head_dim);
   const size_t tile_bytes = PackedTileBytes(DType::kBF16, head_dim);
-  for (int64_t u = 0; u < tiles; u += 2) {
+  for (int64_t u = 0; u < tiles; u += 4) {
     const uint8_t* t = packed + static_cast<size_t>(tile + u) * tile_bytes;
     float* o = out + u * kPackRows;
-    if (u + 1 < tiles) {
-      StackedTilesAmx<2>(t, pairs, q_pairs, o, ld);
-    } else {
-      StackedTilesAmx<1>(t, pairs, q_pairs, o, ld);
+    switch (std::min<int64_t>(4, tiles - u)) {
+      case 4:
+        StackedTilesAmx<4>(t, pairs, q_pairs, o, ld);
+        break;
+      case 3:
+        StackedTilesAmx<3>(t, pairs, q_pairs, o, ld);
+        break;
+      case 2:
+        StackedTilesAmx<2>(t, pairs, q_pairs, o, ld);
+        break;
+      default:
+        StackedTilesAmx<1>(t, pairs, q_pairs, o, ld);
     }
   }
 }

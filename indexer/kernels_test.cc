@@ -173,7 +173,7 @@ TEST(KernelsTest, StackedQueriesGiveEachGroupTheBitsOfItsOwnAmxCall) {
   std::normal_distribution<float> nd;
   for (int d : {32, 128}) {
     ASSERT_TRUE(CanStackQueries(Isa::kAmxBf16, d));
-    const int n = 5 * kPackRows;
+    const int n = 7 * kPackRows;
     std::vector<float> ref;
     std::vector<uint8_t> bytes = RandomRows(DType::kBF16, n, d, &rng, &ref);
     std::vector<const uint8_t*> rows(n);
@@ -184,20 +184,24 @@ TEST(KernelsTest, StackedQueriesGiveEachGroupTheBitsOfItsOwnAmxCall) {
     for (float& x : q) x = nd(rng);
     std::vector<uint32_t> pairs(static_cast<size_t>(kStackedQueries) * Bf16Pairs(d));
     PackQueriesBf16(q.data(), kStackedQueries, d, pairs.data());
-    // Tiles [1, 4): an odd count, so both the two-tile and the one-tile body run.
-    const int64_t tile = 1, tiles = 3, ld = tiles * kPackRows + 5;
-    std::vector<float> out(static_cast<size_t>(kStackedQueries) * ld, 7.0f);
-    StackedQueryDotsBf16(packed.data(), tile, tiles, d, pairs.data(), out.data(), ld);
-    for (int g = 0; g < kStackedQueries / 4; ++g) {
-      const int64_t count = tiles * kPackRows;
-      std::vector<float> alone(static_cast<size_t>(4) * count);
-      PackedQueryDotsBf16(packed.data(), tile * kPackRows, count, d,
-                          pairs.data() + static_cast<size_t>(g) * 4 * Bf16Pairs(d), 4, 1.0f,
-                          alone.data(), count, Isa::kAmxBf16);
-      for (int h = 0; h < 4; ++h) {
-        for (int64_t i = 0; i < count; ++i)
-          ASSERT_EQ(out[(g * 4 + h) * ld + i], alone[h * count + i]) << "d=" << d << " g=" << g;
-        EXPECT_EQ(out[(g * 4 + h) * ld + count], 7.0f) << "wrote past the tiles";
+    // From tile 1: 1 to 6 tiles, so every body (one to four tiles at a time) runs, the
+    // one-group calls between them switching the tile configuration back and forth.
+    for (int64_t tiles = 1; tiles <= 6; ++tiles) {
+      const int64_t tile = 1, ld = tiles * kPackRows + 5;
+      std::vector<float> out(static_cast<size_t>(kStackedQueries) * ld, 7.0f);
+      StackedQueryDotsBf16(packed.data(), tile, tiles, d, pairs.data(), out.data(), ld);
+      for (int g = 0; g < kStackedQueries / 4; ++g) {
+        const int64_t count = tiles * kPackRows;
+        std::vector<float> alone(static_cast<size_t>(4) * count);
+        PackedQueryDotsBf16(packed.data(), tile * kPackRows, count, d,
+                            pairs.data() + static_cast<size_t>(g) * 4 * Bf16Pairs(d), 4, 1.0f,
+                            alone.data(), count, Isa::kAmxBf16);
+        for (int h = 0; h < 4; ++h) {
+          for (int64_t i = 0; i < count; ++i)
+            ASSERT_EQ(out[(g * 4 + h) * ld + i], alone[h * count + i])
+                << "d=" << d << " tiles=" << tiles << " g=" << g;
+          EXPECT_EQ(out[(g * 4 + h) * ld + count], 7.0f) << "wrote past the tiles";
+        }
       }
     }
   }
