@@ -650,7 +650,7 @@ struct DeferredRef {  // entry `entry`'s deferred scoring number `item`
 
 // Entries of a scoring job stacked kStack at a time (consecutive refs, all over one copy) so that
 // one AMX instruction scores a tile for all their queries (kernels::StackedQueryDotsBf16).
-constexpr size_t kStack = kernels::kStackedQueries / 4;
+constexpr size_t kStack = kernels::kStackedGroups;
 class StackedScoring {
  public:
   // Stacks the queries of refs [begin, end): stack k holds refs begin + kStack * k onward.
@@ -681,26 +681,19 @@ class StackedScoring {
   // Logits of tiles [t0, t1) for the refs of the stack at `first` whose range meets [r0, r1):
   // every such range holds the tiles whole.
   void Score(size_t first, int64_t t0, int64_t t1, int64_t r0, int64_t r1) {
-    constexpr int64_t kLd = kSubRows;
-    alignas(64) float out[kernels::kStackedQueries * kLd];
     const size_t pairs = static_cast<size_t>(kernels::Bf16Pairs(head_dim_));
-    const DeferredRef& any = refs_[first];
-    const internal::DeferredScore& d0 = (*st_)[any.entry].deferred[any.item];
-    kernels::StackedQueryDotsBf16(d0.packed, t0, t1 - t0, head_dim_,
-                                  queries_.data() + first * 4 * pairs, out, kLd);
-    const int64_t rows = (t1 - t0) * kernels::kPackRows;
+    kernels::StackedGroupOut outs[kernels::kStackedGroups];
+    const uint8_t* packed = nullptr;
     for (size_t i = first; i < std::min(n_, first + kStack); ++i) {
       EntrySearch& es = (*st_)[refs_[i].entry];
       const internal::DeferredScore& d = es.deferred[refs_[i].item];
+      packed = d.packed;
       if (std::max(r0, d.first) >= std::min(r1, d.first + d.count)) continue;
-      float* logits = es.hits.at(d.hits)->logits.data() + (t0 * kernels::kPackRows - d.first);
-      const float scale = es.s.scale;
-      for (int h = 0; h < 4; ++h) {
-        const float* src = out + ((i - first) * 4 + h) * kLd;
-        float* dst = logits + h * d.count;
-        for (int64_t r = 0; r < rows; ++r) dst[r] = src[r] * scale;
-      }
+      outs[i - first] = {es.hits.at(d.hits)->logits.data() + (t0 * kernels::kPackRows - d.first),
+                         d.count, es.s.scale};
     }
+    kernels::StackedQueryDotsBf16(packed, t0, t1 - t0, head_dim_,
+                                  queries_.data() + first * 4 * pairs, outs);
   }
 
  private:
@@ -767,12 +760,15 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
         if (stacked.Stackable(x0 - job.ref_begin)) {
           t0 = (r0 + kernels::kPackRows - 1) / kernels::kPackRows;
           t1 = r1 / kernels::kPackRows;
+          int active = 0;
           for (size_t x = x0; x < x1; ++x) {
             const internal::DeferredScore& d = st[refs[x].entry].deferred[refs[x].item];
             if (std::max(r0, d.first) >= std::min(r1, d.first + d.count)) continue;
+            ++active;
             t0 = std::max(t0, (d.first + kernels::kPackRows - 1) / kernels::kPackRows);
             t1 = std::min(t1, (d.first + d.count) / kernels::kPackRows);
           }
+          if (active < 2) t1 = t0;  // one entry alone: its own 4-query call
         }
         if (t0 < t1) stacked.Score(x0 - job.ref_begin, t0, t1, r0, r1);
         for (size_t x = x0; x < x1; ++x) {

@@ -666,6 +666,21 @@ KV_TARGET_AMX void StackedTilesAmx(const uint8_t* tile, int pairs, const uint32_
   if constexpr (NT > 3) _tile_stored(3, out + 3 * kPackRows, out_stride);
 }
 
+// outs[g]'s query h, rows [0, n): scale * tmp[(4g + h) * ld + i]. n % kPackRows == 0.
+KV_TARGET_AVX512 void ScatterStacked(const float* tmp, int64_t ld, int64_t n,
+                                     const StackedGroupOut (&outs)[kStackedGroups]) {
+  for (int g = 0; g < kStackedGroups; ++g) {
+    if (outs[g].out == nullptr) continue;
+    const __m512 scale = _mm512_set1_ps(outs[g].scale);
+    for (int h = 0; h < 4; ++h) {
+      const float* src = tmp + (4 * g + h) * ld;
+      float* dst = outs[g].out + h * outs[g].ld;
+      for (int64_t i = 0; i < n; i += kPackRows)
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_load_ps(src + i), scale));
+    }
+  }
+}
+
 using PairKernel = void (*)(const uint8_t*, int, const uint32_t*, float*);
 
 // The pair kernel for nh (1..kMaxPackedQueries) queries over nt (1, or 2 on AVX-512) tiles.
@@ -981,25 +996,33 @@ bool CanStackQueries(Isa isa, int head_dim) {
 }
 
 void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, int head_dim,
-                          const uint32_t* q_pairs, float* out, int64_t ld) {
+                          const uint32_t* q_pairs, const StackedGroupOut (&outs)[kStackedGroups]) {
   const int pairs = Bf16Pairs(head_dim);
   const size_t tile_bytes = PackedTileBytes(DType::kBF16, head_dim);
+  constexpr int64_t kLd = 4 * kPackRows;
+  alignas(64) float tmp[kStackedQueries * kLd];
   for (int64_t u = 0; u < tiles; u += 4) {
     const uint8_t* t = packed + static_cast<size_t>(tile + u) * tile_bytes;
-    float* o = out + u * kPackRows;
-    switch (std::min<int64_t>(4, tiles - u)) {
+    const int64_t nt = std::min<int64_t>(4, tiles - u);
+    switch (nt) {
       case 4:
-        StackedTilesAmx<4>(t, pairs, q_pairs, o, ld);
+        StackedTilesAmx<4>(t, pairs, q_pairs, tmp, kLd);
         break;
       case 3:
-        StackedTilesAmx<3>(t, pairs, q_pairs, o, ld);
+        StackedTilesAmx<3>(t, pairs, q_pairs, tmp, kLd);
         break;
       case 2:
-        StackedTilesAmx<2>(t, pairs, q_pairs, o, ld);
+        StackedTilesAmx<2>(t, pairs, q_pairs, tmp, kLd);
         break;
       default:
-        StackedTilesAmx<1>(t, pairs, q_pairs, o, ld);
+        StackedTilesAmx<1>(t, pairs, q_pairs, tmp, kLd);
     }
+    StackedGroupOut at[kStackedGroups];
+    for (int g = 0; g < kStackedGroups; ++g) {
+      at[g] = outs[g];
+      if (at[g].out != nullptr) at[g].out += u * kPackRows;
+    }
+    ScatterStacked(tmp, kLd, nt * kPackRows, at);
   }
 }
 

@@ -90,15 +90,23 @@ void PackedQueryDotsBf16(const uint8_t* packed, int64_t first, int64_t n, int he
 inline constexpr int kStackedQueries = 16;
 // Whether StackedQueryDotsBf16 runs for head_dim under isa: kAmxBf16 and whole 16-pair steps.
 bool CanStackQueries(Isa isa, int head_dim);
+// Where StackedQueryDotsBf16 writes one group's 4 queries' results (out == nullptr: the group's
+// rows of q_pairs are padding, nothing is written).
+struct StackedGroupOut {
+  float* out = nullptr;
+  int64_t ld = 0;
+  float scale = 1;
+};
+inline constexpr int kStackedGroups = kStackedQueries / 4;
 // Dots of kStackedQueries bf16 queries (q_pairs: [16][Bf16Pairs(head_dim)], rows of
-// PackQueriesBf16) with the whole packed tiles [tile, tile + tiles), unscaled:
-//   out[q * ld + (t - tile) * kPackRows + r] for q < 16, t in the tiles, r < kPackRows.
-// Query q's values are the bits PackedQueryDotsBf16 gives it under kAmxBf16 with scale 1
-// (TDPBF16PS computes each result row on its own, whatever the rows beside it hold).
-// REQUIRES: CanStackQueries(kAmxBf16, head_dim) and BestIsa() may be kAmxBf16 on this thread
-// (IsaSupported), tiles >= 0, ld >= tiles * kPackRows.
+// PackQueriesBf16; group g is rows 4g..4g+3) with the whole packed tiles [tile, tile + tiles),
+// scaled per group: outs[g].out[h * outs[g].ld + (t - tile) * kPackRows + r] = scale * dot.
+// Each value is the bits PackedQueryDotsBf16 gives that query under kAmxBf16 with the same
+// scale (TDPBF16PS computes each result row on its own, whatever the rows beside it hold).
+// REQUIRES: CanStackQueries(kAmxBf16, head_dim), IsaSupported(kAmxBf16), tiles >= 0, and
+// outs[g].ld >= tiles * kPackRows for each group written.
 void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, int head_dim,
-                          const uint32_t* q_pairs, float* out, int64_t ld);
+                          const uint32_t* q_pairs, const StackedGroupOut (&outs)[kStackedGroups]);
 
 // Dense fp32 dot matrix: c[i * ldc + j] = a_i . b_j for i < m, j < n; a: [m][d], b: [n][d] fp32,
 // ldc >= n. Packs b (allocates n * d floats); meant for many-by-many products (k-means).

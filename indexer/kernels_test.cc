@@ -187,20 +187,31 @@ TEST(KernelsTest, StackedQueriesGiveEachGroupTheBitsOfItsOwnAmxCall) {
     // From tile 1: 1 to 6 tiles, so every body (one to four tiles at a time) runs, the
     // one-group calls between them switching the tile configuration back and forth.
     for (int64_t tiles = 1; tiles <= 6; ++tiles) {
-      const int64_t tile = 1, ld = tiles * kPackRows + 5;
-      std::vector<float> out(static_cast<size_t>(kStackedQueries) * ld, 7.0f);
-      StackedQueryDotsBf16(packed.data(), tile, tiles, d, pairs.data(), out.data(), ld);
-      for (int g = 0; g < kStackedQueries / 4; ++g) {
-        const int64_t count = tiles * kPackRows;
+      // Each group its own buffer, stride and scale; group 2 is padding and gets nothing.
+      const int64_t tile = 1, count = tiles * kPackRows;
+      std::vector<float> out[kStackedGroups];
+      StackedGroupOut outs[kStackedGroups];
+      for (int g = 0; g < kStackedGroups; ++g) {
+        const int64_t ld = count + 3 + g;
+        out[g].assign(static_cast<size_t>(4) * ld, 7.0f);
+        if (g != 2) outs[g] = {out[g].data(), ld, 0.0883883f * static_cast<float>(g + 1)};
+      }
+      StackedQueryDotsBf16(packed.data(), tile, tiles, d, pairs.data(), outs);
+      for (int g = 0; g < kStackedGroups; ++g) {
+        if (g == 2) {
+          EXPECT_EQ(out[g], std::vector<float>(out[g].size(), 7.0f)) << "wrote a padding group";
+          continue;
+        }
+        const int64_t ld = outs[g].ld;
         std::vector<float> alone(static_cast<size_t>(4) * count);
         PackedQueryDotsBf16(packed.data(), tile * kPackRows, count, d,
-                            pairs.data() + static_cast<size_t>(g) * 4 * Bf16Pairs(d), 4, 1.0f,
-                            alone.data(), count, Isa::kAmxBf16);
+                            pairs.data() + static_cast<size_t>(g) * 4 * Bf16Pairs(d), 4,
+                            outs[g].scale, alone.data(), count, Isa::kAmxBf16);
         for (int h = 0; h < 4; ++h) {
           for (int64_t i = 0; i < count; ++i)
-            ASSERT_EQ(out[(g * 4 + h) * ld + i], alone[h * count + i])
+            ASSERT_EQ(out[g][h * ld + i], alone[h * count + i])
                 << "d=" << d << " tiles=" << tiles << " g=" << g;
-          EXPECT_EQ(out[(g * 4 + h) * ld + count], 7.0f) << "wrote past the tiles";
+          EXPECT_EQ(out[g][h * ld + count], 7.0f) << "wrote past the tiles";
         }
       }
     }
