@@ -55,9 +55,11 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
   plan.slots.assign(n, -1);
   thread_local std::vector<char> used;  // per call; kept to spare an allocation per entry
   used.assign(static_cast<size_t>(budget) + 1, 0);
+  // Both lists ascending: their ends bound every id.
+  const int32_t min_token = std::min(n > 0 ? selection[0] : 0, resident > 0 ? e.tokens[0] : 0);
   const int32_t max_token =
       std::max(n > 0 ? selection[n - 1] : 0, resident > 0 ? e.tokens[resident - 1] : 0);
-  if (max_token < kDirectTokens) {
+  if (min_token >= 0 && max_token < kDirectTokens) {
     // Through a table of every token's slot: independent lookups instead of a merge whose every
     // step waits for the previous one (which list advances is data, and mispredicts).
     thread_local std::vector<int32_t> slot_of;  // -1 everywhere between calls

@@ -75,7 +75,7 @@ class SlotMirror {
   int64_t entries() const;
 
   // Plan looks resident tokens up in a per-thread table (4 bytes per token id) while every id is
-  // below this; above, it merges the two sorted lists (the same plan, slower).
+  // in [0, kDirectTokens); otherwise it merges the two sorted lists (the same plan, slower).
   static constexpr int32_t kDirectTokens = 1 << 21;
 
  private:

@@ -131,29 +131,32 @@ TEST(SlotMirrorTest, WorkerSlotsAlwaysHoldTheSelection) {
   EXPECT_LT(sent, selected / 4);  // drift of ~6 of 64 per step: most rows stay resident
 }
 
-TEST(SlotMirrorTest, LargeTokenIdsGetTheSamePlansAsSmallOnes) {
-  // Ids at or above kDirectTokens take the merge instead of the lookup table; ids shifted there
-  // must get the same slots, step after step.
-  SlotMirror small, large;
+// Plans of the same selections with every id shifted by `shift`, step after step.
+void ExpectShiftedIdsPlanTheSame(int32_t shift) {
+  SlotMirror plain, shifted_mirror;
   auto owner = std::make_shared<int>(0);
   constexpr int kBudget = 96;
-  constexpr int32_t kShift = SlotMirror::kDirectTokens - 300;  // some ids below, most above
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> token(0, 1999);
   std::set<int32_t> current;
   for (int step = 0; step < 200; ++step) {
-    for (int r = 0; r < 20 && !current.empty(); ++r)
-      current.erase(std::next(current.begin(), rng() % current.size()));
+    for (int r = 0; r < 20 && !current.empty(); ++r) current.erase(std::next(current.begin(), rng() % current.size()));
     while (current.size() < (step % 40 == 0 ? kBudget / 3 : kBudget)) current.insert(token(rng));
     std::vector<int32_t> selection(current.begin(), current.end()), shifted = selection;
-    for (int32_t& t : shifted) t += kShift;
-    ASSERT_OK_AND_ASSIGN(SlotPlan a, small.Plan(kKey, owner, 1, kBudget, selection));
-    ASSERT_OK_AND_ASSIGN(SlotPlan b, large.Plan(kKey, owner, 1, kBudget, shifted));
-    ASSERT_EQ(a.slots, b.slots) << "step " << step;
-    ASSERT_EQ(a.fill_slots, b.fill_slots) << "step " << step;
-    for (int32_t& t : a.fill_tokens) t += kShift;
-    ASSERT_EQ(a.fill_tokens, b.fill_tokens) << "step " << step;
+    for (int32_t& t : shifted) t += shift;
+    ASSERT_OK_AND_ASSIGN(SlotPlan a, plain.Plan(kKey, owner, 1, kBudget, selection));
+    ASSERT_OK_AND_ASSIGN(SlotPlan b, shifted_mirror.Plan(kKey, owner, 1, kBudget, shifted));
+    ASSERT_EQ(a.slots, b.slots) << "shift " << shift << " step " << step;
+    ASSERT_EQ(a.fill_slots, b.fill_slots) << "shift " << shift << " step " << step;
+    for (int32_t& t : a.fill_tokens) t += shift;
+    ASSERT_EQ(a.fill_tokens, b.fill_tokens) << "shift " << shift << " step " << step;
   }
+}
+
+TEST(SlotMirrorTest, IdsOutsideTheTableGetTheSamePlans) {
+  // Ids outside [0, kDirectTokens) take the merge instead of the lookup table.
+  ExpectShiftedIdsPlanTheSame(SlotMirror::kDirectTokens - 300);  // most ids above
+  ExpectShiftedIdsPlanTheSame(-1000);                             // some ids negative
 }
 
 }  // namespace
