@@ -43,6 +43,19 @@ AppendBatch PromptBatch(const std::vector<float>& k, const std::vector<float>& v
   return b;
 }
 
+// Layer 1's two best tokens of `sequence` for the query (1, 0) on kv-head 0, exactly: their ids
+// and their rows ([K | V] of 2 floats each) as delivered.
+void ExpectBestTwo(Tier& tier, const std::string& sequence, const std::vector<int32_t>& ids,
+                   const std::vector<float>& rows) {
+  std::vector<float> q = {1, 0, 1, 0};
+  RetrieveBatch rb{1, 2, Method::kExact, {{sequence, 0, q, 0, 4}}};
+  std::vector<Recalled> out;
+  ASSERT_OK(tier.Retrieve(rb, &out));
+  ASSERT_EQ(out[0].token_ids, ids);
+  const float* got = reinterpret_cast<const float*>(out[0].rows);
+  EXPECT_EQ(std::vector<float>(got, got + 8), rows);
+}
+
 TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   TierOptions options;
   options.recall_buffer_bytes = 1024;
@@ -62,17 +75,13 @@ TEST(LocalTierTest, AppendRetrieveDeliversRowsThroughTheTransport) {
   }
   ASSERT_OK(tier->AppendKV("s", d));
 
-  std::vector<float> q = {1, 0, 1, 0};
-  RetrieveBatch rb{1, 2, Method::kExact, {{"s", 0, q, 0, 4}}};
-  std::vector<Recalled> out;
-  ASSERT_OK(tier->Retrieve(rb, &out));
-  ASSERT_THAT(out[0].token_ids, ElementsAre(1, 3));
-  const float* rows = reinterpret_cast<const float*>(out[0].rows);
-  EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(5, 0, 50, 51, 3, 0, 30, 31));
+  ExpectBestTwo(*tier, "s", {1, 3}, {5, 0, 50, 51, 3, 0, 30, 31});
   EXPECT_EQ(tier->counters().bytes_received, 32);
 
   // Too many rows for the recall buffer: 64 rows of 16 B fit in 1024 B, 65 do not.
-  rb.budget = 65;
+  std::vector<float> q = {1, 0, 1, 0};
+  RetrieveBatch rb{1, 65, Method::kExact, {{"s", 0, q, 0, 4}}};
+  std::vector<Recalled> out;
   EXPECT_THAT(tier->Retrieve(rb, &out), StatusIs(absl::StatusCode::kInvalidArgument));
   // Layers of unequal length are rejected, and nothing is kept.
   AppendBatch bad = d;
@@ -372,13 +381,7 @@ TEST(AppendKVBatchTest, LocalTierAndRemoteTierStoreOrRefuseEachAppendOnItsOwn) {
     EXPECT_EQ(tokens["s2"], 4);
     EXPECT_EQ(tokens["s3"], 1);
     // s1's layer 1 as stored: the best two of keys (1,0) (5,0) (2,0) (3,0) for query (1, 0).
-    std::vector<float> q = {1, 0, 1, 0};
-    RetrieveBatch rb{1, 2, Method::kExact, {{"s1", 0, q, 0, 4}}};
-    std::vector<Recalled> out;
-    ASSERT_OK(tier->Retrieve(rb, &out));
-    ASSERT_THAT(out[0].token_ids, ElementsAre(1, 3));
-    const float* rows = reinterpret_cast<const float*>(out[0].rows);
-    EXPECT_THAT(std::vector<float>(rows, rows + 8), ElementsAre(5, 0, 205, 200, 3, 0, 203, 200));
+    ExpectBestTwo(*tier, "s1", {1, 3}, {5, 0, 205, 200, 3, 0, 203, 200});
   }
 }
 

@@ -525,17 +525,39 @@ TEST(PrefillAttentionChunkTest, ChunksMatchOneCall) {
   EXPECT_EQ(off, 0);
 }
 
-// SlotScatterParams of a batch x kv_heads slot cache of `budget` rows of head_dim d.
-SlotScatterParams ScatterParams(int batch, int kv, int budget, int d) {
+// A SlotScatter run on the device: a batch x kv_heads slot cache of `budget` rows of head_dim d,
+// K and V slots initialised at random (ks / vs, the host copies), the kernel's fills and fill
+// slots uploaded, num_rejected zeroed; `p` points at all of it (num_fill_slots: all of them).
+struct ScatterCase {
+  ScatterCase(int batch, int kv, int budget, int d, const std::vector<SlotFill>& dev_fills,
+              const std::vector<int32_t>& fill_slots, std::mt19937& rng)
+      : ks(RandomBf16(static_cast<size_t>(batch) * kv * budget * d, rng)),
+        vs(RandomBf16(ks.size(), rng)),
+        dks(ks),
+        dvs(vs),
+        dfills(dev_fills),
+        dslots(fill_slots),
+        drej(std::vector<int32_t>{0}) {
+    p.head_dim = d;
+    p.batch = batch;
+    p.num_kv_heads = kv;
+    p.budget = budget;
+    p.entry_stride = static_cast<int64_t>(budget) * d;
+    p.row_stride = d;
+    p.num_entries = static_cast<int>(dev_fills.size());
+    p.entries = dfills.get();
+    p.fill_slots = dslots.get();
+    p.num_fill_slots = static_cast<int64_t>(fill_slots.size());
+    p.k_slots = dks.get();
+    p.v_slots = dvs.get();
+    p.num_rejected = drej.get();
+  }
+  std::vector<uint16_t> ks, vs;
+  DeviceBuffer<uint16_t> dks, dvs;
+  DeviceBuffer<SlotFill> dfills;
+  DeviceBuffer<int32_t> dslots, drej;
   SlotScatterParams p;
-  p.head_dim = d;
-  p.batch = batch;
-  p.num_kv_heads = kv;
-  p.budget = budget;
-  p.entry_stride = static_cast<int64_t>(budget) * d;
-  p.row_stride = d;
-  return p;
-}
+};
 
 // Runs SlotScatter with `p` (device buffers: entries, fill_slots, k/v slots initialised to ks /
 // vs, num_rejected zeroed) and the reference with `host` (p with host_fills, fill_slots and
@@ -571,8 +593,6 @@ TEST(SlotScatterTest, MatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(7);
   const int batch = 3, kv = 4, budget = 50, d = 128;
-  const int64_t entry_stride = static_cast<int64_t>(budget) * d;
-  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
   const int valid = batch * kv;
   std::vector<int> counts(valid);
   size_t total = 0;
@@ -621,19 +641,9 @@ TEST(SlotScatterTest, MatchesReference) {
   misaligned.rows = drows.get() + 1;
   dev_fills.push_back(misaligned);
 
-  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
-  DeviceBuffer<uint16_t> dks(ks), dvs(vs);
-  DeviceBuffer<SlotFill> dfills(dev_fills);
-  DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
-  SlotScatterParams p = ScatterParams(batch, kv, budget, d);
-  p.num_entries = static_cast<int>(dev_fills.size());
-  p.entries = dfills.get();
-  p.fill_slots = dslots.get();
-  p.num_fill_slots = n_slots;
-  p.k_slots = dks.get();
-  p.v_slots = dvs.get();
-  p.num_rejected = drej.get();
-  ExpectScatterAsReference(p, host_fills, fill_slots, ks, vs,
+  ScatterCase c(batch, kv, budget, d, dev_fills, fill_slots, rng);
+  SlotScatterParams& p = c.p;
+  ExpectScatterAsReference(p, host_fills, fill_slots, c.ks, c.vs,
                            (counts[5] > 0 ? 1 : 0) + 3 + 2 + 2 + 1 + 1);
 
   p.row_stride = d + 4;  // not a multiple of 8
@@ -651,8 +661,6 @@ TEST(SlotScatterTest, GathersRowsByAddress) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(11);
   const int batch = 2, kv = 3, budget = 40, d = 128;
-  const int64_t entry_stride = static_cast<int64_t>(budget) * d;
-  const size_t slot_elems = static_cast<size_t>(batch) * kv * entry_stride;
   const size_t pool_rows = 500;  // K and V rows are drawn from here at random
   std::vector<uint16_t> pool = RandomBf16(pool_rows * d, rng);
   DeviceBuffer<uint16_t> dpool(pool);
@@ -717,19 +725,8 @@ TEST(SlotScatterTest, GathersRowsByAddress) {
   dev_fills.push_back(skewed);
   expected_rejects += 2;
 
-  std::vector<uint16_t> ks = RandomBf16(slot_elems, rng), vs = RandomBf16(slot_elems, rng);
-  DeviceBuffer<uint16_t> dks(ks), dvs(vs);
-  DeviceBuffer<SlotFill> dfills(dev_fills);
-  DeviceBuffer<int32_t> dslots(fill_slots), drej(std::vector<int32_t>{0});
-  SlotScatterParams p = ScatterParams(batch, kv, budget, d);
-  p.num_entries = static_cast<int>(dev_fills.size());
-  p.entries = dfills.get();
-  p.fill_slots = dslots.get();
-  p.num_fill_slots = static_cast<int64_t>(fill_slots.size());
-  p.k_slots = dks.get();
-  p.v_slots = dvs.get();
-  p.num_rejected = drej.get();
-  ExpectScatterAsReference(p, host_fills, fill_slots, ks, vs, expected_rejects);
+  ScatterCase c(batch, kv, budget, d, dev_fills, fill_slots, rng);
+  ExpectScatterAsReference(c.p, host_fills, fill_slots, c.ks, c.vs, expected_rejects);
 }
 
 // New K/V rows appended into a contiguous cache and into a paged one (page size 1 and 16, the
