@@ -434,8 +434,8 @@ Node::StagingArea* Node::Worker::Area(uint32_t id) {
 static_assert(std::endian::native == std::endian::little, "results in the worker's region are little-endian");
 
 absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
-                                const std::vector<std::shared_ptr<Sequence>>& seqs,
-                                const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out) {
+                                std::vector<std::shared_ptr<Sequence>>& seqs,
+                                std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out) {
   const size_t n = args.entries.size();
   // One call at a time per staging area, in call order: a late call can never put over the rows
   // of a newer one that the worker is about to read.
@@ -508,67 +508,55 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   };
   auto dest = [&](size_t i) { return args.entries[i].dest_row * 2 * seqs[i]->spec().row_bytes(); };
 
-  if (args.row_addresses) {
-    // Addresses instead of copies. A row in the arena is given where it lies; an entry with a
-    // row anywhere else (none today: reads reload spilled blocks into the arena) is copied to
-    // its dest_row as usual, and its addresses point there.
-    const uintptr_t arena_lo = reinterpret_cast<uintptr_t>(arena_->base());
-    const uintptr_t arena_hi = arena_lo + static_cast<uintptr_t>(arena_->capacity_bytes());
-    out->row_addresses.assign(n, {});
-    absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
-      pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-        const size_t row = seqs[i]->spec().row_bytes();
-        const std::vector<int32_t>& tokens = plans[i].fill_tokens;
-        std::vector<const uint8_t*>& addr = out->row_addresses[i];
-        addr.resize(2 * tokens.size());
-        bool in_arena = true;
-        for (size_t j = 0; j < tokens.size(); ++j) {
-          const uint8_t* k = snaps[i].keys.row(tokens[j]);
-          const uint8_t* v = snaps[i].values.row(tokens[j]);
-          addr[2 * j] = k;
-          addr[2 * j + 1] = v;
-          const uintptr_t lo =
-              std::min(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
-          const uintptr_t hi =
-              std::max(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
-          in_arena &= lo >= arena_lo && hi <= arena_hi - row;
-        }
-        if (!in_arena) {
-          uint8_t* dst = base + dest(i);
-          write_rows(i, dst);
-          for (size_t j = 0; j < 2 * tokens.size(); ++j) addr[j] = dst + j * row;
-        }
-        if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
-      });
-      return absl::OkStatus();
-    });
-    if (!direct.ok() || !*direct) {
-      forget_all();
-      out->row_addresses.clear();
-      return direct.ok()
-                 ? absl::FailedPreconditionError(
-                       "row_addresses needs a worker whose region is mapped in this process")
-                 : direct.status();
+  // Row addresses instead of copies (args.row_addresses): each row of entry i where it lies in
+  // the arena. An entry with a row anywhere else (none today: reads reload spilled blocks into
+  // the arena) is copied to its dest_row as usual, and its addresses point there.
+  const uintptr_t arena_lo = reinterpret_cast<uintptr_t>(arena_->base());
+  const uintptr_t arena_hi = arena_lo + static_cast<uintptr_t>(arena_->capacity_bytes());
+  if (args.row_addresses) out->row_addresses.assign(n, {});
+  auto rows_in_arena = [&](size_t i) {  // fills out->row_addresses[i]; false if one lies outside
+    const size_t row = seqs[i]->spec().row_bytes();
+    const std::vector<int32_t>& tokens = plans[i].fill_tokens;
+    std::vector<const uint8_t*>& addr = out->row_addresses[i];
+    addr.resize(2 * tokens.size());
+    bool in_arena = true;
+    for (size_t j = 0; j < tokens.size(); ++j) {
+      const uint8_t* k = snaps[i].keys.row(tokens[j]);
+      const uint8_t* v = snaps[i].values.row(tokens[j]);
+      addr[2 * j] = k;
+      addr[2 * j + 1] = v;
+      const uintptr_t lo = std::min(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
+      const uintptr_t hi = std::max(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
+      in_arena &= lo >= arena_lo && hi <= arena_hi - row;
     }
-    area->held_seqs = seqs;
-    area->held_snaps = snaps;
-  }
+    return in_arena;
+  };
 
   // A worker whose region is mapped here (same-host shared memory, in-process) gets the rows and
-  // results written straight into it by the pool: one copy. Otherwise they are packed into the
-  // area's pack buffer and put with one op per entry. The pack buffer is reused across calls (a
-  // fresh zero-filled allocation per call cost more than the copies for MiB-sized puts, as glibc
-  // returns it to the kernel on free; kvrecall-bench stream); beyond kMaxRetainedPack it is freed
-  // after the call.
-  absl::StatusOr<bool> direct =
-      args.row_addresses ? true : worker.writer->WriteDirect([&](uint8_t* base) {
-        pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-          write_rows(i, base + dest(i));
-          if (args.results_in_region)
-            write_result(i, base + args.results_offset + i * result_bytes);
-        });
-        return absl::OkStatus();
-      });
+  // results written straight into it by the pool: one copy (or none, with row addresses).
+  // Otherwise they are packed into the area's pack buffer and put with one op per entry. The pack
+  // buffer is reused across calls (a fresh zero-filled allocation per call cost more than the
+  // copies for MiB-sized puts, as glibc returns it to the kernel on free; kvrecall-bench stream);
+  // beyond kMaxRetainedPack it is freed after the call.
+  absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
+    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+      if (!args.row_addresses || !rows_in_arena(i)) {
+        uint8_t* dst = base + dest(i);
+        write_rows(i, dst);
+        if (args.row_addresses) {
+          const size_t row = seqs[i]->spec().row_bytes();
+          std::vector<const uint8_t*>& addr = out->row_addresses[i];
+          for (size_t j = 0; j < addr.size(); ++j) addr[j] = dst + j * row;
+        }
+      }
+      if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
+    });
+    return absl::OkStatus();
+  });
+  if (args.row_addresses && direct.ok() && !*direct) {
+    direct = absl::FailedPreconditionError(
+        "row_addresses needs a worker whose region is mapped in this process");
+  }
   if (direct.ok() && !*direct) {
     constexpr size_t kMaxRetainedPack = size_t{16} << 20;
     const size_t pack_bytes = offset[n] + (args.results_in_region ? n * result_bytes : 0);
@@ -597,7 +585,14 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   }
   if (!direct.ok()) {
     forget_all();  // which rows arrived is unknown
+    out->row_addresses.clear();
     return direct.status();
+  }
+  if (args.row_addresses) {
+    // The rows must stay where they are until the worker has read them: the call's snapshots
+    // (their block pins) and sequences stay with the area until its next call.
+    area->held_seqs = std::move(seqs);
+    area->held_snaps = std::move(snaps);
   }
   out->bytes_streamed += offset[n];
   for (size_t i = 0; i < n; ++i) {

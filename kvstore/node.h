@@ -436,9 +436,12 @@ class Node {
   absl::Status Recover();
   // Retrieve's delivery to an attached worker: slot plans against the worker's mirror, then the
   // new rows packed and put at each entry's dest_row. Fills out->slots, fill_slots, rows_sent
-  // and bytes_streamed.
-  absl::Status StreamDeltas(const RetrieveArgs& args, Worker& worker, const std::vector<std::shared_ptr<Sequence>>& seqs,
-                            const std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out);
+  // and bytes_streamed. With args.row_addresses it answers where the rows lie instead
+  // (out->row_addresses) and moves seqs and snaps into the staging area, whose next call
+  // releases them; otherwise it leaves them to the caller.
+  absl::Status StreamDeltas(const RetrieveArgs& args, Worker& worker,
+                            std::vector<std::shared_ptr<Sequence>>& seqs,
+                            std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
   std::string NamespaceOf(const std::string& tenant) const;
   // The tenant's quota account, created on first use.
