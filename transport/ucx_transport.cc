@@ -94,8 +94,9 @@ struct Endpoint : std::enable_shared_from_this<Endpoint> {
   bool closed ABSL_GUARDED_BY(direct_mu) = false;  // its rkeys were destroyed by a close
 };
 
-// Completion of one ucp_ep_flush_nbx. Heap-allocated: if a request never completes (UCX bug or a
-// hung close) we leak it rather than let a late callback write into a dead stack frame.
+// Completion of one flush or close request (ucp_*_nbx). Heap-allocated: if a request never
+// completes (UCX bug or a hung close) we leak it rather than let a late callback write into a
+// dead stack frame.
 struct FlushState {
   bool done = false;  // guarded by UcxCore::mu_ (set inside progress)
   ucs_status_t status = UCS_OK;
@@ -107,8 +108,13 @@ void OnFlushDone(void* /*request*/, ucs_status_t status, void* user_data) {
   state->done = true;
 }
 
-void OnRequestDone(void* /*request*/, ucs_status_t status, void* user_data) {
-  OnFlushDone(nullptr, status, user_data);
+// Request parameters whose completion lands in *state.
+ucp_request_param_t CompletionParam(FlushState* state) {
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = OnFlushDone;
+  param.user_data = state;
+  return param;
 }
 
 // Whether a UCX_TLS list names only same-host shared-memory transports (or aliases of them).
@@ -171,6 +177,11 @@ class UcxCore {
   void CloseFailedEndpointsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Progresses the worker until *done or `deadline`. Returns *done.
   bool ProgressUntilLocked(const bool* done, absl::Time deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Progresses a close or flush request (made with CompletionParam(state)) for up to
+  // kCloseTimeout and frees it. When it did not complete, leaks `state` to its late callback and
+  // returns false. A null or error request has nothing pending: true.
+  bool AwaitRequestLocked(ucs_status_ptr_t request, std::unique_ptr<FlushState> state)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Flushes every endpoint of the worker, including ones UCX opened for peers; bounded by
   // kCloseTimeout.
@@ -358,19 +369,23 @@ void UcxCore::FlushWorkerLocked() {
   // (ucp_request_send_state_ff, "got REP message"; removed upstream in openucx/ucx#8175), so let
   // the worker drain first. A dead peer cannot block this past kCloseTimeout.
   auto state = std::make_unique<FlushState>();
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  param.cb.send = OnRequestDone;
-  param.user_data = state.get();
+  const ucp_request_param_t param = CompletionParam(state.get());
   ucs_status_ptr_t request = ucp_worker_flush_nbx(worker_, &param);
-  if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
-  if (!ProgressUntilLocked(&state->done, absl::Now() + kCloseTimeout)) {
+  // Worker destruction may still complete an unfinished request into its state.
+  if (!AwaitRequestLocked(request, std::move(state))) {
     KV_LOG(WARNING) << "ucx transport: worker flush did not complete in "
                     << absl::FormatDuration(kCloseTimeout) << "; destroying anyway";
-    (void)state.release();  // worker destruction may still complete the request into it
-    return;
+  }
+}
+
+bool UcxCore::AwaitRequestLocked(ucs_status_ptr_t request, std::unique_ptr<FlushState> state) {
+  if (request == nullptr || UCS_PTR_IS_ERR(request)) return true;
+  if (!ProgressUntilLocked(&state->done, absl::Now() + kCloseTimeout)) {
+    (void)state.release();  // a late callback may still write it
+    return false;
   }
   ucp_request_free(request);
+  return true;
 }
 
 void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool force) {
@@ -385,12 +400,9 @@ void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool for
   if (endpoint.ep == nullptr) return;
 
   auto state = std::make_unique<FlushState>();
-  ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  ucp_request_param_t param = CompletionParam(state.get());
+  param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-  param.cb.send = OnRequestDone;
-  param.user_data = state.get();
   ucs_status_ptr_t request = ucp_ep_close_nbx(endpoint.ep, &param);
   endpoint.ep = nullptr;
   // After a forced close has discarded outstanding operations, but before the close completes:
@@ -401,8 +413,7 @@ void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool for
     endpoint.rkeys.clear();
     endpoint.closed = true;
   }
-  if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
-  if (!ProgressUntilLocked(&state->done, absl::Now() + kCloseTimeout)) {
+  if (!AwaitRequestLocked(request, std::move(state))) {
     if (!force) {
       // A flush-close can wait on a dead peer; we cannot force an already-closing endpoint, so
       // leave the request to UCX (worker destruction reclaims it) and leak the small state.
@@ -411,12 +422,9 @@ void UcxCore::CloseEndpointLocked(Endpoint& endpoint, absl::Status why, bool for
     } else {
       KV_LOG(ERROR) << "ucx transport: forced endpoint close did not complete";
     }
-    // A late callback may still write the state or (error handler) the endpoint: keep both.
-    (void)state.release();
+    // A late callback (error handler) may still write the endpoint too: keep it.
     zombies_.push_back(endpoint.shared_from_this());
-    return;
   }
-  ucp_request_free(request);
 }
 
 absl::Status UcxCore::Map(void* data, size_t bytes, bool allocate, ucp_mem_h* memh, uint8_t** base,
@@ -564,10 +572,7 @@ absl::Status UcxCore::PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
     if (request != nullptr) ucp_request_free(request);
   }
 
-  ucp_request_param_t flush_param{};
-  flush_param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  flush_param.cb.send = OnFlushDone;
-  flush_param.user_data = flush.get();
+  const ucp_request_param_t flush_param = CompletionParam(flush.get());
   ucs_status_ptr_t request = ucp_ep_flush_nbx(endpoint.ep, &flush_param);
   if (request == nullptr) {
     flush->done = true;
