@@ -4,9 +4,9 @@
 #include <cstring>
 #include <vector>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "client/tier.h"
+#include "common/distinct_ids.h"
 #include "common/status_macros.h"
 
 namespace kvrecall::client::internal {
@@ -71,14 +71,8 @@ absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r)
 }
 
 absl::Status CheckDistinctSequences(absl::Span<const SequenceAppend> appends) {
-  absl::flat_hash_set<absl::string_view> seen;
-  for (const SequenceAppend& a : appends) {
-    if (!seen.insert(a.sequence_id).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence '", a.sequence_id, "' appears twice in one batch"));
-    }
-  }
-  return absl::OkStatus();
+  return CheckDistinctSequenceIds(
+      appends, [](const SequenceAppend& a) -> absl::string_view { return a.sequence_id; });
 }
 
 absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch) {

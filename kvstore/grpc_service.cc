@@ -2,8 +2,8 @@
 
 #include <algorithm>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "common/distinct_ids.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
 
@@ -314,13 +314,9 @@ grpc::ServerUnaryReactor* GrpcService::AppendKVBatch(grpc::CallbackServerContext
       return absl::InvalidArgumentError(
           absl::StrCat("appends ", req->appends_size(), " not in [1, ", kMaxRetrieveEntries, "]"));
     }
-    absl::flat_hash_set<absl::string_view> seen;
-    for (const v1::SequenceAppend& a : req->appends()) {
-      if (!seen.insert(a.sequence_id()).second) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("sequence '", a.sequence_id(), "' appears twice in one batch"));
-      }
-    }
+    RETURN_IF_ERROR(CheckDistinctSequenceIds(
+        req->appends(),
+        [](const v1::SequenceAppend& a) -> absl::string_view { return a.sequence_id(); }));
     auto apply = [&](const v1::SequenceAppend& a) -> absl::StatusOr<int64_t> {
       ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(tenant, a.sequence_id()));
       const ModelSpec& spec = seq->spec();
