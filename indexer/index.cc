@@ -677,7 +677,7 @@ class StackedScoring {
       std::memcpy(queries_.data() + i * 4 * pairs, o.bf16_query_pairs, 4 * pairs * 4);
     }
   }
-  bool Stackable(size_t first) const { return enabled_ && n_ - first > 1; }
+  bool enabled() const { return enabled_; }
   // Logits of tiles [t0, t1) for the refs of the stack at `first` whose range meets [r0, r1):
   // every such range holds the tiles whole.
   void Score(size_t first, int64_t t0, int64_t t1, int64_t r0, int64_t r1) {
@@ -757,7 +757,7 @@ void ScoreDeferred(std::vector<EntrySearch>& st, size_t n, ThreadPool* pool) {
         const size_t x1 = std::min(job.ref_end, x0 + kStack);
         // Tiles whole inside every range of the stack that meets [r0, r1); the rest one by one.
         int64_t t0 = 0, t1 = 0;
-        if (stacked.Stackable(x0 - job.ref_begin)) {
+        if (stacked.enabled()) {
           t0 = (r0 + kernels::kPackRows - 1) / kernels::kPackRows;
           t1 = r1 / kernels::kPackRows;
           int active = 0;

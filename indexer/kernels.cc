@@ -556,12 +556,12 @@ KV_TARGET_AVX512BF16 void PairTilesAvx512Bf16(const uint8_t* tile, int pairs, co
   StoreTiles<NT, NH>(acc, out);
 }
 
-// AMX: the tiles of one thread's TDPBF16PS kernels, in one of two configurations.
-// kGroupTiles (PairTilesAmx, one group): tmm0, tmm1: the accumulators of two consecutive tiles
-// (kAmxQueries queries x kPackRows rows, fp32); tmm2: the queries' next 16 pairs (A,
-// kAmxQueries x 16 words); tmm3: a tile's next 16 pairs ([16 pairs][kPackRows] words: PackRows'
-// bf16 layout is TDPBF16PS' B layout). kStackTiles (StackedTilesAmx, 16 queries): tmm0..tmm3
-// the accumulators of four tiles, tmm4 the queries, tmm5 a tile's pairs, all 16 x 64 bytes.
+// AMX: one thread's TDPBF16PS kernel, AmxTileDots, in one of two tile configurations that
+// differ only in how many queries (A rows, C rows) they hold. tmm0..tmm3: the accumulators of up
+// to four consecutive tiles (queries x kPackRows rows, fp32); tmm4: the queries' next 16 pairs
+// (A, queries x 16 words); tmm5: a tile's next 16 pairs ([16 pairs][kPackRows] words: PackRows'
+// bf16 layout is TDPBF16PS' B layout). kGroupTiles: one group's kAmxQueries queries;
+// kStackTiles: kStackedQueries (four groups).
 constexpr int kAmxQueries = 4;
 constexpr int kAmxPairs = 16;  // pairs per TDPBF16PS (64-byte tile rows)
 struct alignas(64) AmxTileConfig {
@@ -577,14 +577,11 @@ enum class AmxTiles : uint8_t { kNone, kGroupTiles, kStackTiles };
 
 constexpr AmxTileConfig MakeAmxConfig(AmxTiles tiles) {
   AmxTileConfig c;
-  const bool group = tiles == AmxTiles::kGroupTiles;
-  const int used = group ? 4 : 6;
-  for (int t = 0; t < used; ++t) {
+  const int queries = tiles == AmxTiles::kGroupTiles ? kAmxQueries : kStackedQueries;
+  for (int t = 0; t < 6; ++t) {
     c.colsb[t] = 64;
-    c.rows[t] = kStackedQueries;
+    c.rows[t] = static_cast<uint8_t>(t < 5 ? queries : kAmxPairs);
   }
-  if (group) c.rows[0] = c.rows[1] = c.rows[2] = kAmxQueries;
-  c.rows[group ? 3 : 5] = kAmxPairs;
   return c;
 }
 
@@ -602,39 +599,18 @@ KV_TARGET_AMX inline void ConfigureAmx(AmxTiles tiles) {
   }
 }
 
-// NT (1 or 2) consecutive tiles for kAmxQueries queries: out[(t * kAmxQueries + h) * kPackRows
-// + r]. TDPBF16PS accumulates per pair the even element's product, then the odd one's, in fp32
-// with round-to-nearest-even and denormals flushed: close to, not bit-equal with, the other
-// bodies' chain. REQUIRES: pairs % kAmxPairs == 0, and the calling thread may use AMX (Detect).
+// NT (1 to 4) consecutive tiles for the queries of `layout` (q: [queries][pairs]): tile u's
+// result for query h at out[u * tile_step + h * ld + r]. TDPBF16PS accumulates per pair the even
+// element's product, then the odd one's, in fp32 with round-to-nearest-even and denormals
+// flushed: close to, not bit-equal with, the other bodies' chain; each result row is computed on
+// its own, so a query gets the same bits in either layout. Four accumulators keep four chains
+// in flight (one chain waits for each instruction's latency). REQUIRES: pairs % kAmxPairs == 0,
+// and the calling thread may use AMX (Detect).
 template <int NT>
-KV_TARGET_AMX void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
-  ConfigureAmx(AmxTiles::kGroupTiles);
-  const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
-  const long q_stride = static_cast<long>(pairs) * 4;
-  _tile_zero(0);
-  if (NT == 2) _tile_zero(1);
-  for (int p = 0; p < pairs; p += kAmxPairs) {
-    _tile_loadd(2, q + p, q_stride);
-    _tile_loadd(3, tile + static_cast<size_t>(p) * 64, 64);
-    _tile_dpbf16ps(0, 2, 3);
-    if (NT == 2) {
-      _tile_loadd(3, tile + tile_bytes + static_cast<size_t>(p) * 64, 64);
-      _tile_dpbf16ps(1, 2, 3);
-    }
-  }
-  _tile_stored(0, out, 64);
-  if (NT == 2) _tile_stored(1, out + kAmxQueries * kPackRows, 64);
-}
-
-// NT (1 to 4) consecutive tiles for kStackedQueries queries (q: [16][pairs]):
-// out[q * ld + u * kPackRows + r] for tile u < NT. Each result row is what PairTilesAmx gives
-// that query. Four accumulators keep four TDPBF16PS chains in flight (one chain waits for each
-// instruction's latency). REQUIRES: as PairTilesAmx.
-template <int NT>
-KV_TARGET_AMX void StackedTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out,
-                                   int64_t ld) {
+KV_TARGET_AMX void AmxTileDots(AmxTiles layout, const uint8_t* tile, int pairs, const uint32_t* q,
+                               float* out, int64_t tile_step, int64_t ld) {
   static_assert(NT >= 1 && NT <= 4);
-  ConfigureAmx(AmxTiles::kStackTiles);
+  ConfigureAmx(layout);
   const size_t tile_bytes = static_cast<size_t>(pairs) * kPackRows * 4;
   const long q_stride = static_cast<long>(pairs) * 4;
   _tile_zero(0);
@@ -661,9 +637,16 @@ KV_TARGET_AMX void StackedTilesAmx(const uint8_t* tile, int pairs, const uint32_
   }
   const long out_stride = static_cast<long>(ld) * 4;
   _tile_stored(0, out, out_stride);
-  if constexpr (NT > 1) _tile_stored(1, out + kPackRows, out_stride);
-  if constexpr (NT > 2) _tile_stored(2, out + 2 * kPackRows, out_stride);
-  if constexpr (NT > 3) _tile_stored(3, out + 3 * kPackRows, out_stride);
+  if constexpr (NT > 1) _tile_stored(1, out + tile_step, out_stride);
+  if constexpr (NT > 2) _tile_stored(2, out + 2 * tile_step, out_stride);
+  if constexpr (NT > 3) _tile_stored(3, out + 3 * tile_step, out_stride);
+}
+
+// NT (1 or 2) consecutive tiles for kAmxQueries queries, as the other pair kernels lay them out:
+// out[(t * kAmxQueries + h) * kPackRows + r].
+template <int NT>
+void PairTilesAmx(const uint8_t* tile, int pairs, const uint32_t* q, float* out) {
+  AmxTileDots<NT>(AmxTiles::kGroupTiles, tile, pairs, q, out, kAmxQueries * kPackRows, kPackRows);
 }
 
 // outs[g]'s query h, rows [0, n): scale * tmp[(4g + h) * ld + i]. n % kPackRows == 0.
@@ -1006,16 +989,16 @@ void StackedQueryDotsBf16(const uint8_t* packed, int64_t tile, int64_t tiles, in
     const int64_t nt = std::min<int64_t>(4, tiles - u);
     switch (nt) {
       case 4:
-        StackedTilesAmx<4>(t, pairs, q_pairs, tmp, kLd);
+        AmxTileDots<4>(AmxTiles::kStackTiles, t, pairs, q_pairs, tmp, kPackRows, kLd);
         break;
       case 3:
-        StackedTilesAmx<3>(t, pairs, q_pairs, tmp, kLd);
+        AmxTileDots<3>(AmxTiles::kStackTiles, t, pairs, q_pairs, tmp, kPackRows, kLd);
         break;
       case 2:
-        StackedTilesAmx<2>(t, pairs, q_pairs, tmp, kLd);
+        AmxTileDots<2>(AmxTiles::kStackTiles, t, pairs, q_pairs, tmp, kPackRows, kLd);
         break;
       default:
-        StackedTilesAmx<1>(t, pairs, q_pairs, tmp, kLd);
+        AmxTileDots<1>(AmxTiles::kStackTiles, t, pairs, q_pairs, tmp, kPackRows, kLd);
     }
     StackedGroupOut at[kStackedGroups];
     for (int g = 0; g < kStackedGroups; ++g) {
