@@ -525,6 +525,15 @@ TEST(PrefillAttentionChunkTest, ChunksMatchOneCall) {
   EXPECT_EQ(off, 0);
 }
 
+// A page-locked, device-mapped copy of h (null, with a test failure, if the allocation fails).
+using PinnedRows = std::unique_ptr<uint16_t, decltype(&cudaFreeHost)>;
+PinnedRows PinnedCopy(const std::vector<uint16_t>& h) {
+  uint16_t* p = nullptr;
+  EXPECT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&p), h.size() * 2, cudaHostAllocMapped), cudaSuccess);
+  if (p != nullptr) std::copy(h.begin(), h.end(), p);
+  return PinnedRows(p, &cudaFreeHost);
+}
+
 // A SlotScatter run on the device: a batch x kv_heads slot cache of `budget` rows of head_dim d,
 // K and V slots initialised at random (ks / vs, the host copies), the kernel's fills and fill
 // slots uploaded, num_rejected zeroed; `p` points at all of it (num_fill_slots: all of them).
@@ -600,11 +609,9 @@ TEST(SlotScatterTest, MatchesReference) {
   // Host copies (the reference reads these) and the kernel's copies.
   std::vector<uint16_t> rows = RandomBf16(total * 2 * d, rng);
   DeviceBuffer<uint16_t> drows(rows);
-  uint16_t* pinned = nullptr;
-  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), rows.size() * 2, cudaHostAllocMapped),
-            cudaSuccess);
-  std::unique_ptr<uint16_t, decltype(&cudaFreeHost)> free_pinned(pinned, &cudaFreeHost);
-  std::copy(rows.begin(), rows.end(), pinned);
+  PinnedRows pinned_rows = PinnedCopy(rows);
+  ASSERT_NE(pinned_rows, nullptr);
+  uint16_t* pinned = pinned_rows.get();
   std::vector<SlotFill> host_fills, dev_fills;
   std::vector<int32_t> fill_slots;
   size_t row = 0;
@@ -664,11 +671,9 @@ TEST(SlotScatterTest, GathersRowsByAddress) {
   const size_t pool_rows = 500;  // K and V rows are drawn from here at random
   std::vector<uint16_t> pool = RandomBf16(pool_rows * d, rng);
   DeviceBuffer<uint16_t> dpool(pool);
-  uint16_t* pinned = nullptr;
-  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&pinned), pool.size() * 2, cudaHostAllocMapped),
-            cudaSuccess);
-  std::unique_ptr<uint16_t, decltype(&cudaFreeHost)> free_pinned(pinned, &cudaFreeHost);
-  std::copy(pool.begin(), pool.end(), pinned);
+  PinnedRows pinned_pool = PinnedCopy(pool);
+  ASSERT_NE(pinned_pool, nullptr);
+  uint16_t* pinned = pinned_pool.get();
   // Host addresses for the reference, device-readable ones for the kernel; both address arrays
   // live in page-locked memory, as CudaEngine keeps them.
   std::vector<const uint16_t*> host_addr;
