@@ -119,8 +119,14 @@ void QueryForms::Set(const float* q, int group, const PagedRows& keys, float sca
   unit.resize(scaled.size());
   for (int h = 0; h < group; ++h) {
     const float* qh = q + static_cast<size_t>(h) * d;
-    double norm = 0;
-    for (int j = 0; j < d; ++j) norm += static_cast<double>(qh[j]) * qh[j];
+    // Four chains: one sum of d products waits out the add's latency at every term.
+    double part[4] = {0, 0, 0, 0};
+    int i = 0;
+    for (; i + 4 <= d; i += 4) {
+      for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(qh[i + k]) * qh[i + k];
+    }
+    for (; i < d; ++i) part[0] += static_cast<double>(qh[i]) * qh[i];
+    const double norm = (part[0] + part[1]) + (part[2] + part[3]);
     const float inv = norm > 0 ? static_cast<float>(1.0 / std::sqrt(norm)) : 0.0f;
     for (int j = 0; j < d; ++j) {
       scaled[static_cast<size_t>(h) * d + j] = qh[j] * scale;

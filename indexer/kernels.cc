@@ -282,18 +282,23 @@ KV_TARGET_AVX512 inline __m512 Exp16(__m512 x) {
 }
 
 KV_TARGET_AVX512 double SumExpAvx512(const float* x, int64_t n, float shift) {
+  // Two accumulators (each Exp16 is a dependent chain; two overlap), flushed to double every 2048.
   const __m512 s = _mm512_set1_ps(shift);
   double z = 0;
   int64_t i = 0;
   while (i < n) {
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     const int64_t end = std::min<int64_t>(n, i + 2048);
+    for (; i + 32 <= end; i += 32) {
+      acc0 = _mm512_add_ps(acc0, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), s)));
+      acc1 = _mm512_add_ps(acc1, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), s)));
+    }
     for (; i < end; i += 16) {
       const __mmask16 m = TailMask(end - i);
       const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
+      acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(m, e));
     }
-    z += _mm512_reduce_add_ps(acc);
+    z += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
   return z;
 }
@@ -1113,12 +1118,20 @@ KV_TARGET_AVX2 void MaxShiftedAvx2(const float* x, int64_t ld, int rows, const f
 }
 
 KV_TARGET_AVX512 float MaxValueAvx512(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(x[0]);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = TailMask(n - i);
-    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
+  // Four independent chains: one vmaxps chain waits out its latency every 16 values.
+  __m512 m0 = _mm512_set1_ps(x[0]), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
+    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + i + 32));
+    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + i + 48));
   }
-  return _mm512_reduce_max_ps(m);
+  for (; i < n; i += 16) {
+    const __mmask16 k = TailMask(n - i);
+    m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_maskz_loadu_ps(k, x + i));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
 KV_TARGET_AVX512 void MaxShiftedAvx512(const float* x, int64_t ld, int rows, const float* shift,
