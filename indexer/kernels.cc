@@ -1457,4 +1457,46 @@ void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out, Isa i
   out->resize(static_cast<size_t>(k));
 }
 
+namespace {
+
+KV_TARGET_AVX512 void CopyRowsStreamingAvx512(const uint8_t* const* rows, int64_t n,
+                                              size_t row_bytes, uint8_t* dst, size_t dst_stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* src = rows[j];
+    uint8_t* out = dst + static_cast<size_t>(j) * dst_stride;
+    for (size_t b = 0; b < row_bytes; b += 64) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + b),
+                          _mm512_loadu_si512(reinterpret_cast<const void*>(src + b)));
+    }
+  }
+  _mm_sfence();
+}
+
+KV_TARGET_AVX2 void CopyRowsStreamingAvx2(const uint8_t* const* rows, int64_t n, size_t row_bytes,
+                                          uint8_t* dst, size_t dst_stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* src = rows[j];
+    uint8_t* out = dst + static_cast<size_t>(j) * dst_stride;
+    for (size_t b = 0; b < row_bytes; b += 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + b),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b)));
+    }
+  }
+  _mm_sfence();
+}
+
+}  // namespace
+
+void CopyRowsStreaming(const uint8_t* const* rows, int64_t n, size_t row_bytes, uint8_t* dst,
+                       size_t dst_stride, Isa isa) {
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(dst) % 64 == 0 && dst_stride % 64 == 0 && row_bytes % 64 == 0;
+  if (aligned && Base(isa) == Isa::kAvx512)
+    return CopyRowsStreamingAvx512(rows, n, row_bytes, dst, dst_stride);
+  if (aligned && Base(isa) == Isa::kAvx2)
+    return CopyRowsStreamingAvx2(rows, n, row_bytes, dst, dst_stride);
+  for (int64_t j = 0; j < n; ++j)
+    std::memcpy(dst + static_cast<size_t>(j) * dst_stride, rows[j], row_bytes);
+}
+
 }  // namespace kvrecall::indexer::kernels

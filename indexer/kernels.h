@@ -130,6 +130,14 @@ void MaxShifted(const float* x, int64_t ld, int rows, const float* shift, int64_
 // Keeps O(n) thread-local scratch.
 void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out, Isa isa = BestIsa());
 
+// dst + j * dst_stride <- row_bytes bytes at rows[j], for j < n, for destinations that no CPU
+// reads soon (rows on their way to a GPU or a NIC): AVX-512 and AVX2 use non-temporal stores,
+// which neither read the destination's lines first nor leave them in the cache, then a store
+// fence, when dst, dst_stride and row_bytes are multiples of 64; otherwise (and kScalar) memcpy.
+// Sources need no alignment.
+void CopyRowsStreaming(const uint8_t* const* rows, int64_t n, size_t row_bytes, uint8_t* dst,
+                       size_t dst_stride, Isa isa = BestIsa());
+
 }  // namespace kvrecall::indexer::kernels
 
 #endif  // KVRECALL_INDEXER_KERNELS_H_

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cfenv>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <utility>
@@ -340,6 +341,36 @@ TEST(KernelsTest, TopKMatchesBruteForceWithTiesAndClamping) {
     for (int64_t k = 0; k <= 10; ++k) {
       TopK(extremes.data(), 10, k, &got, isa);
       EXPECT_EQ(got, BruteTopK(extremes, k)) << IsaName(isa) << " k=" << k;
+    }
+  }
+}
+
+// Rows land byte for byte at their strides, nothing between them is written, on every ISA, for
+// aligned destinations (streaming stores) and for the unaligned ones that fall back to memcpy.
+TEST(KernelsTest, CopyRowsStreamingCopiesEveryRowAndNothingElse) {
+  std::mt19937 rng(5);
+  std::vector<uint8_t> source(64 * 1024);
+  for (uint8_t& b : source) b = static_cast<uint8_t>(rng());
+  for (const size_t row_bytes : {size_t{64}, size_t{256}, size_t{96}}) {
+    for (const size_t shift : {size_t{0}, size_t{8}}) {  // of the destination from 64-B alignment
+      const int64_t n = 37;
+      const size_t stride = 2 * row_bytes;  // a gap of one row between rows
+      std::vector<const uint8_t*> rows(n);
+      for (int64_t j = 0; j < n; ++j)
+        rows[j] = source.data() + (rng() % (source.size() - row_bytes));
+      for (Isa isa : SupportedIsas()) {
+        std::vector<uint8_t> buffer(n * stride + 128, 0xA5);
+        uint8_t* base = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
+        uint8_t* dst = base + shift;
+        CopyRowsStreaming(rows.data(), n, row_bytes, dst, stride, isa);
+        for (int64_t j = 0; j < n; ++j) {
+          ASSERT_EQ(std::memcmp(dst + j * stride, rows[j], row_bytes), 0)
+              << "row " << j << " of " << row_bytes << " bytes, shift " << shift << ", "
+              << IsaName(isa);
+          for (size_t b = row_bytes; b < stride; ++b) ASSERT_EQ(dst[j * stride + b], 0xA5);
+        }
+        for (uint8_t* p = buffer.data(); p < dst; ++p) ASSERT_EQ(*p, 0xA5);
+      }
     }
   }
 }

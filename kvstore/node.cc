@@ -16,6 +16,7 @@
 #include "common/status_macros.h"
 #include "indexer/exact.h"
 #include "indexer/index.h"
+#include "indexer/kernels.h"
 #include "kvstore/internal/records.h"
 
 namespace kvrecall::kvstore {
@@ -487,11 +488,19 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   for (size_t i = 0; i < n; ++i) {
     offset[i + 1] = offset[i] + plans[i].fill_tokens.size() * 2 * seqs[i]->spec().row_bytes();
   }
+  // Streaming stores: the rows are headed for the worker's GPU or the NIC, and a cached copy
+  // would first read every destination line and then evict the caller's data.
   auto write_rows = [&](size_t i, uint8_t* dst) {
     const size_t row = seqs[i]->spec().row_bytes();
     const auto& tokens = plans[i].fill_tokens;
-    indexer::GatherRows(snaps[i].keys, tokens.data(), tokens.size(), dst, 2 * row);
-    indexer::GatherRows(snaps[i].values, tokens.data(), tokens.size(), dst + row, 2 * row);
+    thread_local std::vector<const uint8_t*> src;  // [K row | V row] per token, as dst
+    src.resize(2 * tokens.size());
+    for (size_t j = 0; j < tokens.size(); ++j) {
+      src[2 * j] = snaps[i].keys.row(tokens[j]);
+      src[2 * j + 1] = snaps[i].values.row(tokens[j]);
+    }
+    indexer::kernels::CopyRowsStreaming(src.data(), static_cast<int64_t>(src.size()), row, dst,
+                                        row);
   };
   auto write_result = [&](size_t i, uint8_t* p) {
     const std::vector<int32_t>& ids = out->token_ids[i];
