@@ -94,6 +94,7 @@ internal::PromptKvSource SyntheticKvSource(uint64_t seed, const ModelSpec& spec,
 struct CudaEngine::Seq {
   std::string id;
   int64_t len = 0;
+  int64_t tier_len = 0;      // tokens the tier holds (len, or len + 1 after a step failed late)
   bool has_queries = false;  // Device::q_h holds this row's queries of the last step
   std::vector<std::vector<uint64_t>> epochs;  // [layer][kv_head]; empty for dense layers
 };
@@ -322,6 +323,7 @@ absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
   auto s = std::make_unique<Seq>();
   s->id = id;
   s->len = num_tokens;
+  s->tier_len = num_tokens;
   s->epochs.resize(config_.num_layers);
   const int row = static_cast<int>(rows_.size());
   const size_t Hkv = config_.num_kv_heads, budget = options_.budget;
@@ -1140,7 +1142,9 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
                            config_.num_kv_heads * row);
       }
     }
-    RETURN_IF_ERROR(tier_->AppendKVBatch(appends));
+    std::vector<int64_t*> tier_len(B);
+    for (int r = 0; r < B; ++r) tier_len[r] = &rows_[r]->tier_len;
+    RETURN_IF_ERROR(internal::AppendStepTokens(tier_, std::move(appends), tier_len));
     const double s = Since(t0);
     counters_.append_seconds += s;
     times_.append += s;

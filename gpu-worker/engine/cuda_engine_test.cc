@@ -109,6 +109,26 @@ class RecordingTier final : public client::Tier {
     if (b.token_ids.empty()) prompt_appends[id].push_back(b);
     return inner_->AppendKV(id, b);
   }
+  // AppendKVBatch call `call` (from 1) stores every sequence but `sequence_id`, and fails.
+  void FailAppendOnce(int call, std::string sequence_id) {
+    fail_append_call_ = call;
+    fail_append_of_ = std::move(sequence_id);
+  }
+  absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
+                             std::vector<bool>* stored) override {
+    if (++append_calls_ != fail_append_call_) return inner_->AppendKVBatch(appends, stored);
+    std::vector<client::SequenceAppend> others;
+    for (const client::SequenceAppend& a : appends) {
+      if (a.sequence_id != fail_append_of_) others.push_back(a);
+    }
+    EXPECT_OK(inner_->AppendKVBatch(others));
+    if (stored != nullptr) {
+      stored->resize(appends.size());
+      for (size_t i = 0; i < appends.size(); ++i)
+        (*stored)[i] = appends[i].sequence_id != fail_append_of_;
+    }
+    return absl::UnavailableError("node of '" + fail_append_of_ + "' went away");
+  }
   absl::Status Retrieve(const client::RetrieveBatch& batch,
                         std::vector<client::Recalled>* out) override {
     return inner_->Retrieve(batch, out);
@@ -137,6 +157,8 @@ class RecordingTier final : public client::Tier {
 
  private:
   client::Tier* inner_;
+  int append_calls_ = 0, fail_append_call_ = 0;
+  std::string fail_append_of_;
 };
 
 // Layer l's K (or V) rows of tokens [0, num_tokens) in a list of prompt appends (AppendBatch
@@ -311,6 +333,62 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
 
 INSTANTIATE_TEST_SUITE_P(LookaheadAndRowAddresses, CudaEngineSparseTest,
                          ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+// A step whose appends failed for one sequence fails; retried, it sends only that sequence's
+// token (the tier refuses a token twice), and decoding goes on as on an engine that never failed.
+TEST_F(CudaEngineTest, AStepRetriedAfterAPartialAppendFailureSendsOnlyWhatWasNotStored) {
+  EngineOptions o = Options();
+  client::TierOptions to;
+  to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
+                                                     2 * spec_.row_bytes(), to.staging_areas);
+  cuda::PinnedHostRanges pinned;
+  PinRecallBuffer(&pinned, &to);
+  EngineOptions ho = Options();
+  ho.sparse = false;
+  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, ho));
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 60; ++i) prompt.push_back((i * 37 + 11) % 256);
+  std::vector<float> logits;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, host->Prefill(prompt, &logits));
+  // Destroyed in reverse: the engines before the tiers they use.
+  std::vector<std::unique_ptr<client::Tier>> tiers;
+  std::unique_ptr<RecordingTier> recording;
+  RecordingTier* flaky_tier = nullptr;
+  std::vector<std::unique_ptr<CudaEngine>> engines;
+  for (int e = 0; e < 2; ++e) {  // 0: flaky, 1: steady
+    ASSERT_OK_AND_ASSIGN(
+        auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+    ASSERT_OK(tier->RegisterModel(spec_));
+    client::Tier* used = tier.get();
+    if (e == 0) {
+      recording = std::make_unique<RecordingTier>(tier.get());
+      recording->FailAppendOnce(2, "b");
+      flaky_tier = recording.get();
+      used = flaky_tier;
+    }
+    ASSERT_OK_AND_ASSIGN(auto gpu,
+                         CudaEngine::Create(gpu_model_.get(), used, spec_, o, {4, 128}, &pinned));
+    for (const char* id : {"a", "b"}) ASSERT_OK(gpu->AddSequence(id, kv));
+    tiers.push_back(std::move(tier));
+    engines.push_back(std::move(gpu));
+  }
+  const std::vector<std::string> ids = {"a", "b"};
+  for (int t = 0; t < 5; ++t) {
+    const std::vector<int32_t> tokens = {17 + t, 40 + t};
+    std::vector<int32_t> nf, ns;
+    if (t == 1) {
+      EXPECT_THAT(engines[0]->Step(ids, tokens, &nf), StatusIs(absl::StatusCode::kUnavailable));
+    }
+    ASSERT_OK(engines[0]->Step(ids, tokens, &nf)) << "step " << t + 1;
+    ASSERT_OK(engines[1]->Step(ids, tokens, &ns));
+    EXPECT_EQ(nf, ns) << "step " << t + 1;
+  }
+  for (client::Tier* tier : {static_cast<client::Tier*>(flaky_tier), tiers[1].get()}) {
+    ASSERT_OK_AND_ASSIGN(kvstore::NodeStats stats, tier->Stats(/*include_sequences=*/true));
+    ASSERT_EQ(stats.sequences.size(), 2u);
+    for (const auto& seq : stats.sequences) EXPECT_EQ(seq.stored_tokens, 60 + 5);
+  }
+}
 
 // Rows in a recall buffer the device cannot read (not pinned): the step fails with
 // FAILED_PRECONDITION before any kernel reads them, and the engine keeps working.

@@ -22,6 +22,7 @@ namespace kvrecall::worker {
 //   that persist across steps (the tier sends only the rows of newly selected tokens).
 struct Engine::Seq {
   int64_t len = 0;
+  int64_t tier_len = 0;  // tokens the tier holds (len, or len + 1 after a step failed late)
   std::vector<std::vector<float>> k, v, ring_k, ring_v;
   struct SlotCache {
     uint64_t epoch = 0;             // names this cache to the tier; a new one after any failure
@@ -38,6 +39,30 @@ namespace internal {
 bool IsTierMiss(const absl::Status& s) {
   return s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable ||
          s.code() == absl::StatusCode::kAborted;
+}
+
+absl::Status AppendStepTokens(client::Tier* tier, std::vector<client::SequenceAppend> appends,
+                              absl::Span<int64_t* const> tier_len) {
+  if (tier_len.size() != appends.size()) {
+    return absl::InvalidArgumentError("one tier length per append");
+  }
+  std::vector<client::SequenceAppend> send;
+  std::vector<int64_t*> sent_len;
+  send.reserve(appends.size());
+  for (size_t i = 0; i < appends.size(); ++i) {
+    if (*tier_len[i] > appends[i].batch.token_start) continue;  // stored by an earlier try
+    send.push_back(std::move(appends[i]));
+    sent_len.push_back(tier_len[i]);
+  }
+  if (send.empty()) return absl::OkStatus();
+  std::vector<bool> stored;
+  const absl::Status st = tier->AppendKVBatch(send, &stored);
+  for (size_t i = 0; i < send.size(); ++i) {
+    if (st.ok() || (i < stored.size() && stored[i])) {
+      *sent_len[i] = send[i].batch.token_start + send[i].batch.num_tokens;
+    }
+  }
+  return st;
 }
 
 absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const EngineOptions& options,
@@ -232,6 +257,7 @@ absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) 
   }
   auto s = std::make_unique<Seq>();
   s->len = T;
+  s->tier_len = T;
   s->k.resize(L);
   s->v.resize(L);
   s->ring_k.resize(L);
@@ -376,8 +402,11 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
       Seq& s = *seqs[i];
       const int64_t p = pos[i];
       if (!sparse || p < S) {
-        s.k[l].insert(s.k[l].end(), k + i * rowf, k + (i + 1) * rowf);
-        s.v[l].insert(s.v[l].end(), v + i * rowf, v + (i + 1) * rowf);
+        // At row p, not appended: a step retried after a failure writes the same rows again.
+        s.k[l].resize(static_cast<size_t>(p + 1) * rowf);
+        s.v[l].resize(static_cast<size_t>(p + 1) * rowf);
+        std::copy_n(k + i * rowf, rowf, s.k[l].begin() + static_cast<size_t>(p) * rowf);
+        std::copy_n(v + i * rowf, rowf, s.v[l].begin() + static_cast<size_t>(p) * rowf);
       } else {
         const size_t slot = static_cast<size_t>((p - S) % W);
         std::copy_n(k + i * rowf, rowf, s.ring_k[l].begin() + slot * rowf);
@@ -475,7 +504,9 @@ absl::Status Engine::Step(absl::Span<const std::string> ids, absl::Span<const in
         FromF32(spec_.kv_dtype, new_v[l].data() + i * rowf, rowf, b.values[l].data());
       }
     }
-    RETURN_IF_ERROR(tier_->AppendKVBatch(appends));
+    std::vector<int64_t*> tier_len(B);
+    for (int i = 0; i < B; ++i) tier_len[i] = &seqs[i]->tier_len;
+    RETURN_IF_ERROR(internal::AppendStepTokens(tier_, std::move(appends), tier_len));
     counters_.append_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
   }
   for (int i = 0; i < B; ++i) seqs[i]->len++;

@@ -109,6 +109,15 @@ namespace internal {
 // unavailable, a stale call).
 bool IsTierMiss(const absl::Status& s);
 
+// Sends a decode step's new tokens to the tier in one AppendKVBatch: appends[i] is a sequence's
+// token at appends[i].batch.token_start, and *tier_len[i] how many tokens the tier holds of that
+// sequence. One the tier holds already - stored by an earlier try of this step whose batch
+// failed on another sequence - is not sent again: the tier would refuse it (FAILED_PRECONDITION)
+// and the sequence could never decode on. Each one stored advances its *tier_len. Errors: the
+// batch's (the first failure's); the stored ones still advance.
+absl::Status AppendStepTokens(client::Tier* tier, std::vector<client::SequenceAppend> appends,
+                              absl::Span<int64_t* const> tier_len);
+
 // Writes the K/V of prompt tokens [b->token_start, + b->num_tokens) into b->keys / b->values
 // (AppendBatch layout, kv_dtype bytes).
 using PromptKvSource = std::function<void(client::AppendBatch* b)>;

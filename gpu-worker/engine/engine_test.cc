@@ -220,6 +220,26 @@ class FaultyTier final : public client::Tier {
     return inner_->OpenSequence(id, model, tokens);
   }
   absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override { return inner_->AppendKV(id, b); }
+  // AppendKVBatch call `call` (from 1) stores every sequence but `sequence_id`, and fails.
+  void FailAppendOnce(int call, std::string sequence_id) {
+    fail_append_call_ = call;
+    fail_append_of_ = std::move(sequence_id);
+  }
+  absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
+                             std::vector<bool>* stored) override {
+    if (++append_calls_ != fail_append_call_) return inner_->AppendKVBatch(appends, stored);
+    std::vector<client::SequenceAppend> others;
+    for (const client::SequenceAppend& a : appends) {
+      if (a.sequence_id != fail_append_of_) others.push_back(a);
+    }
+    EXPECT_OK(inner_->AppendKVBatch(others));
+    if (stored != nullptr) {
+      stored->resize(appends.size());
+      for (size_t i = 0; i < appends.size(); ++i)
+        (*stored)[i] = appends[i].sequence_id != fail_append_of_;
+    }
+    return absl::UnavailableError("node of '" + fail_append_of_ + "' went away");
+  }
   absl::Status Retrieve(const client::RetrieveBatch& batch, std::vector<client::Recalled>* out) override {
     ++calls_;
     if (failing_.count(calls_)) {
@@ -244,6 +264,8 @@ class FaultyTier final : public client::Tier {
   std::set<int> failing_;
   absl::Status failure_;
   int calls_ = 0;
+  int append_calls_ = 0, fail_append_call_ = 0;
+  std::string fail_append_of_;
 };
 
 TEST_F(EngineTest, MissedDeadlineFallsBackToResidentRowsAndRecovers) {
@@ -272,6 +294,41 @@ TEST_F(EngineTest, MissedDeadlineFallsBackToResidentRowsAndRecovers) {
     }
   }
   EXPECT_EQ(flaky->counters().fallback_layers, 1);
+}
+
+// A step whose appends failed for one sequence fails; retried, it sends only that sequence's
+// token (the tier refuses a token twice), and decoding goes on exactly as if nothing happened.
+TEST_F(EngineTest, AStepRetriedAfterAPartialAppendFailureSendsOnlyWhatWasNotStored) {
+  ASSERT_OK_AND_ASSIGN(auto other_tier, NewTier());
+  FaultyTier faulty(tier_.get(), {}, absl::OkStatus());
+  faulty.FailAppendOnce(2, "b");
+  ASSERT_OK_AND_ASSIGN(auto flaky, Engine::Create(model_.get(), &faulty, spec_, Options(32)));
+  ASSERT_OK_AND_ASSIGN(auto steady,
+                       Engine::Create(model_.get(), other_tier.get(), spec_, Options(32)));
+  std::vector<float> lf, ls;
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, flaky->Prefill(prompt_, &lf));
+  const std::vector<std::string> ids = {"a", "b"};
+  for (const std::string& id : ids) {
+    ASSERT_OK(flaky->AddSequence(id, kv));
+    ASSERT_OK(steady->AddSequence(id, kv));
+  }
+  for (int t = 0; t < 5; ++t) {
+    const std::vector<int32_t> next = {17 + t, 40 + t};
+    if (t == 1) {
+      EXPECT_THAT(flaky->Step(ids, next, &lf),
+                  ::kvrecall::testing::StatusIs(absl::StatusCode::kUnavailable));
+    }
+    ASSERT_OK(flaky->Step(ids, next, &lf)) << "step " << t + 1;
+    ASSERT_OK(steady->Step(ids, next, &ls));
+    EXPECT_EQ(lf, ls) << "step " << t + 1;
+  }
+  // Both tiers hold every token once: the prompt and five steps.
+  for (client::Tier* tier : {static_cast<client::Tier*>(&faulty), other_tier.get()}) {
+    ASSERT_OK_AND_ASSIGN(kvstore::NodeStats stats, tier->Stats(/*include_sequences=*/true));
+    ASSERT_EQ(stats.sequences.size(), 2u);
+    for (const auto& seq : stats.sequences)
+      EXPECT_EQ(seq.stored_tokens, static_cast<int64_t>(prompt_.size()) + 5);
+  }
 }
 
 TEST_F(EngineTest, TierErrorsThatAreNotMissesFailTheStep) {
