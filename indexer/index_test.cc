@@ -65,6 +65,31 @@ TEST(PagedRowsTest, GatherRowsCopiesTheListedRows) {
   }
 }
 
+// RowAddresses gives row()'s addresses, with pages of a power-of-two size (the shift) and not.
+TEST(PagedRowsTest, RowAddressesAreRowsAddressesForEveryPageSize) {
+  std::vector<uint8_t> arena(64 * 1024);
+  for (const int page_tokens : {4, 5, 16}) {
+    PagedRows rows;
+    rows.page_tokens = page_tokens;
+    rows.page_offset = 24;
+    rows.row_stride = 40;
+    rows.head_dim = 16;
+    rows.num_tokens = 100;
+    std::vector<const uint8_t*> table;
+    for (int p = 0; p * page_tokens < 100; ++p)
+      table.push_back(arena.data() + ((p * 7) % 31) * 1024);
+    rows.SetPages(std::move(table));
+    const std::vector<int32_t> tokens = {99, 0, 3, 4, 5, 15, 16, 17, 64, 63};
+    std::vector<const uint8_t*> out(2 * tokens.size(), nullptr);
+    RowAddresses(rows, tokens.data(), tokens.size(), out.data() + 1, 2);
+    for (size_t j = 0; j < tokens.size(); ++j) {
+      EXPECT_EQ(out[2 * j + 1], rows.row(tokens[j]))
+          << "page_tokens " << page_tokens << " token " << tokens[j];
+      EXPECT_EQ(out[2 * j], nullptr);  // the stride's other slots are untouched
+    }
+  }
+}
+
 SearchEntry Entry(const float* q, int group, const PagedRows* keys, int64_t b, int64_t e, int k,
                   std::vector<const Segment*> segs = {}) {
   SearchEntry s;

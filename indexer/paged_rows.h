@@ -8,6 +8,7 @@
 #ifndef KVRECALL_INDEXER_PAGED_ROWS_H_
 #define KVRECALL_INDEXER_PAGED_ROWS_H_
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +45,27 @@ struct PagedRows {
 
 // Copies rows tokens[0, n) of `rows` to dst + j * dst_stride, j < n (row_bytes() each).
 // REQUIRES: every token in [0, rows.num_tokens).
+// out[j * out_stride] = rows.row(tokens[j]) for j < n: one shift instead of a division per row
+// where page_tokens is a power of two (the block stores': a division by a value the compiler
+// cannot see costs tens of cycles, and a decode step locates millions of rows).
+// REQUIRES: as row().
+inline void RowAddresses(const PagedRows& rows, const int32_t* tokens, size_t n,
+                         const uint8_t** out, size_t out_stride) {
+  const std::vector<const uint8_t*>& pages = *rows.pages;
+  const uint32_t pt = static_cast<uint32_t>(rows.page_tokens);
+  if ((pt & (pt - 1)) != 0) {
+    for (size_t j = 0; j < n; ++j) out[j * out_stride] = rows.row(tokens[j]);
+    return;
+  }
+  const int shift = std::countr_zero(pt);
+  const int64_t mask = static_cast<int64_t>(pt) - 1;
+  for (size_t j = 0; j < n; ++j) {
+    const int64_t t = tokens[j];
+    out[j * out_stride] = pages[static_cast<size_t>(t >> shift)] + rows.page_offset +
+                          static_cast<size_t>(t & mask) * rows.row_stride;
+  }
+}
+
 inline void GatherRows(const PagedRows& rows, const int32_t* tokens, size_t n, uint8_t* dst,
                        size_t dst_stride) {
   const size_t bytes = rows.row_bytes();

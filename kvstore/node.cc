@@ -495,10 +495,8 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     const auto& tokens = plans[i].fill_tokens;
     thread_local std::vector<const uint8_t*> src;  // [K row | V row] per token, as dst
     src.resize(2 * tokens.size());
-    for (size_t j = 0; j < tokens.size(); ++j) {
-      src[2 * j] = snaps[i].keys.row(tokens[j]);
-      src[2 * j + 1] = snaps[i].values.row(tokens[j]);
-    }
+    indexer::RowAddresses(snaps[i].keys, tokens.data(), tokens.size(), src.data(), 2);
+    indexer::RowAddresses(snaps[i].values, tokens.data(), tokens.size(), src.data() + 1, 2);
     indexer::kernels::CopyRowsStreaming(src.data(), static_cast<int64_t>(src.size()), row, dst,
                                         row);
   };
@@ -528,17 +526,14 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     const std::vector<int32_t>& tokens = plans[i].fill_tokens;
     std::vector<const uint8_t*>& addr = out->row_addresses[i];
     addr.resize(2 * tokens.size());
-    bool in_arena = true;
-    for (size_t j = 0; j < tokens.size(); ++j) {
-      const uint8_t* k = snaps[i].keys.row(tokens[j]);
-      const uint8_t* v = snaps[i].values.row(tokens[j]);
-      addr[2 * j] = k;
-      addr[2 * j + 1] = v;
-      const uintptr_t lo = std::min(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
-      const uintptr_t hi = std::max(reinterpret_cast<uintptr_t>(k), reinterpret_cast<uintptr_t>(v));
-      in_arena &= lo >= arena_lo && hi <= arena_hi - row;
+    indexer::RowAddresses(snaps[i].keys, tokens.data(), tokens.size(), addr.data(), 2);
+    indexer::RowAddresses(snaps[i].values, tokens.data(), tokens.size(), addr.data() + 1, 2);
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
+    for (const uint8_t* a : addr) {
+      lo = std::min(lo, reinterpret_cast<uintptr_t>(a));
+      hi = std::max(hi, reinterpret_cast<uintptr_t>(a));
     }
-    return in_arena;
+    return addr.empty() || (lo >= arena_lo && hi <= arena_hi - row);
   };
 
   // A worker whose region is mapped here (same-host shared memory, in-process) gets the rows and
