@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/distinct_ids.h"
+#include "common/metrics.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
 
@@ -302,14 +303,37 @@ grpc::ServerUnaryReactor* GrpcService::OpenSequence(grpc::CallbackServerContext*
 
 grpc::ServerReadReactor<v1::AppendKVRequest>* GrpcService::AppendKV(grpc::CallbackServerContext* ctx,
                                                                     v1::AppendKVResponse* resp) {
+  static Counter* const streams =
+      Metrics::Global().GetCounter("kvrecall_append_streams_total", "AppendKV streams opened");
+  streams->Add();
   return new AppendReactor(ctx, node_, auth_, resp);
+}
+
+absl::Status GrpcService::SetUnimplemented(const std::vector<std::string>& rpcs) {
+  for (const std::string& rpc : rpcs) {
+    if (rpc == "AppendKVBatch") {
+      unimplemented_append_batch_ = true;
+    } else if (rpc == "AllocateBlocks") {
+      unimplemented_allocate_blocks_ = true;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", rpc, "' cannot be made unimplemented (AppendKVBatch, AllocateBlocks)"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* GrpcService::AppendKVBatch(grpc::CallbackServerContext* ctx,
                                                      const v1::AppendKVBatchRequest* req,
                                                      v1::AppendKVBatchResponse* resp) {
+  static Counter* const calls = Metrics::Global().GetCounter("kvrecall_append_batch_calls_total",
+                                                             "AppendKVBatch calls served");
   return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    if (unimplemented_append_batch_) {
+      return absl::UnimplementedError("AppendKVBatch is off on this node (--fault-unimplemented)");
+    }
     ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx, req->tenant()));
+    calls->Add();
     if (req->appends_size() < 1 || req->appends_size() > kMaxRetrieveEntries) {
       return absl::InvalidArgumentError(
           absl::StrCat("appends ", req->appends_size(), " not in [1, ", kMaxRetrieveEntries, "]"));
@@ -365,6 +389,9 @@ grpc::ServerUnaryReactor* GrpcService::AllocateBlocks(grpc::CallbackServerContex
                                                       const v1::AllocateBlocksRequest* req,
                                                       v1::AllocateBlocksResponse* resp) {
   return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+    if (unimplemented_allocate_blocks_) {
+      return absl::UnimplementedError("AllocateBlocks is off on this node (--fault-unimplemented)");
+    }
     ASSIGN_OR_RETURN(std::string tenant, TenantOf(auth_, ctx, req->tenant()));
     if (auth_ != nullptr && !auth_->LimitsOf(tenant).arena_ingest) {
       return absl::UnimplementedError(absl::StrCat(

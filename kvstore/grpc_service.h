@@ -5,6 +5,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "common/thread_pool.h"
 #include "kvstore/auth.h"
@@ -37,6 +39,11 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
   // needs the tenant's arena_ingest limit (UNIMPLEMENTED otherwise: clients fall back to
   // AppendKV). `auth` must outlive the service. REQUIRES: set before the server starts serving.
   void SetAuthenticator(Authenticator* auth) { auth_ = auth; }
+  // Fault injection for tests and drills (kvrecall-server --fault-unimplemented): these RPCs
+  // answer UNIMPLEMENTED, as on a node from before them; clients must fall back (AppendKVBatch to
+  // AppendKV, AllocateBlocks to AppendKV). INVALID_ARGUMENT for any other name. REQUIRES: set
+  // before the server starts serving.
+  absl::Status SetUnimplemented(const std::vector<std::string>& rpcs);
 
   grpc::ServerUnaryReactor* RegisterModel(grpc::CallbackServerContext* ctx, const v1::RegisterModelRequest* req,
                                           v1::RegisterModelResponse* resp) override;
@@ -71,6 +78,7 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
   Authenticator* auth_ = nullptr;  // immutable once serving
   ThreadPool pool_;
   PeerConfig peers_;  // immutable once serving
+  bool unimplemented_append_batch_ = false, unimplemented_allocate_blocks_ = false;  // likewise
   std::function<void(bool)> drain_hook_;  // immutable once serving
 };
 

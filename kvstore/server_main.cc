@@ -9,10 +9,12 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
 #include "common/http_server.h"
@@ -47,6 +49,9 @@ ABSL_FLAG(int, rpc_threads, 0, "threads for RPC handling (0 = every core)");
 ABSL_FLAG(std::string, transport, "ucx", "data transport for streaming rows to workers: ucx or none");
 ABSL_FLAG(int, fault_put_delay_ms, 0,
           "fault injection for tests and drills: wait this long before every put of rows to a worker");
+ABSL_FLAG(std::vector<std::string>, fault_unimplemented, {},
+          "fault injection for tests and drills: comma-separated RPCs (AppendKVBatch, "
+          "AllocateBlocks) this node answers UNIMPLEMENTED, as a node from before them would");
 ABSL_FLAG(std::string, ucx_tls, "", "UCX transports (UCX_TLS syntax, e.g. tcp or rc,ud); empty = UCX default");
 ABSL_FLAG(std::string, data_dir, "",
           "directory for blocks evicted from the arena (RocksDB); empty = no eviction: a full "
@@ -192,6 +197,15 @@ int Run() {
   const size_t num_peers = peers.peers.size();
   service.SetPeers(std::move(peers));
   service.SetAuthenticator(auth.get());
+  if (absl::Status s = service.SetUnimplemented(absl::GetFlag(FLAGS_fault_unimplemented));
+      !s.ok()) {
+    KV_LOG(ERROR) << "--fault-unimplemented: " << s.message();
+    return 2;
+  }
+  if (!absl::GetFlag(FLAGS_fault_unimplemented).empty()) {
+    KV_LOG(WARNING) << "fault injection: answering UNIMPLEMENTED to "
+                    << absl::StrJoin(absl::GetFlag(FLAGS_fault_unimplemented), ", ");
+  }
   // kvrecallctl drain: the health status turns NOT_SERVING, so a readiness probe takes the node
   // out of its Service while it keeps serving the sequences it holds.
   std::atomic<grpc::Server*> serving{nullptr};

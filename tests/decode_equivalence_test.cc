@@ -126,6 +126,42 @@ TEST_F(DecodeEquivalenceTest, SparseEqualsDenseOverUcxAndOverGrpcFallback) {
   EXPECT_THAT(metrics, HasSubstr("# TYPE kvrecall_index_auto_builds"));
 }
 
+// A decode step's new tokens go to the node in one AppendKVBatch call. A node without that RPC
+// (UNIMPLEMENTED, as from before it) gets AppendKV streams instead, and decoding is unchanged.
+TEST_F(DecodeEquivalenceTest, StepAppendsGoInOneRpcAndFallBackToAppendKV) {
+  std::vector<int32_t> generated;
+  int64_t prompt_streams = -1;  // AppendKV streams of the first run: the prompt's only
+  for (const bool batch : {true, false}) {
+    SCOPED_TRACE(batch ? "AppendKVBatch" : "AppendKV fallback");
+    const std::string dir = absl::StrCat(*dir_, "/append-", batch);
+    std::filesystem::create_directories(dir);
+    std::vector<std::string> flags;
+    if (!batch) flags.push_back("--fault-unimplemented=AppendKVBatch");
+    auto server = StartServer(dir, flags);
+    ASSERT_TRUE(server.ok()) << server.status();
+    nlohmann::json j = Generate(*server, {"--budget=32", "--transport=grpc"});
+    ASSERT_FALSE(j.is_discarded());
+    const int64_t steps = j["decode_tokens"].get<int64_t>();
+    ASSERT_GT(steps, 0);
+    const std::string metrics = HttpGet(server->metrics_port, "/metrics");
+    auto counter = [&](const std::string& name) -> int64_t {
+      const size_t at = metrics.find("\n" + name + " ");
+      if (at == std::string::npos) return 0;  // never incremented
+      return std::stoll(metrics.substr(at + name.size() + 2));
+    };
+    if (batch) {
+      EXPECT_EQ(counter("kvrecall_append_batch_calls_total"), steps);
+      generated = j["generated"].get<std::vector<int32_t>>();
+      prompt_streams = counter("kvrecall_append_streams_total");
+    } else {
+      EXPECT_EQ(counter("kvrecall_append_batch_calls_total"), 0);
+      EXPECT_EQ(j["generated"].get<std::vector<int32_t>>(), generated);
+      // The first refused batch switched the worker to AppendKV: one stream a step more.
+      EXPECT_EQ(counter("kvrecall_append_streams_total"), prompt_streams + steps);
+    }
+  }
+}
+
 TEST_F(DecodeEquivalenceTest, SlowTierMissesTheDeadlineAndTheWorkerFallsBack) {
   // Every put of rows waits 400 ms; the worker gives each Retrieve 100 ms.
   auto server = StartServer(*dir_, {"--fault-put-delay-ms=400"});
