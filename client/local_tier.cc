@@ -61,6 +61,37 @@ class LocalTier final : public Tier {
     return absl::OkStatus();
   }
 
+  // The node's batch append: each append its own transaction, as AppendKV.
+  absl::Status AppendKVBatch(absl::Span<const SequenceAppend> appends,
+                             std::vector<bool>* stored) override {
+    std::vector<kvstore::Node::BatchAppend> args(appends.size());
+    for (size_t i = 0; i < appends.size(); ++i) {
+      const AppendBatch& b = appends[i].batch;
+      kvstore::Node::BatchAppend& a = args[i];
+      a.sequence_id = appends[i].sequence_id;
+      a.token_start = b.token_start;
+      a.num_tokens = b.num_tokens;
+      a.token_ids = b.token_ids;
+      for (const std::string& k : b.keys) a.keys.push_back(AsBytes(k));
+      for (const std::string& v : b.values) a.values.push_back(AsBytes(v));
+    }
+    std::vector<absl::StatusOr<int64_t>> results;
+    RETURN_IF_ERROR(node_.AppendKVBatch(options_.tenant, args, &results));
+    if (stored != nullptr) stored->assign(appends.size(), false);
+    absl::Status first;
+    int64_t bytes = 0;
+    for (size_t i = 0; i < results.size(); ++i) {
+      first.Update(results[i].status());
+      if (!results[i].ok()) continue;
+      if (stored != nullptr) (*stored)[i] = true;
+      for (const std::string& k : appends[i].batch.keys)
+        bytes += static_cast<int64_t>(2 * k.size());
+    }
+    absl::MutexLock lock(&counters_mu_);
+    counters_.bytes_appended += bytes;
+    return first;
+  }
+
   absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) override {
     if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
     ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> first,

@@ -3,13 +3,16 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "common/distinct_ids.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "proto/convert.h"
 
 namespace kvrecall::kvstore {
 namespace {
+
+absl::Span<const uint8_t> AsBytes(const std::string& s) {
+  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+}
 
 using proto::ToGrpc;
 
@@ -334,50 +337,30 @@ grpc::ServerUnaryReactor* GrpcService::AppendKVBatch(grpc::CallbackServerContext
     }
     ASSIGN_OR_RETURN(const std::string tenant, TenantOf(auth_, ctx, req->tenant()));
     calls->Add();
-    if (req->appends_size() < 1 || req->appends_size() > kMaxRetrieveEntries) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("appends ", req->appends_size(), " not in [1, ", kMaxRetrieveEntries, "]"));
+    std::vector<Node::BatchAppend> appends(static_cast<size_t>(req->appends_size()));
+    for (int i = 0; i < req->appends_size(); ++i) {
+      const v1::SequenceAppend& a = req->appends(i);
+      Node::BatchAppend& b = appends[static_cast<size_t>(i)];
+      b.sequence_id = a.sequence_id();
+      b.token_start = a.token_start();
+      b.num_tokens = a.num_tokens();
+      b.token_ids = absl::MakeConstSpan(a.token_ids().data(), a.token_ids_size());
+      b.keys = {AsBytes(a.keys())};
+      b.values = {AsBytes(a.values())};
     }
-    RETURN_IF_ERROR(CheckDistinctSequenceIds(
-        req->appends(),
-        [](const v1::SequenceAppend& a) -> absl::string_view { return a.sequence_id(); }));
-    auto apply = [&](const v1::SequenceAppend& a) -> absl::StatusOr<int64_t> {
-      ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, node_->FindSequence(tenant, a.sequence_id()));
-      const ModelSpec& spec = seq->spec();
-      if (a.num_tokens() < 0 || a.token_start() < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("append of ", a.num_tokens(), " tokens at ", a.token_start()));
-      }
-      const size_t layer_bytes = static_cast<size_t>(spec.num_kv_heads) *
-                                 static_cast<size_t>(a.num_tokens()) * spec.row_bytes();
-      const size_t want = layer_bytes * static_cast<size_t>(spec.num_layers);
-      if (a.keys().size() != want || a.values().size() != want) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("keys and values must be [", spec.num_layers, "][", spec.num_kv_heads,
-                         "][", a.num_tokens(), "][", spec.head_dim, "] = ", want,
-                         " bytes each, got ", a.keys().size(), " and ", a.values().size()));
-      }
-      std::vector<absl::Span<const uint8_t>> keys, values;
-      for (int l = 0; l < spec.num_layers; ++l) {
-        keys.emplace_back(reinterpret_cast<const uint8_t*>(a.keys().data()) + l * layer_bytes,
-                          layer_bytes);
-        values.emplace_back(reinterpret_cast<const uint8_t*>(a.values().data()) + l * layer_bytes,
-                            layer_bytes);
-      }
-      return seq->AppendTokens(a.token_start(), a.num_tokens(),
-                               absl::MakeConstSpan(a.token_ids().data(), a.token_ids_size()), keys,
-                               values);
-    };
+    std::vector<absl::StatusOr<int64_t>> stored;
+    RETURN_IF_ERROR(node_->AppendKVBatch(tenant, appends, &stored));
     int64_t bytes = 0;
-    for (const v1::SequenceAppend& a : req->appends()) {
+    for (int i = 0; i < req->appends_size(); ++i) {
       v1::AppendResult* r = resp->add_results();
-      absl::StatusOr<int64_t> stored = apply(a);
-      if (stored.ok()) {
-        r->set_stored_tokens(*stored);
-        bytes += static_cast<int64_t>(a.keys().size() + a.values().size());
+      const absl::StatusOr<int64_t>& s = stored[static_cast<size_t>(i)];
+      if (s.ok()) {
+        r->set_stored_tokens(*s);
+        bytes +=
+            static_cast<int64_t>(req->appends(i).keys().size() + req->appends(i).values().size());
       } else {
-        r->set_code(static_cast<int32_t>(stored.status().code()));
-        r->set_message(std::string(stored.status().message()));
+        r->set_code(static_cast<int32_t>(s.status().code()));
+        r->set_message(std::string(s.status().message()));
       }
     }
     resp->set_bytes_written(bytes);

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "common/distinct_ids.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/placement.h"
@@ -433,6 +434,53 @@ Node::StagingArea* Node::Worker::Area(uint32_t id) {
 }
 
 static_assert(std::endian::native == std::endian::little, "results in the worker's region are little-endian");
+
+absl::Status Node::AppendKVBatch(const std::string& tenant, absl::Span<const BatchAppend> appends,
+                                 std::vector<absl::StatusOr<int64_t>>* stored) {
+  if (appends.empty() || appends.size() > static_cast<size_t>(kMaxRetrieveEntries)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("appends ", appends.size(), " not in [1, ", kMaxRetrieveEntries, "]"));
+  }
+  RETURN_IF_ERROR(CheckDistinctSequenceIds(
+      appends, [](const BatchAppend& a) -> absl::string_view { return a.sequence_id; }));
+  auto apply = [&](const BatchAppend& a) -> absl::StatusOr<int64_t> {
+    ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, FindSequence(tenant, a.sequence_id));
+    const ModelSpec& spec = seq->spec();
+    if (a.num_tokens < 0 || a.token_start < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", a.num_tokens, " tokens at ", a.token_start));
+    }
+    const size_t layers = static_cast<size_t>(spec.num_layers);
+    const size_t layer_bytes = static_cast<size_t>(spec.num_kv_heads) *
+                               static_cast<size_t>(a.num_tokens) * spec.row_bytes();
+    auto per_layer = [&](const std::vector<absl::Span<const uint8_t>>& in,
+                         std::vector<absl::Span<const uint8_t>>* out) -> bool {
+      if (in.size() == 1 && in[0].size() == layer_bytes * layers) {  // all layers back to back
+        for (size_t l = 0; l < layers; ++l)
+          out->push_back(in[0].subspan(l * layer_bytes, layer_bytes));
+        return true;
+      }
+      if (in.size() != layers) return false;
+      for (const absl::Span<const uint8_t>& l : in) {
+        if (l.size() != layer_bytes) return false;
+      }
+      *out = in;
+      return true;
+    };
+    std::vector<absl::Span<const uint8_t>> keys, values;
+    if (!per_layer(a.keys, &keys) || !per_layer(a.values, &values)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("keys and values must be [", spec.num_layers, "][", spec.num_kv_heads, "][",
+                       a.num_tokens, "][", spec.head_dim, "] in ", DTypeName(spec.kv_dtype), ": ",
+                       layer_bytes, " bytes per layer"));
+    }
+    return seq->AppendTokens(a.token_start, a.num_tokens, a.token_ids, keys, values);
+  };
+  stored->clear();
+  stored->reserve(appends.size());
+  for (const BatchAppend& a : appends) stored->push_back(apply(a));
+  return absl::OkStatus();
+}
 
 absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
                                 std::vector<std::shared_ptr<Sequence>>& seqs,

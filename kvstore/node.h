@@ -326,6 +326,24 @@ class Node {
   absl::StatusOr<std::shared_ptr<Sequence>> FindSequence(const std::string& tenant,
                                                          const std::string& sequence_id) const;
 
+  // One append of an AppendKVBatch: tokens [token_start, token_start + num_tokens) of a sequence,
+  // with their ids (optional) and every layer's K and V, [num_kv_heads][num_tokens][head_dim]
+  // kv_dtype per layer: either one span per layer, or one span of all layers back to back.
+  struct BatchAppend {
+    std::string sequence_id;
+    int64_t token_start = 0, num_tokens = 0;
+    absl::Span<const int32_t> token_ids;
+    std::vector<absl::Span<const uint8_t>> keys, values;
+  };
+  // A decode step's new tokens (one RPC for the batch; LocalTier and the gRPC AppendKVBatch both
+  // come here). Each append is its own transaction (Sequence::AppendTokens), stored or refused on
+  // its own: (*stored)[i] is append i's committed token count, or its error (NOT_FOUND for an
+  // unknown sequence, INVALID_ARGUMENT for negative counts or K/V of the wrong size, as
+  // AppendTokens otherwise). The call fails as a whole, storing nothing, with INVALID_ARGUMENT
+  // for an empty batch, more than kMaxRetrieveEntries appends or a sequence named twice.
+  absl::Status AppendKVBatch(const std::string& tenant, absl::Span<const BatchAppend> appends,
+                             std::vector<absl::StatusOr<int64_t>>* stored);
+
   // One layer's retrieval for a batch of entries; see proto RetrieveRequest for the contract.
   absl::StatusOr<RetrieveOutcome> Retrieve(const RetrieveArgs& args);
 

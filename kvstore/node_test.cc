@@ -178,6 +178,62 @@ TEST_F(NodeTest, ReadRowsReturnsStoredBytes) {
   EXPECT_THAT(node_.ReadRows("t", "s", 0, 0, {-1}, &k, &v), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// Each append of a batch is stored or refused on its own; the layouts (one span per layer, or
+// all layers back to back) store the same rows; a malformed batch stores nothing.
+TEST_F(NodeTest, AppendKVBatchStoresEachAppendOnItsOwn) {
+  ASSERT_OK(node_.OpenSequence({"t", "m", "s2", std::vector<int32_t>(6, 4)})
+                .status());  // shares nothing with "s"
+  ASSERT_OK_AND_ASSIGN(auto s2, node_.FindSequence("t", "s2"));
+  ASSERT_OK(s2->BeginAppend());
+  const std::vector<float> zero(12, 0.0f);
+  for (int layer = 0; layer < 2; ++layer) {
+    ASSERT_OK(s2->AppendChunk(layer, 0, 6, {reinterpret_cast<const uint8_t*>(zero.data()), 48},
+                              {reinterpret_cast<const uint8_t*>(zero.data()), 48}));
+  }
+  ASSERT_OK(s2->CommitAppend().status());
+  // Token 6 of each: layer l's K = (l + 1, 7), V = (-l, 70); 8 bytes a layer.
+  const std::vector<float> k = {1, 7, 2, 7}, v = {0, 70, -1, 70};
+  const std::vector<int32_t> id = {9};
+  auto bytes = [](const std::vector<float>& f, size_t from, size_t n) {
+    return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(f.data() + from), n * 4);
+  };
+  Node::BatchAppend per_layer{
+      "s", 6, 1, id, {bytes(k, 0, 2), bytes(k, 2, 2)}, {bytes(v, 0, 2), bytes(v, 2, 2)}};
+  Node::BatchAppend joined{"s2", 6, 1, id, {bytes(k, 0, 4)}, {bytes(v, 0, 4)}};
+  Node::BatchAppend unknown{"nope", 0, 1, id, {bytes(k, 0, 4)}, {bytes(v, 0, 4)}};
+  Node::BatchAppend short_kv{"s", 7, 1, id, {bytes(k, 0, 3)}, {bytes(v, 0, 3)}};
+  std::vector<absl::StatusOr<int64_t>> stored;
+  ASSERT_OK(node_.AppendKVBatch("t", {per_layer, unknown, joined}, &stored));
+  ASSERT_EQ(stored.size(), 3u);
+  ASSERT_OK(stored[0].status());
+  EXPECT_EQ(*stored[0], 7);
+  EXPECT_THAT(stored[1].status(), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(stored[2].status());
+  EXPECT_EQ(*stored[2], 7);
+  for (const char* id : {"s", "s2"}) {
+    for (int layer = 0; layer < 2; ++layer) {
+      std::string kr, vr;
+      ASSERT_OK(node_.ReadRows("t", id, layer, 0, {6}, &kr, &vr));
+      EXPECT_EQ(kr, std::string(reinterpret_cast<const char*>(k.data() + 2 * layer), 8))
+          << id << " " << layer;
+      EXPECT_EQ(vr, std::string(reinterpret_cast<const char*>(v.data() + 2 * layer), 8))
+          << id << " " << layer;
+    }
+  }
+  // K/V of the wrong size: that append alone is refused, nothing of it kept.
+  ASSERT_OK(node_.AppendKVBatch("t", {short_kv}, &stored));
+  EXPECT_THAT(stored[0].status(), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK_AND_ASSIGN(auto s, node_.FindSequence("t", "s"));
+  EXPECT_EQ(s->committed_tokens(), 7);
+  // Malformed batches fail whole.
+  EXPECT_THAT(node_.AppendKVBatch("t", {}, &stored), StatusIs(absl::StatusCode::kInvalidArgument));
+  Node::BatchAppend again = per_layer;
+  again.token_start = 7;
+  EXPECT_THAT(node_.AppendKVBatch("t", {again, again}, &stored),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(s->committed_tokens(), 7);
+}
+
 TEST_F(NodeTest, RetrievePutsRowsIntoAttachedWorkerRegion) {
   std::unique_ptr<transport::Transport> t = transport::CreateInProcessTransport();
   Node node(NodeOptions{1 << 20, 4, 1}, t.get(), &clock_);
