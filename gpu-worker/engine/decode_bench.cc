@@ -292,14 +292,17 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
                      5 / 4
                : prompt_bytes;
     const int64_t tier_memory = static_cast<int64_t>(opt.host_memory_fraction * host_available);
-    int batch = static_cast<int>(
+    // Each budget decodes at the largest batch its device memory takes (the tier holds prompts
+    // for the largest of them; a smaller one decodes the first of those sequences).
+    const int tier_batch = static_cast<int>(
         std::min<int64_t>(opt.max_batch, (tier_memory - tier_shared) / tier_per_seq));
+    int batch = 0;
     int64_t gpu_per_seq = 0;
     for (int budget : opt.budgets) {
       EngineOptions eo = base;
       eo.budget = budget;
       const auto [fit, per_seq] = gpu_batch(eo);
-      batch = std::min(batch, fit);
+      batch = std::max(batch, std::min(tier_batch, fit));
       gpu_per_seq = std::max(gpu_per_seq, per_seq);
     }
     if (batch < 1) {
@@ -417,17 +420,23 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
           {"ctkvr_min_similarity", opt.ctkvr_min_similarity},
           {"tier_fill_seconds", push_s},
           {"index_build_seconds", index_seconds}};
+      const int mode_batch = std::min(batch, gpu_batch(eo).first);
+      if (mode_batch < 1) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("no sequence of ", context, " fits budget ", mode.budget));
+      }
       Progress(absl::StrFormat("context %d, %s budget %d%s, %s tokens: batch %d", context,
                                opt.method, mode.budget, mode.lookahead ? " lookahead" : "",
-                               mode.repeat ? "repeated" : "greedy", batch));
-      ASSIGN_OR_RETURN(auto engine,
-                       CudaEngine::Create(model.get(), tier.get(), spec, eo, {batch, max_context}, &pinned));
-      for (int i = 0; i < batch; ++i) {
+                               mode.repeat ? "repeated" : "greedy", mode_batch));
+      ASSIGN_OR_RETURN(auto engine, CudaEngine::Create(model.get(), tier.get(), spec, eo,
+                                                       {mode_batch, max_context}, &pinned));
+      for (int i = 0; i < mode_batch; ++i) {
         RETURN_IF_ERROR(engine->AddSyntheticSequence(ids[i], lens[i], opt.seed + i));
       }
+      const std::vector<std::string> mode_ids(ids.begin(), ids.begin() + mode_batch);
       RETURN_IF_ERROR(
-          Decode(engine.get(), tier.get(), opt, cfg.vocab_size, mode.repeat, ids, &row));
-      for (int64_t& len : lens) len += per_row_steps;
+          Decode(engine.get(), tier.get(), opt, cfg.vocab_size, mode.repeat, mode_ids, &row));
+      for (int i = 0; i < mode_batch; ++i) lens[i] += per_row_steps;
       row["speedup_vs_dense"] = dense_tps > 0 ? row["tokens_per_s"].get<double>() / dense_tps : 0.0;
       rows.push_back(row);
     }
