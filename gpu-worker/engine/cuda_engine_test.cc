@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/testing/failing_appends.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
@@ -111,23 +112,11 @@ class RecordingTier final : public client::Tier {
   }
   // AppendKVBatch call `call` (from 1) stores every sequence but `sequence_id`, and fails.
   void FailAppendOnce(int call, std::string sequence_id) {
-    fail_append_call_ = call;
-    fail_append_of_ = std::move(sequence_id);
+    appends_.FailOnce(call, std::move(sequence_id));
   }
   absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
                              std::vector<bool>* stored) override {
-    if (++append_calls_ != fail_append_call_) return inner_->AppendKVBatch(appends, stored);
-    std::vector<client::SequenceAppend> others;
-    for (const client::SequenceAppend& a : appends) {
-      if (a.sequence_id != fail_append_of_) others.push_back(a);
-    }
-    EXPECT_OK(inner_->AppendKVBatch(others));
-    if (stored != nullptr) {
-      stored->resize(appends.size());
-      for (size_t i = 0; i < appends.size(); ++i)
-        (*stored)[i] = appends[i].sequence_id != fail_append_of_;
-    }
-    return absl::UnavailableError("node of '" + fail_append_of_ + "' went away");
+    return appends_.AppendKVBatch(inner_, appends, stored);
   }
   absl::Status Retrieve(const client::RetrieveBatch& batch,
                         std::vector<client::Recalled>* out) override {
@@ -157,8 +146,7 @@ class RecordingTier final : public client::Tier {
 
  private:
   client::Tier* inner_;
-  int append_calls_ = 0, fail_append_call_ = 0;
-  std::string fail_append_of_;
+  client::testing::FailingAppends appends_;
 };
 
 // Layer l's K (or V) rows of tokens [0, num_tokens) in a list of prompt appends (AppendBatch
@@ -235,6 +223,25 @@ class CudaEngineTest : public ::testing::Test {
     o.prefill_chunk = 16;
     o.num_threads = 2;
     return o;
+  }
+
+  // Tier options whose recall buffer takes a step of 4 sequences at o's budget.
+  client::TierOptions RecallFor(const EngineOptions& o) const {
+    client::TierOptions to;
+    to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
+                                                       2 * spec_.row_bytes(), to.staging_areas);
+    return to;
+  }
+
+  // A 60-token prompt's K/V, prefilled by the dense host engine.
+  absl::StatusOr<PromptKV> HostPrompt() {
+    EngineOptions ho = Options();
+    ho.sparse = false;
+    ASSIGN_OR_RETURN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, ho));
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 60; ++i) prompt.push_back((i * 37 + 11) % 256);
+    std::vector<float> logits;
+    return host->Prefill(prompt, &logits);
   }
 
   // Prefills three prompts of different lengths on the host, starts them in both engines and
@@ -338,18 +345,10 @@ INSTANTIATE_TEST_SUITE_P(LookaheadAndRowAddresses, CudaEngineSparseTest,
 // token (the tier refuses a token twice), and decoding goes on as on an engine that never failed.
 TEST_F(CudaEngineTest, AStepRetriedAfterAPartialAppendFailureSendsOnlyWhatWasNotStored) {
   EngineOptions o = Options();
-  client::TierOptions to;
-  to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
-                                                     2 * spec_.row_bytes(), to.staging_areas);
+  client::TierOptions to = RecallFor(o);
   cuda::PinnedHostRanges pinned;
   PinRecallBuffer(&pinned, &to);
-  EngineOptions ho = Options();
-  ho.sparse = false;
-  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, ho));
-  std::vector<int32_t> prompt;
-  for (int i = 0; i < 60; ++i) prompt.push_back((i * 37 + 11) % 256);
-  std::vector<float> logits;
-  ASSERT_OK_AND_ASSIGN(PromptKV kv, host->Prefill(prompt, &logits));
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, HostPrompt());
   // Destroyed in reverse: the engines before the tiers they use.
   std::vector<std::unique_ptr<client::Tier>> tiers;
   std::unique_ptr<RecordingTier> recording;
@@ -394,21 +393,13 @@ TEST_F(CudaEngineTest, AStepRetriedAfterAPartialAppendFailureSendsOnlyWhatWasNot
 // FAILED_PRECONDITION before any kernel reads them, and the engine keeps working.
 TEST_F(CudaEngineTest, UnpinnedRecallBufferFailsTheStep) {
   EngineOptions o = Options();
-  client::TierOptions to;
-  to.recall_buffer_bytes = client::RecallBufferBytes(4 * config_.num_kv_heads, o.budget,
-                                                     2 * spec_.row_bytes(), to.staging_areas);
   ASSERT_OK_AND_ASSIGN(
-      auto tier, client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+      auto tier,
+      client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, RecallFor(o)));
   ASSERT_OK(tier->RegisterModel(spec_));
   ASSERT_OK_AND_ASSIGN(auto gpu,
                        CudaEngine::Create(gpu_model_.get(), tier.get(), spec_, o, {4, 128}));
-  EngineOptions ho = Options();
-  ho.sparse = false;
-  ASSERT_OK_AND_ASSIGN(auto host, Engine::Create(cpu_.get(), nullptr, spec_, ho));
-  std::vector<int32_t> prompt;
-  for (int i = 0; i < 60; ++i) prompt.push_back((i * 37 + 11) % 256);
-  std::vector<float> logits;
-  ASSERT_OK_AND_ASSIGN(PromptKV kv, host->Prefill(prompt, &logits));
+  ASSERT_OK_AND_ASSIGN(PromptKV kv, HostPrompt());
   ASSERT_OK(gpu->AddSequence("a", kv));
   std::vector<int32_t> next;
   EXPECT_THAT(gpu->Step({"a"}, {1}, &next), StatusIs(absl::StatusCode::kFailedPrecondition));

@@ -6,11 +6,12 @@
 #include <filesystem>
 #include <set>
 
+#include "client/testing/failing_appends.h"
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
-#include "gtest/gtest.h"
 #include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
+#include "gtest/gtest.h"
 #include "indexer/qk_dump.h"
 
 namespace kvrecall::worker {
@@ -222,23 +223,11 @@ class FaultyTier final : public client::Tier {
   absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override { return inner_->AppendKV(id, b); }
   // AppendKVBatch call `call` (from 1) stores every sequence but `sequence_id`, and fails.
   void FailAppendOnce(int call, std::string sequence_id) {
-    fail_append_call_ = call;
-    fail_append_of_ = std::move(sequence_id);
+    appends_.FailOnce(call, std::move(sequence_id));
   }
   absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
                              std::vector<bool>* stored) override {
-    if (++append_calls_ != fail_append_call_) return inner_->AppendKVBatch(appends, stored);
-    std::vector<client::SequenceAppend> others;
-    for (const client::SequenceAppend& a : appends) {
-      if (a.sequence_id != fail_append_of_) others.push_back(a);
-    }
-    EXPECT_OK(inner_->AppendKVBatch(others));
-    if (stored != nullptr) {
-      stored->resize(appends.size());
-      for (size_t i = 0; i < appends.size(); ++i)
-        (*stored)[i] = appends[i].sequence_id != fail_append_of_;
-    }
-    return absl::UnavailableError("node of '" + fail_append_of_ + "' went away");
+    return appends_.AppendKVBatch(inner_, appends, stored);
   }
   absl::Status Retrieve(const client::RetrieveBatch& batch, std::vector<client::Recalled>* out) override {
     ++calls_;
@@ -264,8 +253,7 @@ class FaultyTier final : public client::Tier {
   std::set<int> failing_;
   absl::Status failure_;
   int calls_ = 0;
-  int append_calls_ = 0, fail_append_call_ = 0;
-  std::string fail_append_of_;
+  client::testing::FailingAppends appends_;
 };
 
 TEST_F(EngineTest, MissedDeadlineFallsBackToResidentRowsAndRecovers) {
