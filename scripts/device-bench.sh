@@ -3,7 +3,11 @@
 # bundle made by scripts/device-bundle.sh. Writes one JSON per benchmark under $OUT (or ./out).
 #   usage there: scripts/device-bench.sh [rpc] [stream] [index] [store] [ingest]
 #                [accuracy-short] [accuracy-passkey-32k] [accuracy-multikey-32k] [decode-shared-96k]
+#                [decode-table]
 #   (default: all but the accuracy runs, which use the GPU too; one call each)
+#   decode-table: issue 6's table (32K and 96K, budgets 1024 and 2048, LocalTier and RemoteTier),
+#   taken only when a 24-step gauge reads >= GATE tokens/s (default 500): the host's CPU speed
+#   varies up to 2x between device starts, and the step is CPU-bound.
 #   RPC_DELTAS="true false" picks the rpc runs' --delta values.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +73,18 @@ for b in "$@"; do
         --json="$OUT/decode-shared-96k.json" >"$OUT/decode-shared-96k.log" 2>&1 \
         || echo "decode-shared-96k failed (see decode-shared-96k.log)"
       grep -E "tokens/s|batch" "$OUT/decode-shared-96k.log" | tail -n 12 ;;
+    decode-table)
+      flags="--bench_prompts=shared --ctkvr_min_similarity=0 --bench_lookahead=on --bench_tokens=repeat --threads=12"
+      kvrecall-worker bench --contexts=98304 --budgets=1024 $flags --bench_dense=false --bench_steps=24 \
+        --json="$OUT/decode-gauge.json" >"$OUT/decode-gauge.log" 2>&1 || { echo "gauge failed"; continue; }
+      gauge=$(python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['rows'][0]['tokens_per_s']))" "$OUT/decode-gauge.json")
+      if [ "$gauge" -lt "${GATE:-500}" ]; then echo "slow start: gauge $gauge tokens/s < ${GATE:-500}, no table"; continue; fi
+      timeout 400 kvrecall-worker bench --contexts=32768,98304 --budgets=1024,2048 $flags \
+        --json="$OUT/decode-table-local.json" >"$OUT/decode-table-local.log" 2>&1 || echo "local table failed"
+      timeout 300 kvrecall-worker bench --contexts=98304 --budgets=1024,2048 $flags --bench_tier=remote \
+        --bench_dense=false --json="$OUT/decode-table-remote.json" >"$OUT/decode-table-remote.log" 2>&1 \
+        || echo "remote table failed"
+      grep -hE "tokens/s" "$OUT"/decode-table-*.log | tail -n 12 ;;
   esac
 done
 ls -la "$OUT"
