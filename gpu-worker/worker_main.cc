@@ -25,20 +25,21 @@
 #include <sstream>
 
 #include "absl/flags/flag.h"
-#include "common/flags.h"
 #include "absl/flags/usage.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "client/cluster_tier.h"
 #include "client/tier.h"
+#include "common/flags.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "common/units.h"
 #include "gpu-worker/backends/backend.h"
 #include "gpu-worker/engine/decode_bench.h"
 #include "gpu-worker/engine/engine.h"
+#include "gpu-worker/engine/gpu_generate.h"
 #include "gpu-worker/engine/qk_dumper.h"
 #include "gpu-worker/model/make_model.h"
 #include "gpu-worker/model/tokenizer.h"
@@ -50,6 +51,10 @@ ABSL_FLAG(uint64_t, seed, 1, "make-model: weight seed");
 ABSL_FLAG(std::string, model, "", "model directory (config.json + *.safetensors)");
 ABSL_FLAG(std::string, model_id, "", "model id registered with the tier (default: directory name)");
 ABSL_FLAG(std::string, backend, "cpu", "model backend");
+ABSL_FLAG(std::string, engine, "host",
+          "generate's decode engine: host (activations on the host, the --backend model) or gpu "
+          "(the GPU-resident engine: KV cache, attention and activations on the device; needs a "
+          "CUDA build and a GPU)");
 ABSL_FLAG(std::string, tier, "local",
           "tier: 'local' (in-process node), host:port of a kvrecall-server, a comma-separated list of "
           "them, or dns:///name:port (every address of name, re-resolved); lists and dns route each "
@@ -286,10 +291,23 @@ absl::Status Generate() {
                  << (tokenizer->adds_bos() ? " (added)" : "");
   }
   const int threads = absl::GetFlag(FLAGS_threads);
+  const std::string engine_kind = absl::GetFlag(FLAGS_engine);
+  if (engine_kind != "host" && engine_kind != "gpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--engine is host or gpu, not '", engine_kind, "'"));
+  }
+  const bool gpu = engine_kind == "gpu";
   const absl::Time t_load = absl::Now();
-  ASSIGN_OR_RETURN(std::unique_ptr<ModelBackend> model, CreateBackend(absl::GetFlag(FLAGS_backend), dir, threads));
-  const LlamaConfig& cfg = model->config();
-  KV_LOG(INFO) << "loaded " << dir << " in " << absl::ToDoubleSeconds(absl::Now() - t_load) << " s";
+  std::unique_ptr<ModelBackend> model;  // the host engine's; the GPU engine loads its own
+  LlamaConfig cfg;
+  if (gpu) {
+    ASSIGN_OR_RETURN(cfg, LoadConfig(dir));
+  } else {
+    ASSIGN_OR_RETURN(model, CreateBackend(absl::GetFlag(FLAGS_backend), dir, threads));
+    cfg = model->config();
+    KV_LOG(INFO) << "loaded " << dir << " in " << absl::ToDoubleSeconds(absl::Now() - t_load)
+                 << " s";
+  }
 
   std::string model_id = absl::GetFlag(FLAGS_model_id);
   if (model_id.empty()) {
@@ -326,14 +344,29 @@ absl::Status Generate() {
   std::string id = absl::GetFlag(FLAGS_sequence_id);
   if (id.empty()) id = absl::StrCat("gen-", absl::ToUnixMicros(absl::Now()));
   std::unique_ptr<QkDumper> dumper;
+  if (gpu && !absl::GetFlag(FLAGS_dump_qk).empty()) {
+    return absl::InvalidArgumentError("--dump_qk needs --engine=host");
+  }
   if (!absl::GetFlag(FLAGS_dump_qk).empty()) {
     dumper = std::make_unique<QkDumper>(cfg, id);
     eo.observer = dumper.get();
   }
 
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(cfg.vocab_size, tokenizer.get()));
+  const int steps = absl::GetFlag(FLAGS_max_new_tokens);
+  // Declared before the tier: the tier's recall buffer is pinned through it.
+  std::unique_ptr<GpuGenerator> gpu_generator;
+  if (gpu) {
+    ASSIGN_OR_RETURN(
+        gpu_generator,
+        CreateGpuGenerator(dir, spec, eo, static_cast<int>(prompt.size()) + steps + 1));
+    KV_LOG(INFO) << "loaded " << dir << " on the GPU in "
+                 << absl::ToDoubleSeconds(absl::Now() - t_load) << " s";
+  }
   std::unique_ptr<client::Tier> tier;
   if (sparse) {
     client::TierOptions to;
+    if (gpu_generator != nullptr) gpu_generator->PinRecallBuffer(&to);
     to.tenant = absl::GetFlag(FLAGS_tenant);
     const int64_t pair = 2 * static_cast<int64_t>(spec.row_bytes());
     // One staging area of budget rows per kv-head, and one area per sparse layer with lookahead.
@@ -364,88 +397,108 @@ absl::Status Generate() {
     RETURN_IF_ERROR(tier->RegisterModel(spec));
     KV_LOG(INFO) << "tier: " << tier->Describe();
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model.get(), tier.get(), spec, eo));
-  std::unique_ptr<Engine> dense;
   const bool compare = absl::GetFlag(FLAGS_compare_dense) && sparse;
-  if (compare) {
-    EngineOptions d = eo;
-    d.sparse = false;
-    d.observer = nullptr;
-    ASSIGN_OR_RETURN(dense, Engine::Create(model.get(), nullptr, spec, d));
-  }
-
-  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(cfg.vocab_size, tokenizer.get()));
-  std::vector<float> logits, dense_logits;
-  KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens ...";
-  const absl::Time t_prefill = absl::Now();
-  ASSIGN_OR_RETURN(PromptKV kv, engine->Prefill(prompt, &logits));
-  const double prefill_s = absl::ToDoubleSeconds(absl::Now() - t_prefill);
-  const absl::Time t_push = absl::Now();
-  RETURN_IF_ERROR(engine->AddSequence(id, kv));
-  const double push_s = absl::ToDoubleSeconds(absl::Now() - t_push);
-  const int64_t appended_after_push = tier ? tier->counters().bytes_appended : 0;
-  if (compare) {
-    RETURN_IF_ERROR(dense->AddSequence(id, kv));
-    dense_logits = logits;
-  }
-  KV_LOG(INFO) << "prefill " << prefill_s << " s, pushed to tier in " << push_s << " s; decoding ...";
-
-  const int steps = absl::GetFlag(FLAGS_max_new_tokens);
   const int V = cfg.vocab_size;
-  std::vector<int32_t> generated;
-  int top1_match = 0, compared = 0;
-  double max_dlogit = 0;
-  std::vector<double> step_dlogit;
-  double decode_s = 0, dense_s = 0;
-  int32_t next = Argmax(logits.data(), V);
-  for (int s = 0; s < steps; ++s) {
+  GenerateRun run;
+  int64_t appended_after_push = 0;
+  std::unique_ptr<Engine> engine;
+  if (gpu) {
+    KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens and " << steps
+                 << " decode steps on the GPU ...";
+    ASSIGN_OR_RETURN(run, gpu_generator->Run(tier.get(), id, prompt, steps, compare));
+    const int64_t appended = tier ? tier->counters().bytes_appended : 0;
+    const int64_t per_token =
+        static_cast<int64_t>(spec.num_layers) * 2 * spec.num_kv_heads * spec.row_bytes();
+    appended_after_push = appended - per_token * steps;  // the decode steps append one token each
+  } else {
+    ASSIGN_OR_RETURN(engine, Engine::Create(model.get(), tier.get(), spec, eo));
+    std::unique_ptr<Engine> dense;
     if (compare) {
-      // Compare the distributions that chose this token (prompt logits first, then each step's).
-      ++compared;
-      top1_match += Argmax(dense_logits.data(), V) == next;
-      double dmax = 0;
-      for (int j = 0; j < V; ++j) dmax = std::max(dmax, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
-      step_dlogit.push_back(dmax);
-      max_dlogit = std::max(max_dlogit, dmax);
+      EngineOptions d = eo;
+      d.sparse = false;
+      d.observer = nullptr;
+      ASSIGN_OR_RETURN(dense, Engine::Create(model.get(), nullptr, spec, d));
     }
-    generated.push_back(next);
-    const absl::Time t0 = absl::Now();
-    RETURN_IF_ERROR(engine->Step({&id, 1}, {&next, 1}, &logits));
-    decode_s += absl::ToDoubleSeconds(absl::Now() - t0);
+    std::vector<float> logits, dense_logits;
+    KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens ...";
+    const absl::Time t_prefill = absl::Now();
+    ASSIGN_OR_RETURN(PromptKV kv, engine->Prefill(prompt, &logits));
+    run.prefill_seconds = absl::ToDoubleSeconds(absl::Now() - t_prefill);
+    const absl::Time t_push = absl::Now();
+    RETURN_IF_ERROR(engine->AddSequence(id, kv));
+    run.push_seconds = absl::ToDoubleSeconds(absl::Now() - t_push);
+    appended_after_push = tier ? tier->counters().bytes_appended : 0;
     if (compare) {
-      const absl::Time t1 = absl::Now();
-      RETURN_IF_ERROR(dense->Step({&id, 1}, {&next, 1}, &dense_logits));
-      dense_s += absl::ToDoubleSeconds(absl::Now() - t1);
+      RETURN_IF_ERROR(dense->AddSequence(id, kv));
+      dense_logits = logits;
     }
-    next = Argmax(logits.data(), V);
+    KV_LOG(INFO) << "prefill " << run.prefill_seconds << " s, pushed to tier in "
+                 << run.push_seconds << " s; decoding ...";
+    int32_t next = Argmax(logits.data(), V);
+    for (int s = 0; s < steps; ++s) {
+      if (compare) {
+        // Compare the distributions that chose this token (prompt logits first, then each step's).
+        ++run.compared;
+        run.top1_match += Argmax(dense_logits.data(), V) == next;
+        double dmax = 0;
+        for (int j = 0; j < V; ++j)
+          dmax = std::max(dmax, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
+        run.step_max_abs_dlogit.push_back(dmax);
+        run.max_abs_dlogit = std::max(run.max_abs_dlogit, dmax);
+      }
+      run.generated.push_back(next);
+      const absl::Time t0 = absl::Now();
+      RETURN_IF_ERROR(engine->Step({&id, 1}, {&next, 1}, &logits));
+      run.decode_seconds += absl::ToDoubleSeconds(absl::Now() - t0);
+      if (compare) {
+        const absl::Time t1 = absl::Now();
+        RETURN_IF_ERROR(dense->Step({&id, 1}, {&next, 1}, &dense_logits));
+        run.dense_seconds += absl::ToDoubleSeconds(absl::Now() - t1);
+      }
+      next = Argmax(logits.data(), V);
+    }
+    run.counters = engine->counters();
   }
-  const EngineCounters& c = engine->counters();
+  const std::vector<int32_t>& generated = run.generated;
+  const int top1_match = run.top1_match, compared = run.compared;
+  const double max_dlogit = run.max_abs_dlogit, decode_s = run.decode_seconds,
+               dense_s = run.dense_seconds;
+  const double prefill_s = run.prefill_seconds, push_s = run.push_seconds;
+  const std::vector<double>& step_dlogit = run.step_max_abs_dlogit;
+  const EngineCounters& c = run.counters;
   const client::TierCounters tc = tier ? tier->counters() : client::TierCounters{};
   const double tok_s = decode_s > 0 ? steps / decode_s : 0;
   const double streamed_per_token = steps ? static_cast<double>(tc.bytes_received) / steps : 0;
   const double appended_per_token = steps ? static_cast<double>(tc.bytes_appended - appended_after_push) / steps : 0;
 
-  std::cout << "\n=== kvrecall generate ===\n"
-            << absl::StrFormat("model          %s (%d layers, %d/%d heads, head_dim %d, kv %s)\n", spec.model_id,
-                               spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim,
-                               DTypeName(spec.kv_dtype))
-            << absl::StrFormat("tier           %s\n", tier ? tier->Describe() : "none (dense)")
-            << absl::StrFormat("prompt         %d tokens, prefill %.2f s (%.0f tok/s), KV push %.2f s\n",
-                               prompt.size(), prefill_s, prompt.size() / prefill_s, push_s)
-            << absl::StrFormat("attention      %s: %d dense layers, sinks %d, window %d, budget %d, method %s "
-                               "(index built in %.3f s)\n",
-                               sparse ? "sparse" : "dense", eo.dense_layers, eo.sink_tokens, eo.window_tokens,
-                               eo.budget, absl::GetFlag(FLAGS_method), engine->counters().index_build_seconds)
-            << absl::StrFormat("decode         %d tokens in %.3f s = %.1f tokens/s\n", steps, decode_s, tok_s)
-            << absl::StrFormat("retrieval      %d calls, %.3f s total; %s streamed per token (%d rows/token); "
-                               "%s appended per token\n",
-                               c.retrieve_calls, c.retrieve_seconds, FormatBytes(static_cast<int64_t>(streamed_per_token)),
-                               steps ? c.streamed_rows / steps : 0, FormatBytes(static_cast<int64_t>(appended_per_token)))
-            << absl::StrFormat("slot caches    %d of %d selected rows resident already (%.1f%%); delta streaming %s, "
-                               "lookahead %s; %d layer-steps fell back (tier missed its deadline)\n",
-                               c.recalled_rows - c.streamed_rows, c.recalled_rows,
-                               c.recalled_rows ? 100.0 * (c.recalled_rows - c.streamed_rows) / c.recalled_rows : 0.0,
-                               eo.delta_streaming ? "on" : "off", eo.lookahead ? "on" : "off", c.fallback_layers);
+  std::cout
+      << "\n=== kvrecall generate ===\n"
+      << absl::StrFormat("model          %s (%d layers, %d/%d heads, head_dim %d, kv %s)\n",
+                         spec.model_id, spec.num_layers, spec.num_q_heads, spec.num_kv_heads,
+                         spec.head_dim, DTypeName(spec.kv_dtype))
+      << absl::StrFormat("tier           %s\n", tier ? tier->Describe() : "none (dense)")
+      << absl::StrFormat("prompt         %d tokens, prefill %.2f s (%.0f tok/s), KV push %.2f s\n",
+                         prompt.size(), prefill_s, prompt.size() / prefill_s, push_s)
+      << absl::StrFormat(
+             "attention      %s: %d dense layers, sinks %d, window %d, budget %d, method %s "
+             "(index built in %.3f s)\n",
+             sparse ? "sparse" : "dense", eo.dense_layers, eo.sink_tokens, eo.window_tokens,
+             eo.budget, absl::GetFlag(FLAGS_method), c.index_build_seconds)
+      << absl::StrFormat("decode         %d tokens in %.3f s = %.1f tokens/s\n", steps, decode_s,
+                         tok_s)
+      << absl::StrFormat(
+             "retrieval      %d calls, %.3f s total; %s streamed per token (%d rows/token); "
+             "%s appended per token\n",
+             c.retrieve_calls, c.retrieve_seconds,
+             FormatBytes(static_cast<int64_t>(streamed_per_token)),
+             steps ? c.streamed_rows / steps : 0,
+             FormatBytes(static_cast<int64_t>(appended_per_token)))
+      << absl::StrFormat(
+             "slot caches    %d of %d selected rows resident already (%.1f%%); delta streaming %s, "
+             "lookahead %s; %d layer-steps fell back (tier missed its deadline)\n",
+             c.recalled_rows - c.streamed_rows, c.recalled_rows,
+             c.recalled_rows ? 100.0 * (c.recalled_rows - c.streamed_rows) / c.recalled_rows : 0.0,
+             eo.delta_streaming ? "on" : "off", eo.lookahead ? "on" : "off", c.fallback_layers);
   if (compare) {
     std::cout << absl::StrFormat("vs dense       top-1 match %d/%d = %.1f%%, max |dlogit| %.3g; dense decode in "
                                  "this process %.1f tokens/s (all KV local)\n",
@@ -506,7 +559,8 @@ absl::Status Generate() {
     std::cout << "Q/K dump       " << dumper->tokens() << " tokens x " << cfg.num_layers << " layers -> "
               << absl::GetFlag(FLAGS_dump_qk) << "\n";
   }
-  if (tier) RETURN_IF_ERROR(engine->RemoveSequence(id));
+  if (tier && engine != nullptr)
+    RETURN_IF_ERROR(engine->RemoveSequence(id));  // GpuGenerator::Run removed its own
   return absl::OkStatus();
 }
 

@@ -1,0 +1,58 @@
+// `kvrecall-worker generate --engine=gpu`: one prompt prefilled and decoded greedily by the
+// GPU-resident engine (cuda_engine.h), its sparse layers through a Tier, and optionally a dense
+// GPU engine alongside, teacher-forced on the same tokens, for the logits' difference. Built
+// with CUDA only; elsewhere CreateGpuGenerator answers FAILED_PRECONDITION
+// (gpu_generate_unavailable.cc).
+#ifndef KVRECALL_GPU_WORKER_ENGINE_GPU_GENERATE_H_
+#define KVRECALL_GPU_WORKER_ENGINE_GPU_GENERATE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "client/tier.h"
+#include "common/model_spec.h"
+#include "gpu-worker/engine/engine.h"
+
+namespace kvrecall::worker {
+
+// What a generate run measured; the host engine's loop fills the same.
+struct GenerateRun {
+  std::vector<int32_t> generated;  // greedy tokens; the first from the prompt's logits
+  double prefill_seconds = 0;      // the prompt through the model (GPU: its push to the tier too)
+  double push_seconds = 0;         // the prompt's K/V to the tier (host engine only)
+  double decode_seconds = 0, dense_seconds = 0;
+  int compared = 0, top1_match = 0;  // steps compared with dense, and whose argmax agreed
+  double max_abs_dlogit = 0;
+  std::vector<double> step_max_abs_dlogit;
+  EngineCounters counters;
+};
+
+class GpuGenerator {
+ public:
+  virtual ~GpuGenerator() = default;
+  // Sets the options' pin hooks so that the GPU reads the tier's recall buffer where it lies.
+  // Create the tier with them, after this call, and destroy it before the generator.
+  virtual void PinRecallBuffer(client::TierOptions* options) = 0;
+  // Prefills `prompt` as sequence `id` on the GPU (pushing it to `tier` in sparse mode; `tier`
+  // null in dense mode), then decodes `steps` greedy tokens; with compare_dense a dense engine
+  // runs the same tokens. The sequence is removed (and dropped on the tier) at the end.
+  virtual absl::StatusOr<GenerateRun> Run(client::Tier* tier, const std::string& id,
+                                          absl::Span<const int32_t> prompt, int steps,
+                                          bool compare_dense) = 0;
+};
+
+// Loads the checkpoint at `dir` on the GPU, for sequences of up to max_context tokens (prompt
+// and generated together). FAILED_PRECONDITION without CUDA or a device; the checkpoint's errors
+// as CudaModel::Load gives them.
+absl::StatusOr<std::unique_ptr<GpuGenerator>> CreateGpuGenerator(const std::string& dir,
+                                                                 const ModelSpec& spec,
+                                                                 const EngineOptions& options,
+                                                                 int max_context);
+
+}  // namespace kvrecall::worker
+
+#endif  // KVRECALL_GPU_WORKER_ENGINE_GPU_GENERATE_H_
