@@ -44,51 +44,33 @@ class LocalTier final : public Tier {
     return OpenResult{r.matched_tokens, r.stored_tokens};
   }
 
+  // Through the node's batch append, as a batch of one: one path for validation and the
+  // transaction.
   absl::Status AppendKV(const std::string& sequence_id, const AppendBatch& batch) override {
-    ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, node_.FindSequence(options_.tenant, sequence_id));
-    const int layers = seq->spec().num_layers;
-    RETURN_IF_ERROR(internal::CheckAppendBatch(seq->spec(), batch));
-    std::vector<absl::Span<const uint8_t>> keys, values;
-    for (int l = 0; l < layers; ++l) {
-      keys.push_back(AsBytes(batch.keys[l]));
-      values.push_back(AsBytes(batch.values[l]));
-    }
+    std::vector<absl::StatusOr<int64_t>> results;
     RETURN_IF_ERROR(
-        seq->AppendTokens(batch.token_start, batch.num_tokens, batch.token_ids, keys, values)
-            .status());
-    absl::MutexLock lock(&counters_mu_);
-    for (int l = 0; l < layers; ++l) counters_.bytes_appended += static_cast<int64_t>(batch.keys[l].size() * 2);
+        node_.AppendKVBatch(options_.tenant, {NodeAppend(sequence_id, batch)}, &results));
+    RETURN_IF_ERROR(results[0].status());
+    CountAppended(batch);
     return absl::OkStatus();
   }
 
-  // The node's batch append: each append its own transaction, as AppendKV.
+  // The node's batch append: each append its own transaction.
   absl::Status AppendKVBatch(absl::Span<const SequenceAppend> appends,
                              std::vector<bool>* stored) override {
-    std::vector<kvstore::Node::BatchAppend> args(appends.size());
-    for (size_t i = 0; i < appends.size(); ++i) {
-      const AppendBatch& b = appends[i].batch;
-      kvstore::Node::BatchAppend& a = args[i];
-      a.sequence_id = appends[i].sequence_id;
-      a.token_start = b.token_start;
-      a.num_tokens = b.num_tokens;
-      a.token_ids = b.token_ids;
-      for (const std::string& k : b.keys) a.keys.push_back(AsBytes(k));
-      for (const std::string& v : b.values) a.values.push_back(AsBytes(v));
-    }
+    std::vector<kvstore::Node::BatchAppend> args;
+    args.reserve(appends.size());
+    for (const SequenceAppend& a : appends) args.push_back(NodeAppend(a.sequence_id, a.batch));
     std::vector<absl::StatusOr<int64_t>> results;
     RETURN_IF_ERROR(node_.AppendKVBatch(options_.tenant, args, &results));
     if (stored != nullptr) stored->assign(appends.size(), false);
     absl::Status first;
-    int64_t bytes = 0;
     for (size_t i = 0; i < results.size(); ++i) {
       first.Update(results[i].status());
       if (!results[i].ok()) continue;
       if (stored != nullptr) (*stored)[i] = true;
-      for (const std::string& k : appends[i].batch.keys)
-        bytes += static_cast<int64_t>(2 * k.size());
+      CountAppended(appends[i].batch);
     }
-    absl::MutexLock lock(&counters_mu_);
-    counters_.bytes_appended += bytes;
     return first;
   }
 
@@ -163,6 +145,26 @@ class LocalTier final : public Tier {
   }
 
  private:
+  // A view of `batch` (its buffers, not a copy) as the node takes it.
+  static kvstore::Node::BatchAppend NodeAppend(const std::string& sequence_id,
+                                               const AppendBatch& batch) {
+    kvstore::Node::BatchAppend a;
+    a.sequence_id = sequence_id;
+    a.token_start = batch.token_start;
+    a.num_tokens = batch.num_tokens;
+    a.token_ids = batch.token_ids;
+    for (const std::string& k : batch.keys) a.keys.push_back(AsBytes(k));
+    for (const std::string& v : batch.values) a.values.push_back(AsBytes(v));
+    return a;
+  }
+
+  void CountAppended(const AppendBatch& batch) {
+    int64_t bytes = 0;
+    for (const std::string& k : batch.keys) bytes += static_cast<int64_t>(2 * k.size());
+    absl::MutexLock lock(&counters_mu_);
+    counters_.bytes_appended += bytes;
+  }
+
   static absl::Span<const uint8_t> AsBytes(const std::string& s) {
     return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
   }

@@ -400,16 +400,11 @@ absl::Status Generate() {
   const bool compare = absl::GetFlag(FLAGS_compare_dense) && sparse;
   const int V = cfg.vocab_size;
   GenerateRun run;
-  int64_t appended_after_push = 0;
   std::unique_ptr<Engine> engine;
   if (gpu) {
     KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens and " << steps
                  << " decode steps on the GPU ...";
     ASSIGN_OR_RETURN(run, gpu_generator->Run(tier.get(), id, prompt, steps, compare));
-    const int64_t appended = tier ? tier->counters().bytes_appended : 0;
-    const int64_t per_token =
-        static_cast<int64_t>(spec.num_layers) * 2 * spec.num_kv_heads * spec.row_bytes();
-    appended_after_push = appended - per_token * steps;  // the decode steps append one token each
   } else {
     ASSIGN_OR_RETURN(engine, Engine::Create(model.get(), tier.get(), spec, eo));
     std::unique_ptr<Engine> dense;
@@ -427,7 +422,7 @@ absl::Status Generate() {
     const absl::Time t_push = absl::Now();
     RETURN_IF_ERROR(engine->AddSequence(id, kv));
     run.push_seconds = absl::ToDoubleSeconds(absl::Now() - t_push);
-    appended_after_push = tier ? tier->counters().bytes_appended : 0;
+    run.tier_appended_before_decode = tier ? tier->counters().bytes_appended : 0;
     if (compare) {
       RETURN_IF_ERROR(dense->AddSequence(id, kv));
       dense_logits = logits;
@@ -436,16 +431,8 @@ absl::Status Generate() {
                  << run.push_seconds << " s; decoding ...";
     int32_t next = Argmax(logits.data(), V);
     for (int s = 0; s < steps; ++s) {
-      if (compare) {
-        // Compare the distributions that chose this token (prompt logits first, then each step's).
-        ++run.compared;
-        run.top1_match += Argmax(dense_logits.data(), V) == next;
-        double dmax = 0;
-        for (int j = 0; j < V; ++j)
-          dmax = std::max(dmax, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
-        run.step_max_abs_dlogit.push_back(dmax);
-        run.max_abs_dlogit = std::max(run.max_abs_dlogit, dmax);
-      }
+      // Compare the distributions that chose this token (prompt logits first, then each step's).
+      if (compare) run.CompareWithDense(logits, dense_logits, next);
       run.generated.push_back(next);
       const absl::Time t0 = absl::Now();
       RETURN_IF_ERROR(engine->Step({&id, 1}, {&next, 1}, &logits));
@@ -469,7 +456,8 @@ absl::Status Generate() {
   const client::TierCounters tc = tier ? tier->counters() : client::TierCounters{};
   const double tok_s = decode_s > 0 ? steps / decode_s : 0;
   const double streamed_per_token = steps ? static_cast<double>(tc.bytes_received) / steps : 0;
-  const double appended_per_token = steps ? static_cast<double>(tc.bytes_appended - appended_after_push) / steps : 0;
+  const double appended_per_token =
+      steps ? static_cast<double>(tc.bytes_appended - run.tier_appended_before_decode) / steps : 0;
 
   std::cout
       << "\n=== kvrecall generate ===\n"

@@ -1,7 +1,6 @@
 #include "gpu-worker/engine/gpu_generate.h"
 
 #include <algorithm>
-#include <cmath>
 #include <utility>
 
 #include "absl/time/clock.h"
@@ -50,20 +49,13 @@ class CudaGenerator final : public GpuGenerator {
     const absl::Time t_prefill = absl::Now();
     RETURN_IF_ERROR(engine->PrefillSequence(id, prompt, {}, &logits));
     run.prefill_seconds = Seconds(t_prefill);
+    if (tier != nullptr) run.tier_appended_before_decode = tier->counters().bytes_appended;
     if (dense != nullptr) RETURN_IF_ERROR(dense->PrefillSequence(id, prompt, {}, &dense_logits));
     std::vector<int32_t> next_ids;
     int32_t next = Argmax(logits);
     for (int s = 0; s < steps; ++s) {
-      if (dense != nullptr) {
-        // The distributions that chose this token: the prompt's first, then each step's.
-        ++run.compared;
-        run.top1_match += Argmax(dense_logits) == next;
-        double d = 0;
-        for (size_t j = 0; j < logits.size(); ++j)
-          d = std::max(d, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
-        run.step_max_abs_dlogit.push_back(d);
-        run.max_abs_dlogit = std::max(run.max_abs_dlogit, d);
-      }
+      // The distributions that chose this token: the prompt's first, then each step's.
+      if (dense != nullptr) run.CompareWithDense(logits, dense_logits, next);
       run.generated.push_back(next);
       const absl::Time t0 = absl::Now();
       RETURN_IF_ERROR(engine->Step({&id, 1}, {&next, 1}, &next_ids, &logits));

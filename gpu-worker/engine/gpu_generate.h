@@ -6,6 +6,8 @@
 #ifndef KVRECALL_GPU_WORKER_ENGINE_GPU_GENERATE_H_
 #define KVRECALL_GPU_WORKER_ENGINE_GPU_GENERATE_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,7 +30,23 @@ struct GenerateRun {
   int compared = 0, top1_match = 0;  // steps compared with dense, and whose argmax agreed
   double max_abs_dlogit = 0;
   std::vector<double> step_max_abs_dlogit;
+  int64_t tier_appended_before_decode = 0;  // the tier's bytes_appended once the prompt was in
   EngineCounters counters;
+
+  // Records one compared step: `next`, chosen from `logits`, against the dense engine's
+  // `dense_logits` for the same position.
+  void CompareWithDense(const std::vector<float>& logits, const std::vector<float>& dense_logits,
+                        int32_t next) {
+    ++compared;
+    top1_match += static_cast<int32_t>(std::max_element(dense_logits.begin(), dense_logits.end()) -
+                                       dense_logits.begin()) == next;
+    double d = 0;
+    for (size_t j = 0; j < logits.size(); ++j) {
+      d = std::max(d, static_cast<double>(std::fabs(logits[j] - dense_logits[j])));
+    }
+    step_max_abs_dlogit.push_back(d);
+    max_abs_dlogit = std::max(max_abs_dlogit, d);
+  }
 };
 
 class GpuGenerator {
