@@ -16,8 +16,9 @@ if [ $# -eq 0 ]; then set -- "$BIN_DIR"/*; fi
 # ucx_perftest too, for the benchmarks that measure against it.
 if command -v ucx_perftest >/dev/null; then set -- "$@" "$(command -v ucx_perftest)"; fi
 # glibc and the compiler runtime come from the target system (newer there, backward compatible);
-# so do the CUDA driver and cuBLAS (its /usr/local/cuda/lib64; libcublasLt alone is 540 MB).
-SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia|libcublas|libcublasLt)[.-]'
+# so do the CUDA driver and cuBLAS (its /usr/local/cuda/lib64; libcublasLt alone is 540 MB), and
+# NCCL (218 MB here; there it is PyTorch's, nvidia-nccl-cu13, found by env.sh).
+SKIP='^(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux-x86-64|libresolv|libcuda|libnvidia|libcublas|libcublasLt|libnccl)[.-]'
 for b in "$@"; do
   cp "$b" "$OUT/bin/"
   strip --strip-unneeded "$OUT/bin/$(basename "$b")" 2>/dev/null || true
@@ -45,6 +46,13 @@ if [ -f "$here/bundle.tar.xz" ] && [ ! -d "$here/bin" ]; then
 fi
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ -d /usr/local/cuda/lib64 ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/cuda/lib64"; fi
+# NCCL: the toolkit's when it has one, else PyTorch's wheel.
+if [ ! -e /usr/local/cuda/lib64/libnccl.so.2 ]; then
+  nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+  if [ -n "$nccl" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$nccl"; fi
+fi
+# NVLink multicast stays off on shared machines (the device README).
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export UCX_MODULE_DIR="$here/lib/ucx"
 export PATH="$here/bin:$PATH"
 ENV

@@ -308,7 +308,7 @@ int CudaEngine::FindRow(const std::string& id) const {
   return -1;
 }
 
-absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
+absl::Status CudaEngine::CheckNewRow(const std::string& id, int64_t num_tokens) const {
   if (FindRow(id) >= 0) {
     return absl::AlreadyExistsError(absl::StrCat("sequence '", id, "' is already running"));
   }
@@ -320,6 +320,18 @@ absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "a prompt of ", num_tokens, " tokens does not fit max_context ", limits_.max_context));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::CheckPrefill(const std::string& id, absl::Span<const int32_t> tokens,
+                                      const CudaPrefillOptions& options) const {
+  RETURN_IF_ERROR(internal::ValidatePrefillPrompt(tokens, config_.vocab_size, limits_.max_context));
+  if (options.chunk_tokens < 0) return absl::InvalidArgumentError("chunk_tokens must be >= 0");
+  return CheckNewRow(id, static_cast<int64_t>(tokens.size()));
+}
+
+absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
+  RETURN_IF_ERROR(CheckNewRow(id, num_tokens));
   auto s = std::make_unique<Seq>();
   s->id = id;
   s->len = num_tokens;
@@ -452,10 +464,7 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
                                          const CudaPrefillOptions& prefill_options,
                                          std::vector<float>* last_logits) {
   const absl::Time t_start = absl::Now();
-  RETURN_IF_ERROR(internal::ValidatePrefillPrompt(tokens, config_.vocab_size, limits_.max_context));
-  if (prefill_options.chunk_tokens < 0) {
-    return absl::InvalidArgumentError("chunk_tokens must be >= 0");
-  }
+  RETURN_IF_ERROR(CheckPrefill(id, tokens, prefill_options));
   const int64_t T = static_cast<int64_t>(tokens.size());
   RETURN_IF_ERROR(NewRow(id, T));
   const size_t row = rows_.size() - 1;
@@ -848,26 +857,18 @@ absl::Status CudaEngine::EndGpuSegment() {
                     "cudaEventRecord");
 }
 
-absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
-                              std::vector<int32_t>* next, std::vector<float>* logits) {
-  const absl::Time t_step = absl::Now();
-  const int B = batch();
+absl::Status CudaEngine::CheckStep(absl::Span<const std::string> ids,
+                                   absl::Span<const int32_t> tokens,
+                                   std::vector<int>* order) const {
+  const int B = batch(), V = config_.vocab_size;
   if (ids.size() != tokens.size() || static_cast<int>(ids.size()) != B || B == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("Step decodes every resident sequence (", B, "), one token each"));
   }
-  Device& d = *dev_;
-  const cudaStream_t st = model_->stream();
-  const int L = config_.num_layers, V = config_.vocab_size;
-  const size_t qd = model_->q_dim(), kvd = model_->kv_dim(), width = model_->qkv_width();
-  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
-
-  // order[i]: the batch row of ids[i].
-  std::vector<int> order(B, -1), seen(B, 0);
+  std::vector<int> rows(B, -1), seen(B, 0);
   for (int i = 0; i < B; ++i) {
-    order[i] = FindRow(ids[i]);
-    if (order[i] < 0 || seen[order[i]]++) {
+    rows[i] = FindRow(ids[i]);
+    if (rows[i] < 0 || seen[rows[i]]++) {
       return absl::InvalidArgumentError(
           absl::StrCat("'", ids[i], "' is not a resident sequence or is repeated"));
     }
@@ -875,17 +876,31 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
       return absl::InvalidArgumentError(
           absl::StrCat("token ", tokens[i], " is outside [0, ", V, ")"));
     }
+    if (rows_[rows[i]]->len + 1 > limits_.max_context) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence '", ids[i], "' reached max_context ", limits_.max_context));
+    }
   }
+  if (order != nullptr) *order = std::move(rows);
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
+                              std::vector<int32_t>* next, std::vector<float>* logits) {
+  const absl::Time t_step = absl::Now();
+  const int B = batch();
+  std::vector<int> order;  // order[i]: the batch row of ids[i]
+  RETURN_IF_ERROR(CheckStep(ids, tokens, &order));
+  Device& d = *dev_;
+  const cudaStream_t st = model_->stream();
+  const int L = config_.num_layers, V = config_.vocab_size;
+  const size_t qd = model_->q_dim(), kvd = model_->kv_dim(), width = model_->qkv_width();
+  const int64_t S = options_.sink_tokens, W = options_.window_tokens;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+
   int32_t* io = d.io_h.as<int32_t>();
   int max_len = 0;
-  for (int i = 0; i < B; ++i) {
-    const Seq& s = *rows_[order[i]];
-    if (s.len + 1 > limits_.max_context) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("sequence '", s.id, "' reached max_context ", limits_.max_context));
-    }
-    io[order[i]] = tokens[i];
-  }
+  for (int i = 0; i < B; ++i) io[order[i]] = tokens[i];
   for (int r = 0; r < B; ++r) {
     io[B + r] = static_cast<int32_t>(rows_[r]->len);
     io[2 * B + r] = static_cast<int32_t>(rows_[r]->len + 1);
@@ -941,6 +956,9 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
     const int calls = std::min(options_.lookahead_calls, L - options_.dense_layers);
     for (int t = 0; t < calls; ++t) {
       prefetchers.emplace_back([&] {
+        // StageRecall enqueues on this engine's device (one of several under tensor
+        // parallelism); a failed switch shows as the layer's CUDA error.
+        const cuda::ScopedDevice device(model_->device());
         for (int l; (l = next_layer.fetch_add(1)) < L;) {
           recall_layer(l, l - options_.dense_layers, /*from_last_step=*/true);
           recall[l].done.Notify();

@@ -14,10 +14,10 @@
 // SlotScatter, which reads the rows not yet resident (Recalled::rows, in the order of
 // fill_slots) straight from the tier's recall buffer - page-locked through PinnedHostRanges, so
 // rows cross host memory once, as the tier put them - into the slot cache, and the upload of
-// the selection's slot -> token map; the layer's attention waits for that. With lookahead, every sparse layer's Retrieve is issued at the start of the step from the
-// previous step's queries on a thread of its own, so the tier works while the GPU computes. In
-// sparse mode each step also appends the new tokens' K/V of every layer to the tier (they come
-// down once per step).
+// the selection's slot -> token map; the layer's attention waits for that. With lookahead, every
+// sparse layer's Retrieve is issued at the start of the step from the previous step's queries on a
+// thread of its own, so the tier works while the GPU computes. In sparse mode each step also
+// appends the new tokens' K/V of every layer to the tier (they come down once per step).
 //
 // Device memory (allocated by Create, sized by CudaEngineLimits):
 //   dense layers: K, V [max_batch][max_context][num_kv_heads][head_dim] bf16 (contiguous);
@@ -59,8 +59,11 @@
 //     PromptKV is twice that. And the sampled ctkvr queries, pinned, [sparse layers]
 //     [IndexQueryPositions][q_dim] bf16.
 //
-// Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step).
-// The model and the tier must outlive the engine; the engine uses the model's stream.
+// Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step),
+// with the model's device current (CudaModel::device(); the helpers set it themselves). The
+// model and the tier must outlive the engine; the engine uses the model's stream. A model that
+// is a tensor-parallel shard makes the engine one rank of a group (tp_engine.h): it then holds
+// and retrieves only its rank's heads, and every rank's engine must make the same calls.
 #ifndef KVRECALL_GPU_WORKER_ENGINE_CUDA_ENGINE_H_
 #define KVRECALL_GPU_WORKER_ENGINE_CUDA_ENGINE_H_
 
@@ -169,6 +172,14 @@ class CudaEngine {
   absl::Status Step(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
                     std::vector<int32_t>* next, std::vector<float>* logits = nullptr);
 
+  // The argument checks of PrefillSequence and Step: the errors they answer before touching
+  // the device or the tier (OK: the call would run). CheckStep's *order (when not null) gets
+  // the batch row of each id.
+  absl::Status CheckPrefill(const std::string& id, absl::Span<const int32_t> tokens,
+                            const CudaPrefillOptions& options = {}) const;
+  absl::Status CheckStep(absl::Span<const std::string> ids, absl::Span<const int32_t> tokens,
+                         std::vector<int>* order = nullptr) const;
+
   // Forgets a sequence (and drops it on the tier in sparse mode).
   absl::Status RemoveSequence(const std::string& id);
 
@@ -177,6 +188,7 @@ class CudaEngine {
   const EngineCounters& counters() const { return counters_; }
   const CudaEngineTimes& times() const { return times_; }
   int batch() const { return static_cast<int>(rows_.size()); }
+  bool Contains(const std::string& id) const { return FindRow(id) >= 0; }
 
  private:
   struct Seq;
@@ -188,6 +200,8 @@ class CudaEngine {
   bool IsSparse(int layer) const { return options_.sparse && layer >= options_.dense_layers; }
   absl::Status Allocate();
   int FindRow(const std::string& id) const;  // -1 when not resident
+  // NewRow's checks: a free row, an unused id, a prompt that fits.
+  absl::Status CheckNewRow(const std::string& id, int64_t num_tokens) const;
   // Appends a batch row for a new sequence (slot maps reset, fresh epochs).
   absl::Status NewRow(const std::string& id, int64_t num_tokens);
   // Tier::Retrieve of sparse layer l for the batch from queries [batch][num_heads][head_dim]

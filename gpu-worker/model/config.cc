@@ -311,4 +311,22 @@ ModelSpec SpecOf(const LlamaConfig& config, const std::string& model_id) {
   return spec;
 }
 
+absl::StatusOr<LlamaConfig> ShardConfig(const LlamaConfig& config, int world) {
+  if (world < 1 || config.num_kv_heads % world != 0 || config.intermediate_size % world != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor parallelism over ", world, " GPUs needs num_key_value_heads (", config.num_kv_heads,
+        ") and intermediate_size (", config.intermediate_size, ") to be multiples of it"));
+  }
+  LlamaConfig shard = config;
+  shard.num_heads /= world;
+  shard.num_kv_heads /= world;
+  shard.intermediate_size /= world;
+  return shard;
+}
+
+std::string ShardName(const std::string& name, int rank, int world) {
+  if (world == 1) return name;
+  return absl::StrCat(name, ".tp", rank, "of", world);
+}
+
 }  // namespace kvrecall::worker

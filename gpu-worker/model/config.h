@@ -54,6 +54,18 @@ std::string ToConfigJson(const LlamaConfig& config);
 // The tier's view of a model (what RegisterModel takes): its shape and KV dtype, under `model_id`.
 ModelSpec SpecOf(const LlamaConfig& config, const std::string& model_id);
 
+// Tensor parallelism over `world` GPUs (gpu-worker/engine/tp_engine.h): rank r holds q-heads
+// [r * H / world, (r + 1) * H / world), the kv-heads they use and the same share of the MLP's
+// intermediate columns. The shard's config is the model's with num_heads, num_kv_heads and
+// intermediate_size divided by world. INVALID_ARGUMENT unless world >= 1 divides num_kv_heads
+// (so each rank keeps whole GQA groups) and intermediate_size.
+absl::StatusOr<LlamaConfig> ShardConfig(const LlamaConfig& config, int world);
+// What rank `rank` of `world` registers and stores on the tier: its kv-heads only, as its own
+// model "<model_id>.tp<rank>of<world>" and sequences "<sequence_id>.tp<rank>of<world>", so the
+// ranks of one worker (and workers of different widths) never collide on a node. world 1
+// leaves the names as they are.
+std::string ShardName(const std::string& name, int rank, int world);
+
 }  // namespace kvrecall::worker
 
 #endif  // KVRECALL_GPU_WORKER_MODEL_CONFIG_H_

@@ -212,6 +212,33 @@ TEST(ConfigTest, RejectsInconsistentOrHostileConfigs) {
   }
 }
 
+TEST(ConfigTest, ShardConfigSplitsHeadsAndMlpByRank) {
+  ASSERT_OK_AND_ASSIGN(const LlamaConfig c, ParseConfigJson(With(R"("num_attention_heads": 8,
+                                                                  "head_dim": 16)")));
+  ASSERT_OK_AND_ASSIGN(const LlamaConfig one, ShardConfig(c, 1));
+  EXPECT_EQ(ToConfigJson(one), ToConfigJson(c));
+  ASSERT_OK_AND_ASSIGN(const LlamaConfig two, ShardConfig(c, 2));
+  EXPECT_EQ(two.num_heads, 4);
+  EXPECT_EQ(two.num_kv_heads, 1);
+  EXPECT_EQ(two.intermediate_size, 64);
+  EXPECT_EQ(two.group_size(), c.group_size());
+  EXPECT_EQ(two.hidden_size, c.hidden_size);
+  EXPECT_EQ(two.head_dim, c.head_dim);
+  EXPECT_EQ(two.vocab_size, c.vocab_size);
+  // Each rank keeps whole GQA groups and whole MLP columns, or the split is refused.
+  EXPECT_THAT(ShardConfig(c, 4), StatusIs(absl::StatusCode::kInvalidArgument));  // 2 kv-heads
+  EXPECT_THAT(ShardConfig(c, 0), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ShardConfig(c, -2), StatusIs(absl::StatusCode::kInvalidArgument));
+  LlamaConfig odd_mlp = c;
+  odd_mlp.intermediate_size = 129;
+  EXPECT_THAT(ShardConfig(odd_mlp, 2), StatusIs(absl::StatusCode::kInvalidArgument));
+
+  EXPECT_EQ(ShardName("llama", 0, 1), "llama");
+  EXPECT_EQ(ShardName("llama", 1, 2), "llama.tp1of2");
+  EXPECT_NE(ShardName("s", 0, 2), ShardName("s", 1, 2));
+  EXPECT_NE(ShardName("s", 0, 2), ShardName("s", 0, 4));
+}
+
 TEST(ConfigTest, LoadConfigReadsFileOrReportsNotFound) {
   const std::string dir = ::testing::TempDir();
   EXPECT_THAT(LoadConfig(dir + "/no-such-dir"), StatusIs(absl::StatusCode::kNotFound));

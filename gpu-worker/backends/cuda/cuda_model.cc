@@ -76,6 +76,61 @@ absl::Status Upload(const std::vector<T>& h, DeviceMem* d, absl::string_view wha
       absl::StrCat("upload of ", what));
 }
 
+// A rank's part of a full weight, as 2-D blocks of it (in elements: the first element's offset,
+// the full tensor's row pitch, the block's width and height) laid one after another, each
+// contiguous, into the shard's tensor.
+struct Block {
+  int64_t offset, pitch, width, height;
+};
+using Blocks = std::vector<Block>;
+
+// Row ranges [begin, begin + count) of a [*][cols] tensor, stacked.
+Blocks RowRanges(int64_t cols, std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
+  Blocks b;
+  for (auto [begin, count] : ranges) b.push_back({begin * cols, cols, cols, count});
+  return b;
+}
+// Columns [begin, begin + count) of every row of a [rows][cols] tensor.
+Blocks ColumnRange(int64_t rows, int64_t cols, int64_t begin, int64_t count) {
+  return {{begin, cols, count, rows}};
+}
+int64_t BlocksElements(const Blocks& blocks) {
+  int64_t n = 0;
+  for (const Block& b : blocks) n += b.width * b.height;
+  return n;
+}
+
+// Where rank r of `world` finds its weights in the full model (cuda_model.h: heads and MLP
+// columns split by rank).
+struct ShardPlan {
+  Blocks qkv, qkv_bias, o, gate_up, down;
+};
+ShardPlan PlanShard(const LlamaConfig& full, int rank, int world) {
+  const int64_t h = full.hidden_size, f = full.intermediate_size;
+  const int64_t qd = int64_t{full.num_heads} * full.head_dim;
+  const int64_t kvd = int64_t{full.num_kv_heads} * full.head_dim;
+  const int64_t qs = qd / world, ks = kvd / world, fs = f / world;
+  const auto qkv_rows = [&](int64_t cols) {
+    return RowRanges(cols, {{rank * qs, qs}, {qd + rank * ks, ks}, {qd + kvd + rank * ks, ks}});
+  };
+  return {qkv_rows(h), qkv_rows(1), ColumnRange(h, qd, rank * qs, qs),
+          RowRanges(h, {{rank * fs, fs}, {f + rank * fs, fs}}), ColumnRange(h, f, rank * fs, fs)};
+}
+
+// The blocks of `full`, one after another.
+template <typename T>
+std::vector<T> Gather(const std::vector<T>& full, const Blocks& blocks) {
+  std::vector<T> out;
+  out.reserve(static_cast<size_t>(BlocksElements(blocks)));
+  for (const Block& b : blocks) {
+    for (int64_t y = 0; y < b.height; ++y) {
+      const auto row = full.begin() + b.offset + y * b.pitch;
+      out.insert(out.end(), row, row + b.width);
+    }
+  }
+  return out;
+}
+
 absl::Status CheckShape(const LlamaConfig& c) {
   if (c.hidden_size % 8 != 0 || c.head_dim % 2 != 0 || c.num_layers < 1 || c.vocab_size < 1) {
     return absl::InvalidArgumentError(absl::StrCat("cuda model: hidden_size ", c.hidden_size,
@@ -97,6 +152,15 @@ absl::Status DeviceMem::Allocate(size_t bytes, absl::string_view what) {
   bytes_ = bytes;
   return CudaStatus(cudaMalloc(&p_, std::max<size_t>(bytes, 16)),
                     absl::StrCat("cudaMalloc ", bytes, " bytes for ", what));
+}
+
+ScopedDevice::ScopedDevice(int device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  status_ = CudaStatus(cudaSetDevice(device), absl::StrCat("cudaSetDevice(", device, ")"));
+}
+
+ScopedDevice::~ScopedDevice() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
 }
 
 PinnedMem::~PinnedMem() {
@@ -177,22 +241,33 @@ CudaModel::~CudaModel() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Load(const LlamaConfig& config,
-                                                           const SafetensorsCheckpoint& ckpt,
-                                                           int max_rows) {
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Make(const LlamaConfig& config, int max_rows,
+                                                           const TensorParallel& tp) {
   RETURN_IF_ERROR(CheckShape(config));
   if (max_rows < 1) return absl::InvalidArgumentError("max_rows must be >= 1");
-  std::unique_ptr<CudaModel> m(new CudaModel(config, max_rows));
+  if (tp.rank < 0 || tp.rank >= tp.world || (tp.world > 1 && tp.collective == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor-parallel rank ", tp.rank, " of ",
+                                                   tp.world, " (a collective is needed above 1)"));
+  }
+  ASSIGN_OR_RETURN(LlamaConfig shard, ShardConfig(config, tp.world));
+  std::unique_ptr<CudaModel> m(new CudaModel(config, std::move(shard), max_rows, tp));
+  RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&m->device_), "cudaGetDevice"));
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Load(const LlamaConfig& config,
+                                                           const SafetensorsCheckpoint& ckpt,
+                                                           int max_rows, const TensorParallel& tp) {
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaModel> m, Make(config, max_rows, tp));
   RETURN_IF_ERROR(m->LoadWeights(ckpt));
   RETURN_IF_ERROR(m->AllocateScratch());
   return m;
 }
 
 absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Random(const LlamaConfig& config,
-                                                             uint64_t seed, int max_rows) {
-  RETURN_IF_ERROR(CheckShape(config));
-  if (max_rows < 1) return absl::InvalidArgumentError("max_rows must be >= 1");
-  std::unique_ptr<CudaModel> m(new CudaModel(config, max_rows));
+                                                             uint64_t seed, int max_rows,
+                                                             const TensorParallel& tp) {
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaModel> m, Make(config, max_rows, tp));
   RETURN_IF_ERROR(m->RandomWeights(seed));
   RETURN_IF_ERROR(m->AllocateScratch());
   return m;
@@ -206,9 +281,10 @@ absl::Status CudaModel::CreateStream() {
 }
 
 absl::Status CudaModel::LoadWeights(const SafetensorsCheckpoint& ckpt) {
-  const LlamaConfig& c = config_;
+  const LlamaConfig& c = full_;  // the checkpoint's tensors are whole
   const int64_t h = c.hidden_size, v = c.vocab_size, f = c.intermediate_size;
-  const int64_t qd = q_dim(), kvd = kv_dim();
+  const int64_t qd = int64_t{c.num_heads} * c.head_dim, kvd = int64_t{c.num_kv_heads} * c.head_dim;
+  const ShardPlan plan = PlanShard(c, tp_.rank, tp_.world);
 
   // Validate every expected tensor before touching the device.
   struct LayerTensors {
@@ -244,10 +320,12 @@ absl::Status CudaModel::LoadWeights(const SafetensorsCheckpoint& ckpt) {
   RETURN_IF_ERROR(CreateStream());
 
   std::vector<uint16_t> w;
+  // The parts stacked, or this rank's `shard` of them.
   auto upload_bf16 = [&](std::initializer_list<const SafetensorsTensor*> parts, DeviceMem* d,
-                         absl::string_view what) -> absl::Status {
+                         absl::string_view what, const Blocks* shard = nullptr) -> absl::Status {
     w.clear();
     for (const SafetensorsTensor* t : parts) AppendBf16(*t, &w);
+    if (shard != nullptr && tp_.world > 1) w = Gather(w, *shard);
     weight_bytes_ += static_cast<int64_t>(w.size() * sizeof(uint16_t));
     return Upload(w, d, what);
   };
@@ -262,13 +340,14 @@ absl::Status CudaModel::LoadWeights(const SafetensorsCheckpoint& ckpt) {
     const std::string p = absl::StrCat("layer ", l, " ");
     RETURN_IF_ERROR(upload_bf16({t.in_norm}, &L.input_norm, p + "input_layernorm"));
     RETURN_IF_ERROR(upload_bf16({t.post_norm}, &L.post_norm, p + "post_attention_layernorm"));
-    RETURN_IF_ERROR(upload_bf16({t.q, t.k, t.v}, &L.qkv, p + "qkv"));
-    RETURN_IF_ERROR(upload_bf16({t.o}, &L.o, p + "o_proj"));
-    RETURN_IF_ERROR(upload_bf16({t.gate, t.up}, &L.gate_up, p + "gate_up"));
-    RETURN_IF_ERROR(upload_bf16({t.down}, &L.down, p + "down_proj"));
+    RETURN_IF_ERROR(upload_bf16({t.q, t.k, t.v}, &L.qkv, p + "qkv", &plan.qkv));
+    RETURN_IF_ERROR(upload_bf16({t.o}, &L.o, p + "o_proj", &plan.o));
+    RETURN_IF_ERROR(upload_bf16({t.gate, t.up}, &L.gate_up, p + "gate_up", &plan.gate_up));
+    RETURN_IF_ERROR(upload_bf16({t.down}, &L.down, p + "down_proj", &plan.down));
     if (c.attention_bias) {
       std::vector<float> b;
       for (const SafetensorsTensor* part : {t.qb, t.kb, t.vb}) AppendF32(*part, &b);
+      if (tp_.world > 1) b = Gather(b, plan.qkv_bias);
       RETURN_IF_ERROR(Upload(b, &L.qkv_bias, p + "qkv bias"));
     }
   }
@@ -278,22 +357,49 @@ absl::Status CudaModel::LoadWeights(const SafetensorsCheckpoint& ckpt) {
       cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
     KV_LOG(INFO) << "cuda model: " << c.architecture << ", " << c.num_layers << " layers, hidden "
                  << c.hidden_size << ", bf16 weights on device " << device << " (" << prop.name
-                 << ")";
+                 << ")"
+                 << (tp_.world > 1
+                         ? absl::StrCat(", tensor-parallel rank ", tp_.rank, " of ", tp_.world)
+                         : std::string());
   }
   return absl::OkStatus();
 }
 
 absl::Status CudaModel::RandomWeights(uint64_t seed) {
-  const LlamaConfig& c = config_;
+  const LlamaConfig& c = full_;  // the whole model's weights are generated, then sliced
   const int64_t h = c.hidden_size, v = c.vocab_size, f = c.intermediate_size;
+  const int64_t qd = int64_t{c.num_heads} * c.head_dim, kvd = int64_t{c.num_kv_heads} * c.head_dim;
+  const ShardPlan plan = PlanShard(c, tp_.rank, tp_.world);
   RETURN_IF_ERROR(CreateStream());
   uint64_t stream_id = 0;
-  // Uniform in [-a, a) has standard deviation a / sqrt(3).
-  auto fill = [&](DeviceMem* d, int64_t n, double stddev, absl::string_view what) -> absl::Status {
-    RETURN_IF_ERROR(d->Allocate(static_cast<size_t>(n) * sizeof(uint16_t), what));
-    weight_bytes_ += n * static_cast<int64_t>(sizeof(uint16_t));
-    return FillRandomBf16(d->as<uint16_t>(), n, seed * 1000003 + ++stream_id, 0,
-                          static_cast<float>(stddev * std::sqrt(3.0)), stream_);
+  DeviceMem whole;  // a sharded weight generated whole, before its slices are copied out
+  // Fills a weight of n elements, uniform in [-a, a) (standard deviation a / sqrt(3)), or this
+  // rank's `shard` of it.
+  auto fill = [&](DeviceMem* d, int64_t n, double stddev, absl::string_view what,
+                  const Blocks* shard = nullptr) -> absl::Status {
+    const uint64_t id = seed * 1000003 + ++stream_id;
+    const float scale = static_cast<float>(stddev * std::sqrt(3.0));
+    if (shard == nullptr || tp_.world == 1) {
+      RETURN_IF_ERROR(d->Allocate(static_cast<size_t>(n) * sizeof(uint16_t), what));
+      weight_bytes_ += n * static_cast<int64_t>(sizeof(uint16_t));
+      return FillRandomBf16(d->as<uint16_t>(), n, id, 0, scale, stream_);
+    }
+    if (whole.bytes() < static_cast<size_t>(n) * sizeof(uint16_t)) {
+      RETURN_IF_ERROR(whole.Allocate(static_cast<size_t>(n) * sizeof(uint16_t), "whole weight"));
+    }
+    RETURN_IF_ERROR(FillRandomBf16(whole.as<uint16_t>(), n, id, 0, scale, stream_));
+    const int64_t kept = BlocksElements(*shard);
+    RETURN_IF_ERROR(d->Allocate(static_cast<size_t>(kept) * sizeof(uint16_t), what));
+    weight_bytes_ += kept * static_cast<int64_t>(sizeof(uint16_t));
+    uint16_t* dst = d->as<uint16_t>();
+    for (const Block& b : *shard) {
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpy2DAsync(dst, b.width * 2, whole.as<uint16_t>() + b.offset, b.pitch * 2,
+                            b.width * 2, b.height, cudaMemcpyDeviceToDevice, stream_),
+          absl::StrCat("slice of ", what)));
+      dst += b.width * b.height;
+    }
+    return absl::OkStatus();
   };
   const std::vector<uint16_t> ones(static_cast<size_t>(h), F32ToBf16(1.0f));
   auto norm = [&](DeviceMem* d, absl::string_view what) {
@@ -312,10 +418,12 @@ absl::Status CudaModel::RandomWeights(uint64_t seed) {
     const std::string p = absl::StrCat("layer ", l, " ");
     RETURN_IF_ERROR(norm(&L.input_norm, p + "input_layernorm"));
     RETURN_IF_ERROR(norm(&L.post_norm, p + "post_attention_layernorm"));
-    RETURN_IF_ERROR(fill(&L.qkv, qkv_width() * h, 1.0 / std::sqrt(double(h)), p + "qkv"));
-    RETURN_IF_ERROR(fill(&L.o, h * q_dim(), 1.0 / std::sqrt(double(q_dim())), p + "o_proj"));
-    RETURN_IF_ERROR(fill(&L.gate_up, 2 * f * h, 1.0 / std::sqrt(double(h)), p + "gate_up"));
-    RETURN_IF_ERROR(fill(&L.down, h * f, 1.0 / std::sqrt(double(f)), p + "down_proj"));
+    RETURN_IF_ERROR(
+        fill(&L.qkv, (qd + 2 * kvd) * h, 1.0 / std::sqrt(double(h)), p + "qkv", &plan.qkv));
+    RETURN_IF_ERROR(fill(&L.o, h * qd, 1.0 / std::sqrt(double(qd)), p + "o_proj", &plan.o));
+    RETURN_IF_ERROR(
+        fill(&L.gate_up, 2 * f * h, 1.0 / std::sqrt(double(h)), p + "gate_up", &plan.gate_up));
+    RETURN_IF_ERROR(fill(&L.down, h * f, 1.0 / std::sqrt(double(f)), p + "down_proj", &plan.down));
     if (c.attention_bias) {
       RETURN_IF_ERROR(Upload(std::vector<float>(qkv_width(), 0.0f), &L.qkv_bias, p + "qkv bias"));
     }
@@ -395,8 +503,10 @@ absl::Status CudaModel::FinishLayer(int layer, const uint16_t* attn, int n, floa
   const Layer& L = layers_[layer];
   const int hidden = config_.hidden_size, f = config_.intermediate_size;
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  // x += o_proj(attn)
-  RETURN_IF_ERROR(Gemm(L.o.as<uint16_t>(), hidden, q_dim(), attn, n, x, CUDA_R_32F, 1.0f));
+  // x += o_proj(attn), over the group
+  RETURN_IF_ERROR(
+      Gemm(L.o.as<uint16_t>(), hidden, q_dim(), attn, n, x, CUDA_R_32F, ResidualBeta()));
+  RETURN_IF_ERROR(ReduceResidual(x, n));
   RETURN_IF_ERROR(CudaStatus(internal::LaunchRmsNormF32(x, L.post_norm.as<uint16_t>(), n, hidden,
                                                         eps, h_.as<uint16_t>(), stream_),
                              "RmsNormF32"));
@@ -405,8 +515,15 @@ absl::Status CudaModel::FinishLayer(int layer, const uint16_t* attn, int n, floa
       Gemm(L.gate_up.as<uint16_t>(), 2 * f, hidden, h_.as<uint16_t>(), n, gu, CUDA_R_16BF, 0.0f));
   RETURN_IF_ERROR(
       SwiGlu(gu, gu + f, n, f, 2 * static_cast<int64_t>(f), act_.as<uint16_t>(), stream_));
-  // x += down(silu(gate) * up)
-  return Gemm(L.down.as<uint16_t>(), hidden, f, act_.as<uint16_t>(), n, x, CUDA_R_32F, 1.0f);
+  // x += down(silu(gate) * up), over the group
+  RETURN_IF_ERROR(Gemm(L.down.as<uint16_t>(), hidden, f, act_.as<uint16_t>(), n, x, CUDA_R_32F,
+                       ResidualBeta()));
+  return ReduceResidual(x, n);
+}
+
+absl::Status CudaModel::ReduceResidual(float* x, int n) {
+  if (tp_.world == 1) return absl::OkStatus();
+  return tp_.collective->AllReduceSum(x, static_cast<size_t>(n) * config_.hidden_size, stream_);
 }
 
 absl::Status CudaModel::Logits(const float* x, int n, float* logits) {

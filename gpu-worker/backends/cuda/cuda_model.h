@@ -13,8 +13,17 @@
 // device memory runs out, INVALID_ARGUMENT for n outside [0, max_rows] or a bad layer, INTERNAL
 // for a CUDA or cuBLAS error (the model is then unusable).
 //
+// Tensor parallelism (TensorParallel; gpu-worker/engine/tp_engine.h): a model may be one rank's
+// shard of a model split over `world` GPUs. It then holds only its rank's slice of the weights
+// - q/k/v rows of its heads (ShardConfig: whole GQA groups), o_proj's columns of those heads,
+// gate/up rows and down_proj columns of its share of the MLP - and the whole embedding, norms
+// and lm_head; config() is the shard's. x stays replicated: FinishLayer sums the ranks'
+// o_proj (then down_proj) outputs over the group (Collective::AllReduceSum) into every rank's
+// x, so all ranks hold the same x, and the same logits, after every layer.
+//
 // Thread safety: one thread at a time; the instance owns its stream, cuBLAS handle and scratch
-// on the device that was current when it was created.
+// on the device that was current when it was created (device()); call it with that device
+// current.
 #ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
 #define KVRECALL_GPU_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
 
@@ -56,6 +65,21 @@ class DeviceMem {
  private:
   void* p_ = nullptr;
   size_t bytes_ = 0;
+};
+
+// Makes `device` current on the calling thread (cudaSetDevice) and restores the previous one on
+// destruction; status() says whether the switch worked.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device);
+  ~ScopedDevice();
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  const absl::Status& status() const { return status_; }
+
+ private:
+  int previous_ = -1;
+  absl::Status status_;
 };
 
 // Page-locked host memory (cudaHostAlloc, portable and mapped: kernels may read it at its host
@@ -104,6 +128,25 @@ class PinnedHostRanges {
   std::map<uintptr_t, size_t> ranges_;  // start -> bytes
 };
 
+// Collective communication among the ranks of a tensor-parallel group, one instance per rank
+// (NCCL, or host memory: gpu-worker/backends/cuda/collectives.h). Every rank must make the same
+// calls in the same order; a call waits (on the GPU) for the other ranks' matching calls.
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  // Sums data[0, count) (device memory, fp32) over the ranks, in place, enqueued on `stream`:
+  // once the stream reaches it, every rank holds the same sum, bit for bit.
+  [[nodiscard]] virtual absl::Status AllReduceSum(float* data, size_t count,
+                                                  cudaStream_t stream) = 0;
+};
+
+// Which shard of a model a CudaModel holds (class comment).
+struct TensorParallel {
+  int rank = 0;
+  int world = 1;
+  Collective* collective = nullptr;  // not owned, outlives the model; required when world > 1
+};
+
 // OK when a usable CUDA device is present; FAILED_PRECONDITION when none (or no driver),
 // UNAVAILABLE when it is busy. `who` prefixes the message.
 [[nodiscard]] absl::Status CheckCudaDevice(absl::string_view who);
@@ -111,20 +154,27 @@ class PinnedHostRanges {
 class CudaModel {
  public:
   // Loads the checkpoint's tensors (validated first: INVALID_ARGUMENT for a missing tensor or a
-  // wrong shape). max_rows: the largest n any call below will be given (sizes the scratch).
+  // wrong shape), or `tp`'s shard of them. max_rows: the largest n any call below will be given
+  // (sizes the scratch). INVALID_ARGUMENT for a `tp` that does not fit the model (ShardConfig,
+  // a rank outside [0, world), no collective with world > 1).
   static absl::StatusOr<std::unique_ptr<CudaModel>> Load(const LlamaConfig& config,
                                                          const SafetensorsCheckpoint& ckpt,
-                                                         int max_rows);
+                                                         int max_rows,
+                                                         const TensorParallel& tp = {});
   // Random weights generated on the device (FillRandomBf16; no file): projections uniform with
   // standard deviation 1/sqrt(fan in), embeddings with 1, norm weights 1, biases 0. For
-  // benchmarks of model shapes no checkpoint is at hand for.
+  // benchmarks of model shapes no checkpoint is at hand for. A shard (`tp`) holds the slices of
+  // the same weights world 1 generates from `seed`.
   static absl::StatusOr<std::unique_ptr<CudaModel>> Random(const LlamaConfig& config, uint64_t seed,
-                                                           int max_rows);
+                                                           int max_rows,
+                                                           const TensorParallel& tp = {});
   ~CudaModel();
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
 
-  const LlamaConfig& config() const { return config_; }
+  const LlamaConfig& config() const { return config_; }  // the shard's (ShardConfig)
+  const TensorParallel& tensor_parallel() const { return tp_; }
+  int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
   int max_rows() const { return max_rows_; }
   int q_dim() const { return config_.num_heads * config_.head_dim; }
@@ -141,6 +191,8 @@ class CudaModel {
                                  uint16_t* qkv);
   // x += o_proj(attn); x += down(silu(gate(h)) * up(h)), h = post_attention_norm(x).
   //   attn: [n][q_dim()] bf16; x: [n][hidden] fp32.
+  // A shard adds every rank's o_proj (and down_proj) output, summed over the group, so each of
+  // the two is a collective call (class comment).
   [[nodiscard]] absl::Status FinishLayer(int layer, const uint16_t* attn, int n, float* x);
   // logits: [n][vocab] fp32 = lm_head(final_norm(x)).
   [[nodiscard]] absl::Status Logits(const float* x, int n, float* logits);
@@ -156,7 +208,15 @@ class CudaModel {
     DeviceMem down;        // [hidden][intermediate] bf16
   };
 
-  CudaModel(LlamaConfig config, int max_rows) : config_(std::move(config)), max_rows_(max_rows) {}
+  CudaModel(LlamaConfig full, LlamaConfig shard, int max_rows, const TensorParallel& tp)
+      : full_(std::move(full)), config_(std::move(shard)), max_rows_(max_rows), tp_(tp) {}
+  // Checks the arguments shared by Load and Random and makes the (empty) model.
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Make(const LlamaConfig& config, int max_rows,
+                                                         const TensorParallel& tp);
+  // x += y summed over the group, where each rank's GEMM into x wrote y: rank 0 accumulated
+  // into x (beta 1), the others overwrote it (beta 0, fine since x is replicated).
+  float ResidualBeta() const { return tp_.rank == 0 ? 1.0f : 0.0f; }
+  absl::Status ReduceResidual(float* x, int n);
   absl::Status CreateStream();
   absl::Status AllocateScratch();
   absl::Status LoadWeights(const SafetensorsCheckpoint& ckpt);
@@ -167,8 +227,11 @@ class CudaModel {
   absl::Status Gemm(const uint16_t* w, int out, int in, const uint16_t* a, int rows, void* c,
                     cudaDataType_t c_type, float beta);
 
-  const LlamaConfig config_;
+  const LlamaConfig full_;    // the whole model's config
+  const LlamaConfig config_;  // this shard's (full_ when world is 1)
   const int max_rows_;
+  const TensorParallel tp_;
+  int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   int64_t weight_bytes_ = 0;
