@@ -34,6 +34,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/testing/failing_appends.h"
+#include "client/testing/forwarding_tier.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
@@ -66,17 +67,12 @@ bool HasGpu() {
 
 // A tier that forwards every call and records what PushPromptToTier sends: the prompt appends
 // (those without token ids) and the BuildIndex queries.
-class RecordingTier final : public client::Tier {
+class RecordingTier final : public client::testing::ForwardingTier {
  public:
-  explicit RecordingTier(client::Tier* inner) : inner_(inner) {}
-  absl::Status RegisterModel(const ModelSpec& spec) override { return inner_->RegisterModel(spec); }
-  absl::StatusOr<client::OpenResult> OpenSequence(const std::string& id, const std::string& model,
-                                                  absl::Span<const int32_t> tokens) override {
-    return inner_->OpenSequence(id, model, tokens);
-  }
+  explicit RecordingTier(client::Tier* inner) : ForwardingTier(inner) {}
   absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override {
     if (b.token_ids.empty()) prompt_appends[id].push_back(b);
-    return inner_->AppendKV(id, b);
+    return inner()->AppendKV(id, b);
   }
   // AppendKVBatch call `call` (from 1) stores every sequence but `sequence_id`, and fails.
   void FailAppendOnce(int call, std::string sequence_id) {
@@ -84,11 +80,7 @@ class RecordingTier final : public client::Tier {
   }
   absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
                              std::vector<bool>* stored) override {
-    return appends_.AppendKVBatch(inner_, appends, stored);
-  }
-  absl::Status Retrieve(const client::RetrieveBatch& batch,
-                        std::vector<client::Recalled>* out) override {
-    return inner_->Retrieve(batch, out);
+    return appends_.AppendKVBatch(inner(), appends, stored);
   }
   absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& id,
                                                         kvstore::BuildIndexArgs a) override {
@@ -96,13 +88,8 @@ class RecordingTier final : public client::Tier {
     q.num_queries = a.num_queries;
     q.layers.clear();
     for (absl::Span<const float> l : a.layer_queries) q.layers.emplace_back(l.begin(), l.end());
-    return inner_->BuildIndex(id, std::move(a));
+    return inner()->BuildIndex(id, std::move(a));
   }
-  absl::Status CloseSequence(const std::string& id, bool drop) override {
-    return inner_->CloseSequence(id, drop);
-  }
-  absl::StatusOr<kvstore::NodeStats> Stats(bool s) override { return inner_->Stats(s); }
-  client::TierCounters counters() const override { return inner_->counters(); }
   std::string Describe() const override { return "recording"; }
 
   struct Queries {
@@ -113,7 +100,6 @@ class RecordingTier final : public client::Tier {
   std::map<std::string, Queries> queries;
 
  private:
-  client::Tier* inner_;
   client::testing::FailingAppends appends_;
 };
 

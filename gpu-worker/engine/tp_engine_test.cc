@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/testing/forwarding_tier.h"
 #include "client/tier.h"
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
@@ -53,40 +54,17 @@ int Gpus() {
 
 // Forwards every call; Retrieve call `fail_call` (from 1) answers INTERNAL, which the engine
 // does not take for a tier miss.
-class FailingRetrieveTier final : public client::Tier {
+class FailingRetrieveTier final : public client::testing::ForwardingTier {
  public:
-  explicit FailingRetrieveTier(client::Tier* inner) : inner_(inner) {}
+  explicit FailingRetrieveTier(client::Tier* inner) : ForwardingTier(inner) {}
   void FailRetrieve(int call) { fail_call_ = call; }
-  absl::Status RegisterModel(const ModelSpec& spec) override { return inner_->RegisterModel(spec); }
-  absl::StatusOr<client::OpenResult> OpenSequence(const std::string& id, const std::string& model,
-                                                  absl::Span<const int32_t> tokens) override {
-    return inner_->OpenSequence(id, model, tokens);
-  }
-  absl::Status AppendKV(const std::string& id, const client::AppendBatch& b) override {
-    return inner_->AppendKV(id, b);
-  }
-  absl::Status AppendKVBatch(absl::Span<const client::SequenceAppend> appends,
-                             std::vector<bool>* stored) override {
-    return inner_->AppendKVBatch(appends, stored);
-  }
   absl::Status Retrieve(const client::RetrieveBatch& batch,
                         std::vector<client::Recalled>* out) override {
     if (++calls_ == fail_call_) return absl::InternalError("injected: the tier lost its index");
-    return inner_->Retrieve(batch, out);
+    return inner()->Retrieve(batch, out);
   }
-  absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& id,
-                                                        kvstore::BuildIndexArgs a) override {
-    return inner_->BuildIndex(id, std::move(a));
-  }
-  absl::Status CloseSequence(const std::string& id, bool drop) override {
-    return inner_->CloseSequence(id, drop);
-  }
-  absl::StatusOr<kvstore::NodeStats> Stats(bool s) override { return inner_->Stats(s); }
-  client::TierCounters counters() const override { return inner_->counters(); }
-  std::string Describe() const override { return "failing retrieve"; }
 
  private:
-  client::Tier* const inner_;
   int calls_ = 0, fail_call_ = 0;
 };
 

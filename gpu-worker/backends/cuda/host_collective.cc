@@ -11,26 +11,16 @@
 #include "common/status_macros.h"
 #include "gpu-worker/backends/cuda/collectives.h"
 #include "gpu-worker/backends/cuda/cuda_status.h"
+#include "gpu-worker/backends/cuda/internal/group_rank.h"
 
 namespace kvrecall::worker::cuda {
 namespace {
 
-class HostGroup;
-
-class HostRank final : public Collective {
- public:
-  HostRank(HostGroup* group, int rank) : group_(group), rank_(rank) {}
-  absl::Status AllReduceSum(float* data, size_t count, cudaStream_t stream) override;
-
- private:
-  HostGroup* const group_;
-  const int rank_;
-};
-
 class HostGroup final : public CollectiveGroup {
  public:
   explicit HostGroup(int world) : staging_(world) {
-    for (int r = 0; r < world; ++r) ranks_.push_back(std::make_unique<HostRank>(this, r));
+    for (int r = 0; r < world; ++r)
+      ranks_.push_back(std::make_unique<internal::GroupRank<HostGroup>>(this, r));
   }
   int world() const override { return static_cast<int>(ranks_.size()); }
   Collective* rank(int r) override { return ranks_[r].get(); }
@@ -88,7 +78,7 @@ class HostGroup final : public CollectiveGroup {
         "the tensor-parallel group was aborted after a rank failed");
   }
 
-  std::vector<std::unique_ptr<HostRank>> ranks_;
+  std::vector<std::unique_ptr<internal::GroupRank<HostGroup>>> ranks_;
   std::vector<std::vector<float>> staging_;  // [rank][count]
   mutable absl::Mutex mu_;
   bool aborted_ = false;
@@ -96,10 +86,6 @@ class HostGroup final : public CollectiveGroup {
   uint64_t generation_ = 0;  // barriers passed
   absl::CondVar cv_;
 };
-
-absl::Status HostRank::AllReduceSum(float* data, size_t count, cudaStream_t stream) {
-  return group_->AllReduceSum(rank_, data, count, stream);
-}
 
 }  // namespace
 

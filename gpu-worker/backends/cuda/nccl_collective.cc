@@ -13,6 +13,7 @@
 #include "common/status_macros.h"
 #include "gpu-worker/backends/cuda/collectives.h"
 #include "gpu-worker/backends/cuda/cuda_status.h"
+#include "gpu-worker/backends/cuda/internal/group_rank.h"
 
 namespace kvrecall::worker::cuda {
 namespace {
@@ -22,22 +23,11 @@ absl::Status NcclStatus(ncclResult_t r, absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", ncclGetErrorString(r)));
 }
 
-class Group;
-
-class RankCollective final : public Collective {
- public:
-  RankCollective(Group* group, int rank) : group_(group), rank_(rank) {}
-  absl::Status AllReduceSum(float* data, size_t count, cudaStream_t stream) override;
-
- private:
-  Group* const group_;
-  const int rank_;
-};
-
 class Group final : public CollectiveGroup {
  public:
   explicit Group(int world) : comms_(world, nullptr) {
-    for (int r = 0; r < world; ++r) ranks_.push_back(std::make_unique<RankCollective>(this, r));
+    for (int r = 0; r < world; ++r)
+      ranks_.push_back(std::make_unique<internal::GroupRank<Group>>(this, r));
   }
   ~Group() override {
     for (size_t r = 0; r < comms_.size(); ++r) {
@@ -112,14 +102,10 @@ class Group final : public CollectiveGroup {
 
  private:
   std::vector<ncclComm_t> comms_;
-  std::vector<std::unique_ptr<RankCollective>> ranks_;
+  std::vector<std::unique_ptr<internal::GroupRank<Group>>> ranks_;
   std::shared_mutex mu_;  // held shared while a call is enqueued, exclusively by Abort
   std::atomic<bool> aborted_{false};
 };
-
-absl::Status RankCollective::AllReduceSum(float* data, size_t count, cudaStream_t stream) {
-  return group_->AllReduceSum(rank_, data, count, stream);
-}
 
 }  // namespace
 
