@@ -331,7 +331,6 @@ absl::Status CudaEngine::CheckPrefill(const std::string& id, absl::Span<const in
 }
 
 absl::Status CudaEngine::NewRow(const std::string& id, int64_t num_tokens) {
-  RETURN_IF_ERROR(CheckNewRow(id, num_tokens));
   auto s = std::make_unique<Seq>();
   s->id = id;
   s->len = num_tokens;
@@ -372,6 +371,7 @@ absl::Status CudaEngine::AddSequence(const std::string& id, const PromptKV& prom
           absl::StrCat("prompt KV of layer ", l, " has the wrong size"));
     }
   }
+  RETURN_IF_ERROR(CheckNewRow(id, T));
   RETURN_IF_ERROR(NewRow(id, T));
   const size_t row = rows_.size() - 1;
   absl::Cleanup undo = [&] { rows_.pop_back(); };
@@ -412,6 +412,7 @@ absl::Status CudaEngine::AddSequence(const std::string& id, const PromptKV& prom
 
 absl::Status CudaEngine::AddSyntheticSequence(const std::string& id, int64_t num_tokens,
                                               uint64_t seed) {
+  RETURN_IF_ERROR(CheckNewRow(id, num_tokens));
   RETURN_IF_ERROR(NewRow(id, num_tokens));
   const size_t row = rows_.size() - 1;
   absl::Cleanup undo = [&] { rows_.pop_back(); };

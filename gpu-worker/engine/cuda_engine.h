@@ -203,6 +203,7 @@ class CudaEngine {
   // NewRow's checks: a free row, an unused id, a prompt that fits.
   absl::Status CheckNewRow(const std::string& id, int64_t num_tokens) const;
   // Appends a batch row for a new sequence (slot maps reset, fresh epochs).
+  // REQUIRES: CheckNewRow(id, num_tokens) is OK.
   absl::Status NewRow(const std::string& id, int64_t num_tokens);
   // Tier::Retrieve of sparse layer l for the batch from queries [batch][num_heads][head_dim]
   // fp32; on OK *out holds the selections (their rows valid until the next call in the area).

@@ -12,12 +12,8 @@
 namespace kvrecall::worker {
 namespace {
 
-// The error of rank `first` (the first to fail; -1: the lowest failing rank), naming the rank
-// (OK when every status is).
-absl::Status Failure(const std::vector<absl::Status>& statuses, int first = -1) {
-  for (size_t r = 0; r < statuses.size() && first < 0; ++r) {
-    if (!statuses[r].ok()) first = static_cast<int>(r);
-  }
+// The error of rank `first` (the first to fail; -1: none), naming the rank.
+absl::Status Failure(const std::vector<absl::Status>& statuses, int first) {
   if (first < 0) return absl::OkStatus();
   const absl::Status& s = statuses[first];
   if (statuses.size() == 1) return s;
@@ -80,8 +76,8 @@ absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Make(
     ASSIGN_OR_RETURN(m->group_, m->MakeGroup());
   }
   RETURN_IF_ERROR(m->ForEachRank([&](int r) -> absl::Status {
-    const cuda::TensorParallel tp{r, world, world > 1 ? m->collectives_[r].get() : nullptr};
-    ASSIGN_OR_RETURN(m->shards_[r], load(tp));
+    const cuda::TensorParallel shard{r, world, world > 1 ? m->collectives_[r].get() : nullptr};
+    ASSIGN_OR_RETURN(m->shards_[r], load(shard));
     return absl::OkStatus();
   }));
   return m;
@@ -90,15 +86,15 @@ absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Make(
 absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Load(
     const LlamaConfig& config, const SafetensorsCheckpoint& ckpt, const TensorParallelOptions& tp,
     int max_rows) {
-  return Make(config, tp, [&](const cuda::TensorParallel& tp) {
-    return cuda::CudaModel::Load(config, ckpt, max_rows, tp);
+  return Make(config, tp, [&](const cuda::TensorParallel& shard) {
+    return cuda::CudaModel::Load(config, ckpt, max_rows, shard);
   });
 }
 
 absl::StatusOr<std::unique_ptr<TensorParallelModel>> TensorParallelModel::Random(
     const LlamaConfig& config, uint64_t seed, const TensorParallelOptions& tp, int max_rows) {
-  return Make(config, tp, [&](const cuda::TensorParallel& tp) {
-    return cuda::CudaModel::Random(config, seed, max_rows, tp);
+  return Make(config, tp, [&](const cuda::TensorParallel& shard) {
+    return cuda::CudaModel::Random(config, seed, max_rows, shard);
   });
 }
 
@@ -171,11 +167,8 @@ absl::StatusOr<std::unique_ptr<TensorParallelEngine>> TensorParallelEngine::Crea
         "tensor parallelism over ", world, " GPUs needs one tier per rank, got ", tiers.size()));
   }
   if (spec.num_kv_heads % world != 0 || spec.num_q_heads % world != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("model spec '", spec.model_id, "' has ",
-                                                   spec.num_kv_heads,
-                                                   " kv-heads, not a multiple "
-                                                   "of ",
-                                                   world, " ranks"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model spec '", spec.model_id, "': heads not a multiple of ", world));
   }
   std::unique_ptr<TensorParallelEngine> e(new TensorParallelEngine(model, world));
   RETURN_IF_ERROR(model->ForEachRank([&](int r) -> absl::Status {
@@ -243,11 +236,9 @@ absl::Status TensorParallelEngine::Step(absl::Span<const std::string> ids,
   int failed = 0;
   for (const absl::Status& st : statuses) failed += !st.ok();
   if (failed > 0 && failed < world()) {
-    diverged_ = absl::FailedPreconditionError(
-        absl::StrCat("a step failed on ", failed, " of ", world(),
-                     " tensor-parallel ranks, which now hold "
-                     "different positions; remove every sequence to go on (",
-                     s.message(), ")"));
+    diverged_ = absl::FailedPreconditionError(absl::StrCat(
+        "a step failed on ", failed, " of ", world(), " tensor-parallel ranks, which now hold ",
+        "different positions; remove every sequence to go on (", s.message(), ")"));
   }
   if (!s.ok()) return s;
   // Every rank computed the same logits from the same replicated x.

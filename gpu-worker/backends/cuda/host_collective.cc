@@ -62,7 +62,7 @@ class HostGroup final : public CollectiveGroup {
   // Waits until every rank arrived (or the group is aborted: FAILED_PRECONDITION).
   absl::Status Barrier() {
     absl::MutexLock lock(&mu_);
-    if (aborted_) return Aborted();
+    if (aborted_) return internal::GroupAborted();
     const uint64_t generation = generation_;
     if (++arrived_ == world()) {
       arrived_ = 0;
@@ -71,11 +71,7 @@ class HostGroup final : public CollectiveGroup {
       return absl::OkStatus();
     }
     while (!aborted_ && generation_ == generation) cv_.Wait(&mu_);
-    return generation_ != generation ? absl::OkStatus() : Aborted();
-  }
-  static absl::Status Aborted() {
-    return absl::FailedPreconditionError(
-        "the tensor-parallel group was aborted after a rank failed");
+    return generation_ != generation ? absl::OkStatus() : internal::GroupAborted();
   }
 
   std::vector<std::unique_ptr<internal::GroupRank<HostGroup>>> ranks_;

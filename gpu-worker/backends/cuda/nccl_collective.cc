@@ -92,10 +92,7 @@ class Group final : public CollectiveGroup {
 
   absl::Status AllReduceSum(int rank, float* data, size_t count, cudaStream_t stream) {
     std::shared_lock lock(mu_);
-    if (aborted_) {
-      return absl::FailedPreconditionError(
-          "the tensor-parallel group was aborted after a rank failed");
-    }
+    if (aborted_) return internal::GroupAborted();
     return NcclStatus(ncclAllReduce(data, data, count, ncclFloat, ncclSum, comms_[rank], stream),
                       absl::StrCat("ncclAllReduce on rank ", rank));
   }

@@ -1,5 +1,5 @@
-// The per-rank Collective of a CollectiveGroup implementation (collectives.h): rank r's calls go
-// to the group's AllReduceSum(r, ...), where the group keeps what the ranks share.
+// What the CollectiveGroup implementations (collectives.h) share: the per-rank Collective, whose
+// calls go to the group's AllReduceSum(r, ...), and the aborted group's answer.
 #ifndef KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_GROUP_RANK_H_
 #define KVRECALL_GPU_WORKER_BACKENDS_CUDA_INTERNAL_GROUP_RANK_H_
 
@@ -9,6 +9,11 @@
 #include "gpu-worker/backends/cuda/cuda_model.h"
 
 namespace kvrecall::worker::cuda::internal {
+
+// What a group's calls answer once it was aborted.
+inline absl::Status GroupAborted() {
+  return absl::FailedPreconditionError("the tensor-parallel group was aborted after a rank failed");
+}
 
 // Group: has absl::Status AllReduceSum(int rank, float* data, size_t count, cudaStream_t).
 template <typename Group>
