@@ -365,6 +365,14 @@ class ClusterTierImpl final : public ClusterTier {
     for (absl::Span<const float> q : args.layer_queries) build->queries.emplace_back(q.begin(), q.end());
     build->args.layer_queries.clear();
     for (const std::vector<float>& q : build->queries) build->args.layer_queries.push_back(q);
+    for (const kvstore::BuildIndexArgs::LayerLists& l : args.ctkvr_lists) {
+      build->list_tokens.emplace_back(l.tokens.begin(), l.tokens.end());
+      build->list_lse.emplace_back(l.lse.begin(), l.lse.end());
+    }
+    build->args.ctkvr_lists.clear();
+    for (size_t i = 0; i < build->list_tokens.size(); ++i) {
+      build->args.ctkvr_lists.push_back({build->list_tokens[i], build->list_lse[i]});
+    }
     seq->build = std::move(build);
     std::optional<kvstore::BuildIndexOutcome> first;
     RETURN_IF_ERROR(ForEachReplicaLocked(*seq, [&](Node& n, Replica& r) -> absl::Status {
@@ -475,8 +483,10 @@ class ClusterTierImpl final : public ClusterTier {
     uint64_t generation = 0;  // of the current connection; unique over all nodes and time
   };
   struct StoredBuild {
-    kvstore::BuildIndexArgs args;  // layer_queries point into `queries`
+    kvstore::BuildIndexArgs args;  // layer_queries and ctkvr_lists point into the copies below
     std::vector<std::vector<float>> queries;
+    std::vector<std::vector<int32_t>> list_tokens;
+    std::vector<std::vector<float>> list_lse;
   };
   struct Replica {
     std::string node;

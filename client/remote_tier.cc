@@ -535,6 +535,14 @@ class RemoteTier final : public Tier {
       l->set_layer(args.first_layer + static_cast<int>(i));
       l->mutable_queries()->Add(args.layer_queries[i].begin(), args.layer_queries[i].end());
     }
+    req.set_ctkvr_list_size(args.ctkvr_list_size);
+    for (size_t i = 0; i < args.ctkvr_lists.size(); ++i) {
+      v1::CtkvrLayerLists* l = req.add_ctkvr_lists();
+      l->set_layer(args.first_layer + static_cast<int>(i));
+      l->mutable_tokens()->Add(args.ctkvr_lists[i].tokens.begin(),
+                               args.ctkvr_lists[i].tokens.end());
+      l->mutable_lse()->Add(args.ctkvr_lists[i].lse.begin(), args.ctkvr_lists[i].lse.end());
+    }
     v1::BuildIndexResponse resp;
     grpc::ClientContext ctx;
     SetDeadline(&ctx);

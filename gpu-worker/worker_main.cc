@@ -79,6 +79,14 @@ ABSL_FLAG(int, max_new_tokens, 32, "tokens to decode");
 ABSL_FLAG(std::string, mode, "sparse", "sparse (retrieval attention through the tier) or dense");
 ABSL_FLAG(std::string, method, "exact", "retrieval method: exact, ctkvr or cluster");
 ABSL_FLAG(int, index_queries, 64, "ctkvr: prompt queries sent for the query centroids");
+ABSL_FLAG(bool, gpu_ctkvr_lists, true,
+          "ctkvr on --engine=gpu: make the centroids' inverted lists on the GPU during prefill "
+          "and send them with the centroid queries (false: the tier makes them)");
+ABSL_FLAG(int, ctkvr_centroids, 8,
+          "ctkvr with --gpu_ctkvr_lists: centroids picked from the --index_queries queries (at "
+          "most the tier's, 8)");
+ABSL_FLAG(int, ctkvr_list_size, 2048,
+          "ctkvr with --gpu_ctkvr_lists: tokens per centroid list (at most the tier's, 2048)");
 ABSL_FLAG(int, budget, 1024, "recalled tokens per (sequence, sparse layer, kv-head)");
 ABSL_FLAG(int, sink_tokens, 16, "attention sinks always attended");
 ABSL_FLAG(int, window_tokens, 256, "recent tokens always attended");
@@ -332,6 +340,9 @@ absl::Status Generate() {
   eo.dense_layers = absl::GetFlag(FLAGS_dense_layers);
   eo.num_threads = threads;
   eo.index_queries = absl::GetFlag(FLAGS_index_queries);
+  eo.gpu_ctkvr_lists = absl::GetFlag(FLAGS_gpu_ctkvr_lists);
+  eo.ctkvr_centroids = absl::GetFlag(FLAGS_ctkvr_centroids);
+  eo.ctkvr_list_size = absl::GetFlag(FLAGS_ctkvr_list_size);
   if (const std::string m = absl::GetFlag(FLAGS_method); m == "exact") {
     eo.method = client::Method::kExact;
   } else if (m == "ctkvr") {
@@ -521,9 +532,16 @@ absl::Status Generate() {
     j["fallback_layers"] = c.fallback_layers;
     j["bytes_streamed_per_token"] = streamed_per_token;
     j["bytes_appended_per_token"] = appended_per_token;
-    j["options"] = {{"budget", eo.budget}, {"sink_tokens", eo.sink_tokens}, {"window_tokens", eo.window_tokens},
-                    {"dense_layers", eo.dense_layers}, {"method", absl::GetFlag(FLAGS_method)},
-                    {"index_queries", eo.index_queries}, {"lookahead", eo.lookahead},
+    j["options"] = {{"budget", eo.budget},
+                    {"sink_tokens", eo.sink_tokens},
+                    {"window_tokens", eo.window_tokens},
+                    {"dense_layers", eo.dense_layers},
+                    {"method", absl::GetFlag(FLAGS_method)},
+                    {"index_queries", eo.index_queries},
+                    {"gpu_ctkvr_lists", eo.gpu_ctkvr_lists},
+                    {"ctkvr_centroids", eo.ctkvr_centroids},
+                    {"ctkvr_list_size", eo.ctkvr_list_size},
+                    {"lookahead", eo.lookahead},
                     {"delta_streaming", eo.delta_streaming}};
     j["index_build_seconds"] = c.index_build_seconds;
     j["generated"] = generated;

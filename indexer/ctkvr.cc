@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
 #include "indexer/index.h"
 #include "indexer/internal/search.h"
 #include "indexer/kernels.h"
@@ -246,11 +247,29 @@ class CtkvrSegment final : public Segment {
 
   Method method() const override { return Method::kCtkvr; }
 
-  // Picks the centroids and builds their lists over [begin_, end_).
-  void Build(const BuildInput& in, ThreadPool* pool) {
+  // Picks the centroids and builds their lists over [begin_, end_), or takes in.ctkvr_lists
+  // (checked by BuildCtkvrSegment but for their normalisers, which need the lists' logits).
+  absl::Status Build(const BuildInput& in, ThreadPool* pool) {
     absl::MutexLock lock(&mu_);  // not yet shared; keeps the one rule for the state
     SetCentroids(in);
+    if (in.ctkvr_lists != nullptr) return TakeLists(*in.ctkvr_lists, *in.keys, pool);
     BuildLists(*in.keys, pool);
+    return absl::OkStatus();
+  }
+
+  // The prompt centroids' lists and normalisers, in prompt-query order (CtkvrListsOf).
+  CtkvrListsCopy CopyLists() const {
+    absl::ReaderMutexLock lock(&mu_);
+    CtkvrListsCopy out;
+    out.list_size = opt_.list_size;
+    out.num_centroids = st_.num_prompt;
+    for (int qi = 0; qi < st_.num_prompt; ++qi) {
+      const int ci = st_.num_prompt - 1 - qi;  // SetCentroids: the last query first
+      out.tokens.insert(out.tokens.end(), st_.lists[ci].begin(), st_.lists[ci].end());
+      for (int h = 0; h < group_; ++h)
+        out.lse.push_back(static_cast<float>(st_.lse[static_cast<size_t>(ci) * group_ + h]));
+    }
+    return out;
   }
 
   // Builds over this segment's range with `base`'s prompt centroids (its added ones stay with
@@ -275,17 +294,15 @@ class CtkvrSegment final : public Segment {
   void SetCentroids(const BuildInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const int d = head_dim_, g = group_;
     const int q = in.num_prompt_queries;
-    const int c = std::min(opt_.centroids, q);
+    const std::vector<int> picks = CtkvrCentroidQueries(q, opt_.centroids);
+    const int c = static_cast<int>(picks.size());
     st_.num_prompt = c;
     st_.scaled.resize(static_cast<size_t>(c) * g * d);
     st_.unit.resize(st_.scaled.size());
     const float scale =
         in.scale > 0 ? in.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     for (int i = 0; i < c; ++i) {
-      // Evenly spaced positions, the last prompt query first.
-      const int pos =
-          c == 1 ? q - 1
-                 : (q - 1) - static_cast<int>((static_cast<int64_t>(i) * (q - 1)) / (c - 1));
+      const int pos = picks[c - 1 - i];  // the last prompt query first
       for (int h = 0; h < g; ++h) {
         const float* src = in.prompt_queries + (static_cast<size_t>(pos) * g + h) * d;
         float* sd = st_.scaled.data() + (static_cast<size_t>(i) * g + h) * d;
@@ -348,6 +365,59 @@ class CtkvrSegment final : public Segment {
     };
     ForEach(pool, c, build_one);
     MakeCopies(rows, pool);
+  }
+
+  // BuildLists' state from lists made elsewhere: the lists and normalisers as given, the lists'
+  // logits from the keys (the same kernel as BuildLists, so the same bits), their neighbours
+  // and masses. INVALID_ARGUMENT (state unspecified: the segment is dropped) when a normaliser
+  // lies below its own list's log-sum-exp.
+  absl::Status TakeLists(const CtkvrLists& given, const PagedRows& rows, ThreadPool* pool)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int d = head_dim_, g = group_, c = st_.num_prompt;
+    const int64_t len = std::min<int64_t>(given.list_size, end_ - begin_);
+    st_.lse.assign(static_cast<size_t>(c) * g, 0.0);
+    st_.lists.assign(static_cast<size_t>(c), {});
+    st_.list_logits.assign(static_cast<size_t>(c), {});
+    st_.neighbours.assign(static_cast<size_t>(c), {});
+    ReserveAdded();
+    st_.list_mass.assign(static_cast<size_t>(c) * g, 1.0);
+    std::vector<absl::Status> status(static_cast<size_t>(c));
+    auto take_one = [&](int64_t ci) {
+      const int64_t qi = c - 1 - ci;  // SetCentroids: the last query first
+      const int32_t* src = given.tokens + qi * len;
+      auto& list = st_.lists[ci];
+      list.assign(src, src + len);
+      thread_local std::vector<float> keys, by_head, v;
+      keys.resize(static_cast<size_t>(len) * d);
+      for (int64_t j = 0; j < len; ++j)
+        kernels::ToF32(dtype_, rows.row(list[j]), d, keys.data() + j * d);
+      auto& ll = st_.list_logits[ci];
+      ll.resize(static_cast<size_t>(len) * g);
+      kernels::DotsF32(keys.data(), len, st_.scaled.data() + ci * g * d, g, d, ll.data(), g);
+      by_head.resize(static_cast<size_t>(g) * len);
+      for (int64_t j = 0; j < len; ++j)
+        for (int h = 0; h < g; ++h) by_head[h * len + j] = ll[j * g + h];
+      for (int h = 0; h < g; ++h) {
+        const double lse = given.lse[qi * g + h];
+        const double own = LogSumExp(by_head.data() + h * len, len, kernels::BestIsa());
+        if (!(lse >= own - 1e-3)) {
+          status[ci] = absl::InvalidArgumentError(
+              absl::StrCat("ctkvr lists: query ", qi, " head ", h, " normaliser ", lse,
+                           " is below its own list's log-sum-exp ", own));
+          return;
+        }
+        st_.lse[ci * g + h] = lse;
+      }
+      v.resize(static_cast<size_t>(len));
+      Rank(ci, by_head.data(), len, len, v.data());
+      st_.neighbours[ci] = Neighbours(v.data(), len, list.data());
+      UpdateMass(ci);
+    };
+    ForEach(pool, c, take_one);
+    for (const absl::Status& st : status)
+      if (!st.ok()) return st;
+    MakeCopies(rows, pool);
+    return absl::OkStatus();
   }
 
  public:
@@ -543,6 +613,14 @@ class CtkvrSegment final : public Segment {
   // Tokens within ±neighbour_radius of the neighbour_tokens best of v[0, n) (v[j] belongs to
   // token first + j), inside the segment, ascending and distinct.
   std::vector<int32_t> Neighbours(const float* v, int64_t n, int64_t first) const {
+    return NeighboursOf(v, n, [first](int32_t j) { return first + j; });
+  }
+  // The same where v[j] belongs to token tokens[j].
+  std::vector<int32_t> Neighbours(const float* v, int64_t n, const int32_t* tokens) const {
+    return NeighboursOf(v, n, [tokens](int32_t j) { return int64_t{tokens[j]}; });
+  }
+  template <typename TokenOf>
+  std::vector<int32_t> NeighboursOf(const float* v, int64_t n, TokenOf token_of) const {
     const int64_t e = std::min<int64_t>(opt_.neighbour_tokens, n);
     std::vector<int32_t> out;
     if (e <= 0) return out;
@@ -550,7 +628,8 @@ class CtkvrSegment final : public Segment {
     kernels::TopK(v, n, e, &best);
     const int64_t r = opt_.neighbour_radius;
     for (int32_t j : best) {
-      for (int64_t t = std::max(begin_, first + j - r); t <= std::min(end_ - 1, first + j + r); ++t)
+      const int64_t at = token_of(j);
+      for (int64_t t = std::max(begin_, at - r); t <= std::min(end_ - 1, at + r); ++t)
         out.push_back(static_cast<int32_t>(t));
     }
     std::sort(out.begin(), out.end());
@@ -713,6 +792,43 @@ class CtkvrSegment final : public Segment {
   mutable std::vector<std::shared_ptr<const ListRows>> copies_ ABSL_GUARDED_BY(copies_mu_);
 };
 
+}  // namespace
+
+namespace {
+
+// CtkvrLists' contract, but for the normalisers' lower bound (TakeLists checks it).
+absl::Status CheckLists(const BuildInput& in, const CtkvrOptions& options) {
+  const CtkvrLists& l = *in.ctkvr_lists;
+  if (l.list_size < 1 || l.list_size > options.list_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ctkvr lists of ", l.list_size, " tokens; this index takes 1 to ", options.list_size));
+  }
+  if (in.num_prompt_queries > options.centroids) {
+    return absl::InvalidArgumentError(absl::StrCat("ctkvr lists for ", in.num_prompt_queries,
+                                                   " queries; this index takes at most ",
+                                                   options.centroids, " centroids"));
+  }
+  if (l.tokens == nullptr || l.lse == nullptr) {
+    return absl::InvalidArgumentError("ctkvr lists without tokens or normalisers");
+  }
+  const int64_t len = std::min<int64_t>(l.list_size, in.token_end - in.token_begin);
+  for (int64_t qi = 0; qi < in.num_prompt_queries; ++qi) {
+    const int32_t* t = l.tokens + qi * len;
+    for (int64_t j = 0; j < len; ++j) {
+      if (t[j] < in.token_begin || t[j] >= in.token_end || (j > 0 && t[j] <= t[j - 1])) {
+        return absl::InvalidArgumentError(absl::StrCat("ctkvr list of query ", qi, ": token ", t[j],
+                                                       " at ", j, " is outside [", in.token_begin,
+                                                       ", ", in.token_end, ") or not ascending"));
+      }
+    }
+    for (int h = 0; h < in.group; ++h) {
+      if (!std::isfinite(l.lse[qi * in.group + h])) {
+        return absl::InvalidArgumentError("ctkvr list normalisers contain NaN or Inf");
+      }
+    }
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -743,8 +859,13 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegment(const BuildInput& inp
       return absl::InvalidArgumentError("ctkvr prompt queries contain NaN or Inf");
     }
   }
-  auto seg = std::make_unique<CtkvrSegment>(input, options);
-  seg->Build(input, pool);
+  CtkvrOptions o = options;
+  if (input.ctkvr_lists != nullptr) {
+    RETURN_IF_ERROR(CheckLists(input, options));
+    o.list_size = input.ctkvr_lists->list_size;
+  }
+  auto seg = std::make_unique<CtkvrSegment>(input, o);
+  RETURN_IF_ERROR(seg->Build(input, pool));
   return std::unique_ptr<Segment>(std::move(seg));
 }
 
@@ -772,6 +893,23 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildCtkvrSegmentAfter(const Segment& b
 }  // namespace kvrecall::indexer::internal
 
 namespace kvrecall::indexer {
+
+std::vector<int> CtkvrCentroidQueries(int num_queries, int centroids) {
+  const int c = std::max(0, std::min(centroids, num_queries));
+  std::vector<int> picks(static_cast<size_t>(c));
+  for (int i = 0; i < c; ++i) {  // i-th from the last: evenly spaced, the last query included
+    const int back =
+        c == 1 ? 0 : static_cast<int>((static_cast<int64_t>(i) * (num_queries - 1)) / (c - 1));
+    picks[c - 1 - i] = num_queries - 1 - back;
+  }
+  return picks;
+}
+
+absl::StatusOr<CtkvrListsCopy> CtkvrListsOf(const Segment& segment) {
+  const auto* s = dynamic_cast<const internal::CtkvrSegment*>(&segment);
+  if (s == nullptr) return absl::InvalidArgumentError("not a ctkvr segment");
+  return s->CopyLists();
+}
 
 int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_dim, DType kv_dtype) {
   return (int64_t{options.centroids} + options.max_added) *

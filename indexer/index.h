@@ -154,6 +154,28 @@ int64_t CtkvrSegmentMaxBytes(const CtkvrOptions& options, int group, int head_di
 // threshold, a value in [0, 1] replaces it; above 1 (or NaN) is INVALID_ARGUMENT (a cosine).
 absl::Status ApplyMinSimilarityFlag(double value, CtkvrOptions* options);
 
+// The prompt queries a ctkvr build takes as its centroids: min(centroids, num_queries) indices
+// into the queries, evenly spaced, the last query always included, ascending. A builder that
+// makes the lists elsewhere (CtkvrLists) picks its queries with this, so that the tier builds
+// the same index from either.
+std::vector<int> CtkvrCentroidQueries(int num_queries, int centroids);
+
+// ctkvr inverted lists made elsewhere — a GPU worker makes them during prefill, while the keys
+// are on the GPU (ARCHITECTURE.md §4; gpu-worker/backends/cuda/kernels.h CtkvrLists) — for
+// BuildInput::ctkvr_lists. With n = min(list_size, token_end - token_begin), for prompt query
+// i < num_prompt_queries (every one is a centroid):
+//   tokens[i * n, (i + 1) * n): its group's n tokens of the range of highest score(t) (the GQA
+//     rule above, under lse), ascending;
+//   lse[i * group + h]: q-head h's log Σ exp(scale · q_h · k_t) over the whole range.
+// The segment scores the listed tokens itself (their logits, neighbours, list masses and row
+// copies), so it is the segment BuildSegment makes from the same queries up to the lists' near
+// ties.
+struct CtkvrLists {
+  int list_size = 0;                // ρ: 1..CtkvrOptions::list_size
+  const int32_t* tokens = nullptr;  // [num_prompt_queries][n]
+  const float* lse = nullptr;       // [num_prompt_queries][group]
+};
+
 // What a segment is built from.
 struct BuildInput {
   const PagedRows* keys = nullptr;  // [num_tokens][head_dim] of keys.dtype, post-RoPE
@@ -166,6 +188,9 @@ struct BuildInput {
   int num_prompt_queries = 0;
   int group = 0;
   float scale = 0;  // softmax scale; 0 means 1/sqrt(head_dim)
+  // ctkvr only: lists made elsewhere (see CtkvrLists); null = the build makes them. With lists,
+  // every prompt query is a centroid: num_prompt_queries at most CtkvrOptions::centroids.
+  const CtkvrLists* ctkvr_lists = nullptr;
 };
 
 namespace internal {
@@ -222,7 +247,10 @@ class Segment {
 // Builds a segment of `method` over input.keys rows [token_begin, token_end). Spreads work over
 // `pool` (may be null). INVALID_ARGUMENT for: merged (not a search index), empty or out-of-range
 // token ranges, null keys, head_dim <= 0, non-positive options, and for ctkvr missing prompt
-// queries (num_prompt_queries <= 0, group <= 0) or non-finite ones.
+// queries (num_prompt_queries <= 0, group <= 0) or non-finite ones, and lists (ctkvr_lists)
+// that break CtkvrLists' contract: list_size outside [1, options' list_size], more queries than
+// options' centroids, a list not strictly ascending inside the range, or a normaliser that is
+// not finite or below the log-sum-exp of its own list's logits (by more than 1e-3).
 absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(Method method, const BuildInput& input,
                                                       const IndexOptions& options,
                                                       ThreadPool* pool);
@@ -241,6 +269,17 @@ absl::StatusOr<std::unique_ptr<Segment>> BuildSegment(absl::string_view method,
 absl::StatusOr<std::unique_ptr<Segment>> BuildSegmentAfter(
     const std::shared_ptr<const Segment>& base, const BuildInput& input,
     const IndexOptions& options, ThreadPool* pool);
+
+// A ctkvr segment's prompt centroids' lists and normalisers in the form CtkvrLists takes them,
+// in the order of the prompt queries they were picked from (ascending position); for comparing
+// other builders with the indexer's own. INVALID_ARGUMENT for a segment that is not ctkvr.
+struct CtkvrListsCopy {
+  int list_size = 0;
+  int num_centroids = 0;
+  std::vector<int32_t> tokens;
+  std::vector<float> lse;
+};
+absl::StatusOr<CtkvrListsCopy> CtkvrListsOf(const Segment& segment);
 
 // An exact segment over no tokens ([0, 0)): a placeholder that makes Search scan the whole
 // range exactly (what an index that is still being built answers with).

@@ -714,6 +714,117 @@ TEST(IndexTest, CtkvrContinuationSearchesLikeAFreshBuildWithItsBaseCentroids) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(IndexTest, CtkvrCentroidQueriesAreEvenlySpacedAndEndAtTheLastQuery) {
+  EXPECT_EQ(CtkvrCentroidQueries(64, 8), (std::vector<int>{0, 9, 18, 27, 36, 45, 54, 63}));
+  EXPECT_EQ(CtkvrCentroidQueries(3, 8), (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(CtkvrCentroidQueries(10, 1), (std::vector<int>{9}));
+  EXPECT_TRUE(CtkvrCentroidQueries(0, 8).empty());
+}
+
+// What a GPU worker sends (CtkvrLists): the picked queries and their lists. Built from the lists
+// of the indexer's own build, the segment is that build: the same lists, normalisers and
+// selections.
+TEST(IndexTest, CtkvrFromListsIsTheSegmentItsOwnBuildMakes) {
+  auto d = Data(4096);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 256;
+  const int g = 4, hd = 32;
+  ThreadPool pool(2);
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Segment> own,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 4, 4000), opt, &pool));
+  ASSERT_OK_AND_ASSIGN(CtkvrListsCopy lists, CtkvrListsOf(*own));
+  ASSERT_EQ(lists.num_centroids, opt.ctkvr.centroids);
+  ASSERT_EQ(lists.tokens.size(), static_cast<size_t>(lists.num_centroids) * 256);
+  std::vector<float> picked;
+  for (int i : CtkvrCentroidQueries(d->num_prompt_queries, opt.ctkvr.centroids)) {
+    const float* q = d->prompt_queries.data() + static_cast<size_t>(i) * g * hd;
+    picked.insert(picked.end(), q, q + g * hd);
+  }
+  CtkvrLists given{lists.list_size, lists.tokens.data(), lists.lse.data()};
+  BuildInput in = InputOver(*d, 4, 4000);
+  in.prompt_queries = picked.data();
+  in.num_prompt_queries = lists.num_centroids;
+  in.ctkvr_lists = &given;
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Segment> taken,
+                       BuildSegment(Method::kCtkvr, in, opt, &pool));
+  ASSERT_OK_AND_ASSIGN(CtkvrListsCopy again, CtkvrListsOf(*taken));
+  EXPECT_EQ(again.tokens, lists.tokens);
+  EXPECT_EQ(again.lse, lists.lse);
+  EXPECT_EQ(taken->MemoryBytes(), own->MemoryBytes());
+  for (int i = 0; i < d->options.decode_queries; ++i) {
+    const float* q = d->decode_queries.data() + i * g * hd;
+    EXPECT_EQ(SearchOne(Entry(q, g, &d->keys, 4, 4000, 64, {taken.get()})),
+              SearchOne(Entry(q, g, &d->keys, 4, 4000, 64, {own.get()})))
+        << "query " << i;
+  }
+  // It persists and grows like any ctkvr segment.
+  ASSERT_OK_AND_ASSIGN(auto parsed, ParseSegment(SerializeSegment(*taken)));
+  ASSERT_OK_AND_ASSIGN(CtkvrListsCopy reread, CtkvrListsOf(*parsed));
+  EXPECT_EQ(reread.tokens, lists.tokens);
+  std::unique_ptr<Segment> grown = taken->Clone();
+  EXPECT_OK(grown->Append(d->keys, 4096, &pool));
+  // Shorter lists than the node's list_size are taken as they are.
+  CtkvrListsCopy shorter;
+  ASSERT_OK_AND_ASSIGN(auto small_own, [&] {
+    IndexOptions o = opt;
+    o.ctkvr.list_size = 100;
+    return BuildSegment(Method::kCtkvr, InputOver(*d, 4, 4000), o, nullptr);
+  }());
+  ASSERT_OK_AND_ASSIGN(shorter, CtkvrListsOf(*small_own));
+  CtkvrLists short_given{100, shorter.tokens.data(), shorter.lse.data()};
+  in.ctkvr_lists = &short_given;
+  ASSERT_OK_AND_ASSIGN(auto taken_short, BuildSegment(Method::kCtkvr, in, opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(CtkvrListsCopy short_again, CtkvrListsOf(*taken_short));
+  EXPECT_EQ(short_again.list_size, 100);
+  EXPECT_EQ(short_again.tokens, shorter.tokens);
+}
+
+TEST(IndexTest, CtkvrListsThatBreakTheContractAreInvalidArgument) {
+  auto d = Data(2048);
+  IndexOptions opt;
+  opt.ctkvr.list_size = 64;
+  ASSERT_OK_AND_ASSIGN(auto own,
+                       BuildSegment(Method::kCtkvr, InputOver(*d, 4, 2000), opt, nullptr));
+  ASSERT_OK_AND_ASSIGN(CtkvrListsCopy good, CtkvrListsOf(*own));
+  std::vector<float> picked;
+  for (int i : CtkvrCentroidQueries(d->num_prompt_queries, opt.ctkvr.centroids)) {
+    const float* q = d->prompt_queries.data() + static_cast<size_t>(i) * 4 * 32;
+    picked.insert(picked.end(), q, q + 4 * 32);
+  }
+  auto build = [&](CtkvrListsCopy l, int list_size, int num_queries) {
+    CtkvrLists given{list_size, l.tokens.data(), l.lse.data()};
+    BuildInput in = InputOver(*d, 4, 2000);
+    in.prompt_queries = picked.data();
+    in.num_prompt_queries = num_queries;
+    in.ctkvr_lists = &given;
+    return BuildSegment(Method::kCtkvr, in, opt, nullptr).status();
+  };
+  EXPECT_OK(build(good, 64, good.num_centroids));
+  const auto kInvalid = StatusIs(absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(build(good, 0, good.num_centroids), kInvalid);
+  EXPECT_THAT(build(good, 65, good.num_centroids), kInvalid);  // beyond the node's list_size
+  std::vector<float> more = picked;
+  more.insert(more.end(), picked.begin(), picked.begin() + 4 * 32);
+  picked = more;
+  EXPECT_THAT(build(good, 64, good.num_centroids + 1), kInvalid);  // more than `centroids`
+  CtkvrListsCopy l = good;
+  std::swap(l.tokens[3], l.tokens[4]);
+  EXPECT_THAT(build(l, 64, good.num_centroids), kInvalid);  // not ascending
+  l = good;
+  l.tokens[0] = 3;
+  EXPECT_THAT(build(l, 64, good.num_centroids), kInvalid);  // before the range
+  l = good;
+  l.tokens.back() = 2000;
+  EXPECT_THAT(build(l, 64, good.num_centroids), kInvalid);  // past the range
+  l = good;
+  l.lse[5] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THAT(build(l, 64, good.num_centroids), kInvalid);
+  l = good;
+  l.lse[2] -= 5;  // a normaliser below its own list's mass
+  EXPECT_THAT(build(l, 64, good.num_centroids), kInvalid);
+  EXPECT_THAT(CtkvrListsOf(*NewUnindexedSegment(32, DType::kF32)).status(), kInvalid);
+}
+
 TEST(IndexTest, CtkvrRowCopiesSelectExactlyWhatTheGatherSelects) {
   auto d = Data(4000);
   PagedRows view = d->keys;

@@ -491,6 +491,17 @@ grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* c
       }
       args.layer_queries.push_back(absl::MakeConstSpan(l.queries().data(), l.queries_size()));
     }
+    args.ctkvr_list_size = req->ctkvr_list_size();
+    for (int i = 0; i < req->ctkvr_lists_size(); ++i) {
+      const v1::CtkvrLayerLists& l = req->ctkvr_lists(i);
+      if (l.layer() != req->first_layer() + i) {
+        return absl::InvalidArgumentError(absl::StrCat("ctkvr_lists[", i, "] is layer ", l.layer(),
+                                                       "; want ", req->first_layer() + i,
+                                                       " (in order from first_layer)"));
+      }
+      args.ctkvr_lists.push_back({absl::MakeConstSpan(l.tokens().data(), l.tokens_size()),
+                                  absl::MakeConstSpan(l.lse().data(), l.lse_size())});
+    }
     ASSIGN_OR_RETURN(BuildIndexOutcome out, node_->BuildIndex(args));
     resp->set_indexed_tokens(out.indexed_tokens);
     resp->set_segments(out.segments);

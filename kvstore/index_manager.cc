@@ -401,7 +401,7 @@ void IndexManager::OnCommit(const Sequence* raw, int64_t committed) {
 
 absl::StatusOr<std::shared_ptr<SequenceIndex>> IndexManager::BuildSegments(
     const Sequence& seq, indexer::Method method, int first_layer, int64_t token_begin,
-    int64_t token_end, int num_queries, const std::vector<absl::Span<const float>>* queries) const {
+    int64_t token_end, const BuildIndexArgs* ctkvr) const {
   const ModelSpec& spec = seq.spec();
   const int G = spec.group_size(), d = spec.head_dim, Hq = spec.num_q_heads,
             Hkv = spec.num_kv_heads;
@@ -428,8 +428,10 @@ absl::StatusOr<std::shared_ptr<SequenceIndex>> IndexManager::BuildSegments(
     in.token_end = token_end;
     in.group = G;
     std::vector<float> grouped;  // [C][group][d] of this kv-head, from [C][Hq][d]
+    indexer::CtkvrLists lists;
     if (method == indexer::Method::kCtkvr) {
-      const float* src = (*queries)[layer - first_layer].data();
+      const int num_queries = ctkvr->num_queries;
+      const float* src = ctkvr->layer_queries[layer - first_layer].data();
       grouped.resize(static_cast<size_t>(num_queries) * G * d);
       for (int c = 0; c < num_queries; ++c) {
         std::copy_n(src + (static_cast<size_t>(c) * Hq + static_cast<size_t>(h) * G) * d,
@@ -437,6 +439,14 @@ absl::StatusOr<std::shared_ptr<SequenceIndex>> IndexManager::BuildSegments(
       }
       in.prompt_queries = grouped.data();
       in.num_prompt_queries = num_queries;
+      if (!ctkvr->ctkvr_lists.empty()) {  // [Hkv][C][n] and [Hkv][C][G], sizes checked by Node
+        const BuildIndexArgs::LayerLists& l = ctkvr->ctkvr_lists[layer - first_layer];
+        const size_t lists_per_head = static_cast<size_t>(num_queries);
+        lists.list_size = ctkvr->ctkvr_list_size;
+        lists.tokens = l.tokens.data() + h * (l.tokens.size() / Hkv);
+        lists.lse = l.lse.data() + h * lists_per_head * G;
+        in.ctkvr_lists = &lists;
+      }
     }
     auto seg = indexer::BuildSegment(method, in, options_.index, nullptr);
     if (seg.ok()) {
@@ -475,9 +485,9 @@ absl::StatusOr<BuildIndexOutcome> IndexManager::Build(const std::shared_ptr<Sequ
   std::shared_ptr<const SequenceIndex> index = key.empty() ? nullptr : shared_->Find(key);
   const bool reused = index != nullptr;
   if (!reused) {
-    ASSIGN_OR_RETURN(std::shared_ptr<SequenceIndex> built,
-                     BuildSegments(*seq, args.method, args.first_layer, args.token_begin, end,
-                                   args.num_queries, &args.layer_queries));
+    ASSIGN_OR_RETURN(
+        std::shared_ptr<SequenceIndex> built,
+        BuildSegments(*seq, args.method, args.first_layer, args.token_begin, end, &args));
     built->explicit_build = true;
     if (key.empty()) {
       index = std::move(built);
@@ -529,6 +539,9 @@ std::string IndexManager::ShareKey(const Sequence& seq, const BuildIndexArgs& ar
           SipHash24_128(kQueryDigestKey, q.data(), q.size() * sizeof(float));
       AppendBytes(&key, digest.data(), digest.size());
     }
+    // Lists the worker made stand for themselves by their length: the same queries over the
+    // same document give the same lists.
+    AppendPod(&key, args.ctkvr_lists.empty() ? 0 : args.ctkvr_list_size);
   }
   return key;
 }
@@ -542,7 +555,7 @@ void IndexManager::AutoBuildJob(const std::shared_ptr<Sequence>& seq) {
   const int64_t committed = seq->committed_tokens();
   absl::StatusOr<std::shared_ptr<SequenceIndex>> built =
       BuildSegments(*seq, placeholder->method, placeholder->first_layer, placeholder->token_begin,
-                    committed, 0, nullptr);
+                    committed, nullptr);
   absl::Status s = built.status();
   if (s.ok() && persist_) s = Persist(*seq, **built);
   absl::MutexLock lock(&mu_);

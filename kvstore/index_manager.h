@@ -153,11 +153,13 @@ class IndexManager {
   std::shared_ptr<const SequenceIndex> Placeholder(const Sequence& seq, indexer::Method method,
                                                    int first_layer, int64_t token_begin) const;
   // Builds every segment of layers [first_layer, num_layers) over [token_begin, token_end).
-  // queries: ctkvr only, per layer [num_queries][num_q_heads][head_dim].
-  absl::StatusOr<std::shared_ptr<SequenceIndex>> BuildSegments(
-      const Sequence& seq, indexer::Method method, int first_layer, int64_t token_begin,
-      int64_t token_end, int num_queries,
-      const std::vector<absl::Span<const float>>* queries) const;
+  // `ctkvr`: an explicit build's queries and lists (its other fields are ignored); null for
+  // other methods.
+  absl::StatusOr<std::shared_ptr<SequenceIndex>> BuildSegments(const Sequence& seq,
+                                                               indexer::Method method,
+                                                               int first_layer, int64_t token_begin,
+                                                               int64_t token_end,
+                                                               const BuildIndexArgs* ctkvr) const;
   absl::Status Persist(const Sequence& seq, const SequenceIndex& index);
   absl::StatusOr<std::shared_ptr<SequenceIndex>> LoadRecords(const Sequence& seq) const;
 

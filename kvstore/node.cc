@@ -877,6 +877,38 @@ absl::StatusOr<BuildIndexOutcome> Node::BuildIndex(const BuildIndexArgs& args) {
         if (!std::isfinite(x)) return absl::InvalidArgumentError("queries contain NaN or Inf");
       }
     }
+    if (!args.ctkvr_lists.empty()) {
+      // Sizes here; the lists' contents (ranges, order, normalisers) per segment by the indexer.
+      const indexer::CtkvrOptions& o = indexes_->options().index.ctkvr;
+      if (static_cast<int>(args.ctkvr_lists.size()) != sparse_layers) {
+        return absl::InvalidArgumentError(absl::StrCat("ctkvr lists for ", args.ctkvr_lists.size(),
+                                                       " layers; want ", sparse_layers));
+      }
+      if (args.ctkvr_list_size < 1 || args.ctkvr_list_size > o.list_size) {
+        return absl::InvalidArgumentError(absl::StrCat("ctkvr lists of ", args.ctkvr_list_size,
+                                                       " tokens; this node takes 1 to ",
+                                                       o.list_size));
+      }
+      if (args.num_queries > o.centroids) {
+        return absl::InvalidArgumentError(absl::StrCat("ctkvr lists for ", args.num_queries,
+                                                       " queries; this node takes at most ",
+                                                       o.centroids, " centroids"));
+      }
+      const int64_t end = args.token_end > 0 ? args.token_end : committed;
+      const size_t n =
+          static_cast<size_t>(std::min<int64_t>(args.ctkvr_list_size, end - args.token_begin));
+      const size_t lists = static_cast<size_t>(spec.num_kv_heads) * args.num_queries;
+      for (const BuildIndexArgs::LayerLists& l : args.ctkvr_lists) {
+        if (l.tokens.size() != lists * n || l.lse.size() != lists * spec.group_size()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "ctkvr lists of a layer must be [", spec.num_kv_heads, "][", args.num_queries, "][",
+              n, "] tokens and [", spec.num_kv_heads, "][", args.num_queries, "][",
+              spec.group_size(), "] normalisers, got ", l.tokens.size(), " and ", l.lse.size()));
+        }
+      }
+    }
+  } else if (!args.ctkvr_lists.empty()) {
+    return absl::InvalidArgumentError("ctkvr lists for a build that is not ctkvr");
   }
   // Built (or kept, when an index of this method already covers the request) by the index
   // manager, which also waits for an automatic build of this sequence that is in flight.

@@ -175,6 +175,18 @@ struct BuildIndexArgs {
   // so that every session over the document gets the same index, built and stored once
   // (index_manager.h "share"); its own tokens after it are scanned exactly until growth.
   int64_t token_end = 0;
+  // ctkvr lists the worker made (on its GPU during prefill; indexer::CtkvrLists); empty = the
+  // node makes them. Then every query is a centroid (num_queries <= the node's ctkvr
+  // centroids) and, per layer in [first_layer, num_layers) (index layer - first_layer), with
+  // n = min(ctkvr_list_size, indexed tokens):
+  //   tokens: [num_kv_heads][num_queries][n] positions, each list ascending;
+  //   lse:    [num_kv_heads][num_queries][group] normalisers over the indexed range.
+  struct LayerLists {
+    absl::Span<const int32_t> tokens;
+    absl::Span<const float> lse;
+  };
+  int ctkvr_list_size = 0;  // 1..the node's ctkvr list_size, with lists
+  std::vector<LayerLists> ctkvr_lists;
 };
 struct BuildIndexOutcome {
   int64_t indexed_tokens = 0;

@@ -1,13 +1,16 @@
 #include "kvstore/node.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/metrics.h"
 #include "common/testing/status_matchers.h"
-#include "indexer/index.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "indexer/index.h"
 
 namespace kvrecall::kvstore {
 namespace {
@@ -163,6 +166,90 @@ TEST_F(NodeTest, BuildIndexRejectsBadInput) {
   EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, 2, {nan}}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(code({"t", "s", Method::kCtkvr, 1, 0, kMaxIndexQueries + 1, {pq}}),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// ctkvr lists by brute force over the fixture's keys of one layer (what a GPU worker sends):
+// for each query c of [C][2][2], its group's top `n` tokens of [begin, 6) and per-head lse.
+BuildIndexArgs::LayerLists ListsOf(const std::vector<float>& pq, int n, int64_t begin,
+                                   std::vector<int32_t>* tokens, std::vector<float>* lse) {
+  const float s = 1.0f / std::sqrt(2.0f);
+  for (size_t c = 0; c < pq.size() / 4; ++c) {
+    double logit[2][6], l[2];
+    for (int h = 0; h < 2; ++h) {
+      double z = 0;
+      for (int t = begin; t < 6; ++t) {
+        const double kx = t == 2 ? 0 : t, ky = t == 2 ? 5 : 0;
+        logit[h][t] = s * (pq[c * 4 + h * 2] * kx + pq[c * 4 + h * 2 + 1] * ky);
+        z += std::exp(logit[h][t]);
+      }
+      l[h] = std::log(z);
+      lse->push_back(static_cast<float>(l[h]));
+    }
+    std::vector<std::pair<double, int32_t>> score;
+    for (int t = begin; t < 6; ++t)
+      score.push_back({-std::max(logit[0][t] - l[0], logit[1][t] - l[1]), t});
+    std::sort(score.begin(), score.end());
+    std::vector<int32_t> top;
+    for (int j = 0; j < n; ++j) top.push_back(score[j].second);
+    std::sort(top.begin(), top.end());
+    tokens->insert(tokens->end(), top.begin(), top.end());
+  }
+  return {*tokens, *lse};
+}
+
+TEST_F(NodeTest, BuildIndexTakesCtkvrListsMadeByTheWorker) {
+  std::vector<float> pq = {1, 0, 0, 1, 0.5f, 0, 0, 0.5f};
+  std::vector<int32_t> tokens;
+  std::vector<float> lse;
+  BuildIndexArgs b{"t", "s", Method::kCtkvr, 1, 0, 2, {pq}};
+  b.ctkvr_list_size = 2;
+  b.ctkvr_lists = {ListsOf(pq, 2, 0, &tokens, &lse)};
+  ASSERT_THAT(tokens, ElementsAre(2, 5, 2, 5));
+  ASSERT_OK_AND_ASSIGN(BuildIndexOutcome built, node_.BuildIndex(b));
+  EXPECT_TRUE(built.rebuilt);
+  EXPECT_EQ(built.segments, 1);
+  std::vector<float> q = {1, 0, 0, 1};
+  RetrieveArgs a = Args(&q);
+  a.method = Method::kCtkvr;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome out, node_.Retrieve(a));
+  EXPECT_THAT(out.token_ids[0], ElementsAre(2, 5));
+
+  auto code = [&](BuildIndexArgs x) {
+    EXPECT_OK(node_.CloseSequence("t", "s", /*drop=*/true));  // fresh: never "kept as built"
+    SetUp();
+    return node_.BuildIndex(x).status();
+  };
+  const auto kInvalid = StatusIs(absl::StatusCode::kInvalidArgument);
+  BuildIndexArgs x = b;
+  x.ctkvr_lists.push_back(x.ctkvr_lists[0]);
+  EXPECT_THAT(code(x), kInvalid) << "lists for two layers, one sparse layer";
+  x = b;
+  x.ctkvr_list_size = 0;
+  EXPECT_THAT(code(x), kInvalid);
+  x.ctkvr_list_size = indexer::CtkvrOptions().list_size + 1;
+  EXPECT_THAT(code(x), kInvalid) << "longer lists than the node keeps";
+  x = b;
+  x.ctkvr_lists[0].tokens = absl::MakeConstSpan(tokens).subspan(1);
+  EXPECT_THAT(code(x), kInvalid) << "a token short";
+  x = b;
+  x.ctkvr_lists[0].lse = absl::MakeConstSpan(lse).subspan(1);
+  EXPECT_THAT(code(x), kInvalid) << "a normaliser short";
+  x = b;
+  std::vector<int32_t> unsorted = {5, 2, 2, 5};
+  x.ctkvr_lists[0].tokens = unsorted;
+  EXPECT_THAT(code(x), kInvalid) << "the indexer checks each list";
+  x = b;
+  x.method = Method::kCluster;
+  EXPECT_THAT(code(x), kInvalid) << "lists are ctkvr's";
+  std::vector<float> many(9 * 4, 1.0f);
+  std::vector<int32_t> many_tokens;
+  std::vector<float> many_lse;
+  x = b;
+  x.num_queries = 9;
+  x.layer_queries = {many};
+  x.ctkvr_lists = {ListsOf(many, 2, 0, &many_tokens, &many_lse)};
+  EXPECT_THAT(code(x), kInvalid) << "more queries than the node's centroids";
+  EXPECT_OK(code(b));
 }
 
 TEST_F(NodeTest, ReadRowsReturnsStoredBytes) {

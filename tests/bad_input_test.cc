@@ -2,7 +2,12 @@
 // error code, nothing half-written is kept, and the server keeps serving everyone else.
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -509,11 +514,55 @@ TEST_F(BadInputTest, BuildIndex) {
   bad = req;
   bad.set_sequence_id("nope");
   EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(), StatusCode::NOT_FOUND);
+  // Lists a GPU worker made: well-formed ones are taken, broken ones refused.
+  v1::BuildIndexRequest listed = req;
+  listed.set_ctkvr_list_size(4);
+  v1::CtkvrLayerLists* lists = listed.add_ctkvr_lists();
+  lists->set_layer(1);
+  for (int i = 0; i < kKvHeads * 2; ++i) {
+    for (int t : {0, 3, 5, 9}) lists->add_tokens(t);
+    for (int h = 0; h < kGroup; ++h) lists->add_lse(100.0f);
+  }
+  for (auto& [what, broken] :
+       std::vector<std::pair<std::string, std::function<void(v1::BuildIndexRequest*)>>>{
+           {"layer out of order",
+            [](v1::BuildIndexRequest* b) { b->mutable_ctkvr_lists(0)->set_layer(2); }},
+           {"a token short",
+            [](v1::BuildIndexRequest* b) {
+              b->mutable_ctkvr_lists(0)->mutable_tokens()->RemoveLast();
+            }},
+           {"a normaliser short",
+            [](v1::BuildIndexRequest* b) {
+              b->mutable_ctkvr_lists(0)->mutable_lse()->RemoveLast();
+            }},
+           {"list size 0", [](v1::BuildIndexRequest* b) { b->set_ctkvr_list_size(0); }},
+           {"descending",
+            [](v1::BuildIndexRequest* b) { b->mutable_ctkvr_lists(0)->set_tokens(0, 4); }},
+           {"past the range",
+            [](v1::BuildIndexRequest* b) { b->mutable_ctkvr_lists(0)->set_tokens(3, 1 << 20); }},
+           {"NaN normaliser",
+            [](v1::BuildIndexRequest* b) { b->mutable_ctkvr_lists(0)->set_lse(0, NAN); }},
+           {"two layers of lists",
+            [](v1::BuildIndexRequest* b) { *b->add_ctkvr_lists() = b->ctkvr_lists(0); }},
+       }) {
+    bad = listed;
+    broken(&bad);
+    EXPECT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, bad, &resp).error_code(),
+              StatusCode::INVALID_ARGUMENT)
+        << what;
+  }
   v1::RetrieveRequest r = GoodRetrieve("bi");
   r.set_method(v1::METHOD_CTKVR);
   EXPECT_EQ(Retrieve(r), StatusCode::FAILED_PRECONDITION) << "no index yet";
   ASSERT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, req, &resp).error_code(), StatusCode::OK);
   EXPECT_EQ(resp.segments(), kKvHeads);
+  EXPECT_EQ(Retrieve(r), StatusCode::OK);
+  MakeSequence("bi-listed");
+  listed.set_sequence_id("bi-listed");
+  ASSERT_EQ(Call(&v1::KvRecall::Stub::BuildIndex, listed, &resp).error_code(), StatusCode::OK);
+  EXPECT_EQ(resp.segments(), kKvHeads);
+  r = GoodRetrieve("bi-listed");
+  r.set_method(v1::METHOD_CTKVR);
   EXPECT_EQ(Retrieve(r), StatusCode::OK);
 }
 

@@ -21,6 +21,7 @@
 #include "gpu-worker/backends/cuda/cpu_reference.h"
 #include "gpu-worker/backends/cuda/cuda_status.h"
 #include "gpu-worker/backends/cuda/kernels.h"
+#include "indexer/index.h"
 
 namespace kvrecall::worker {
 namespace {
@@ -217,6 +218,12 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(cuda::CudaModel* 
           "need window_tokens >= 2, sink_tokens >= 0, budget >= 1, dense_layers >= 0, "
           "lookahead_calls >= 1");
     }
+    if (options.gpu_ctkvr_lists && options.method == client::Method::kCtkvr &&
+        (options.ctkvr_centroids < 1 || options.ctkvr_list_size < 1)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "GPU-made ctkvr lists need ctkvr_centroids >= 1 and ctkvr_list_size >= 1, not ",
+          options.ctkvr_centroids, " and ", options.ctkvr_list_size));
+    }
   }
   if (options.observer != nullptr)
     return absl::InvalidArgumentError("the GPU engine has no QkvObserver");
@@ -380,7 +387,8 @@ absl::Status CudaEngine::AddSequence(const std::string& id, const PromptKV& prom
     for (int l = options_.dense_layers; l < L; ++l) queries.push_back(prompt.q[l]);
     RETURN_IF_ERROR(internal::PushPromptToTier(
         tier_, spec_, options_, id, prompt.tokens, internal::PromptKvSourceOf(spec_, prompt),
-        static_cast<int>(prompt.query_positions.size()), queries, &counters_.index_build_seconds));
+        {T, static_cast<int>(prompt.query_positions.size()), queries},
+        &counters_.index_build_seconds));
   }
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
   std::vector<uint16_t> host;
@@ -452,8 +460,23 @@ int64_t CudaEngine::PrefillDeviceBytes(const LlamaConfig& c, const EngineOptions
   const int64_t T = std::max<int64_t>(num_tokens, 1);
   const int64_t C = std::clamp<int64_t>(chunk_tokens, 1, T);
   const int sparse_layers = o.sparse ? std::max(0, c.num_layers - o.dense_layers) : 0;
+  int64_t lists = 0;  // GPU-made ctkvr lists: scores, centroid queries and one layer's lists
+  if (sparse_layers > 0 && o.method == client::Method::kCtkvr && o.gpu_ctkvr_lists) {
+    cuda::CtkvrListsParams p;
+    p.begin = std::min<int64_t>(o.sink_tokens, T - 1);
+    p.end = T;
+    p.num_centroids = std::max(1, std::min(o.ctkvr_centroids, o.index_queries));
+    p.num_q_heads = c.num_heads;
+    p.num_kv_heads = c.num_kv_heads;
+    p.head_dim = c.head_dim;
+    absl::StatusOr<size_t> ws = cuda::CtkvrListsWorkspaceBytes(p);
+    const int64_t nc = p.num_centroids;
+    lists =
+        (ws.ok() ? static_cast<int64_t>(*ws) : 0) + nc * qd * 2 +
+        int64_t{c.num_kv_heads} * nc * (std::min<int64_t>(o.ctkvr_list_size, T) + c.num_heads) * 4;
+  }
   return T * c.hidden_size * 4 + 2 * T * 4 + C * (qd + 2 * kvd) * 2 + C * qd * 2 +
-         int64_t{c.vocab_size} * 4 + std::min(sparse_layers, 2) * 2 * T * kvd * 2;
+         int64_t{c.vocab_size} * 4 + std::min(sparse_layers, 2) * 2 * T * kvd * 2 + lists;
 }
 
 int CudaEngine::PrefillChunk(const CudaPrefillOptions& o) const {
@@ -482,6 +505,26 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
   const int sparse_layers = options_.sparse ? std::max(0, L - options_.dense_layers) : 0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
+  auto lists_params = [&](const uint16_t* keys, const uint16_t* queries, int64_t begin, int64_t end,
+                          size_t centroids, int32_t* out_tokens, float* out_lse) {
+    cuda::CtkvrListsParams p;
+    p.keys = keys;
+    p.token_stride = static_cast<int64_t>(kvd);
+    p.head_stride = hd;
+    p.begin = begin;
+    p.end = end;
+    p.queries = queries;
+    p.query_stride = static_cast<int64_t>(qd);
+    p.num_centroids = static_cast<int>(centroids);
+    p.num_q_heads = config_.num_heads;
+    p.num_kv_heads = Hkv;
+    p.head_dim = hd;
+    p.scale = scale;
+    p.list_size = options_.ctkvr_list_size;
+    p.tokens = out_tokens;
+    p.lse = out_lse;
+    return p;
+  };
   // Per-call buffers (the header comment lists them and their sizes).
   DeviceMem x, io, qkv, attn, logits, scratch_k[2], scratch_v[2];
   RETURN_IF_ERROR(x.Allocate(Tz * hidden * 4, "prefill residual stream"));
@@ -498,6 +541,21 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
   std::unique_ptr<uint16_t[]> host_kv;
   PinnedMem q_h;
   std::vector<int32_t> qpos;
+  // ctkvr lists made here (EngineOptions::gpu_ctkvr_lists): the centroids are the sampled
+  // queries picks[c] (indices into qpos); per sparse layer, the layer's centroid queries
+  // (cq, [centroid][q_dim] bf16) are scored against its keys [list_begin, T) into list_out
+  // (tokens [kv_heads][centroid][list_len] int32 | lse [kv_heads][centroid][group] fp32), which
+  // goes down into lists_h [sparse layer][...] (pinned).
+  const bool gpu_lists =
+      sparse_layers > 0 && options_.method == client::Method::kCtkvr && options_.gpu_ctkvr_lists;
+  std::vector<int> picks;
+  std::vector<int> pick_of;  // [qpos index] -> centroid, or -1
+  const int64_t list_begin = std::min<int64_t>(S, T - 1);
+  const int64_t list_len = std::min<int64_t>(options_.ctkvr_list_size, T - list_begin);
+  const int G = config_.num_heads / Hkv;
+  DeviceMem cq, list_ws, list_out;
+  PinnedMem lists_h;
+  size_t list_ws_bytes = 0, list_tokens = 0, list_lse = 0;  // per layer
   std::vector<int32_t> inputs(2 * Tz);  // tokens | positions
   cudaStream_t copy = nullptr;          // downloads layer l - 1 while layer l computes
   cudaEvent_t layer_done[2] = {nullptr, nullptr};
@@ -521,6 +579,22 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
     qpos = internal::IndexQueryPositions(options_, T);
     if (sparse_layers > 0) {
       RETURN_IF_ERROR(q_h.Allocate(sparse_layers * qpos.size() * qd * 2, "prompt queries"));
+    }
+    if (gpu_lists) {
+      picks =
+          indexer::CtkvrCentroidQueries(static_cast<int>(qpos.size()), options_.ctkvr_centroids);
+      pick_of.assign(qpos.size(), -1);
+      for (size_t c = 0; c < picks.size(); ++c) pick_of[picks[c]] = static_cast<int>(c);
+      const size_t nc = picks.size();
+      list_tokens = Hkv * nc * static_cast<size_t>(list_len);
+      list_lse = Hkv * nc * G;
+      ASSIGN_OR_RETURN(list_ws_bytes, cuda::CtkvrListsWorkspaceBytes(lists_params(
+                                          nullptr, nullptr, list_begin, T, nc, nullptr, nullptr)));
+      RETURN_IF_ERROR(cq.Allocate(nc * qd * 2, "prefill ctkvr centroid queries"));
+      RETURN_IF_ERROR(list_ws.Allocate(list_ws_bytes, "prefill ctkvr list workspace"));
+      RETURN_IF_ERROR(list_out.Allocate((list_tokens + list_lse) * 4, "prefill ctkvr lists"));
+      RETURN_IF_ERROR(
+          lists_h.Allocate(sparse_layers * (list_tokens + list_lse) * 4, "ctkvr lists"));
     }
     RETURN_IF_ERROR(
         CudaStatus(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking), "cudaStreamCreate"));
@@ -599,6 +673,12 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
             cudaMemcpyAsync(q_h.as<uint16_t>() + (s * qpos.size() + next_q) * qd,
                             q + (qpos[next_q] - c0) * width, qd * 2, cudaMemcpyDeviceToHost, st),
             "prompt query download"));
+        if (gpu_lists && pick_of[next_q] >= 0) {
+          RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(cq.as<uint16_t>() + pick_of[next_q] * qd,
+                                                     q + (qpos[next_q] - c0) * width, qd * 2,
+                                                     cudaMemcpyDeviceToDevice, st),
+                                     "centroid query copy"));
+        }
       }
       cuda::PrefillAttentionParams p;
       p.num_tokens = n;
@@ -637,6 +717,16 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
         p += run;
       }
     }
+    if (sparse && gpu_lists) {  // the layer's lists while its keys are here
+      RETURN_IF_ERROR(
+          cuda::CtkvrLists(lists_params(k_dst, cq.as<uint16_t>(), list_begin, T, picks.size(),
+                                        list_out.as<int32_t>(), list_out.as<float>() + list_tokens),
+                           list_ws.as<void>(), list_ws_bytes, st));
+      RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(lists_h.as<int32_t>() + s * (list_tokens + list_lse), list_out.as<void>(),
+                          (list_tokens + list_lse) * 4, cudaMemcpyDeviceToHost, st),
+          "ctkvr lists download"));
+    }
     if (options_.sparse) {
       // Downloading layer l - 1 now overlaps layer l's compute; the scratch layer l + 1 will
       // write (layer l - 1's, if sparse) is only enqueued after the download has returned.
@@ -656,14 +746,27 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
 
   if (options_.sparse) {
     const size_t nq = qpos.size();
+    // The tier's queries: every sampled one, or with lists the centroids among them.
+    std::vector<int> sent(nq);
+    std::iota(sent.begin(), sent.end(), 0);
+    if (gpu_lists) sent = picks;
+    internal::IndexQueries index{T, static_cast<int>(sent.size()), {}};
     std::vector<std::vector<float>> queries(sparse_layers);
-    std::vector<absl::Span<const float>> layer_queries;
     for (int s = 0; s < sparse_layers; ++s) {
-      const uint16_t* src = q_h.as<uint16_t>() + s * nq * qd;
-      queries[s].resize(nq * qd);
-      for (size_t j = 0; j < nq * qd; ++j) queries[s][j] = Bf16ToF32(src[j]);
-      layer_queries.push_back(queries[s]);
+      queries[s].resize(sent.size() * qd);
+      for (size_t j = 0; j < sent.size(); ++j) {
+        const uint16_t* src = q_h.as<uint16_t>() + (s * nq + sent[j]) * qd;
+        for (size_t i = 0; i < qd; ++i) queries[s][j * qd + i] = Bf16ToF32(src[i]);
+      }
+      index.layers.push_back(queries[s]);
+      if (gpu_lists) {
+        const int32_t* l = lists_h.as<int32_t>() + s * (list_tokens + list_lse);
+        index.lists.push_back(
+            {absl::MakeConstSpan(l, list_tokens),
+             absl::MakeConstSpan(reinterpret_cast<const float*>(l) + list_tokens, list_lse)});
+      }
     }
+    index.list_size = gpu_lists ? options_.ctkvr_list_size : 0;
     // host_kv's [T][kv_heads][head_dim] rows as the tier's [kv_heads][tokens][head_dim].
     const uint16_t* kv = host_kv.get();
     const size_t row_bytes = spec_.row_bytes();
@@ -683,8 +786,7 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
       });
     };
     RETURN_IF_ERROR(internal::PushPromptToTier(tier_, spec_, options_, id, tokens, source,
-                                               static_cast<int>(nq), layer_queries,
-                                               &counters_.index_build_seconds));
+                                               std::move(index), &counters_.index_build_seconds));
   }
   std::move(undo).Cancel();
   times_.prefill += Since(t_start);

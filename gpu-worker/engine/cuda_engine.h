@@ -50,14 +50,17 @@
 //     [C][q_dim + 2 kv_dim] bf16 and the attention output [C][q_dim] bf16 (42 MB); the logits
 //     [vocab] fp32 when asked for; sparse mode adds the scratch, double-buffered so that one
 //     layer's rows download while the next layer computes: [2][K|V][T][kv_heads][head_dim]
-//     bf16 (0.81 GB). About 2.5 GB in all (PrefillDeviceBytes), against 12.1 GB of scratch
+//     bf16 (0.81 GB); ctkvr with gpu_ctkvr_lists adds the lists' scores (CtkvrLists'
+//     workspace, [kv_heads][centroids][T] fp32 and partial sums: 25 MB) and one layer's lists.
+//     About 2.5 GB in all (PrefillDeviceBytes), against 12.1 GB of scratch
 //     ([30][K|V][T][kv_heads][head_dim]) chunk-major. The model's scratch for C rows (CudaModel
 //     max_rows; 0.24 GB) is the model's.
 //   host, sparse mode only: every layer's K/V of the prompt, [layers][K|V][T][kv_heads]
 //     [head_dim] bf16 (12.9 GB), downloaded layer by layer and pushed to the tier once the last
 //     layer is done (an AppendBatch carries every layer of its tokens); the host path's fp32
 //     PromptKV is twice that. And the sampled ctkvr queries, pinned, [sparse layers]
-//     [IndexQueryPositions][q_dim] bf16.
+//     [IndexQueryPositions][q_dim] bf16, and with GPU-made lists every sparse layer's lists
+//     (pinned, [sparse layers][kv_heads][centroids][list_size] int32: 15 MB).
 //
 // Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step),
 // with the model's device current (CudaModel::device(); the helpers set it themselves). The
@@ -138,7 +141,9 @@ class CudaEngine {
   //     up to the GPU's bf16 arithmetic;
   //   - in sparse mode the tier holds the prompt as internal::PushPromptToTier leaves it (every
   //     layer's K/V; for ctkvr / cluster the index, ctkvr's built from the queries of the
-  //     positions internal::IndexQueryPositions names, bf16 from the device, as fp32);
+  //     positions internal::IndexQueryPositions names, bf16 from the device, as fp32; with
+  //     gpu_ctkvr_lists the tier gets ctkvr_centroids of them and their lists, made here by
+  //     cuda::CtkvrLists from each sparse layer's keys while they are on the device);
   //   - *last_logits (when not null) holds the last prompt token's logits, [vocab] fp32.
   // Errors: INVALID_ARGUMENT for an empty prompt, a token outside [0, vocab), a prompt of
   // max_context tokens or more (internal::ValidatePrefillPrompt) or a negative chunk_tokens;

@@ -17,7 +17,7 @@
 // the tolerance of those two logits; dense (and a sequence added by AddSequence decoding beside
 // the prefilled one), and sparse with a LocalTier behind a recording wrapper: the prompt K/V the
 // tier receives and, for ctkvr, the prompt queries its index is built from, against the host
-// path's.
+// path's, and the lists the GPU made (gpu_ctkvr_lists) against the indexer's own build.
 // GPU tests skip where no CUDA device is found; the argument checks that need no device run
 // everywhere.
 #include "gpu-worker/engine/cuda_engine.h"
@@ -26,8 +26,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -47,6 +49,7 @@
 #include "gpu-worker/model/make_model.h"
 #include "gpu-worker/model/safetensors.h"
 #include "gtest/gtest.h"
+#include "indexer/index.h"
 
 namespace kvrecall::worker {
 namespace {
@@ -88,6 +91,13 @@ class RecordingTier final : public client::testing::ForwardingTier {
     q.num_queries = a.num_queries;
     q.layers.clear();
     for (absl::Span<const float> l : a.layer_queries) q.layers.emplace_back(l.begin(), l.end());
+    q.list_size = a.ctkvr_list_size;
+    q.list_tokens.clear();
+    q.list_lse.clear();
+    for (const kvstore::BuildIndexArgs::LayerLists& l : a.ctkvr_lists) {
+      q.list_tokens.emplace_back(l.tokens.begin(), l.tokens.end());
+      q.list_lse.emplace_back(l.lse.begin(), l.lse.end());
+    }
     return inner()->BuildIndex(id, std::move(a));
   }
   std::string Describe() const override { return "recording"; }
@@ -95,6 +105,10 @@ class RecordingTier final : public client::testing::ForwardingTier {
   struct Queries {
     int num_queries = 0;
     std::vector<std::vector<float>> layers;  // [sparse layer][num_queries][heads][head_dim]
+    // ctkvr lists made by the engine: [sparse layer][kv_heads][num_queries][n] / [...][group].
+    int list_size = 0;
+    std::vector<std::vector<int32_t>> list_tokens;
+    std::vector<std::vector<float>> list_lse;
   };
   std::map<std::string, std::vector<client::AppendBatch>> prompt_appends;
   std::map<std::string, Queries> queries;
@@ -177,6 +191,71 @@ class CudaEngineTest : public ::testing::Test {
     o.prefill_chunk = 16;
     o.num_threads = 2;
     return o;
+  }
+
+  // The engine's ctkvr lists (q) against the indexer's build over the same inputs: the keys
+  // the tier received and the queries it was sent. Per (sparse layer, kv-head, centroid): the
+  // same n tokens but for at most one near tie, normalisers within 1e-4 (relative).
+  void ExpectIndexerLists(const RecordingTier::Queries& q,
+                          const std::vector<client::AppendBatch>& appends, const EngineOptions& o,
+                          int64_t T) const {
+    const int L = config_.num_layers, Hkv = config_.num_kv_heads, d = config_.head_dim;
+    const int Hq = config_.num_heads, G = Hq / Hkv, C = q.num_queries;
+    const int64_t begin = std::min<int64_t>(o.sink_tokens, T - 1);
+    const int64_t n = std::min<int64_t>(q.list_size, T - begin);
+    indexer::IndexOptions io;
+    io.ctkvr.centroids = C;
+    io.ctkvr.list_size = q.list_size;
+    int swapped = 0;
+    for (int l = o.dense_layers; l < L; ++l) {
+      const int s = l - o.dense_layers;
+      ASSERT_EQ(q.list_tokens[s].size(), static_cast<size_t>(Hkv) * C * n);
+      ASSERT_EQ(q.list_lse[s].size(), static_cast<size_t>(Hkv) * C * G);
+      const std::vector<float> keys = PromptRows(appends, l, false, T, Hkv, d);
+      for (int h = 0; h < Hkv; ++h) {
+        indexer::PagedRows rows;
+        rows.page_tokens = static_cast<int>(T);
+        rows.page_offset = static_cast<size_t>(h) * d * 4;
+        rows.row_stride = static_cast<size_t>(Hkv) * d * 4;
+        rows.head_dim = d;
+        rows.dtype = DType::kF32;
+        rows.num_tokens = T;
+        rows.SetPages({reinterpret_cast<const uint8_t*>(keys.data())});
+        std::vector<float> grouped;  // [C][G][d] of kv-head h
+        for (int c = 0; c < C; ++c) {
+          const float* src = q.layers[s].data() + (static_cast<size_t>(c) * Hq + h * G) * d;
+          grouped.insert(grouped.end(), src, src + G * d);
+        }
+        indexer::BuildInput in;
+        in.keys = &rows;
+        in.token_begin = begin;
+        in.token_end = T;
+        in.prompt_queries = grouped.data();
+        in.num_prompt_queries = C;
+        in.group = G;
+        ASSERT_OK_AND_ASSIGN(auto seg,
+                             indexer::BuildSegment(indexer::Method::kCtkvr, in, io, nullptr));
+        ASSERT_OK_AND_ASSIGN(indexer::CtkvrListsCopy want, indexer::CtkvrListsOf(*seg));
+        ASSERT_EQ(want.tokens.size(), static_cast<size_t>(C) * n);
+        for (int c = 0; c < C; ++c) {
+          const int32_t* got = q.list_tokens[s].data() + (static_cast<size_t>(h) * C + c) * n;
+          const int32_t* ref = want.tokens.data() + static_cast<size_t>(c) * n;
+          std::vector<int32_t> common;
+          std::set_intersection(got, got + n, ref, ref + n, std::back_inserter(common));
+          EXPECT_GE(static_cast<int64_t>(common.size()), n - 1)
+              << "layer " << l << " kv-head " << h << " centroid " << c;
+          swapped += static_cast<int>(n - static_cast<int64_t>(common.size()));
+          EXPECT_TRUE(std::is_sorted(got, got + n) && std::adjacent_find(got, got + n) == got + n);
+          for (int g = 0; g < G; ++g) {
+            const float lg = q.list_lse[s][(static_cast<size_t>(h) * C + c) * G + g];
+            const float lw = want.lse[static_cast<size_t>(c) * G + g];
+            EXPECT_NEAR(lg, lw, 1e-4 * std::max(1.0f, std::fabs(lw)))
+                << "layer " << l << " kv-head " << h << " centroid " << c << " head " << g;
+          }
+        }
+      }
+    }
+    std::printf("[ stats    ] GPU ctkvr lists: %d near-tie swaps against the indexer's\n", swapped);
   }
 
   // Tier options whose recall buffer takes a step of 4 sequences at o's budget.
@@ -442,14 +521,20 @@ INSTANTIATE_TEST_SUITE_P(Chunks, CudaEnginePrefillDenseTest,
 
 // GPU prefill in sparse mode (a LocalTier behind RecordingTier), exact with a budget covering
 // every candidate (decoding must then match the dense host reference) and ctkvr (the index is
-// built from the prompt queries; decoding only has to run).
-class CudaEnginePrefillSparseTest : public CudaEngineTest,
-                                    public ::testing::WithParamInterface<client::Method> {};
+// built from the prompt queries, by the tier or from lists the engine made; decoding only has
+// to run). The engine's lists are checked against the indexer's own build over the same keys
+// and queries (what the tier received): the same lists but for near ties, normalisers within
+// fp32 rounding.
+class CudaEnginePrefillSparseTest
+    : public CudaEngineTest,
+      public ::testing::WithParamInterface<std::pair<client::Method, bool>> {};
 
 TEST_P(CudaEnginePrefillSparseTest, PushesThePromptAndMatchesHostPrefill) {
   ASSERT_OK_AND_ASSIGN(auto model, LoadGpuModel(32));
   EngineOptions o = Options();
-  o.method = GetParam();
+  o.method = GetParam().first;
+  o.gpu_ctkvr_lists = GetParam().second;
+  o.ctkvr_list_size = 12;  // of the 41 tokens [sinks, 45): a real selection
   o.index_queries = 16;  // 16 positions, every 2nd of the last 32 (index_query_window)
   o.index_query_window = 32;
   client::TierOptions to;
@@ -502,15 +587,32 @@ TEST_P(CudaEnginePrefillSparseTest, PushesThePromptAndMatchesHostPrefill) {
   if (o.method == client::Method::kCtkvr) {
     ASSERT_EQ(tier.queries.count("p"), 1u);
     const RecordingTier::Queries& q = tier.queries["p"];
-    EXPECT_EQ(q.num_queries, static_cast<int>(kv.query_positions.size()));
     EXPECT_EQ(kv.query_positions, internal::IndexQueryPositions(o, T));
+    // The queries sent: every sampled one, or with lists the centroids picked from them.
+    std::vector<int> sent(kv.query_positions.size());
+    std::iota(sent.begin(), sent.end(), 0);
+    if (o.gpu_ctkvr_lists) {
+      sent = indexer::CtkvrCentroidQueries(static_cast<int>(sent.size()), o.ctkvr_centroids);
+    }
+    EXPECT_EQ(q.num_queries, static_cast<int>(sent.size()));
     ASSERT_EQ(static_cast<int>(q.layers.size()), L - o.dense_layers);
+    const size_t qd = static_cast<size_t>(config_.num_heads) * d;
     for (int l = o.dense_layers; l < L; ++l) {
       const std::vector<float>& got = q.layers[l - o.dense_layers];
-      ASSERT_EQ(got.size(), kv.q[l].size()) << "layer " << l;
-      const Diff diff = Compare(got.data(), kv.q[l].data(), got.size());
+      std::vector<float> want;
+      for (int i : sent)
+        want.insert(want.end(), kv.q[l].begin() + i * qd, kv.q[l].begin() + (i + 1) * qd);
+      ASSERT_EQ(got.size(), want.size()) << "layer " << l;
+      const Diff diff = Compare(got.data(), want.data(), got.size());
       EXPECT_LE(diff.rel_l2, 1e-2) << "queries of layer " << l;
       EXPECT_LE(diff.worst, 1.0) << "queries of layer " << l;
+    }
+    if (o.gpu_ctkvr_lists) {
+      ASSERT_EQ(q.list_size, o.ctkvr_list_size);
+      ASSERT_EQ(static_cast<int>(q.list_tokens.size()), L - o.dense_layers);
+      ExpectIndexerLists(q, tier.prompt_appends["p"], o, T);
+    } else {
+      EXPECT_TRUE(q.list_tokens.empty());
     }
   } else {
     EXPECT_EQ(tier.queries.count("p"), 0u);  // exact builds nothing
@@ -535,7 +637,9 @@ TEST_P(CudaEnginePrefillSparseTest, PushesThePromptAndMatchesHostPrefill) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CudaEnginePrefillSparseTest,
-                         ::testing::Values(client::Method::kExact, client::Method::kCtkvr));
+                         ::testing::Values(std::pair{client::Method::kExact, false},
+                                           std::pair{client::Method::kCtkvr, false},
+                                           std::pair{client::Method::kCtkvr, true}));
 
 TEST_F(CudaEngineTest, PrefillRejectsBadPromptsAndFullBatch) {
   EngineOptions o = Options();

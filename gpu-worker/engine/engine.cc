@@ -65,17 +65,13 @@ absl::Status AppendStepTokens(client::Tier* tier, std::vector<client::SequenceAp
   return st;
 }
 
-absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const EngineOptions& options,
-                              const std::string& id, absl::Span<const int32_t> tokens, const PromptKvSource& kv,
-                              int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
-                              double* index_build_seconds) {
-  const int64_t T = static_cast<int64_t>(tokens.size());
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
+                              const EngineOptions& options, const std::string& id,
+                              absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              IndexQueries queries, double* index_build_seconds) {
   return PushPromptToTier(
       tier, spec, options, id, tokens, kv,
-      [&](int64_t) -> absl::StatusOr<IndexQueries> {
-        return IndexQueries{T, num_queries, layer_queries};
-      },
-      index_build_seconds);
+      [&](int64_t) -> absl::StatusOr<IndexQueries> { return queries; }, index_build_seconds);
 }
 
 absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
@@ -109,6 +105,8 @@ absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
     args.token_end = q.end < T ? q.end : 0;
     args.num_queries = q.num;
     args.layer_queries = std::move(q.layers);
+    args.ctkvr_list_size = q.list_size;
+    args.ctkvr_lists = std::move(q.lists);
   }
   ASSIGN_OR_RETURN(kvstore::BuildIndexOutcome built, tier->BuildIndex(id, std::move(args)));
   *index_build_seconds += built.build_seconds;
@@ -250,10 +248,10 @@ absl::Status Engine::AddSequence(const std::string& id, const PromptKV& prompt) 
   if (options_.sparse) {
     std::vector<absl::Span<const float>> queries;
     for (int l = options_.dense_layers; l < L; ++l) queries.push_back(prompt.q[l]);
-    RETURN_IF_ERROR(internal::PushPromptToTier(tier_, spec_, options_, id, prompt.tokens,
-                                               internal::PromptKvSourceOf(spec_, prompt),
-                                               static_cast<int>(prompt.query_positions.size()), queries,
-                                               &counters_.index_build_seconds));
+    RETURN_IF_ERROR(internal::PushPromptToTier(
+        tier_, spec_, options_, id, prompt.tokens, internal::PromptKvSourceOf(spec_, prompt),
+        {T, static_cast<int>(prompt.query_positions.size()), queries},
+        &counters_.index_build_seconds));
   }
   auto s = std::make_unique<Seq>();
   s->len = T;

@@ -53,6 +53,16 @@ struct EngineOptions {
   // the last index_query_window prompt positions (the last position always included).
   int index_queries = 64;
   int index_query_window = 1024;
+  // ctkvr lists made on the GPU during prefill (the CUDA engine; ARCHITECTURE §4): the engine
+  // takes ctkvr_centroids of the sampled queries (indexer::CtkvrCentroidQueries, the tier's own
+  // pick), scores them against each sparse layer's prompt keys while those are on the GPU, and
+  // sends the tier just those queries with their top-ctkvr_list_size lists, so that the tier
+  // scores only the listed tokens instead of the whole prompt. Both must be at most the tier's
+  // ctkvr centroids and list size (8 and 2048, its defaults). Off, and in the host engine, the
+  // tier makes the lists from index_queries queries.
+  bool gpu_ctkvr_lists = true;
+  int ctkvr_centroids = 8;
+  int ctkvr_list_size = 2048;
   int num_threads = 0;       // attention threads (0 = every core)
   // Lookahead: each step's selection for every sparse layer is computed from the previous step's
   // queries and issued at the start of the step, so retrieval overlaps compute. The tier needs
@@ -132,23 +142,17 @@ std::vector<int32_t> IndexQueryPositions(const EngineOptions& options, int64_t n
 // outlive it.
 PromptKvSource PromptKvSourceOf(const ModelSpec& spec, const PromptKV& prompt);
 
-// The tier half of AddSequence, shared by the host and the GPU engine: opens `id` on the tier
-// with its prompt `tokens`, appends the KV of every token the tier does not hold yet (in
-// transactions of 2048 tokens, from `kv`) and, for ctkvr / cluster, has the tier build the
-// index over the sparse layers; for ctkvr layer_queries[l - options.dense_layers] holds
-// num_queries prompt queries of layer l ([num_queries][num_heads][head_dim] fp32). Adds the
-// tier's build time to *index_build_seconds.
-absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec, const EngineOptions& options,
-                              const std::string& id, absl::Span<const int32_t> tokens, const PromptKvSource& kv,
-                              int num_queries, const std::vector<absl::Span<const float>>& layer_queries,
-                              double* index_build_seconds);
-
 // The ctkvr queries an index over [sinks, end) is built with: `num` per sparse layer, taken at
-// IndexQueryPositions(options, end), layers[l - dense_layers] = [num][num_heads][head_dim] fp32.
+// IndexQueryPositions(options, end) (or the centroids picked from them, with lists),
+// layers[l - dense_layers] = [num][num_heads][head_dim] fp32.
 struct IndexQueries {
   int64_t end = 0;
   int num = 0;
   std::vector<absl::Span<const float>> layers;
+  // Lists made by the worker for these queries over [sinks, end) (kvstore::BuildIndexArgs'
+  // ctkvr_lists, one per sparse layer); empty: the tier makes them.
+  int list_size = 0;
+  std::vector<kvstore::BuildIndexArgs::LayerLists> lists;
 };
 // Given how many of the prompt's tokens the tier already held when it was opened (a shared
 // document's prefix that the sequence adopted), the queries to index with: the prompt's own (end
@@ -157,13 +161,23 @@ struct IndexQueries {
 // (kvstore/index_manager.h "share"); the session's own tokens are scanned exactly until the
 // tier's growth indexes them in a part of their own.
 using IndexQuerySource = std::function<absl::StatusOr<IndexQueries>(int64_t adopted_tokens)>;
-// The same, with the index's queries chosen once the adopted prefix is known. The spans a source
-// returns must stay valid until this returns. INVALID_ARGUMENT when its end is not in
+
+// The tier half of AddSequence, shared by the host and the GPU engine: opens `id` on the tier
+// with its prompt `tokens`, appends the KV of every token the tier does not hold yet (in
+// transactions of 2048 tokens, from `kv`) and, for ctkvr / cluster, has the tier build the
+// index over the sparse layers, for ctkvr with the queries (and lists) `queries` gives once the
+// adopted prefix is known. The spans it returns must stay valid until this returns. Adds the
+// tier's build time to *index_build_seconds. INVALID_ARGUMENT when the queries' end is not in
 // (sinks, prompt length].
 absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
                               const EngineOptions& options, const std::string& id,
                               absl::Span<const int32_t> tokens, const PromptKvSource& kv,
                               const IndexQuerySource& queries, double* index_build_seconds);
+// The same with the prompt's own queries (queries.end = its length).
+absl::Status PushPromptToTier(client::Tier* tier, const ModelSpec& spec,
+                              const EngineOptions& options, const std::string& id,
+                              absl::Span<const int32_t> tokens, const PromptKvSource& kv,
+                              IndexQueries queries, double* index_build_seconds);
 
 }  // namespace internal
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <numeric>
 #include <vector>
 
 #include "common/dtype.h"
@@ -332,6 +333,55 @@ void SampleTopPReference(const float* logits, int rows, int vocab, const float* 
     }
     out[r] = pick >= 0 ? pick : std::max(last, 0);
     if (ambiguous != nullptr) ambiguous[r] = amb;
+  }
+}
+
+void CtkvrListsReference(const CtkvrListsParams& p, std::vector<double>* scores) {
+  const int64_t n = p.end - p.begin;
+  const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads, centroids = p.num_centroids;
+  const int64_t list_len = std::min<int64_t>(p.list_size, n);
+  if (scores != nullptr) scores->assign(static_cast<size_t>(p.num_kv_heads * centroids * n), 0.0);
+  std::vector<double> keys(static_cast<size_t>(n * d)), logit(static_cast<size_t>(group * n));
+  std::vector<double> score(static_cast<size_t>(n)), lse(static_cast<size_t>(group));
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int h = 0; h < p.num_kv_heads; ++h) {
+    for (int64_t t = 0; t < n; ++t) {
+      const uint16_t* k = p.keys + (p.begin + t) * p.token_stride + h * p.head_stride;
+      for (int i = 0; i < d; ++i) keys[t * d + i] = Bf16ToF32(k[i]);
+    }
+    for (int c = 0; c < centroids; ++c) {
+      for (int j = 0; j < group; ++j) {
+        const uint16_t* q = p.queries + c * p.query_stride + (h * group + j) * d;
+        double* l = logit.data() + j * n;
+        for (int64_t t = 0; t < n; ++t) {
+          double dot = 0.0;
+          for (int i = 0; i < d; ++i) dot += static_cast<double>(Bf16ToF32(q[i])) * keys[t * d + i];
+          l[t] = static_cast<double>(p.scale) * dot;
+        }
+        const double mx = *std::max_element(l, l + n);
+        double sum = 0.0;
+        for (int64_t t = 0; t < n; ++t) sum += std::exp(l[t] - mx);
+        lse[j] = mx + std::log(sum);
+        p.lse[(static_cast<int64_t>(h) * centroids + c) * group + j] = static_cast<float>(lse[j]);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        score[t] = logit[t] - lse[0];
+        for (int j = 1; j < group; ++j) score[t] = std::max(score[t], logit[j * n + t] - lse[j]);
+      }
+      if (scores != nullptr) {
+        std::copy(score.begin(), score.end(),
+                  scores->begin() + (static_cast<int64_t>(h) * centroids + c) * n);
+      }
+      // Highest score first, the lower position first among equal scores (-0 == +0).
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + list_len, order.end(),
+                        [&](int64_t a, int64_t b) {
+                          return score[a] > score[b] || (score[a] == score[b] && a < b);
+                        });
+      std::sort(order.begin(), order.begin() + list_len);
+      int32_t* out = p.tokens + (static_cast<int64_t>(h) * centroids + c) * list_len;
+      for (int64_t i = 0; i < list_len; ++i) out[i] = static_cast<int32_t>(p.begin + order[i]);
+    }
   }
 }
 

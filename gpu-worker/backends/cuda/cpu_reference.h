@@ -49,6 +49,12 @@ void EmbeddingGatherReference(const uint16_t* table, int vocab, int dim, const i
                               uint16_t* out);
 void ArgmaxReference(const float* logits, int rows, int vocab, int32_t* out);
 
+// CtkvrLists on host pointers: logits and lse in double (lse written to p.lse as fp32), the same
+// list rule (ties: the lower position; -0 == +0). scores (if not null) is resized to
+// [num_kv_heads][num_centroids][end - begin] and holds score[h][c][t - begin], so that a test
+// can tell near ties from errors.
+void CtkvrListsReference(const CtkvrListsParams& p, std::vector<double>* scores = nullptr);
+
 // SampleTopP in double precision. ambiguous[r] (if not null) is set where the choice sits within
 // `margin` (relative to the row's mass) of a decision boundary, i.e. where fp32 rounding on the
 // GPU may legitimately pick a neighbour (the nucleus edge or the sampled interval's ends).

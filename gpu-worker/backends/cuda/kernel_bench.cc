@@ -1,27 +1,35 @@
 // Attention timings for Llama-3-8B shapes (32 q-heads, 8 kv-heads, head_dim 128, contiguous
 // bf16 cache), printed as JSON on stdout; sdpa_reference.py times PyTorch's
 // scaled_dot_product_attention on the same shapes and compares.
-//   worker_cuda_kernel_bench [--quick] [--prefill]
+//   worker_cuda_kernel_bench [--quick] [--prefill | --ctkvr-lists]
 // Default: dense decode attention (DecodeAttention), batch x context. --prefill: causal prefill
 // attention (PrefillAttention) of one chunk of n query tokens at positions [start, start + n),
 // with the automatic block size and with each of 64 and 128 query tokens per block; achieved
 // TFLOP/s count the causal FLOPs 4 * n * (start + (n + 1) / 2) * head_dim * num_q_heads.
 // Each configuration is timed as CUDA-graph replays of back-to-back calls (20 for decode; for
 // prefill as many as fit in ~2 ms, 2 to 20), so launch gaps do not count, the median of 7
-// replays after a warm-up; inputs are random (never zeros).
+// replays after a warm-up; inputs are random (never zeros). --ctkvr-lists: CtkvrLists of one
+// layer on the GPU against the tier's ctkvr build of the same keys on the host (RunCtkvrLists).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
+#include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "common/dtype.h"
+#include "common/thread_pool.h"
 #include "gpu-worker/backends/cuda/kernels.h"
+#include "indexer/index.h"
 
 namespace {
 
@@ -177,17 +185,206 @@ int RunPrefill(bool quick, const cudaDeviceProp& prop, cudaStream_t stream, std:
   return 0;
 }
 
+// ctkvr lists of one layer (CtkvrLists: 8 centroids of 32 q-heads over 8 kv-heads, lists of
+// 2048) on the GPU against what the tier does without them: the indexer's ctkvr build of the
+// same keys and queries, one segment per kv-head, on the host's cores; and what the tier does
+// with them (BuildSegment taking the GPU's lists: it scores only the listed tokens). Also the
+// agreement of the two builds' lists and normalisers.
+int RunCtkvrLists(bool quick, const cudaDeviceProp& prop, cudaStream_t stream, std::mt19937& rng) {
+  namespace ix = kvrecall::indexer;
+  const int q_heads = 32, kv_heads = 8, d = 128, centroids = 8, list_size = 2048, group = 4;
+  const int sinks = 16, sparse_layers = 30;  // Llama-3-8B with 2 dense layers
+  std::vector<int> contexts = {32768, 98304};
+  if (quick) contexts = {32768};
+  const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  kvrecall::ThreadPool pool(threads);
+  std::printf(
+      "{\"mode\": \"ctkvr-lists\", \"device\": \"%s\", \"sms\": %d, \"model\": \"llama3-8b\", "
+      "\"num_q_heads\": %d, \"num_kv_heads\": %d, \"head_dim\": %d, \"centroids\": %d, "
+      "\"list_size\": %d, \"host_threads\": %d, \"rows\": [",
+      prop.name, prop.multiProcessorCount, q_heads, kv_heads, d, centroids, list_size, threads);
+  bool first = true;
+  for (int ctx : contexts) {
+    const size_t k_elems = static_cast<size_t>(ctx) * kv_heads * d;
+    const size_t q_elems = static_cast<size_t>(centroids) * q_heads * d;
+    const size_t n_list = static_cast<size_t>(std::min(list_size, ctx - sinks));
+    uint16_t *k, *q;
+    int32_t* tokens;
+    float* lse;
+    void* ws;
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&k), k_elems * 2));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&q), q_elems * 2));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&tokens), kv_heads * centroids * n_list * 4));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&lse), kv_heads * centroids * group * 4));
+    FillRandom(k, k_elems, rng);
+    FillRandom(q, q_elems, rng);
+    CtkvrListsParams p;
+    p.keys = k;
+    p.token_stride = kv_heads * d;
+    p.head_stride = d;
+    p.begin = sinks;
+    p.end = ctx;
+    p.queries = q;
+    p.query_stride = q_heads * d;
+    p.num_centroids = centroids;
+    p.num_q_heads = q_heads;
+    p.num_kv_heads = kv_heads;
+    p.head_dim = d;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.list_size = list_size;
+    p.tokens = tokens;
+    p.lse = lse;
+    const absl::StatusOr<size_t> ws_bytes = CtkvrListsWorkspaceBytes(p);
+    if (!ws_bytes.ok()) {
+      std::fprintf(stderr, "%s\n", ws_bytes.status().ToString().c_str());
+      return 1;
+    }
+    CHECK_CUDA(cudaMalloc(&ws, *ws_bytes));
+    auto run = [&] {
+      const absl::Status s = CtkvrLists(p, ws, *ws_bytes, stream);
+      if (!s.ok()) {
+        std::fprintf(stderr, "%s\n", s.ToString().c_str());
+        std::exit(1);
+      }
+    };
+    const std::vector<float> gpu_ms = TimeGraph(run, 5, stream);
+    std::vector<int32_t> gpu_tokens(kv_heads * centroids * n_list);
+    std::vector<float> gpu_lse(kv_heads * centroids * group);
+    CHECK_CUDA(
+        cudaMemcpy(gpu_tokens.data(), tokens, gpu_tokens.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(gpu_lse.data(), lse, gpu_lse.size() * 4, cudaMemcpyDeviceToHost));
+
+    // The host's copy of the same keys and queries, as the tier holds them.
+    std::vector<uint16_t> hk(k_elems), hq(q_elems);
+    CHECK_CUDA(cudaMemcpy(hk.data(), k, k_elems * 2, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(hq.data(), q, q_elems * 2, cudaMemcpyDeviceToHost));
+    std::vector<ix::PagedRows> rows(kv_heads);
+    std::vector<std::vector<float>> grouped(kv_heads);  // [centroid][group][d] per kv-head
+    for (int h = 0; h < kv_heads; ++h) {
+      rows[h].page_tokens = ctx;
+      rows[h].page_offset = static_cast<size_t>(h) * d * 2;
+      rows[h].row_stride = static_cast<size_t>(kv_heads) * d * 2;
+      rows[h].head_dim = d;
+      rows[h].dtype = kvrecall::DType::kBF16;
+      rows[h].num_tokens = ctx;
+      rows[h].SetPages({reinterpret_cast<const uint8_t*>(hk.data())});
+      for (int c = 0; c < centroids; ++c) {
+        for (int j = 0; j < group * d; ++j) {
+          const uint32_t bits = static_cast<uint32_t>(hq[(c * q_heads + h * group) * d + j]) << 16;
+          float f;
+          std::memcpy(&f, &bits, 4);
+          grouped[h].push_back(f);
+        }
+      }
+    }
+    ix::IndexOptions io;
+    io.ctkvr.centroids = centroids;
+    io.ctkvr.list_size = list_size;
+    auto input = [&](int h) {
+      ix::BuildInput in;
+      in.keys = &rows[h];
+      in.token_begin = sinks;
+      in.token_end = ctx;
+      in.prompt_queries = grouped[h].data();
+      in.num_prompt_queries = centroids;
+      in.group = group;
+      return in;
+    };
+    std::vector<std::unique_ptr<ix::Segment>> built(kv_heads), taken(kv_heads);
+    std::vector<ix::CtkvrLists> given(kv_heads);
+    for (int h = 0; h < kv_heads; ++h) {
+      given[h] = {list_size, gpu_tokens.data() + static_cast<size_t>(h) * centroids * n_list,
+                  gpu_lse.data() + static_cast<size_t>(h) * centroids * group};
+    }
+    // One layer's segments on the pool, one segment per thread (as the tier's IndexManager).
+    auto layer = [&](bool with_lists) {
+      const auto t0 = std::chrono::steady_clock::now();
+      pool.ParallelFor(kv_heads, [&](int64_t h) {
+        ix::BuildInput in = input(static_cast<int>(h));
+        if (with_lists) in.ctkvr_lists = &given[h];
+        auto seg = ix::BuildSegment(ix::Method::kCtkvr, in, io, nullptr);
+        if (!seg.ok()) {
+          std::fprintf(stderr, "%s\n", seg.status().ToString().c_str());
+          std::exit(1);
+        }
+        (with_lists ? taken : built)[h] = std::move(*seg);
+      });
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+          .count();
+    };
+    layer(false);  // warm-up (scratch buffers)
+    const double cpu_build_ms = layer(false);
+    layer(true);
+    const double cpu_take_ms = layer(true);
+    // One segment on one core: the tier's core time per segment.
+    auto t0 = std::chrono::steady_clock::now();
+    if (!ix::BuildSegment(ix::Method::kCtkvr, input(0), io, nullptr).ok()) return 1;
+    const double core_build_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    ix::BuildInput with = input(0);
+    with.ctkvr_lists = &given[0];
+    t0 = std::chrono::steady_clock::now();
+    if (!ix::BuildSegment(ix::Method::kCtkvr, with, io, nullptr).ok()) return 1;
+    const double core_take_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    // Agreement: tokens the two builds' lists share, and the largest normaliser difference.
+    int64_t shared = 0, total = 0;
+    double lse_diff = 0;
+    for (int h = 0; h < kv_heads; ++h) {
+      const absl::StatusOr<ix::CtkvrListsCopy> want = ix::CtkvrListsOf(*built[h]);
+      if (!want.ok()) return 1;
+      for (int c = 0; c < centroids; ++c) {
+        const int32_t* g = given[h].tokens + static_cast<size_t>(c) * n_list;
+        const int32_t* w = want->tokens.data() + static_cast<size_t>(c) * n_list;
+        std::vector<int32_t> both;
+        std::set_intersection(g, g + n_list, w, w + n_list, std::back_inserter(both));
+        shared += static_cast<int64_t>(both.size());
+        total += static_cast<int64_t>(n_list);
+        for (int j = 0; j < group; ++j) {
+          lse_diff = std::max(lse_diff, std::fabs(static_cast<double>(given[h].lse[c * group + j]) -
+                                                  want->lse[c * group + j]));
+        }
+      }
+    }
+    const double gpu = gpu_ms[kReplays / 2];
+    std::printf(
+        "%s\n  {\"context\": %d, \"gpu_ms_per_layer\": %.4f, \"gpu_min_ms\": %.4f, "
+        "\"gpu_max_ms\": %.4f, \"tier_build_ms_per_layer\": %.2f, \"tier_take_ms_per_layer\": "
+        "%.2f, "
+        "\"tier_build_core_ms_per_segment\": %.2f, \"tier_take_core_ms_per_segment\": %.2f, "
+        "\"sparse_layers\": %d, \"gpu_ms_per_prompt\": %.2f, \"tier_build_core_s_per_prompt\": "
+        "%.3f, "
+        "\"tier_take_core_s_per_prompt\": %.3f, \"lists_agree\": %.6f, \"lse_max_abs_diff\": %.3g}",
+        first ? "" : ",", ctx, gpu, gpu_ms.front(), gpu_ms.back(), cpu_build_ms, cpu_take_ms,
+        core_build_ms, core_take_ms, sparse_layers, gpu * sparse_layers,
+        core_build_ms * sparse_layers * kv_heads / 1e3,
+        core_take_ms * sparse_layers * kv_heads / 1e3,
+        static_cast<double>(shared) / static_cast<double>(total), lse_diff);
+    std::fflush(stdout);
+    first = false;
+    CHECK_CUDA(cudaFree(k));
+    CHECK_CUDA(cudaFree(q));
+    CHECK_CUDA(cudaFree(tokens));
+    CHECK_CUDA(cudaFree(lse));
+    CHECK_CUDA(cudaFree(ws));
+  }
+  std::printf("\n]}\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, prefill = false;
+  bool quick = false, prefill = false, lists = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
     } else if (std::strcmp(argv[i], "--prefill") == 0) {
       prefill = true;
+    } else if (std::strcmp(argv[i], "--ctkvr-lists") == 0) {
+      lists = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--prefill]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--prefill | --ctkvr-lists]\n", argv[0]);
       return 2;
     }
   }
@@ -202,6 +399,7 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(1234);
   if (prefill) return RunPrefill(quick, prop, stream, rng);
+  if (lists) return RunCtkvrLists(quick, prop, stream, rng);
   std::printf(
       "{\"device\": \"%s\", \"sms\": %d, \"model\": \"llama3-8b\", \"num_q_heads\": %d, "
       "\"num_kv_heads\": %d, \"head_dim\": %d, \"rows\": [",

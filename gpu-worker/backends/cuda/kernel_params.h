@@ -170,6 +170,36 @@ struct KvAppendParams {
   int64_t head_stride = 0;
 };
 
+// CTKVR's inverted lists of one layer, built from the prefill's keys while they are on the GPU
+// (ARCHITECTURE §4: index construction during prefill; indexer/index.h has the list rule and
+// BuildInput::ctkvr_lists the form the tier takes them in). For kv-head h, centroid c and the
+// group's q-heads j < group = num_q_heads / num_kv_heads (q-head h * group + j), over the key
+// positions [begin, end), n = end - begin:
+//   logit[h][c][j][t] = scale * (q[c][h * group + j] . k[t][h])    fp32 from the bf16 inputs
+//   lse[h][c][j]      = log sum_t exp(logit[h][c][j][t])            over the whole range
+//   score[h][c][t]    = max_j (logit[h][c][j][t] - lse[h][c][j])
+//   tokens[h][c]      = the list_len = min(list_size, n) positions t of the highest scores
+//                       (ties: the lower position wins), ascending.
+struct CtkvrListsParams {
+  const uint16_t* keys =
+      nullptr;               // position t, kv-head h at keys + t * token_stride + h * head_stride
+  int64_t token_stride = 0;  // a multiple of 8
+  int64_t head_stride = 0;   // a multiple of 8, >= head_dim
+  int64_t begin = 0;         // key positions [begin, end) are listed
+  int64_t end = 0;
+  // Centroid c, q-head i at queries + c * query_stride + i * head_dim, bf16, post-RoPE.
+  const uint16_t* queries = nullptr;
+  int64_t query_stride = 0;  // a multiple of 8, >= num_q_heads * head_dim
+  int num_centroids = 0;
+  int num_q_heads = 0;  // a multiple of num_kv_heads
+  int num_kv_heads = 0;
+  int head_dim = 0;    // 64 or 128
+  float scale = 0.0f;  // softmax scale, usually 1/sqrt(head_dim)
+  int list_size = 0;
+  int32_t* tokens = nullptr;  // [num_kv_heads][num_centroids][list_len] positions
+  float* lse = nullptr;       // [num_kv_heads][num_centroids][group]
+};
+
 }  // namespace kvrecall::worker::cuda
 
 #endif  // KVRECALL_GPU_WORKER_BACKENDS_CUDA_KERNEL_PARAMS_H_

@@ -1,6 +1,7 @@
 #include "gpu-worker/backends/cuda/kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -87,6 +88,69 @@ absl::Status CheckSparse(const SparseAttentionParams& p) {
       return Invalid(
           fn, absl::StrCat("slot strides (", s.entry_stride, ", ", s.row_stride, ") or alignment"));
     }
+  }
+  return absl::OkStatus();
+}
+
+// The fields CtkvrLists' workspace size depends on.
+absl::Status CheckCtkvrShape(absl::string_view fn, const CtkvrListsParams& p) {
+  if (p.begin < 0 || p.end <= p.begin || p.end > INT32_MAX) {
+    return Invalid(fn, absl::StrCat("positions [begin, end) = [", p.begin, ", ", p.end,
+                                    ") is not 0 <= begin < end <= 2^31 - 1"));
+  }
+  if (p.num_centroids < 1) return Invalid(fn, absl::StrCat("num_centroids ", p.num_centroids));
+  if (p.num_kv_heads < 1 || p.num_kv_heads > 65535) {
+    return Invalid(fn, absl::StrCat("num_kv_heads ", p.num_kv_heads));
+  }
+  if (p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0) {
+    return Invalid(fn,
+                   absl::StrCat("num_q_heads ", p.num_q_heads,
+                                " is not a positive multiple of num_kv_heads ", p.num_kv_heads));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckCtkvr(absl::string_view fn, const CtkvrListsParams& p) {
+  if (auto s = CheckCtkvrShape(fn, p); !s.ok()) return s;
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return Invalid(fn, absl::StrCat("head_dim ", p.head_dim, " (64 or 128 supported)"));
+  }
+  if (!(p.scale > 0.0f) || !std::isfinite(p.scale)) {
+    return Invalid(fn, absl::StrCat("scale ", p.scale, " is not positive and finite"));
+  }
+  if (p.list_size < 1) return Invalid(fn, absl::StrCat("list_size ", p.list_size));
+  if (p.keys == nullptr || p.queries == nullptr || p.tokens == nullptr || p.lse == nullptr) {
+    return Invalid(fn, "null keys, queries, tokens or lse pointer");
+  }
+  if (!Aligned16(p.keys) || !Aligned16(p.queries)) {
+    return Invalid(fn, "keys and queries must be 16-byte aligned");
+  }
+  if (reinterpret_cast<uintptr_t>(p.tokens) % alignof(int32_t) != 0 ||
+      reinterpret_cast<uintptr_t>(p.lse) % alignof(float) != 0) {
+    return Invalid(fn, "tokens and lse must be 4-byte aligned");
+  }
+  if (p.token_stride <= 0 || p.token_stride % 8 != 0) {
+    return Invalid(
+        fn, absl::StrCat("token_stride ", p.token_stride, " is not a positive multiple of 8"));
+  }
+  if (p.head_stride % 8 != 0 || p.head_stride < p.head_dim) {
+    return Invalid(
+        fn, absl::StrCat("head_stride ", p.head_stride, " is not a multiple of 8 >= ", p.head_dim));
+  }
+  const int64_t q_row = static_cast<int64_t>(p.num_q_heads) * p.head_dim;
+  if (p.query_stride % 8 != 0 || p.query_stride < q_row) {
+    return Invalid(
+        fn, absl::StrCat("query_stride ", p.query_stride, " is not a multiple of 8 >= ", q_row));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PlanCtkvr(absl::string_view fn, const CtkvrListsParams& p, internal::CtkvrPlan* plan) {
+  if (!internal::PlanCtkvrLists(p, plan)) {
+    return Invalid(
+        fn, absl::StrCat("num_kv_heads ", p.num_kv_heads, ", num_centroids ", p.num_centroids,
+                         ", group ", p.num_q_heads / p.num_kv_heads, " and ", p.end - p.begin,
+                         " positions exceed the kernels' grid or workspace limits"));
   }
   return absl::OkStatus();
 }
@@ -256,6 +320,28 @@ absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream) {
     return Invalid(fn, absl::StrCat("page_size ", p.page_size, " is not a power of two"));
   }
   return CudaStatus(internal::LaunchKvAppend(p, stream), fn);
+}
+
+absl::StatusOr<size_t> CtkvrListsWorkspaceBytes(const CtkvrListsParams& p) {
+  constexpr absl::string_view fn = "CtkvrLists";
+  if (auto s = CheckCtkvrShape(fn, p); !s.ok()) return s;
+  internal::CtkvrPlan plan;
+  if (auto s = PlanCtkvr(fn, p, &plan); !s.ok()) return s;
+  return plan.workspace_bytes;
+}
+
+absl::Status CtkvrLists(const CtkvrListsParams& p, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream) {
+  constexpr absl::string_view fn = "CtkvrLists";
+  if (auto s = CheckCtkvr(fn, p); !s.ok()) return s;
+  internal::CtkvrPlan plan;
+  if (auto s = PlanCtkvr(fn, p, &plan); !s.ok()) return s;
+  if (workspace == nullptr || workspace_bytes < plan.workspace_bytes) {
+    return Invalid(fn, absl::StrCat("workspace of ", workspace_bytes, " bytes, ",
+                                    plan.workspace_bytes, " needed"));
+  }
+  if (!Aligned16(workspace)) return Invalid(fn, "workspace must be 16-byte aligned");
+  return CudaStatus(internal::LaunchCtkvrLists(p, plan, workspace, stream), fn);
 }
 
 absl::Status FillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first, float scale,

@@ -78,6 +78,20 @@ namespace kvrecall::worker::cuda {
 //   rows, paged: page_size a power of two.
 [[nodiscard]] absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream);
 
+// ---- Index construction --------------------------------------------------------------------
+// CTKVR lists of one layer (kernel_params.h CtkvrListsParams): one pass of q.k over the range
+// writes per-block partial log-sum-exps, a second combines them into lse and writes the scores
+// (workspace), and one block per (kv-head, centroid) selects its top list_len scores by radix
+// select on their bits and writes the positions in ascending order. Keys outside [begin, end)
+// are never read.
+// Bytes of device workspace CtkvrLists needs for `p`.
+[[nodiscard]] absl::StatusOr<size_t> CtkvrListsWorkspaceBytes(const CtkvrListsParams& p);
+// REQUIRES: 0 <= begin < end <= 2^31 - 1, num_centroids >= 1, num_kv_heads >= 1, num_q_heads a
+//   multiple of num_kv_heads, head_dim 64 or 128, scale > 0, list_size >= 1, 16-byte aligned
+//   keys and queries, workspace of CtkvrListsWorkspaceBytes (16-byte aligned).
+[[nodiscard]] absl::Status CtkvrLists(const CtkvrListsParams& p, void* workspace,
+                                      size_t workspace_bytes, cudaStream_t stream);
+
 // ---- Per-token operations ------------------------------------------------------------------
 
 // out[r][i] = bf16(x[r][i] * rsqrt(mean_i(x[r][i]^2) + eps) * weight[i]), all in fp32.

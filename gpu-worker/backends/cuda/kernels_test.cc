@@ -10,7 +10,10 @@
 //   slot scatter, embedding, argmax: exact;
 //   top-p sampling: the same token, except rows the double-precision reference marks as within
 //     5e-6 of the row's mass from a decision boundary (fp32 sums over 32000 values are off by
-//     up to ~4e-6), at most a sixth of the rows.
+//     up to ~4e-6), at most a sixth of the rows;
+//   ctkvr lists: lse relative error <= 1e-5; each list ascending in [begin, end) and equal to the
+//     reference's but for tokens whose reference score is within 1e-5 (relative) of the list's
+//     threshold score, at most 1% of the list; identical where the scores tie exactly.
 // Every output buffer is poisoned (NaN / 0xff bytes) before a kernel runs, so unwritten
 // elements fail.
 #include "gpu-worker/backends/cuda/kernels.h"
@@ -969,6 +972,275 @@ TEST(SampleTopPTest, MatchesReference) {
   std::printf("[ stats    ] top-p: %d of %d rows near a boundary\n", ambiguous, rows);
 }
 
+// ---- CTKVR lists ---------------------------------------------------------------------------
+
+struct CtkvrCase {
+  std::string name;
+  int kv_heads, group, centroids, d;
+  int64_t begin, n;
+  int list_size;
+  // Keys inside fused [T][(q_heads + 2 kv_heads) d] qkv rows (head_stride d, token_stride the
+  // whole row) and query rows padded by 16 elements; otherwise [T][kv_heads][d] and packed.
+  bool fused = false;
+  int distinct_keys = 0;  // > 0: every key row is one of this many, so scores tie exactly
+};
+
+void PrintTo(const CtkvrCase& c, std::ostream* os) { *os << c.name; }
+
+// The list check (tolerances in the ctkvr test below): every list strictly ascending inside
+// [begin, end); the tokens where it differs from the reference's all have reference scores
+// within 1e-5 (relative to |threshold| + 1e-6) of the list's threshold (its lowest reference
+// score), at most 1% of list_len of them; none at all where `exact`.
+void ExpectListsClose(const CtkvrListsParams& p, const std::vector<int32_t>& got,
+                      const std::vector<int32_t>& want, const std::vector<double>& scores,
+                      bool exact, const std::string& what) {
+  const int64_t n = p.end - p.begin, len = std::min<int64_t>(p.list_size, n);
+  const int lists = p.num_kv_heads * p.num_centroids;
+  ASSERT_EQ(got.size(), static_cast<size_t>(lists * len));
+  int64_t near_total = 0, worst = 0;
+  for (int l = 0; l < lists; ++l) {
+    const int32_t* g = got.data() + l * len;
+    const int32_t* w = want.data() + l * len;
+    const double* sc = scores.data() + l * n;
+    bool shaped = true;
+    for (int64_t i = 0; i < len && shaped; ++i) {
+      if (g[i] < p.begin || g[i] >= p.end || (i > 0 && g[i] <= g[i - 1])) {
+        ADD_FAILURE() << what << ": list " << l << " entry " << i << " = " << g[i] << " (previous "
+                      << (i > 0 ? g[i - 1] : -1) << ") breaks the order or range";
+        shaped = false;
+      }
+    }
+    if (!shaped) continue;
+    double threshold = INFINITY;
+    for (int64_t i = 0; i < len; ++i) threshold = std::min(threshold, sc[w[i] - p.begin]);
+    const double tol = 1e-5 * (std::abs(threshold) + 1e-6);
+    std::vector<int32_t> diff;
+    std::set_symmetric_difference(g, g + len, w, w + len, std::back_inserter(diff));
+    for (int32_t t : diff) {
+      const double s = sc[t - p.begin];
+      if (exact || !(std::abs(s - threshold) <= tol)) {
+        ADD_FAILURE() << what << ": list " << l << " differs at position " << t << " (score " << s
+                      << ", threshold " << threshold << ", in kernel's list "
+                      << std::binary_search(g, g + len, t) << ")";
+      }
+    }
+    const int64_t near = static_cast<int64_t>(diff.size()) / 2;  // swapped pairs
+    EXPECT_LE(near * 100, len) << what << ": list " << l << " has " << near << " near-tie swaps";
+    near_total += near;
+    worst = std::max(worst, near);
+  }
+  std::printf("[ stats    ] %s: %lld near-tie swaps over %d lists of %lld (worst list %lld)\n",
+              what.c_str(), static_cast<long long>(near_total), lists, static_cast<long long>(len),
+              static_cast<long long>(worst));
+}
+
+void ExpectLseClose(const std::vector<float>& got, const std::vector<float>& want,
+                    const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  double worst = 0.0;
+  int bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]) /
+                       std::max(1.0, std::abs(static_cast<double>(want[i])));
+    if (!(err <= 1e-5) && ++bad <= 5) {
+      ADD_FAILURE() << what << ": lse " << i << " got " << got[i] << " want " << want[i];
+    }
+    worst = std::max(worst, err);
+  }
+  EXPECT_EQ(bad, 0) << what;
+  std::printf("[ stats    ] %s: lse worst rel error %.3g\n", what.c_str(), worst);
+}
+
+// Tolerances: lse relative error <= 1e-5 (relative to max(|lse|, 1); fp32 logits and sums vs
+// double); lists as ExpectListsClose, which with exact ties (distinct_keys) means identical:
+// such a case first checks that no two distinct reference scores near a threshold are within
+// the tolerance, so the lower-position rule alone decides.
+class CtkvrListsTest : public ::testing::TestWithParam<CtkvrCase> {};
+
+TEST_P(CtkvrListsTest, MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const CtkvrCase& c = GetParam();
+  std::mt19937 rng(std::hash<std::string>{}(c.name));
+  const int q_heads = c.kv_heads * c.group, kv = c.kv_heads, d = c.d;
+  const int64_t end = c.begin + c.n, rows = end + 3;  // rows past the range exist too
+  CtkvrListsParams p;
+  p.head_stride = d;
+  p.token_stride = c.fused ? static_cast<int64_t>(q_heads + 2 * kv) * d : kv * d;
+  const int64_t key_offset = c.fused ? static_cast<int64_t>(q_heads) * d : 0;
+  std::vector<uint16_t> buf = RandomBf16(rows * p.token_stride, rng);
+  if (c.distinct_keys > 0) {
+    const std::vector<uint16_t> distinct = RandomBf16(c.distinct_keys * kv * d, rng);
+    std::uniform_int_distribution<int> pick(0, c.distinct_keys - 1);
+    for (int64_t t = c.begin; t < end; ++t) {
+      std::copy_n(distinct.begin() + pick(rng) * kv * d, kv * d,
+                  buf.begin() + t * p.token_stride + key_offset);
+    }
+  }
+  // Rows outside [begin, end) are NaN: a kernel that used them would show it.
+  for (int64_t t = 0; t < rows; ++t) {
+    if (t < c.begin || t >= end) {
+      std::fill_n(buf.begin() + t * p.token_stride, p.token_stride, uint16_t{0x7fc0});
+    }
+  }
+  p.query_stride = static_cast<int64_t>(q_heads) * d + (c.fused ? 16 : 0);
+  const std::vector<uint16_t> queries = RandomBf16(c.centroids * p.query_stride, rng);
+  DeviceBuffer<uint16_t> dkeys(buf), dq(queries);
+  p.keys = dkeys.get() + key_offset;
+  p.begin = c.begin;
+  p.end = end;
+  p.queries = dq.get();
+  p.num_centroids = c.centroids;
+  p.num_q_heads = q_heads;
+  p.num_kv_heads = kv;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.list_size = c.list_size;
+  const int64_t len = std::min<int64_t>(c.list_size, c.n);
+  const size_t n_tokens = static_cast<size_t>(kv * c.centroids * len);
+  const size_t n_lse = static_cast<size_t>(kv * c.centroids * c.group);
+  DeviceBuffer<int32_t> dtokens(n_tokens);
+  DeviceBuffer<float> dlse(n_lse);
+  dtokens.Poison();
+  dlse.Poison();
+  p.tokens = dtokens.get();
+  p.lse = dlse.get();
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, CtkvrListsWorkspaceBytes(p));
+  DeviceBuffer<uint8_t> ws(ws_bytes);
+  ws.Poison();
+  ASSERT_OK(CtkvrLists(p, ws.get(), ws_bytes, nullptr));
+  const std::vector<int32_t> got = dtokens.Download();
+  const std::vector<float> got_lse = dlse.Download();
+
+  CtkvrListsParams hp = p;
+  hp.keys = buf.data() + key_offset;
+  hp.queries = queries.data();
+  std::vector<int32_t> want(n_tokens);
+  std::vector<float> want_lse(n_lse);
+  hp.tokens = want.data();
+  hp.lse = want_lse.data();
+  std::vector<double> scores;
+  CtkvrListsReference(hp, &scores);
+
+  ExpectLseClose(got_lse, want_lse, c.name);
+  if (c.distinct_keys > 0) {
+    // The case is well posed: around each threshold, distinct scores are far apart, and some
+    // list cuts through a tier of equal scores (so the lower-position rule is exercised).
+    int cut_tiers = 0;
+    for (int l = 0; l < kv * c.centroids; ++l) {
+      const double* sc = scores.data() + l * c.n;
+      const int32_t* w = want.data() + l * len;
+      double threshold = INFINITY;
+      for (int64_t i = 0; i < len; ++i) threshold = std::min(threshold, sc[w[i] - c.begin]);
+      const double tol = 1e-5 * (std::abs(threshold) + 1e-6);
+      int64_t at_threshold = 0;
+      for (int64_t t = 0; t < c.n; ++t) {
+        if (sc[t] == threshold) {
+          ++at_threshold;
+        } else {
+          ASSERT_GT(std::abs(sc[t] - threshold), 10 * tol) << "list " << l << ": pick another seed";
+        }
+      }
+      int64_t listed_at_threshold = 0;
+      for (int64_t i = 0; i < len; ++i) listed_at_threshold += sc[w[i] - c.begin] == threshold;
+      if (listed_at_threshold < at_threshold) ++cut_tiers;
+    }
+    EXPECT_GT(cut_tiers, 0) << "no list cuts through a tier of ties";
+  }
+  ExpectListsClose(p, got, want, scores, c.distinct_keys > 0, c.name);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CtkvrListsTest,
+    ::testing::Values(CtkvrCase{"d128_g4_n5000", 8, 4, 8, 128, 0, 5000, 512},
+                      CtkvrCase{"d64_g1_begin300", 4, 1, 8, 64, 300, 4700, 512},
+                      CtkvrCase{"d128_whole_range_n37", 2, 4, 3, 128, 5, 37, 100},
+                      CtkvrCase{"d64_g4_list_n_minus_1", 2, 4, 8, 64, 0, 513, 512},
+                      CtkvrCase{"fused_rows_begin1000", 8, 4, 8, 128, 1000, 3000, 256, true},
+                      // 48 query rows: centroid 10's rows straddle the 32-row chunks.
+                      CtkvrCase{"g3_c16_split_centroid", 2, 3, 16, 128, 17, 2000, 300},
+                      // group 40: every centroid straddles chunks.
+                      CtkvrCase{"g40_mqa", 1, 40, 2, 64, 0, 700, 64, true},
+                      CtkvrCase{"exact_ties_d128_g2", 2, 2, 4, 128, 7, 3000, 500, false, 16},
+                      CtkvrCase{"exact_ties_d64_g1", 3, 1, 5, 64, 0, 4000, 700, true, 9}),
+    [](const ::testing::TestParamInfo<CtkvrCase>& info) { return info.param.name; });
+
+// A long prefill's range (128K positions, Llama-3-8B's 8 kv-heads x 4, 8 centroids): the
+// kernel's time, every list well formed and kv-head 0 (lists and lse) against the reference.
+TEST(CtkvrListsLongTest, LongRangeTimedHeadZeroMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  const int kv = 8, group = 4, centroids = 8, d = 128, list_size = 512;
+  const int64_t n = 131072, begin = 0;
+  CtkvrListsParams p;
+  p.token_stride = kv * d;
+  p.head_stride = d;
+  p.begin = begin;
+  p.end = begin + n;
+  p.num_centroids = centroids;
+  p.num_q_heads = kv * group;
+  p.num_kv_heads = kv;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.list_size = list_size;
+  p.query_stride = static_cast<int64_t>(p.num_q_heads) * d;
+  std::mt19937 rng(17);
+  const std::vector<uint16_t> queries = RandomBf16(centroids * p.query_stride, rng);
+  DeviceBuffer<uint16_t> dkeys(static_cast<size_t>(n * p.token_stride)), dq(queries);
+  ASSERT_OK(FillRandomBf16(dkeys.get(), n * p.token_stride, 5, 0, 1.0f, nullptr));
+  const size_t n_tokens = static_cast<size_t>(kv * centroids * list_size);
+  DeviceBuffer<int32_t> dtokens(n_tokens);
+  DeviceBuffer<float> dlse(static_cast<size_t>(kv * centroids * group));
+  dtokens.Poison();
+  dlse.Poison();
+  p.keys = dkeys.get();
+  p.queries = dq.get();
+  p.tokens = dtokens.get();
+  p.lse = dlse.get();
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, CtkvrListsWorkspaceBytes(p));
+  DeviceBuffer<uint8_t> ws(ws_bytes);
+  ASSERT_OK(CtkvrLists(p, ws.get(), ws_bytes, nullptr));  // warm-up
+  cudaEvent_t start, stop;
+  ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
+  ASSERT_EQ(cudaEventCreate(&stop), cudaSuccess);
+  const int reps = 10;
+  ASSERT_EQ(cudaEventRecord(start), cudaSuccess);
+  for (int r = 0; r < reps; ++r) ASSERT_OK(CtkvrLists(p, ws.get(), ws_bytes, nullptr));
+  ASSERT_EQ(cudaEventRecord(stop), cudaSuccess);
+  ASSERT_EQ(cudaEventSynchronize(stop), cudaSuccess);
+  float ms = 0.0f;
+  ASSERT_EQ(cudaEventElapsedTime(&ms, start, stop), cudaSuccess);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::printf("[ stats    ] ctkvr lists, n %lld, 8 kv-heads x 4, 8 centroids, d 128: %.3f ms\n",
+              static_cast<long long>(n), ms / reps);
+  const std::vector<int32_t> got = dtokens.Download();
+  const std::vector<float> got_lse = dlse.Download();
+  for (float l : got_lse) ASSERT_TRUE(std::isfinite(l));
+  for (int l = 0; l < kv * centroids; ++l) {
+    for (int i = 0; i < list_size; ++i) {
+      const int32_t t = got[l * list_size + i];
+      ASSERT_TRUE(t >= begin && t < begin + n && (i == 0 || t > got[l * list_size + i - 1]))
+          << "list " << l << " entry " << i << " = " << t;
+    }
+  }
+  // kv-head 0 alone: its q-heads come first in every centroid's row.
+  const std::vector<uint16_t> keys = dkeys.Download();
+  CtkvrListsParams hp = p;
+  hp.num_kv_heads = 1;
+  hp.num_q_heads = group;
+  hp.keys = keys.data();
+  hp.queries = queries.data();
+  std::vector<int32_t> want(static_cast<size_t>(centroids * list_size));
+  std::vector<float> want_lse(static_cast<size_t>(centroids * group));
+  hp.tokens = want.data();
+  hp.lse = want_lse.data();
+  std::vector<double> scores;
+  CtkvrListsReference(hp, &scores);
+  ExpectLseClose(std::vector<float>(got_lse.begin(), got_lse.begin() + want_lse.size()), want_lse,
+                 "ctkvr long, kv-head 0");
+  ExpectListsClose(hp, std::vector<int32_t>(got.begin(), got.begin() + want.size()), want, scores,
+                   false, "ctkvr long, kv-head 0");
+}
+
 // ---- Argument checks: INVALID_ARGUMENT before any launch (no GPU needed) ------------------
 
 // Fake, 16-byte aligned device addresses: never dereferenced because the checks fail first.
@@ -1157,6 +1429,96 @@ TEST(ArgumentCheckTest, PerTokenOpsRejectBadShapes) {
   a.page_table = Fake<int32_t>(0x200);
   a.page_size = 3;  // not a power of two
   EXPECT_THAT(KvAppend(a, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+CtkvrListsParams ValidCtkvr() {
+  CtkvrListsParams p;
+  p.keys = Fake<const uint16_t>(0x10000);
+  p.token_stride = 8 * 128;
+  p.head_stride = 128;
+  p.begin = 100;
+  p.end = 1100;
+  p.queries = Fake<const uint16_t>(0x20000);
+  p.query_stride = 32 * 128;
+  p.num_centroids = 8;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  p.head_dim = 128;
+  p.scale = 0.088f;
+  p.list_size = 64;
+  p.tokens = Fake<int32_t>(0x30000);
+  p.lse = Fake<float>(0x40000);
+  return p;
+}
+
+TEST(ArgumentCheckTest, CtkvrListsRejectsBadShapes) {
+  ASSERT_OK_AND_ASSIGN(const size_t ws_bytes, CtkvrListsWorkspaceBytes(ValidCtkvr()));
+  ASSERT_GT(ws_bytes, 0u);
+  void* const ws = Fake<void>(0x100000);
+  struct Bad {
+    CtkvrListsParams p;
+    std::string word;  // the message names it
+    bool shape;        // CtkvrListsWorkspaceBytes (range, heads, centroids only) rejects it too
+  };
+  std::vector<Bad> bad;
+  auto add = [&](const std::string& word, bool shape, auto mutate) {
+    CtkvrListsParams p = ValidCtkvr();
+    mutate(p);
+    bad.push_back({p, word, shape});
+  };
+  add("keys", false, [](auto& p) { p.keys = nullptr; });
+  add("queries", false, [](auto& p) { p.queries = nullptr; });
+  add("tokens", false, [](auto& p) { p.tokens = nullptr; });
+  add("lse", false, [](auto& p) { p.lse = nullptr; });
+  add("head_dim", false, [](auto& p) { p.head_dim = 96; });
+  add("list_size", false, [](auto& p) { p.list_size = 0; });
+  add("begin", true, [](auto& p) { p.begin = p.end; });
+  add("begin", true, [](auto& p) { p.begin = -1; });
+  add("end", true, [](auto& p) { p.end = int64_t{INT32_MAX} + 1; });
+  add("num_centroids", true, [](auto& p) { p.num_centroids = 0; });
+  add("num_q_heads", true, [](auto& p) { p.num_q_heads = 30; });
+  add("num_kv_heads", true, [](auto& p) { p.num_kv_heads = 0; });
+  add("scale", false, [](auto& p) { p.scale = 0.0f; });
+  add("scale", false, [](auto& p) { p.scale = NAN; });
+  add("aligned", false, [](auto& p) { p.keys = Fake<const uint16_t>(0x10002); });
+  add("aligned", false, [](auto& p) { p.queries = Fake<const uint16_t>(0x20008); });
+  add("aligned", false, [](auto& p) { p.tokens = Fake<int32_t>(0x30002); });
+  add("token_stride", false, [](auto& p) { p.token_stride = 1001; });
+  add("token_stride", false, [](auto& p) { p.token_stride = 0; });
+  add("head_stride", false, [](auto& p) { p.head_stride = 64; });  // < head_dim
+  add("head_stride", false, [](auto& p) { p.head_stride = 132; });
+  add("query_stride", false, [](auto& p) { p.query_stride = 32 * 128 - 8; });  // rows overlap
+  add("query_stride", false, [](auto& p) { p.query_stride = 32 * 128 + 4; });
+  add("num_centroids", true, [](auto& p) {  // 65535 x 65536 lists exceed the grid
+    p.num_kv_heads = 65535;
+    p.num_q_heads = 65535;
+    p.num_centroids = 65536;
+    p.query_stride = int64_t{65535} * 128;
+  });
+  for (size_t i = 0; i < bad.size(); ++i) {
+    const absl::Status s = CtkvrLists(bad[i].p, ws, ws_bytes, nullptr);
+    EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument)) << "case " << i;
+    EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr(bad[i].word)) << "case " << i;
+    if (bad[i].shape) {
+      EXPECT_THAT(CtkvrListsWorkspaceBytes(bad[i].p), StatusIs(absl::StatusCode::kInvalidArgument))
+          << "case " << i;
+    }
+  }
+  const CtkvrListsParams p = ValidCtkvr();
+  EXPECT_THAT(CtkvrLists(p, nullptr, ws_bytes, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(CtkvrLists(p, ws, ws_bytes - 1, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(CtkvrLists(p, Fake<void>(0x100008), ws_bytes, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // More positions need more workspace; list_size does not change it.
+  CtkvrListsParams longer = ValidCtkvr();
+  longer.end = 100000;
+  ASSERT_OK_AND_ASSIGN(const size_t longer_bytes, CtkvrListsWorkspaceBytes(longer));
+  EXPECT_GT(longer_bytes, ws_bytes);
+  longer.list_size = 1 << 20;
+  ASSERT_OK_AND_ASSIGN(const size_t same_bytes, CtkvrListsWorkspaceBytes(longer));
+  EXPECT_EQ(same_bytes, longer_bytes);
 }
 
 // On the GPU: a rejected call leaves the output untouched (nothing was launched) and a too

@@ -33,6 +33,29 @@ cudaError_t LaunchPrefillAttention(const PrefillAttentionParams& p, int block_ro
                                    cudaStream_t stream);
 cudaError_t LaunchSlotScatter(const SlotScatterParams& p, cudaStream_t stream);
 cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
+// How a CtkvrLists call is partitioned, and its workspace: the partial (max, sum of exp) pairs
+// [num_kv_heads][rows][tiles] float2 at offset 0, then the scores [num_kv_heads][num_centroids]
+// [score_stride] fp32 at scores_offset (256-byte aligned).
+struct CtkvrPlan {
+  int n = 0;                 // end - begin
+  int list_len = 0;          // min(list_size, n)
+  int group = 0;             // num_q_heads / num_kv_heads
+  int rows = 0;              // num_centroids * group query rows per kv-head (row c * group + j)
+  int m_tiles = 1;           // 16-row mma tiles per row chunk: 1 (rows <= 16) or 2
+  int chunks = 0;            // row chunks of 16 * m_tiles rows
+  int tiles = 0;             // position tiles of the logit passes
+  int64_t score_stride = 0;  // fp32 elements between two lists' scores (n rounded up to 64)
+  size_t scores_offset = 0;
+  size_t workspace_bytes = 0;
+};
+
+// false when a count or size would exceed what the kernels index or the grid allows.
+// REQUIRES: kernels.cc checked begin < end <= 2^31 - 1, num_centroids >= 1 and num_q_heads a
+//   positive multiple of num_kv_heads >= 1 (the fields the plan reads).
+bool PlanCtkvrLists(const CtkvrListsParams& p, CtkvrPlan* plan);
+// REQUIRES: every check of kernels.cc CtkvrLists passed; workspace of plan.workspace_bytes.
+cudaError_t LaunchCtkvrLists(const CtkvrListsParams& p, const CtkvrPlan& plan, void* workspace,
+                             cudaStream_t stream);
 cudaError_t LaunchFillRandomBf16(uint16_t* out, int64_t n, uint64_t seed, int64_t first,
                                  float scale, cudaStream_t stream);
 
