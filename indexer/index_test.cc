@@ -721,6 +721,17 @@ TEST(IndexTest, CtkvrCentroidQueriesAreEvenlySpacedAndEndAtTheLastQuery) {
   EXPECT_TRUE(CtkvrCentroidQueries(0, 8).empty());
 }
 
+// The prompt queries a ctkvr build over `d` takes as its centroids, [centroid][group][head_dim].
+std::vector<float> CentroidQueries(const SyntheticData& d, int centroids) {
+  const size_t row = static_cast<size_t>(d.options.group) * d.options.head_dim;
+  std::vector<float> picked;
+  for (int i : CtkvrCentroidQueries(d.num_prompt_queries, centroids)) {
+    picked.insert(picked.end(), d.prompt_queries.begin() + i * row,
+                  d.prompt_queries.begin() + (i + 1) * row);
+  }
+  return picked;
+}
+
 // What a GPU worker sends (CtkvrLists): the picked queries and their lists. Built from the lists
 // of the indexer's own build, the segment is that build: the same lists, normalisers and
 // selections.
@@ -735,11 +746,7 @@ TEST(IndexTest, CtkvrFromListsIsTheSegmentItsOwnBuildMakes) {
   ASSERT_OK_AND_ASSIGN(CtkvrListsCopy lists, CtkvrListsOf(*own));
   ASSERT_EQ(lists.num_centroids, opt.ctkvr.centroids);
   ASSERT_EQ(lists.tokens.size(), static_cast<size_t>(lists.num_centroids) * 256);
-  std::vector<float> picked;
-  for (int i : CtkvrCentroidQueries(d->num_prompt_queries, opt.ctkvr.centroids)) {
-    const float* q = d->prompt_queries.data() + static_cast<size_t>(i) * g * hd;
-    picked.insert(picked.end(), q, q + g * hd);
-  }
+  const std::vector<float> picked = CentroidQueries(*d, opt.ctkvr.centroids);
   CtkvrLists given{lists.list_size, lists.tokens.data(), lists.lse.data()};
   BuildInput in = InputOver(*d, 4, 4000);
   in.prompt_queries = picked.data();
@@ -786,11 +793,7 @@ TEST(IndexTest, CtkvrListsThatBreakTheContractAreInvalidArgument) {
   ASSERT_OK_AND_ASSIGN(auto own,
                        BuildSegment(Method::kCtkvr, InputOver(*d, 4, 2000), opt, nullptr));
   ASSERT_OK_AND_ASSIGN(CtkvrListsCopy good, CtkvrListsOf(*own));
-  std::vector<float> picked;
-  for (int i : CtkvrCentroidQueries(d->num_prompt_queries, opt.ctkvr.centroids)) {
-    const float* q = d->prompt_queries.data() + static_cast<size_t>(i) * 4 * 32;
-    picked.insert(picked.end(), q, q + 4 * 32);
-  }
+  std::vector<float> picked = CentroidQueries(*d, opt.ctkvr.centroids);
   auto build = [&](CtkvrListsCopy l, int list_size, int num_queries) {
     CtkvrLists given{list_size, l.tokens.data(), l.lse.data()};
     BuildInput in = InputOver(*d, 4, 2000);
