@@ -55,6 +55,12 @@ ABSL_FLAG(std::string, engine, "host",
           "generate's decode engine: host (activations on the host, the --backend model) or gpu "
           "(the GPU-resident engine: KV cache, attention and activations on the device; needs a "
           "CUDA build and a GPU)");
+ABSL_FLAG(int, tensor_parallel, 1,
+          "--engine=gpu: GPUs the model is split over by heads (each retrieving its own kv-heads "
+          "through a tier connection of its own)");
+ABSL_FLAG(std::string, tp_collective, "nccl",
+          "--tensor_parallel > 1: all-reduces through nccl, or host (host memory; ranks may "
+          "share a GPU)");
 ABSL_FLAG(std::string, tier, "local",
           "tier: 'local' (in-process node), host:port of a kvrecall-server, a comma-separated list of "
           "them, or dns:///name:port (every address of name, re-resolved); lists and dns route each "
@@ -305,6 +311,11 @@ absl::Status Generate() {
         absl::StrCat("--engine is host or gpu, not '", engine_kind, "'"));
   }
   const bool gpu = engine_kind == "gpu";
+  const int world = absl::GetFlag(FLAGS_tensor_parallel);
+  if (world < 1 || (world > 1 && !gpu)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tensor_parallel must be 1, or more with --engine=gpu; got ", world));
+  }
   const absl::Time t_load = absl::Now();
   std::unique_ptr<ModelBackend> model;  // the host engine's; the GPU engine loads its own
   LlamaConfig cfg;
@@ -368,14 +379,16 @@ absl::Status Generate() {
   // Declared before the tier: the tier's recall buffer is pinned through it.
   std::unique_ptr<GpuGenerator> gpu_generator;
   if (gpu) {
-    ASSIGN_OR_RETURN(
-        gpu_generator,
-        CreateGpuGenerator(dir, spec, eo, static_cast<int>(prompt.size()) + steps + 1));
+    ASSIGN_OR_RETURN(gpu_generator,
+                     CreateGpuGenerator(dir, spec, eo, static_cast<int>(prompt.size()) + steps + 1,
+                                        {world, absl::GetFlag(FLAGS_tp_collective)}));
     KV_LOG(INFO) << "loaded " << dir << " on the GPU in "
                  << absl::ToDoubleSeconds(absl::Now() - t_load) << " s";
   }
-  std::unique_ptr<client::Tier> tier;
-  if (sparse) {
+  // One tier connection per GPU (rank r's is tiers[r]); `tier` is rank 0's.
+  std::vector<std::unique_ptr<client::Tier>> tiers;
+  for (int rank = 0; sparse && rank < world; ++rank) {
+    std::unique_ptr<client::Tier> tier;
     client::TierOptions to;
     if (gpu_generator != nullptr) gpu_generator->PinRecallBuffer(&to);
     to.tenant = absl::GetFlag(FLAGS_tenant);
@@ -386,6 +399,9 @@ absl::Status Generate() {
                                                                                          static_cast<size_t>(pair))) *
                              to.staging_areas;
     to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
+    if (world > 1) {  // the ranks are separate workers to the tier (slot mirrors, staging)
+      to.worker_id = ShardName(client::internal::DefaultWorkerId(), rank, world);
+    }
     const std::string target = absl::GetFlag(FLAGS_tier);
     const std::vector<std::string> peers = client::SplitPeers(target);
     client::RemoteTierOptions ro;
@@ -405,9 +421,15 @@ absl::Status Generate() {
     } else {
       ASSIGN_OR_RETURN(tier, client::CreateRemoteTier(ro, to));
     }
-    RETURN_IF_ERROR(tier->RegisterModel(spec));
-    KV_LOG(INFO) << "tier: " << tier->Describe();
+    // Ranks register their shards' models themselves (TensorParallelEngine).
+    if (world == 1) RETURN_IF_ERROR(tier->RegisterModel(spec));
+    KV_LOG(INFO) << "tier" << (world > 1 ? absl::StrCat(" of rank ", rank) : "") << ": "
+                 << tier->Describe();
+    tiers.push_back(std::move(tier));
   }
+  client::Tier* const tier = tiers.empty() ? nullptr : tiers[0].get();
+  std::vector<client::Tier*> rank_tiers(static_cast<size_t>(world), nullptr);
+  for (size_t r = 0; r < tiers.size(); ++r) rank_tiers[r] = tiers[r].get();
   const bool compare = absl::GetFlag(FLAGS_compare_dense) && sparse;
   const int V = cfg.vocab_size;
   GenerateRun run;
@@ -415,9 +437,9 @@ absl::Status Generate() {
   if (gpu) {
     KV_LOG(INFO) << "prefill of " << prompt.size() << " tokens and " << steps
                  << " decode steps on the GPU ...";
-    ASSIGN_OR_RETURN(run, gpu_generator->Run(tier.get(), id, prompt, steps, compare));
+    ASSIGN_OR_RETURN(run, gpu_generator->Run(rank_tiers, id, prompt, steps, compare));
   } else {
-    ASSIGN_OR_RETURN(engine, Engine::Create(model.get(), tier.get(), spec, eo));
+    ASSIGN_OR_RETURN(engine, Engine::Create(model.get(), tier, spec, eo));
     std::unique_ptr<Engine> dense;
     if (compare) {
       EngineOptions d = eo;
@@ -464,7 +486,8 @@ absl::Status Generate() {
   const double prefill_s = run.prefill_seconds, push_s = run.push_seconds;
   const std::vector<double>& step_dlogit = run.step_max_abs_dlogit;
   const EngineCounters& c = run.counters;
-  const client::TierCounters tc = tier ? tier->counters() : client::TierCounters{};
+  client::TierCounters tc;
+  for (const auto& t : tiers) tc += t->counters();
   const double tok_s = decode_s > 0 ? steps / decode_s : 0;
   const double streamed_per_token = steps ? static_cast<double>(tc.bytes_received) / steps : 0;
   const double appended_per_token =
@@ -475,7 +498,10 @@ absl::Status Generate() {
       << absl::StrFormat("model          %s (%d layers, %d/%d heads, head_dim %d, kv %s)\n",
                          spec.model_id, spec.num_layers, spec.num_q_heads, spec.num_kv_heads,
                          spec.head_dim, DTypeName(spec.kv_dtype))
-      << absl::StrFormat("tier           %s\n", tier ? tier->Describe() : "none (dense)")
+      << absl::StrFormat("tier           %s%s\n", tier ? tier->Describe() : "none (dense)",
+                         world > 1 ? absl::StrCat(", one connection for each of ", world,
+                                                  " tensor-parallel GPUs")
+                                   : "")
       << absl::StrFormat("prompt         %d tokens, prefill %.2f s (%.0f tok/s), KV push %.2f s\n",
                          prompt.size(), prefill_s, prompt.size() / prefill_s, push_s)
       << absl::StrFormat(
@@ -504,7 +530,7 @@ absl::Status Generate() {
                                  top1_match, compared, 100.0 * top1_match / std::max(1, compared), max_dlogit,
                                  dense_s > 0 ? steps / dense_s : 0.0);
   }
-  const auto* cluster = dynamic_cast<const client::ClusterTier*>(tier.get());
+  const auto* cluster = dynamic_cast<const client::ClusterTier*>(tier);
   const client::ClusterCounters cc = cluster != nullptr ? cluster->cluster_counters() : client::ClusterCounters{};
   if (cluster != nullptr) {
     std::cout << absl::StrFormat("tier nodes     %d failovers, %d replicas replaced, %d refilled (%d tokens), "
@@ -518,6 +544,7 @@ absl::Status Generate() {
     nlohmann::json j;
     j["model_id"] = spec.model_id;
     j["tier"] = tier ? tier->Describe() : "none";
+    j["tensor_parallel"] = world;
     j["mode"] = sparse ? "sparse" : "dense";
     j["prompt_tokens"] = prompt.size();
     j["prefill_seconds"] = prefill_s;
@@ -580,6 +607,7 @@ int main(int argc, char** argv) {
       "  generate    --model=DIR --tier=local|HOST:PORT --prompt_file=F|--prompt=TEXT "
       "[--prompt_tokens=N]\n"
       "              [--max_new_tokens=32] [--budget=1024] [--compare_dense] [--json=OUT]\n"
+      "              [--engine=gpu [--tensor_parallel=N [--tp_collective=nccl|host]]]\n"
       "              (text is tokenized with DIR/tokenizer.json when present, else as raw bytes)\n"
       "  bench       [--quick] [--json=OUT|-] [--contexts=32768,98304] [--budgets=1024,2048]\n"
       "              [--bench_lookahead=off|on|both] [--bench_tokens=greedy,repeat] "

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -189,6 +191,22 @@ TEST_F(DecodeEquivalenceTest, WorkerRejectsACheckpointWithALyingHeader) {
   ASSERT_TRUE(p.ok());
   EXPECT_EQ(*p->Wait(absl::Seconds(60)), 1);
   EXPECT_THAT(ReadFile(*dir_ + "/bad.log"), HasSubstr("DATA_LOSS"));
+}
+
+// Tensor parallelism is the GPU engine's: any other width, or a width for the host engine, is
+// refused before anything loads.
+TEST_F(DecodeEquivalenceTest, WorkerRejectsTensorParallelismItCannotRun) {
+  for (const std::vector<std::string>& flags : {std::vector<std::string>{"--tensor_parallel=2"},
+                                                {"--tensor_parallel=0"},
+                                                {"--engine=gpu", "--tensor_parallel=-1"}}) {
+    std::vector<std::string> argv = {BinDir() + "/kvrecall-worker", "generate",
+                                     "--model=" + *dir_ + "/model", "--prompt=hello"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    auto p = Process::Start(argv, *dir_ + "/tp.log");
+    ASSERT_TRUE(p.ok());
+    EXPECT_EQ(*p->Wait(absl::Seconds(60)), 1) << flags.back();
+    EXPECT_THAT(ReadFile(*dir_ + "/tp.log"), HasSubstr("INVALID_ARGUMENT")) << flags.back();
+  }
 }
 
 }  // namespace

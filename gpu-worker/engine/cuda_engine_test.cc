@@ -435,7 +435,7 @@ TEST_F(CudaEngineTest, GpuGeneratorDecodesThroughTheTierAsDenseDoes) {
   ASSERT_OK(tier->RegisterModel(spec_));
   const std::vector<int32_t> prompt = PrefillPrompt();
   ASSERT_OK_AND_ASSIGN(GenerateRun run,
-                       generator->Run(tier.get(), "g", prompt, 12, /*compare_dense=*/true));
+                       generator->Run({tier.get()}, "g", prompt, 12, /*compare_dense=*/true));
   EXPECT_EQ(run.generated.size(), 12u);
   EXPECT_EQ(run.compared, 12);
   // Sparse and dense attention sum the same rows in other orders: within the bf16 tolerance of
@@ -448,8 +448,49 @@ TEST_F(CudaEngineTest, GpuGeneratorDecodesThroughTheTierAsDenseDoes) {
   ASSERT_OK_AND_ASSIGN(kvstore::NodeStats stats, tier->Stats(/*include_sequences=*/true));
   EXPECT_TRUE(stats.sequences.empty());
   // Bad input: a prompt longer than the generator's max_context.
-  EXPECT_THAT(generator->Run(tier.get(), "long", std::vector<int32_t>(200, 3), 1, false).status(),
+  EXPECT_THAT(generator->Run({tier.get()}, "long", std::vector<int32_t>(200, 3), 1, false).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(generator->Run({tier.get(), tier.get()}, "two", prompt, 1, false).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument))
+      << "one tier per GPU";
+}
+
+// `generate --engine=gpu --tensor_parallel=2 --tp_collective=host`: the model split over two
+// ranks (sharing this GPU), each with a tier of its own, generates what one GPU generates; the
+// ranks' retrieval adds up to the single GPU's (twice the calls, each for half the heads).
+TEST_F(CudaEngineTest, GpuGeneratorOverTwoRanksGeneratesWhatOneDoes) {
+  EngineOptions o = Options();
+  const std::vector<int32_t> prompt = PrefillPrompt();
+  std::vector<GenerateRun> runs;
+  for (int world : {1, 2}) {
+    ASSERT_OK_AND_ASSIGN(auto generator, CreateGpuGenerator(dir_, spec_, o, 128, {world, "host"}));
+    ASSERT_EQ(generator->world(), world);
+    client::TierOptions to = RecallFor(o);
+    generator->PinRecallBuffer(&to);
+    std::vector<std::unique_ptr<client::Tier>> tiers;
+    std::vector<client::Tier*> rank_tiers;
+    for (int r = 0; r < world; ++r) {
+      to.worker_id = ShardName("w", r, world);
+      ASSERT_OK_AND_ASSIGN(
+          tiers.emplace_back(),
+          client::CreateLocalTier(kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, to));
+      rank_tiers.push_back(tiers.back().get());
+    }
+    if (world == 1) {
+      ASSERT_OK(tiers[0]->RegisterModel(spec_));  // ranks register their shards themselves
+    }
+    ASSERT_OK_AND_ASSIGN(runs.emplace_back(), generator->Run(rank_tiers, "g", prompt, 12, false));
+    EXPECT_THAT(generator->Run({tiers[0].get()}, "x", prompt, 1, false).status(),
+                StatusIs(world == 1 ? absl::StatusCode::kOk : absl::StatusCode::kInvalidArgument));
+    for (const auto& tier : tiers) {
+      ASSERT_OK_AND_ASSIGN(kvstore::NodeStats stats, tier->Stats(/*include_sequences=*/true));
+      EXPECT_TRUE(stats.sequences.empty());
+    }
+  }
+  EXPECT_EQ(runs[1].generated, runs[0].generated);
+  EXPECT_EQ(runs[1].counters.retrieve_calls, 2 * runs[0].counters.retrieve_calls);
+  EXPECT_EQ(runs[1].counters.recalled_rows, runs[0].counters.recalled_rows);
+  EXPECT_EQ(runs[1].counters.steps, runs[0].counters.steps);
 }
 
 // Rows in a recall buffer the device cannot read (not pinned): the step fails with

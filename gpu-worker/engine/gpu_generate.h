@@ -52,24 +52,36 @@ struct GenerateRun {
 class GpuGenerator {
  public:
   virtual ~GpuGenerator() = default;
+  // Tensor-parallel ranks (GPUs); Run takes one tier per rank.
+  virtual int world() const = 0;
   // Sets the options' pin hooks so that the GPU reads the tier's recall buffer where it lies.
-  // Create the tier with them, after this call, and destroy it before the generator.
+  // Create the tiers with them, after this call, and destroy them before the generator.
   virtual void PinRecallBuffer(client::TierOptions* options) = 0;
-  // Prefills `prompt` as sequence `id` on the GPU (pushing it to `tier` in sparse mode; `tier`
-  // null in dense mode), then decodes `steps` greedy tokens; with compare_dense a dense engine
-  // runs the same tokens. The sequence is removed (and dropped on the tier) at the end.
-  virtual absl::StatusOr<GenerateRun> Run(client::Tier* tier, const std::string& id,
-                                          absl::Span<const int32_t> prompt, int steps,
-                                          bool compare_dense) = 0;
+  // Prefills `prompt` as sequence `id` on the GPU (pushing it to the tiers in sparse mode;
+  // tiers[r] is rank r's, world() of them, null in dense mode), then decodes `steps` greedy
+  // tokens; with compare_dense a dense engine runs the same tokens. The sequence is removed
+  // (and dropped on the tiers) at the end. The counters add up the ranks' retrieval and
+  // appends. INVALID_ARGUMENT when tiers does not hold world() entries.
+  virtual absl::StatusOr<GenerateRun> Run(absl::Span<client::Tier* const> tiers,
+                                          const std::string& id, absl::Span<const int32_t> prompt,
+                                          int steps, bool compare_dense) = 0;
 };
 
-// Loads the checkpoint at `dir` on the GPU, for sequences of up to max_context tokens (prompt
-// and generated together). FAILED_PRECONDITION without CUDA or a device; the checkpoint's errors
-// as CudaModel::Load gives them.
-absl::StatusOr<std::unique_ptr<GpuGenerator>> CreateGpuGenerator(const std::string& dir,
-                                                                 const ModelSpec& spec,
-                                                                 const EngineOptions& options,
-                                                                 int max_context);
+// Tensor parallelism of a generator (tp_engine.h): `world` ranks, one per GPU, all-reducing
+// through `collective` ("nccl", or "host": through host memory, ranks may share a GPU).
+struct GpuParallelism {
+  int world = 1;
+  std::string collective = "nccl";
+};
+
+// Loads the checkpoint at `dir` on the GPU (split over `parallel.world` GPUs), for sequences of
+// up to max_context tokens (prompt and generated together). FAILED_PRECONDITION without CUDA or
+// a device (or without `world` devices for NCCL); the checkpoint's errors as CudaModel::Load
+// gives them; TensorParallelModel::Load's for world > 1 (INVALID_ARGUMENT for a world that does
+// not divide the heads).
+absl::StatusOr<std::unique_ptr<GpuGenerator>> CreateGpuGenerator(
+    const std::string& dir, const ModelSpec& spec, const EngineOptions& options, int max_context,
+    const GpuParallelism& parallel = {});
 
 }  // namespace kvrecall::worker
 
