@@ -792,10 +792,6 @@ class CtkvrSegment final : public Segment {
   mutable std::vector<std::shared_ptr<const ListRows>> copies_ ABSL_GUARDED_BY(copies_mu_);
 };
 
-}  // namespace
-
-namespace {
-
 // CtkvrLists' contract, but for the normalisers' lower bound (TakeLists checks it).
 absl::Status CheckLists(const BuildInput& in, const CtkvrOptions& options) {
   const CtkvrLists& l = *in.ctkvr_lists;

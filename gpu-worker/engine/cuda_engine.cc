@@ -35,6 +35,52 @@ using cuda::PinnedMem;
 // starts far above the host Engine's counter (which starts at 1) for the same reason.
 std::atomic<uint64_t> next_epoch{uint64_t{1} << 40};
 
+// The ctkvr lists a prefill of T tokens makes on the GPU (EngineOptions::gpu_ctkvr_lists), for
+// PrefillSequence and PrefillDeviceBytes alike: the centroids' positions (the tier's pick among
+// the sampled query positions), one layer's CtkvrLists shape (every field but the pointers) and
+// its buffers' sizes.
+struct ListPlan {
+  std::vector<int32_t> positions;  // ascending
+  cuda::CtkvrListsParams shape;
+  size_t workspace_bytes = 0;
+  size_t tokens = 0;  // per layer: [kv_heads][centroids][list_len] int32
+  size_t lse = 0;     // per layer: [kv_heads][centroids][group] fp32
+  // Device bytes: the workspace, the centroid queries and one layer's lists.
+  size_t device_bytes() const {
+    return workspace_bytes + positions.size() * shape.num_q_heads * shape.head_dim * 2 +
+           (tokens + lse) * 4;
+  }
+};
+absl::StatusOr<ListPlan> PlanLists(const LlamaConfig& c, const EngineOptions& o, int64_t T) {
+  ListPlan plan;
+  const std::vector<int32_t> sampled = internal::IndexQueryPositions(o, T);
+  for (int i : indexer::CtkvrCentroidQueries(static_cast<int>(sampled.size()), o.ctkvr_centroids)) {
+    plan.positions.push_back(sampled[i]);
+  }
+  cuda::CtkvrListsParams& p = plan.shape;
+  p.token_stride = int64_t{c.num_kv_heads} * c.head_dim;
+  p.head_stride = c.head_dim;
+  p.begin = std::min<int64_t>(o.sink_tokens, T - 1);
+  p.end = T;
+  p.query_stride = int64_t{c.num_heads} * c.head_dim;
+  p.num_centroids = static_cast<int>(plan.positions.size());
+  p.num_q_heads = c.num_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  p.list_size = o.ctkvr_list_size;
+  ASSIGN_OR_RETURN(plan.workspace_bytes, cuda::CtkvrListsWorkspaceBytes(p));
+  const size_t lists = static_cast<size_t>(c.num_kv_heads) * plan.positions.size();
+  plan.tokens = lists * static_cast<size_t>(std::min<int64_t>(o.ctkvr_list_size, T - p.begin));
+  plan.lse = lists * static_cast<size_t>(c.num_heads / c.num_kv_heads);
+  return plan;
+}
+
+bool MakesListsOnGpu(const LlamaConfig& c, const EngineOptions& o) {
+  return o.sparse && c.num_layers > o.dense_layers && o.method == client::Method::kCtkvr &&
+         o.gpu_ctkvr_lists;
+}
+
 // Synthetic K/V values: uniform with standard deviation 1.
 constexpr float kSyntheticScale = 1.7320508f;
 uint64_t SyntheticStream(uint64_t seed, int layer, bool is_v) {
@@ -460,20 +506,10 @@ int64_t CudaEngine::PrefillDeviceBytes(const LlamaConfig& c, const EngineOptions
   const int64_t T = std::max<int64_t>(num_tokens, 1);
   const int64_t C = std::clamp<int64_t>(chunk_tokens, 1, T);
   const int sparse_layers = o.sparse ? std::max(0, c.num_layers - o.dense_layers) : 0;
-  int64_t lists = 0;  // GPU-made ctkvr lists: scores, centroid queries and one layer's lists
-  if (sparse_layers > 0 && o.method == client::Method::kCtkvr && o.gpu_ctkvr_lists) {
-    cuda::CtkvrListsParams p;
-    p.begin = std::min<int64_t>(o.sink_tokens, T - 1);
-    p.end = T;
-    p.num_centroids = std::max(1, std::min(o.ctkvr_centroids, o.index_queries));
-    p.num_q_heads = c.num_heads;
-    p.num_kv_heads = c.num_kv_heads;
-    p.head_dim = c.head_dim;
-    absl::StatusOr<size_t> ws = cuda::CtkvrListsWorkspaceBytes(p);
-    const int64_t nc = p.num_centroids;
-    lists =
-        (ws.ok() ? static_cast<int64_t>(*ws) : 0) + nc * qd * 2 +
-        int64_t{c.num_kv_heads} * nc * (std::min<int64_t>(o.ctkvr_list_size, T) + c.num_heads) * 4;
+  int64_t lists = 0;  // GPU-made ctkvr lists
+  if (MakesListsOnGpu(c, o)) {
+    const absl::StatusOr<ListPlan> plan = PlanLists(c, o, T);
+    if (plan.ok()) lists = static_cast<int64_t>(plan->device_bytes());
   }
   return T * c.hidden_size * 4 + 2 * T * 4 + C * (qd + 2 * kvd) * 2 + C * qd * 2 +
          int64_t{c.vocab_size} * 4 + std::min(sparse_layers, 2) * 2 * T * kvd * 2 + lists;
@@ -490,6 +526,11 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
   const absl::Time t_start = absl::Now();
   RETURN_IF_ERROR(CheckPrefill(id, tokens, prefill_options));
   const int64_t T = static_cast<int64_t>(tokens.size());
+  const bool gpu_lists = MakesListsOnGpu(config_, options_);
+  ListPlan lists;  // of GPU-made ctkvr lists (see the buffers below)
+  if (gpu_lists) {
+    ASSIGN_OR_RETURN(lists, PlanLists(config_, options_, T));
+  }
   RETURN_IF_ERROR(NewRow(id, T));
   const size_t row = rows_.size() - 1;
   absl::Cleanup undo = [&] { rows_.pop_back(); };
@@ -505,26 +546,6 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
   const int sparse_layers = options_.sparse ? std::max(0, L - options_.dense_layers) : 0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  auto lists_params = [&](const uint16_t* keys, const uint16_t* queries, int64_t begin, int64_t end,
-                          size_t centroids, int32_t* out_tokens, float* out_lse) {
-    cuda::CtkvrListsParams p;
-    p.keys = keys;
-    p.token_stride = static_cast<int64_t>(kvd);
-    p.head_stride = hd;
-    p.begin = begin;
-    p.end = end;
-    p.queries = queries;
-    p.query_stride = static_cast<int64_t>(qd);
-    p.num_centroids = static_cast<int>(centroids);
-    p.num_q_heads = config_.num_heads;
-    p.num_kv_heads = Hkv;
-    p.head_dim = hd;
-    p.scale = scale;
-    p.list_size = options_.ctkvr_list_size;
-    p.tokens = out_tokens;
-    p.lse = out_lse;
-    return p;
-  };
   // Per-call buffers (the header comment lists them and their sizes).
   DeviceMem x, io, qkv, attn, logits, scratch_k[2], scratch_v[2];
   RETURN_IF_ERROR(x.Allocate(Tz * hidden * 4, "prefill residual stream"));
@@ -540,22 +561,13 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
   // the sampled queries ([sparse layer][query][q_dim] bf16, pinned).
   std::unique_ptr<uint16_t[]> host_kv;
   PinnedMem q_h;
-  std::vector<int32_t> qpos;
-  // ctkvr lists made here (EngineOptions::gpu_ctkvr_lists): the centroids are the sampled
-  // queries picks[c] (indices into qpos); per sparse layer, the layer's centroid queries
-  // (cq, [centroid][q_dim] bf16) are scored against its keys [list_begin, T) into list_out
-  // (tokens [kv_heads][centroid][list_len] int32 | lse [kv_heads][centroid][group] fp32), which
-  // goes down into lists_h [sparse layer][...] (pinned).
-  const bool gpu_lists =
-      sparse_layers > 0 && options_.method == client::Method::kCtkvr && options_.gpu_ctkvr_lists;
-  std::vector<int> picks;
-  std::vector<int> pick_of;  // [qpos index] -> centroid, or -1
-  const int64_t list_begin = std::min<int64_t>(S, T - 1);
-  const int64_t list_len = std::min<int64_t>(options_.ctkvr_list_size, T - list_begin);
-  const int G = config_.num_heads / Hkv;
+  std::vector<int32_t> qpos;  // positions whose queries the tier gets
+  // ctkvr lists made here (EngineOptions::gpu_ctkvr_lists; ListPlan): the tier gets only the
+  // centroids' queries (qpos = lists.positions). Per sparse layer the centroid queries (cq,
+  // [centroid][q_dim] bf16) are scored against its keys into list_out (tokens | lse, ListPlan's
+  // sizes), which goes down into lists_h [sparse layer][tokens | lse] (pinned).
   DeviceMem cq, list_ws, list_out;
   PinnedMem lists_h;
-  size_t list_ws_bytes = 0, list_tokens = 0, list_lse = 0;  // per layer
   std::vector<int32_t> inputs(2 * Tz);  // tokens | positions
   cudaStream_t copy = nullptr;          // downloads layer l - 1 while layer l computes
   cudaEvent_t layer_done[2] = {nullptr, nullptr};
@@ -576,25 +588,18 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
       return absl::ResourceExhaustedError(
           absl::StrCat("prefill: no ", n * 2, " bytes of host memory for the prompt's K/V"));
     }
-    qpos = internal::IndexQueryPositions(options_, T);
+    if (gpu_lists) {
+      qpos = lists.positions;
+      const size_t per_layer = (lists.tokens + lists.lse) * 4;
+      RETURN_IF_ERROR(cq.Allocate(qpos.size() * qd * 2, "prefill ctkvr centroid queries"));
+      RETURN_IF_ERROR(list_ws.Allocate(lists.workspace_bytes, "prefill ctkvr list workspace"));
+      RETURN_IF_ERROR(list_out.Allocate(per_layer, "prefill ctkvr lists"));
+      RETURN_IF_ERROR(lists_h.Allocate(sparse_layers * per_layer, "ctkvr lists"));
+    } else {
+      qpos = internal::IndexQueryPositions(options_, T);
+    }
     if (sparse_layers > 0) {
       RETURN_IF_ERROR(q_h.Allocate(sparse_layers * qpos.size() * qd * 2, "prompt queries"));
-    }
-    if (gpu_lists) {
-      picks =
-          indexer::CtkvrCentroidQueries(static_cast<int>(qpos.size()), options_.ctkvr_centroids);
-      pick_of.assign(qpos.size(), -1);
-      for (size_t c = 0; c < picks.size(); ++c) pick_of[picks[c]] = static_cast<int>(c);
-      const size_t nc = picks.size();
-      list_tokens = Hkv * nc * static_cast<size_t>(list_len);
-      list_lse = Hkv * nc * G;
-      ASSIGN_OR_RETURN(list_ws_bytes, cuda::CtkvrListsWorkspaceBytes(lists_params(
-                                          nullptr, nullptr, list_begin, T, nc, nullptr, nullptr)));
-      RETURN_IF_ERROR(cq.Allocate(nc * qd * 2, "prefill ctkvr centroid queries"));
-      RETURN_IF_ERROR(list_ws.Allocate(list_ws_bytes, "prefill ctkvr list workspace"));
-      RETURN_IF_ERROR(list_out.Allocate((list_tokens + list_lse) * 4, "prefill ctkvr lists"));
-      RETURN_IF_ERROR(
-          lists_h.Allocate(sparse_layers * (list_tokens + list_lse) * 4, "ctkvr lists"));
     }
     RETURN_IF_ERROR(
         CudaStatus(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking), "cudaStreamCreate"));
@@ -673,11 +678,11 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
             cudaMemcpyAsync(q_h.as<uint16_t>() + (s * qpos.size() + next_q) * qd,
                             q + (qpos[next_q] - c0) * width, qd * 2, cudaMemcpyDeviceToHost, st),
             "prompt query download"));
-        if (gpu_lists && pick_of[next_q] >= 0) {
-          RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(cq.as<uint16_t>() + pick_of[next_q] * qd,
-                                                     q + (qpos[next_q] - c0) * width, qd * 2,
-                                                     cudaMemcpyDeviceToDevice, st),
-                                     "centroid query copy"));
+        if (gpu_lists) {
+          RETURN_IF_ERROR(CudaStatus(
+              cudaMemcpyAsync(cq.as<uint16_t>() + next_q * qd, q + (qpos[next_q] - c0) * width,
+                              qd * 2, cudaMemcpyDeviceToDevice, st),
+              "centroid query copy"));
         }
       }
       cuda::PrefillAttentionParams p;
@@ -718,14 +723,17 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
       }
     }
     if (sparse && gpu_lists) {  // the layer's lists while its keys are here
+      cuda::CtkvrListsParams p = lists.shape;
+      p.keys = k_dst;
+      p.queries = cq.as<uint16_t>();
+      p.tokens = list_out.as<int32_t>();
+      p.lse = list_out.as<float>() + lists.tokens;
+      RETURN_IF_ERROR(cuda::CtkvrLists(p, list_ws.as<void>(), lists.workspace_bytes, st));
       RETURN_IF_ERROR(
-          cuda::CtkvrLists(lists_params(k_dst, cq.as<uint16_t>(), list_begin, T, picks.size(),
-                                        list_out.as<int32_t>(), list_out.as<float>() + list_tokens),
-                           list_ws.as<void>(), list_ws_bytes, st));
-      RETURN_IF_ERROR(CudaStatus(
-          cudaMemcpyAsync(lists_h.as<int32_t>() + s * (list_tokens + list_lse), list_out.as<void>(),
-                          (list_tokens + list_lse) * 4, cudaMemcpyDeviceToHost, st),
-          "ctkvr lists download"));
+          CudaStatus(cudaMemcpyAsync(lists_h.as<int32_t>() + s * (lists.tokens + lists.lse),
+                                     list_out.as<void>(), (lists.tokens + lists.lse) * 4,
+                                     cudaMemcpyDeviceToHost, st),
+                     "ctkvr lists download"));
     }
     if (options_.sparse) {
       // Downloading layer l - 1 now overlaps layer l's compute; the scratch layer l + 1 will
@@ -746,24 +754,18 @@ absl::Status CudaEngine::PrefillSequence(const std::string& id, absl::Span<const
 
   if (options_.sparse) {
     const size_t nq = qpos.size();
-    // The tier's queries: every sampled one, or with lists the centroids among them.
-    std::vector<int> sent(nq);
-    std::iota(sent.begin(), sent.end(), 0);
-    if (gpu_lists) sent = picks;
-    internal::IndexQueries index{T, static_cast<int>(sent.size()), {}};
+    internal::IndexQueries index{T, static_cast<int>(nq), {}};
     std::vector<std::vector<float>> queries(sparse_layers);
     for (int s = 0; s < sparse_layers; ++s) {
-      queries[s].resize(sent.size() * qd);
-      for (size_t j = 0; j < sent.size(); ++j) {
-        const uint16_t* src = q_h.as<uint16_t>() + (s * nq + sent[j]) * qd;
-        for (size_t i = 0; i < qd; ++i) queries[s][j * qd + i] = Bf16ToF32(src[i]);
-      }
+      const uint16_t* src = q_h.as<uint16_t>() + s * nq * qd;
+      queries[s].resize(nq * qd);
+      for (size_t j = 0; j < nq * qd; ++j) queries[s][j] = Bf16ToF32(src[j]);
       index.layers.push_back(queries[s]);
       if (gpu_lists) {
-        const int32_t* l = lists_h.as<int32_t>() + s * (list_tokens + list_lse);
+        const int32_t* l = lists_h.as<int32_t>() + s * (lists.tokens + lists.lse);
         index.lists.push_back(
-            {absl::MakeConstSpan(l, list_tokens),
-             absl::MakeConstSpan(reinterpret_cast<const float*>(l) + list_tokens, list_lse)});
+            {absl::MakeConstSpan(l, lists.tokens),
+             absl::MakeConstSpan(reinterpret_cast<const float*>(l) + lists.tokens, lists.lse)});
       }
     }
     index.list_size = gpu_lists ? options_.ctkvr_list_size : 0;

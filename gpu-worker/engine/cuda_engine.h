@@ -59,8 +59,9 @@
 //     [head_dim] bf16 (12.9 GB), downloaded layer by layer and pushed to the tier once the last
 //     layer is done (an AppendBatch carries every layer of its tokens); the host path's fp32
 //     PromptKV is twice that. And the sampled ctkvr queries, pinned, [sparse layers]
-//     [IndexQueryPositions][q_dim] bf16, and with GPU-made lists every sparse layer's lists
-//     (pinned, [sparse layers][kv_heads][centroids][list_size] int32: 15 MB).
+//     [IndexQueryPositions][q_dim] bf16 (with GPU-made lists only the centroids' positions),
+//     and with GPU-made lists every sparse layer's lists (pinned, [sparse layers][kv_heads]
+//     [centroids][list_size] int32: 15 MB).
 //
 // Thread safety: one thread drives an engine (lookahead starts a helper thread inside Step),
 // with the model's device current (CudaModel::device(); the helpers set it themselves). The
