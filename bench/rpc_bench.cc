@@ -40,6 +40,7 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("bf16_queries", &o.bf16_queries));
   RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
   RETURN_IF_ERROR(f.Get("ctkvr_copy_list_rows", &o.ctkvr_copy_list_rows));
+  RETURN_IF_ERROR(f.Get("threads", &o.threads));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
       o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
@@ -74,6 +75,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   RETURN_IF_ERROR(
       indexer::ApplyMinSimilarityFlag(o.ctkvr_min_similarity, &node_options.index_options.ctkvr));
   node_options.index_options.ctkvr.copy_list_rows = o.ctkvr_copy_list_rows;
+  node_options.search_threads = o.threads;
   // K/V, each sequence's index at its largest (ctkvr's bound; cluster's is smaller at these
   // sizes), and a margin.
   const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(
@@ -169,7 +171,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   std::vector<std::vector<uint8_t>> local_caches, remote_caches;
   std::vector<client::Recalled> out_local, out_remote;
   std::vector<double> t_local, t_remote, t_node, t_wait, t_search, t_local_node, t_local_search;
-  std::vector<double> t_local_stream, t_local_read;
+  std::vector<double> t_local_stream, t_local_read, t_stream, t_read;
   int64_t rows_selected = 0, rows_sent = 0;
   indexer::CtkvrCounters ctkvr_before;
   for (int it = 0; it < o.warmup + o.iterations; ++it) {
@@ -208,6 +210,10 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
     t_node.push_back(static_cast<double>(remote->counters().tier_node_micros - remote_before.tier_node_micros));
     t_wait.push_back(static_cast<double>(remote->counters().tier_wait_micros - remote_before.tier_wait_micros));
     t_search.push_back(static_cast<double>(remote->counters().tier_search_micros - remote_before.tier_search_micros));
+    t_stream.push_back(static_cast<double>(remote->counters().tier_stream_micros -
+                                           remote_before.tier_stream_micros));
+    t_read.push_back(
+        static_cast<double>(remote->counters().tier_read_micros - remote_before.tier_read_micros));
     t_local_node.push_back(static_cast<double>(local->counters().tier_node_micros - before.tier_node_micros));
     t_local_search.push_back(static_cast<double>(local->counters().tier_search_micros - before.tier_search_micros));
     t_local_stream.push_back(
@@ -256,6 +262,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["ctkvr_novel_fraction"] = ctkvr_after.Since(ctkvr_before).novel_fraction();
   j["ctkvr_min_similarity"] = o.ctkvr_min_similarity;
   j["ctkvr_copy_list_rows"] = o.ctkvr_copy_list_rows;
+  j["threads"] = o.threads;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what
@@ -266,6 +273,8 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["wait_us_p50"] = Percentile(t_wait, 0.5);
   // The same split of the node's time in both tiers: all of it, and its index search.
   j["node_search_us_p50"] = Percentile(t_search, 0.5);
+  j["node_stream_us_p50"] = Percentile(t_stream, 0.5);
+  j["node_read_us_p50"] = Percentile(t_read, 0.5);
   j["inprocess_node_us_p50"] = Percentile(t_local_node, 0.5);
   j["inprocess_search_us_p50"] = Percentile(t_local_search, 0.5);
   j["inprocess_stream_us_p50"] = Percentile(t_local_stream, 0.5);

@@ -47,6 +47,8 @@ struct RpcBenchOptions {
   // CtkvrOptions::copy_list_rows on both tiers: candidates streamed from per-centroid copies of
   // their key rows (true) or gathered from the pages (false). The same selection either way.
   bool ctkvr_copy_list_rows = true;
+  // Search threads of each node (NodeOptions::search_threads); <= 0: every core.
+  int threads = 0;
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

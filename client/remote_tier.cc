@@ -47,6 +47,7 @@ class RemoteTier final : public Tier {
     stub_ = v1::KvRecall::NewStub(channel_);
     const size_t areas = static_cast<size_t>(std::max(1, options_.staging_areas));
     call_seq_.assign(areas, 0);
+    retrieve_reqs_.resize(areas);
     retrieve_resps_.resize(areas);
     if (remote_.transport == "grpc") {
       fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
@@ -419,7 +420,8 @@ class RemoteTier final : public Tier {
     const size_t pair = 2 * spec->row_bytes();
     uint64_t first_row = 0, results_offset = 0;
     RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row, &results_offset));
-    v1::RetrieveRequest req;
+    v1::RetrieveRequest& req = retrieve_reqs_[static_cast<size_t>(batch.staging_area)];
+    req.Clear();
     req.set_tenant(options_.tenant);
     req.set_layer(batch.layer);
     req.set_budget(static_cast<uint32_t>(batch.budget));
@@ -448,7 +450,6 @@ class RemoteTier final : public Tier {
       pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
       pe->set_slot_epoch(e.slot_epoch);
     }
-    // The area's response, reused: its buffers keep their capacity.
     v1::RetrieveResponse& resp = retrieve_resps_[static_cast<size_t>(batch.staging_area)];
     resp.Clear();
     TierCounters got;
@@ -461,8 +462,14 @@ class RemoteTier final : public Tier {
       got.tier_wait_micros = absl::ToInt64Microseconds(absl::Now() - sent);
       RETURN_IF_ERROR(FromGrpc(st));
     }
-    if (resp.results_size() != req.entries_size()) {
-      return absl::InternalError("server answered a different number of results than entries");
+    // Results come in the reply, or (results_in_region) in our region; a server from before
+    // region_results sent one empty result per entry then.
+    const int answered = region_ != nullptr && resp.results_size() == 0
+                             ? static_cast<int>(resp.region_results())
+                             : resp.results_size();
+    if (answered != req.entries_size()) {
+      return absl::InternalError(absl::StrCat("server answered ", answered, " results for ",
+                                              req.entries_size(), " entries"));
     }
     const size_t n = batch.entries.size();
     out->resize(n);
@@ -686,7 +693,10 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
   std::vector<uint32_t> ingest_checksums_;
   std::vector<std::vector<uint8_t>> ingest_packs_;  // per lane: rows packed in slot layout for the puts
-  std::vector<v1::RetrieveResponse> retrieve_resps_;  // per staging area
+  // Per staging area, reused: cleared messages keep their buffers (a decode step's request
+  // carries hundreds of KiB of queries).
+  std::vector<v1::RetrieveRequest> retrieve_reqs_;
+  std::vector<v1::RetrieveResponse> retrieve_resps_;
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   bool batch_unsupported_ = false;   // the node answered UNIMPLEMENTED to AppendKVBatch
   std::string fallback_buffer_;

@@ -429,7 +429,14 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     // bf16 queries are widened into one buffer, sized first so that the spans into it stay valid.
     size_t bf16_values = 0;
     for (const v1::RetrieveEntry& e : req->entries()) bf16_values += e.queries_bf16().size() / 2;
-    std::vector<float> widened;
+    // Kept per service thread: a fresh buffer of this size (512 KiB for a 256-entry step) would be
+    // mapped and page-faulted on every call. One that an unusually large call left behind goes.
+    thread_local std::vector<float> widened;
+    widened.clear();
+    if (widened.capacity() * sizeof(float) > (size_t{8} << 20) &&
+        widened.capacity() > 2 * bf16_values) {
+      std::vector<float>().swap(widened);
+    }
     widened.reserve(bf16_values);
     args.entries.reserve(req->entries_size());
     for (int i = 0; i < req->entries_size(); ++i) {
@@ -460,12 +467,15 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     resp->set_stream_plan_micros(static_cast<uint64_t>(out.stream_plan_micros));
     resp->set_stream_micros(static_cast<uint64_t>(out.stream_micros));
     resp->set_read_micros(static_cast<uint64_t>(out.read_micros));
-    for (size_t i = 0; i < out.token_ids.size(); ++i) {
-      v1::RetrieveResult* r = resp->add_results();
-      if (args.results_in_region) continue;  // they are in the worker's region
-      proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
-      proto::PackSlots(out.slots[i], r->mutable_slots());
-      proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());
+    if (args.results_in_region) {
+      resp->set_region_results(static_cast<uint32_t>(out.token_ids.size()));  // next to the rows
+    } else {
+      for (size_t i = 0; i < out.token_ids.size(); ++i) {
+        v1::RetrieveResult* r = resp->add_results();
+        proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
+        proto::PackSlots(out.slots[i], r->mutable_slots());
+        proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());
+      }
     }
     resp->set_bytes_streamed(out.bytes_streamed);
     return absl::OkStatus();

@@ -54,5 +54,26 @@ TEST(ConvertTest, ExactBf16QueriesTravelAsBf16AndComeBackBitExact) {
   EXPECT_THAT(AppendBf16AsF32("abc", &back), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(ConvertTest, LongBf16ArraysRoundTripAndOneInexactValueAnywhereKeepsFp32) {
+  // Lengths around vector widths, with a tail; a query block is [group][head_dim].
+  for (size_t n : {size_t{15}, size_t{16}, size_t{17}, size_t{512}, size_t{1031}}) {
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; ++i)
+      v[i] = std::bit_cast<float>(static_cast<uint32_t>(0x3c000000u + i * 0x10000u));
+    std::string packed;
+    ASSERT_TRUE(PackExactBf16(v, &packed)) << n;
+    std::vector<float> back;
+    ASSERT_OK(AppendBf16AsF32(packed, &back));
+    ASSERT_EQ(back.size(), n);
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(back[i]), std::bit_cast<uint32_t>(v[i])) << i;
+    for (size_t at : {size_t{0}, n / 2, n - 1}) {
+      std::vector<float> w = v;
+      w[at] = std::bit_cast<float>(std::bit_cast<uint32_t>(w[at]) | 1u);
+      EXPECT_FALSE(PackExactBf16(w, &packed)) << n << " " << at;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvrecall::proto

@@ -217,7 +217,10 @@ void Call(int rpc, bool flag, absl::string_view payload, uint64_t* last_ingest, 
       v1::RetrieveRequest req;
       v1::RetrieveResponse resp;
       if (Parse(payload, &req) && stub.Retrieve(&ctx, req, &resp).ok() &&
-          resp.results_size() != req.entries_size()) {
+          (req.results_in_region()
+               ? resp.results_size() != 0 ||
+                     static_cast<int>(resp.region_results()) != req.entries_size()
+               : resp.results_size() != req.entries_size() || resp.region_results() != 0)) {
         Fail("Retrieve answered OK with a result count that differs from the entries");
       }
       break;
