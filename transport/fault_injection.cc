@@ -15,6 +15,7 @@ class DelayedWriter final : public RemoteWriter {
     absl::SleepFor(delay_);
     return inner_->PutAll(ops);
   }
+  absl::Status GetAll(absl::Span<const GetOp> ops) override { return inner_->GetAll(ops); }
   const RemoteRegion& region() const override { return inner_->region(); }
 
  private:

@@ -12,7 +12,8 @@
 namespace kvrecall::transport {
 
 // Wraps `inner`: regions and names pass through; every RemoteWriter::PutAll sleeps `put_delay`
-// first, then forwards. REQUIRES: put_delay >= 0.
+// first, then forwards (GetAll forwards at once; WriteDirect is not offered, so that every write
+// takes the delayed path). REQUIRES: put_delay >= 0.
 std::unique_ptr<Transport> WithPutDelay(std::unique_ptr<Transport> inner, absl::Duration put_delay);
 
 }  // namespace kvrecall::transport

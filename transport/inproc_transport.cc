@@ -1,4 +1,5 @@
-// In-process implementation of Transport: puts are memcpy into regions of the same instance.
+// In-process implementation of Transport: puts and gets are memcpy to and from regions of the
+// same instance.
 //
 // Thread safety / Invariants: an InProcCore (shared by the transport, its regions and writers)
 // keeps the set of live regions under a reader/writer mutex. PutAll copies under the reader lock
@@ -74,6 +75,19 @@ class InProcCore {
     return absl::OkStatus();
   }
 
+  absl::Status Get(uint64_t region_id, uint64_t base, absl::Span<const GetOp> ops)
+      ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::ReaderMutexLock lock(&mu_);
+    if (regions_.find(region_id) == regions_.end()) {
+      return absl::UnavailableError("in-process region was destroyed");
+    }
+    for (const GetOp& op : ops) {
+      if (op.length == 0) continue;
+      std::memcpy(op.dst, reinterpret_cast<const uint8_t*>(base + op.remote_offset), op.length);
+    }
+    return absl::OkStatus();
+  }
+
   // Runs `write` with the region's memory, under the reader lock (the region cannot go away).
   absl::StatusOr<bool> WriteDirect(uint64_t region_id, uint64_t base,
                                    absl::FunctionRef<absl::Status(uint8_t*)> write) ABSL_LOCKS_EXCLUDED(mu_) {
@@ -140,6 +154,10 @@ class InProcWriter final : public RemoteWriter {
   }
   absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) override {
     return core_->WriteDirect(region_id_, region_.base, write);
+  }
+  absl::Status GetAll(absl::Span<const GetOp> ops) override {
+    RETURN_IF_ERROR(internal::ValidateGetOps(ops, region_.length));
+    return core_->Get(region_id_, region_.base, ops);
   }
   const RemoteRegion& region() const override { return region_; }
 

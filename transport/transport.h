@@ -49,6 +49,13 @@ struct PutOp {
   uint64_t remote_offset = 0;
 };
 
+// One get: `length` bytes from byte `remote_offset` of the remote region to local `dst`.
+struct GetOp {
+  void* dst = nullptr;
+  size_t length = 0;
+  uint64_t remote_offset = 0;
+};
+
 // A connection to one remote region. Writers to the same peer share one underlying connection.
 class RemoteWriter {
  public:
@@ -75,6 +82,14 @@ class RemoteWriter {
   virtual absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) {
     return false;
   }
+
+  // Reads: copies every op's bytes of the remote region into its `dst` and returns once all
+  // arrived (a one-sided get, e.g. an RDMA read; a plain copy when the region is mapped here).
+  // Errors as PutAll's: OUT_OF_RANGE for an op outside the region and INVALID_ARGUMENT for a
+  // null `dst` with nonzero length, before anything is read; UNAVAILABLE for a broken peer or
+  // one that does not complete within the put timeout. The region's owner may change the bytes
+  // meanwhile: the caller gets a snapshot of each byte, not of the whole region.
+  virtual absl::Status GetAll(absl::Span<const GetOp> ops) = 0;
 
   virtual const RemoteRegion& region() const = 0;
 };

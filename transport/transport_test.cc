@@ -55,6 +55,34 @@ void ExpectScattered(const uint8_t* region, size_t region_slots, const std::vect
   }
 }
 
+// Gets row slots[i] of a region holding `src` (row s at slot s) into row i of the result, checks
+// every byte, and that a get outside the region, or into null, reads nothing and fails clearly.
+void ExpectGetsReadRows(RemoteWriter& reader, const std::vector<uint8_t>& src,
+                        const std::vector<size_t>& slots) {
+  std::vector<uint8_t> got(slots.size() * kRowBytes, 0);
+  std::vector<GetOp> ops;
+  for (size_t i = 0; i < slots.size(); ++i)
+    ops.push_back(GetOp{got.data() + i * kRowBytes, kRowBytes, slots[i] * kRowBytes});
+  ops.push_back(GetOp{nullptr, 0, 0});  // zero-length: skipped
+  ASSERT_OK(reader.GetAll(ops));
+  for (size_t i = 0; i < slots.size(); ++i) {
+    ASSERT_EQ(std::memcmp(got.data() + i * kRowBytes, src.data() + slots[i] * kRowBytes, kRowBytes),
+              0)
+        << i;
+  }
+  const uint64_t length = reader.region().length;
+  std::vector<uint8_t> untouched(2 * kRowBytes, 0);
+  const std::vector<GetOp> outside = {
+      {untouched.data(), kRowBytes, 0},
+      {untouched.data() + kRowBytes, kRowBytes, length - kRowBytes + 1}};
+  EXPECT_THAT(reader.GetAll(outside), StatusIs(absl::StatusCode::kOutOfRange));
+  const GetOp overflow{untouched.data(), kRowBytes, ~uint64_t{0} - 10};
+  EXPECT_THAT(reader.GetAll({&overflow, 1}), StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_EQ(untouched, std::vector<uint8_t>(2 * kRowBytes, 0));  // the valid first op did not run
+  const GetOp null_dst{nullptr, kRowBytes, 0};
+  EXPECT_THAT(reader.GetAll({&null_dst, 1}), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 std::vector<size_t> ShuffledSlots(size_t region_slots, size_t count, uint32_t seed) {
   std::vector<size_t> slots(region_slots);
   std::iota(slots.begin(), slots.end(), 0);
@@ -106,6 +134,19 @@ TEST(InProcessTransportTest, WriteDirectFillsTheRegionUntilItIsDestroyed) {
   }),
               StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_FALSE(called);
+}
+
+TEST(InProcessTransportTest, GetsReadScatteredRowsUntilTheRegionIsDestroyed) {
+  auto transport = CreateInProcessTransport();
+  ASSERT_OK_AND_ASSIGN(auto region, transport->AllocateRegion(64 * kRowBytes));
+  const auto src = MakeRows(64, 3);
+  std::memcpy(region->data(), src.data(), src.size());
+  ASSERT_OK_AND_ASSIGN(auto reader, transport->Connect(region->Describe()));
+  ExpectGetsReadRows(*reader, src, ShuffledSlots(64, 40, 5));
+  region.reset();
+  uint8_t byte = 0;
+  const GetOp one{&byte, 1, 0};
+  EXPECT_THAT(reader->GetAll({&one, 1}), StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST(InProcessTransportTest, OutOfRangeSendsNothing) {
@@ -236,6 +277,34 @@ TEST_P(UcxTransportTest, RowsLandInCallerRegisteredMemory) {
   const PutOp whole{big.data(), big.size(), 0};
   ASSERT_OK(writer->PutAll({&whole, 1}));
   EXPECT_EQ(std::memcmp(memory.data(), big.data(), big.size()), 0);
+}
+
+// Gets read the peer's region: a copy where shared memory maps it here, UCX gets (over TCP:
+// its software emulation of one-sided reads) elsewhere; allocated and caller-registered memory.
+TEST_P(UcxTransportTest, GetsReadScatteredRowsOfThePeersRegion) {
+  constexpr size_t kSlots = 2048;  // 1 MiB
+  ASSERT_OK_AND_ASSIGN(auto region, receiver_->AllocateRegion(kSlots * kRowBytes));
+  const auto src = MakeRows(kSlots, 8);
+  std::memcpy(region->data(), src.data(), src.size());
+  ASSERT_OK_AND_ASSIGN(auto reader, sender_->Connect(region->Describe()));
+  ExpectGetsReadRows(*reader, src, ShuffledSlots(kSlots, 700, 21));
+  // One large contiguous get, then a put and a get over the same endpoint.
+  std::vector<uint8_t> whole(src.size(), 0);
+  const GetOp all{whole.data(), whole.size(), 0};
+  ASSERT_OK(reader->GetAll({&all, 1}));
+  EXPECT_EQ(whole, src);
+  const auto fresh = MakeRows(1, 9);
+  const PutOp put{fresh.data(), kRowBytes, 5 * kRowBytes};
+  ASSERT_OK(reader->PutAll({&put, 1}));
+  std::vector<uint8_t> row(kRowBytes, 0);
+  const GetOp back{row.data(), kRowBytes, 5 * kRowBytes};
+  ASSERT_OK(reader->GetAll({&back, 1}));
+  EXPECT_EQ(row, fresh);
+
+  std::vector<uint8_t> memory = MakeRows(256, 10);
+  ASSERT_OK_AND_ASSIGN(auto registered, receiver_->RegisterRegion(memory.data(), memory.size()));
+  ASSERT_OK_AND_ASSIGN(auto reader2, sender_->Connect(registered->Describe()));
+  ExpectGetsReadRows(*reader2, memory, ShuffledSlots(256, 100, 22));
 }
 
 TEST_P(UcxTransportTest, OutOfRangeSendsNothing) {

@@ -43,6 +43,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -158,9 +159,10 @@ class UcxCore {
   // Undoes Attach's rkey unpack (a no-op when the endpoint was closed, which destroyed it).
   void Detach(Endpoint& endpoint, ucp_rkey_h rkey) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Issues every op, flushes the endpoint and waits. REQUIRES: ops validated.
-  absl::Status PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
-                      absl::Span<const PutOp> ops) ABSL_LOCKS_EXCLUDED(mu_);
+  // Issues every op (puts or gets), flushes the endpoint and waits. REQUIRES: ops validated.
+  template <typename Op>
+  absl::Status Transfer(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
+                        absl::Span<const Op> ops) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   UcxCore() = default;
@@ -544,8 +546,10 @@ void UcxCore::Detach(Endpoint& endpoint, ucp_rkey_h rkey) {
   ucp_rkey_destroy(rkey);
 }
 
-absl::Status UcxCore::PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
-                             absl::Span<const PutOp> ops) {
+template <typename Op>
+absl::Status UcxCore::Transfer(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
+                               absl::Span<const Op> ops) {
+  constexpr bool kGet = std::is_same_v<Op, GetOp>;
   const absl::Time deadline = absl::Now() + put_timeout_;
   auto flush = std::make_unique<FlushState>();
 
@@ -555,19 +559,25 @@ absl::Status UcxCore::PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
     return endpoint.error;
   }
 
-  // Individual puts carry no callback: the flush below covers their completion (and reports an
-  // error if any of them failed), so each returned request is released at once.
-  ucp_request_param_t put_param{};
-  put_param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-  put_param.memory_type = UCS_MEMORY_TYPE_HOST;
+  // Individual operations carry no callback: the flush below covers their completion (and
+  // reports an error if any of them failed), so each returned request is released at once.
+  ucp_request_param_t op_param{};
+  op_param.op_attr_mask = UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+  op_param.memory_type = UCS_MEMORY_TYPE_HOST;
   absl::Status issue_status;
-  for (const PutOp& op : ops) {
+  for (const Op& op : ops) {
     if (op.length == 0) continue;
-    ucs_status_ptr_t request =
-        ucp_put_nbx(endpoint.ep, op.src, op.length, base + op.remote_offset, rkey, &put_param);
+    ucs_status_ptr_t request;
+    if constexpr (kGet) {
+      request =
+          ucp_get_nbx(endpoint.ep, op.dst, op.length, base + op.remote_offset, rkey, &op_param);
+    } else {
+      request =
+          ucp_put_nbx(endpoint.ep, op.src, op.length, base + op.remote_offset, rkey, &op_param);
+    }
     if (UCS_PTR_IS_ERR(request)) {
-      issue_status = UcsToStatus(UCS_PTR_STATUS(request), "ucp_put_nbx");
-      break;  // still flush: puts already issued may be reading caller buffers
+      issue_status = UcsToStatus(UCS_PTR_STATUS(request), kGet ? "ucp_get_nbx" : "ucp_put_nbx");
+      break;  // still flush: operations already issued may be using caller buffers
     }
     if (request != nullptr) ucp_request_free(request);
   }
@@ -588,8 +598,8 @@ absl::Status UcxCore::PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
       // dead. A forced close completes our flush (and other writers' operations) with an error.
       CloseEndpointLocked(
           endpoint,
-          absl::UnavailableError(absl::StrCat("UCX peer did not complete puts within ",
-                                              absl::FormatDuration(put_timeout_))),
+          absl::UnavailableError(absl::StrCat("UCX peer did not complete ", kGet ? "gets" : "puts",
+                                              " within ", absl::FormatDuration(put_timeout_))),
           /*force=*/true);
       if (!ProgressUntilLocked(&flush->done, absl::Now() + kCloseTimeout)) {
         KV_LOG(ERROR) << "ucx transport: flush request never completed after forced close";
@@ -603,7 +613,7 @@ absl::Status UcxCore::PutAll(Endpoint& endpoint, ucp_rkey_h rkey, uint64_t base,
   absl::Status status = issue_status;
   if (status.ok() && flush->status != UCS_OK) status = UcsToStatus(flush->status, "flush");
   if (status.ok()) return status;
-  // Any failure of issued puts means the connection is unusable; answer UNAVAILABLE.
+  // Any failure of issued operations means the connection is unusable; answer UNAVAILABLE.
   CloseEndpointLocked(endpoint, absl::UnavailableError(status.message()), /*force=*/true);
   return endpoint.error;
 }
@@ -646,7 +656,21 @@ class UcxWriter final : public RemoteWriter {
   absl::Status PutAll(absl::Span<const PutOp> ops) override {
     RETURN_IF_ERROR(internal::ValidatePutOps(ops, region_.length));
     if (ops.empty()) return absl::OkStatus();
-    return core_->PutAll(*endpoint_, rkey_, region_.base, ops);
+    return core_->Transfer(*endpoint_, rkey_, region_.base, ops);
+  }
+  absl::Status GetAll(absl::Span<const GetOp> ops) override {
+    RETURN_IF_ERROR(internal::ValidateGetOps(ops, region_.length));
+    if (ops.empty()) return absl::OkStatus();
+    if (direct_ != nullptr) {  // mapped here: a copy, without the worker's lock
+      absl::ReaderMutexLock lock(&endpoint_->direct_mu);
+      if (endpoint_->closed)
+        return absl::UnavailableError("the connection to the region's owner was closed");
+      for (const GetOp& op : ops) {
+        if (op.length != 0) std::memcpy(op.dst, direct_ + op.remote_offset, op.length);
+      }
+      return absl::OkStatus();
+    }
+    return core_->Transfer(*endpoint_, rkey_, region_.base, ops);
   }
   absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) override {
     if (direct_ == nullptr) return false;
