@@ -41,6 +41,7 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
   RETURN_IF_ERROR(f.Get("ctkvr_copy_list_rows", &o.ctkvr_copy_list_rows));
   RETURN_IF_ERROR(f.Get("threads", &o.threads));
+  RETURN_IF_ERROR(f.Get("queries_in_region", &o.queries_in_region));
   RETURN_IF_ERROR(f.CheckAllUsed());
   if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
       o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
@@ -89,7 +90,9 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   kvstore::Node& server_node = *srv->node;
 
   client::TierOptions tier_options;
-  tier_options.recall_buffer_bytes = client::RecallBufferBytes(entries, o.budget, static_cast<size_t>(2 * row));
+  tier_options.recall_buffer_bytes =
+      client::RecallBufferBytes(entries, o.budget, static_cast<size_t>(2 * row), 1,
+                                o.queries_in_region ? int64_t{o.group} * o.head_dim : 0);
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> remote,
                    client::CreateRemoteTier({srv->target, "ucx", o.ucx_tls}, tier_options));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> local, client::CreateLocalTier(node_options, tier_options));
@@ -263,6 +266,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["ctkvr_min_similarity"] = o.ctkvr_min_similarity;
   j["ctkvr_copy_list_rows"] = o.ctkvr_copy_list_rows;
   j["threads"] = o.threads;
+  j["queries_in_region"] = o.queries_in_region;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what

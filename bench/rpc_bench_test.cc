@@ -11,11 +11,17 @@ namespace {
 using ::kvrecall::testing::StatusIs;
 
 TEST(RpcBenchTest, TinyRunReportsEveryField) {
-  for (const char* method : {"exact", "ctkvr"}) {
-    ASSERT_OK_AND_ASSIGN(nlohmann::json j, RunRpcBench({"--sequences=2", "--kv_heads=2", "--head_dim=16",
-                                                        "--tokens=700", "--budget=32", "--iterations=2",
-                                                        "--warmup=1", "--ucx_tls=tcp",
-                                                        std::string("--method=") + method}));
+  // ctkvr both with its queries in the worker's region (the node reads them with UCX gets) and
+  // in the request.
+  for (const char* method : {"exact", "ctkvr", "ctkvr-queries-in-request"}) {
+    const bool in_request = std::string(method) == "ctkvr-queries-in-request";
+    ASSERT_OK_AND_ASSIGN(
+        nlohmann::json j,
+        RunRpcBench({"--sequences=2", "--kv_heads=2", "--head_dim=16", "--tokens=700",
+                     "--budget=32", "--iterations=2", "--warmup=1", "--ucx_tls=tcp",
+                     std::string("--method=") + (in_request ? "ctkvr" : method),
+                     std::string("--queries_in_region=") + (in_request ? "false" : "true")}));
+    EXPECT_EQ(j["queries_in_region"].get<bool>(), !in_request);
     for (const char* f : {"rpc_us_p50", "rpc_us_p99", "inprocess_us_p50", "overhead_ratio", "entries_per_s"}) {
       EXPECT_TRUE(j.contains(f)) << f;
     }

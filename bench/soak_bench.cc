@@ -298,7 +298,8 @@ absl::StatusOr<nlohmann::json> RunSoakBench(const std::vector<std::string>& args
     remote.ucx_tls = o.ucx_tls;
     client::TierOptions to;
     to.worker_id = absl::StrCat("soak-worker-", i);
-    to.recall_buffer_bytes = client::RecallBufferBytes(o.kv_heads, o.budget, 2 * spec.row_bytes());
+    to.recall_buffer_bytes = client::RecallBufferBytes(
+        o.kv_heads, o.budget, 2 * spec.row_bytes(), 1, int64_t{spec.group_size()} * spec.head_dim);
     ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> tier, client::CreateRemoteTier(remote, to));
     RETURN_IF_ERROR(tier->RegisterModel(spec));  // idempotent; each client learns the spec
     clients.push_back(std::make_unique<Client>(i, o, spec, tier.get(), &shared));

@@ -412,6 +412,42 @@ TEST(RecallBufferTest, SizedBufferFitsAndOneLessEntryDoesNot) {
   }
 }
 
+// With query floats RecallBufferBytes also makes room for the batch's queries, between its rows
+// and its results; without, there is none unless the rounding happens to leave it.
+TEST(RecallBufferTest, QueriesGetRoomBetweenRowsAndResultsWhenSizedForThem) {
+  for (int areas : {1, 3}) {
+    for (int budget : {1, 7, 1024}) {
+      const size_t pair = 512;
+      const int64_t floats = 4 * 128;  // group 4 x head_dim 128
+      const uint64_t query_bytes = 5 * floats * sizeof(float);
+      TierOptions o;
+      o.staging_areas = areas;
+      o.recall_buffer_bytes = RecallBufferBytes(5, budget, pair, areas, floats);
+      RetrieveBatch b;
+      b.budget = budget;
+      b.entries.resize(5);
+      for (int a = 0; a < areas; ++a) {
+        b.staging_area = a;
+        uint64_t first_row = 0, results = 0, queries = 0;
+        ASSERT_OK(
+            internal::CheckRecallFits(b, pair, o, &first_row, &results, query_bytes, &queries));
+        ASSERT_NE(queries, internal::kNoQueryRoom);
+        EXPECT_EQ(queries % 64, 0u);
+        EXPECT_GE(queries,
+                  first_row * pair + 5 * static_cast<uint64_t>(budget) * pair);  // after the rows
+        EXPECT_LE(queries + query_bytes, results);  // before the results
+      }
+      // A batch with larger queries than the room: they travel in the request.
+      uint64_t first_row = 0, results = 0, queries = 0;
+      ASSERT_OK(
+          internal::CheckRecallFits(b, pair, o, &first_row, &results, 4 * query_bytes, &queries));
+      EXPECT_EQ(queries, internal::kNoQueryRoom);
+      ASSERT_OK(internal::CheckRecallFits(b, pair, o, &first_row, &results, 0, &queries));
+      EXPECT_EQ(queries, internal::kNoQueryRoom) << "no queries, no room needed";
+    }
+  }
+}
+
 // A confused node's result in the region cannot claim more tokens than the budget.
 TEST(RecallBufferTest, UnpackRejectsCountsBeyondTheBudget) {
   std::vector<uint8_t> buf(kvstore::RetrieveResultBytes(4), 0);

@@ -418,8 +418,14 @@ class RemoteTier final : public Tier {
     if (batch.entries.empty()) return absl::InvalidArgumentError("empty retrieve batch");
     ASSIGN_OR_RETURN(const ModelSpec* spec, SpecOf(batch.entries[0].sequence_id));
     const size_t pair = 2 * spec->row_bytes();
-    uint64_t first_row = 0, results_offset = 0;
-    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row, &results_offset));
+    uint64_t first_row = 0, results_offset = 0, queries_offset = internal::kNoQueryRoom;
+    uint64_t query_bytes = 0;
+    for (const RetrieveEntry& e : batch.entries) query_bytes += e.queries.size() * sizeof(float);
+    RETURN_IF_ERROR(internal::CheckRecallFits(batch, pair, options_, &first_row, &results_offset,
+                                              query_bytes, &queries_offset));
+    // The queries go into our region when it has room for them (RecallBufferBytes with query
+    // floats): the node reads them there, and the request stays small.
+    const bool queries_in_region = region_ != nullptr && queries_offset != internal::kNoQueryRoom;
     v1::RetrieveRequest& req = retrieve_reqs_[static_cast<size_t>(batch.staging_area)];
     req.Clear();
     req.set_tenant(options_.tenant);
@@ -435,13 +441,24 @@ class RemoteTier final : public Tier {
       req.set_results_in_region(true);
       req.set_results_offset(results_offset);
     }
+    if (queries_in_region) {
+      req.set_queries_in_region(true);
+      req.set_queries_offset(queries_offset);
+      uint8_t* at = region_->data() + queries_offset;
+      for (const RetrieveEntry& e : batch.entries) {
+        if (!e.queries.empty()) std::memcpy(at, e.queries.data(), e.queries.size() * sizeof(float));
+        at += e.queries.size() * sizeof(float);
+      }
+    }
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       const RetrieveEntry& e = batch.entries[i];
       v1::RetrieveEntry* pe = req.add_entries();
       pe->set_sequence_id(e.sequence_id);
       pe->set_kv_head(e.kv_head);
       // A bf16 model's queries travel as bf16: half the bytes, the same values.
-      if (!proto::PackExactBf16(e.queries, pe->mutable_queries_bf16())) {
+      if (queries_in_region) {
+        // in the region
+      } else if (!proto::PackExactBf16(e.queries, pe->mutable_queries_bf16())) {
         pe->clear_queries_bf16();
         pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
       }

@@ -187,8 +187,12 @@ class Tier {
 };
 
 // TierOptions::recall_buffer_bytes for Retrieve batches of up to `entries` x `budget` rows of
-// `row_pair_bytes` (2 * row_bytes) in each of `staging_areas` areas, their results included.
-int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas = 1);
+// `row_pair_bytes` (2 * row_bytes) in each of `staging_areas` areas, their results included, and
+// room for their queries (`query_floats_per_entry` = group * head_dim), which a RemoteTier then
+// hands the node through its region instead of the request (proto RetrieveRequest.
+// queries_in_region). Without that room the queries travel in the request.
+int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas = 1,
+                          int64_t query_floats_per_entry = 0);
 
 // An in-process tier: owns a kvstore::Node and an in-process transport.
 absl::StatusOr<std::unique_ptr<Tier>> CreateLocalTier(const kvstore::NodeOptions& node_options,
@@ -233,8 +237,13 @@ namespace internal {
 // gets rows [area_first_row + i * budget, + budget).
 // *results_offset (when not null) is the byte offset in the recall buffer where the node may put
 // the batch's results (kvstore::RetrieveResultBytes(budget) per entry), at the area's end.
-absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
-                             uint64_t* area_first_row, uint64_t* results_offset = nullptr);
+// *queries_offset (when not null) is where `query_bytes` of the batch's queries fit between its
+// rows and its results (64-byte aligned), or kNoQueryRoom.
+inline constexpr uint64_t kNoQueryRoom = ~uint64_t{0};
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
+                             const TierOptions& options, uint64_t* area_first_row,
+                             uint64_t* results_offset = nullptr, uint64_t query_bytes = 0,
+                             uint64_t* queries_offset = nullptr);
 // Reads one entry's result as the node put it (proto RetrieveRequest.results_in_region);
 // INTERNAL for counts beyond the budget. Then CheckRecalled as for any reply.
 absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r);

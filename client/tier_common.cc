@@ -23,9 +23,10 @@ uint64_t ResultsBytes(size_t entries, int budget) {
 }
 }  // namespace
 
-
-absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, const TierOptions& options,
-                             uint64_t* area_first_row, uint64_t* results_offset) {
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
+                             const TierOptions& options, uint64_t* area_first_row,
+                             uint64_t* results_offset, uint64_t query_bytes,
+                             uint64_t* queries_offset) {
   RETURN_IF_ERROR(kvstore::ValidateSelection(batch.budget, batch.successors));
   if (options.staging_areas < 1 || static_cast<uint32_t>(options.staging_areas) > kvstore::kMaxStagingAreas) {
     return absl::InvalidArgumentError(absl::StrCat("staging_areas ", options.staging_areas, " not in [1, ",
@@ -49,6 +50,12 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes, 
   }
   *area_first_row = area_rows * static_cast<uint64_t>(batch.staging_area);
   if (results_offset != nullptr) *results_offset = results_at;
+  if (queries_offset != nullptr) {
+    const uint64_t rows_end = area_start + rows_bytes;
+    const uint64_t at =
+        results_at - rows_end >= query_bytes ? (results_at - query_bytes) & ~uint64_t{63} : 0;
+    *queries_offset = query_bytes > 0 && at >= rows_end ? at : kNoQueryRoom;
+  }
   return absl::OkStatus();
 }
 
@@ -180,11 +187,17 @@ absl::Status Tier::AppendKVBatch(absl::Span<const SequenceAppend> appends,
   return first;
 }
 
-int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas) {
+int64_t RecallBufferBytes(int64_t entries, int budget, size_t row_pair_bytes, int staging_areas,
+                          int64_t query_floats_per_entry) {
   const uint64_t rows_bytes = static_cast<uint64_t>(entries) * static_cast<uint64_t>(budget) * row_pair_bytes;
   const uint64_t results = static_cast<uint64_t>(entries) * kvstore::RetrieveResultBytes(budget);
-  // Rounded up to whole rows, plus the 8-byte alignment of the results.
-  const uint64_t area = (rows_bytes + results + 8 + row_pair_bytes - 1) / row_pair_bytes * row_pair_bytes;
+  const uint64_t queries =
+      query_floats_per_entry > 0
+          ? static_cast<uint64_t>(entries * query_floats_per_entry) * sizeof(float) + 64
+          : 0;
+  // Rounded up to whole rows, plus the 8-byte alignment of the results (and the queries' 64).
+  const uint64_t area =
+      (rows_bytes + queries + results + 8 + row_pair_bytes - 1) / row_pair_bytes * row_pair_bytes;
   return static_cast<int64_t>(area) * staging_areas;
 }
 

@@ -395,9 +395,13 @@ absl::Status Generate() {
     const int64_t pair = 2 * static_cast<int64_t>(spec.row_bytes());
     // One staging area of budget rows per kv-head, and one area per sparse layer with lookahead.
     to.staging_areas = eo.lookahead ? std::max(1, cfg.num_layers - eo.dense_layers) : 1;
-    to.recall_buffer_bytes = std::max<int64_t>(int64_t{1} << 20, client::RecallBufferBytes(cfg.num_kv_heads, eo.budget,
-                                                                                         static_cast<size_t>(pair))) *
-                             to.staging_areas;
+    // With room for the step's queries: the node reads them from the region.
+    to.recall_buffer_bytes =
+        std::max<int64_t>(
+            int64_t{1} << 20,
+            client::RecallBufferBytes(cfg.num_kv_heads, eo.budget, static_cast<size_t>(pair), 1,
+                                      int64_t{spec.group_size()} * spec.head_dim)) *
+        to.staging_areas;
     to.retrieve_deadline = absl::Milliseconds(absl::GetFlag(FLAGS_retrieve_deadline_ms));
     if (world > 1) {  // the ranks are separate workers to the tier (slot mirrors, staging)
       to.worker_id = ShardName(client::internal::DefaultWorkerId(), rank, world);

@@ -458,6 +458,8 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     args.results_in_region = req->results_in_region();
     args.results_offset = req->results_offset();
     args.successors = static_cast<int>(std::min<uint32_t>(req->successors(), kMaxBudget + 1));
+    args.queries_in_region = req->queries_in_region();
+    args.queries_offset = req->queries_offset();
     ASSIGN_OR_RETURN(RetrieveOutcome out, node_->Retrieve(args));
     resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
     resp->set_search_micros(static_cast<uint64_t>(out.search_micros));

@@ -482,6 +482,27 @@ absl::Status Node::AppendKVBatch(const std::string& tenant, absl::Span<const Bat
   return absl::OkStatus();
 }
 
+absl::StatusOr<const float*> Node::ReadRegionQueries(Worker& worker, uint64_t offset,
+                                                     size_t floats) {
+  const uint64_t len = worker.writer->region().length;
+  const uint64_t bytes = floats * sizeof(float);
+  if (offset > len || len - offset < bytes) {
+    return absl::OutOfRangeError(absl::StrCat("queries of ", bytes, " bytes at byte ", offset,
+                                              " do not fit the worker's region of ", len,
+                                              " bytes"));
+  }
+  // Kept per thread: a fresh buffer of this size (512 KiB for a 256-entry step) would be mapped
+  // and page-faulted on every call. One that an unusually large call left behind goes.
+  thread_local std::vector<float> buffer;
+  if (buffer.capacity() * sizeof(float) > (size_t{8} << 20) && buffer.capacity() > 2 * floats) {
+    std::vector<float>().swap(buffer);
+  }
+  buffer.resize(floats);
+  const transport::GetOp get{buffer.data(), static_cast<size_t>(bytes), offset};
+  RETURN_IF_ERROR(worker.writer->GetAll({&get, 1}));
+  return buffer.data();
+}
+
 absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
                                 std::vector<std::shared_ptr<Sequence>>& seqs,
                                 std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out) {
@@ -670,10 +691,11 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   std::shared_ptr<Worker> worker;
   if (!args.worker_id.empty()) {
     ASSIGN_OR_RETURN(worker, FindWorker(args.tenant, args.worker_id));
-  } else if (args.results_in_region || args.row_addresses) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(args.results_in_region ? "results_in_region" : "row_addresses",
-                     " needs an attached worker (worker_id)"));
+  } else if (args.results_in_region || args.row_addresses || args.queries_in_region) {
+    return absl::InvalidArgumentError(absl::StrCat(args.results_in_region ? "results_in_region"
+                                                   : args.row_addresses   ? "row_addresses"
+                                                                          : "queries_in_region",
+                                                   " needs an attached worker (worker_id)"));
   }
 
   // Validate every entry and take snapshots before doing any work: first the fields, then one
@@ -684,6 +706,10 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   std::vector<Sequence::Snapshot> snaps(n);
   std::vector<std::shared_ptr<const SequenceIndex>> indexes(n);  // keep segments alive
   std::vector<indexer::SearchEntry> queries(n);
+  std::vector<absl::Span<const float>> entry_queries(
+      n);  // in args, or read from the worker's region
+  std::vector<size_t> region_at(args.queries_in_region ? n : 0);  // their offsets there, in floats
+  size_t region_floats = 0;
   absl::flat_hash_map<absl::string_view, size_t> group_of;  // sequence id -> index in `groups`
   std::vector<std::vector<size_t>> groups;  // the entries of each sequence, in order
   for (size_t i = 0; i < n; ++i) {
@@ -707,12 +733,33 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
       return bad(absl::StrCat("kv_head ", e.kv_head, " outside [0, ", spec.num_kv_heads, ")"));
     }
     const size_t want = static_cast<size_t>(spec.group_size()) * spec.head_dim;
-    if (e.queries.size() != want) {
+    if (args.queries_in_region) {
+      if (!e.queries.empty())
+        return bad("carries queries, but they are in the worker's region (queries_in_region)");
+      region_at[i] = region_floats;
+      entry_queries[i] =
+          absl::MakeConstSpan(static_cast<const float*>(nullptr), want);  // placed below
+      region_floats += want;
+    } else if (e.queries.size() != want) {
       return bad(absl::StrCat("queries must be [", spec.group_size(), "][", spec.head_dim, "] = ", want,
                               " floats, got ", e.queries.size()));
+    } else {
+      entry_queries[i] = e.queries;
     }
-    for (float q : e.queries) {
-      if (!std::isfinite(q)) return bad("queries contain NaN or Inf");
+  }
+  if (args.queries_in_region) {
+    ASSIGN_OR_RETURN(const float* fetched,
+                     ReadRegionQueries(*worker, args.queries_offset, region_floats));
+    for (size_t i = 0; i < n; ++i)
+      entry_queries[i] = absl::MakeConstSpan(fetched + region_at[i], entry_queries[i].size());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    for (float q : entry_queries[i]) {
+      if (!std::isfinite(q)) {
+        return absl::InvalidArgumentError(absl::StrCat("entry ", i, " (sequence '",
+                                                       args.entries[i].sequence_id,
+                                                       "'): queries contain NaN or Inf"));
+      }
     }
   }
   // One read of the layer for every sequence (one pin of their blocks, shared prefixes once).
@@ -755,7 +802,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
       }
     }
     indexer::SearchEntry& q = queries[i];
-    q.queries = e.queries.data();
+    q.queries = entry_queries[i].data();
     q.group = spec.group_size();
     q.keys = &snaps[i].keys;
     q.token_begin = e.token_begin;

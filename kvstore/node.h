@@ -143,6 +143,12 @@ struct RetrieveArgs {
   uint64_t results_offset = 0;
   // Lookahead: see proto RetrieveRequest.successors; in [0, budget].
   int successors = 0;
+  // With a worker: the entries carry no queries; they are in the worker's region from byte
+  // queries_offset on, entry after entry, each [group][head_dim] fp32 of its model. The node
+  // reads them (RemoteWriter::GetAll: a copy on the same host, an RDMA read across hosts) before
+  // it checks them. See proto RetrieveRequest.queries_in_region.
+  bool queries_in_region = false;
+  uint64_t queries_offset = 0;
   // In-process workers only (a region WriteDirect reaches): instead of copying each entry's new
   // rows to dest_row, give their addresses (RetrieveOutcome::row_addresses), so that the worker
   // gathers them itself (a GPU straight from the page-locked arena). The blocks the call read
@@ -472,6 +478,11 @@ class Node {
   absl::Status StreamDeltas(const RetrieveArgs& args, Worker& worker,
                             std::vector<std::shared_ptr<Sequence>>& seqs,
                             std::vector<Sequence::Snapshot>& snaps, RetrieveOutcome* out);
+  // Reads `floats` fp32 queries from the worker's region at byte `offset` into a buffer of the
+  // calling thread (valid until its next call). OUT_OF_RANGE when they do not fit the region;
+  // the transport's error (UNAVAILABLE) when the read fails.
+  static absl::StatusOr<const float*> ReadRegionQueries(Worker& worker, uint64_t offset,
+                                                        size_t floats);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& tenant, const std::string& worker_id) const;
   std::string NamespaceOf(const std::string& tenant) const;
   // The tenant's quota account, created on first use.

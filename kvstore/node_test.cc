@@ -17,6 +17,7 @@ namespace {
 
 using ::kvrecall::testing::StatusIs;
 using ::testing::ElementsAre;
+using ::testing::HasSubstr;
 
 ModelSpec Spec() {
   ModelSpec s;
@@ -354,6 +355,76 @@ TEST_F(NodeTest, RetrievePutsRowsIntoAttachedWorkerRegion) {
   EXPECT_THAT(node.Retrieve(a), StatusIs(absl::StatusCode::kOutOfRange));
   a.results_offset = 4 * 16 - 24;
   ASSERT_OK(node.Retrieve(a).status());
+}
+
+// The queries may wait in the worker's region instead of the call (queries_in_region): the
+// node reads them there, selects what it selects from queries in the call, and refuses the
+// same bad values as well as misplaced ones.
+TEST_F(NodeTest, RetrieveReadsQueriesFromTheWorkersRegion) {
+  std::unique_ptr<transport::Transport> t = transport::CreateInProcessTransport();
+  Node node(NodeOptions{1 << 20, 4, 1}, t.get(), &clock_);
+  ASSERT_OK(node.RegisterModel(Spec()).status());
+  for (const char* id : {"a", "b"}) {
+    // Distinct token ids: no shared prefix.
+    ASSERT_OK(node.OpenSequence({"t", "m", id, std::vector<int32_t>(6, id[0] - 'a' + 1)}).status());
+    ASSERT_OK_AND_ASSIGN(auto seq, node.FindSequence("t", id));
+    ASSERT_OK(seq->BeginAppend());
+    std::vector<float> k, v(12, 1.0f);
+    for (int i = 0; i < 6; ++i)
+      k.insert(k.end(), {static_cast<float>(i), static_cast<float>(5 - i)});
+    for (int layer = 0; layer < 2; ++layer) {
+      ASSERT_OK(seq->AppendChunk(layer, 0, 6, {reinterpret_cast<uint8_t*>(k.data()), k.size() * 4},
+                                 {reinterpret_cast<uint8_t*>(v.data()), v.size() * 4}));
+    }
+    ASSERT_OK(seq->CommitAppend().status());
+  }
+  ASSERT_OK_AND_ASSIGN(auto region, t->AllocateRegion(4096));
+  ASSERT_OK(node.AttachWorker("t", "w", region->Describe()));
+  // Entry "a" looks along +x (tokens 4, 5), entry "b" along +y (tokens 0, 1); [group 2][dim 2].
+  const std::vector<float> qa = {1, 0, 1, 0}, qb = {0, 1, 0, 1};
+  RetrieveArgs in_call{
+      "t", 1, 2, Method::kExact, "w", {{"a", 0, qa, 0, 6, 0}, {"b", 0, qb, 0, 6, 2}}};
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome want, node.Retrieve(in_call));
+  EXPECT_THAT(want.token_ids[0], ElementsAre(4, 5));
+  EXPECT_THAT(want.token_ids[1], ElementsAre(0, 1));
+
+  constexpr uint64_t kAt = 1024;
+  auto place = [&](const std::vector<float>& a, const std::vector<float>& b) {
+    std::memcpy(region->data() + kAt, a.data(), 16);
+    std::memcpy(region->data() + kAt + 16, b.data(), 16);
+  };
+  place(qa, qb);
+  RetrieveArgs in_region = in_call;
+  for (auto& e : in_region.entries) e.queries = {};
+  in_region.queries_in_region = true;
+  in_region.queries_offset = kAt;
+  ASSERT_OK_AND_ASSIGN(RetrieveOutcome got, node.Retrieve(in_region));
+  EXPECT_EQ(got.token_ids, want.token_ids);
+  place(qb, qa);  // read afresh every call
+  ASSERT_OK_AND_ASSIGN(got, node.Retrieve(in_region));
+  EXPECT_THAT(got.token_ids[0], ElementsAre(0, 1));
+  EXPECT_THAT(got.token_ids[1], ElementsAre(4, 5));
+
+  place({1, 0, std::nanf(""), 0}, qb);
+  EXPECT_THAT(node.Retrieve(in_region),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN")));
+  place(qa, qb);
+  RetrieveArgs both = in_region;
+  both.entries[1].queries = qb;  // queries in the call and in the region
+  EXPECT_THAT(node.Retrieve(both),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries_in_region")));
+  RetrieveArgs past = in_region;
+  past.queries_offset = 4096 - 31;  // 32 bytes of queries, one past the end
+  EXPECT_THAT(node.Retrieve(past), StatusIs(absl::StatusCode::kOutOfRange));
+  past.queries_offset = ~uint64_t{0} - 8;
+  EXPECT_THAT(node.Retrieve(past), StatusIs(absl::StatusCode::kOutOfRange));
+  RetrieveArgs no_worker = in_region;
+  no_worker.worker_id.clear();
+  EXPECT_THAT(node.Retrieve(no_worker),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("worker")));
+  // Nothing above moved the slot mirror: the same call still answers as before.
+  ASSERT_OK_AND_ASSIGN(got, node.Retrieve(in_region));
+  EXPECT_EQ(got.token_ids, want.token_ids);
 }
 
 TEST_F(NodeTest, DeltaStreamingSendsMissingRowsInCallOrder) {

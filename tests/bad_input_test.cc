@@ -358,6 +358,10 @@ TEST_F(BadInputTest, Retrieve) {
   r.set_results_in_region(true);  // results into a region, but no worker attached
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   r = GoodRetrieve("r");
+  r.mutable_entries(0)->clear_queries();
+  r.set_queries_in_region(true);  // queries in a region, but no worker attached
+  EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
+  r = GoodRetrieve("r");
   r.clear_entries();
   EXPECT_EQ(Retrieve(r), StatusCode::INVALID_ARGUMENT);
   // Queries as bf16: the same shape rules, plus no odd byte count and not both forms at once.

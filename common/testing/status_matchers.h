@@ -26,6 +26,14 @@ MATCHER_P(StatusIs, code, "has status code " + absl::StatusCodeToString(code)) {
   return s.code() == code;
 }
 
+// The code and a matcher of the message: StatusIs(kInvalidArgument, HasSubstr("NaN")).
+MATCHER_P2(StatusIs, code, message,
+           "has status code " + absl::StatusCodeToString(code) + " and a matching message") {
+  const absl::Status& s = ::kvrecall::testing::GetStatus(arg);
+  *result_listener << "status is " << s.ToString();
+  return s.code() == code && ::testing::Matches(message)(std::string(s.message()));
+}
+
 MATCHER(IsOk, "is OK") {
   const absl::Status& s = ::kvrecall::testing::GetStatus(arg);
   *result_listener << "status is " << s.ToString();

@@ -316,7 +316,8 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o, nlohmann::json* report)
         std::find(opt.lookahead.begin(), opt.lookahead.end(), true) != opt.lookahead.end();
     to.staging_areas = any_lookahead ? sparse_layers : 1;
     to.recall_buffer_bytes = client::RecallBufferBytes(
-        int64_t{batch} * cfg.num_kv_heads, max_budget, 2 * spec.row_bytes(), to.staging_areas);
+        int64_t{batch} * cfg.num_kv_heads, max_budget, 2 * spec.row_bytes(), to.staging_areas,
+        int64_t{spec.group_size()} * spec.head_dim);
     cuda::PinnedHostRanges pinned;  // outlives `tier`
     PinRecallBuffer(&pinned, &to);
     to.row_addresses = opt.row_addresses && opt.tier == "local";
