@@ -15,6 +15,10 @@
 // benchmark (perftest_runner.h); stream_vs_perftest = stream_gbps / ucx_perftest_gbps (target
 // >= 0.8 for 256 KiB+). ucx_perftest_gbps is null when it is not installed or --perftest=false.
 //
+// stream_stage_gbps = the same bytes / the node's own time for its streaming stage (slot plans,
+// row copies or puts, results; RetrieveOutcome::stream_micros), i.e. without validation, reads
+// and search. A call's range holds exactly `budget` tokens, which an exact search takes whole
+// without scoring (indexer::Search), so the calls are validation + reads + streaming.
 // Breakdown per size (to read the ratio): ids_only_us_p50 = the same Retrieve without a worker
 // (validation, snapshots, exact search); stream_excl_search_gbps = bytes per call / (p50 -
 // ids_only p50), an estimate of plan + pack + put + flush alone; putall_gbps = the transport

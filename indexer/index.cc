@@ -640,6 +640,7 @@ struct EntrySearch {
   internal::HitsList hits;
   std::vector<internal::DeferredScore> deferred;
   absl::Status status;
+  bool take_all = false;  // exact, and the range fits the budget: no scoring
 };
 
 // Rows a scoring job of Search's second phase reads before the next entry's queries take them:
@@ -826,6 +827,10 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     es.status = absl::OkStatus();
     es.hits.Reset();
     es.deferred.clear();
+    // An exact entry whose whole range fits the budget takes it whole: every candidate is in
+    // any top-k then (and every successor too), so nothing needs scoring.
+    es.take_all = sorted[i].empty() && e.token_end - e.token_begin <= e.k;
+    if (es.take_all) return;
     const int d = e.keys->head_dim;
     const float scale =
         e.scale > 0 ? e.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
@@ -860,7 +865,10 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
   internal::ForEach(pool, n, [&](int64_t i) {
     const SearchEntry& e = entries[i];
     EntrySearch& es = st[i];
-    if (es.status.ok()) {
+    if (es.take_all) {
+      result[i].resize(static_cast<size_t>(e.token_end - e.token_begin));
+      std::iota(result[i].begin(), result[i].end(), static_cast<int32_t>(e.token_begin));
+    } else if (es.status.ok()) {
       for (const internal::DeferredScore& ds : es.deferred) {
         internal::Hits* h = es.hits.at(ds.hits);
         internal::FinishLse(es.s, h);

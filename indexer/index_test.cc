@@ -610,6 +610,29 @@ TEST(IndexTest, SearchWithoutSegmentsEqualsExactSearch) {
   }
 }
 
+// A range that fits the budget is taken whole without scoring; it is what scoring selects then
+// (ExactSearch scores every token), with and without successors; one token more is scored.
+TEST(IndexTest, ExactRangeThatFitsTheBudgetIsTakenWhole) {
+  auto d = Data(3000);
+  const float* q = d->decode_queries.data();
+  for (int64_t len : {1, 99, 100}) {
+    for (int successors : {0, 7}) {
+      SearchEntry e = Entry(q, 4, &d->keys, 500, 500 + len, 100);
+      e.successors = successors;
+      std::vector<int32_t> all(static_cast<size_t>(len));
+      std::iota(all.begin(), all.end(), 500);
+      EXPECT_EQ(SearchOne(e), all) << len << " " << successors;
+      SearchQuery sq{q, 4, &d->keys, 500, 500 + len, 100, 1.0f / std::sqrt(32.0f)};
+      std::vector<std::vector<int32_t>> scored;
+      ASSERT_OK(ExactSearch({&sq, 1}, nullptr, &scored));
+      EXPECT_EQ(scored[0], all);
+    }
+  }
+  const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, 500, 601, 100));
+  EXPECT_EQ(got.size(), 100u);
+  EXPECT_TRUE(std::is_sorted(got.begin(), got.end()));
+}
+
 TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
   auto d = Data(3000);
   IndexOptions opt;

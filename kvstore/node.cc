@@ -559,16 +559,36 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   }
   // Streaming stores: the rows are headed for the worker's GPU or the NIC, and a cached copy
   // would first read every destination line and then evict the caller's data.
-  auto write_rows = [&](size_t i, uint8_t* dst) {
+  // Writes entry i's new rows [begin, end) (of its fill tokens) at dst + begin pairs.
+  auto write_rows = [&](size_t i, size_t begin, size_t end, uint8_t* dst) {
     const size_t row = seqs[i]->spec().row_bytes();
-    const auto& tokens = plans[i].fill_tokens;
+    const int32_t* tokens = plans[i].fill_tokens.data() + begin;
+    const size_t m = end - begin;
     thread_local std::vector<const uint8_t*> src;  // [K row | V row] per token, as dst
-    src.resize(2 * tokens.size());
-    indexer::RowAddresses(snaps[i].keys, tokens.data(), tokens.size(), src.data(), 2);
-    indexer::RowAddresses(snaps[i].values, tokens.data(), tokens.size(), src.data() + 1, 2);
-    indexer::kernels::CopyRowsStreaming(src.data(), static_cast<int64_t>(src.size()), row, dst,
-                                        row);
+    src.resize(2 * m);
+    indexer::RowAddresses(snaps[i].keys, tokens, m, src.data(), 2);
+    indexer::RowAddresses(snaps[i].values, tokens, m, src.data() + 1, 2);
+    indexer::kernels::CopyRowsStreaming(src.data(), static_cast<int64_t>(src.size()), row,
+                                        dst + begin * 2 * row, row);
   };
+  // The copies go in pieces of at most kPieceTokens rows, so that a call of a few entries with
+  // many new rows each still spreads over the pool (one thread copies ~5 GB/s; kvrecall-bench
+  // stream's 8 entries of 4 MiB each were 8 threads' work). Piece 0 of an entry also writes its
+  // result.
+  constexpr size_t kPieceTokens = 256;
+  struct Piece {
+    size_t entry, begin, end;
+  };
+  std::vector<Piece> pieces;
+  pieces.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t m = plans[i].fill_tokens.size();
+    size_t b = 0;
+    do {
+      pieces.push_back({i, b, std::min(m, b + kPieceTokens)});
+      b += kPieceTokens;
+    } while (b < m);
+  }
   auto write_result = [&](size_t i, uint8_t* p) {
     const std::vector<int32_t>& ids = out->token_ids[i];
     const uint32_t counts[2] = {static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(plans[i].fill_slots.size())};
@@ -612,18 +632,26 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   // copies for MiB-sized puts, as glibc returns it to the kernel on free; kvrecall-bench stream);
   // beyond kMaxRetainedPack it is freed after the call.
   absl::StatusOr<bool> direct = worker.writer->WriteDirect([&](uint8_t* base) {
-    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      if (!args.row_addresses || !rows_in_arena(i)) {
-        uint8_t* dst = base + dest(i);
-        write_rows(i, dst);
-        if (args.row_addresses) {
+    if (args.row_addresses) {
+      pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
+        if (!rows_in_arena(i)) {
+          uint8_t* dst = base + dest(i);
+          write_rows(i, 0, plans[i].fill_tokens.size(), dst);
           const size_t row = seqs[i]->spec().row_bytes();
           std::vector<const uint8_t*>& addr = out->row_addresses[i];
           for (size_t j = 0; j < addr.size(); ++j) addr[j] = dst + j * row;
         }
-      }
-      if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
-    });
+        if (args.results_in_region) write_result(i, base + args.results_offset + i * result_bytes);
+      });
+    } else {
+      pool_.ParallelFor(static_cast<int64_t>(pieces.size()), [&](int64_t p) {
+        const Piece& c = pieces[p];
+        write_rows(c.entry, c.begin, c.end, base + dest(c.entry));
+        if (args.results_in_region && c.begin == 0) {
+          write_result(c.entry, base + args.results_offset + c.entry * result_bytes);
+        }
+      });
+    }
     return absl::OkStatus();
   });
   if (args.row_addresses && direct.ok() && !*direct) {
@@ -647,10 +675,13 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     uint8_t* const packed = area->pack.get();
     uint8_t* const results = packed + offset[n];
     std::vector<transport::PutOp> ops(n);
-    pool_.ParallelFor(static_cast<int64_t>(n), [&](int64_t i) {
-      write_rows(i, packed + offset[i]);
+    for (size_t i = 0; i < n; ++i)
       ops[i] = transport::PutOp{packed + offset[i], offset[i + 1] - offset[i], dest(i)};
-      if (args.results_in_region) write_result(i, results + i * result_bytes);
+    pool_.ParallelFor(static_cast<int64_t>(pieces.size()), [&](int64_t p) {
+      const Piece& c = pieces[p];
+      write_rows(c.entry, c.begin, c.end, packed + offset[c.entry]);
+      if (args.results_in_region && c.begin == 0)
+        write_result(c.entry, results + c.entry * result_bytes);
     });
     std::erase_if(ops, [](const transport::PutOp& op) { return op.length == 0; });
     if (args.results_in_region) ops.push_back(transport::PutOp{results, n * result_bytes, args.results_offset});
