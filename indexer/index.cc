@@ -807,6 +807,21 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
   }
   if (options.ctkvr_probe < 0) return absl::InvalidArgumentError("ctkvr_probe must be >= 0");
   std::vector<std::vector<int32_t>> result(entries.size());
+  auto whole = [&](size_t i) {
+    return sorted[i].empty() && entries[i].token_end - entries[i].token_begin <= entries[i].k;
+  };
+  auto take_whole = [&](size_t i) {
+    result[i].resize(static_cast<size_t>(entries[i].token_end - entries[i].token_begin));
+    std::iota(result[i].begin(), result[i].end(), static_cast<int32_t>(entries[i].token_begin));
+  };
+  // A call whose every entry is taken whole (see below) needs neither scoring nor the pool.
+  bool all_whole = true;
+  for (size_t i = 0; i < entries.size() && all_whole; ++i) all_whole = whole(i);
+  if (all_whole) {
+    for (size_t i = 0; i < entries.size(); ++i) take_whole(i);
+    *out = std::move(result);
+    return absl::OkStatus();
+  }
   const kernels::Isa isa = kernels::BestIsa();
   // Per-entry state, reused across this thread's calls (pool threads reach it through `st`).
   thread_local std::vector<EntrySearch> states;
@@ -829,7 +844,7 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     es.deferred.clear();
     // An exact entry whose whole range fits the budget takes it whole: every candidate is in
     // any top-k then (and every successor too), so nothing needs scoring.
-    es.take_all = sorted[i].empty() && e.token_end - e.token_begin <= e.k;
+    es.take_all = whole(static_cast<size_t>(i));
     if (es.take_all) return;
     const int d = e.keys->head_dim;
     const float scale =
@@ -866,8 +881,7 @@ absl::Status Search(absl::Span<const SearchEntry> entries, const SearchOptions& 
     const SearchEntry& e = entries[i];
     EntrySearch& es = st[i];
     if (es.take_all) {
-      result[i].resize(static_cast<size_t>(e.token_end - e.token_begin));
-      std::iota(result[i].begin(), result[i].end(), static_cast<int32_t>(e.token_begin));
+      take_whole(static_cast<size_t>(i));
     } else if (es.status.ok()) {
       for (const internal::DeferredScore& ds : es.deferred) {
         internal::Hits* h = es.hits.at(ds.hits);

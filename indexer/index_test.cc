@@ -631,6 +631,18 @@ TEST(IndexTest, ExactRangeThatFitsTheBudgetIsTakenWhole) {
   const std::vector<int32_t> got = SearchOne(Entry(q, 4, &d->keys, 500, 601, 100));
   EXPECT_EQ(got.size(), 100u);
   EXPECT_TRUE(std::is_sorted(got.begin(), got.end()));
+  // One call with both kinds, on a pool: each entry answers as it does alone.
+  ThreadPool pool(3);
+  const std::vector<SearchEntry> mixed = {Entry(q, 4, &d->keys, 500, 601, 100),
+                                          Entry(q, 4, &d->keys, 700, 780, 100),
+                                          Entry(q, 4, &d->keys, 0, 3000, 100)};
+  std::vector<std::vector<int32_t>> out;
+  ASSERT_OK(Search(mixed, {}, &pool, &out));
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_EQ(out[0], got);
+  EXPECT_EQ(out[1].size(), 80u);
+  EXPECT_EQ(out[1].front(), 700);
+  EXPECT_EQ(out[2], SearchOne(mixed[2]));
 }
 
 TEST(IndexTest, ExactSegmentsSplitAnyWayEqualOneSegment) {
