@@ -455,10 +455,9 @@ class RemoteTier final : public Tier {
       v1::RetrieveEntry* pe = req.add_entries();
       pe->set_sequence_id(e.sequence_id);
       pe->set_kv_head(e.kv_head);
-      // A bf16 model's queries travel as bf16: half the bytes, the same values.
-      if (queries_in_region) {
-        // in the region
-      } else if (!proto::PackExactBf16(e.queries, pe->mutable_queries_bf16())) {
+      // Without room in the region, a bf16 model's queries travel as bf16: half the bytes, the
+      // same values.
+      if (!queries_in_region && !proto::PackExactBf16(e.queries, pe->mutable_queries_bf16())) {
         pe->clear_queries_bf16();
         pe->mutable_queries()->Add(e.queries.begin(), e.queries.end());
       }

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
+#include "kvstore/internal/reused_buffer.h"
 #include "proto/convert.h"
 
 namespace kvrecall::kvstore {
@@ -429,15 +430,8 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
     // bf16 queries are widened into one buffer, sized first so that the spans into it stay valid.
     size_t bf16_values = 0;
     for (const v1::RetrieveEntry& e : req->entries()) bf16_values += e.queries_bf16().size() / 2;
-    // Kept per service thread: a fresh buffer of this size (512 KiB for a 256-entry step) would be
-    // mapped and page-faulted on every call. One that an unusually large call left behind goes.
-    thread_local std::vector<float> widened;
-    widened.clear();
-    if (widened.capacity() * sizeof(float) > (size_t{8} << 20) &&
-        widened.capacity() > 2 * bf16_values) {
-      std::vector<float>().swap(widened);
-    }
-    widened.reserve(bf16_values);
+    thread_local std::vector<float> widened;  // kept per service thread
+    internal::ClearForReuse(&widened, bf16_values);
     args.entries.reserve(req->entries_size());
     for (int i = 0; i < req->entries_size(); ++i) {
       const v1::RetrieveEntry& e = req->entries(i);

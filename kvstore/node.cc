@@ -19,6 +19,7 @@
 #include "indexer/index.h"
 #include "indexer/kernels.h"
 #include "kvstore/internal/records.h"
+#include "kvstore/internal/reused_buffer.h"
 
 namespace kvrecall::kvstore {
 namespace {
@@ -491,12 +492,8 @@ absl::StatusOr<const float*> Node::ReadRegionQueries(Worker& worker, uint64_t of
                                               " do not fit the worker's region of ", len,
                                               " bytes"));
   }
-  // Kept per thread: a fresh buffer of this size (512 KiB for a 256-entry step) would be mapped
-  // and page-faulted on every call. One that an unusually large call left behind goes.
-  thread_local std::vector<float> buffer;
-  if (buffer.capacity() * sizeof(float) > (size_t{8} << 20) && buffer.capacity() > 2 * floats) {
-    std::vector<float>().swap(buffer);
-  }
+  thread_local std::vector<float> buffer;  // kept per thread
+  internal::ClearForReuse(&buffer, floats);
   buffer.resize(floats);
   const transport::GetOp get{buffer.data(), static_cast<size_t>(bytes), offset};
   RETURN_IF_ERROR(worker.writer->GetAll({&get, 1}));
@@ -575,19 +572,22 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
   // many new rows each still spreads over the pool (one thread copies ~5 GB/s; kvrecall-bench
   // stream's 8 entries of 4 MiB each were 8 threads' work). Piece 0 of an entry also writes its
   // result.
+  // (Row addresses copy whole entries, and only the few that lie outside the arena.)
   constexpr size_t kPieceTokens = 256;
   struct Piece {
     size_t entry, begin, end;
   };
   std::vector<Piece> pieces;
-  pieces.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    const size_t m = plans[i].fill_tokens.size();
-    size_t b = 0;
-    do {
-      pieces.push_back({i, b, std::min(m, b + kPieceTokens)});
-      b += kPieceTokens;
-    } while (b < m);
+  if (!args.row_addresses) {
+    pieces.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t m = plans[i].fill_tokens.size();
+      size_t b = 0;
+      do {
+        pieces.push_back({i, b, std::min(m, b + kPieceTokens)});
+        b += kPieceTokens;
+      } while (b < m);
+    }
   }
   auto write_result = [&](size_t i, uint8_t* p) {
     const std::vector<int32_t>& ids = out->token_ids[i];
@@ -737,10 +737,10 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   std::vector<Sequence::Snapshot> snaps(n);
   std::vector<std::shared_ptr<const SequenceIndex>> indexes(n);  // keep segments alive
   std::vector<indexer::SearchEntry> queries(n);
-  std::vector<absl::Span<const float>> entry_queries(
-      n);  // in args, or read from the worker's region
-  std::vector<size_t> region_at(args.queries_in_region ? n : 0);  // their offsets there, in floats
-  size_t region_floats = 0;
+  // Each entry's queries: in args, or read from the worker's region, where entry i's lie at
+  // floats [region_at[i], region_at[i + 1]).
+  std::vector<absl::Span<const float>> entry_queries(n);
+  std::vector<size_t> region_at(args.queries_in_region ? n + 1 : 0, 0);
   absl::flat_hash_map<absl::string_view, size_t> group_of;  // sequence id -> index in `groups`
   std::vector<std::vector<size_t>> groups;  // the entries of each sequence, in order
   for (size_t i = 0; i < n; ++i) {
@@ -767,10 +767,7 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
     if (args.queries_in_region) {
       if (!e.queries.empty())
         return bad("carries queries, but they are in the worker's region (queries_in_region)");
-      region_at[i] = region_floats;
-      entry_queries[i] =
-          absl::MakeConstSpan(static_cast<const float*>(nullptr), want);  // placed below
-      region_floats += want;
+      region_at[i + 1] = region_at[i] + want;
     } else if (e.queries.size() != want) {
       return bad(absl::StrCat("queries must be [", spec.group_size(), "][", spec.head_dim, "] = ", want,
                               " floats, got ", e.queries.size()));
@@ -780,9 +777,11 @@ absl::StatusOr<RetrieveOutcome> Node::Retrieve(const RetrieveArgs& args) {
   }
   if (args.queries_in_region) {
     ASSIGN_OR_RETURN(const float* fetched,
-                     ReadRegionQueries(*worker, args.queries_offset, region_floats));
-    for (size_t i = 0; i < n; ++i)
-      entry_queries[i] = absl::MakeConstSpan(fetched + region_at[i], entry_queries[i].size());
+                     ReadRegionQueries(*worker, args.queries_offset, region_at[n]));
+    for (size_t i = 0; i < n; ++i) {
+      entry_queries[i] =
+          absl::MakeConstSpan(fetched + region_at[i], region_at[i + 1] - region_at[i]);
+    }
   }
   for (size_t i = 0; i < n; ++i) {
     for (float q : entry_queries[i]) {
