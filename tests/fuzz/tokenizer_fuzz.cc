@@ -13,6 +13,7 @@
 // Any error status is fine; crashes, sanitizer reports, hangs and broken invariants are findings.
 //
 // KVRECALL_FUZZ_WRITE_SEEDS=DIR: writes seed inputs (made from the fixtures) into DIR and exits.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -24,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
 #include "gpu-worker/model/internal/unicode.h"
 #include "gpu-worker/model/tokenizer.h"
@@ -40,6 +42,9 @@ constexpr absl::string_view kSample =
 struct State {
   std::unique_ptr<Tokenizer> fixtures[3];
   std::string small_json;  // llama3's tokenizer.json cut to kSmallVocab ids
+  // The GPT-2 fixture's added tokens with lstrip or rstrip (RoBERTa's <mask>): they swallow the
+  // whitespace next to them, as in Hugging Face, so text holding one does not round-trip.
+  std::vector<std::string> gpt2_stripping;
 };
 State* g = nullptr;
 
@@ -169,6 +174,13 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   }
   g->small_json =
       CutVocab(std::string(KVRECALL_TOKENIZER_TESTDATA) + "/llama3/tokenizer.json", kSmallVocab);
+  const nlohmann::json gpt2 = nlohmann::json::parse(
+      ReadFileOrDie(std::string(KVRECALL_TOKENIZER_TESTDATA) + "/gpt2/tokenizer.json"));
+  for (const nlohmann::json& t : gpt2["added_tokens"]) {
+    if (t.value("lstrip", false) || t.value("rstrip", false)) {
+      g->gpt2_stripping.push_back(t["content"].get<std::string>());
+    }
+  }
   if (!Tokenizer::Parse(g->small_json).ok()) Fail("the cut llama3 tokenizer does not load");
   if (const char* dir = std::getenv("KVRECALL_FUZZ_WRITE_SEEDS")) {
     WriteSeeds(dir);
@@ -201,7 +213,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const bool add_special = (rest[0] & 4) != 0;
       const absl::string_view text = rest.substr(1);
       const std::string decoded = RoundTrip(t, text, add_special);
-      if (&t == g->fixtures[0].get() && !add_special && IsWellFormedUtf8(text) &&
+      const bool strips =
+          std::any_of(g->gpt2_stripping.begin(), g->gpt2_stripping.end(),
+                      [&](const std::string& tok) { return absl::StrContains(text, tok); });
+      if (&t == g->fixtures[0].get() && !add_special && !strips && IsWellFormedUtf8(text) &&
           decoded != text) {
         Fail("GPT-2 byte-level BPE did not decode valid UTF-8 back to itself");
       }
