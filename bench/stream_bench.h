@@ -13,7 +13,8 @@
 // streamed / wall time of the Retrieve calls (search, planning, packing, puts, flush: all of it).
 // Next to it, ucx_perftest -t ucp_put_bw with the same message size and UCX_TLS, spawned by the
 // benchmark (perftest_runner.h); stream_vs_perftest = stream_gbps / ucx_perftest_gbps (target
-// >= 0.8 for 256 KiB+). ucx_perftest_gbps is null when it is not installed or --perftest=false.
+// >= 0.8 for 256 KiB+); with --perftest_runs > 1 it is the median of that many runs (all in
+// ucx_perftest_runs_gbps). ucx_perftest_gbps is null when it is not installed or --perftest=false.
 //
 // stream_stage_gbps = the same bytes / the node's own time for its streaming stage (slot plans,
 // row copies or puts, results; RetrieveOutcome::stream_micros), i.e. without validation, reads
@@ -58,7 +59,12 @@ struct StreamBenchOptions {
   bool perftest = true;              // run ucx_perftest next to each size
   int64_t perftest_iters = 0;        // 0: about 128 MiB (tcp) / 2 GiB (others) per size, >= 20
   double perftest_timeout = 120;     // seconds per ucx_perftest process
+  // ucx_perftest runs per size; ucx_perftest_gbps is their median (one run at 256 KiB over shm
+  // read anywhere from 18 to 37 GB/s on the H100 host).
+  int perftest_runs = 3;
   std::string perftest_binary = "ucx_perftest";
+  int threads = 0;   // the node's search threads (NodeOptions); <= 0: every core
+  int spin_us = -1;  // NodeOptions::search_spin in µs; < 0: the node's default
   uint64_t seed = 1;
 };
 

@@ -4,6 +4,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace kvrecall {
@@ -64,6 +66,52 @@ TEST(ThreadPoolTest, DestructorRunsEveryScheduledTaskAlsoOnesScheduledByTasks) {
     }
   }
   EXPECT_EQ(ran.load(), 200);
+}
+
+// Blocked workers are woken for new work, by a task or a ParallelFor, including the ones the
+// caller does not wake itself (its first helpers wake the next).
+TEST(ThreadPoolTest, BlockedWorkersWakeForTasksAndEveryHelperAParallelForMayUse) {
+  for (absl::Duration spin : {absl::ZeroDuration(), absl::Microseconds(200)}) {
+    ThreadPool pool(6, spin);
+    for (int round = 0; round < 3; ++round) {
+      absl::SleepFor(absl::Milliseconds(20));  // past any spin: the workers block
+      absl::Notification ran;
+      pool.Schedule([&] { ran.Notify(); });
+      ASSERT_TRUE(ran.WaitForNotificationWithTimeout(absl::Seconds(10))) << "round " << round;
+
+      absl::SleepFor(absl::Milliseconds(20));
+      // Every index waits until `want` threads are inside at once: the caller and every helper it
+      // may use (the cores but one, at most the pool).
+      const int hw = static_cast<int>(std::thread::hardware_concurrency());
+      const int want = std::min(6, std::max(1, hw - 1)) + 1;
+      std::atomic<int> inside{0};
+      std::atomic<bool> all_met{true};
+      pool.ParallelFor(want, [&](int64_t) {
+        inside.fetch_add(1);
+        const absl::Time deadline = absl::Now() + absl::Seconds(10);
+        while (inside.load() < want && absl::Now() < deadline) std::this_thread::yield();
+        if (inside.load() < want) all_met = false;
+      });
+      EXPECT_TRUE(all_met.load()) << "round " << round << ": only " << inside.load() << " of "
+                                  << want << " threads joined";
+    }
+  }
+}
+
+TEST(ThreadPoolTest, SpinningPoolRunsBackToBackWorkAndStopsPromptly) {
+  const absl::Time start = absl::Now();
+  {
+    ThreadPool pool(3, absl::Milliseconds(50));
+    for (int round = 0; round < 200; ++round) {
+      std::atomic<int64_t> sum{0};
+      pool.ParallelFor(64, [&](int64_t i) { sum.fetch_add(i); });
+      ASSERT_EQ(sum.load(), 64 * 63 / 2);
+    }
+    std::atomic<int> ran{0};
+    for (int i = 0; i < 50; ++i) pool.Schedule([&] { ran.fetch_add(1); });
+    while (ran.load() < 50) std::this_thread::yield();
+  }  // the destructor ends the workers' spin, not waits it out forever
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
 }
 
 }  // namespace

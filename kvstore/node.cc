@@ -152,7 +152,7 @@ Node::Node(const NodeOptions& options, transport::Transport* transport, Clock* c
       transport_(transport),
       clock_(clock),
       started_(clock->Now()),
-      pool_(options.search_threads) {
+      pool_(options.search_threads, options.search_spin) {
   absl::StatusOr<std::unique_ptr<Arena>> arena =
       Arena::Create(ArenaOptions{options.memory_bytes, options.try_hugepages}, transport);
   if (!arena.ok()) {
