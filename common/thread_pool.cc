@@ -56,7 +56,7 @@ ThreadPool::ThreadPool(int num_threads, absl::Duration spin)
 
 ThreadPool::~ThreadPool() {
   {
-    absl::MutexLock lock(&mu_);
+    SpinLockHolder lock(&mu_);
     stopping_ = true;
   }
   Wake(size());
@@ -79,7 +79,7 @@ void ThreadPool::Wake(int wanted) {
 
 void ThreadPool::Schedule(std::function<void()> fn) {
   {
-    absl::MutexLock lock(&mu_);
+    SpinLockHolder lock(&mu_);
     queue_.push_back(std::move(fn));
   }
   Wake(1);
@@ -90,7 +90,7 @@ ThreadPool::Ran ThreadPool::RunOne() {
   std::function<void()> task;
   int more = 0;  // helpers the job still wants
   {
-    absl::MutexLock lock(&mu_);
+    SpinLockHolder lock(&mu_);
     // Jobs first: their callers are waiting.
     for (size_t j = 0; j < jobs_.size();) {
       Job& candidate = *jobs_[j];
@@ -154,7 +154,7 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   // the cores by default).
   job->max_helpers = static_cast<int>(std::min<int64_t>({n - 1, size(), max_helpers_}));
   {
-    absl::MutexLock lock(&mu_);
+    SpinLockHolder lock(&mu_);
     jobs_.push_back(job);
   }
   // Waking a blocked thread costs its waker ~1-2 µs; the first helpers wake the next ones.
@@ -163,7 +163,7 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   job->Claim();
   {
     // No worker joins after this; wait only for those that did and are still inside fn.
-    absl::MutexLock lock(&mu_);
+    SpinLockHolder lock(&mu_);
     std::erase(jobs_, job);
   }
   if (SpinUntil(spin_ns_, [&] { return job->active.load(std::memory_order_acquire) == 0; })) return;

@@ -6,7 +6,8 @@
 // chain made the last of 16 helpers start ~130 µs after the call (kvrecall-bench stream, H100
 // host). So:
 //   - a ParallelFor is one job that every idle worker joins (claims its indices from a shared
-//     counter), not one queued task per helper;
+//     counter), not one queued task per helper; the job list is under a SpinLock, as the
+//     helpers all reach for it at once;
 //   - idle workers wait on one futex word that every new job or task bumps. Waking one costs its
 //     waker 1-2 µs, so a ParallelFor's caller wakes two and each helper that joins wakes up to
 //     two more (a tree), up to the helpers the job can use: at most the cores but one, as the
@@ -29,8 +30,8 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/spin_lock.h"
 
 namespace kvrecall {
 
@@ -61,7 +62,7 @@ class ThreadPool {
   // Publishes new work: wakes up to `wanted` blocked workers.
   void Wake(int wanted);
 
-  absl::Mutex mu_;
+  SpinLock mu_;  // held for a few dozen ns at a time, by every worker at once (spin_lock.h)
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   // ParallelFors that may still have unclaimed indices, oldest first.
   std::vector<std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);

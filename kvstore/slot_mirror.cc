@@ -30,16 +30,22 @@ absl::StatusOr<SlotPlan> SlotMirror::Plan(const SlotKey& key, std::weak_ptr<cons
   }
   if (epoch == 0) return FreshSlotPlan(selection);
 
-  Shard& shard = ShardOf(key);
-  absl::MutexLock lock(&shard.mu);
-  auto [it, inserted] = shard.entries.try_emplace(key);
-  Entry& e = it->second;
-  if (!inserted && epoch < e.epoch) {
+  std::shared_ptr<Entry> entry;
+  {
+    Shard& shard = ShardOf(key);
+    absl::MutexLock lock(&shard.mu);
+    std::shared_ptr<Entry>& slot = shard.entries[key];
+    if (slot == nullptr) slot = std::make_shared<Entry>();
+    entry = slot;
+  }
+  Entry& e = *entry;
+  absl::MutexLock lock(&e.mu);
+  if (epoch < e.epoch) {
     return absl::AbortedError(absl::StrCat("stale call: slot epoch ", epoch, " for sequence '", key.sequence_id,
                                            "' layer ", key.layer, " kv-head ", key.kv_head,
                                            " is older than the mirror's ", e.epoch));
   }
-  if (inserted || epoch > e.epoch || e.budget != budget || incarnation.expired() ||
+  if (epoch > e.epoch || e.budget != budget || incarnation.expired() ||
       !SameOwner(e.incarnation, incarnation)) {
     e.incarnation = std::move(incarnation);
     e.epoch = epoch;

@@ -80,18 +80,23 @@ class SlotMirror {
 
  private:
   struct Entry {
-    std::weak_ptr<const void> incarnation;
-    uint64_t epoch = 0;
-    int budget = 0;
+    absl::Mutex mu;
+    std::weak_ptr<const void> incarnation ABSL_GUARDED_BY(mu);
+    uint64_t epoch ABSL_GUARDED_BY(mu) = 0;  // 0: never planned
+    int budget ABSL_GUARDED_BY(mu) = 0;
     // The tokens the slots hold, ascending, and their slots; slots not listed are free.
-    std::vector<int32_t> tokens;
-    std::vector<int32_t> slots;
+    std::vector<int32_t> tokens ABSL_GUARDED_BY(mu);
+    std::vector<int32_t> slots ABSL_GUARDED_BY(mu);
   };
 
-  // Striped so that the entries of one Retrieve can be planned in parallel.
+  // Striped maps, each lock held only to find an entry: the plans of one Retrieve's entries run
+  // in parallel, each under its entry's lock. (With the plans under their shard's lock, two of a
+  // call's 8 entries in one shard, the likely case, made one wait for the other's plan, and on a
+  // server such a wait costs a wake-up.) A Forget drops the map's reference; a plan running
+  // meanwhile finishes on the orphaned entry, and the next one starts afresh.
   struct Shard {
     mutable absl::Mutex mu;
-    absl::flat_hash_map<SlotKey, Entry> entries ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<SlotKey, std::shared_ptr<Entry>> entries ABSL_GUARDED_BY(mu);
   };
   static constexpr int kShards = 16;
   Shard& ShardOf(const SlotKey& key) { return shards_[absl::HashOf(key) % kShards]; }
