@@ -64,28 +64,16 @@ class InProcCore {
 
   absl::Status Put(uint64_t region_id, uint64_t base, absl::Span<const PutOp> ops)
       ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::ReaderMutexLock lock(&mu_);
-    if (regions_.find(region_id) == regions_.end()) {
-      return absl::UnavailableError("in-process region was destroyed");
-    }
-    for (const PutOp& op : ops) {
-      if (op.length == 0) continue;
+    return Copy(region_id, ops, [base](const PutOp& op) {
       std::memcpy(reinterpret_cast<uint8_t*>(base + op.remote_offset), op.src, op.length);
-    }
-    return absl::OkStatus();
+    });
   }
 
   absl::Status Get(uint64_t region_id, uint64_t base, absl::Span<const GetOp> ops)
       ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::ReaderMutexLock lock(&mu_);
-    if (regions_.find(region_id) == regions_.end()) {
-      return absl::UnavailableError("in-process region was destroyed");
-    }
-    for (const GetOp& op : ops) {
-      if (op.length == 0) continue;
+    return Copy(region_id, ops, [base](const GetOp& op) {
       std::memcpy(op.dst, reinterpret_cast<const uint8_t*>(base + op.remote_offset), op.length);
-    }
-    return absl::OkStatus();
+    });
   }
 
   // Runs `write` with the region's memory, under the reader lock (the region cannot go away).
@@ -104,6 +92,21 @@ class InProcCore {
     uint64_t base;
     uint64_t length;
   };
+
+  // Runs copy(op) for every nonempty op while the region stays registered (UNAVAILABLE once
+  // destroyed).
+  template <typename Op, typename CopyFn>
+  absl::Status Copy(uint64_t region_id, absl::Span<const Op> ops, CopyFn copy)
+      ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::ReaderMutexLock lock(&mu_);
+    if (regions_.find(region_id) == regions_.end()) {
+      return absl::UnavailableError("in-process region was destroyed");
+    }
+    for (const Op& op : ops) {
+      if (op.length != 0) copy(op);
+    }
+    return absl::OkStatus();
+  }
 
   std::string id_;
   absl::Mutex mu_;

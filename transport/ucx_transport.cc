@@ -661,15 +661,15 @@ class UcxWriter final : public RemoteWriter {
   absl::Status GetAll(absl::Span<const GetOp> ops) override {
     RETURN_IF_ERROR(internal::ValidateGetOps(ops, region_.length));
     if (ops.empty()) return absl::OkStatus();
-    if (direct_ != nullptr) {  // mapped here: a copy, without the worker's lock
-      absl::ReaderMutexLock lock(&endpoint_->direct_mu);
-      if (endpoint_->closed)
-        return absl::UnavailableError("the connection to the region's owner was closed");
-      for (const GetOp& op : ops) {
-        if (op.length != 0) std::memcpy(op.dst, direct_ + op.remote_offset, op.length);
-      }
-      return absl::OkStatus();
-    }
+    // Mapped here: a copy, through the same access as a direct write (without the worker's lock).
+    ASSIGN_OR_RETURN(const bool mapped, WriteDirect([&](uint8_t* base) {
+                       for (const GetOp& op : ops) {
+                         if (op.length != 0)
+                           std::memcpy(op.dst, base + op.remote_offset, op.length);
+                       }
+                       return absl::OkStatus();
+                     }));
+    if (mapped) return absl::OkStatus();
     return core_->Transfer(*endpoint_, rkey_, region_.base, ops);
   }
   absl::StatusOr<bool> WriteDirect(absl::FunctionRef<absl::Status(uint8_t* base)> write) override {
