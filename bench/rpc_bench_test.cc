@@ -27,6 +27,9 @@ TEST(RpcBenchTest, TinyRunReportsEveryField) {
     }
     EXPECT_EQ(j["entries"].get<int>(), 4);
     EXPECT_GT(j["rpc_us_p50"].get<double>(), 0);
+    // The server's time lies inside the client's wait and holds the node's.
+    EXPECT_GE(j["service_us_p50"].get<double>(), j["node_us_p50"].get<double>());
+    EXPECT_LE(j["service_us_p50"].get<double>(), j["wait_us_p50"].get<double>());
   }
 }
 

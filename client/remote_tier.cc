@@ -530,6 +530,7 @@ class RemoteTier final : public Tier {
     }
     got.bytes_received += static_cast<int64_t>(resp.bytes_streamed());
     got.tier_node_micros = static_cast<int64_t>(resp.node_micros());
+    got.tier_service_micros = static_cast<int64_t>(resp.service_micros());
     got.tier_search_micros = static_cast<int64_t>(resp.search_micros());
     got.tier_stream_micros = static_cast<int64_t>(resp.stream_micros());
     got.tier_read_micros = static_cast<int64_t>(resp.read_micros());

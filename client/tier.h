@@ -127,6 +127,9 @@ struct TierCounters {
   // Time Retrieve spent waiting for the tier's answers (RPC round trips, node time included);
   // the rest of Retrieve is the client's own work (request building, unpacking, checks).
   int64_t tier_wait_micros = 0;
+  // Of tier_wait_micros, the tier servers' own time (RetrieveResponse.service_micros: node time,
+  // decoding, encoding, waiting for a service thread); the rest is the wire and gRPC.
+  int64_t tier_service_micros = 0;
   int64_t tier_search_micros = 0;  // of tier_node_micros: the index searches
   int64_t tier_stream_micros = 0;  // of tier_node_micros: slot plans and rows sent
   int64_t tier_read_micros = 0;    // of tier_node_micros: block pins and page tables
@@ -146,6 +149,7 @@ struct TierCounters {
     ingests += b.ingests;
     tier_node_micros += b.tier_node_micros;
     tier_wait_micros += b.tier_wait_micros;
+    tier_service_micros += b.tier_service_micros;
     tier_search_micros += b.tier_search_micros;
     tier_stream_micros += b.tier_stream_micros;
     tier_read_micros += b.tier_read_micros;

@@ -26,7 +26,16 @@ BlockTable::BlockTable(Arena* arena, const BlockTableOptions& options)
   if (options_.clock == nullptr) options_.clock = Clock::Real();
 }
 
-BlockTable::~BlockTable() = default;
+// A read pin: registered in read_pins_ (no per-block pins), or holding a pin on each block.
+struct BlockTable::ReadPinState {
+  std::vector<Block*> blocks;
+  bool per_block = false;
+};
+
+BlockTable::~BlockTable() {
+  absl::MutexLock lock(&mu_);
+  if (!read_pins_.empty()) KV_LOG(ERROR) << read_pins_.size() << " read pins outlive their table";
+}
 
 std::string BlockTable::StoreKey(const Block* b) const {
   absl::MutexLock lock(&mu_);
@@ -89,6 +98,7 @@ void BlockTable::ReleaseSlots(absl::Span<uint8_t* const> slots) {
 }
 
 absl::Status BlockTable::EvictLocked(int64_t slots) {
+  PinRegisteredReadsLocked();
   const int64_t now = NowNs();
   std::vector<Block*> candidates;
   for (Block* b : live_) {
@@ -130,6 +140,7 @@ absl::Status BlockTable::EvictLocked(int64_t slots) {
     ++spilled_;
     ++evictions_;
   }
+  if (!victims.empty()) ++residency_epoch_;
   return absl::OkStatus();
 }
 
@@ -190,6 +201,7 @@ Block* BlockTable::AddRecovered(uint64_t id, int num_layers, size_t layer_bytes)
   b->pins_ = 0;
   b->state_ = Block::State::kSpilled;
   b->on_disk_ = true;
+  ++residency_epoch_;
   next_id_ = std::max(next_id_, id + 1);
   live_.insert(b);
   ++references_;
@@ -244,10 +256,14 @@ void BlockTable::Unref(Block* b) {
 
 absl::Status BlockTable::Pin(absl::Span<Block* const> blocks) {
   absl::MutexLock lock(&mu_);
+  return PinLocked(blocks, /*touch=*/true);
+}
+
+absl::Status BlockTable::PinLocked(absl::Span<Block* const> blocks, bool touch) {
   const int64_t now = NowNs();
   // Pin the resident ones first so that reloading the others cannot evict them.
   for (Block* b : blocks) {
-    TouchLocked(b, now);
+    if (touch) TouchLocked(b, now);
     ++b->pins_;
   }
   for (Block* b : blocks) {
@@ -267,6 +283,56 @@ void BlockTable::Unpin(absl::Span<Block* const> blocks) {
     --b->pins_;
     TouchLocked(b, now);
   }
+}
+
+absl::StatusOr<BlockTable::ReadPin> BlockTable::PinForRead(std::vector<Block*> blocks,
+                                                           uint64_t resident_epoch,
+                                                           absl::Span<Block* const> unverified,
+                                                           bool touch) {
+  auto state = std::make_unique<ReadPinState>();
+  state->blocks = std::move(blocks);
+  ReadPin out;
+  {
+    absl::MutexLock lock(&mu_);
+    bool known = resident_epoch == residency_epoch_;
+    for (size_t i = 0; known && i < unverified.size(); ++i) {
+      known = unverified[i]->state_ == Block::State::kResident;
+    }
+    if (known) {
+      if (touch) {
+        const int64_t now = NowNs();
+        for (Block* b : state->blocks) TouchLocked(b, now);
+      }
+      read_pins_.insert(state.get());
+    } else {
+      RETURN_IF_ERROR(PinLocked(state->blocks, touch));
+      state->per_block = true;
+    }
+    out.epoch = residency_epoch_;
+  }
+  out.pin = std::shared_ptr<const void>(
+      state.release(), [this](const void* p) { ReleaseRead(static_cast<const ReadPinState*>(p)); });
+  return out;
+}
+
+void BlockTable::ReleaseRead(const ReadPinState* state) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (state->per_block) {
+      for (Block* b : state->blocks) --b->pins_;
+    } else {
+      read_pins_.erase(const_cast<ReadPinState*>(state));
+    }
+  }
+  delete state;
+}
+
+void BlockTable::PinRegisteredReadsLocked() {
+  for (ReadPinState* state : read_pins_) {
+    for (Block* b : state->blocks) ++b->pins_;
+    state->per_block = true;
+  }
+  read_pins_.clear();
 }
 
 void BlockTable::Touch(absl::Span<Block* const> blocks) {

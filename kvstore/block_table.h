@@ -27,6 +27,15 @@
 // (e.g. a full disk: RESOURCE_EXHAUSTED) fails only the allocation that needed the room; a
 // record that fails its checksum on reload is DATA_LOSS for the reader.
 //
+// Read pins (PinForRead) cost O(1), not O(blocks): a decode step's Retrieve reads every block of
+// every sequence of its batch, and at 96K tokens that is ~3000 blocks a sequence, each a cache
+// miss on this table's metadata. A read pin whose blocks the caller knows to be resident (it saw
+// them so under the current *residency epoch*, which every eviction advances) is only registered;
+// an eviction first turns every registered read pin into per-block pins (EvictLocked), so a
+// registered pin protects exactly as a per-block one does. Its caller renews leases itself, at
+// most every lease / 4 (Sequence::ReadLayer), so an access protects a block for at least 3/4 of
+// the lease and the LRU order is exact to a quarter of the lease.
+//
 // Thread safety: all methods are thread-safe (one mutex; store I/O for spill and reload happens
 // under it, which serialises spills and reloads — simple, and correct; per-block loading states
 // would let unrelated pins proceed). Lock order: Sequence::mu_ before BlockTable::mu_ before
@@ -38,6 +47,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -141,6 +151,25 @@ class BlockTable {
   // Renews the leases (an access that does not read bytes, e.g. reopening a sequence).
   void Touch(absl::Span<Block* const> blocks);
 
+  // A reader's pin on `blocks` (Sequence::ReadLayer), released with the last copy of `pin`.
+  // When `resident_epoch` is the current residency epoch (the caller saw every block of
+  // `blocks` outside `unverified` resident under it) and every block of `unverified` is
+  // resident, the pin is registered in O(1); otherwise it pins block by block as Pin does,
+  // reloading spilled ones (errors as Pin's; nothing is kept then). `touch`: renew every block's
+  // lease as well (the caller throttles this; a read pin's release renews nothing). `epoch`: the
+  // residency epoch under which every block was resident and pinned, for the caller's next
+  // claim. REQUIRES: as Pin; `unverified` is a subset of `blocks`.
+  static constexpr uint64_t kNoEpoch = ~uint64_t{0};  // never the current epoch
+  struct ReadPin {
+    std::shared_ptr<const void> pin;
+    uint64_t epoch = 0;
+  };
+  absl::StatusOr<ReadPin> PinForRead(std::vector<Block*> blocks, uint64_t resident_epoch,
+                                     absl::Span<Block* const> unverified, bool touch);
+  // The clock's time and the interval at which a reader renews its blocks' leases (lease / 4).
+  int64_t NowNs() const { return options_.clock->MonotonicNanos(); }
+  int64_t touch_interval_ns() const { return absl::ToInt64Nanoseconds(options_.lease) / 4; }
+
   // --durable: writes `blocks` (pinned; their bytes as they are now) and the metadata record
   // (meta_key, meta_value) in one atomic, synced batch. On error nothing was written (a full
   // disk is RESOURCE_EXHAUSTED). Does not take the table's mutex while the write is in flight.
@@ -188,8 +217,14 @@ class BlockTable {
   BlockTableStats stats() const;
 
  private:
-  int64_t NowNs() const { return options_.clock->MonotonicNanos(); }
+  struct ReadPinState;
   void TouchLocked(Block* b, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pin's body: pins every block (renewing the leases when `touch`), then reloads the spilled.
+  absl::Status PinLocked(absl::Span<Block* const> blocks, bool touch)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseRead(const ReadPinState* state);
+  // Before an eviction: every registered read pin takes its per-block pins.
+  void PinRegisteredReadsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string StoreKeyLocked(const Block* b) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Arena slots, evicting when the arena is full.
   absl::Status AllocateSlotsLocked(int n, std::vector<uint8_t*>* out)
@@ -211,6 +246,10 @@ class BlockTable {
   int64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reloads_ ABSL_GUARDED_BY(mu_) = 0;
   bool keep_records_ ABSL_GUARDED_BY(mu_) = false;
+  // Advanced by every eviction (and by AddRecovered, whose blocks are born spilled): a block
+  // seen resident under epoch e is resident while the epoch is still e.
+  uint64_t residency_epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_set<ReadPinState*> read_pins_ ABSL_GUARDED_BY(mu_);  // registered, O(1) ones
   absl::flat_hash_set<Block*> live_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<ContentKey, Block*> published_ ABSL_GUARDED_BY(mu_);
 };

@@ -417,7 +417,8 @@ grpc::ServerUnaryReactor* GrpcService::CommitBlocks(grpc::CallbackServerContext*
 
 grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                                 v1::RetrieveResponse* resp) {
-  return RunUnary(&pool_, ctx, [this, ctx, req, resp]() -> absl::Status {
+  const absl::Time received = absl::Now();
+  return RunUnary(&pool_, ctx, [this, ctx, req, resp, received]() -> absl::Status {
     RetrieveArgs args;
     ASSIGN_OR_RETURN(args.tenant, TenantOf(auth_, ctx, req->tenant()));
     args.layer = req->layer();
@@ -474,6 +475,8 @@ grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx
       }
     }
     resp->set_bytes_streamed(out.bytes_streamed);
+    resp->set_service_micros(
+        static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - received)));
     return absl::OkStatus();
   });
 }

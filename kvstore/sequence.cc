@@ -61,12 +61,16 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
   std::vector<std::vector<Snapshot>> out(seqs.size());
   if (seqs.empty()) return out;
   BlockTable* const table = seqs[0]->table_;
+  const int64_t now = table->NowNs();
   // Each sequence's committed blocks and length, taken under its lock: committed blocks stay in
   // place while the caller holds the sequence (only the destructor and the rollback of
-  // uncommitted rows release blocks), so they can be pinned after the lock is dropped.
+  // uncommitted rows release blocks), so they can be pinned after the lock is dropped. Then what
+  // the sequence knows of their residency: blocks past its claim are checked one by one.
   std::vector<std::vector<Block*>> blocks(seqs.size());
   std::vector<int64_t> committed(seqs.size());
-  std::vector<Block*> to_pin;
+  std::vector<Block*> to_pin, unverified;
+  uint64_t epoch = BlockTable::kNoEpoch;
+  bool touch = false;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Sequence& seq = *seqs[i];
     {
@@ -74,6 +78,15 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
       committed[i] = seq.committed_;
       const int64_t nblocks = (seq.committed_ + seq.block_tokens_ - 1) / seq.block_tokens_;
       blocks[i].assign(seq.blocks_.begin(), seq.blocks_.begin() + nblocks);
+    }
+    {
+      absl::MutexLock lock(&seq.read_mu_);
+      if (i == 0 || seq.claim_epoch_ != epoch)
+        epoch = i == 0 ? seq.claim_epoch_ : BlockTable::kNoEpoch;
+      const size_t claimed = std::min(seq.claim_blocks_, blocks[i].size());
+      unverified.insert(unverified.end(), blocks[i].begin() + static_cast<int64_t>(claimed),
+                        blocks[i].end());
+      touch |= !seq.touched_ || now - seq.touched_ns_ >= table->touch_interval_ns();
     }
     size_t shared = 0;
     if (i > 0) {
@@ -83,31 +96,26 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
     }
     to_pin.insert(to_pin.end(), blocks[i].begin() + static_cast<int64_t>(shared), blocks[i].end());
   }
-  if (absl::Status st = table->Pin(to_pin); !st.ok()) {
+  absl::StatusOr<BlockTable::ReadPin> pinned =
+      table->PinForRead(std::move(to_pin), epoch, unverified, touch);
+  if (!pinned.ok()) {
+    const absl::Status& st = pinned.status();
     return absl::Status(
         st.code(), seqs.size() == 1 ? absl::StrCat("sequence '", seqs[0]->id_, "': ", st.message())
                                     : absl::StrCat("reading ", seqs.size(), " sequences from '",
                                                    seqs[0]->id_, "' on: ", st.message()));
   }
-  const std::shared_ptr<const void> pin(
-      new std::vector<Block*>(std::move(to_pin)), [table](const void* p) {
-        const auto* v = static_cast<const std::vector<Block*>*>(p);
-        table->Unpin(*v);
-        delete v;
-      });
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Sequence& seq = *seqs[i];
     const ModelSpec& spec = *seq.spec_;
     // After the pin: a reload may have moved a spilled block's slots.
-    std::vector<const uint8_t*> slots(blocks[i].size());
-    for (size_t b = 0; b < slots.size(); ++b) slots[b] = blocks[i][b]->layer(layer);
-    const auto pages = std::make_shared<const std::vector<const uint8_t*>>(std::move(slots));
+    const auto pages = seq.PageTable(layer, pinned->epoch, blocks[i], touch ? now : -1);
     const size_t hb = seq.head_bytes();
     const size_t v_offset = static_cast<size_t>(spec.num_kv_heads) * hb;
     out[i].resize(kv_heads[i].size());
     for (size_t j = 0; j < kv_heads[i].size(); ++j) {
       Snapshot& s = out[i][j];
-      s.pin = pin;
+      s.pin = pinned->pin;
       for (auto* rows : {&s.keys, &s.values}) {
         rows->pages = pages;
         rows->page_tokens = seq.block_tokens_;
@@ -121,6 +129,42 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
     }
   }
   return out;
+}
+
+std::shared_ptr<const std::vector<const uint8_t*>> Sequence::PageTable(
+    int layer, uint64_t epoch, absl::Span<Block* const> blocks, int64_t touched_ns) const {
+  absl::MutexLock lock(&read_mu_);
+  // The claim: every one of `blocks` is resident (and pinned) under `epoch`.
+  if (claim_epoch_ == BlockTable::kNoEpoch || epoch > claim_epoch_) {
+    claim_epoch_ = epoch;
+    claim_blocks_ = blocks.size();
+  } else if (epoch == claim_epoch_) {
+    claim_blocks_ = std::max(claim_blocks_, blocks.size());
+  }
+  if (touched_ns >= 0 && (!touched_ || touched_ns > touched_ns_)) {
+    touched_ns_ = touched_ns;
+    touched_ = true;
+  }
+  if (page_cache_.empty()) page_cache_.resize(static_cast<size_t>(spec_->num_layers));
+  PageCache& cache = page_cache_[static_cast<size_t>(layer)];
+  // A table built under `epoch` is still right for the blocks it covers: no block has moved
+  // since (a move needs an eviction, which advances the epoch).
+  const bool current = cache.pages != nullptr && cache.epoch == epoch;
+  if (current && cache.pages->size() == blocks.size()) return cache.pages;
+  std::vector<const uint8_t*> table;
+  if (current && cache.pages->size() < blocks.size()) {
+    table.reserve(blocks.size());
+    table = *cache.pages;
+  }
+  const size_t from = table.size();
+  table.resize(blocks.size());
+  for (size_t b = from; b < blocks.size(); ++b) table[b] = blocks[b]->layer(layer);
+  auto pages = std::make_shared<const std::vector<const uint8_t*>>(std::move(table));
+  if (cache.pages == nullptr || cache.epoch == BlockTable::kNoEpoch || epoch > cache.epoch ||
+      (epoch == cache.epoch && blocks.size() > cache.pages->size())) {
+    cache = PageCache{epoch, pages};
+  }
+  return pages;
 }
 
 int64_t Sequence::committed_tokens() const {
@@ -508,6 +552,10 @@ void Sequence::Restore(std::vector<int32_t> token_ids, int64_t committed, int64_
   std::fill(layer_tokens_.begin(), layer_tokens_.end(), committed_);
   if (account_ != nullptr) account_->ForceChargeBytes(committed_ * spec_->token_kv_bytes());
   PublishFullBlocksLocked();
+  absl::MutexLock read_lock(&read_mu_);  // the blocks were replaced: forget what reads saw
+  claim_epoch_ = BlockTable::kNoEpoch;
+  claim_blocks_ = 0;
+  page_cache_.clear();
 }
 
 std::shared_ptr<const SequenceIndex> Sequence::index() const {

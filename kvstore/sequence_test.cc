@@ -72,6 +72,31 @@ TEST(SequenceTest, AppendCommitAndReadAcrossBlocks) {
   EXPECT_EQ(budget.used(), seq.bytes());
 }
 
+// Reads between appends of one token see every committed row of every layer: a read's page
+// table (kept between reads) grows with the blocks, the partial last one included.
+TEST(SequenceTest, ReadsBetweenAppendsSeeEveryCommittedRow) {
+  Store budget(1 << 20);
+  Sequence seq("t", "s", Spec(), /*block_tokens=*/3, budget.table.get(), "t:t");
+  for (int64_t t = 0; t < 10; ++t) {
+    auto [k, v] = Chunk(t, 1);
+    const absl::Span<const uint8_t> ks[2] = {S(k), S(k)}, vs[2] = {S(v), S(v)};
+    const int32_t id = 7;
+    ASSERT_OK(seq.AppendTokens(t, 1, {&id, 1}, ks, vs).status());
+    for (int layer = 0; layer < 2; ++layer) {
+      ASSERT_OK_AND_ASSIGN(auto snaps, seq.Read(layer, std::vector<int>{0, 1}));
+      for (int h = 0; h < 2; ++h) {
+        ASSERT_EQ(snaps[h].keys.num_tokens, t + 1);
+        for (int64_t r = 0; r <= t; ++r) {
+          const float* kr = reinterpret_cast<const float*>(snaps[h].keys.row(r));
+          const float* vr = reinterpret_cast<const float*>(snaps[h].values.row(r));
+          ASSERT_FLOAT_EQ(kr[1], 1000.0f * h + r + 0.1f) << "after " << t << " layer " << layer;
+          ASSERT_FLOAT_EQ(vr[3], -(1000.0f * h + r + 0.3f));
+        }
+      }
+    }
+  }
+}
+
 TEST(SequenceTest, UnequalLayersRollBackOnCommit) {
   Store budget(1 << 20);
   Sequence seq("t", "s", Spec(), 3, budget.table.get(), "t:t");

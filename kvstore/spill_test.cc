@@ -16,6 +16,7 @@
 #include "kvstore/block_store.h"
 #include "kvstore/block_table.h"
 #include "kvstore/node.h"
+#include "kvstore/sequence.h"
 #include "rocksdb/env.h"
 #include "rocksdb/file_system.h"
 
@@ -158,6 +159,97 @@ TEST_F(TableTest, CorruptRecordIsDataLossAndTheTableKeepsServing) {
   for (int i = 0; i < 64; ++i) ASSERT_EQ(a->layer(0)[i], 7);
   table_->Unpin({&a, 1});
   for (Block* x : {a, b, c, d, e}) table_->Unref(x);
+}
+
+// PinForRead: a registered (O(1)) read pin protects its blocks from eviction exactly as per-block
+// pins do, until its last copy is released; a claim from an older residency epoch, or an
+// unverified block that is spilled, takes the per-block path and reloads.
+TEST_F(TableTest, ReadPinsProtectLikePinsAndFallBackWhenTheEpochMoved) {
+  Block* a = Filled(1);
+  Block* b = Filled(2);
+  Block* c = Filled(3);
+  Block* d = Filled(4);
+  const uint64_t epoch0 = BlockTable::kNoEpoch;
+  // First read: no claim, so block by block; it reports the epoch it saw them resident under.
+  ASSERT_OK_AND_ASSIGN(BlockTable::ReadPin first, table_->PinForRead({a, b}, epoch0, {}, true));
+  const uint64_t e = first.epoch;
+  first.pin.reset();
+  // A read under that claim registers; leases run out, yet a and b (registered) stay.
+  ASSERT_OK_AND_ASSIGN(BlockTable::ReadPin read, table_->PinForRead({a, b}, e, {}, false));
+  EXPECT_EQ(read.epoch, e);
+  std::shared_ptr<const void> copy = read.pin;
+  clock_.Advance(absl::Seconds(60));
+  ASSERT_OK_AND_ASSIGN(Block * x, table_->Allocate(1));  // spills c (LRU among c, d)
+  ASSERT_OK_AND_ASSIGN(Block * y, table_->Allocate(1));  // spills d
+  EXPECT_EQ(StateOf(c), State::kSpilled);
+  EXPECT_EQ(StateOf(d), State::kSpilled);
+  EXPECT_THAT(table_->Allocate(1), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(StateOf(a), State::kResident);
+  EXPECT_EQ(StateOf(b), State::kResident);
+  // Released once per pin, through its last copy only (the eviction turned it per-block).
+  read.pin.reset();
+  EXPECT_THAT(table_->Allocate(1), StatusIs(absl::StatusCode::kResourceExhausted));
+  copy.reset();
+  table_->Unpin({&x, 1});
+  table_->Unpin({&y, 1});
+  clock_.Advance(absl::Seconds(60));
+  // The epoch moved: a stale claim over spilled c and d reloads them (evicting a and b).
+  ASSERT_OK_AND_ASSIGN(BlockTable::ReadPin again, table_->PinForRead({c, d}, e, {}, false));
+  EXPECT_NE(again.epoch, e);
+  EXPECT_EQ(StateOf(c), State::kResident);
+  EXPECT_EQ(c->layer(0)[5], 3);
+  EXPECT_EQ(d->layer(0)[5], 4);
+  again.pin.reset();
+  // A current claim with a spilled block outside it (unverified) reloads it too.
+  ASSERT_OK_AND_ASSIGN(BlockTable::ReadPin now,
+                       table_->PinForRead({c, d}, BlockTable::kNoEpoch, {}, false));
+  ASSERT_EQ(StateOf(a), State::kSpilled);
+  clock_.Advance(absl::Seconds(60));
+  ASSERT_OK_AND_ASSIGN(BlockTable::ReadPin tail, table_->PinForRead({c, a}, now.epoch, {a}, false));
+  EXPECT_EQ(StateOf(a), State::kResident);
+  EXPECT_EQ(a->layer(0)[5], 1);
+  tail.pin.reset();
+  now.pin.reset();
+  // Every pin was given back: the arena can be emptied.
+  for (Block* z : {a, b, c, d, x, y}) table_->Unref(z);
+  EXPECT_EQ(arena_->used_slots(), 0);
+}
+
+// A read renews its sequence's leases only when a quarter of the lease (here 2.5 s) has passed
+// since it last did: a read protects the blocks for at least 3/4 of the lease, reads in between
+// cost no pass over the blocks.
+TEST_F(TableTest, ReadsRenewLeasesAtMostEveryQuarterLease) {
+  auto spec = std::make_shared<ModelSpec>();
+  spec->model_id = "m";
+  spec->num_layers = 1;
+  spec->num_q_heads = 1;
+  spec->num_kv_heads = 1;
+  spec->head_dim = 4;
+  spec->kv_dtype = DType::kF32;  // K+V of a token: 32 B; a 2-token block fills a 64-byte slot
+  spec->vocab_size = 10;
+  auto seq = std::make_shared<Sequence>("t", "s", spec, /*block_tokens=*/2, table_.get(), "t:t");
+  const std::string kv(64, '\x11');
+  const absl::Span<const uint8_t> half(reinterpret_cast<const uint8_t*>(kv.data()), 32);
+  const std::vector<int32_t> ids = {4, 5};
+  ASSERT_OK(seq->AppendTokens(0, 2, ids, {&half, 1}, {&half, 1}).status());  // lease until 10 s
+  Block* fill[3] = {Filled(1), Filled(2), Filled(3)};
+  clock_.Advance(absl::Seconds(3));
+  ASSERT_OK(seq->Read(0, 0).status());  // renews: until 13 s
+  clock_.Advance(absl::Seconds(2));
+  ASSERT_OK(seq->Read(0, 0).status());       // 2 s later: within the quarter, renews nothing
+  clock_.Advance(absl::Milliseconds(7900));  // 12.9 s
+  EXPECT_THAT(table_->Allocate(4), StatusIs(absl::StatusCode::kResourceExhausted));
+  clock_.Advance(absl::Milliseconds(200));  // 13.1 s: every lease has run out
+  ASSERT_OK_AND_ASSIGN(Block * all, table_->Allocate(4));
+  EXPECT_EQ(table_->stats().spilled, 4);
+  // The spilled sequence reads back (its claim is stale: the epoch moved) once there is room.
+  table_->Unpin({&all, 1});
+  table_->Unref(all);
+  ASSERT_OK_AND_ASSIGN(Sequence::Snapshot snap, seq->Read(0, 0));
+  EXPECT_EQ(snap.keys.row(1)[0], 0x11);
+  snap = {};
+  seq.reset();
+  for (Block* b : fill) table_->Unref(b);
 }
 
 TEST(SpillStoreTest, WithoutDataDirAFullArenaStillFailsTheWrite) {
