@@ -561,6 +561,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     const size_t row = seqs[i]->spec().row_bytes();
     const int32_t* tokens = plans[i].fill_tokens.data() + begin;
     const size_t m = end - begin;
+    if (m == 0) return;  // an entry with nothing new (its one piece is empty)
     thread_local std::vector<const uint8_t*> src;  // [K row | V row] per token, as dst
     src.resize(2 * m);
     indexer::RowAddresses(snaps[i].keys, tokens, m, src.data(), 2);
@@ -593,7 +594,7 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     const std::vector<int32_t>& ids = out->token_ids[i];
     const uint32_t counts[2] = {static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(plans[i].fill_slots.size())};
     std::memcpy(p, counts, 8);
-    std::memcpy(p + 8, ids.data(), ids.size() * 4);
+    if (!ids.empty()) std::memcpy(p + 8, ids.data(), ids.size() * 4);  // an empty selection: null
     uint8_t* s16 = p + 8 + ids.size() * 4;
     for (const std::vector<int32_t>* v : {&plans[i].slots, &plans[i].fill_slots}) {
       for (int32_t x : *v) {
