@@ -62,6 +62,7 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
   if (seqs.empty()) return out;
   BlockTable* const table = seqs[0]->table_;
   const int64_t now = table->NowNs();
+  const int64_t touch_interval = table->touch_interval_ns();
   // Each sequence's committed blocks and length, taken under its lock: committed blocks stay in
   // place while the caller holds the sequence (only the destructor and the rollback of
   // uncommitted rows release blocks), so they can be pinned after the lock is dropped. Then what
@@ -81,12 +82,16 @@ absl::StatusOr<std::vector<std::vector<Sequence::Snapshot>>> Sequence::ReadLayer
     }
     {
       absl::MutexLock lock(&seq.read_mu_);
-      if (i == 0 || seq.claim_epoch_ != epoch)
-        epoch = i == 0 ? seq.claim_epoch_ : BlockTable::kNoEpoch;
+      // One claim for the whole call: every sequence's must be under the same epoch.
+      if (i == 0) {
+        epoch = seq.claim_epoch_;
+      } else if (seq.claim_epoch_ != epoch) {
+        epoch = BlockTable::kNoEpoch;
+      }
       const size_t claimed = std::min(seq.claim_blocks_, blocks[i].size());
       unverified.insert(unverified.end(), blocks[i].begin() + static_cast<int64_t>(claimed),
                         blocks[i].end());
-      touch |= !seq.touched_ || now - seq.touched_ns_ >= table->touch_interval_ns();
+      touch |= !seq.touched_ns_.has_value() || now - *seq.touched_ns_ >= touch_interval;
     }
     size_t shared = 0;
     if (i > 0) {
@@ -141,10 +146,7 @@ std::shared_ptr<const std::vector<const uint8_t*>> Sequence::PageTable(
   } else if (epoch == claim_epoch_) {
     claim_blocks_ = std::max(claim_blocks_, blocks.size());
   }
-  if (touched_ns >= 0 && (!touched_ || touched_ns > touched_ns_)) {
-    touched_ns_ = touched_ns;
-    touched_ = true;
-  }
+  if (touched_ns >= 0 && touched_ns > touched_ns_.value_or(-1)) touched_ns_ = touched_ns;
   if (page_cache_.empty()) page_cache_.resize(static_cast<size_t>(spec_->num_layers));
   PageCache& cache = page_cache_[static_cast<size_t>(layer)];
   // A table built under `epoch` is still right for the blocks it covers: no block has moved
@@ -160,7 +162,7 @@ std::shared_ptr<const std::vector<const uint8_t*>> Sequence::PageTable(
   table.resize(blocks.size());
   for (size_t b = from; b < blocks.size(); ++b) table[b] = blocks[b]->layer(layer);
   auto pages = std::make_shared<const std::vector<const uint8_t*>>(std::move(table));
-  if (cache.pages == nullptr || cache.epoch == BlockTable::kNoEpoch || epoch > cache.epoch ||
+  if (cache.pages == nullptr || epoch > cache.epoch ||
       (epoch == cache.epoch && blocks.size() > cache.pages->size())) {
     cache = PageCache{epoch, pages};
   }

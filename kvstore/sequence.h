@@ -262,14 +262,13 @@ class Sequence {
   // committed. Lock order: mu_ before read_mu_ (ReadLayer never holds both). Memory: 8 bytes per
   // block and layer read.
   struct PageCache {
-    uint64_t epoch = BlockTable::kNoEpoch;
+    uint64_t epoch = 0;  // meaningful only with pages
     std::shared_ptr<const std::vector<const uint8_t*>> pages;
   };
   mutable absl::Mutex read_mu_;
   mutable uint64_t claim_epoch_ ABSL_GUARDED_BY(read_mu_) = BlockTable::kNoEpoch;
   mutable size_t claim_blocks_ ABSL_GUARDED_BY(read_mu_) = 0;
-  mutable int64_t touched_ns_ ABSL_GUARDED_BY(read_mu_) = 0;
-  mutable bool touched_ ABSL_GUARDED_BY(read_mu_) = false;               // touched_ns_ is set
+  mutable std::optional<int64_t> touched_ns_ ABSL_GUARDED_BY(read_mu_);
   mutable std::vector<PageCache> page_cache_ ABSL_GUARDED_BY(read_mu_);  // one per layer
 };
 
