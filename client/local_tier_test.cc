@@ -471,5 +471,113 @@ TEST(RecallBufferTest, UnpackRejectsCountsBeyondTheBudget) {
   EXPECT_THAT(internal::UnpackRecalledFromRegion(buf.data(), 4, &r), StatusIs(absl::StatusCode::kInternal));
 }
 
+// The slot-map check against a plain one (every rule spelt out, one token at a time) over random
+// valid maps and random breakages of them, at sizes around the vector widths: a confused node's
+// reply is refused exactly when one rule is broken, through the region too.
+bool PlainCheck(const Recalled& r, int budget) {
+  const size_t n = r.token_ids.size();
+  if (n > static_cast<size_t>(budget) || r.slots.size() != n || r.fill_slots.size() > n)
+    return false;
+  std::vector<int> seen(static_cast<size_t>(budget), 0);
+  for (size_t j = 0; j < n; ++j) {
+    if (j > 0 && r.token_ids[j] <= r.token_ids[j - 1]) return false;
+    if (r.slots[j] < 0 || r.slots[j] >= budget || seen[static_cast<size_t>(r.slots[j])]++ != 0)
+      return false;
+  }
+  for (int32_t s : r.fill_slots) {
+    if (s < 0 || s >= budget || seen[static_cast<size_t>(s)] != 1) return false;
+    seen[static_cast<size_t>(s)] = 2;
+  }
+  return true;
+}
+
+TEST(RecallBufferTest, CheckRefusesExactlyTheBrokenSlotMaps) {
+  std::mt19937 rng(7);
+  int refused = 0, checked = 0;
+  for (int n : {0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 64, 65, 100, 1024}) {
+    for (int extra : {0, 5, 64}) {
+      const int budget = n + extra;
+      if (budget == 0) continue;
+      for (int trial = 0; trial < 40; ++trial) {
+        Recalled r;
+        std::vector<int32_t> pool(static_cast<size_t>(budget));
+        for (int i = 0; i < budget; ++i) pool[static_cast<size_t>(i)] = i;
+        std::shuffle(pool.begin(), pool.end(), rng);
+        r.slots.assign(pool.begin(), pool.begin() + n);
+        int32_t t = static_cast<int32_t>(rng() % 5);
+        for (int j = 0; j < n; ++j) r.token_ids.push_back(t += 1 + static_cast<int32_t>(rng() % 9));
+        const int m = n == 0 ? 0 : static_cast<int>(rng() % (n + 1));
+        r.fill_slots.assign(r.slots.begin(), r.slots.begin() + m);
+        std::shuffle(r.fill_slots.begin(), r.fill_slots.end(), rng);
+        ASSERT_TRUE(PlainCheck(r, budget));
+        ASSERT_OK(internal::CheckRecalled(r, budget)) << n << " tokens, budget " << budget;
+        if (n == 0) continue;
+        // One breakage (some may leave the map valid, e.g. a fill moved to another selected slot).
+        const size_t j = rng() % static_cast<size_t>(n), k = rng() % static_cast<size_t>(n);
+        const int32_t free_slot = extra > 0 ? pool[static_cast<size_t>(n)] : budget;
+        switch (trial % 8) {
+          case 0:
+            r.token_ids[j] = r.token_ids[k];
+            break;  // repeated or unsorted id
+          case 1:
+            std::swap(r.token_ids[j], r.token_ids[k]);
+            break;  // unsorted ids
+          case 2:
+            r.slots[j] = r.slots[k];
+            break;  // slot twice
+          case 3:
+            r.slots[j] = trial % 16 < 8 ? budget : -1 - static_cast<int32_t>(rng() % 3);
+            break;
+          case 4:
+            r.slots[j] = free_slot;
+            break;  // out of range or free
+          case 5:
+            if (m > 0) r.fill_slots[rng() % m] = free_slot;
+            break;  // fill outside the selection
+          case 6:
+            if (m > 1) r.fill_slots[0] = r.fill_slots[1];
+            break;  // fill twice
+          case 7:
+            if (m > 0) r.fill_slots[rng() % m] = trial % 16 < 8 ? budget : -1;
+            break;
+        }
+        const bool want = PlainCheck(r, budget);
+        refused += !want;
+        ++checked;
+        EXPECT_EQ(internal::CheckRecalled(r, budget).ok(), want)
+            << n << " tokens, budget " << budget << ", breakage " << trial % 8;
+        // The same map through the region's layout (ids, then uint16 slots and fills), where it
+        // fits.
+        bool fits = true;
+        for (int32_t s : r.slots) fits &= s >= 0 && s < 65536;
+        for (int32_t s : r.fill_slots) fits &= s >= 0 && s < 65536;
+        if (!fits) continue;
+        std::vector<uint8_t> buf(kvstore::RetrieveResultBytes(budget), 0);
+        const uint32_t counts[2] = {static_cast<uint32_t>(n), static_cast<uint32_t>(m)};
+        std::memcpy(buf.data(), counts, 8);
+        std::memcpy(buf.data() + 8, r.token_ids.data(), 4 * static_cast<size_t>(n));
+        uint8_t* p = buf.data() + 8 + 4 * static_cast<size_t>(n);
+        for (const std::vector<int32_t>* v : {&r.slots, &r.fill_slots}) {
+          for (int32_t s : *v) {
+            *p++ = static_cast<uint8_t>(s);
+            *p++ = static_cast<uint8_t>(s >> 8);
+          }
+        }
+        Recalled back;
+        const absl::Status st = internal::UnpackRecalledFromRegion(buf.data(), budget, &back);
+        EXPECT_EQ(st.ok(), want) << st;
+        if (!want) {
+          EXPECT_THAT(st, StatusIs(absl::StatusCode::kInternal));
+        } else {
+          EXPECT_EQ(back.token_ids, r.token_ids);
+          EXPECT_EQ(back.slots, r.slots);
+          EXPECT_EQ(back.fill_slots, r.fill_slots);
+        }
+      }
+    }
+  }
+  EXPECT_GT(refused, checked / 2) << "the breakages must mostly break";
+}
+
 }  // namespace
 }  // namespace kvrecall::client

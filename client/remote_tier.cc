@@ -498,8 +498,8 @@ class RemoteTier final : public Tier {
       auto unpack = [&](int64_t i) {
         Recalled& r = (*out)[i];
         status[i] = internal::UnpackRecalledFromRegion(
-            base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget, &r);
-        if (status[i].ok()) status[i] = internal::CheckRecalled(r, batch.budget);
+            base + results_offset + i * kvstore::RetrieveResultBytes(batch.budget), batch.budget,
+            &r);
         r.rows = base + (first_row + i * batch.budget) * pair;
       };
       if (n >= kParallelUnpackEntries) {

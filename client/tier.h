@@ -248,8 +248,8 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
                              const TierOptions& options, uint64_t* area_first_row,
                              uint64_t* results_offset = nullptr, uint64_t query_bytes = 0,
                              uint64_t* queries_offset = nullptr);
-// Reads one entry's result as the node put it (proto RetrieveRequest.results_in_region);
-// INTERNAL for counts beyond the budget. Then CheckRecalled as for any reply.
+// Reads one entry's result as the node put it (proto RetrieveRequest.results_in_region) and
+// checks it as CheckRecalled does; INTERNAL for counts beyond the budget or a failed check.
 absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r);
 // The shape checks of an AppendBatch against its model (layers, bytes per layer).
 absl::Status CheckAppendBatch(const ModelSpec& spec, const AppendBatch& batch);
