@@ -1,7 +1,4 @@
 #include <unistd.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstring>
@@ -11,79 +8,11 @@
 #include "client/tier.h"
 #include "common/distinct_ids.h"
 #include "common/status_macros.h"
+#include "indexer/kernels.h"
 
 namespace kvrecall::client::internal {
 
 namespace {
-// The slot-map checks of every reply (CheckRecalled) run over every selected token of a decode
-// batch (~262 K at 256 entries x 1024): vectorised where the CPU has AVX2, branch-free otherwise.
-#if defined(__x86_64__)
-#define KV_AVX2 __attribute__((target("avx2")))
-KV_AVX2 bool StrictlyAscendingAvx2(const int32_t* v, size_t n) {
-  size_t j = 1;
-  __m256i good = _mm256_set1_epi32(-1);
-  for (; j + 8 <= n; j += 8) {
-    const __m256i cur = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
-    const __m256i prev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j - 1));
-    good = _mm256_and_si256(good, _mm256_cmpgt_epi32(cur, prev));
-  }
-  bool ok = _mm256_movemask_epi8(good) == -1;
-  for (; j < n; ++j) ok &= v[j] > v[j - 1];
-  return ok;
-}
-KV_AVX2 uint32_t MaxUnsignedAvx2(const int32_t* v, size_t n) {
-  size_t j = 0;
-  __m256i top = _mm256_setzero_si256();
-  for (; j + 8 <= n; j += 8) {
-    top = _mm256_max_epu32(top, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)));
-  }
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top);
-  uint32_t m = 0;
-  for (uint32_t x : lanes) m = std::max(m, x);
-  for (; j < n; ++j) m = std::max(m, static_cast<uint32_t>(v[j]));
-  return m;
-}
-KV_AVX2 void WidenSlotsAvx2(const uint8_t* le16, size_t n, int32_t* out) {
-  size_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(le16 + 2 * j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(x)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8),
-                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(x, 1)));
-  }
-  for (; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
-}
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-#else
-bool HasAvx2() { return false; }
-bool StrictlyAscendingAvx2(const int32_t*, size_t) { return false; }
-uint32_t MaxUnsignedAvx2(const int32_t*, size_t) { return 0; }
-void WidenSlotsAvx2(const uint8_t*, size_t, int32_t*) {}
-#endif
-
-bool StrictlyAscending(const int32_t* v, size_t n) {
-  if (HasAvx2()) return StrictlyAscendingAvx2(v, n);
-  bool ok = true;
-  for (size_t j = 1; j < n; ++j) ok &= v[j] > v[j - 1];
-  return ok;
-}
-uint32_t MaxUnsigned(const int32_t* v, size_t n) {
-  if (HasAvx2()) return MaxUnsignedAvx2(v, n);
-  uint32_t m = 0;
-  for (size_t j = 0; j < n; ++j) m = std::max(m, static_cast<uint32_t>(v[j]));
-  return m;
-}
-// n little-endian uint16 slots (RetrieveResult's region layout) into int32s.
-void WidenSlots(const uint8_t* le16, size_t n, int32_t* out) {
-  if (HasAvx2()) return WidenSlotsAvx2(le16, n, out);
-  for (size_t j = 0; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
-}
-
 // Slots distinct, and fills distinct and among the slots. REQUIRES: every slot and fill in
 // [0, budget). A bitmap of the slots has as many bits set as there are slots iff none repeats;
 // the slots are spread over four bitmaps (OR-ed at the end) so that consecutive slots in one
@@ -184,8 +113,9 @@ absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r)
   if (n > 0) std::memcpy(r->token_ids.data(), p + 8, n * 4);
   r->slots.resize(n);
   r->fill_slots.resize(m);
-  WidenSlots(p + 8 + n * 4, n, r->slots.data());
-  WidenSlots(p + 8 + n * 6, m, r->fill_slots.data());
+  // Slots and fills are little-endian uint16s after the ids.
+  indexer::kernels::WidenU16(p + 8 + n * 4, static_cast<int64_t>(n), r->slots.data());
+  indexer::kernels::WidenU16(p + 8 + n * 6, static_cast<int64_t>(m), r->fill_slots.data());
   return CheckRecalled(*r, budget);
 }
 
@@ -222,11 +152,13 @@ absl::Status CheckRecalled(const Recalled& r, int budget) {
     return absl::InternalError(absl::StrCat("tier returned ", r.slots.size(), " slots and ", r.fill_slots.size(),
                                             " fills for ", n, " tokens"));
   }
-  if (!StrictlyAscending(r.token_ids.data(), n))
+  if (!indexer::kernels::StrictlyAscending(r.token_ids.data(), static_cast<int64_t>(n)))
     return absl::InternalError("tier returned unsorted token ids");
   // As unsigned, a negative slot is out of range too.
-  const uint32_t top = std::max(MaxUnsigned(r.slots.data(), n),
-                                MaxUnsigned(r.fill_slots.data(), r.fill_slots.size()));
+  const uint32_t top =
+      std::max(indexer::kernels::MaxUnsigned(r.slots.data(), static_cast<int64_t>(n)),
+               indexer::kernels::MaxUnsigned(r.fill_slots.data(),
+                                             static_cast<int64_t>(r.fill_slots.size())));
   if (n > 0 && top >= static_cast<uint32_t>(budget)) {
     return absl::InternalError(absl::StrCat("tier returned slot ", static_cast<int32_t>(top),
                                             " out of range [0, ", budget, ")"));

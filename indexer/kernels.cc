@@ -1472,6 +1472,45 @@ KV_TARGET_AVX512 void CopyRowsStreamingAvx512(const uint8_t* const* rows, int64_
   _mm_sfence();
 }
 
+KV_TARGET_AVX2 bool StrictlyAscendingAvx2(const int32_t* v, int64_t n) {
+  int64_t j = 1;
+  __m256i good = _mm256_set1_epi32(-1);
+  for (; j + 8 <= n; j += 8) {
+    const __m256i cur = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
+    const __m256i prev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j - 1));
+    good = _mm256_and_si256(good, _mm256_cmpgt_epi32(cur, prev));
+  }
+  bool ok = _mm256_movemask_epi8(good) == -1;
+  for (; j < n; ++j) ok &= v[j] > v[j - 1];
+  return ok;
+}
+
+KV_TARGET_AVX2 uint32_t MaxUnsignedAvx2(const int32_t* v, int64_t n) {
+  int64_t j = 0;
+  __m256i top = _mm256_setzero_si256();
+  for (; j + 8 <= n; j += 8) {
+    top = _mm256_max_epu32(top, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top);
+  uint32_t m = 0;
+  for (uint32_t x : lanes) m = std::max(m, x);
+  for (; j < n; ++j) m = std::max(m, static_cast<uint32_t>(v[j]));
+  return m;
+}
+
+KV_TARGET_AVX2 void WidenU16Avx2(const uint8_t* le16, int64_t n, int32_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(le16 + 2 * j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(x)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(x, 1)));
+  }
+  for (; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
+}
+
 KV_TARGET_AVX2 void CopyRowsStreamingAvx2(const uint8_t* const* rows, int64_t n, size_t row_bytes,
                                           uint8_t* dst, size_t dst_stride) {
   for (int64_t j = 0; j < n; ++j) {
@@ -1497,6 +1536,25 @@ void CopyRowsStreaming(const uint8_t* const* rows, int64_t n, size_t row_bytes, 
     return CopyRowsStreamingAvx2(rows, n, row_bytes, dst, dst_stride);
   for (int64_t j = 0; j < n; ++j)
     std::memcpy(dst + static_cast<size_t>(j) * dst_stride, rows[j], row_bytes);
+}
+
+bool StrictlyAscending(const int32_t* v, int64_t n, Isa isa) {
+  if (Base(isa) != Isa::kScalar) return StrictlyAscendingAvx2(v, n);
+  bool ok = true;
+  for (int64_t j = 1; j < n; ++j) ok &= v[j] > v[j - 1];
+  return ok;
+}
+
+uint32_t MaxUnsigned(const int32_t* v, int64_t n, Isa isa) {
+  if (Base(isa) != Isa::kScalar) return MaxUnsignedAvx2(v, n);
+  uint32_t m = 0;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, static_cast<uint32_t>(v[j]));
+  return m;
+}
+
+void WidenU16(const uint8_t* le16, int64_t n, int32_t* out, Isa isa) {
+  if (Base(isa) != Isa::kScalar) return WidenU16Avx2(le16, n, out);
+  for (int64_t j = 0; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
 }
 
 }  // namespace kvrecall::indexer::kernels

@@ -138,6 +138,16 @@ void TopK(const float* v, int64_t n, int64_t k, std::vector<int32_t>* out, Isa i
 void CopyRowsStreaming(const uint8_t* const* rows, int64_t n, size_t row_bytes, uint8_t* dst,
                        size_t dst_stride, Isa isa = BestIsa());
 
+// Checks and conversions of a tier's answers (client::internal::CheckRecalled runs them over every
+// selected token of a decode step, ~262 K at 256 entries x 1024):
+// Whether v[0, n) is strictly ascending (true for n <= 1).
+bool StrictlyAscending(const int32_t* v, int64_t n, Isa isa = BestIsa());
+// The largest of v[0, n) read as uint32 (a negative value is larger than any non-negative one);
+// 0 for n == 0.
+uint32_t MaxUnsigned(const int32_t* v, int64_t n, Isa isa = BestIsa());
+// out[i] = the little-endian uint16 at le16 + 2 * i, for i < n. le16 needs no alignment.
+void WidenU16(const uint8_t* le16, int64_t n, int32_t* out, Isa isa = BestIsa());
+
 }  // namespace kvrecall::indexer::kernels
 
 #endif  // KVRECALL_INDEXER_KERNELS_H_

@@ -375,5 +375,42 @@ TEST(KernelsTest, CopyRowsStreamingCopiesEveryRowAndNothingElse) {
   }
 }
 
+// The answer checks' kernels against the scalar reference at lengths around the vector widths:
+// an order broken at any one position, negative values, and uint16s at any byte alignment.
+TEST(KernelsTest, AnswerChecksAgreeWithTheReference) {
+  std::mt19937 rng(11);
+  for (int64_t n : {0, 1, 2, 7, 8, 9, 15, 16, 17, 33, 1024, 1031}) {
+    std::vector<int32_t> v(static_cast<size_t>(n));
+    int32_t t = -5;
+    for (int32_t& x : v) x = t += 1 + static_cast<int32_t>(rng() % 4);
+    std::vector<uint8_t> bytes(2 * static_cast<size_t>(n) + 1);
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(rng());
+    for (Isa isa : SupportedIsas()) {
+      EXPECT_TRUE(StrictlyAscending(v.data(), n, isa)) << n << " " << IsaName(isa);
+      EXPECT_EQ(MaxUnsigned(v.data(), n, isa), MaxUnsigned(v.data(), n, Isa::kScalar))
+          << IsaName(isa);
+      for (size_t shift : {size_t{0}, size_t{1}}) {
+        std::vector<int32_t> got(static_cast<size_t>(n), -1), want(static_cast<size_t>(n), -2);
+        WidenU16(bytes.data() + shift, n, got.data(), isa);
+        WidenU16(bytes.data() + shift, n, want.data(), Isa::kScalar);
+        EXPECT_EQ(got, want) << n << " " << IsaName(isa);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(want[i], bytes[shift + 2 * i] | (bytes[shift + 2 * i + 1] << 8));
+        }
+      }
+    }
+    for (int64_t at = 1; at < n; ++at) {  // one pair out of order (or equal), anywhere
+      std::vector<int32_t> broken = v;
+      broken[at] = broken[at - 1] - static_cast<int32_t>(rng() % 2);
+      for (Isa isa : SupportedIsas()) {
+        ASSERT_FALSE(StrictlyAscending(broken.data(), n, isa))
+            << n << " at " << at << " " << IsaName(isa);
+        ASSERT_EQ(MaxUnsigned(broken.data(), n, isa), MaxUnsigned(broken.data(), n, Isa::kScalar));
+      }
+    }
+  }
+  EXPECT_EQ(MaxUnsigned(nullptr, 0), 0u);
+}
+
 }  // namespace
 }  // namespace kvrecall::indexer::kernels

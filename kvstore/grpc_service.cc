@@ -91,6 +91,19 @@ grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext
   return reactor;
 }
 
+// As RunUnary, for calls with state worth freeing after the reply is sent: fn(Kept*) ->
+// absl::Status fills a default-constructed Kept, which is destroyed once the call is finished.
+template <typename Kept, typename Fn>
+grpc::ServerUnaryReactor* RunUnaryKeeping(ThreadPool* pool, grpc::CallbackServerContext* ctx,
+                                          Fn fn) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  pool->Schedule([reactor, fn = std::move(fn)]() mutable {
+    Kept kept;
+    reactor->Finish(ToGrpc(fn(&kept)));
+  });
+  return reactor;
+}
+
 // Client stream of AppendKV chunks: one write transaction on one sequence.
 class AppendReactor final : public grpc::ServerReadReactor<v1::AppendKVRequest> {
  public:
@@ -415,86 +428,87 @@ grpc::ServerUnaryReactor* GrpcService::CommitBlocks(grpc::CallbackServerContext*
   });
 }
 
+namespace {
+// A Retrieve's arguments and outcome (a few vectors per entry: ~35 us to free at 256 entries),
+// freed after its reply is sent, off the caller's path.
+struct RetrieveKept {
+  RetrieveArgs args;
+  RetrieveOutcome out;
+};
+}  // namespace
+
 grpc::ServerUnaryReactor* GrpcService::Retrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
                                                 v1::RetrieveResponse* resp) {
   const absl::Time received = absl::Now();
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  pool_.Schedule([this, reactor, ctx, req, resp, received] {
-    // The call's arguments and outcome (a few vectors per entry: ~35 us to free at 256 entries)
-    // outlive the reply, so that freeing them is not on the caller's path.
-    RetrieveArgs args;
-    RetrieveOutcome out;
-    reactor->Finish(ToGrpc(RetrieveOnPool(ctx, req, resp, received, &args, &out)));
-  });
-  return reactor;
-}
-
-absl::Status GrpcService::RetrieveOnPool(grpc::CallbackServerContext* ctx,
-                                         const v1::RetrieveRequest* req, v1::RetrieveResponse* resp,
-                                         absl::Time received, RetrieveArgs* args_out,
-                                         RetrieveOutcome* out_out) {
-  RetrieveArgs& args = *args_out;
-  ASSIGN_OR_RETURN(args.tenant, TenantOf(auth_, ctx, req->tenant()));
-  args.layer = req->layer();
-  args.budget = static_cast<int>(std::min<uint32_t>(req->budget(), kMaxBudget + 1));
-  ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
-  args.worker_id = req->worker_id();
-  if (req->entries_size() > kMaxRetrieveEntries) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("entries ", req->entries_size(), " exceed ", kMaxRetrieveEntries));
-  }
-  // bf16 queries are widened into one buffer, sized first so that the spans into it stay valid.
-  size_t bf16_values = 0;
-  for (const v1::RetrieveEntry& e : req->entries()) bf16_values += e.queries_bf16().size() / 2;
-  thread_local std::vector<float> widened;  // kept per service thread
-  internal::ClearForReuse(&widened, bf16_values);
-  args.entries.reserve(req->entries_size());
-  for (int i = 0; i < req->entries_size(); ++i) {
-    const v1::RetrieveEntry& e = req->entries(i);
-    absl::Span<const float> queries(e.queries().data(), e.queries_size());
-    if (!e.queries_bf16().empty()) {
-      if (!queries.empty()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("entry ", i, ": both queries and queries_bf16 are set"));
-      }
-      const size_t first = widened.size();
-      RETURN_IF_ERROR(proto::AppendBf16AsF32(e.queries_bf16(), &widened));
-      queries = absl::MakeConstSpan(widened.data() + first, widened.size() - first);
-    }
-    args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(), queries, e.token_begin(),
-                                             e.token_end(), e.dest_row(), e.slot_epoch()});
-  }
-  args.staging_area = req->staging_area();
-  args.call_seq = req->call_seq();
-  args.results_in_region = req->results_in_region();
-  args.results_offset = req->results_offset();
-  args.successors = static_cast<int>(std::min<uint32_t>(req->successors(), kMaxBudget + 1));
-  args.queries_in_region = req->queries_in_region();
-  args.queries_offset = req->queries_offset();
-  ASSIGN_OR_RETURN(*out_out, node_->Retrieve(args));
-  const RetrieveOutcome& out = *out_out;
-  resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
-  resp->set_search_micros(static_cast<uint64_t>(out.search_micros));
-  resp->set_search_select_micros(static_cast<uint64_t>(out.search_select_micros));
-  resp->set_search_score_micros(static_cast<uint64_t>(out.search_score_micros));
-  resp->set_search_finish_micros(static_cast<uint64_t>(out.search_finish_micros));
-  resp->set_stream_plan_micros(static_cast<uint64_t>(out.stream_plan_micros));
-  resp->set_stream_micros(static_cast<uint64_t>(out.stream_micros));
-  resp->set_read_micros(static_cast<uint64_t>(out.read_micros));
-  if (args.results_in_region) {
-    resp->set_region_results(static_cast<uint32_t>(out.token_ids.size()));  // next to the rows
-  } else {
-    for (size_t i = 0; i < out.token_ids.size(); ++i) {
-      v1::RetrieveResult* r = resp->add_results();
-      proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
-      proto::PackSlots(out.slots[i], r->mutable_slots());
-      proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());
-    }
-  }
-  resp->set_bytes_streamed(out.bytes_streamed);
-  resp->set_service_micros(
-      static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - received)));
-  return absl::OkStatus();
+  return RunUnaryKeeping<RetrieveKept>(
+      &pool_, ctx, [this, ctx, req, resp, received](RetrieveKept* kept) -> absl::Status {
+        RetrieveArgs& args = kept->args;
+        ASSIGN_OR_RETURN(args.tenant, TenantOf(auth_, ctx, req->tenant()));
+        args.layer = req->layer();
+        args.budget = static_cast<int>(std::min<uint32_t>(req->budget(), kMaxBudget + 1));
+        ASSIGN_OR_RETURN(args.method, proto::FromProto(req->method()));
+        args.worker_id = req->worker_id();
+        if (req->entries_size() > kMaxRetrieveEntries) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("entries ", req->entries_size(), " exceed ", kMaxRetrieveEntries));
+        }
+        // bf16 queries are widened into one buffer, sized first so that the spans into it stay
+        // valid.
+        size_t bf16_values = 0;
+        for (const v1::RetrieveEntry& e : req->entries())
+          bf16_values += e.queries_bf16().size() / 2;
+        thread_local std::vector<float> widened;  // kept per service thread
+        internal::ClearForReuse(&widened, bf16_values);
+        args.entries.reserve(req->entries_size());
+        for (int i = 0; i < req->entries_size(); ++i) {
+          const v1::RetrieveEntry& e = req->entries(i);
+          absl::Span<const float> queries(e.queries().data(), e.queries_size());
+          if (!e.queries_bf16().empty()) {
+            if (!queries.empty()) {
+              return absl::InvalidArgumentError(
+                  absl::StrCat("entry ", i, ": both queries and queries_bf16 are set"));
+            }
+            const size_t first = widened.size();
+            RETURN_IF_ERROR(proto::AppendBf16AsF32(e.queries_bf16(), &widened));
+            queries = absl::MakeConstSpan(widened.data() + first, widened.size() - first);
+          }
+          args.entries.push_back(RetrieveEntryArgs{e.sequence_id(), e.kv_head(), queries,
+                                                   e.token_begin(), e.token_end(), e.dest_row(),
+                                                   e.slot_epoch()});
+        }
+        args.staging_area = req->staging_area();
+        args.call_seq = req->call_seq();
+        args.results_in_region = req->results_in_region();
+        args.results_offset = req->results_offset();
+        args.successors = static_cast<int>(std::min<uint32_t>(req->successors(), kMaxBudget + 1));
+        args.queries_in_region = req->queries_in_region();
+        args.queries_offset = req->queries_offset();
+        ASSIGN_OR_RETURN(kept->out, node_->Retrieve(args));
+        const RetrieveOutcome& out = kept->out;
+        resp->set_node_micros(static_cast<uint64_t>(out.node_micros));
+        resp->set_search_micros(static_cast<uint64_t>(out.search_micros));
+        resp->set_search_select_micros(static_cast<uint64_t>(out.search_select_micros));
+        resp->set_search_score_micros(static_cast<uint64_t>(out.search_score_micros));
+        resp->set_search_finish_micros(static_cast<uint64_t>(out.search_finish_micros));
+        resp->set_stream_plan_micros(static_cast<uint64_t>(out.stream_plan_micros));
+        resp->set_stream_micros(static_cast<uint64_t>(out.stream_micros));
+        resp->set_read_micros(static_cast<uint64_t>(out.read_micros));
+        if (args.results_in_region) {
+          resp->set_region_results(
+              static_cast<uint32_t>(out.token_ids.size()));  // next to the rows
+        } else {
+          for (size_t i = 0; i < out.token_ids.size(); ++i) {
+            v1::RetrieveResult* r = resp->add_results();
+            proto::PackInt32s(out.token_ids[i], r->mutable_token_ids());
+            proto::PackSlots(out.slots[i], r->mutable_slots());
+            proto::PackSlots(out.fill_slots[i], r->mutable_fill_slots());
+          }
+        }
+        resp->set_bytes_streamed(out.bytes_streamed);
+        resp->set_service_micros(
+            static_cast<uint64_t>(absl::ToInt64Microseconds(absl::Now() - received)));
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* GrpcService::BuildIndex(grpc::CallbackServerContext* ctx,

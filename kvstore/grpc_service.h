@@ -74,12 +74,6 @@ class GrpcService final : public kvrecall::v1::KvRecall::CallbackService {
                                   v1::DrainResponse* resp) override;
 
  private:
-  // Retrieve's work on a service thread: fills *resp, leaving the node's arguments and outcome
-  // in *args and *out for the caller to free after the reply is sent.
-  absl::Status RetrieveOnPool(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
-                              v1::RetrieveResponse* resp, absl::Time received, RetrieveArgs* args,
-                              RetrieveOutcome* out);
-
   Node* const node_;
   Authenticator* auth_ = nullptr;  // immutable once serving
   ThreadPool pool_;
