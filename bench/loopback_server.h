@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
@@ -26,8 +27,11 @@ struct LoopbackServer {
 };
 
 // UNAVAILABLE when the server cannot start; the node's arena_status() when its storage cannot.
-absl::StatusOr<std::unique_ptr<LoopbackServer>> StartLoopbackServer(const kvstore::NodeOptions& options,
-                                                                    const std::string& ucx_tls);
+// put_delay > 0: every put to a worker waits that long first (transport::WithPutDelay), for
+// tests of a slow node.
+absl::StatusOr<std::unique_ptr<LoopbackServer>> StartLoopbackServer(
+    const kvstore::NodeOptions& options, const std::string& ucx_tls,
+    absl::Duration put_delay = absl::ZeroDuration());
 
 }  // namespace kvrecall::bench
 

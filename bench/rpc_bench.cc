@@ -1,8 +1,13 @@
 #include "bench/rpc_bench.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +18,7 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "common/subprocess.h"
 #include "indexer/index.h"
 #include "kvstore/node.h"
 
@@ -41,19 +47,107 @@ absl::StatusOr<RpcBenchOptions> ParseOptions(const std::vector<std::string>& arg
   RETURN_IF_ERROR(f.Get("ctkvr_min_similarity", &o.ctkvr_min_similarity));
   RETURN_IF_ERROR(f.Get("ctkvr_copy_list_rows", &o.ctkvr_copy_list_rows));
   RETURN_IF_ERROR(f.Get("threads", &o.threads));
+  RETURN_IF_ERROR(f.Get("search_spin_us", &o.search_spin_us));
+  RETURN_IF_ERROR(f.Get("reply_poll_us", &o.reply_poll_us));
   RETURN_IF_ERROR(f.Get("queries_in_region", &o.queries_in_region));
+  RETURN_IF_ERROR(f.Get("server", &o.server));
+  RETURN_IF_ERROR(f.Get("server_binary", &o.server_binary));
   RETURN_IF_ERROR(f.CheckAllUsed());
-  if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 || o.iterations < 1 ||
-      o.warmup < 0 || o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
+  if (o.sequences < 1 || o.kv_heads < 1 || o.group < 1 || o.head_dim < 2 || o.head_dim % 2 ||
+      o.iterations < 1 || o.warmup < 0 || o.search_spin_us < 0 || o.reply_poll_us < 0 ||
+      o.budget < 1 || o.sinks < 0 || o.window < 1 || o.tokens <= o.sinks + o.window + 64 ||
       !(o.drift >= 0)) {
     return absl::InvalidArgumentError("need positive sizes, drift >= 0 and tokens > sinks + window + 64");
   }
   if (o.method != "exact" && o.method != "ctkvr" && o.method != "cluster") {
     return absl::InvalidArgumentError("--method must be exact, ctkvr or cluster");
   }
+  if (o.server != "process" && o.server != "inprocess") {
+    return absl::InvalidArgumentError("--server must be process or inprocess");
+  }
   return o;
 }
 
+// Stores `batch` (one layer) in a node of this process without streaming it through gRPC.
+absl::Status FillDirectly(kvstore::Node& node, const std::string& sequence_id,
+                          const client::AppendBatch& batch) {
+  ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq,
+                   node.FindSequence("default", sequence_id));
+  RETURN_IF_ERROR(seq->BeginAppend());
+  auto bytes = [](const std::string& b) {
+    return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size());
+  };
+  if (absl::Status st = seq->AppendChunk(0, batch.token_start, batch.num_tokens,
+                                         bytes(batch.keys[0]), bytes(batch.values[0]));
+      !st.ok()) {
+    seq->AbortAppend();
+    return st;
+  }
+  return seq->CommitAppend().status();
+}
+
+// The directory this program was started from ("" when /proc cannot say).
+std::string OwnDirectory() {
+  char path[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return "";
+  const std::string exe(path, static_cast<size_t>(n));
+  const size_t slash = exe.rfind('/');
+  return slash == std::string::npos ? "" : exe.substr(0, slash);
+}
+
+// A kvrecall-server child on 127.0.0.1 with the node options the in-process tier has; its port
+// file and log live in a directory of its own, removed (log included) when it stops cleanly.
+class ServerChild {
+ public:
+  static absl::StatusOr<std::unique_ptr<ServerChild>> Start(const RpcBenchOptions& o,
+                                                            const kvstore::NodeOptions& node) {
+    std::string binary = o.server_binary;
+    if (binary.empty()) binary = OwnDirectory() + "/kvrecall-server";
+    if (::access(binary.c_str(), X_OK) != 0) {
+      return absl::NotFoundError(
+          absl::StrCat("no kvrecall-server at ", binary, " (--server_binary)"));
+    }
+    char dir[] = "/tmp/kvrecall-rpc-bench-XXXXXX";
+    if (::mkdtemp(dir) == nullptr)
+      return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
+    auto c = std::unique_ptr<ServerChild>(new ServerChild(dir));
+    std::vector<std::string> argv = {
+        binary,
+        "--listen=127.0.0.1:0",
+        "--metrics_port=-1",
+        "--port_file=" + c->port_file(),
+        absl::StrCat("--memory=", node.memory_bytes),
+        absl::StrCat("--search_threads=", node.search_threads),
+        absl::StrCat("--search_spin_us=", o.search_spin_us),
+        absl::StrCat("--ctkvr_min_similarity=", o.ctkvr_min_similarity),
+        std::string("--ctkvr_copy_list_rows=") + (o.ctkvr_copy_list_rows ? "true" : "false")};
+    if (!o.ucx_tls.empty()) argv.push_back("--ucx_tls=" + o.ucx_tls);
+    ASSIGN_OR_RETURN(Subprocess p, Subprocess::Start(argv, c->log()));
+    c->process_.emplace(std::move(p));
+    ASSIGN_OR_RETURN(std::vector<int> ports,
+                     WaitForPorts(*c->process_, c->port_file(), 2, c->log(), absl::Seconds(60)));
+    c->target_ = absl::StrCat("127.0.0.1:", ports[0]);
+    KV_LOG(INFO) << "rpc bench: kvrecall-server pid " << c->process_->pid() << " on " << c->target_
+                 << ", log " << c->log();
+    return c;
+  }
+  ~ServerChild() {
+    if (process_.has_value()) process_->Stop();
+    std::remove(port_file().c_str());
+    std::remove(log().c_str());
+    ::rmdir(dir_.c_str());
+  }
+  const std::string& target() const { return target_; }
+
+ private:
+  explicit ServerChild(std::string dir) : dir_(std::move(dir)) {}
+  std::string port_file() const { return dir_ + "/port"; }
+  std::string log() const { return dir_ + "/server.log"; }
+  std::string dir_;
+  std::optional<Subprocess> process_;
+  std::string target_;
+};
 
 }  // namespace
 
@@ -77,6 +171,7 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
       indexer::ApplyMinSimilarityFlag(o.ctkvr_min_similarity, &node_options.index_options.ctkvr));
   node_options.index_options.ctkvr.copy_list_rows = o.ctkvr_copy_list_rows;
   node_options.search_threads = o.threads;
+  node_options.search_spin = absl::Microseconds(o.search_spin_us);
   // K/V, each sequence's index at its largest (ctkvr's bound; cluster's is smaller at these
   // sizes), and a margin.
   const int64_t index_bytes = kvstore::CtkvrIndexReserveBytes(
@@ -85,16 +180,24 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   const int64_t entries = static_cast<int64_t>(o.sequences) * o.kv_heads;
   const int64_t call_bytes = entries * o.budget * 2 * row;
 
-  // The server: a Node with UCX behind a gRPC service on loopback.
-  ASSIGN_OR_RETURN(std::unique_ptr<LoopbackServer> srv, StartLoopbackServer(node_options, o.ucx_tls));
-  kvstore::Node& server_node = *srv->node;
+  // The server: a Node with UCX behind a gRPC service on loopback, in a child process or here.
+  std::unique_ptr<ServerChild> child;
+  std::unique_ptr<LoopbackServer> in_process;
+  if (o.server == "process") {
+    ASSIGN_OR_RETURN(child, ServerChild::Start(o, node_options));
+  } else {
+    ASSIGN_OR_RETURN(in_process, StartLoopbackServer(node_options, o.ucx_tls));
+  }
+  const std::string target = child != nullptr ? child->target() : in_process->target;
 
   client::TierOptions tier_options;
   tier_options.recall_buffer_bytes =
       client::RecallBufferBytes(entries, o.budget, static_cast<size_t>(2 * row), 1,
                                 o.queries_in_region ? int64_t{o.group} * o.head_dim : 0);
+  client::RemoteTierOptions remote_options{target, "ucx", o.ucx_tls};
+  remote_options.reply_poll = absl::Microseconds(o.reply_poll_us);
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> remote,
-                   client::CreateRemoteTier({srv->target, "ucx", o.ucx_tls}, tier_options));
+                   client::CreateRemoteTier(remote_options, tier_options));
   ASSIGN_OR_RETURN(std::unique_ptr<client::Tier> local, client::CreateLocalTier(node_options, tier_options));
   RETURN_IF_ERROR(remote->RegisterModel(spec));
   RETURN_IF_ERROR(local->RegisterModel(spec));
@@ -125,15 +228,11 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
     RETURN_IF_ERROR(remote->OpenSequence(ids.back(), spec.model_id, tokens).status());
     RETURN_IF_ERROR(local->OpenSequence(ids.back(), spec.model_id, tokens).status());
     RETURN_IF_ERROR(local->AppendKV(ids.back(), batch));
-    // The remote node is in this process: fill it directly rather than streaming GBs over gRPC.
-    ASSIGN_OR_RETURN(std::shared_ptr<kvstore::Sequence> seq, server_node.FindSequence("default", ids.back()));
-    RETURN_IF_ERROR(seq->BeginAppend());
-    auto bytes = [](const std::string& b) { return absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size()); };
-    if (absl::Status st = seq->AppendChunk(0, 0, o.tokens, bytes(batch.keys[0]), bytes(batch.values[0])); !st.ok()) {
-      seq->AbortAppend();
-      return st;
+    if (in_process == nullptr) {
+      RETURN_IF_ERROR(remote->AppendKV(ids.back(), batch));
+    } else {
+      RETURN_IF_ERROR(FillDirectly(*in_process->node, ids.back(), batch));
     }
-    RETURN_IF_ERROR(seq->CommitAppend().status());
     if (method != kvstore::Method::kExact) {
       kvstore::BuildIndexArgs b;
       b.method = method;
@@ -269,7 +368,10 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["ctkvr_min_similarity"] = o.ctkvr_min_similarity;
   j["ctkvr_copy_list_rows"] = o.ctkvr_copy_list_rows;
   j["threads"] = o.threads;
+  j["search_spin_us"] = o.search_spin_us;
+  j["reply_poll_us"] = o.reply_poll_us;
   j["queries_in_region"] = o.queries_in_region;
+  j["server"] = o.server;
   j["rpc_us_p50"] = rpc50;
   j["rpc_us_p99"] = Percentile(t_remote, 0.99);
   // The server node's own time inside the RPC (search, slot plans, puts): rpc - node is what
@@ -295,8 +397,11 @@ absl::StatusOr<nlohmann::json> RunRpcBench(const std::vector<std::string>& args)
   j["entries_per_s"] = static_cast<double>(entries) / (rpc50 * 1e-6);
   j["inprocess_entries_per_s"] = static_cast<double>(entries) / (in50 * 1e-6);
   j["note"] =
-      "server and client share this process (and its cores); in-process = LocalTier (same Node code, rows by "
-      "memcpy); rpc = RemoteTier over gRPC with rows put over UCX; with delta (default) each tier sends only "
+      "server = a kvrecall-server child process (process) or inside this process (inprocess), on "
+      "the same "
+      "cores either way; in-process = LocalTier (same Node code, rows by "
+      "memcpy); rpc = RemoteTier over gRPC with rows put over UCX; with delta (default) each tier "
+      "sends only "
       "the rows its worker's slot caches lack, while the queries drift by `drift` per step";
   return j;
 }

@@ -1,10 +1,12 @@
 // Retrieve over the wire vs in-process, side by side in one run (issue 5's rpc benchmark).
 //
 // Two tiers hold the same data: a LocalTier (kvstore::Node in this process, rows delivered by
-// the in-process transport, i.e. memcpy) and a RemoteTier talking gRPC to a kvrecall server
-// started inside this process on 127.0.0.1 (its Node puts rows over UCX into the RemoteTier's
-// registered buffer). Both get identical Retrieve batches — every (sequence, kv-head) of the
-// decode batch, one layer — interleaved, so machine noise hits both alike.
+// the in-process transport, i.e. memcpy) and a RemoteTier talking gRPC to a kvrecall-server on
+// 127.0.0.1 (its Node puts rows over UCX into the RemoteTier's registered buffer). The server is
+// a child process, as deployed (--server=process), or runs inside this process
+// (--server=inprocess, where its gRPC threads share the client's). Both tiers get identical
+// Retrieve batches — every (sequence, kv-head) of the decode batch, one layer — interleaved, so
+// machine noise hits both alike.
 //
 // JSON: rpc_us_p50, rpc_us_p99, inprocess_us_p50, inprocess_us_p99, overhead_ratio
 // (= rpc_p50 / inprocess_p50 - 1; target <= 0.25), entries_per_s (over the wire), bytes_per_call,
@@ -53,9 +55,19 @@ struct RpcBenchOptions {
   bool ctkvr_copy_list_rows = true;
   // Search threads of each node (NodeOptions::search_threads); <= 0: every core.
   int threads = 0;
+  // How long each node's idle search threads poll for work before they sleep
+  // (NodeOptions::search_spin; kvrecall-server --search_spin_us).
+  int search_spin_us = 200;
+  // RemoteTierOptions::reply_poll: how long the RemoteTier polls for each reply before it sleeps.
+  int reply_poll_us = 0;
   // The RemoteTier's region has room for the queries, so the node reads them there (proto
   // RetrieveRequest.queries_in_region); false: they travel in the request.
   bool queries_in_region = true;
+  // "process": a kvrecall-server child (filled over UCX ingest, stopped at the end); "inprocess":
+  // the server's Node and gRPC service in this process (filled directly).
+  std::string server = "process";
+  // The kvrecall-server to start; empty: the one beside this program.
+  std::string server_binary;
 };
 
 // Flags: --name=value for every field above. INVALID_ARGUMENT for unknown flags or bad values.

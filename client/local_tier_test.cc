@@ -309,18 +309,40 @@ TEST(ConcurrentRetrieveTest, LocalTierCallsInDifferentAreasMatchSerialCalls) {
 }
 
 TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
-  StepAnswers answers[2];
-  for (int concurrent : {0, 1}) {
+  // Serial calls; concurrent ones; concurrent ones whose callers poll for their replies (each
+  // staging area has its own completion queue).
+  StepAnswers answers[3];
+  for (int run : {0, 1, 2}) {
     ASSERT_OK_AND_ASSIGN(auto server,
                          bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
     RemoteTierOptions r;
     r.target = server->target;
     r.ucx_tls = "tcp";
+    if (run == 2) r.reply_poll = absl::Seconds(10);
     ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, AreaOptions()));
-    ASSERT_OK_AND_ASSIGN(answers[concurrent], RunSteps(tier.get(), concurrent == 1));
+    ASSERT_OK_AND_ASSIGN(answers[run], RunSteps(tier.get(), run > 0));
     EXPECT_EQ(tier->counters().retrieve_calls, 3 * kLayers);
   }
   ExpectSameAnswers(answers[0], answers[1]);
+  ExpectSameAnswers(answers[0], answers[2]);
+}
+
+// A caller polling for its reply still gets DEADLINE_EXCEEDED at the call's deadline from a node
+// that is slow to put the rows.
+TEST(ConcurrentRetrieveTest, PolledRemoteTierRetrieveEndsAtItsDeadline) {
+  ASSERT_OK_AND_ASSIGN(auto server, bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4},
+                                                               "tcp", absl::Milliseconds(1500)));
+  RemoteTierOptions r;
+  r.target = server->target;
+  r.ucx_tls = "tcp";
+  r.reply_poll = absl::Seconds(30);
+  TierOptions options = AreaOptions();
+  options.retrieve_deadline = absl::Milliseconds(200);
+  ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, options));
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(RunSteps(tier.get(), /*concurrent=*/false),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1400));  // not the node's 1.5 s
 }
 
 // AppendKVBatch through both tiers (RemoteTier sends one AppendKVBatch RPC; the name keeps

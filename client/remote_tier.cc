@@ -49,6 +49,7 @@ class RemoteTier final : public Tier {
     call_seq_.assign(areas, 0);
     retrieve_reqs_.resize(areas);
     retrieve_resps_.resize(areas);
+    for (size_t a = 0; a < areas; ++a) retrieve_cqs_.push_back(std::make_unique<RetrieveQueue>());
     if (remote_.transport == "grpc") {
       fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
       return pin_.Pin(options_, reinterpret_cast<uint8_t*>(fallback_buffer_.data()),
@@ -474,7 +475,8 @@ class RemoteTier final : public Tier {
       SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
                                                                            : options_.deadline);
       const absl::Time sent = absl::Now();
-      const grpc::Status st = stub_->Retrieve(&ctx, req, &resp);
+      const grpc::Status st = CallRetrieve(
+          &retrieve_cqs_[static_cast<size_t>(batch.staging_area)]->cq, &ctx, req, &resp);
       got.tier_wait_micros = absl::ToInt64Microseconds(absl::Now() - sent);
       RETURN_IF_ERROR(FromGrpc(st));
     }
@@ -693,6 +695,46 @@ class RemoteTier final : public Tier {
     return absl::OkStatus();
   }
 
+  // Retrieve's completion queue of one staging area; shut down and drained when it goes (every
+  // call on it has completed by then: CallRetrieve returns only after its Finish).
+  struct RetrieveQueue {
+    grpc::CompletionQueue cq;
+    ~RetrieveQueue() {
+      cq.Shutdown();
+      void* tag;
+      bool ok;
+      while (cq.Next(&tag, &ok)) {
+      }
+    }
+  };
+
+  // One Retrieve call: its reply is polled for (the caller's thread reads it itself, without
+  // being woken) for up to remote_.reply_poll, then waited for. The call's own deadline
+  // (ctx) still ends it.
+  grpc::Status CallRetrieve(grpc::CompletionQueue* cq, grpc::ClientContext* ctx,
+                            const v1::RetrieveRequest& req, v1::RetrieveResponse* resp) {
+    grpc::Status st;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::RetrieveResponse>> call =
+        stub_->AsyncRetrieve(ctx, req, cq);
+    call->Finish(resp, &st, &st);
+    const absl::Time poll_until = absl::Now() + remote_.reply_poll;
+    while (true) {
+      void* tag = nullptr;
+      bool ok = false;
+      const bool poll = absl::Now() < poll_until;
+      switch (cq->AsyncNext(
+          &tag, &ok,
+          poll ? gpr_time_0(GPR_CLOCK_MONOTONIC) : gpr_inf_future(GPR_CLOCK_MONOTONIC))) {
+        case grpc::CompletionQueue::GOT_EVENT:
+          return st;  // the queue's only tag: this call's Finish
+        case grpc::CompletionQueue::SHUTDOWN:
+          return grpc::Status(grpc::StatusCode::INTERNAL, "Retrieve's completion queue shut down");
+        case grpc::CompletionQueue::TIMEOUT:
+          break;
+      }
+    }
+  }
+
   ThreadPool& UnpackPool() {
     absl::call_once(unpack_pool_once_,
                     [this] { unpack_pool_ = std::make_unique<ThreadPool>(kUnpackThreads); });
@@ -714,6 +756,7 @@ class RemoteTier final : public Tier {
   // carries hundreds of KiB of queries).
   std::vector<v1::RetrieveRequest> retrieve_reqs_;
   std::vector<v1::RetrieveResponse> retrieve_resps_;
+  std::vector<std::unique_ptr<RetrieveQueue>> retrieve_cqs_;
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   bool batch_unsupported_ = false;   // the node answered UNIMPLEMENTED to AppendKVBatch
   std::string fallback_buffer_;

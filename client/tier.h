@@ -229,6 +229,12 @@ struct RemoteTierOptions {
   int64_t ingest_min_bytes = int64_t{1} << 20;
   // A large append is packed and put by up to 4 threads, one per this many bytes.
   int64_t ingest_bytes_per_lane = int64_t{32} << 20;
+  // How long Retrieve polls for its reply (its thread reads the reply itself, never asleep)
+  // before it sleeps until the reply comes. Zero (the default): sleep at once. Polling spares
+  // the kernel's wake-up of the caller, ~90 µs a call on a virtualised host (a halted vCPU), but
+  // keeps a core busy for the whole call: worth it for small calls to a node on another host,
+  // not where the node shares the caller's cores (docs/benchmarks.md, issue 5, session 23).
+  absl::Duration reply_poll = absl::ZeroDuration();
   TlsOptions tls;  // the channel's TLS (client/channel.h); default plaintext
 };
 // Connects (waits for the channel up to options.deadline) and, with transport "ucx", attaches

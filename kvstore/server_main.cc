@@ -24,6 +24,7 @@
 #include "common/units.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "indexer/index.h"
 #include "kvstore/grpc_service.h"
 #include "kvstore/node.h"
 #include "kvstore/server_credentials.h"
@@ -67,6 +68,14 @@ ABSL_FLAG(std::string, auto_index, "cluster",
           "index built in the background when a commit leaves >= --auto-index-min-tokens "
           "un-indexed tokens (the prefill): cluster, ctkvr (exact scan until BuildIndex brings "
           "the prompt queries) or none. Index memory is taken from --memory");
+ABSL_FLAG(double, ctkvr_min_similarity, -1,
+          "ctkvr: a query whose best centroid's cosine similarity is below this is scored exactly "
+          "over every candidate instead of from the lists (in [0, 1]; 0 never; negative keeps the "
+          "default, 0.5)");
+ABSL_FLAG(
+    bool, ctkvr_copy_list_rows, true,
+    "ctkvr: keep a copy of each list's key rows next to the list (faster searches, more memory) "
+    "instead of gathering them from the pages");
 ABSL_FLAG(int64_t, auto_index_min_tokens, 1024, "tokens a sequence needs before --auto-index builds");
 ABSL_FLAG(int, auto_index_first_layer, 2, "first layer --auto-index indexes (the workers' dense layers)");
 ABSL_FLAG(int64_t, auto_index_token_begin, 16, "first token --auto-index indexes (the workers' sinks)");
@@ -174,6 +183,13 @@ int Run() {
     options.auto_index_first_layer = absl::GetFlag(FLAGS_auto_index_first_layer);
     options.auto_index_token_begin = absl::GetFlag(FLAGS_auto_index_token_begin);
   }
+  if (absl::Status s = kvrecall::indexer::ApplyMinSimilarityFlag(
+          absl::GetFlag(FLAGS_ctkvr_min_similarity), &options.index_options.ctkvr);
+      !s.ok()) {
+    KV_LOG(ERROR) << s.message();
+    return 2;
+  }
+  options.index_options.ctkvr.copy_list_rows = absl::GetFlag(FLAGS_ctkvr_copy_list_rows);
   if (options.durable && options.data_dir.empty()) {
     KV_LOG(ERROR) << "--durable needs --data-dir";
     return 2;

@@ -1,20 +1,12 @@
 #include "tests/testing/process.h"
 
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
-
-extern char** environ;
+#include "common/status_macros.h"
 
 namespace kvrecall::testing {
 
@@ -30,57 +22,6 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
-absl::StatusOr<Process> Process::Start(const std::vector<std::string>& argv, const std::string& log_path) {
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&fa, 1, 2);
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid;
-  const int rc = posix_spawn(&pid, args[0], &fa, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) return absl::InternalError(absl::StrCat("spawn ", argv[0], ": ", strerror(rc)));
-  return Process(pid);
-}
-
-Process::Process(Process&& other) noexcept : pid_(other.pid_), status_(other.status_) { other.pid_ = -1; }
-
-Process::~Process() { Stop(); }
-
-bool Process::running() {
-  if (pid_ < 0) return false;
-  int st;
-  const pid_t r = waitpid(pid_, &st, WNOHANG);
-  if (r == pid_) {
-    status_ = st;
-    pid_ = -1;
-    return false;
-  }
-  return true;
-}
-
-absl::StatusOr<int> Process::Wait(absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (running()) {
-    if (absl::Now() > deadline) return absl::DeadlineExceededError("process did not exit in time");
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  if (WIFEXITED(status_)) return WEXITSTATUS(status_);
-  return 128 + WTERMSIG(status_);
-}
-
-void Process::Stop() {
-  if (!running()) return;
-  kill(pid_, SIGTERM);
-  if (!Wait(absl::Seconds(10)).ok() && pid_ > 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, &status_, 0);
-    pid_ = -1;
-  }
-}
-
 std::string ServerProcess::address() const { return absl::StrCat("127.0.0.1:", port); }
 
 absl::StatusOr<ServerProcess> StartServer(const std::string& dir, const std::vector<std::string>& extra_flags) {
@@ -92,16 +33,11 @@ absl::StatusOr<ServerProcess> StartServer(const std::string& dir, const std::vec
   auto p = Process::Start(argv, dir + "/server.log");
   if (!p.ok()) return p.status();
   ServerProcess s{std::move(*p)};
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  while (true) {
-    std::ifstream in(port_file);
-    if (in >> s.port >> s.metrics_port) return s;
-    if (!s.process.running()) {
-      return absl::InternalError(absl::StrCat("server exited early: ", ReadFile(dir + "/server.log")));
-    }
-    if (absl::Now() > deadline) return absl::DeadlineExceededError("server did not start in 30 s");
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  ASSIGN_OR_RETURN(std::vector<int> ports,
+                   WaitForPorts(s.process, port_file, 2, dir + "/server.log", absl::Seconds(30)));
+  s.port = ports[0];
+  s.metrics_port = ports[1];
+  return s;
 }
 
 }  // namespace kvrecall::testing
