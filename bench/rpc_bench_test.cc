@@ -33,6 +33,7 @@ TEST(RpcBenchTest, TinyRunReportsEveryField) {
                      std::string("--server=") + (inprocess ? "inprocess" : "process"),
                      "--server_binary=" + ServerBinary()}));
     EXPECT_EQ(j["queries_in_region"].get<bool>(), !in_request);
+    EXPECT_EQ(j["queries_in_place"].get<bool>(), !in_request);  // written where the tier reads them
     EXPECT_EQ(j["server"].get<std::string>(), inprocess ? "inprocess" : "process");
     for (const char* f : {"rpc_us_p50", "rpc_us_p99", "inprocess_us_p50", "overhead_ratio", "entries_per_s"}) {
       EXPECT_TRUE(j.contains(f)) << f;

@@ -199,14 +199,19 @@ ModelSpec WideSpec() {
   return s;
 }
 
-TierOptions AreaOptions() {
+// query_room: the recall buffer also has room for each call's queries (RemoteTier then hands
+// them to the node there).
+TierOptions AreaOptions(bool query_room = false) {
   TierOptions o;
   o.staging_areas = kLayers;
-  o.recall_buffer_bytes = RecallBufferBytes(kSeqs * kKvHeads, kBudget, 2 * kDim * 4, kLayers);
+  o.recall_buffer_bytes = RecallBufferBytes(kSeqs * kKvHeads, kBudget, 2 * kDim * 4, kLayers,
+                                            query_room ? kGroup * kDim : 0);
   return o;
 }
 
-absl::StatusOr<StepAnswers> RunSteps(Tier* tier, bool concurrent) {
+// in_place: each call's queries are written where Tier::QueryStaging says (which must offer
+// room), not passed from the caller's memory.
+absl::StatusOr<StepAnswers> RunSteps(Tier* tier, bool concurrent, bool in_place = false) {
   RETURN_IF_ERROR(tier->RegisterModel(WideSpec()));
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
@@ -237,11 +242,25 @@ absl::StatusOr<StepAnswers> RunSteps(Tier* tier, bool concurrent) {
     std::vector<absl::Status> status(kLayers);
     auto layer = [&](int l) {
       RetrieveBatch rb{l, kBudget, Method::kExact, {}, /*staging_area=*/l};
+      const absl::Span<float> staging =
+          in_place ? tier->QueryStaging(WideSpec(), l, kSeqs * kKvHeads, kBudget, 0)
+                   : absl::Span<float>();
+      if (in_place && staging.size() != static_cast<size_t>(kSeqs * kKvHeads * kGroup * kDim)) {
+        status[l] =
+            absl::InternalError(absl::StrCat("QueryStaging offered ", staging.size(), " floats"));
+        return;
+      }
       for (int s = 0; s < kSeqs; ++s) {
         for (int h = 0; h < kKvHeads; ++h) {
           const int e = (l * kSeqs + s) * kKvHeads + h;
+          absl::Span<const float> q = queries[e];
+          if (in_place) {
+            float* at = staging.data() + (s * kKvHeads + h) * kGroup * kDim;
+            std::copy(q.begin(), q.end(), at);
+            q = absl::MakeConstSpan(at, q.size());
+          }
           rb.entries.push_back(
-              {absl::StrCat("seq", s), h, queries[e], 0, kTokens, static_cast<uint64_t>(1 + e)});
+              {absl::StrCat("seq", s), h, q, 0, kTokens, static_cast<uint64_t>(1 + e)});
         }
       }
       std::vector<Recalled> out;
@@ -325,6 +344,47 @@ TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
   }
   ExpectSameAnswers(answers[0], answers[1]);
   ExpectSameAnswers(answers[0], answers[2]);
+}
+
+// Queries written where QueryStaging says (in the RemoteTier's region, read there by the node
+// without a copy) give the answers that queries from the caller's memory give, serially and
+// concurrently; tiers without such room offer none, nor do shapes that do not fit.
+TEST(ConcurrentRetrieveTest, RemoteTierQueriesWrittenInPlaceMatchQueriesFromTheCaller) {
+  StepAnswers answers[3];
+  for (int run : {0, 1, 2}) {
+    ASSERT_OK_AND_ASSIGN(auto server,
+                         bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
+    RemoteTierOptions r;
+    r.target = server->target;
+    r.ucx_tls = "tcp";
+    ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, AreaOptions(/*query_room=*/true)));
+    ASSERT_OK_AND_ASSIGN(answers[run],
+                         RunSteps(tier.get(), /*concurrent=*/run == 2, /*in_place=*/run > 0));
+    if (run == 0) {
+      const size_t entries = kSeqs * kKvHeads;
+      const absl::Span<float> a = tier->QueryStaging(WideSpec(), 0, entries, kBudget, 0);
+      const absl::Span<float> b = tier->QueryStaging(WideSpec(), 1, entries, kBudget, 0);
+      ASSERT_EQ(a.size(), entries * kGroup * kDim);
+      EXPECT_GE(b.data(), a.data() + a.size());  // each area its own room
+      EXPECT_TRUE(tier->QueryStaging(WideSpec(), kLayers, entries, kBudget, 0).empty());
+      EXPECT_TRUE(tier->QueryStaging(WideSpec(), -1, entries, kBudget, 0).empty());
+      EXPECT_TRUE(
+          tier->QueryStaging(WideSpec(), 0, 4 * entries, kBudget, 0).empty());  // rows do not fit
+      EXPECT_TRUE(tier->QueryStaging(WideSpec(), 0, 0, kBudget, 0).empty());
+    }
+  }
+  ExpectSameAnswers(answers[0], answers[1]);
+  ExpectSameAnswers(answers[0], answers[2]);
+  ASSERT_OK_AND_ASSIGN(auto server,
+                       bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
+  RemoteTierOptions r;
+  r.target = server->target;
+  r.ucx_tls = "tcp";
+  ASSERT_OK_AND_ASSIGN(auto no_room, CreateRemoteTier(r, AreaOptions(/*query_room=*/false)));
+  EXPECT_TRUE(no_room->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
+  ASSERT_OK_AND_ASSIGN(auto local,
+                       CreateLocalTier(kvstore::NodeOptions{8 << 20, 16, 4}, AreaOptions(true)));
+  EXPECT_TRUE(local->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
 }
 
 // A caller polling for its reply still gets DEADLINE_EXCEEDED at the call's deadline from a node

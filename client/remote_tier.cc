@@ -450,10 +450,14 @@ class RemoteTier final : public Tier {
     if (queries_in_region) {
       req.set_queries_in_region(true);
       req.set_queries_offset(queries_offset);
+      // Queries the caller wrote in place (QueryStaging) stay where they are.
       uint8_t* at = region_->data() + queries_offset;
       for (const RetrieveEntry& e : batch.entries) {
-        if (!e.queries.empty()) std::memcpy(at, e.queries.data(), e.queries.size() * sizeof(float));
-        at += e.queries.size() * sizeof(float);
+        const size_t bytes = e.queries.size() * sizeof(float);
+        if (bytes > 0 && reinterpret_cast<const uint8_t*>(e.queries.data()) != at) {
+          std::memmove(at, e.queries.data(), bytes);  // the source may lie in the region too
+        }
+        at += bytes;
       }
     }
     for (size_t i = 0; i < batch.entries.size(); ++i) {
@@ -549,6 +553,21 @@ class RemoteTier final : public Tier {
     absl::MutexLock lock(&counters_mu_);
     counters_ += got;
     return absl::OkStatus();
+  }
+
+  absl::Span<float> QueryStaging(const ModelSpec& spec, int staging_area, size_t entries,
+                                 int budget, int successors) override {
+    if (region_ == nullptr || entries == 0 || spec.num_kv_heads < 1) return {};
+    const size_t floats = entries * static_cast<size_t>(spec.group_size()) * spec.head_dim;
+    uint64_t first_row = 0, results_offset = 0, queries_offset = internal::kNoQueryRoom;
+    if (!internal::CheckRecallFits(entries, budget, successors, staging_area, 2 * spec.row_bytes(),
+                                   options_, &first_row, &results_offset, floats * sizeof(float),
+                                   &queries_offset)
+             .ok() ||
+        queries_offset == internal::kNoQueryRoom) {
+      return {};
+    }
+    return absl::MakeSpan(reinterpret_cast<float*>(region_->data() + queries_offset), floats);
   }
 
   absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& sequence_id,

@@ -180,6 +180,19 @@ class Tier {
   // not fit one staging area of the recall buffer. The rows stay valid until the next call in
   // the same staging area.
   virtual absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) = 0;
+  // Where the caller may write a Retrieve batch's queries in place: `entries` entries of a
+  // `spec` model ([entries][group][head_dim] fp32, entry after entry), for a batch of that
+  // budget and successors in `staging_area`. A batch whose entry i's queries are the i-th
+  // group * head_dim floats of this span is sent without copying them (RemoteTier: the span
+  // lies in its recall buffer, where the node reads the queries). Valid until the next call in
+  // that staging area returns; write it only while no call in that area is in flight. Empty
+  // when the tier has no such room (LocalTier reads the caller's memory anyway; a RemoteTier
+  // whose recall buffer was not sized with query room; a batch that does not fit) — the caller
+  // then passes queries from its own memory as usual.
+  virtual absl::Span<float> QueryStaging(const ModelSpec& spec, int staging_area, size_t entries,
+                                         int budget, int successors) {
+    return {};
+  }
   // Builds the sequence's retrieval index (args.tenant and args.sequence_id are filled in by the
   // tier). See kvstore::Node::BuildIndex.
   virtual absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& sequence_id,
@@ -254,6 +267,11 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
                              const TierOptions& options, uint64_t* area_first_row,
                              uint64_t* results_offset = nullptr, uint64_t query_bytes = 0,
                              uint64_t* queries_offset = nullptr);
+// The same for a batch of `entries` entries of that budget, successors and staging area.
+absl::Status CheckRecallFits(size_t entries, int budget, int successors, int staging_area,
+                             size_t row_pair_bytes, const TierOptions& options,
+                             uint64_t* area_first_row, uint64_t* results_offset,
+                             uint64_t query_bytes, uint64_t* queries_offset);
 // Reads one entry's result as the node put it (proto RetrieveRequest.results_in_region) and
 // checks it as CheckRecalled does; INTERNAL for counts beyond the budget or a failed check.
 absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r);

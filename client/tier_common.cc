@@ -65,32 +65,33 @@ uint64_t ResultsBytes(size_t entries, int budget) {
 }
 }  // namespace
 
-absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
-                             const TierOptions& options, uint64_t* area_first_row,
-                             uint64_t* results_offset, uint64_t query_bytes,
-                             uint64_t* queries_offset) {
-  RETURN_IF_ERROR(kvstore::ValidateSelection(batch.budget, batch.successors));
+absl::Status CheckRecallFits(size_t entries, int budget, int successors, int staging_area,
+                             size_t row_pair_bytes, const TierOptions& options,
+                             uint64_t* area_first_row, uint64_t* results_offset,
+                             uint64_t query_bytes, uint64_t* queries_offset) {
+  RETURN_IF_ERROR(kvstore::ValidateSelection(budget, successors));
   if (options.staging_areas < 1 || static_cast<uint32_t>(options.staging_areas) > kvstore::kMaxStagingAreas) {
     return absl::InvalidArgumentError(absl::StrCat("staging_areas ", options.staging_areas, " not in [1, ",
                                                    kvstore::kMaxStagingAreas, "]"));
   }
-  if (batch.staging_area < 0 || batch.staging_area >= options.staging_areas) {
+  if (staging_area < 0 || staging_area >= options.staging_areas) {
     return absl::InvalidArgumentError(
-        absl::StrCat("staging_area ", batch.staging_area, " not in [0, ", options.staging_areas, ")"));
+        absl::StrCat("staging_area ", staging_area, " not in [0, ", options.staging_areas, ")"));
   }
   const uint64_t area_rows = AreaRows(options, row_pair_bytes);
   const uint64_t area_bytes = area_rows * row_pair_bytes;
-  const uint64_t results = ResultsBytes(batch.entries.size(), batch.budget);
-  const uint64_t rows_bytes = batch.entries.size() * static_cast<uint64_t>(batch.budget) * row_pair_bytes;
-  const uint64_t area_start = area_bytes * static_cast<uint64_t>(batch.staging_area);
+  const uint64_t results = ResultsBytes(entries, budget);
+  const uint64_t rows_bytes = entries * static_cast<uint64_t>(budget) * row_pair_bytes;
+  const uint64_t area_start = area_bytes * static_cast<uint64_t>(staging_area);
   // The results sit at the area's end, 8-byte aligned.
   const uint64_t results_at = results > area_bytes ? 0 : (area_start + area_bytes - results) & ~uint64_t{7};
   if (results + 8 > area_bytes || results_at < area_start + rows_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(batch.entries.size(), " entries x budget ", batch.budget,
-                                                   " rows (and their results) exceed a staging area of ", area_bytes,
-                                                   " bytes; raise recall_buffer_bytes (RecallBufferBytes)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(entries, " entries x budget ", budget,
+                     " rows (and their results) exceed a staging area of ", area_bytes,
+                     " bytes; raise recall_buffer_bytes (RecallBufferBytes)"));
   }
-  *area_first_row = area_rows * static_cast<uint64_t>(batch.staging_area);
+  *area_first_row = area_rows * static_cast<uint64_t>(staging_area);
   if (results_offset != nullptr) *results_offset = results_at;
   if (queries_offset != nullptr) {
     const uint64_t rows_end = area_start + rows_bytes;
@@ -99,6 +100,15 @@ absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
     *queries_offset = query_bytes > 0 && at >= rows_end ? at : kNoQueryRoom;
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckRecallFits(const RetrieveBatch& batch, size_t row_pair_bytes,
+                             const TierOptions& options, uint64_t* area_first_row,
+                             uint64_t* results_offset, uint64_t query_bytes,
+                             uint64_t* queries_offset) {
+  return CheckRecallFits(batch.entries.size(), batch.budget, batch.successors, batch.staging_area,
+                         row_pair_bytes, options, area_first_row, results_offset, query_bytes,
+                         queries_offset);
 }
 
 absl::Status UnpackRecalledFromRegion(const uint8_t* p, int budget, Recalled* r) {

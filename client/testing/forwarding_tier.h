@@ -29,6 +29,10 @@ class ForwardingTier : public Tier {
   absl::Status Retrieve(const RetrieveBatch& batch, std::vector<Recalled>* out) override {
     return inner_->Retrieve(batch, out);
   }
+  absl::Span<float> QueryStaging(const ModelSpec& spec, int staging_area, size_t entries,
+                                 int budget, int successors) override {
+    return inner_->QueryStaging(spec, staging_area, entries, budget, successors);
+  }
   absl::StatusOr<kvstore::BuildIndexOutcome> BuildIndex(const std::string& id,
                                                         kvstore::BuildIndexArgs a) override {
     return inner_->BuildIndex(id, std::move(a));

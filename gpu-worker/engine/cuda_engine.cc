@@ -840,10 +840,12 @@ absl::Status CudaEngine::RemoveSequence(const std::string& id) {
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
-                                  int staging_area, bool lookahead, LayerRecall* out) {
+absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos,
+                                  const uint16_t* queries_bf16, int staging_area, bool lookahead,
+                                  std::vector<float>* scratch, LayerRecall* out) {
   const int B = static_cast<int>(pos.size());
   const int Hkv = config_.num_kv_heads, G = config_.num_heads / Hkv, d = config_.head_dim;
+  const size_t gd = static_cast<size_t>(G) * d;
   const int64_t S = options_.sink_tokens, W = options_.window_tokens;
   client::RetrieveBatch batch{l, options_.budget, options_.method, {}, staging_area,
                               RetrieveSuccessors(options_, lookahead)};
@@ -854,11 +856,24 @@ absl::Status CudaEngine::Retrieve(int l, absl::Span<const int32_t> pos, const fl
     for (int h = 0; h < Hkv; ++h) {
       out->entries.emplace_back(i, h);
       batch.entries.push_back(
-          {rows_[i]->id, h,
-           absl::MakeConstSpan(queries + (static_cast<size_t>(i) * Hkv + h) * G * d,
-                               static_cast<size_t>(G) * d),
-           S, ws, options_.delta_streaming ? rows_[i]->epochs[l][h] : 0});
+          {rows_[i]->id, h, {}, S, ws, options_.delta_streaming ? rows_[i]->epochs[l][h] : 0});
     }
+  }
+  // The queries, widened where the tier reads them when it offers that (no copy of them then).
+  const size_t n = batch.entries.size();
+  absl::Span<float> q =
+      n == 0 ? absl::Span<float>()
+             : tier_->QueryStaging(spec_, staging_area, n, batch.budget, batch.successors);
+  if (q.size() != n * gd) {
+    scratch->resize(n * gd);
+    q = absl::MakeSpan(*scratch);
+  }
+  for (size_t k = 0; k < n; ++k) {
+    const auto [i, h] = out->entries[k];
+    const uint16_t* src = queries_bf16 + (static_cast<size_t>(i) * Hkv + h) * gd;
+    float* dst = q.data() + k * gd;
+    for (size_t j = 0; j < gd; ++j) dst[j] = Bf16ToF32(src[j]);
+    batch.entries[k].queries = absl::MakeConstSpan(dst, gd);
   }
   out->recalled.clear();
   out->called = !batch.entries.empty();
@@ -1029,17 +1044,13 @@ absl::Status CudaEngine::Step(absl::Span<const std::string> ids, absl::Span<cons
       options_.sparse && options_.lookahead &&
       std::all_of(rows_.begin(), rows_.end(), [](const auto& s) { return s->has_queries; });
   std::vector<LayerRecall> recall(static_cast<size_t>(L));
-  std::vector<std::vector<float>> queries(static_cast<size_t>(L));
-  auto to_f32 = [&](int l) {
-    const uint16_t* q = d.q_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * qd;
-    queries[l].resize(B * qd);
-    for (size_t j = 0; j < B * qd; ++j) queries[l][j] = Bf16ToF32(q[j]);
-  };
+  std::vector<std::vector<float>> queries(static_cast<size_t>(L));  // where the tier offers no room
   // Layer l's Retrieve and, when it succeeds, its StageRecall (on the caller's thread).
   auto recall_layer = [&](int l, int staging_area, bool from_last_step) {
-    to_f32(l);
     LayerRecall& r = recall[l];
-    r.status = Retrieve(l, pos, queries[l].data(), staging_area, from_last_step, &r);
+    r.status =
+        Retrieve(l, pos, d.q_h.as<uint16_t>() + static_cast<size_t>(l) * limits_.max_batch * qd,
+                 staging_area, from_last_step, &queries[l], &r);
     if (r.status.ok() && r.called) {
       const absl::Time t0 = absl::Now();
       r.status = StageRecall(l, r);

@@ -212,10 +212,12 @@ class CudaEngine {
   // REQUIRES: CheckNewRow(id, num_tokens) is OK.
   absl::Status NewRow(const std::string& id, int64_t num_tokens);
   // Tier::Retrieve of sparse layer l for the batch from queries [batch][num_heads][head_dim]
-  // fp32; on OK *out holds the selections (their rows valid until the next call in the area).
+  // bf16, widened to fp32 where the tier reads them (Tier::QueryStaging) or else into *scratch;
+  // on OK *out holds the selections (their rows valid until the next call in the area).
   // `lookahead`: the queries are the previous step's (RetrieveSuccessors).
-  absl::Status Retrieve(int l, absl::Span<const int32_t> pos, const float* queries,
-                        int staging_area, bool lookahead, LayerRecall* out);
+  absl::Status Retrieve(int l, absl::Span<const int32_t> pos, const uint16_t* queries_bf16,
+                        int staging_area, bool lookahead, std::vector<float>* scratch,
+                        LayerRecall* out);
   // Enqueues a successful retrieval of sparse layer l on the recall stream: SlotScatter of its
   // new rows from the tier's recall buffer, the layer's slot map up, then applied[l]. Runs on
   // the thread that called Retrieve; FAILED_PRECONDITION when the rows are not in pinned_.

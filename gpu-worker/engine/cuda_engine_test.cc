@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "bench/loopback_server.h"
 #include "client/testing/failing_appends.h"
 #include "client/testing/forwarding_tier.h"
 #include "common/dtype.h"
@@ -373,6 +374,36 @@ TEST_P(CudaEngineSparseTest, ExactFullBudgetMatchesDense) {
 
 INSTANTIATE_TEST_SUITE_P(LookaheadAndRowAddresses, CudaEngineSparseTest,
                          ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+// The same through a RemoteTier whose recall buffer has room for the queries: the engine widens
+// each layer's queries where the tier reads them (Tier::QueryStaging), one staging area per layer
+// with lookahead, and decodes as dense does.
+TEST_F(CudaEngineTest, ExactFullBudgetThroughARemoteTierWithQueriesInPlaceMatchesDense) {
+  EngineOptions o = Options();
+  o.lookahead = true;
+  ASSERT_OK_AND_ASSIGN(auto server, bench::StartLoopbackServer(
+                                        kvstore::NodeOptions{int64_t{256} << 20, 16, 2}, "tcp"));
+  client::TierOptions to;
+  to.staging_areas = config_.num_layers - o.dense_layers;
+  to.recall_buffer_bytes = client::RecallBufferBytes(
+      4 * config_.num_kv_heads, o.budget, 2 * spec_.row_bytes(), to.staging_areas,
+      int64_t{config_.num_heads / config_.num_kv_heads} * config_.head_dim);
+  cuda::PinnedHostRanges pinned;
+  PinRecallBuffer(&pinned, &to);
+  client::RemoteTierOptions r;
+  r.target = server->target;
+  r.ucx_tls = "tcp";
+  ASSERT_OK_AND_ASSIGN(auto tier, client::CreateRemoteTier(r, to));
+  ASSERT_OK(tier->RegisterModel(spec_));
+  ASSERT_FALSE(tier->QueryStaging(spec_, 0, 4 * config_.num_kv_heads, o.budget, 0).empty());
+  ASSERT_OK_AND_ASSIGN(
+      auto gpu, CudaEngine::Create(gpu_model_.get(), tier.get(), spec_, o, {4, 128}, &pinned));
+  Run(gpu.get(), 8);
+  const EngineCounters& c = gpu->counters();
+  EXPECT_GT(c.retrieve_calls, 0);
+  EXPECT_GT(c.recalled_rows, 0);
+  EXPECT_EQ(c.fallback_layers, 0);
+}
 
 // A step whose appends failed for one sequence fails; retried, it sends only that sequence's
 // token (the tier refuses a token twice), and decoding goes on as on an engine that never failed.
