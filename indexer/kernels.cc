@@ -1511,6 +1511,24 @@ KV_TARGET_AVX2 void WidenU16Avx2(const uint8_t* le16, int64_t n, int32_t* out) {
   for (; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
 }
 
+KV_TARGET_AVX2 void NarrowU16Avx2(const int32_t* v, int64_t n, uint8_t* le16) {
+  const __m256i low = _mm256_set1_epi32(0xFFFF);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i a =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), low);
+    const __m256i b =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j + 8)), low);
+    // packus works per 128-bit lane (a0 b0 a1 b1); the permute puts the quarters in order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(le16 + 2 * j), packed);
+  }
+  for (; j < n; ++j) {
+    le16[2 * j] = static_cast<uint8_t>(v[j]);
+    le16[2 * j + 1] = static_cast<uint8_t>(v[j] >> 8);
+  }
+}
+
 KV_TARGET_AVX2 void CopyRowsStreamingAvx2(const uint8_t* const* rows, int64_t n, size_t row_bytes,
                                           uint8_t* dst, size_t dst_stride) {
   for (int64_t j = 0; j < n; ++j) {
@@ -1555,6 +1573,14 @@ uint32_t MaxUnsigned(const int32_t* v, int64_t n, Isa isa) {
 void WidenU16(const uint8_t* le16, int64_t n, int32_t* out, Isa isa) {
   if (Base(isa) != Isa::kScalar) return WidenU16Avx2(le16, n, out);
   for (int64_t j = 0; j < n; ++j) out[j] = le16[2 * j] | (le16[2 * j + 1] << 8);
+}
+
+void NarrowU16(const int32_t* v, int64_t n, uint8_t* le16, Isa isa) {
+  if (Base(isa) != Isa::kScalar) return NarrowU16Avx2(v, n, le16);
+  for (int64_t j = 0; j < n; ++j) {
+    le16[2 * j] = static_cast<uint8_t>(v[j]);
+    le16[2 * j + 1] = static_cast<uint8_t>(v[j] >> 8);
+  }
 }
 
 }  // namespace kvrecall::indexer::kernels

@@ -147,6 +147,9 @@ bool StrictlyAscending(const int32_t* v, int64_t n, Isa isa = BestIsa());
 uint32_t MaxUnsigned(const int32_t* v, int64_t n, Isa isa = BestIsa());
 // out[i] = the little-endian uint16 at le16 + 2 * i, for i < n. le16 needs no alignment.
 void WidenU16(const uint8_t* le16, int64_t n, int32_t* out, Isa isa = BestIsa());
+// The opposite way (a node writing slots for the wire or a worker's region): the low 16 bits of
+// v[i] as the little-endian uint16 at le16 + 2 * i, for i < n. le16 needs no alignment.
+void NarrowU16(const int32_t* v, int64_t n, uint8_t* le16, Isa isa = BestIsa());
 
 }  // namespace kvrecall::indexer::kernels
 

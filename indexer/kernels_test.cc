@@ -397,6 +397,16 @@ TEST(KernelsTest, AnswerChecksAgreeWithTheReference) {
         for (int64_t i = 0; i < n; ++i) {
           ASSERT_EQ(want[i], bytes[shift + 2 * i] | (bytes[shift + 2 * i + 1] << 8));
         }
+        // And back: any int32s (their low 16 bits), to any byte alignment.
+        std::vector<int32_t> wide(static_cast<size_t>(n));
+        for (int32_t& x : wide) x = static_cast<int32_t>(rng());
+        std::vector<uint8_t> narrow(2 * static_cast<size_t>(n) + 1, 0xA5), ref = narrow;
+        NarrowU16(wide.data(), n, narrow.data() + shift, isa);
+        NarrowU16(wide.data(), n, ref.data() + shift, Isa::kScalar);
+        EXPECT_EQ(narrow, ref) << n << " " << IsaName(isa);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(ref[shift + 2 * i] | (ref[shift + 2 * i + 1] << 8), wide[i] & 0xFFFF);
+        }
       }
     }
     for (int64_t at = 1; at < n; ++at) {  // one pair out of order (or equal), anywhere

@@ -597,10 +597,8 @@ absl::Status Node::StreamDeltas(const RetrieveArgs& args, Worker& worker,
     if (!ids.empty()) std::memcpy(p + 8, ids.data(), ids.size() * 4);  // an empty selection: null
     uint8_t* s16 = p + 8 + ids.size() * 4;
     for (const std::vector<int32_t>* v : {&plans[i].slots, &plans[i].fill_slots}) {
-      for (int32_t x : *v) {
-        *s16++ = static_cast<uint8_t>(x);
-        *s16++ = static_cast<uint8_t>(x >> 8);
-      }
+      indexer::kernels::NarrowU16(v->data(), static_cast<int64_t>(v->size()), s16);
+      s16 += 2 * v->size();
     }
   };
   auto dest = [&](size_t i) { return args.entries[i].dest_row * 2 * seqs[i]->spec().row_bytes(); };

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "indexer/kernels.h"
 
 namespace kvrecall::proto {
 
@@ -108,11 +109,8 @@ void PackInt32s(absl::Span<const int32_t> v, std::string* out) {
 
 void PackSlots(absl::Span<const int32_t> v, std::string* out) {
   out->resize(v.size() * 2);
-  auto* p = reinterpret_cast<uint8_t*>(out->data());
-  for (size_t i = 0; i < v.size(); ++i) {
-    const auto slot = static_cast<uint16_t>(v[i]);
-    std::memcpy(p + 2 * i, &slot, 2);
-  }
+  indexer::kernels::NarrowU16(v.data(), static_cast<int64_t>(v.size()),
+                              reinterpret_cast<uint8_t*>(out->data()));
 }
 
 absl::Status UnpackInt32s(const std::string& in, std::vector<int32_t>* out) {
