@@ -10,7 +10,10 @@
 #include "common/status_macros.h"
 #include "common/testing/status_matchers.h"
 #include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "proto/convert.h"
+#include "proto/kvrecall/v1/kvrecall.grpc.pb.h"
 
 namespace kvrecall::client {
 namespace {
@@ -385,6 +388,65 @@ TEST(ConcurrentRetrieveTest, RemoteTierQueriesWrittenInPlaceMatchQueriesFromTheC
   ASSERT_OK_AND_ASSIGN(auto local,
                        CreateLocalTier(kvstore::NodeOptions{8 << 20, 16, 4}, AreaOptions(true)));
   EXPECT_TRUE(local->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
+}
+
+// A server from before results_in_region: Retrieve's results come in the reply whatever the
+// request asks for, and nothing is put (its answers name resident slots only). Just enough of
+// the service for a RemoteTier with a region.
+class ReplyResultsServer final : public v1::KvRecall::Service {
+ public:
+  grpc::Status AttachWorker(grpc::ServerContext*, const v1::AttachWorkerRequest*,
+                            v1::AttachWorkerResponse*) override {
+    return grpc::Status::OK;
+  }
+  grpc::Status RegisterModel(grpc::ServerContext*, const v1::RegisterModelRequest*,
+                             v1::RegisterModelResponse*) override {
+    return grpc::Status::OK;
+  }
+  grpc::Status OpenSequence(grpc::ServerContext*, const v1::OpenSequenceRequest*,
+                            v1::OpenSequenceResponse*) override {
+    return grpc::Status::OK;
+  }
+  grpc::Status Retrieve(grpc::ServerContext*, const v1::RetrieveRequest* req,
+                        v1::RetrieveResponse* resp) override {
+    for (int i = 0; i < req->entries_size(); ++i) {
+      v1::RetrieveResult* r = resp->add_results();
+      proto::PackInt32s({3, 5, 8 + i}, r->mutable_token_ids());
+      proto::PackSlots({2, 0, 1}, r->mutable_slots());
+    }
+    return grpc::Status::OK;
+  }
+};
+
+// A RemoteTier with a region takes such a reply's results, not the bytes its region happens to
+// hold where results_in_region would have put them.
+TEST(RemoteTierTest, ResultsInTheReplyAreTakenFromTheReply) {
+  ReplyResultsServer service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  RemoteTierOptions r;
+  r.target = absl::StrCat("127.0.0.1:", port);
+  r.ucx_tls = "tcp";
+  TierOptions options;
+  options.recall_buffer_bytes = RecallBufferBytes(2, 4, 2 * Spec().row_bytes());
+  ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, options));
+  ASSERT_OK(tier->RegisterModel(Spec()));
+  ASSERT_OK(tier->OpenSequence("s", "m", {1, 2, 3}).status());
+  std::vector<float> q = {1, 0, 1, 0};
+  RetrieveBatch rb{1, 4, Method::kExact, {{"s", 0, q, 0, 10, 1}, {"s", 0, q, 0, 10, 2}}};
+  std::vector<Recalled> out;
+  ASSERT_OK(tier->Retrieve(rb, &out));
+  ASSERT_EQ(out.size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(out[i].token_ids, ElementsAre(3, 5, 8 + i));
+    EXPECT_THAT(out[i].slots, ElementsAre(2, 0, 1));
+    EXPECT_TRUE(out[i].fill_slots.empty());
+  }
+  server->Shutdown();
 }
 
 // A caller polling for its reply still gets DEADLINE_EXCEEDED at the call's deadline from a node

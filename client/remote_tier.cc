@@ -489,18 +489,19 @@ class RemoteTier final : public Tier {
       got.tier_wait_micros = absl::ToInt64Microseconds(absl::Now() - sent);
       RETURN_IF_ERROR(FromGrpc(st));
     }
-    // Results come in the reply, or (results_in_region) in our region; a server from before
-    // region_results sent one empty result per entry then.
-    const int answered = region_ != nullptr && resp.results_size() == 0
-                             ? static_cast<int>(resp.region_results())
-                             : resp.results_size();
+    // The results are in our region (results_in_region), or in the reply: without a region, or
+    // from a server that predates results_in_region and ignores it (its rows still land in our
+    // region, at each entry's dest_row). Never both: taking the region's bytes while the reply
+    // carries the answer would read whatever an earlier call left there.
+    const bool in_region = region_ != nullptr && resp.results_size() == 0;
+    const int answered = in_region ? static_cast<int>(resp.region_results()) : resp.results_size();
     if (answered != req.entries_size()) {
       return absl::InternalError(absl::StrCat("server answered ", answered, " results for ",
                                               req.entries_size(), " entries"));
     }
     const size_t n = batch.entries.size();
     out->resize(n);
-    if (region_ != nullptr) {
+    if (in_region) {
       // The results are in our region, next to the rows. A decode batch has hundreds of entries
       // of ~1K tokens each: unpacking and checking them is spread over a few threads; a small
       // batch is unpacked here, without waking them.
@@ -520,7 +521,8 @@ class RemoteTier final : public Tier {
       }
       for (const absl::Status& st : status) RETURN_IF_ERROR(st);
     } else {
-      uint8_t* base = reinterpret_cast<uint8_t*>(fallback_buffer_.data());
+      uint8_t* base = region_ != nullptr ? region_->data()
+                                         : reinterpret_cast<uint8_t*>(fallback_buffer_.data());
       for (size_t i = 0; i < n; ++i) {
         const v1::RetrieveResult& res = resp.results(static_cast<int>(i));
         Recalled& r = (*out)[i];
@@ -530,6 +532,7 @@ class RemoteTier final : public Tier {
         RETURN_IF_ERROR(internal::CheckRecalled(r, batch.budget));
         uint8_t* rows = base + (first_row + i * batch.budget) * pair;
         r.rows = rows;
+        if (region_ != nullptr) continue;  // the node put the rows
         RETURN_IF_ERROR(Fetch(batch.entries[i].sequence_id, batch.layer, batch.entries[i].kv_head,
                               internal::FillTokens(r), spec->row_bytes(), rows));
         got.bytes_received += static_cast<int64_t>(r.fill_slots.size() * pair);
