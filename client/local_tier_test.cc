@@ -330,20 +330,36 @@ TEST(ConcurrentRetrieveTest, LocalTierCallsInDifferentAreasMatchSerialCalls) {
   EXPECT_LT(counters[1].rows_received, counters[1].rows_selected);
 }
 
+// A RemoteTier to a loopback server (UCX over TCP) of its own; put_delay as
+// bench::StartLoopbackServer's.
+struct RemoteOverLoopback {
+  std::unique_ptr<bench::LoopbackServer> server;
+  std::unique_ptr<Tier> tier;
+};
+absl::StatusOr<RemoteOverLoopback> StartRemote(const TierOptions& options,
+                                               absl::Duration reply_poll = absl::ZeroDuration(),
+                                               absl::Duration put_delay = absl::ZeroDuration()) {
+  RemoteOverLoopback rl;
+  ASSIGN_OR_RETURN(rl.server, bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4},
+                                                         "tcp", put_delay));
+  RemoteTierOptions r;
+  r.target = rl.server->target;
+  r.ucx_tls = "tcp";
+  r.reply_poll = reply_poll;
+  ASSIGN_OR_RETURN(rl.tier, CreateRemoteTier(r, options));
+  return rl;
+}
+
 TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
   // Serial calls; concurrent ones; concurrent ones whose callers poll for their replies (each
   // staging area has its own completion queue).
   StepAnswers answers[3];
   for (int run : {0, 1, 2}) {
-    ASSERT_OK_AND_ASSIGN(auto server,
-                         bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
-    RemoteTierOptions r;
-    r.target = server->target;
-    r.ucx_tls = "tcp";
-    if (run == 2) r.reply_poll = absl::Seconds(10);
-    ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, AreaOptions()));
-    ASSERT_OK_AND_ASSIGN(answers[run], RunSteps(tier.get(), run > 0));
-    EXPECT_EQ(tier->counters().retrieve_calls, 3 * kLayers);
+    ASSERT_OK_AND_ASSIGN(
+        RemoteOverLoopback remote,
+        StartRemote(AreaOptions(), run == 2 ? absl::Seconds(10) : absl::ZeroDuration()));
+    ASSERT_OK_AND_ASSIGN(answers[run], RunSteps(remote.tier.get(), run > 0));
+    EXPECT_EQ(remote.tier->counters().retrieve_calls, 3 * kLayers);
   }
   ExpectSameAnswers(answers[0], answers[1]);
   ExpectSameAnswers(answers[0], answers[2]);
@@ -355,14 +371,10 @@ TEST(ConcurrentRetrieveTest, RemoteTierCallsInDifferentAreasMatchSerialCalls) {
 TEST(ConcurrentRetrieveTest, RemoteTierQueriesWrittenInPlaceMatchQueriesFromTheCaller) {
   StepAnswers answers[3];
   for (int run : {0, 1, 2}) {
-    ASSERT_OK_AND_ASSIGN(auto server,
-                         bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
-    RemoteTierOptions r;
-    r.target = server->target;
-    r.ucx_tls = "tcp";
-    ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, AreaOptions(/*query_room=*/true)));
+    ASSERT_OK_AND_ASSIGN(RemoteOverLoopback remote, StartRemote(AreaOptions(/*query_room=*/true)));
+    Tier* tier = remote.tier.get();
     ASSERT_OK_AND_ASSIGN(answers[run],
-                         RunSteps(tier.get(), /*concurrent=*/run == 2, /*in_place=*/run > 0));
+                         RunSteps(tier, /*concurrent=*/run == 2, /*in_place=*/run > 0));
     if (run == 0) {
       const size_t entries = kSeqs * kKvHeads;
       const absl::Span<float> a = tier->QueryStaging(WideSpec(), 0, entries, kBudget, 0);
@@ -378,13 +390,8 @@ TEST(ConcurrentRetrieveTest, RemoteTierQueriesWrittenInPlaceMatchQueriesFromTheC
   }
   ExpectSameAnswers(answers[0], answers[1]);
   ExpectSameAnswers(answers[0], answers[2]);
-  ASSERT_OK_AND_ASSIGN(auto server,
-                       bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4}, "tcp"));
-  RemoteTierOptions r;
-  r.target = server->target;
-  r.ucx_tls = "tcp";
-  ASSERT_OK_AND_ASSIGN(auto no_room, CreateRemoteTier(r, AreaOptions(/*query_room=*/false)));
-  EXPECT_TRUE(no_room->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
+  ASSERT_OK_AND_ASSIGN(RemoteOverLoopback no_room, StartRemote(AreaOptions(/*query_room=*/false)));
+  EXPECT_TRUE(no_room.tier->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
   ASSERT_OK_AND_ASSIGN(auto local,
                        CreateLocalTier(kvstore::NodeOptions{8 << 20, 16, 4}, AreaOptions(true)));
   EXPECT_TRUE(local->QueryStaging(WideSpec(), 0, kSeqs * kKvHeads, kBudget, 0).empty());
@@ -452,17 +459,13 @@ TEST(RemoteTierTest, ResultsInTheReplyAreTakenFromTheReply) {
 // A caller polling for its reply still gets DEADLINE_EXCEEDED at the call's deadline from a node
 // that is slow to put the rows.
 TEST(ConcurrentRetrieveTest, PolledRemoteTierRetrieveEndsAtItsDeadline) {
-  ASSERT_OK_AND_ASSIGN(auto server, bench::StartLoopbackServer(kvstore::NodeOptions{8 << 20, 16, 4},
-                                                               "tcp", absl::Milliseconds(1500)));
-  RemoteTierOptions r;
-  r.target = server->target;
-  r.ucx_tls = "tcp";
-  r.reply_poll = absl::Seconds(30);
   TierOptions options = AreaOptions();
   options.retrieve_deadline = absl::Milliseconds(200);
-  ASSERT_OK_AND_ASSIGN(auto tier, CreateRemoteTier(r, options));
+  ASSERT_OK_AND_ASSIGN(RemoteOverLoopback remote,
+                       StartRemote(options, /*reply_poll=*/absl::Seconds(30),
+                                   /*put_delay=*/absl::Milliseconds(1500)));
   const absl::Time start = absl::Now();
-  EXPECT_THAT(RunSteps(tier.get(), /*concurrent=*/false),
+  EXPECT_THAT(RunSteps(remote.tier.get(), /*concurrent=*/false),
               StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_LT(absl::Now() - start, absl::Milliseconds(1400));  // not the node's 1.5 s
 }
