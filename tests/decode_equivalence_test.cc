@@ -104,8 +104,9 @@ TEST_F(DecodeEquivalenceTest, SparseEqualsDenseOverUcxAndOverGrpcFallback) {
   EXPECT_EQ(j["bytes_streamed_per_token"].get<double>(), 2 * 2 * 32 * 256);
   EXPECT_EQ(j["streamed_rows"].get<int64_t>(), j["recalled_rows"].get<int64_t>());
   // With it (the default) only rows missing from the worker's slot caches travel; lookahead
-  // selects from the previous step's queries, all layers issued at the start of the step.
-  j = Generate(*server, {"--budget=32", "--lookahead"});
+  // selects from the previous step's queries, all layers issued at the start of the step (here
+  // with each call polling for its reply).
+  j = Generate(*server, {"--budget=32", "--lookahead", "--tier-reply-poll-us=20000"});
   EXPECT_EQ(j["recalled_rows"].get<int64_t>(), 8 * 2 * 2 * 32);
   EXPECT_LT(j["streamed_rows"].get<int64_t>(), j["recalled_rows"].get<int64_t>());
   EXPECT_LT(j["bytes_streamed_per_token"].get<double>(), 2 * 2 * 32 * 256);
