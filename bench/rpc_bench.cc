@@ -97,7 +97,8 @@ std::string OwnDirectory() {
 }
 
 // A kvrecall-server child on 127.0.0.1 with the node options the in-process tier has; its port
-// file and log live in a directory of its own, removed (log included) when it stops cleanly.
+// file and log live in a directory of its own, removed when the bench stops it, kept when it
+// exited by itself after it started serving (a crash).
 class ServerChild {
  public:
   static absl::StatusOr<std::unique_ptr<ServerChild>> Start(const RpcBenchOptions& o,
@@ -128,11 +129,18 @@ class ServerChild {
     ASSIGN_OR_RETURN(std::vector<int> ports,
                      WaitForPorts(*c->process_, c->port_file(), 2, c->log(), absl::Seconds(60)));
     c->target_ = absl::StrCat("127.0.0.1:", ports[0]);
+    c->serving_ = true;
     KV_LOG(INFO) << "rpc bench: kvrecall-server pid " << c->process_->pid() << " on " << c->target_
                  << ", log " << c->log();
     return c;
   }
   ~ServerChild() {
+    if (serving_ && !process_->running()) {
+      // It exited while the bench used it: its log says why. (One that never served had its
+      // log's text in Start's error.)
+      KV_LOG(WARNING) << "rpc bench: kvrecall-server exited early; its log is kept at " << log();
+      return;
+    }
     if (process_.has_value()) process_->Stop();
     std::remove(port_file().c_str());
     std::remove(log().c_str());
@@ -146,6 +154,7 @@ class ServerChild {
   std::string log() const { return dir_ + "/server.log"; }
   std::string dir_;
   std::optional<Subprocess> process_;
+  bool serving_ = false;  // it wrote its ports
   std::string target_;
 };
 

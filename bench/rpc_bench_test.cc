@@ -56,6 +56,10 @@ TEST(RpcBenchTest, RejectsBadFlags) {
   EXPECT_THAT(RunRpcBench({"--sequences=1", "--kv_heads=1", "--head_dim=16", "--tokens=700",
                            "--budget=32", "--server_binary=/nonexistent/kvrecall-server"}),
               StatusIs(absl::StatusCode::kNotFound));
+  // One that exits instead of serving: its exit is the error, not a hang.
+  EXPECT_THAT(RunRpcBench({"--sequences=1", "--kv_heads=1", "--head_dim=16", "--tokens=700",
+                           "--budget=32", "--server_binary=/bin/false"}),
+              StatusIs(absl::StatusCode::kInternal));
 }
 
 }  // namespace
