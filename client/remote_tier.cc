@@ -51,10 +51,7 @@ class RemoteTier final : public Tier {
     }
     stub_ = v1::KvRecall::NewStub(channel_);
     const size_t areas = static_cast<size_t>(std::max(1, options_.staging_areas));
-    call_seq_.assign(areas, 0);
-    retrieve_reqs_.resize(areas);
-    retrieve_resps_.resize(areas);
-    for (size_t a = 0; a < areas; ++a) retrieve_cqs_.push_back(std::make_unique<RetrieveQueue>());
+    for (size_t a = 0; a < areas; ++a) areas_.push_back(std::make_unique<StagingArea>());
     if (remote_.transport == "grpc") {
       fallback_buffer_.resize(static_cast<size_t>(options_.recall_buffer_bytes));
       return pin_.Pin(options_, reinterpret_cast<uint8_t*>(fallback_buffer_.data()),
@@ -432,7 +429,8 @@ class RemoteTier final : public Tier {
     // The queries go into our region when it has room for them (RecallBufferBytes with query
     // floats): the node reads them there, and the request stays small.
     const bool queries_in_region = region_ != nullptr && queries_offset != internal::kNoQueryRoom;
-    v1::RetrieveRequest& req = retrieve_reqs_[static_cast<size_t>(batch.staging_area)];
+    StagingArea& area = *areas_[static_cast<size_t>(batch.staging_area)];
+    v1::RetrieveRequest& req = area.req;
     req.Clear();
     req.set_tenant(options_.tenant);
     req.set_layer(batch.layer);
@@ -442,7 +440,7 @@ class RemoteTier final : public Tier {
     if (region_ != nullptr) {
       req.set_worker_id(options_.worker_id);
       req.set_staging_area(static_cast<uint32_t>(batch.staging_area));
-      req.set_call_seq(++call_seq_[batch.staging_area]);
+      req.set_call_seq(++area.call_seq);
       // The results travel with the rows (one more put), not through the gRPC reply.
       req.set_results_in_region(true);
       req.set_results_offset(results_offset);
@@ -476,7 +474,7 @@ class RemoteTier final : public Tier {
       pe->set_dest_row(first_row + static_cast<uint64_t>(i) * batch.budget);
       pe->set_slot_epoch(e.slot_epoch);
     }
-    v1::RetrieveResponse& resp = retrieve_resps_[static_cast<size_t>(batch.staging_area)];
+    v1::RetrieveResponse& resp = area.resp;
     resp.Clear();
     TierCounters got;
     {
@@ -484,8 +482,7 @@ class RemoteTier final : public Tier {
       SetDeadline(&ctx, options_.retrieve_deadline > absl::ZeroDuration() ? options_.retrieve_deadline
                                                                            : options_.deadline);
       const absl::Time sent = absl::Now();
-      const grpc::Status st = CallRetrieve(
-          &retrieve_cqs_[static_cast<size_t>(batch.staging_area)]->cq, &ctx, req, &resp);
+      const grpc::Status st = CallRetrieve(&area.cq, &ctx, req, &resp);
       got.tier_wait_micros = absl::ToInt64Microseconds(absl::Now() - sent);
       RETURN_IF_ERROR(FromGrpc(st));
     }
@@ -722,11 +719,16 @@ class RemoteTier final : public Tier {
     return absl::OkStatus();
   }
 
-  // Retrieve's completion queue of one staging area; shut down and drained when it goes (every
-  // call on it has completed by then: CallRetrieve returns only after its Finish).
-  struct RetrieveQueue {
+  // What Retrieve keeps per staging area, touched only by that area's calls. The messages are
+  // reused (cleared messages keep their buffers). The completion queue is shut down and drained
+  // when the area goes (every call on it has completed by then: CallRetrieve returns only after
+  // its Finish).
+  struct StagingArea {
+    v1::RetrieveRequest req;
+    v1::RetrieveResponse resp;
+    uint64_t call_seq = 0;  // the last call's number
     grpc::CompletionQueue cq;
-    ~RetrieveQueue() {
+    ~StagingArea() {
       cq.Shutdown();
       void* tag;
       bool ok;
@@ -779,17 +781,11 @@ class RemoteTier final : public Tier {
   std::unique_ptr<transport::RemoteWriter> ingest_writer_;  // to the node's arena
   std::vector<uint32_t> ingest_checksums_;
   std::vector<std::vector<uint8_t>> ingest_packs_;  // per lane: rows packed in slot layout for the puts
-  // Per staging area, reused: cleared messages keep their buffers (a decode step's request
-  // carries hundreds of KiB of queries).
-  std::vector<v1::RetrieveRequest> retrieve_reqs_;
-  std::vector<v1::RetrieveResponse> retrieve_resps_;
-  std::vector<std::unique_ptr<RetrieveQueue>> retrieve_cqs_;
+  std::vector<std::unique_ptr<StagingArea>> areas_;
   bool ingest_unsupported_ = false;  // the node answered UNIMPLEMENTED to AllocateBlocks
   bool batch_unsupported_ = false;   // the node answered UNIMPLEMENTED to AppendKVBatch
   std::string fallback_buffer_;
   internal::RegionPin pin_;  // of region_ or fallback_buffer_
-  // Per staging area: the last call's number (each touched only by that area's calls).
-  std::vector<uint64_t> call_seq_;
   std::map<std::string, ModelSpec> specs_;
   std::map<std::string, const ModelSpec*> seq_model_;
   mutable absl::Mutex counters_mu_;

@@ -83,16 +83,9 @@ void FillTenantUsage(const NodeStats& s, const std::string& tenant, v1::StatsRes
   }
 }
 
-// Runs `fn` (returning absl::Status) on the pool and finishes the unary call with its status.
-template <typename Fn>
-grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext* ctx, Fn fn) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  pool->Schedule([reactor, fn = std::move(fn)]() mutable { reactor->Finish(ToGrpc(fn())); });
-  return reactor;
-}
-
-// As RunUnary, for calls with state worth freeing after the reply is sent: fn(Kept*) ->
-// absl::Status fills a default-constructed Kept, which is destroyed once the call is finished.
+// Runs fn(Kept*) (returning absl::Status) on the pool and finishes the unary call with its
+// status. fn fills a default-constructed Kept: state worth freeing after the reply is sent,
+// destroyed once the call is finished.
 template <typename Kept, typename Fn>
 grpc::ServerUnaryReactor* RunUnaryKeeping(ThreadPool* pool, grpc::CallbackServerContext* ctx,
                                           Fn fn) {
@@ -102,6 +95,14 @@ grpc::ServerUnaryReactor* RunUnaryKeeping(ThreadPool* pool, grpc::CallbackServer
     reactor->Finish(ToGrpc(fn(&kept)));
   });
   return reactor;
+}
+
+// As RunUnaryKeeping for calls that keep nothing: fn() -> absl::Status.
+template <typename Fn>
+grpc::ServerUnaryReactor* RunUnary(ThreadPool* pool, grpc::CallbackServerContext* ctx, Fn fn) {
+  struct Nothing {};
+  return RunUnaryKeeping<Nothing>(pool, ctx,
+                                  [fn = std::move(fn)](Nothing*) mutable { return fn(); });
 }
 
 // Client stream of AppendKV chunks: one write transaction on one sequence.

@@ -123,13 +123,8 @@ absl::Status UnpackInt32s(const std::string& in, std::vector<int32_t>* out) {
 absl::Status UnpackSlots(const std::string& in, std::vector<int32_t>* out) {
   if (in.size() % 2 != 0) return absl::DataLossError(absl::StrCat("packed uint16 array of ", in.size(), " bytes"));
   out->resize(in.size() / 2);
-  const auto* p = reinterpret_cast<const uint8_t*>(in.data());
-  int32_t* o = out->data();
-  for (size_t i = 0; i < out->size(); ++i) {
-    uint16_t slot;
-    std::memcpy(&slot, p + 2 * i, 2);
-    o[i] = slot;
-  }
+  indexer::kernels::WidenU16(reinterpret_cast<const uint8_t*>(in.data()),
+                             static_cast<int64_t>(out->size()), out->data());
   return absl::OkStatus();
 }
 
